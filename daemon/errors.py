@@ -1,0 +1,45 @@
+"""Exceptions shared across governord.
+
+The split between :class:`RetryableError` and :class:`PermanentError` is what the engine acts on:
+a retryable failure is tried again with backoff, a permanent one fails the host at once with the
+step named. Plugins raise these (or subclasses) with the peer's own message kept.
+"""
+
+from __future__ import annotations
+
+
+class GovernordError(Exception):
+    """Base class of governord's own errors."""
+
+
+class ConfigError(GovernordError):
+    """The configuration is invalid. ``str()`` names the file and the key."""
+
+    def __init__(self, path: str, key: str, message: str) -> None:
+        self.path = path
+        self.key = key
+        self.message = message
+        where = f"{path}: {key}" if key else path
+        super().__init__(f"{where}: {message}")
+
+
+class StepError(GovernordError):
+    """A lifecycle step failed. ``source`` names the plugin or provider instance behind it."""
+
+    retryable: bool = False
+
+    def __init__(self, message: str, *, source: str | None = None) -> None:
+        self.source = source
+        super().__init__(message)
+
+
+class RetryableError(StepError):
+    """A passing failure (timeout, 5xx, rate limit, connection refused): try again later."""
+
+    retryable = True
+
+
+class PermanentError(StepError):
+    """A failure that will not go away by itself (bad template, quota, auth)."""
+
+    retryable = False

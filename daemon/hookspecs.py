@@ -1,0 +1,186 @@
+"""The plugin API of governord: every hook a plugin can implement.
+
+Plugins are modules or objects registered under the ``governord`` entry-point group, with
+functions marked ``@governord.hookimpl``. Implementations may be plain functions or
+``async def``. Only :mod:`governord.dispatch` calls these hooks; it runs implementations one by
+one in pluggy's order (``tryfirst`` first, ``trylast`` last, otherwise last-registered first),
+awaits each under a timeout, and attributes every result and failure to the plugin behind it.
+
+Dispatch modes named below:
+
+collect
+    every implementation runs; results are gathered; a failing plugin is logged and skipped.
+first
+    implementations run in order until one returns something other than ``None``; a failure
+    stops the call and fails the step, naming the plugin.
+broadcast
+    every implementation runs; if any fails, the step fails naming each failing plugin (the
+    others' work stands, which is why these hooks must be idempotent).
+notify
+    every implementation runs; failures are logged and counted, never fail the caller.
+
+No spec uses pluggy's ``firstresult`` or hook wrappers: with ``async def`` implementations
+pluggy would return the first coroutine object instead of the first result.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from .models import HostView, Machine, MachineSpec
+    from .providers import ProviderRegistry
+    from .registrars import RegistrarRegistry
+
+hookspec = pluggy.HookspecMarker("governord")
+
+# -- start-up: making types known -------------------------------------------------------------
+
+
+@hookspec
+def governord_register_providers(registry: ProviderRegistry) -> None:
+    """Make provider types known: call ``registry.add(ProviderClass)`` for each.
+
+    :param registry: the process's provider-type registry.
+    :returns: nothing.
+
+    Dispatch: called once at start-up, synchronously; a failure stops the daemon. Must be a
+    plain ``def``. Idempotent: may be called again on reload.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_register_registrars(registry: RegistrarRegistry) -> None:
+    """Make registrar types known: call ``registry.add(RegistrarClass)`` for each.
+
+    :param registry: the process's registrar-type registry.
+    :returns: nothing.
+
+    Dispatch: called once at start-up, synchronously; a failure stops the daemon. Must be a
+    plain ``def``. Idempotent: may be called again on reload.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- the pipeline: tag -> classify -> provision -> register ... deregister -> deprovision --------
+
+
+@hookspec
+def governord_tag_host(host: HostView, tags: tuple[str, ...]) -> list[str] | None:
+    """A host's tags are being set to ``tags``; return further tags it should carry, or None.
+
+    Lets a site derive tags (``broker`` hosts are also ``monitored``). Returned tags are added
+    (unknown tags are refused later by classification, naming the tag).
+
+    :param host: the host before the change.
+    :param tags: the tags asked for.
+    :returns: extra tags, or None.
+
+    Dispatch: collect. May be ``async def``. Must be pure (no external side effects): it is
+    called again whenever tags change.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_classify_host(host: HostView, tags: tuple[str, ...]) -> dict[str, Any] | None:
+    """Say what the host's tags mean to one system: ``{system_name: classification}``.
+
+    The core implements this once per configured registrar from its ``[tags.TAG.NAME]``
+    tables; a plugin may add a system of its own. Results are merged into
+    ``HostView.classification``; two plugins answering for the same system is an error.
+
+    :param host: the host being classified.
+    :param tags: its tags, in the order the config declares them.
+    :returns: a mapping with JSON-serialisable values, or None.
+
+    Dispatch: collect (but a failure fails the step: a half classification is never applied).
+    May be ``async def``. Must be pure.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_provision_host(host: HostView, spec: MachineSpec) -> Machine | None:
+    """Create or find the machine for ``host`` and wait until it is up with an address.
+
+    The core implements this (``trylast``) by calling the host's provider instance; a plugin
+    may take over for some hosts by answering first and returning None for the others.
+
+    :param host: the host, with ``provider`` naming the provider instance.
+    :param spec: what to create; ``spec.host_id`` is the ownership marker to set and find by.
+    :returns: the running machine, or None to let the next implementation answer.
+
+    Dispatch: first. May be ``async def``. Must be idempotent: after a crash it is called
+    again for the same host and must find the machine made the first time.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_deprovision_host(host: HostView) -> bool | None:
+    """Destroy (or release) the host's machine and verify that it is gone.
+
+    :param host: the host, with ``provider`` and ``machine_id`` as recorded.
+    :returns: True when this implementation handled it, None to let the next one answer.
+
+    Dispatch: first. May be ``async def``. Must be idempotent: "already gone" is success.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_register_host(host: HostView) -> dict[str, Any] | None:
+    """Register the host in a system with its classification (create, or update after a tag
+    change); return ``{system_name: record}`` describing what now exists.
+
+    :param host: the host, with ``addresses`` and ``classification`` filled in.
+    :returns: a JSON-serialisable record per system, stored in ``HostView.registrations``.
+
+    Dispatch: broadcast. May be ``async def``. Must be idempotent (an upsert): events are
+    delivered again after a restart.
+
+    .. versionadded:: 0.1
+    """
+
+
+@hookspec
+def governord_deregister_host(host: HostView) -> None:
+    """Remove the host from a system and verify that it is gone.
+
+    :param host: the host, with ``registrations`` as recorded.
+    :returns: nothing.
+
+    Dispatch: broadcast. May be ``async def``. Must be idempotent: "not found" is success.
+
+    .. versionadded:: 0.1
+    """
+
+
+# -- events --------------------------------------------------------------------------------
+
+
+@hookspec
+def governord_host_event(host: HostView, event: str, detail: dict[str, Any]) -> None:
+    """Something happened to a host: a state transition (``event`` is the new state, e.g.
+    ``ready`` or ``gone``) or a step failure (``step-failed``).
+
+    :param host: the host after the change.
+    :param event: what happened.
+    :param detail: JSON-serialisable particulars (previous state, step, error, ...).
+    :returns: nothing.
+
+    Dispatch: notify, after the transition is committed. May be ``async def``. Delivery is
+    at-least-once: implementations must tolerate duplicates.
+
+    .. versionadded:: 0.1
+    """

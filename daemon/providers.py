@@ -1,0 +1,169 @@
+"""The provider contract: one class per platform, one instance per configured ``[providers.NAME]``.
+
+A provider creates machines that carry governord's ownership marker (``governord:host-id=<uuid>``),
+finds them again by that marker, reports their power state and addresses, destroys them (verified
+gone) and lists every machine governord owns on it (for the sweep). Vendor SDKs are synchronous:
+implementations call them through :meth:`Provider.call_sync`, which runs them in a thread under the
+instance's concurrency limit, so the event loop is never blocked.
+
+Plugins make a provider type known in ``governord_register_providers``::
+
+    @hookimpl
+    def governord_register_providers(registry):
+        registry.add(VSphereProvider)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import PermanentError, RetryableError
+from .models import Machine, MachineSpec, PowerState
+
+T = TypeVar("T")
+
+
+class StrictModel(BaseModel):
+    """Base of every config model: unknown keys are errors, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ProviderConfig(StrictModel):
+    """Keys every ``[providers.NAME]`` section has; a provider type adds its own."""
+
+    #: the provider type, as registered (``vsphere``, ``openstack``, ...)
+    type: str
+    #: at most this many SDK calls of this instance run at once
+    max_concurrency: int = Field(default=4, ge=1, le=256)
+    #: seconds one SDK call may take before it is abandoned as a retryable failure
+    call_timeout: float = Field(default=300.0, gt=0)
+    #: seconds a new machine may take to come up with an address
+    ready_timeout: float = Field(default=900.0, gt=0)
+
+
+class ProviderProfile(StrictModel):
+    """Per-role settings for a provider (template, size, ...). Provider types subclass it."""
+
+
+class SyncCaller:
+    """Runs blocking SDK calls in threads, at most ``limit`` at once, each under a timeout."""
+
+    name: str
+
+    def _init_sync_caller(self, limit: int, timeout: float) -> None:
+        self._limit = asyncio.Semaphore(limit)
+        self._call_timeout = timeout
+
+    async def call_sync(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run a blocking call in a thread, under the concurrency limit and the call timeout.
+
+        A timeout is a :class:`RetryableError`; the thread itself cannot be killed and finishes
+        in the background, which is why every step must be idempotent.
+        """
+        async with self._limit:
+            try:
+                return await asyncio.wait_for(
+                    asyncio.to_thread(functools.partial(func, *args, **kwargs)),
+                    timeout=self._call_timeout,
+                )
+            except TimeoutError as exc:
+                raise RetryableError(
+                    f"{getattr(func, '__name__', func)} took longer than {self._call_timeout}s",
+                    source=self.name,
+                ) from exc
+
+
+class Provider(SyncCaller, ABC):
+    """Base class of every provider. Subclasses set ``type_name``, ``Config`` and ``Profile``."""
+
+    #: name used in ``type = "..."`` of a ``[providers.NAME]`` section
+    type_name: ClassVar[str]
+    #: the pydantic model of this type's ``[providers.NAME]`` section
+    Config: ClassVar[type[ProviderConfig]] = ProviderConfig
+    #: the pydantic model of a role's ``profile`` table for this type
+    Profile: ClassVar[type[ProviderProfile]] = ProviderProfile
+
+    def __init__(self, name: str, config: ProviderConfig, *, state_dir: Path | None = None) -> None:
+        self.name = name
+        self.config = config
+        #: governord's state directory, for caches a provider may keep (None in some tests)
+        self.state_dir = state_dir
+        self._init_sync_caller(config.max_concurrency, config.call_timeout)
+
+    async def start(self) -> None:
+        """Connect to the platform. Called once before any other method."""
+
+    async def close(self) -> None:
+        """Release connections. Called once at shutdown."""
+
+    # -- the contract ---------------------------------------------------------------------
+
+    @abstractmethod
+    async def create_or_find(self, spec: MachineSpec) -> Machine:
+        """Return the machine carrying ``spec.host_id`` as ownership marker, creating it if none does.
+
+        Must be idempotent: called again after a crash, it finds the machine made the first time.
+        Starts the machine.
+        """
+
+    @abstractmethod
+    async def wait_ready(self, machine: Machine, timeout: float) -> Machine:
+        """Wait until the machine is powered on and has an address; return it with its addresses."""
+
+    @abstractmethod
+    async def find(self, host_id: str) -> Machine | None:
+        """Return the machine with this ownership marker, or None."""
+
+    @abstractmethod
+    async def power_state(self, machine_id: str) -> PowerState:
+        """The machine's current power state, as read from the platform."""
+
+    @abstractmethod
+    async def destroy(self, host_id: str) -> None:
+        """Stop and delete the machine with this marker, and verify that it is gone.
+
+        Destroying what is already gone succeeds.
+        """
+
+    @abstractmethod
+    async def list_owned(self) -> list[Machine]:
+        """Every machine on this provider that carries governord's ownership marker."""
+
+
+class ProviderRegistry:
+    """Provider types known to this process, filled through ``governord_register_providers``."""
+
+    def __init__(self) -> None:
+        self._types: dict[str, type[Provider]] = {}
+
+    def add(self, provider_type: type[Provider]) -> None:
+        name = provider_type.type_name
+        if name in self._types and self._types[name] is not provider_type:
+            raise ValueError(f"provider type {name!r} is registered twice")
+        self._types[name] = provider_type
+
+    def get(self, name: str) -> type[Provider] | None:
+        return self._types.get(name)
+
+    def names(self) -> list[str]:
+        return sorted(self._types)
+
+
+__all__ = [
+    "PermanentError",
+    "Provider",
+    "ProviderConfig",
+    "ProviderProfile",
+    "ProviderRegistry",
+    "RetryableError",
+    "StrictModel",
+    "SyncCaller",
+]
