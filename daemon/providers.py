@@ -61,6 +61,20 @@ class SyncCaller:
     def _init_sync_caller(self, limit: int, timeout: float) -> None:
         self._limit = asyncio.Semaphore(limit)
         self._call_timeout = timeout
+        self._started = False
+        self._start_lock = asyncio.Lock()
+
+    async def start(self) -> None:
+        """Connect to the system. Called (again) by :meth:`ensure_started` until it succeeds."""
+
+    async def ensure_started(self) -> None:
+        """Start once; a start that failed (peer down at boot) is tried again on next use."""
+        if self._started:
+            return
+        async with self._start_lock:
+            if not self._started:
+                await self.start()
+                self._started = True
 
     async def call_sync(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call in a thread, under the concurrency limit and the call timeout.
@@ -97,9 +111,6 @@ class Provider(SyncCaller, ABC):
         #: governord's state directory, for caches a provider may keep (None in some tests)
         self.state_dir = state_dir
         self._init_sync_caller(config.max_concurrency, config.call_timeout)
-
-    async def start(self) -> None:
-        """Connect to the platform. Called once before any other method."""
 
     async def close(self) -> None:
         """Release connections. Called once at shutdown."""

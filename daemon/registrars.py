@@ -54,9 +54,6 @@ class Registrar(SyncCaller, ABC):
         self.state_dir = state_dir
         self._init_sync_caller(config.max_concurrency, config.call_timeout)
 
-    async def start(self) -> None:
-        """Connect (log in, load API descriptions). Called once before any other method."""
-
     async def close(self) -> None:
         """Log out and release connections. Called once at shutdown."""
 

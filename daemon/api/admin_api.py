@@ -1,0 +1,172 @@
+"""The operators' API on a Unix socket: whoever may open the socket is an administrator.
+``governord-ctl`` is its client."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+
+from .. import __version__
+from ..service import RequestError, host_summary
+from . import schemas
+from .app_api import request_reply
+from .common import Endpoints, errors_middleware, healthz, parse_body, reply
+
+if TYPE_CHECKING:
+    from ..runtime import Runtime
+
+runtime_key = web.AppKey("runtime", "Runtime")
+
+endpoints = Endpoints(
+    "governord admin API",
+    "Operator actions over the admin Unix socket (governord-ctl): hosts, tags, retirement, "
+    "requests on behalf of applications, plugins and status.",
+)
+
+ACTOR = "operator"
+
+
+def _runtime(request: web.Request) -> Runtime:
+    return request.app[runtime_key]  # type: ignore[no-any-return]
+
+
+@endpoints.add("GET", "/v1/status", "Daemon status", responses={200: schemas.Status})
+async def status(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    return reply(schemas.Status, {**runtime.status(), "hosts": await runtime.store.count_by_state(),
+                                  "version": __version__})
+
+
+@endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement",
+               responses={200: schemas.PluginList})
+async def plugins(request: web.Request) -> web.Response:
+    return reply(schemas.PluginList, {"plugins": _runtime(request).plugins.describe()})
+
+
+@endpoints.add("GET", "/v1/hosts", "All hosts", responses={200: schemas.HostList},
+               query={"app": "only this application's", "state": "only in this state",
+                      "all": "include gone hosts (true/false)"})
+async def list_hosts(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    state = request.query.get("state")
+    rows = await runtime.store.list_hosts(app=request.query.get("app"), states=[state] if state else None)
+    if not state and request.query.get("all") != "true":
+        rows = [r for r in rows if r["state"] != "gone"]
+    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows]})
+
+
+@endpoints.add("GET", "/v1/hosts/{host}", "One host (by name, FQDN or id)",
+               responses={200: schemas.Host, 404: schemas.Error})
+async def show_host(request: web.Request) -> web.Response:
+    return reply(schemas.Host, host_summary(await _runtime(request).governor.host(request.match_info["host"])))
+
+
+@endpoints.add("GET", "/v1/hosts/{host}/events", "A host's audit trail",
+               responses={200: schemas.EventList, 404: schemas.Error})
+async def host_events(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    row = await runtime.governor.host(request.match_info["host"])
+    return reply(schemas.EventList, {"events": await runtime.store.list_events(host_id=row["id"])})
+
+
+@endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted)",
+               body=schemas.TagRequest, responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error,
+                                                   422: schemas.Error})
+async def tag_host(request: web.Request) -> web.Response:
+    body: schemas.TagRequest = await parse_body(request, schemas.TagRequest)
+    row = await _runtime(request).governor.set_tags(
+        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address
+    )
+    return reply(schemas.Host, host_summary(row))
+
+
+@endpoints.add("POST", "/v1/hosts/{host}/retire", "Retire a host: deregister everywhere, destroy",
+               responses={200: schemas.Host, 404: schemas.Error})
+async def retire_host(request: web.Request) -> web.Response:
+    row = await _runtime(request).governor.retire(request.match_info["host"], actor=ACTOR)
+    return reply(schemas.Host, host_summary(row))
+
+
+@endpoints.add("POST", "/v1/hosts/{host}/retry", "Resume a failed host at its failed step",
+               responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error})
+async def retry_host(request: web.Request) -> web.Response:
+    row = await _runtime(request).governor.retry(request.match_info["host"], actor=ACTOR)
+    return reply(schemas.Host, host_summary(row))
+
+
+@endpoints.add("POST", "/v1/apps/{app}/scale", "Scale an application's role, as an operator",
+               body=schemas.ScaleRequest,
+               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 409: schemas.Request,
+                          422: schemas.Error})
+async def scale_app(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
+    decision = await runtime.governor.scale(
+        request.match_info["app"], body.role, add=body.add, count=body.count, actor=ACTOR,
+        idempotency_key=body.idempotency_key,
+    )
+    return await request_reply(runtime, decision.request, decision.replayed)
+
+
+@endpoints.add("POST", "/v1/apps/{app}/release", "Release an application's hosts, as an operator",
+               body=schemas.ReleaseRequest,
+               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 422: schemas.Error})
+async def release_app(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    body: schemas.ReleaseRequest = await parse_body(request, schemas.ReleaseRequest)
+    decision = await runtime.governor.release(
+        request.match_info["app"], hosts=body.hosts, role=body.role, count=body.count, actor=ACTOR,
+        idempotency_key=body.idempotency_key,
+    )
+    return await request_reply(runtime, decision.request, decision.replayed)
+
+
+@endpoints.add("POST", "/v1/apps/{app}/certificate", "Issue a client certificate for an application",
+               responses={201: schemas.Certificate, 404: schemas.Error})
+async def issue_certificate(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    app = request.match_info["app"]
+    section = runtime.config.applications.get(app)
+    if section is None:
+        raise RequestError(404, f"no application named {app!r}", field="app")
+    cn = section.certificate_cn or app
+    pair = runtime.ca.issue(cn, stem=f"app-{app}")
+    return reply(schemas.Certificate, {"app": app, "common_name": cn, "certificate": str(pair.certificate),
+                                       "key": str(pair.key), "ca": str(runtime.ca.cert_path)}, 201)
+
+
+@endpoints.add("GET", "/v1/requests", "Recent requests", responses={200: schemas.RequestList},
+               query={"app": "only this application's"})
+async def list_requests(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    rows = await runtime.store.list_requests(app=request.query.get("app"))
+    return reply(schemas.RequestList, {"requests": [await runtime.governor.request_status(r) for r in rows]})
+
+
+@endpoints.add("GET", "/v1/requests/{request_id}", "One request", responses={200: schemas.Request,
+                                                                             404: schemas.Error})
+async def show_request(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    row = await runtime.store.get_request(request.match_info["request_id"])
+    if row is None:
+        raise RequestError(404, "no such request", field="request_id")
+    return reply(schemas.Request, await runtime.governor.request_status(row))
+
+
+@endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})
+async def health(request: web.Request) -> web.Response:
+    return await healthz(request)
+
+
+@endpoints.add("GET", "/metrics", "Prometheus metrics", responses={200: None}, content_type="text/plain")
+async def metrics(request: web.Request) -> web.Response:
+    return web.Response(body=await _runtime(request).metrics.render(), content_type="text/plain", charset="utf-8")
+
+
+def create_admin_api(runtime: Runtime) -> web.Application:
+    app = web.Application(middlewares=[errors_middleware], client_max_size=runtime.config.api.max_body_bytes)
+    app[runtime_key] = runtime
+    app["max_body"] = runtime.config.api.max_body_bytes
+    endpoints.install(app)
+    return app

@@ -1,0 +1,159 @@
+"""Plumbing shared by both APIs: declared endpoints (which also make the OpenAPI document),
+body validation, and error responses that name the offending field."""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import BaseModel, ValidationError
+
+from .. import __version__
+from ..service import RequestError
+from . import schemas
+
+log = logging.getLogger(__name__)
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+@dataclass
+class Endpoint:
+    method: str
+    path: str
+    summary: str
+    handler: Handler
+    body: type[BaseModel] | None = None
+    responses: dict[int, type[BaseModel] | None] = field(default_factory=dict)
+    query: dict[str, str] = field(default_factory=dict)
+    content_type: str = "application/json"
+
+
+class Endpoints:
+    """An API's endpoints: registered on the aiohttp router and described in OpenAPI."""
+
+    def __init__(self, title: str, description: str) -> None:
+        self.title = title
+        self.description = description
+        self.items: list[Endpoint] = []
+
+    def add(
+        self,
+        method: str,
+        path: str,
+        summary: str,
+        *,
+        body: type[BaseModel] | None = None,
+        responses: dict[int, type[BaseModel] | None],
+        query: dict[str, str] | None = None,
+        content_type: str = "application/json",
+    ) -> Callable[[Handler], Handler]:
+        def decorate(handler: Handler) -> Handler:
+            self.items.append(
+                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type)
+            )
+            return handler
+
+        return decorate
+
+    def install(self, app: web.Application) -> None:
+        for ep in self.items:
+            app.router.add_route(ep.method, ep.path, ep.handler)
+        app.router.add_get("/openapi.json", self._serve_openapi)
+
+    async def _serve_openapi(self, request: web.Request) -> web.Response:
+        return web.json_response(self.openapi())
+
+    def openapi(self) -> dict[str, Any]:
+        components: dict[str, Any] = {}
+
+        def ref(model: type[BaseModel]) -> dict[str, str]:
+            schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            for name, sub in schema.pop("$defs", {}).items():
+                components[name] = sub
+            components[model.__name__] = schema
+            return {"$ref": f"#/components/schemas/{model.__name__}"}
+
+        paths: dict[str, Any] = {}
+        for ep in self.items:
+            op: dict[str, Any] = {"summary": ep.summary, "operationId": ep.handler.__name__, "responses": {}}
+            params = [
+                {"name": seg[1:-1], "in": "path", "required": True, "schema": {"type": "string"}}
+                for seg in ep.path.split("/")
+                if seg.startswith("{")
+            ]
+            params += [
+                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": desc}
+                for name, desc in ep.query.items()
+            ]
+            if params:
+                op["parameters"] = params
+            if ep.body is not None:
+                op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(ep.body)}}}
+            for status, model in ep.responses.items():
+                entry: dict[str, Any] = {"description": str(status)}
+                if model is not None:
+                    entry["content"] = {ep.content_type: {"schema": ref(model)}}
+                elif ep.content_type != "application/json":
+                    entry["content"] = {ep.content_type: {"schema": {"type": "string"}}}
+                op["responses"][str(status)] = entry
+            paths.setdefault(ep.path, {})[ep.method.lower()] = op
+        return {
+            "openapi": "3.1.0",
+            "info": {"title": self.title, "version": __version__, "description": self.description},
+            "paths": paths,
+            "components": {"schemas": components},
+        }
+
+
+def error_response(status: int, message: str, field_name: str | None = None) -> web.Response:
+    return web.json_response({"error": message, "field": field_name}, status=status)
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Turn refusals into ``{"error", "field"}`` bodies; never leak a traceback."""
+    try:
+        return await handler(request)
+    except RequestError as exc:
+        return error_response(exc.status, str(exc), exc.field)
+    except web.HTTPRequestEntityTooLarge:
+        return error_response(413, f"request body larger than {request.app['max_body']} bytes")
+    except web.HTTPException as exc:
+        if exc.status >= 400 and exc.content_type != "application/json":
+            return error_response(exc.status, exc.reason)
+        raise
+    except Exception:
+        log.exception("API handler failed", extra={"path": request.path})
+        return error_response(500, "internal error (logged)")
+
+
+async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
+    """Read and validate a JSON body; 400 if it is not JSON, 422 naming the first bad field."""
+    if request.content_type != "application/json":
+        raise RequestError(415, "send Content-Type: application/json")
+    raw = await request.read()
+    try:
+        data = json.loads(raw or b"null")
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"]) or None
+        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        raise RequestError(422, f"{loc}: {message}" if loc else message, field=loc) from None
+
+
+def reply(model: type[BaseModel], data: Any, status: int = 200) -> web.Response:
+    """Serialise through the response model, so what is sent is what the OpenAPI says."""
+    return web.json_response(model.model_validate(data).model_dump(mode="json"), status=status)
+
+
+async def healthz(request: web.Request) -> web.Response:
+    return reply(schemas.Health, {"status": "ok"})

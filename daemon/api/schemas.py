@@ -1,0 +1,157 @@
+"""Request and response bodies of both APIs. Requests are validated with these models (an
+unknown or wrong field is a 422 naming it); the OpenAPI documents are generated from them."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+
+
+class Body(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ScaleRequest(Body):
+    """Ask for more hosts of a role (``add``), or for a total (``count``)."""
+
+    role: str = Field(pattern=NAME)
+    add: int | None = Field(default=None, ge=1, le=1000)
+    count: int | None = Field(default=None, ge=0, le=10000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ScaleRequest:
+        if (self.add is None) == (self.count is None):
+            raise ValueError("give exactly one of add and count")
+        return self
+
+
+class ReleaseRequest(Body):
+    """Hand hosts back: the named ones, or ``count`` of them (of ``role``), newest first."""
+
+    hosts: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    role: str | None = Field(default=None, pattern=NAME)
+    count: int | None = Field(default=None, ge=1, le=1000)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> ReleaseRequest:
+        if (self.hosts is None) == (self.count is None):
+            raise ValueError("give exactly one of hosts and count")
+        return self
+
+
+class TagRequest(Body):
+    """Add or remove tags; tagging an unknown host adopts it (``address`` optional)."""
+
+    add: list[str] = Field(default_factory=list, max_length=64)
+    remove: list[str] = Field(default_factory=list, max_length=64)
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _something(self) -> TagRequest:
+        if not self.add and not self.remove:
+            raise ValueError("give tags to add or to remove")
+        return self
+
+
+class Host(BaseModel):
+    id: str
+    name: str
+    fqdn: str
+    app: str | None
+    role: str | None
+    origin: str
+    state: str
+    failed_step: str | None
+    error: str | None
+    provider: str | None
+    machine_id: str | None
+    tags: list[str]
+    addresses: list[str]
+    classification: dict[str, Any]
+    registrations: dict[str, Any]
+    retire_requested: bool
+    created_at: float
+    updated_at: float
+
+
+class HostList(BaseModel):
+    hosts: list[Host]
+
+
+class Request(BaseModel):
+    id: str
+    app: str | None
+    kind: str
+    params: dict[str, Any]
+    reason: str | None
+    actor: str
+    idempotency_key: str | None
+    created_at: float
+    decision: str = Field(description="accepted or declined")
+    status: str = Field(description="in-progress, completed, failed or declined")
+    hosts: list[Host]
+
+
+class RequestList(BaseModel):
+    requests: list[Request]
+
+
+class Event(BaseModel):
+    id: int
+    ts: float
+    host_id: str | None
+    request_id: str | None
+    kind: str
+    actor: str | None
+    detail: dict[str, Any]
+
+
+class EventList(BaseModel):
+    events: list[Event]
+
+
+class Error(BaseModel):
+    error: str
+    field: str | None = None
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Status(BaseModel):
+    node: str
+    in_flight: int
+    providers: dict[str, str]
+    registrars: dict[str, str]
+    applications: list[str]
+    tags: list[str]
+    config: str
+    hosts: dict[str, int]
+    version: str
+
+
+class Plugin(BaseModel):
+    name: str
+    distribution: str | None
+    version: str | None
+    loaded: bool
+    error: str | None
+    hooks: list[str]
+
+
+class PluginList(BaseModel):
+    plugins: list[Plugin]
+
+
+class Certificate(BaseModel):
+    app: str
+    common_name: str
+    certificate: str
+    key: str
+    ca: str

@@ -1,0 +1,85 @@
+"""Built-in plugins: the bridge from the hooks to the configured provider and registrar
+instances. They are registered explicitly (never through entry points) and cannot be disabled.
+
+Provisioning is a hook so that a site plugin can take over for some hosts; the built-in
+implementation runs ``trylast`` and hands the work to the host's provider instance.
+Each registrar instance gets its own plugin object, named ``registrar:NAME``, so that the
+dispatcher attributes every registration result and failure to that instance.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from . import hookimpl
+from .errors import PermanentError
+
+if TYPE_CHECKING:
+    from .config import Config
+    from .models import HostView, Machine, MachineSpec
+    from .providers import Provider
+    from .registrars import Registrar
+
+
+class ProvisioningPlugin:
+    """Provision and deprovision through the provider instance a host names."""
+
+    name = "builtin:provisioning"
+
+    def __init__(self, providers: dict[str, Provider]) -> None:
+        self.providers = providers
+
+    def _provider(self, host: HostView) -> Provider:
+        if host.provider is None or host.provider not in self.providers:
+            raise PermanentError(f"host {host.name}: no provider instance {host.provider!r} is configured")
+        return self.providers[host.provider]
+
+    @hookimpl(trylast=True)
+    async def governord_provision_host(self, host: HostView, spec: MachineSpec) -> Machine:
+        provider = self._provider(host)
+        await provider.ensure_started()
+        machine = await provider.create_or_find(spec)
+        return await provider.wait_ready(machine, provider.config.ready_timeout)
+
+    @hookimpl(trylast=True)
+    async def governord_deprovision_host(self, host: HostView) -> bool:
+        provider = self._provider(host)
+        await provider.ensure_started()
+        await provider.destroy(host.id)
+        return True
+
+
+class RegistrarPlugin:
+    """One configured registrar instance, speaking the hooks."""
+
+    def __init__(self, registrar: Registrar, config: Config) -> None:
+        self.registrar = registrar
+        self.config = config
+
+    @property
+    def name(self) -> str:
+        return f"registrar:{self.registrar.name}"
+
+    @hookimpl
+    def governord_classify_host(self, host: HostView, tags: tuple[str, ...]) -> dict[str, Any]:
+        mappings = []
+        for tag in tags:
+            definition = self.config.tags.get(tag)
+            if definition is None:
+                raise PermanentError(f"unknown tag {tag!r}")
+            mapping = definition.mappings.get(self.registrar.name)
+            if mapping is not None:
+                mappings.append((tag, mapping))
+        return {self.registrar.name: self.registrar.classify(mappings)}
+
+    @hookimpl
+    async def governord_register_host(self, host: HostView) -> dict[str, Any]:
+        await self.registrar.ensure_started()
+        classification = host.classification.get(self.registrar.name, {})
+        record = await self.registrar.register(host, classification)
+        return {self.registrar.name: record}
+
+    @hookimpl
+    async def governord_deregister_host(self, host: HostView) -> None:
+        await self.registrar.ensure_started()
+        await self.registrar.deregister(host)

@@ -1,0 +1,348 @@
+"""``governord-ctl``: the operator's command line, a thin client of the admin API on the Unix
+socket. It never imports plugins or SDKs. Errors are one line on stderr and a non-zero exit:
+1 for a refused or failed action, 2 for a usage error, 3 when the daemon cannot be reached."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import sys
+import time
+from typing import Any
+
+import aiohttp
+import click
+from rich.console import Console
+from rich.table import Table
+
+DEFAULT_SOCKET = os.environ.get("GOVERNORD_SOCKET", "/run/governord/admin.sock")
+RESTING = {"ready", "gone", "failed"}
+
+console = Console()
+err_console = Console(stderr=True)
+
+
+class CtlError(click.ClickException):
+    exit_code = 1
+
+    def show(self, file: Any = None) -> None:
+        err_console.print(f"governord-ctl: {self.message}", markup=False, highlight=False)
+
+
+class Unreachable(CtlError):
+    exit_code = 3
+
+
+class Client:
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             params: dict[str, str] | None = None) -> tuple[int, Any]:
+        return asyncio.run(self._call(method, path, body, params))
+
+    async def _call(self, method: str, path: str, body: dict[str, Any] | None,
+                    params: dict[str, str] | None) -> tuple[int, Any]:
+        connector = aiohttp.UnixConnector(path=self.socket_path)
+        try:
+            async with aiohttp.ClientSession(connector=connector) as session:
+                async with session.request(method, f"http://governord{path}", json=body, params=params) as resp:
+                    data = await resp.json(content_type=None)
+                    return resp.status, data
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
+            raise Unreachable(f"cannot reach governord at {self.socket_path}: {exc.strerror or exc}") from None
+
+    def ok(self, method: str, path: str, body: dict[str, Any] | None = None,
+           params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202)) -> Any:
+        status, data = self.call(method, path, body, params)
+        if status not in accept:
+            message = data.get("error") if isinstance(data, dict) else str(data)
+            raise CtlError(message or f"HTTP {status}")
+        return data
+
+
+def _client(ctx: click.Context) -> Client:
+    return ctx.obj  # type: ignore[no-any-return]
+
+
+def _print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def _host_table(hosts: list[dict[str, Any]]) -> Table:
+    table = Table(box=None, header_style="bold")
+    for column in ("NAME", "APP", "ROLE", "STATE", "TAGS", "ADDRESS", "PROVIDER", "MACHINE"):
+        table.add_column(column)
+    for h in hosts:
+        state = h["state"] + (f" ({h['failed_step']})" if h.get("failed_step") else "")
+        table.add_row(h["fqdn"], h["app"] or "-", h["role"] or "-", state, ",".join(h["tags"]) or "-",
+                      (h["addresses"] or ["-"])[0], h["provider"] or "-", h["machine_id"] or "-")
+    return table
+
+
+def _wait_hosts(client: Client, ids: list[str], timeout: float) -> list[dict[str, Any]]:
+    """Show progress until every host rests (ready, gone or failed)."""
+    deadline = time.monotonic() + timeout
+    last: dict[str, str] = {}
+    hosts: list[dict[str, Any]] = []
+    while True:
+        hosts = [client.ok("GET", f"/v1/hosts/{i}") for i in ids]
+        for h in hosts:
+            if last.get(h["id"]) != h["state"]:
+                last[h["id"]] = h["state"]
+                extra = f": {h['error']}" if h.get("error") else ""
+                err_console.print(f"  {h['fqdn']}: {h['state']}{extra}", markup=False, highlight=False)
+        if all(h["state"] in RESTING for h in hosts):
+            return hosts
+        if time.monotonic() > deadline:
+            raise CtlError(f"still working after {timeout:.0f}s (the work goes on; see 'hosts list')")
+        time.sleep(0.5)
+
+
+def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float, as_json: bool) -> None:
+    if request["decision"] == "declined":
+        raise CtlError(f"declined: {request['reason']}")
+    if wait and request["hosts"]:
+        hosts = _wait_hosts(client, [h["id"] for h in request["hosts"]], timeout)
+        request = client.ok("GET", f"/v1/requests/{request['id']}")
+        if any(h["state"] == "failed" for h in hosts):
+            _show_request(request, as_json)
+            raise CtlError("some hosts failed; see 'governord-ctl hosts show NAME', then 'retry NAME'")
+    _show_request(request, as_json)
+
+
+def _show_request(request: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        _print_json(request)
+        return
+    console.print(f"request {request['id']} ({request['kind']}, {request['decision']}, {request['status']})",
+                  markup=False, highlight=False)
+    if request.get("reason"):
+        console.print(f"  {request['reason']}", markup=False, highlight=False)
+    if request["hosts"]:
+        console.print(_host_table(request["hosts"]))
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar="GOVERNORD_SOCKET",
+              help="the daemon's admin socket")
+@click.pass_context
+def cli(ctx: click.Context, socket_path: str) -> None:
+    """Drive governord by hand: hosts, tags, scaling, retirement."""
+    ctx.obj = Client(socket_path)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def status(ctx: click.Context, as_json: bool) -> None:
+    """Daemon status and host counts."""
+    data = _client(ctx).ok("GET", "/v1/status")
+    if as_json:
+        return _print_json(data)
+    console.print(f"governord {data['version']} on {data['node']}, config {data['config']}", markup=False)
+    console.print(f"steps in flight: {data['in_flight']}", markup=False)
+    console.print("hosts: " + (", ".join(f"{k}={v}" for k, v in sorted(data["hosts"].items())) or "none"),
+                  markup=False)
+    console.print("providers: " + ", ".join(f"{k} ({v})" for k, v in data["providers"].items()), markup=False)
+    console.print("registrars: " + ", ".join(f"{k} ({v})" for k, v in data["registrars"].items()), markup=False)
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plugins(ctx: click.Context, as_json: bool) -> None:
+    """Plugins, whether they loaded, and the hooks they implement."""
+    data = _client(ctx).ok("GET", "/v1/plugins")["plugins"]
+    if as_json:
+        return _print_json(data)
+    table = Table(box=None, header_style="bold")
+    for column in ("PLUGIN", "VERSION", "STATUS", "HOOKS"):
+        table.add_column(column)
+    for p in data:
+        state = "loaded" if p["loaded"] else f"NOT LOADED: {p['error']}"
+        table.add_row(p["name"], p["version"] or "-", state, ", ".join(h.removeprefix("governord_") for h in p["hooks"]))
+    console.print(table)
+
+
+@cli.group()
+def hosts() -> None:
+    """List and show hosts."""
+
+
+@hosts.command("list")
+@click.option("--app")
+@click.option("--state")
+@click.option("--all", "show_all", is_flag=True, help="include gone hosts")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all: bool, as_json: bool) -> None:
+    """All hosts (table, or --json)."""
+    params = {k: v for k, v in {"app": app, "state": state, "all": "true" if show_all else None}.items() if v}
+    data = _client(ctx).ok("GET", "/v1/hosts", params=params)["hosts"]
+    if as_json:
+        return _print_json(data)
+    console.print(_host_table(data))
+
+
+@hosts.command("show")
+@click.argument("host")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def hosts_show(ctx: click.Context, host: str, as_json: bool) -> None:
+    """One host, its registrations and its audit trail."""
+    client = _client(ctx)
+    data = client.ok("GET", f"/v1/hosts/{host}")
+    events = client.ok("GET", f"/v1/hosts/{host}/events")["events"]
+    if as_json:
+        return _print_json({**data, "events": events})
+    for key in ("fqdn", "id", "app", "role", "origin", "state", "failed_step", "error", "provider", "machine_id"):
+        if data.get(key) is not None:
+            console.print(f"{key + ':':13} {data[key]}", markup=False, highlight=False)
+    console.print(f"{'tags:':13} {', '.join(data['tags'])}", markup=False)
+    console.print(f"{'addresses:':13} {', '.join(data['addresses']) or '-'}", markup=False)
+    for system, value in data["classification"].items():
+        console.print(f"{'class ' + system + ':':13} {json.dumps(value, sort_keys=True)}", markup=False)
+    for system, value in data["registrations"].items():
+        console.print(f"{'in ' + system + ':':13} {json.dumps(value, sort_keys=True)}", markup=False)
+    console.print("events:", markup=False)
+    for e in events:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"]))
+        console.print(f"  {stamp} {e['kind']:16} {e['actor'] or '-':10} {json.dumps(e['detail'], sort_keys=True)}",
+                      markup=False, highlight=False)
+
+
+def _wait_options(func: Any) -> Any:
+    func = click.option("--timeout", default=1800.0, show_default=True, help="seconds --wait waits")(func)
+    func = click.option("--wait", is_flag=True, help="show progress until the work is done")(func)
+    return click.option("--json", "as_json", is_flag=True)(func)
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("role")
+@click.option("--count", type=click.IntRange(min=0), help="hosts of this role in all")
+@click.option("--add", type=click.IntRange(min=1), help="hosts to add")
+@click.option("--key", "idempotency_key", help="idempotency key (a repeat returns the first result)")
+@_wait_options
+@click.pass_context
+def scale(ctx: click.Context, app: str, role: str, count: int | None, add: int | None, idempotency_key: str | None,
+          wait: bool, timeout: float, as_json: bool) -> None:
+    """Scale APP's ROLE to --count hosts, or by --add hosts."""
+    if (count is None) == (add is None):
+        raise click.UsageError("give exactly one of --count and --add")
+    body = {"role": role, "count": count, "add": add, "idempotency_key": idempotency_key}
+    client = _client(ctx)
+    request = client.ok("POST", f"/v1/apps/{app}/scale", {k: v for k, v in body.items() if v is not None},
+                        accept=(200, 202, 409))
+    _finish(client, request, wait, timeout, as_json)
+
+
+def _tag_command(name: str, field: str, help_text: str) -> None:
+    @cli.command(name=name, help=help_text)
+    @click.argument("host")
+    @click.argument("tags", nargs=-1, required=True)
+    @click.option("--address", help="IP address of a host being adopted")
+    @_wait_options
+    @click.pass_context
+    def command(ctx: click.Context, host: str, tags: tuple[str, ...], address: str | None, wait: bool,
+                timeout: float, as_json: bool) -> None:
+        client = _client(ctx)
+        body: dict[str, Any] = {field: list(tags)}
+        if address:
+            body["address"] = address
+        data = client.ok("POST", f"/v1/hosts/{host}/tags", body)
+        if wait:
+            data = _wait_hosts(client, [data["id"]], timeout)[0]
+            if data["state"] == "failed":
+                raise CtlError(f"{data['fqdn']} failed at {data['failed_step']}: {data['error']}")
+        if as_json:
+            return _print_json(data)
+        console.print(_host_table([data]))
+
+
+_tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
+_tag_command("untag", "remove", "Remove tags from HOST (re-classifies and updates its registrations).")
+
+
+def _host_action(name: str, help_text: str) -> None:
+    @cli.command(name=name, help=help_text)
+    @click.argument("host")
+    @_wait_options
+    @click.pass_context
+    def command(ctx: click.Context, host: str, wait: bool, timeout: float, as_json: bool) -> None:
+        client = _client(ctx)
+        data = client.ok("POST", f"/v1/hosts/{host}/{name}")
+        if wait:
+            data = _wait_hosts(client, [data["id"]], timeout)[0]
+            if data["state"] == "failed":
+                raise CtlError(f"{data['fqdn']} failed at {data['failed_step']}: {data['error']}")
+        if as_json:
+            return _print_json(data)
+        console.print(_host_table([data]))
+
+
+_host_action("retire", "Retire HOST: deregister it everywhere and destroy its machine, each verified.")
+_host_action("retry", "Resume a failed HOST at the step that failed.")
+
+
+@cli.group()
+def requests() -> None:
+    """List and show requests."""
+
+
+@requests.command("list")
+@click.option("--app")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def requests_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
+    """Recent requests."""
+    data = _client(ctx).ok("GET", "/v1/requests", params={"app": app} if app else None)["requests"]
+    if as_json:
+        return _print_json(data)
+    table = Table(box=None, header_style="bold")
+    for column in ("ID", "APP", "KIND", "ACTOR", "DECISION", "STATUS", "HOSTS", "REASON"):
+        table.add_column(column)
+    for r in data:
+        table.add_row(r["id"], r["app"] or "-", r["kind"], r["actor"], r["decision"], r["status"],
+                      str(len(r["hosts"])), r["reason"] or "")
+    console.print(table)
+
+
+@requests.command("show")
+@click.argument("request_id")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
+    """One request with its hosts."""
+    _show_request(_client(ctx).ok("GET", f"/v1/requests/{request_id}"), as_json)
+
+
+@cli.group()
+def apps() -> None:
+    """Applications and their certificates."""
+
+
+@apps.command("register")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
+    """Issue a client certificate for APP (configured under [applications.APP])."""
+    data = _client(ctx).ok("POST", f"/v1/apps/{app}/certificate")
+    if as_json:
+        return _print_json(data)
+    console.print(f"certificate: {data['certificate']}\nkey:         {data['key']}\nCA:          {data['ca']}",
+                  markup=False, highlight=False)
+
+
+def main() -> None:
+    try:
+        cli(standalone_mode=True)
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""The daemon process: validate, start the runtime, listen, notify systemd, handle signals.
+
+Order of start-up: plugins are loaded and the config is validated before anything is written
+(a bad config exits 2 naming the file and key, leaving the state directory untouched); then
+the state directory is locked, the store opened and migrated, the engine started, both
+listeners opened, and only then READY=1 is sent.
+
+SIGHUP reloads the config (an invalid one is refused and the old one stays). SIGTERM stops
+taking requests, lets running steps finish for ``shutdown_grace`` seconds, parks the rest
+(they resume at the next start) and exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fcntl
+import logging
+import os
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from .api.admin_api import create_admin_api
+from .api.app_api import create_app_api, server_ssl_context
+from .config import Config, load_config, read_toml
+from .errors import ConfigError
+from .logs import setup_logging
+from .pluginmanager import PluginLoadError, PluginManager
+from .runtime import Runtime
+from .systemd import keep_watchdog_alive, notify, watchdog_interval
+
+log = logging.getLogger("governord")
+
+EXIT_CONFIG = 2
+
+
+def _disabled_plugins(path: str) -> list[str]:
+    # Needed before validation (validation needs the plugins' types); validated properly later.
+    try:
+        value = read_toml(path).get("daemon", {}).get("disabled_plugins", [])
+    except ConfigError:
+        return []
+    return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
+
+
+def prepare(config_path: str) -> tuple[PluginManager, Config]:
+    """Load plugins and validate the config; raises ConfigError or PluginLoadError."""
+    plugins = PluginManager(disabled=_disabled_plugins(config_path))
+    plugins.load_entry_points()
+    plugins.collect_types()
+    config = load_config(config_path, plugins.providers, plugins.registrars, unavailable=plugins.unavailable_types())
+    return plugins, config
+
+
+def run(config_path: str, *, check_only: bool = False) -> int:
+    setup_logging("info")
+    try:
+        plugins, config = prepare(config_path)
+    except ConfigError as exc:
+        print(f"governord: configuration error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    except PluginLoadError as exc:
+        print(f"governord: plugin error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+    if check_only:
+        print(f"governord: {config_path}: valid")
+        return 0
+    setup_logging(config.daemon.log_level)
+    return asyncio.run(Daemon(config_path, plugins, config).run())
+
+
+class Daemon:
+    def __init__(self, config_path: str, plugins: PluginManager, config: Config) -> None:
+        self.config_path = config_path
+        self.plugins = plugins
+        self.config = config
+        self.stopping = asyncio.Event()
+        self.runtime: Runtime | None = None
+        self._lock_fd: int | None = None
+        self._reloading: asyncio.Task[None] | None = None
+
+    def _lock_state_dir(self, state_dir: Path) -> bool:
+        state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
+        fd = os.open(state_dir / "governord.lock", os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._lock_fd = fd
+        return True
+
+    def _tls_files(self, runtime: Runtime) -> tuple[str, str, str]:
+        tls = self.config.api.tls
+        client_ca = str(tls.client_ca or runtime.ca.cert_path)
+        if tls.certificate and tls.key:
+            return str(tls.certificate), str(tls.key), client_ca
+        pair = runtime.ca.issue(self.config.api.server_names[0], server_names=self.config.api.server_names,
+                                stem="server")
+        return str(pair.certificate), str(pair.key), client_ca
+
+    async def run(self) -> int:
+        state_dir = self.config.daemon.state_dir
+        if not self._lock_state_dir(state_dir):
+            print(f"governord: another governord is using {state_dir}", file=sys.stderr)
+            return 1
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self.stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
+
+        runtime = self.runtime = await Runtime.open(self.config, self.plugins)
+        await runtime.start()
+        api = self.config.api
+        certificate, key, client_ca = self._tls_files(runtime)
+        app_runner = web.AppRunner(create_app_api(runtime), access_log=None)
+        admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None)
+        await app_runner.setup()
+        await admin_runner.setup()
+        tls_site = web.TCPSite(app_runner, api.listen, api.port,
+                               ssl_context=server_ssl_context(certificate, key, client_ca))
+        await tls_site.start()
+        port = app_runner.addresses[0][1]
+        (state_dir / "api.port").write_text(f"{port}\n")
+        api.admin_socket.parent.mkdir(parents=True, exist_ok=True)
+        with contextlib.suppress(FileNotFoundError):
+            api.admin_socket.unlink()
+        admin_site = web.UnixSite(admin_runner, str(api.admin_socket))
+        await admin_site.start()
+        os.chmod(api.admin_socket, int(api.admin_socket_mode, 8))
+
+        watchdog: asyncio.Task[None] | None = None
+        interval = watchdog_interval()
+        if interval:
+            watchdog = asyncio.create_task(keep_watchdog_alive(interval))
+        notify("READY=1", f"STATUS=serving on {api.listen}:{port} and {api.admin_socket}", f"MAINPID={os.getpid()}")
+        log.info("governord ready", extra={"listen": f"{api.listen}:{port}", "admin": str(api.admin_socket)})
+
+        await self.stopping.wait()
+        notify("STOPPING=1", "STATUS=stopping: finishing or parking in-flight steps")
+        log.info("stopping")
+        # stop taking requests first, then let the engine finish or park its steps
+        await app_runner.cleanup()
+        await admin_runner.cleanup()
+        await runtime.stop()
+        if watchdog:
+            watchdog.cancel()
+        with contextlib.suppress(FileNotFoundError):
+            api.admin_socket.unlink()
+        log.info("stopped")
+        return 0
+
+    def _schedule_reload(self) -> None:
+        if self._reloading is None or self._reloading.done():
+            self._reloading = asyncio.create_task(self.reload())
+
+    async def reload(self) -> None:
+        notify("RELOADING=1")
+        try:
+            config = load_config(
+                self.config_path, self.plugins.providers, self.plugins.registrars,
+                unavailable=self.plugins.unavailable_types(),
+            )
+        except ConfigError as exc:
+            log.error("reload refused, keeping the running config: %s", exc, extra={"config": self.config_path})
+            notify("READY=1", f"STATUS=reload refused: {exc}")
+            return
+        changed = _restart_only(self.config, config)
+        if changed:
+            log.warning("these settings take effect at the next restart: %s", ", ".join(changed))
+        self.config = config
+        if self.runtime is not None:
+            await self.runtime.reload(config)
+        setup_logging(config.daemon.log_level)
+        log.info("configuration reloaded", extra={"config": self.config_path})
+        notify("READY=1", "STATUS=configuration reloaded")
+
+
+def _restart_only(old: Config, new: Config) -> list[str]:
+    """Settings a reload cannot apply to a running process."""
+    changed: list[str] = []
+    pairs: list[tuple[str, Any, Any]] = [
+        ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+        ("api", old.api, new.api),
+        ("daemon.disabled_plugins", old.daemon.disabled_plugins, new.daemon.disabled_plugins),
+    ]
+    for name, a, b in pairs:
+        if a != b:
+            changed.append(name)
+    return changed

@@ -1,0 +1,366 @@
+"""The lifecycle engine: one durable state machine per host.
+
+    requested -> provisioning -> registering -> ready
+    retiring -> deregistering -> deprovisioning -> gone
+    any step -> failed (failed_step names it; retry resumes it)
+
+Every external call is preceded and followed by a committed write: the try counter and a
+``step-started`` event are committed before the call, the result and the next state after it.
+After ``kill -9`` the next process finds the host in the same state with its lease from the dead
+process, frees it (same node), and runs the step again; the step is idempotent (providers find
+the machine by its ownership marker, registrars upsert), so nothing is made twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ipaddress
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from sqlalchemy import case
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from .dispatch import Dispatcher, is_retryable
+from .errors import PermanentError, StepError
+from .models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
+from .schema import hosts
+from .store import Row, Store, host_view
+
+if TYPE_CHECKING:
+    from .config import Config
+
+log = logging.getLogger(__name__)
+
+#: Which step a working state performs; the failed host keeps this name in ``failed_step``.
+STEP_OF_STATE = {
+    HostState.REQUESTED: "classify",
+    HostState.PROVISIONING: "provision",
+    HostState.REGISTERING: "register",
+    HostState.RETIRING: "retire",
+    HostState.DEREGISTERING: "deregister",
+    HostState.DEPROVISIONING: "deprovision",
+}
+STATE_OF_STEP = {step: state for state, step in STEP_OF_STATE.items()}
+
+
+def node_identity() -> str:
+    """Stable name of this node: leases are ``<node>/<process token>``."""
+    return os.environ.get("GOVERNORD_NODE_ID") or socket.gethostname()
+
+
+@dataclass
+class StepResult:
+    """What a step asks the engine to commit."""
+
+    state: HostState
+    values: dict[str, Any]
+    event: str
+    detail: dict[str, Any]
+    after: Callable[[AsyncConnection, Row], Awaitable[None]] | None = None
+
+
+class Engine:
+    """Claims hosts with due work, runs their steps, commits every transition."""
+
+    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, *, node: str | None = None) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.config = config
+        self.node = node or node_identity()
+        self.owner = f"{self.node}/{uuid.uuid4().hex[:12]}"
+        self._wake = asyncio.Event()
+        self._tasks: dict[str, asyncio.Task[None]] = {}
+        self._stopping = False
+        self._runner: asyncio.Task[None] | None = None
+        self._renewer: asyncio.Task[None] | None = None
+        self.on_transition: list[Callable[[Row, str], None]] = []
+
+    # -- running --------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        freed = await self.store.release_leases_of(self.node + "/")
+        if freed:
+            log.info("resuming interrupted steps", extra={"hosts": freed})
+        self._runner = asyncio.create_task(self._run(), name="engine")
+        self._renewer = asyncio.create_task(self._renew_leases(), name="engine-leases")
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._tasks)
+
+    async def stop(self, grace: float) -> None:
+        """Stop claiming; let running steps finish for ``grace`` seconds, then cancel them.
+
+        A cancelled step leaves its host in its working state with the lease released, so the
+        next start runs the step again (it is idempotent).
+        """
+        self._stopping = True
+        self._wake.set()
+        if self._runner:
+            await self._runner
+        if self._tasks:
+            _done, pending = await asyncio.wait(list(self._tasks.values()), timeout=grace)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending)
+        if self._renewer:
+            self._renewer.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._renewer
+        # leases of parked steps: free them so a restart need not wait for expiry
+        await self.store.release_leases_of(self.owner)
+
+    async def _run(self) -> None:
+        workers = self.config.engine.workers
+        while not self._stopping:
+            self._wake.clear()
+            free = workers - len(self._tasks)
+            if free > 0:
+                try:
+                    claimed = await self.store.claim_due(self.owner, free, self.config.engine.lease_seconds)
+                except Exception:  # noqa: BLE001 - a store hiccup must not kill the engine
+                    log.exception("claiming work failed")
+                    claimed = []
+                for row in claimed:
+                    task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
+                    self._tasks[row["id"]] = task
+                    task.add_done_callback(lambda _t, host_id=row["id"]: self._finished(host_id))
+                if len(claimed) == free:
+                    continue
+            timeout = 1.0
+            next_due = await self.store.next_due_at()
+            if next_due is not None:
+                timeout = max(0.05, min(timeout, next_due - time.time()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    def _finished(self, host_id: str) -> None:
+        self._tasks.pop(host_id, None)
+        self._wake.set()
+
+    async def _renew_leases(self) -> None:
+        interval = self.config.engine.lease_seconds / 3
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await self.store.renew_leases(self.owner, list(self._tasks), self.config.engine.lease_seconds)
+            except Exception:  # noqa: BLE001
+                log.exception("renewing leases failed")
+
+    # -- one host ---------------------------------------------------------------------------
+
+    async def _work(self, row: Row) -> None:
+        """Run steps of one host until it rests (ready, gone, failed, or waiting to retry)."""
+        try:
+            while row is not None and not self._stopping:
+                row = await self._advance(row)
+        except asyncio.CancelledError:
+            log.info("step parked by shutdown", extra={"host": row["name"] if row else None})
+            raise
+        except Exception:  # noqa: BLE001 - a bug must not leave the host leased forever
+            log.exception("engine error", extra={"host": row["name"] if row else None})
+            if row is not None:
+                await self.store.fenced_update(
+                    row["id"], self.owner, {"next_attempt_at": time.time() + 30}, release=True
+                )
+
+    async def _advance(self, row: Row) -> Row | None:
+        state = HostState(row["state"])
+        if row["retire_requested"] and state in (HostState.REQUESTED, HostState.PROVISIONING, HostState.REGISTERING):
+            return await self._commit(row, self._begin_retirement(row))
+        step = STEP_OF_STATE.get(state)
+        if step is None:
+            await self.store.fenced_update(row["id"], self.owner, {}, release=True)
+            return None
+        attempt = row["attempts"] + 1
+        started = await self.store.fenced_update(
+            row["id"], self.owner, {"attempts": attempt},
+            event_kind="step-started", detail={"step": step, "attempt": attempt},
+        )
+        if started is None:
+            return None  # lease lost: another process has the host now
+        try:
+            result = await getattr(self, f"_step_{step}")(started)
+        except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
+            return await self._step_failed(started, step, exc)
+        return await self._commit(started, result)
+
+    async def _commit(self, row: Row, result: StepResult) -> Row | None:
+        values = {
+            "state": result.state.value,
+            "attempts": 0,
+            "next_attempt_at": 0.0,
+            "error": None,
+            "failed_step": None,
+            **result.values,
+        }
+        state_expr = values.pop("state_expr", None)
+        if state_expr is not None:
+            values["state"] = state_expr
+        rests = result.state in (HostState.READY, HostState.GONE, HostState.FAILED)
+        new = await self.store.fenced_update(
+            row["id"], self.owner, values,
+            event_kind=result.event, detail={"from": row["state"], "to": result.state.value, **result.detail},
+            release=rests, extra_where=result.after,
+        )
+        if new is None:
+            return None
+        log.info("host %s: %s -> %s", new["name"], row["state"], new["state"], extra={"host": new["name"]})
+        for callback in self.on_transition:
+            callback(new, row["state"])
+        await self.dispatcher.notify(
+            "governord_host_event", host=host_view(new), event=new["state"], detail={"from": row["state"]}
+        )
+        if HostState(new["state"]) == HostState.READY and new["retire_requested"]:
+            return await self._commit(new, self._begin_retirement(new))
+        return None if rests else new
+
+    async def _step_failed(self, row: Row, step: str, exc: BaseException) -> Row | None:
+        message = str(exc) if isinstance(exc, StepError) else f"{type(exc).__name__}: {exc}"
+        retry = is_retryable(exc) and row["attempts"] <= self.config.engine.retry_limit
+        if retry:
+            delay = min(
+                self.config.engine.retry_backoff * (2 ** (row["attempts"] - 1)), self.config.engine.retry_backoff_max
+            )
+            await self.store.fenced_update(
+                row["id"], self.owner, {"next_attempt_at": time.time() + delay, "error": message},
+                event_kind="step-retry", detail={"step": step, "error": message, "delay": delay},
+                release=True,
+            )
+            log.warning("host %s: %s failed, retrying in %.1fs: %s", row["name"], step, delay, message)
+            return None
+        new = await self.store.fenced_update(
+            row["id"], self.owner,
+            {"state": HostState.FAILED.value, "failed_step": step, "error": message, "next_attempt_at": 0.0},
+            event_kind="step-failed", detail={"step": step, "error": message, "from": row["state"]},
+            release=True,
+        )
+        log.error("host %s: %s failed: %s", row["name"], step, message)
+        if new is not None:
+            await self.dispatcher.notify(
+                "governord_host_event", host=host_view(new), event="step-failed",
+                detail={"step": step, "error": message},
+            )
+        return None
+
+    # -- the steps ----------------------------------------------------------------------------
+
+    async def classify(self, row: Row) -> dict[str, Any]:
+        """Run tag and classify hooks; return the merged classification (no I/O of ours)."""
+        view = host_view(row)
+        tags = list(row["tags"])
+        for outcome in await self.dispatcher.collect("governord_tag_host", host=view, tags=tuple(tags)):
+            if outcome.ok and outcome.value:
+                tags.extend(t for t in outcome.value if t not in tags)
+        order = self.config.tag_order()
+        ordered = tuple(sorted(tags, key=lambda t: order.index(t) if t in order else len(order)))
+        classification: dict[str, Any] = {}
+        for outcome in await self.dispatcher.collect("governord_classify_host", host=view, tags=ordered):
+            if outcome.error is not None:
+                raise PermanentError(f"classification failed in {outcome.plugin}: {outcome.error}")
+            for system, value in (outcome.value or {}).items():
+                if system in classification:
+                    raise PermanentError(f"two plugins classify for {system!r}")
+                classification[system] = value
+        return classification
+
+    async def _step_classify(self, row: Row) -> StepResult:
+        classification = await self.classify(row)
+        nxt = HostState.REGISTERING if row["origin"] == HostOrigin.ADOPTED.value else HostState.PROVISIONING
+        return StepResult(nxt, {"classification": classification}, "classified", {"classification": classification})
+
+    def machine_spec(self, row: Row) -> MachineSpec:
+        network = NetworkAssignment()
+        if row["network"] and row["address"]:
+            net = self.config.networks[row["network"]]
+            network = NetworkAssignment(
+                address=row["address"],
+                prefix_length=net.cidr.prefixlen,
+                gateway=str(net.gateway) if net.gateway else None,
+                dns_servers=tuple(str(d) for d in net.dns_servers),
+                domain=net.domain,
+            )
+        domain = row["fqdn"][len(row["name"]) + 1 :] if row["fqdn"] != row["name"] else None
+        if domain and network.domain is None:
+            network = NetworkAssignment(domain=domain)
+        return MachineSpec(
+            host_id=row["id"], hostname=row["name"], fqdn=row["fqdn"], profile=dict(row["profile"]),
+            network=network, tags=tuple(row["tags"]),
+        )
+
+    async def _step_provision(self, row: Row) -> StepResult:
+        outcome = await self.dispatcher.first(
+            "governord_provision_host", host=host_view(row), spec=self.machine_spec(row)
+        )
+        machine: Machine = outcome.value
+        addresses = list(machine.addresses)
+        if row["address"] and row["address"] in addresses:
+            addresses.remove(row["address"])
+            addresses.insert(0, row["address"])
+        return StepResult(
+            HostState.REGISTERING,
+            {"machine_id": machine.machine_id, "addresses": addresses},
+            "provisioned",
+            {"machine_id": machine.machine_id, "addresses": addresses, "by": outcome.plugin},
+        )
+
+    async def _step_register(self, row: Row) -> StepResult:
+        classification = await self.classify(row)
+        row = {**row, "classification": classification}
+        outcomes = await self.dispatcher.broadcast("governord_register_host", host=host_view(row))
+        registrations: dict[str, Any] = {}
+        for outcome in outcomes:
+            registrations.update(outcome.value or {})
+        # A tag change that arrived while registering makes the host register again.
+        state = case((hosts.c.tags_rev == row["tags_rev"], HostState.READY.value), else_=HostState.REGISTERING.value)
+        return StepResult(
+            HostState.READY,
+            {"classification": classification, "registrations": registrations, "state_expr": state},
+            "registered",
+            {"registrations": registrations},
+        )
+
+    def _begin_retirement(self, row: Row) -> StepResult:
+        values = {"retire_requested": False}
+        if row["state"] == HostState.REQUESTED.value:
+            # nothing external exists yet: no machine, no registration
+            return StepResult(HostState.GONE, values, "gone", {"reason": "retired before provisioning"},
+                              after=self._release_address)
+        return StepResult(HostState.RETIRING, values, "retiring", {})
+
+    async def _step_retire(self, row: Row) -> StepResult:
+        return StepResult(HostState.DEREGISTERING, {}, "deregistering", {})
+
+    async def _step_deregister(self, row: Row) -> StepResult:
+        await self.dispatcher.broadcast("governord_deregister_host", host=host_view(row))
+        if row["origin"] == HostOrigin.ADOPTED.value:
+            return StepResult(HostState.GONE, {"registrations": {}}, "gone", {"reason": "adopted host released"},
+                              after=self._release_address)
+        return StepResult(HostState.DEPROVISIONING, {"registrations": {}}, "deregistered", {})
+
+    async def _step_deprovision(self, row: Row) -> StepResult:
+        outcome = await self.dispatcher.first("governord_deprovision_host", host=host_view(row))
+        return StepResult(HostState.GONE, {}, "gone", {"by": outcome.plugin}, after=self._release_address)
+
+    async def _release_address(self, conn: AsyncConnection, row: Row) -> None:
+        await self.store.release_address(conn, row["id"])
+
+
+def address_range(cidr: ipaddress.IPv4Network, first: Any, last: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:
+    """The usable range of a network: configured bounds, else all host addresses."""
+    hosts_iter = list(cidr.hosts()) if cidr.num_addresses <= 65536 else None
+    lo = first or (hosts_iter[0] if hosts_iter else cidr.network_address + 1)
+    hi = last or (hosts_iter[-1] if hosts_iter else cidr.broadcast_address - 1)
+    return lo, hi

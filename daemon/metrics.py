@@ -1,0 +1,46 @@
+"""Prometheus metrics. Host counts are read from the store at scrape time, so they are right
+after a restart; transitions and hook failures are counted as they happen."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+
+from .models import HostState
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
+    from .store import Row
+
+
+class Metrics:
+    def __init__(self, runtime: Runtime) -> None:
+        self.runtime = runtime
+        self.registry = CollectorRegistry()
+        self.hosts = Gauge("governord_hosts", "Hosts by lifecycle state", ["state"], registry=self.registry)
+        self.transitions = Counter(
+            "governord_host_transitions_total", "Committed host state transitions", ["from_state", "to_state"],
+            registry=self.registry,
+        )
+        self.hook_calls = Gauge(
+            "governord_hook_calls", "Hook calls per plugin since start", ["hook", "plugin"], registry=self.registry
+        )
+        self.hook_failures = Gauge(
+            "governord_hook_failures", "Failed hook calls per plugin since start", ["hook", "plugin"],
+            registry=self.registry,
+        )
+        self.in_flight = Gauge("governord_steps_in_flight", "Host steps running now", registry=self.registry)
+
+    def transition(self, row: Row, previous: str) -> None:
+        self.transitions.labels(previous, row["state"]).inc()
+
+    async def render(self) -> bytes:
+        counts = await self.runtime.store.count_by_state()
+        for state in HostState:
+            self.hosts.labels(state.value).set(counts.get(state.value, 0))
+        for (hook, plugin), (calls, failures) in self.runtime.dispatcher.stats.items():
+            self.hook_calls.labels(hook, plugin).set(calls)
+            self.hook_failures.labels(hook, plugin).set(failures)
+        self.in_flight.set(self.runtime.engine.in_flight)
+        return generate_latest(self.registry)

@@ -1,0 +1,121 @@
+"""governord's own certificate authority: created on first start in the state directory, it
+issues the API server's certificate and one client certificate per application (an application
+is identified by its certificate's common name)."""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_VALIDITY = datetime.timedelta(days=3650)
+LEAF_VALIDITY = datetime.timedelta(days=397)
+
+
+@dataclass(frozen=True)
+class IssuedPair:
+    certificate: Path
+    key: Path
+
+
+def _write_private(path: Path, data: bytes) -> None:
+    # created 0600 from the start: the key is never readable by others, not even briefly
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(data)
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+
+
+class CertificateAuthority:
+    """The CA in ``<state_dir>/pki``: ``ca.pem``, ``ca.key`` (0600), issued pairs beside them."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        self.cert_path = directory / "ca.pem"
+        self.key_path = directory / "ca.key"
+
+    def ensure(self) -> None:
+        """Create the CA if it does not exist yet."""
+        if self.cert_path.exists() and self.key_path.exists():
+            return
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = ec.generate_private_key(ec.SECP256R1())
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "governord CA")])
+        now = datetime.datetime.now(datetime.timezone.utc)
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + CA_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
+                    key_encipherment=False, data_encipherment=False, key_agreement=False,
+                    encipher_only=False, decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        _write_private(self.key_path, _key_pem(key))
+        self.cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    def _load(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+        cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
+        key = serialization.load_pem_private_key(self.key_path.read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cert, key
+
+    def issue(self, common_name: str, *, server_names: list[str] | None = None, stem: str) -> IssuedPair:
+        """Issue a leaf certificate: a server one when ``server_names`` is given, else a client one."""
+        ca_cert, ca_key = self._load()
+        key = ec.generate_private_key(ec.SECP256R1())
+        now = datetime.datetime.now(datetime.timezone.utc)
+        builder = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .issuer_name(ca_cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + LEAF_VALIDITY)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+            )
+        )
+        if server_names:
+            alt: list[x509.GeneralName] = []
+            for entry in server_names:
+                try:
+                    alt.append(x509.IPAddress(ipaddress.ip_address(entry)))
+                except ValueError:
+                    alt.append(x509.DNSName(entry))
+            builder = builder.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        else:
+            builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        cert = builder.sign(ca_key, hashes.SHA256())
+        out = self.directory / "issued"
+        out.mkdir(parents=True, exist_ok=True, mode=0o700)
+        pair = IssuedPair(out / f"{stem}.pem", out / f"{stem}.key")
+        _write_private(pair.key, _key_pem(key))
+        pair.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        return pair

@@ -1,0 +1,116 @@
+"""The running daemon's parts, built from one validated config and rebuilt on reload."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+from .builtin import ProvisioningPlugin, RegistrarPlugin
+from .config import Config
+from .dispatch import Dispatcher
+from .engine import Engine
+from .metrics import Metrics
+from .pki import CertificateAuthority
+from .pluginmanager import PluginManager
+from .providers import Provider
+from .registrars import Registrar
+from .service import Governor
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+
+class Runtime:
+    """Config, plugins, store, provider and registrar instances, engine, and the Governor."""
+
+    def __init__(self, config: Config, plugins: PluginManager, store: Store) -> None:
+        self.config = config
+        self.plugins = plugins
+        self.store = store
+        self.providers: dict[str, Provider] = {}
+        self.registrars: dict[str, Registrar] = {}
+        self.dispatcher = Dispatcher(plugins.pm, timeout=config.engine.hook_timeout)
+        self.engine = Engine(store, self.dispatcher, config)
+        self.governor = Governor(store, self.engine, config)
+        self.metrics = Metrics(self)
+        self.engine.on_transition.append(self.metrics.transition)
+        self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
+        self._instance_plugins: list[str] = []
+        self._build_instances(config)
+
+    @property
+    def state_dir(self) -> Path:
+        return self.config.daemon.state_dir
+
+    @classmethod
+    async def open(cls, config: Config, plugins: PluginManager) -> Runtime:
+        store = await Store.open_sqlite(config.daemon.state_dir / "governord.db")
+        runtime = cls(config, plugins, store)
+        runtime.ca.ensure()
+        return runtime
+
+    def _build_instances(self, config: Config) -> None:
+        """Instantiate providers and registrars and register their bridge plugins."""
+        state_dir = config.daemon.state_dir
+        self.providers = {
+            name: self.plugins.providers.get(cfg.type)(name, cfg, state_dir=state_dir)  # type: ignore[misc]
+            for name, cfg in config.providers.items()
+        }
+        self.registrars = {
+            name: self.plugins.registrars.get(cfg.type)(name, cfg, state_dir=state_dir)  # type: ignore[misc]
+            for name, cfg in config.registrars.items()
+        }
+        for name in self._instance_plugins:
+            self.plugins.unregister(name)
+        self._instance_plugins = []
+        provisioning = ProvisioningPlugin(self.providers)
+        self.plugins.register(provisioning, provisioning.name)
+        self._instance_plugins.append(provisioning.name)
+        for registrar in self.registrars.values():
+            plugin = RegistrarPlugin(registrar, config)
+            self.plugins.register(plugin, plugin.name)
+            self._instance_plugins.append(plugin.name)
+
+    async def start(self) -> None:
+        for instance in [*self.providers.values(), *self.registrars.values()]:
+            try:
+                await instance.ensure_started()
+            except Exception as exc:  # noqa: BLE001 - a peer down at boot is retried on first use
+                log.warning("could not connect %s at start: %s", instance.name, exc)
+        await self.engine.start()
+
+    async def reload(self, config: Config) -> None:
+        """Take a new, already validated config. Instances are rebuilt; work in flight keeps
+        the instances it started with until its step ends."""
+        old = [*self.providers.values(), *self.registrars.values()]
+        self.config = config
+        self.engine.config = config
+        self.governor.config = config
+        self.dispatcher.timeout = config.engine.hook_timeout
+        self._build_instances(config)
+        for instance in old:
+            try:
+                await instance.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %s failed", instance.name)
+
+    async def stop(self) -> None:
+        await self.engine.stop(self.config.daemon.shutdown_grace)
+        for instance in [*self.providers.values(), *self.registrars.values()]:
+            try:
+                await instance.close()
+            except Exception:  # noqa: BLE001
+                log.exception("closing %s failed", instance.name)
+        await self.store.close()
+
+    def status(self) -> dict[str, Any]:
+        return {
+            "node": self.engine.node,
+            "in_flight": self.engine.in_flight,
+            "providers": {n: p.config.type for n, p in self.providers.items()},
+            "registrars": {n: r.config.type for n, r in self.registrars.items()},
+            "applications": sorted(self.config.applications),
+            "tags": sorted(self.config.tags),
+            "config": self.config.path,
+        }

@@ -1,0 +1,359 @@
+"""What applications and operators can ask of the Governor, decided and persisted.
+
+Both APIs (the applications' HTTPS API and the operators' admin socket) call these methods;
+they hold no HTTP. Every request is persisted with its idempotency key before anything else
+happens; a repeat of the key returns the original request. Capacity is decided under a
+per-application lock and counts hosts still in flight, so concurrent requests cannot
+overshoot a cap.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import update
+from sqlalchemy.exc import IntegrityError
+
+from .config import Config
+from .engine import STATE_OF_STEP, Engine, address_range
+from .schema import hosts
+from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState
+from .store import NameTaken, Row, Store
+
+HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
+
+
+class RequestError(Exception):
+    """A request that cannot be taken as asked: ``status`` is the HTTP status, ``field`` the
+    offending field."""
+
+    def __init__(self, status: int, message: str, *, field: str | None = None) -> None:
+        self.status = status
+        self.field = field
+        super().__init__(message)
+
+
+@dataclass
+class Decision:
+    request: Row
+    #: True when the idempotency key matched an earlier request
+    replayed: bool = False
+
+
+class Governor:
+    """The decisions: scale, release, tag, retire, retry."""
+
+    def __init__(self, store: Store, engine: Engine, config: Config) -> None:
+        self.store = store
+        self.engine = engine
+        self.config = config
+        self._app_locks: dict[str, asyncio.Lock] = {}
+
+    def _lock(self, app: str) -> asyncio.Lock:
+        return self._app_locks.setdefault(app, asyncio.Lock())
+
+    def _app(self, app: str) -> Any:
+        section = self.config.applications.get(app)
+        if section is None:
+            raise RequestError(404, f"no application named {app!r}", field="app")
+        return section
+
+    # -- scaling ----------------------------------------------------------------------------
+
+    async def scale(
+        self,
+        app: str,
+        role: str,
+        *,
+        add: int | None = None,
+        count: int | None = None,
+        actor: str,
+        idempotency_key: str | None = None,
+    ) -> Decision:
+        """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
+        releasing the difference)."""
+        section = self._app(app)
+        if role not in section.roles:
+            raise RequestError(422, f"application {app!r} has no role {role!r}", field="role")
+        if (add is None) == (count is None):
+            raise RequestError(422, "give exactly one of add and count", field="add")
+        role_cfg = section.roles[role]
+        async with self._lock(app):
+            async with self.store.engine.begin() as conn:
+                if idempotency_key is not None:
+                    earlier = await self.store.find_request(conn, app, idempotency_key)
+                    if earlier is not None:
+                        return Decision(earlier, replayed=True)
+                live_role = [
+                    h for h in await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
+                    if h["state"] not in (HostState.RETIRING.value, HostState.DEREGISTERING.value,
+                                          HostState.DEPROVISIONING.value) and not h["retire_requested"]
+                ]
+                params = {"role": role, "add": add, "count": count}
+                if count is not None and count < len(live_role):
+                    victims = sorted(live_role, key=lambda h: h["created_at"], reverse=True)[: len(live_role) - count]
+                    request = await self.store.insert_request(
+                        conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
+                        params=params, state="accepted", reason=f"releasing {len(victims)} (newest first)",
+                        host_ids=[h["id"] for h in victims],
+                    )
+                    for victim in victims:
+                        await self._mark_retire(conn, victim, actor, request["id"])
+                    await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
+                                               detail={"app": app, **params, "release": len(victims)})
+                    self.engine.wake()
+                    return Decision(request)
+                wanted = add if add is not None else count - len(live_role)  # type: ignore[operator]
+                live_app = await self.store.live_count(conn, app)
+                reason = None
+                if wanted <= 0:
+                    reason = None
+                elif live_app + wanted > section.max_hosts:
+                    reason = (
+                        f"cap reached: application {app} may have {section.max_hosts} hosts, "
+                        f"has {live_app} (in flight included), asked for {wanted} more"
+                    )
+                if reason is not None:
+                    request = await self.store.insert_request(
+                        conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
+                        params=params, state="declined", reason=reason,
+                    )
+                    await self.store.add_event(conn, "request-declined", actor=actor, request_id=request["id"],
+                                               detail={"app": app, **params, "reason": reason})
+                    return Decision(request)
+                request = await self.store.insert_request(
+                    conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
+                    params=params, state="accepted", reason=None,
+                )
+                host_ids = []
+                if wanted > 0:
+                    domain = self._domain(role_cfg.network)
+                    seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, wanted)
+                    for seq in seqs:
+                        name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
+                        row = await self._new_host(
+                            conn, name=name, fqdn=f"{name}.{domain}" if domain else name, app=app, role=role,
+                            origin=HostOrigin.PROVISIONED, tags=list(role_cfg.tags), provider=role_cfg.provider,
+                            network=role_cfg.network,
+                            profile=self.config.profiles[(app, role)].model_dump(mode="json"),
+                            request_id=request["id"], actor=actor,
+                        )
+                        host_ids.append(row["id"])
+                await self.store.set_request_hosts(conn, request["id"], host_ids)
+                request["host_ids"] = host_ids
+                await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
+                                           detail={"app": app, **params, "hosts": len(host_ids)})
+        self.engine.wake()
+        return Decision(request)
+
+    def _domain(self, network: str | None) -> str | None:
+        if network is None:
+            return None
+        return self.config.networks[network].domain
+
+    async def _new_host(self, conn: Any, *, network: str | None, actor: str, **values: Any) -> Row:
+        host_id = str(uuid.uuid4())
+        address = None
+        if network is not None:
+            net = self.config.networks[network]
+            lo, hi = address_range(net.cidr, net.first, net.last)
+            skip = [a for a in (net.gateway, *net.dns_servers) if a is not None]
+            allocated = await self.store.allocate_address(conn, network, lo, hi, host_id, skip)
+            if allocated is None:
+                raise RequestError(409, f"network {network} has no free address", field="network")
+            address = str(allocated)
+        row = await self.store.insert_host(
+            conn, id=host_id, state=HostState.REQUESTED.value, network=network, address=address,
+            origin=values.pop("origin").value, **values,
+        )
+        await self.store.add_event(conn, "requested", actor=actor, host_id=host_id, request_id=row["request_id"],
+                                   detail={"name": row["name"], "tags": row["tags"], "address": address})
+        return row
+
+    async def release(
+        self, app: str, *, hosts: list[str] | None = None, role: str | None = None, count: int | None = None,
+        actor: str, idempotency_key: str | None = None,
+    ) -> Decision:
+        """Hand hosts back: the named ones, or ``count`` of ``role`` (newest first)."""
+        self._app(app)
+        if (hosts is None) == (count is None):
+            raise RequestError(422, "give exactly one of hosts and count", field="hosts")
+        async with self._lock(app):
+            async with self.store.engine.begin() as conn:
+                if idempotency_key is not None:
+                    earlier = await self.store.find_request(conn, app, idempotency_key)
+                    if earlier is not None:
+                        return Decision(earlier, replayed=True)
+                live = [
+                    h for h in await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
+                    if h["state"] not in (HostState.RETIRING.value, HostState.DEREGISTERING.value,
+                                          HostState.DEPROVISIONING.value) and not h["retire_requested"]
+                ]
+                if hosts is not None:
+                    by_name = {h["name"]: h for h in live} | {h["fqdn"]: h for h in live}
+                    unknown = [n for n in hosts if n not in by_name]
+                    if unknown:
+                        raise RequestError(404, f"application {app} has no live host {unknown[0]!r}", field="hosts")
+                    victims = [by_name[n] for n in dict.fromkeys(hosts)]
+                else:
+                    victims = sorted(live, key=lambda h: h["created_at"], reverse=True)[:count]
+                request = await self.store.insert_request(
+                    conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="release",
+                    params={"hosts": hosts, "role": role, "count": count}, state="accepted", reason=None,
+                    host_ids=[h["id"] for h in victims],
+                )
+                for victim in victims:
+                    await self._mark_retire(conn, victim, actor, request["id"])
+                await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
+                                           detail={"app": app, "release": [v["name"] for v in victims]})
+        self.engine.wake()
+        return Decision(request)
+
+    # -- operator actions on one host -----------------------------------------------------------
+
+    async def _mark_retire(self, conn: Any, row: Row, actor: str, request_id: str | None) -> None:
+        values: dict[str, Any] = {"retire_requested": True, "next_attempt_at": 0.0}
+        if row["state"] in (HostState.READY.value, HostState.FAILED.value):
+            # resting hosts are not leased by the engine: move them straight on
+            values = {"state": HostState.RETIRING.value, "retire_requested": False, "attempts": 0,
+                      "failed_step": None, "error": None, "next_attempt_at": 0.0}
+        await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(**values))
+        await self.store.add_event(conn, "retire-requested", actor=actor, host_id=row["id"], request_id=request_id,
+                                   detail={"state": row["state"]})
+
+    async def host(self, key: str) -> Row:
+        row = await self.store.get_host(key)
+        if row is None:
+            raise RequestError(404, f"no host named {key!r}", field="host")
+        return row
+
+    async def retire(self, key: str, *, actor: str) -> Row:
+        row = await self.host(key)
+        if row["state"] in (HostState.GONE.value,) or row["state"] in (
+            HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
+        ):
+            return row
+        async with self.store.engine.begin() as conn:
+            await self._mark_retire(conn, row, actor, None)
+        self.engine.wake()
+        return await self.host(row["id"])
+
+    async def retry(self, key: str, *, actor: str) -> Row:
+        row = await self.host(key)
+        if row["state"] != HostState.FAILED.value:
+            raise RequestError(409, f"host {row['name']} is {row['state']}, not failed", field="host")
+        state = STATE_OF_STEP[row["failed_step"]]
+        new = await self.store.operator_update(
+            row["id"], {"state": state.value, "attempts": 0, "next_attempt_at": 0.0, "error": None,
+                        "failed_step": None},
+            actor=actor, kind="retry", detail={"step": row["failed_step"], "error": row["error"]},
+        )
+        self.engine.wake()
+        return new
+
+    async def set_tags(
+        self, key: str, *, add: list[str], remove: list[str], actor: str, address: str | None = None,
+    ) -> Row:
+        """Tag or untag a host; a host governord does not know is adopted (registered, never
+        destroyed)."""
+        for field_name, tags in (("add", add), ("remove", remove)):
+            for tag in tags:
+                if tag not in self.config.tags:
+                    raise RequestError(422, f"unknown tag {tag!r} (known: {', '.join(self.config.tags)})",
+                                       field=field_name)
+        row = await self.store.get_host(key)
+        if row is None or row["state"] == HostState.GONE.value:
+            if not add:
+                raise RequestError(404, f"no host named {key!r}", field="host")
+            return await self._adopt(key, add, actor=actor, address=address)
+        if row["state"] in (HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value):
+            raise RequestError(409, f"host {row['name']} is being retired", field="host")
+        tags = [t for t in row["tags"] if t not in remove] + [t for t in add if t not in row["tags"]]
+        if tags == list(row["tags"]):
+            return row
+        values: dict[str, Any] = {"tags": tags, "tags_rev": row["tags_rev"] + 1}
+        if row["state"] == HostState.READY.value:
+            values.update(state=HostState.REGISTERING.value, next_attempt_at=0.0)
+        new = await self.store.operator_update(
+            row["id"], values, actor=actor, kind="tags-changed", detail={"from": row["tags"], "to": tags},
+        )
+        self.engine.wake()
+        return new
+
+    async def _adopt(self, key: str, tags: list[str], *, actor: str, address: str | None) -> Row:
+        if not HOSTNAME.match(key):
+            raise RequestError(422, f"not a host name: {key!r}", field="host")
+        if address is not None:
+            try:
+                ipaddress.ip_address(address)
+            except ValueError:
+                raise RequestError(422, f"not an IP address: {address!r}", field="address") from None
+        name = key.split(".", 1)[0]
+        async with self.store.engine.begin() as conn:
+            try:
+                row = await self.store.insert_host(
+                    conn, name=name, fqdn=key, app=None, role=None, origin=HostOrigin.ADOPTED.value,
+                    state=HostState.REQUESTED.value, tags=tags, addresses=[address] if address else [],
+                )
+            except (NameTaken, IntegrityError):
+                raise RequestError(409, f"a host named {name!r} exists already", field="host") from None
+            await self.store.add_event(conn, "adopted", actor=actor, host_id=row["id"],
+                                       detail={"fqdn": key, "tags": tags, "address": address})
+        self.engine.wake()
+        return row
+
+    # -- views ------------------------------------------------------------------------------------
+
+    async def request_status(self, request: Row) -> dict[str, Any]:
+        """The request with its hosts and an overall status the application can act on."""
+        rows = await self.store.list_hosts(ids=request["host_ids"]) if request["host_ids"] else []
+        if request["state"] == "declined":
+            status = "declined"
+        elif request["kind"] == "release":
+            status = "completed" if all(h["state"] == HostState.GONE.value for h in rows) else "in-progress"
+        elif any(h["state"] == HostState.FAILED.value for h in rows):
+            status = "failed"
+        elif all(h["state"] in (HostState.READY.value, HostState.GONE.value) for h in rows):
+            status = "completed"
+        else:
+            status = "in-progress"
+        return {
+            **{k: request[k] for k in ("id", "app", "kind", "params", "reason", "actor", "idempotency_key",
+                                       "created_at")},
+            "decision": request["state"],
+            "status": status,
+            "hosts": [host_summary(h) for h in rows],
+        }
+
+
+def host_summary(row: Row) -> dict[str, Any]:
+    """The public view of a host row."""
+    return {
+        "id": row["id"],
+        "name": row["name"],
+        "fqdn": row["fqdn"],
+        "app": row["app"],
+        "role": row["role"],
+        "origin": row["origin"],
+        "state": row["state"],
+        "failed_step": row["failed_step"],
+        "error": row["error"],
+        "provider": row["provider"],
+        "machine_id": row["machine_id"],
+        "tags": row["tags"],
+        "addresses": row["addresses"],
+        "classification": row["classification"],
+        "registrations": row["registrations"],
+        "retire_requested": bool(row["retire_requested"]),
+        "created_at": row["created_at"],
+        "updated_at": row["updated_at"],
+    }
+
+
+def is_active(row: Row) -> bool:
+    return HostState(row["state"]) in ACTIVE_STATES

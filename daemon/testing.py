@@ -1,0 +1,159 @@
+"""Helpers for testing governord and its plugins: an in-process provider and registrar that
+keep their "other side" in plain dicts a test can inspect, with failures and delays on demand.
+
+They are for engine tests and benchmarks; integrations are tested against their real peers
+(vcsim, the lab's Foreman and Satellite simulators). Use them by registering
+:data:`plugin` in a :class:`~governord.pluginmanager.PluginManager`::
+
+    plugins.register(governord.testing.plugin, "testing")
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from . import hookimpl
+from .errors import PermanentError, RetryableError
+from .models import HostView, Machine, MachineSpec, PowerState
+from .providers import Provider, ProviderConfig, ProviderProfile
+from .registrars import Registrar, RegistrarConfig, TagMapping
+
+
+@dataclass
+class Faults:
+    """Failures to inject: the next ``count`` calls of ``method`` raise."""
+
+    plan: dict[str, list[Exception]] = field(default_factory=dict)
+    delay: float = 0.0
+
+    def fail(self, method: str, error: Exception, count: int = 1) -> None:
+        self.plan.setdefault(method, []).extend([error] * count)
+
+    async def check(self, method: str) -> None:
+        if self.delay:
+            await asyncio.sleep(self.delay)
+        pending = self.plan.get(method)
+        if pending:
+            raise pending.pop(0)
+
+
+class MemoryProviderConfig(ProviderConfig):
+    pass
+
+
+class MemoryProfile(ProviderProfile):
+    size: str = "small"
+
+
+class MemoryProvider(Provider):
+    """Machines are dict entries in ``MemoryProvider.worlds[instance name]``."""
+
+    type_name = "memory"
+    Config = MemoryProviderConfig
+    Profile = MemoryProfile
+    worlds: ClassVar[dict[str, dict[str, Machine]]] = {}
+    faults: ClassVar[dict[str, Faults]] = {}
+    _ids = itertools.count(1)
+
+    @property
+    def world(self) -> dict[str, Machine]:
+        return self.worlds.setdefault(self.name, {})
+
+    @property
+    def fault(self) -> Faults:
+        return self.faults.setdefault(self.name, Faults())
+
+    async def create_or_find(self, spec: MachineSpec) -> Machine:
+        await self.fault.check("create_or_find")
+        found = await self.find(spec.host_id)
+        if found is not None:
+            return found
+        if not spec.profile:
+            raise PermanentError("empty profile", source=self.name)
+        machine = Machine(
+            provider=self.name, machine_id=f"m-{next(self._ids)}", name=spec.hostname, host_id=spec.host_id,
+            power=PowerState.ON, addresses=(spec.network.address or f"10.0.0.{len(self.world) + 1}",),
+        )
+        self.world[machine.machine_id] = machine
+        return machine
+
+    async def wait_ready(self, machine: Machine, timeout: float) -> Machine:
+        await self.fault.check("wait_ready")
+        return self.world[machine.machine_id]
+
+    async def find(self, host_id: str) -> Machine | None:
+        return next((m for m in self.world.values() if m.host_id == host_id), None)
+
+    async def power_state(self, machine_id: str) -> PowerState:
+        machine = self.world.get(machine_id)
+        return machine.power if machine else PowerState.UNKNOWN
+
+    async def destroy(self, host_id: str) -> None:
+        await self.fault.check("destroy")
+        machine = await self.find(host_id)
+        if machine is not None:
+            del self.world[machine.machine_id]
+
+    async def list_owned(self) -> list[Machine]:
+        return [m for m in self.world.values() if m.host_id]
+
+
+class MemoryTagMapping(TagMapping):
+    group: str | None = None
+    classes: list[str] = []
+
+
+class MemoryRegistrar(Registrar):
+    """Registrations are dict entries in ``MemoryRegistrar.worlds[instance name]``."""
+
+    type_name = "memory"
+    Config = RegistrarConfig
+    TagMapping = MemoryTagMapping
+    worlds: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
+    faults: ClassVar[dict[str, Faults]] = {}
+
+    @property
+    def world(self) -> dict[str, dict[str, Any]]:
+        return self.worlds.setdefault(self.name, {})
+
+    @property
+    def fault(self) -> Faults:
+        return self.faults.setdefault(self.name, Faults())
+
+    def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
+        group = next((m.group for _, m in mappings if m.group), None)
+        classes: list[str] = []
+        for _, m in mappings:
+            classes += [c for c in m.classes if c not in classes]
+        return {"group": group, "classes": classes}
+
+    async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
+        await self.fault.check("register")
+        self.world[host.fqdn] = {"host_id": host.id, "address": host.primary_address, **classification}
+        return {"name": host.fqdn}
+
+    async def deregister(self, host: HostView) -> None:
+        await self.fault.check("deregister")
+        self.world.pop(host.fqdn, None)
+
+    async def lookup(self, host: HostView) -> dict[str, Any] | None:
+        return self.world.get(host.fqdn)
+
+
+class _Plugin:
+    @hookimpl
+    def governord_register_providers(self, registry: Any) -> None:
+        registry.add(MemoryProvider)
+
+    @hookimpl
+    def governord_register_registrars(self, registry: Any) -> None:
+        registry.add(MemoryRegistrar)
+
+
+#: Register this to make the ``memory`` provider and registrar types known.
+plugin = _Plugin()
+
+__all__ = ["Faults", "MemoryProvider", "MemoryRegistrar", "RetryableError", "plugin"]

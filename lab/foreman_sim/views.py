@@ -1,0 +1,332 @@
+"""JSON views of simulator objects, in the shapes Foreman's rabl templates render."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from .state import State
+
+
+def module_name(class_name: str) -> str:
+    """Foreman's ``Puppetclass#module_name``: the part before the first ``::``."""
+    return class_name.split("::", 1)[0]
+
+
+def typed_value(parameter_type: str, value: str) -> Any:
+    """A parameter's value as Foreman renders it: cast by its ``parameter_type``."""
+    if parameter_type == "boolean":
+        return value.strip().lower() in {"true", "1", "yes", "y", "t", "on"}
+    if parameter_type == "integer":
+        return int(value)
+    if parameter_type == "real":
+        return float(value)
+    if parameter_type in {"array", "hash", "json"}:
+        return json.loads(value)
+    return value
+
+
+def parameter_view(param: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "priority": 70,
+        "created_at": param["created_at"],
+        "updated_at": param["updated_at"],
+        "id": param["id"],
+        "name": param["name"],
+        "parameter_type": param["parameter_type"],
+        "associated_type": "host",
+        "hidden_value?": param["hidden_value"],
+        "value": typed_value(param["parameter_type"], param["value"]),
+    }
+
+
+def puppetclass_brief(state: State, class_id: int) -> dict[str, Any]:
+    klass = state.objects["puppetclasses"][class_id]
+    return {"id": klass["id"], "name": klass["name"], "module_name": module_name(klass["name"])}
+
+
+def _name(state: State, kind: str, ident: int | None, key: str = "name") -> Any:
+    record = state.get(kind, ident) if ident is not None else None
+    return record[key] if record else None
+
+
+def host_main(state: State, host: dict[str, Any]) -> dict[str, Any]:
+    """The host attributes of Foreman's ``api/v2/hosts/main`` view (index and show)."""
+    group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
+    return {
+        "ip": host["ip"],
+        "ip6": None,
+        "last_report": None,
+        "mac": host["mac"],
+        "realm_id": None,
+        "realm_name": None,
+        "sp_mac": None,
+        "sp_ip": None,
+        "sp_name": None,
+        "domain_id": host["domain_id"],
+        "domain_name": _name(state, "domains", host["domain_id"]),
+        "architecture_id": host["architecture_id"],
+        "architecture_name": _name(state, "architectures", host["architecture_id"]),
+        "operatingsystem_id": host["operatingsystem_id"],
+        "operatingsystem_name": _name(state, "operatingsystems", host["operatingsystem_id"], "title"),
+        "subnet_id": None,
+        "subnet_name": None,
+        "subnet6_id": None,
+        "subnet6_name": None,
+        "sp_subnet_id": None,
+        "ptable_id": None,
+        "ptable_name": None,
+        "medium_id": None,
+        "medium_name": None,
+        "pxe_loader": None,
+        "build": host["build"],
+        "comment": host["comment"],
+        "disk": None,
+        "initiated_at": None,
+        "installed_at": None,
+        "model_id": None,
+        "hostgroup_id": host["hostgroup_id"],
+        "owner_id": None,
+        "owner_name": None,
+        "owner_type": None,
+        "enabled": host["enabled"],
+        "managed": host["managed"],
+        "use_image": None,
+        "image_file": "",
+        "uuid": None,
+        "compute_resource_id": None,
+        "compute_resource_name": None,
+        "compute_profile_id": None,
+        "compute_profile_name": None,
+        "capabilities": ["build"],
+        "provision_method": "build",
+        "certname": host["name"],
+        "image_id": None,
+        "image_name": None,
+        "created_at": host["created_at"],
+        "updated_at": host["updated_at"],
+        "last_compile": None,
+        "global_status": 0,
+        "global_status_label": "OK",
+        "bmc_available": False,
+        "organization_id": host["organization_id"],
+        "organization_name": _name(state, "organizations", host["organization_id"]),
+        "location_id": host["location_id"],
+        "location_name": _name(state, "locations", host["location_id"]),
+        "puppet_status": 0,
+        "model_name": None,
+        "build_status": 0,
+        "build_status_label": "Installed",
+        "name": host["name"],
+        "id": host["id"],
+        "puppet_proxy_id": None,
+        "puppet_proxy_name": None,
+        "puppet_ca_proxy_id": None,
+        "puppet_ca_proxy_name": None,
+        "puppet_proxy": None,
+        "puppet_ca_proxy": None,
+        "hostgroup_name": group["name"] if group else None,
+        "hostgroup_title": group["title"] if group else None,
+        # foreman_puppet's facet attributes
+        "environment_id": host["environment_id"],
+        "environment_name": _name(state, "environments", host["environment_id"]),
+    }
+
+
+def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
+    """Foreman's host show view: main attributes plus parameters, interfaces and Puppet data."""
+    parameters = [parameter_view(p) for p in host["parameters"]]
+    own_classes = [puppetclass_brief(state, i) for i in host["puppetclass_ids"]]
+    all_classes = [puppetclass_brief(state, i) for i in state.all_puppetclass_ids(host)]
+    interface = {
+        "id": host["interface_id"],
+        "name": host["name"],
+        "ip": host["ip"],
+        "ip6": None,
+        "mac": host["mac"],
+        "mtu": 1500,
+        "fqdn": host["name"],
+        "identifier": None,
+        "primary": True,
+        "provision": True,
+        "type": "interface",
+        "managed": True,
+        "virtual": False,
+        "subnet_id": None,
+        "subnet_name": None,
+        "subnet6_id": None,
+        "subnet6_name": None,
+        "domain_id": host["domain_id"],
+        "domain_name": _name(state, "domains", host["domain_id"]),
+    }
+    return {
+        **host_main(state, host),
+        "parameters": parameters,
+        "all_parameters": parameters,
+        "interfaces": [interface],
+        "puppet": {
+            "environment_id": host["environment_id"],
+            "environment_name": _name(state, "environments", host["environment_id"]),
+            "puppetclasses": own_classes,
+            "all_puppetclasses": all_classes,
+            "config_groups": [],
+        },
+        "puppetclasses": own_classes,
+        "all_puppetclasses": all_classes,
+        "config_groups": [],
+        "permissions": {
+            "view_hosts": True,
+            "create_hosts": True,
+            "edit_hosts": True,
+            "destroy_hosts": True,
+            "build_hosts": True,
+            "power_hosts": True,
+            "console_hosts": True,
+            "ipmi_boot_hosts": True,
+            "forget_status_hosts": True,
+        },
+    }
+
+
+def host_thin(host: dict[str, Any]) -> dict[str, Any]:
+    return {"id": host["id"], "name": host["name"]}
+
+
+def host_raw_row(host: dict[str, Any]) -> dict[str, Any]:
+    """The database row, as ``DELETE /api/hosts/:id`` renders it (not the rabl view)."""
+    return {
+        "id": host["id"],
+        "name": host["name"],
+        "last_compile": None,
+        "last_report": None,
+        "updated_at": host["updated_at"],
+        "created_at": host["created_at"],
+        "root_pass": None,
+        "architecture_id": host["architecture_id"],
+        "operatingsystem_id": host["operatingsystem_id"],
+        "ptable_id": None,
+        "medium_id": None,
+        "build": host["build"],
+        "comment": host["comment"],
+        "disk": None,
+        "installed_at": None,
+        "model_id": None,
+        "hostgroup_id": host["hostgroup_id"],
+        "owner_id": None,
+        "owner_type": None,
+        "enabled": host["enabled"],
+        "puppet_ca_proxy_id": None,
+        "managed": host["managed"],
+        "use_image": None,
+        "image_file": None,
+        "uuid": None,
+        "compute_resource_id": None,
+        "puppet_proxy_id": None,
+        "certname": host["name"],
+        "image_id": None,
+        "organization_id": host["organization_id"],
+        "location_id": host["location_id"],
+        "otp": None,
+        "realm_id": None,
+        "compute_profile_id": None,
+        "provision_method": "build",
+        "grub_pass": "",
+        "global_status": 0,
+        "lookup_value_matcher": f"fqdn={host['name']}",
+        "pxe_loader": None,
+        "initiated_at": None,
+        "build_errors": None,
+    }
+
+
+def taxonomy_view(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ancestry": None,
+        "parent_id": None,
+        "parent_name": None,
+        "id": record["id"],
+        "name": record["name"],
+        "title": record["title"],
+        "description": record["description"],
+        "created_at": record["created_at"],
+        "updated_at": record["updated_at"],
+    }
+
+
+def hostgroup_view(state: State, group: dict[str, Any], *, show: bool = False) -> dict[str, Any]:
+    parent = state.get("hostgroups", group["parent_id"]) if group["parent_id"] else None
+    view: dict[str, Any] = {
+        "subnet_id": None,
+        "subnet_name": None,
+        "operatingsystem_id": None,
+        "operatingsystem_name": None,
+        "domain_id": None,
+        "domain_name": None,
+        "environment_id": group["environment_id"],
+        "environment_name": _name(state, "environments", group["environment_id"]),
+        "compute_profile_id": None,
+        "compute_profile_name": None,
+        "ancestry": str(parent["id"]) if parent else None,
+        "parent_id": group["parent_id"],
+        "parent_name": parent["title"] if parent else None,
+        "ptable_id": None,
+        "ptable_name": None,
+        "medium_id": None,
+        "medium_name": None,
+        "pxe_loader": None,
+        "subnet6_id": None,
+        "subnet6_name": None,
+        "architecture_id": None,
+        "architecture_name": None,
+        "realm_id": None,
+        "realm_name": None,
+        "created_at": group["created_at"],
+        "updated_at": group["updated_at"],
+        "id": group["id"],
+        "name": group["name"],
+        "title": group["title"],
+        "description": group["description"],
+        "puppet_proxy_id": None,
+        "puppet_proxy_name": None,
+        "puppet_ca_proxy_id": None,
+        "puppet_ca_proxy_name": None,
+    }
+    if show:
+        view["parameters"] = []
+        view["puppetclasses"] = [puppetclass_brief(state, i) for i in group["puppetclass_ids"]]
+    return view
+
+
+def domain_view(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "fullname": record["fullname"],
+        "dns_id": None,
+        "created_at": record["created_at"],
+        "updated_at": record["updated_at"],
+        "id": record["id"],
+        "name": record["name"],
+    }
+
+
+def environment_view(record: dict[str, Any]) -> dict[str, Any]:
+    return {"name": record["name"], "id": record["id"], "created_at": record["created_at"], "updated_at": record["updated_at"]}
+
+
+def puppetclass_view(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "id": record["id"],
+        "name": record["name"],
+        "module_name": module_name(record["name"]),
+        "created_at": record["created_at"],
+        "updated_at": record["updated_at"],
+    }
+
+
+def classes_by_module(records: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """Foreman's ``Puppetclass.classes2hash_v2``: the index groups classes by module name."""
+    grouped: dict[str, list[dict[str, Any]]] = {}
+    for record in records:
+        grouped.setdefault(module_name(record["name"]), []).append(
+            {"id": record["id"], "name": record["name"], "created_at": record["created_at"], "updated_at": record["updated_at"]}
+        )
+    return grouped

@@ -1,0 +1,292 @@
+"""The simulated server's state: organisations, users, sessions, systems, groups, activation keys.
+
+Everything lives in memory behind one lock; the HTTP server handles requests in threads and the
+asynchronous deletion of ``system.deleteSystems`` runs on a timer thread.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import hmac
+import json
+import re
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .faults import INVALID_SESSION_EXCEPTION, LOOKUP_EXCEPTION, JavaException
+
+#: ``BaseHandler.KEY_REGEX``: only a string of this form is treated as a session key.
+SESSION_KEY = re.compile(r"^[1-9][0-9]*x[a-f0-9]{64}$")
+
+#: Real installs number systems from here; the value fits an XML-RPC i4.
+FIRST_SYSTEM_ID = 1000010000
+
+DEFAULT_SEED = Path(__file__).with_name("seed.json")
+
+
+def now() -> dt.datetime:
+    """Server time (UTC, whole seconds), as stored for check-ins and creation dates."""
+    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+
+
+@dataclass
+class Org:
+    """An organisation; activation keys carry its id as prefix."""
+
+    id: int
+    name: str
+
+
+@dataclass
+class User:
+    """An API user. ``org_admin`` implies every other role."""
+
+    login: str
+    password: str
+    org_id: int
+    roles: set[str] = field(default_factory=set)
+
+    def has_role(self, role: str) -> bool:
+        """Whether the user holds ``role`` (org admins hold them all)."""
+        return "org_admin" in self.roles or role in self.roles
+
+
+@dataclass
+class Session:
+    """A web session; ``expires`` is seconds since the epoch."""
+
+    id: int
+    login: str
+    expires: float
+
+
+@dataclass
+class System:
+    """A system profile (here always an "empty profile" as ``system.createSystemProfile`` makes)."""
+
+    id: int
+    name: str
+    org_id: int
+    hostname: str | None
+    hw_address: str | None
+    created: dt.datetime
+    last_checkin: dt.datetime
+    last_boot: dt.datetime
+    description: str | None = None
+    base_entitlement: str = "bootstrap_entitled"
+    address1: str = ""
+    address2: str = ""
+    city: str = ""
+    state: str = ""
+    country: str = ""
+    building: str = ""
+    room: str = ""
+    rack: str = ""
+    auto_update: bool = False
+    activation_keys: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Group:
+    """A managed server group ("system group")."""
+
+    id: int
+    name: str
+    description: str
+    org_id: int
+    members: set[int] = field(default_factory=set)
+
+
+@dataclass
+class ActivationKey:
+    """An activation key; ``key`` already carries the org prefix."""
+
+    key: str
+    description: str
+    org_id: int
+    base_channel_label: str = ""
+    usage_limit: int = 0
+    entitlements: list[str] = field(default_factory=list)
+    server_group_ids: list[int] = field(default_factory=list)
+    universal_default: bool = False
+    disabled: bool = False
+
+
+class State:
+    """All data of one simulated server, guarded by :attr:`lock`."""
+
+    def __init__(self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0) -> None:
+        self.lock = threading.RLock()
+        self.session_lifetime = session_lifetime
+        self.delete_delay = delete_delay
+        self.orgs: dict[int, Org] = {}
+        self.users: dict[str, User] = {}
+        self.sessions: dict[int, Session] = {}
+        self.systems: dict[int, System] = {}
+        self.groups: dict[int, Group] = {}
+        self.keys: dict[str, ActivationKey] = {}
+        self._secret = secrets.token_bytes(32)
+        # Real session ids are large sequence numbers; never starting at 1 keeps clients honest.
+        self._next_session = 7_000_000 + secrets.randbelow(1_000_000)
+        self._next_system = FIRST_SYSTEM_ID
+        self._next_group = 1001
+        self._timers: list[threading.Timer] = []
+
+    # -- loading -------------------------------------------------------------------------
+
+    def load_seed(self, data: dict[str, Any]) -> None:
+        """Fill the state from a seed document (see ``seed.json``)."""
+        with self.lock:
+            for org in data.get("orgs", []):
+                self.orgs[int(org["id"])] = Org(int(org["id"]), str(org["name"]))
+            for user in data.get("users", []):
+                self.users[user["login"]] = User(
+                    user["login"], str(user.get("password", secrets.token_urlsafe(16))),
+                    int(user["org_id"]), set(user.get("roles", [])),
+                )
+            for group in data.get("system_groups", []):
+                self.add_group(str(group["name"]), str(group.get("description", "")), int(group["org_id"]))
+            for key in data.get("activation_keys", []):
+                org_id = int(key["org_id"])
+                gids = [g.id for name in key.get("system_groups", []) if (g := self.group_by_name(name, org_id))]
+                self.keys[key["key"]] = ActivationKey(
+                    key=str(key["key"]), description=str(key.get("description", "")), org_id=org_id,
+                    base_channel_label=str(key.get("base_channel_label", "")),
+                    usage_limit=int(key.get("usage_limit", 0)),
+                    entitlements=list(key.get("entitlements", [])), server_group_ids=gids,
+                    universal_default=bool(key.get("universal_default", False)),
+                )
+            for system in data.get("systems", []):
+                created = self.add_system(
+                    str(system["name"]), int(system["org_id"]), system.get("hostname"), system.get("hw_address")
+                )
+                created.description = system.get("description")
+
+    def set_login(self, login: str, password: str, org_id: int = 1) -> None:
+        """Make ``login`` an org admin with ``password`` (the ``--username/--password`` options)."""
+        with self.lock:
+            user = self.users.get(login)
+            if user is None:
+                self.users[login] = User(login, password, org_id, {"org_admin"})
+            else:
+                user.password = password
+
+    # -- sessions ------------------------------------------------------------------------
+
+    def _key_hash(self, session_id: int) -> str:
+        return hmac.new(self._secret, str(session_id).encode(), hashlib.sha256).hexdigest()
+
+    def create_session(self, login: str, duration: float | None) -> str:
+        """A new session for ``login``; returns the key ``<id>x<64 hex>``."""
+        with self.lock:
+            sid = self._next_session
+            self._next_session += 1
+            lifetime = self.session_lifetime if duration is None else float(duration)
+            self.sessions[sid] = Session(sid, login, time.time() + lifetime)
+            return f"{sid}x{self._key_hash(sid)}"
+
+    def lookup_session(self, key: str) -> Session:
+        """``SessionManager.lookupByKey``: unknown (or expired, hence purged) id, then wrong hash."""
+        with self.lock:
+            id_part = key.split("x", 1)[0]
+            if not id_part.isdigit():
+                raise JavaException(
+                    INVALID_SESSION_EXCEPTION,
+                    f"Session id: {id_part} is not valid. Session ids must be numeric.",
+                )
+            sid = int(id_part)
+            session = self.sessions.get(sid)
+            if session is not None and session.expires <= time.time():
+                # The real server's cleanup task deletes expired sessions; do it on sight.
+                del self.sessions[sid]
+                session = None
+            if session is None:
+                raise JavaException(LOOKUP_EXCEPTION, f"Could not find session with id: {sid}")
+            if not hmac.compare_digest(key, f"{sid}x{self._key_hash(sid)}"):
+                raise JavaException(INVALID_SESSION_EXCEPTION, f"Session id: {sid} is not valid.")
+            return session
+
+    def extend_session(self, session: Session) -> None:
+        """``SessionManager.extendSessionLifetime``, run after every call made with a session."""
+        with self.lock:
+            if session.id in self.sessions:
+                session.expires = time.time() + self.session_lifetime
+
+    def remove_session(self, session: Session) -> None:
+        """Log the session out."""
+        with self.lock:
+            self.sessions.pop(session.id, None)
+
+    # -- systems -------------------------------------------------------------------------
+
+    def add_system(self, name: str, org_id: int, hostname: str | None, hw_address: str | None) -> System:
+        """Create a system profile with the next id."""
+        with self.lock:
+            sid = self._next_system
+            self._next_system += 1
+            stamp = now()
+            system = System(sid, name, org_id, hostname, hw_address, stamp, stamp, stamp)
+            self.systems[sid] = system
+            return system
+
+    def delete_system(self, sid: int) -> None:
+        """Remove a system and every reference to it."""
+        with self.lock:
+            self.systems.pop(sid, None)
+            for group in self.groups.values():
+                group.members.discard(sid)
+
+    def delete_later(self, sids: list[int]) -> None:
+        """Queue ``sids`` for deletion after :attr:`delete_delay` (``SsmDeleteServersEvent``)."""
+
+        def run() -> None:
+            with self.lock:
+                for sid in sids:
+                    self.delete_system(sid)
+
+        if self.delete_delay <= 0:
+            run()
+            return
+        timer = threading.Timer(self.delete_delay, run)
+        timer.daemon = True
+        with self.lock:
+            self._timers = [t for t in self._timers if t.is_alive()]
+            self._timers.append(timer)
+        timer.start()
+
+    def cancel_timers(self) -> None:
+        """Stop pending asynchronous work (at shutdown)."""
+        with self.lock:
+            for timer in self._timers:
+                timer.cancel()
+            self._timers.clear()
+
+    # -- groups --------------------------------------------------------------------------
+
+    def add_group(self, name: str, description: str, org_id: int) -> Group:
+        """Create a managed server group with the next id."""
+        with self.lock:
+            group = Group(self._next_group, name, description, org_id)
+            self._next_group += 1
+            self.groups[group.id] = group
+            return group
+
+    def group_by_name(self, name: str, org_id: int) -> Group | None:
+        """The org's group called ``name``, if any."""
+        with self.lock:
+            for group in self.groups.values():
+                if group.name == name and group.org_id == org_id:
+                    return group
+            return None
+
+
+def read_seed(path: str | Path | None) -> dict[str, Any]:
+    """Parse a seed file (default: the lab's ``seed.json``)."""
+    with open(path or DEFAULT_SEED, encoding="utf-8") as fh:
+        data: dict[str, Any] = json.load(fh)
+    return data

@@ -1,0 +1,98 @@
+// Command vcsim is governord's launcher for the vCenter simulator of govmomi.
+//
+// Debian packages govmomi's simulator library (golang-github-vmware-govmomi-dev) but not the
+// upstream vcsim command, so the project builds this small main package from the library,
+// offline (see build.sh). On start it prints one line
+//
+//	LISTENING https://127.0.0.1:<port>/sdk
+//
+// on stdout (what lab/process.py waits for), followed by the upstream-style
+// "export GOVC_URL=..." line, and serves until SIGTERM or SIGINT.
+package main
+
+import (
+	"crypto/tls"
+	"flag"
+	"fmt"
+	"log"
+	"net/url"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/vmware/govmomi/simulator"
+
+	// These register their HTTP endpoints with the simulator (vAPI REST incl. tagging, lookup, STS, PBM),
+	// as the upstream vcsim does.
+	_ "github.com/vmware/govmomi/lookup/simulator"
+	_ "github.com/vmware/govmomi/pbm/simulator"
+	_ "github.com/vmware/govmomi/sts/simulator"
+	_ "github.com/vmware/govmomi/vapi/simulator"
+)
+
+func main() {
+	listen := flag.String("l", "127.0.0.1:8989", "listen address (port 0 picks a free port)")
+	esx := flag.Bool("esx", false, "simulate a standalone ESXi host instead of vCenter")
+	useTLS := flag.Bool("tls", true, "serve HTTPS (with a self-signed localhost certificate)")
+	username := flag.String("username", "", "login user name (empty: any non-empty credentials are accepted)")
+	password := flag.String("password", "", "login password")
+	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
+
+	model := simulator.VPX()
+	flag.IntVar(&model.Datacenter, "dc", model.Datacenter, "number of datacenters")
+	flag.IntVar(&model.Cluster, "cluster", model.Cluster, "number of clusters per datacenter")
+	flag.IntVar(&model.ClusterHost, "host", model.ClusterHost, "number of hosts per cluster")
+	flag.IntVar(&model.Host, "standalone-host", model.Host, "number of standalone hosts per datacenter")
+	flag.IntVar(&model.Machine, "vm", model.Machine, "number of virtual machines per resource pool")
+	flag.IntVar(&model.Pool, "pool", model.Pool, "number of child resource pools per cluster")
+	flag.IntVar(&model.Datastore, "ds", model.Datastore, "number of local datastores")
+	flag.IntVar(&model.Folder, "folder", model.Folder, "number of datacenters placed in a folder")
+	flag.IntVar(&model.Portgroup, "pg", model.Portgroup, "number of distributed port groups per datacenter")
+	flag.IntVar(&model.App, "app", model.App, "number of virtual apps per cluster")
+	flag.IntVar(&model.Pod, "pod", model.Pod, "number of storage pods per cluster")
+	flag.BoolVar(&model.Autostart, "autostart", model.Autostart, "power on the model's virtual machines")
+	flag.IntVar(&model.DelayConfig.Delay, "delay", 0, "milliseconds to delay every SOAP call")
+	flag.Parse()
+
+	if *esx {
+		// The ESX model has no datacenter inventory of its own; keep its storage and VMs only.
+		m := simulator.ESX()
+		m.Machine = model.Machine
+		m.Datastore = model.Datastore
+		m.Autostart = model.Autostart
+		model = m
+	}
+	simulator.Trace = *trace
+	if (*username == "") != (*password == "") {
+		log.Fatal("vcsim: -username and -password go together")
+	}
+
+	if err := model.Create(); err != nil {
+		log.Fatalf("vcsim: creating the inventory: %s", err)
+	}
+	defer model.Remove()
+
+	model.Service.RegisterEndpoints = true
+	model.Service.Listen = &url.URL{Host: *listen}
+	if *username != "" {
+		model.Service.Listen.User = url.UserPassword(*username, *password)
+	}
+	if *useTLS {
+		model.Service.TLS = new(tls.Config)
+	}
+
+	server := model.Service.NewServer()
+	defer server.Close()
+
+	u := *server.URL
+	u.User = nil
+	withUser := *server.URL
+	// stdout may be a pipe: write whole lines and sync so the parent sees them at once.
+	fmt.Fprintf(os.Stdout, "LISTENING %s\n", u.String())
+	fmt.Fprintf(os.Stdout, "export GOVC_URL=%s GOVC_SIM_PID=%d\n", withUser.String(), os.Getpid())
+	_ = os.Stdout.Sync()
+
+	signals := make(chan os.Signal, 1)
+	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
+	<-signals
+}

@@ -1,0 +1,426 @@
+"""The Foreman registrar: hosts, hostgroups, Puppet classes and parameters through apypie.
+
+Every apypie call is synchronous and runs in a thread through :meth:`Registrar.call_sync`; each
+network round trip is one such call, so a slow Foreman holds a thread for one request at most
+``call_timeout`` seconds. Errors are sorted for the engine: no connection, timeouts and 5xx are
+:class:`RetryableError`, other 4xx and unknown names are :class:`PermanentError`; both keep
+Foreman's own message.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import requests
+from apypie import ForemanApi
+from pydantic import Field
+
+from governord.config import SecretRef
+from governord.errors import PermanentError, RetryableError
+from governord.models import OWNERSHIP_KEY, HostView
+from governord.registrars import Registrar, RegistrarConfig
+from governord.registrars import TagMapping as BaseTagMapping
+
+T = TypeVar("T")
+
+#: apypie's "fetch everything" page size (Foreman echoes it back).
+PER_PAGE = 2 << 31
+
+ParamValue = str | int | float | bool
+
+
+class _TimeoutSession(requests.Session):
+    """A requests session whose requests time out (apypie sets none of its own)."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+        kwargs.setdefault("timeout", self._timeout)
+        return super().request(method, url, *args, **kwargs)
+
+
+def _http_error(exc: BaseException) -> BaseException | None:
+    """The requests exception behind an apypie error (apypie wraps them in its own)."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, requests.RequestException):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _status(exc: BaseException) -> int | None:
+    """The HTTP status behind a translated error, if it came from a response."""
+    return getattr(exc, "http_status", None)
+
+
+def _foreman_message(response: requests.Response) -> str:
+    """Foreman's own words from an error response, whichever of its error shapes it has."""
+    try:
+        body = response.json()
+    except ValueError:
+        return response.text.strip()[:500] or response.reason
+    error = body.get("error", body) if isinstance(body, dict) else body
+    if isinstance(error, dict):
+        if error.get("full_messages"):
+            return "; ".join(str(m) for m in error["full_messages"])
+        if error.get("message"):
+            return str(error["message"])
+    return str(error)
+
+
+def _parameter(value: ParamValue) -> tuple[str, str]:
+    """A parameter value as Foreman stores it: text plus its ``parameter_type``."""
+    if isinstance(value, bool):
+        return ("true" if value else "false"), "boolean"
+    if isinstance(value, int):
+        return str(value), "integer"
+    if isinstance(value, float):
+        return repr(value), "real"
+    return value, "string"
+
+
+class ForemanConfig(RegistrarConfig):
+    """A ``[registrars.NAME]`` section of type ``foreman``."""
+
+    #: Foreman's base URL, e.g. ``https://foreman.example.com``
+    url: str
+    #: API user
+    username: str
+    #: its password, as a secret reference
+    password: SecretRef
+    #: verify Foreman's TLS certificate
+    verify_tls: bool = True
+    #: CA bundle to verify it with (default: the system's)
+    ca_file: Path | None = None
+    #: organization hosts are created in, by name
+    organization: str
+    #: location hosts are created in, by title
+    location: str
+    #: Puppet environment of new hosts (used when foreman_puppet is installed)
+    puppet_environment: str = "production"
+
+
+class ForemanTagMapping(BaseTagMapping):
+    """What one tag means in Foreman."""
+
+    #: hostgroup by title (``parent/child``); the first tag that names one wins
+    hostgroup: str | None = None
+    #: Puppet classes by name; the union over all tags
+    puppet_classes: list[str] = Field(default_factory=list)
+    #: host parameters; on a clash the earlier tag wins
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
+
+
+class ForemanRegistrar(Registrar):
+    """Registers hosts in Foreman (with foreman_puppet for Puppet environments and classes)."""
+
+    type_name = "foreman"
+    Config = ForemanConfig
+    TagMapping = ForemanTagMapping
+
+    config: ForemanConfig
+
+    def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
+        super().__init__(name, config, state_dir=state_dir)
+        self._api: ForemanApi | None = None
+        self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._context: dict[str, int | None] | None = None
+        self._lock = threading.Lock()
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Build the apypie client, load Foreman's API description and check ``/api/status``."""
+        await self._ensure_api()
+
+    async def close(self) -> None:
+        """Drop the client and any temporary apidoc cache."""
+        if self._api is not None:
+            self._api._session.close()
+        self._api = None
+        self._context = None
+        if self._tmp is not None:
+            self._tmp.cleanup()
+            self._tmp = None
+
+    def _cache_dir(self) -> Path:
+        if self.state_dir is not None:
+            return Path(self.state_dir) / "cache" / "apypie"
+        if self._tmp is None:
+            self._tmp = tempfile.TemporaryDirectory(prefix="governord-apypie-")
+        return Path(self._tmp.name)
+
+    def _connect(self) -> ForemanApi:
+        cfg = self.config
+        cache = self._cache_dir()
+        cache.mkdir(parents=True, exist_ok=True)
+        verify: bool | str = str(cfg.ca_file) if cfg.ca_file is not None and cfg.verify_tls else cfg.verify_tls
+        api = ForemanApi(
+            uri=cfg.url.rstrip("/"),
+            username=cfg.username,
+            password=cfg.password.reveal(),
+            verify_ssl=verify,
+            apidoc_cache_base_dir=str(cache),
+            session=_TimeoutSession(cfg.call_timeout),
+        )
+        # loads (or re-loads) the apidoc, then proves the credentials work
+        api.resource_action("home", "status", {})
+        return api
+
+    async def _ensure_api(self) -> ForemanApi:
+        if self._api is None:
+            self._api = await self._call(self._connect)
+        return self._api
+
+    async def _call(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run one blocking apypie call in a thread, translating its failures for the engine."""
+        try:
+            return await self.call_sync(func, *args, **kwargs)
+        except (RetryableError, PermanentError):
+            raise
+        except Exception as exc:
+            raise self._translate(exc) from exc
+
+    def _translate(self, exc: Exception) -> RetryableError | PermanentError:
+        cause = _http_error(exc)
+        where = f"Foreman at {self.config.url}"
+        if isinstance(cause, requests.HTTPError) and cause.response is not None:
+            response = cause.response
+            message = f"{where}: HTTP {response.status_code} on {response.request.method} {response.url}: {_foreman_message(response)}"
+            error: RetryableError | PermanentError
+            if response.status_code >= 500 or response.status_code in (408, 429):
+                error = RetryableError(message, source=self.name)
+            else:
+                error = PermanentError(message, source=self.name)
+            error.http_status = response.status_code  # type: ignore[attr-defined]
+            return error
+        if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
+            return RetryableError(f"{where} is unreachable: {cause}", source=self.name)
+        if isinstance(cause, requests.RequestException):
+            return RetryableError(f"{where}: {cause}", source=self.name)
+        return PermanentError(f"{where}: {exc}", source=self.name)
+
+    # -- one round trip each ------------------------------------------------------------------
+
+    async def _list(self, resource: str, search: str | None = None, **params: Any) -> Any:
+        api = await self._ensure_api()
+        payload: dict[str, Any] = {"per_page": PER_PAGE, **params}
+        if search is not None:
+            payload["search"] = search
+        result = await self._call(api.resource_action, resource, "index", payload)
+        return result["results"] if result else []
+
+    async def _action(self, resource: str, action: str, params: dict[str, Any]) -> Any:
+        api = await self._ensure_api()
+        return await self._call(api.resource_action, resource, action, params)
+
+    async def _has(self, resource: str) -> bool:
+        api = await self._ensure_api()
+        return resource in api.resources
+
+    async def _find_one(self, resource: str, field: str, value: str, what: str, **params: Any) -> dict[str, Any]:
+        results = await self._list(resource, f'{field}="{value}"', **params)
+        if isinstance(results, dict):
+            # the Puppet class index groups its results by module name
+            results = [item for group in results.values() for item in group]
+        matches = [r for r in results if r.get(field) == value]
+        if not matches:
+            raise PermanentError(f"Foreman at {self.config.url} has no {what} {value!r}", source=self.name)
+        return matches[0]
+
+    async def _ids(self) -> dict[str, int | None]:
+        """Organization, location and Puppet environment ids, resolved once."""
+        if self._context is None:
+            org = await self._find_one("organizations", "name", self.config.organization, "organization")
+            loc = await self._find_one("locations", "title", self.config.location, "location")
+            env_id = None
+            if await self._has("environments"):
+                env = await self._find_one("environments", "name", self.config.puppet_environment, "Puppet environment")
+                env_id = env["id"]
+            self._context = {"organization_id": org["id"], "location_id": loc["id"], "environment_id": env_id}
+        return self._context
+
+    async def _find_host(self, fqdn: str) -> dict[str, Any] | None:
+        results = await self._list("hosts", f'name="{fqdn}"', thin=True)
+        matches = [r for r in results if r.get("name") == fqdn]
+        if not matches:
+            return None
+        try:
+            host: dict[str, Any] = await self._action("hosts", "show", {"id": matches[0]["id"]})
+        except PermanentError as exc:
+            if _status(exc) == 404:
+                return None  # deleted between the search and the read
+            raise
+        return host
+
+    # -- the contract ---------------------------------------------------------------------------
+
+    def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
+        """First hostgroup named, the union of classes in order, parameters with earlier tags winning."""
+        hostgroup: str | None = None
+        classes: list[str] = []
+        parameters: dict[str, ParamValue] = {}
+        for _tag, mapping in mappings:
+            if hostgroup is None and mapping.hostgroup:
+                hostgroup = mapping.hostgroup
+            classes.extend(c for c in mapping.puppet_classes if c not in classes)
+            for key, value in mapping.parameters.items():
+                parameters.setdefault(key, value)
+        return {"hostgroup": hostgroup, "puppet_classes": classes, "parameters": parameters}
+
+    async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
+        """Create or update the host in Foreman, then set its Puppet classes to exactly these."""
+        ids = await self._ids()
+        title: str | None = classification.get("hostgroup")
+        hostgroup_id = (await self._find_one("hostgroups", "title", title, "hostgroup"))["id"] if title else None
+        class_names: list[str] = list(classification.get("puppet_classes", []))
+        class_ids: dict[str, int] = {}
+        if class_names:
+            if not await self._has("host_classes"):
+                raise PermanentError("Foreman has no foreman_puppet plugin, so Puppet classes cannot be set", source=self.name)
+            scope = {"environment_id": ids["environment_id"]} if ids["environment_id"] else {}
+            for name in class_names:
+                class_ids[name] = (await self._find_one("puppetclasses", "name", name, "Puppet class", **scope))["id"]
+        wanted_params: dict[str, tuple[str, str]] = {
+            k: _parameter(v) for k, v in classification.get("parameters", {}).items()
+        }
+        previous = (host.registrations.get(self.name) or {}).get("parameters", [])
+
+        marker = f"{OWNERSHIP_KEY}={host.id}"
+        current = await self._find_host(host.fqdn)
+        if current is None:
+            attrs: dict[str, Any] = {
+                "name": host.fqdn,
+                "organization_id": ids["organization_id"],
+                "location_id": ids["location_id"],
+                "hostgroup_id": hostgroup_id,
+                "managed": False,
+                "build": False,
+                "comment": marker,
+                "host_parameters_attributes": [
+                    {"name": k, "value": v, "parameter_type": t} for k, (v, t) in wanted_params.items()
+                ],
+            }
+            if host.primary_address:
+                attrs["ip"] = host.primary_address
+            if ids["environment_id"]:
+                attrs["environment_id"] = str(ids["environment_id"])
+            current = await self._action(
+                "hosts", "create",
+                {"organization_id": ids["organization_id"], "location_id": ids["location_id"], "host": attrs},
+            )
+        else:
+            changes = self._changes(host, current, ids, hostgroup_id, marker, wanted_params, previous)
+            if changes:
+                current = await self._action("hosts", "update", {"id": current["id"], "host": changes})
+        assert current is not None
+        host_id: int = current["id"]
+
+        if class_ids or await self._has("host_classes"):
+            have = await self._action("host_classes", "index", {"host_id": host_id})
+            have_ids = list(have["results"] if isinstance(have, dict) else have or [])
+            wanted_ids = list(class_ids.values())
+            for class_id in wanted_ids:
+                if class_id not in have_ids:
+                    await self._action("host_classes", "create", {"host_id": host_id, "puppetclass_id": class_id})
+            for class_id in have_ids:
+                if class_id not in wanted_ids:
+                    await self._action("host_classes", "destroy", {"host_id": host_id, "id": class_id})
+        return {"id": host_id, "hostgroup": title, "puppet_classes": class_names, "parameters": list(wanted_params)}
+
+    @staticmethod
+    def _changes(
+        host: HostView,
+        current: dict[str, Any],
+        ids: dict[str, int | None],
+        hostgroup_id: int | None,
+        marker: str,
+        wanted_params: dict[str, tuple[str, str]],
+        previous: list[str],
+    ) -> dict[str, Any]:
+        """Only the attributes of ``current`` that differ from what they should be."""
+        changes: dict[str, Any] = {}
+        if current.get("hostgroup_id") != hostgroup_id:
+            changes["hostgroup_id"] = hostgroup_id
+        for key in ("organization_id", "location_id"):
+            if current.get(key) != ids[key]:
+                changes[key] = ids[key]
+        if ids["environment_id"] and current.get("environment_id") != ids["environment_id"]:
+            changes["environment_id"] = str(ids["environment_id"])
+        if host.primary_address and current.get("ip") != host.primary_address:
+            changes["ip"] = host.primary_address
+        comment = current.get("comment") or ""
+        if marker not in comment:
+            # keep what an operator wrote; the marker is added, never replacing it
+            changes["comment"] = f"{comment}\n{marker}" if comment else marker
+        entries: list[dict[str, Any]] = []
+        existing = {p["name"]: p for p in current.get("parameters", [])}
+        for name, (value, kind) in wanted_params.items():
+            have = existing.get(name)
+            if have is None:
+                entries.append({"name": name, "value": value, "parameter_type": kind})
+            elif have.get("parameter_type") != kind or _parameter_text(have.get("value"), kind) != value:
+                entries.append({"id": have["id"], "name": name, "value": value, "parameter_type": kind})
+        for name in previous:
+            # parameters governord set before and no tag asks for any more
+            if name not in wanted_params and name in existing:
+                entries.append({"id": existing[name]["id"], "_destroy": True})
+        if entries:
+            changes["host_parameters_attributes"] = entries
+        return changes
+
+    async def deregister(self, host: HostView) -> None:
+        """Delete the host by name, then verify: no search hit, and its id reads 404."""
+        results = await self._list("hosts", f'name="{host.fqdn}"', thin=True)
+        known = [r["id"] for r in results if r.get("name") == host.fqdn]
+        recorded = (host.registrations.get(self.name) or {}).get("id")
+        if recorded is not None and recorded not in known:
+            known.append(recorded)
+        for host_id in known:
+            try:
+                await self._action("hosts", "destroy", {"id": host_id})
+            except PermanentError as exc:
+                if _status(exc) != 404:
+                    raise
+        if [r for r in await self._list("hosts", f'name="{host.fqdn}"', thin=True) if r.get("name") == host.fqdn]:
+            raise RetryableError(f"host {host.fqdn} is still in Foreman after deletion", source=self.name)
+        for host_id in known:
+            try:
+                await self._action("hosts", "show", {"id": host_id})
+            except PermanentError as exc:
+                if _status(exc) == 404:
+                    continue
+                raise
+            raise RetryableError(f"host {host.fqdn} (id {host_id}) is still readable after deletion", source=self.name)
+
+    async def lookup(self, host: HostView) -> dict[str, Any] | None:
+        """The host as Foreman has it now, or None."""
+        current = await self._find_host(host.fqdn)
+        if current is None:
+            return None
+        return {
+            "id": current["id"],
+            "name": current["name"],
+            "hostgroup": current.get("hostgroup_title"),
+            "puppet_classes": [c["name"] for c in current.get("puppetclasses", [])],
+            "parameters": {p["name"]: p.get("value") for p in current.get("parameters", [])},
+            "comment": current.get("comment"),
+        }
+
+
+def _parameter_text(value: Any, kind: str) -> str:
+    """Foreman returns parameter values cast by type; compare them as the text we send."""
+    if kind == "boolean" and isinstance(value, bool):
+        return "true" if value else "false"
+    if kind == "real" and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return repr(float(value))
+    return str(value)

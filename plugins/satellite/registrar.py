@@ -1,0 +1,432 @@
+"""The Satellite registrar: one system profile per host, in the system groups its tags name.
+
+Speaks the Spacewalk/Uyuni XML-RPC API (``/rpc/api``) with :mod:`xmlrpc.client`. That client is
+synchronous, so every call runs in a thread through :meth:`Registrar.call_sync`. One session key
+is kept; when the server says the session is gone (it expires after a period without use) the
+registrar logs in again, once, and repeats the call.
+
+A host's profile is named after its FQDN and created with Uyuni's ``system.createSystemProfile``
+(an "empty profile" the machine later registers into). Its description carries governord's
+ownership marker ``governord:host-id=<uuid>``, which is how a profile governord made is told
+from one it merely shares a name with.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import http.client
+import logging
+import re
+import ssl
+import time
+import xml.parsers.expat
+import xmlrpc.client
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import field_validator
+
+from governord.config import SecretRef
+from governord.errors import PermanentError, RetryableError
+from governord.models import OWNERSHIP_KEY, HostView
+from governord.registrars import Registrar, RegistrarConfig
+from governord.registrars import TagMapping as BaseTagMapping
+
+log = logging.getLogger(__name__)
+
+#: Fault codes the registrar acts on (see reference/satellite/FAULT_CODES.tsv).
+FAULT_UNHANDLED = -1
+FAULT_NO_SUCH_SYSTEM = -208
+FAULT_SYSTEMS_EXIST = 1100
+FAULT_LOOKUP_SERVER_GROUP = 2201
+FAULT_LOGIN = 2950
+
+#: How the server says a session key no longer works (expired and purged, or not its own).
+_SESSION_GONE = re.compile(r"Could not find session|InvalidSessionIdException", re.IGNORECASE)
+_GROUP_MISSING = re.compile(r"Unable to locate or access server group", re.IGNORECASE)
+_KEY_MISSING = re.compile(r"Could not find activation key", re.IGNORECASE)
+
+#: Seconds deregister waits for a deleted profile to disappear from ``system.getId``.
+DELETE_VERIFY_TIMEOUT = 10.0
+DELETE_VERIFY_INTERVAL = 0.25
+
+
+class SatelliteConfig(RegistrarConfig):
+    """A ``[registrars.NAME]`` section with ``type = "satellite"``."""
+
+    #: the XML-RPC endpoint, ``https://HOST/rpc/api``
+    url: str
+    #: API user (needs the system group admin role, or org admin)
+    username: str
+    #: its password, by reference: ``{ env = "NAME" }`` or ``{ file = "/path" }``
+    password: SecretRef
+    #: verify the server's TLS certificate (https only)
+    verify_tls: bool = True
+    #: CA bundle to verify it with (default: the system's)
+    ca_file: Path | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        if not re.match(r"^https?://[^/\s]+/\S*$", value):
+            raise ValueError(f"not an http(s) URL of the API endpoint (…/rpc/api): {value!r}")
+        return value
+
+
+class SatelliteTagMapping(BaseTagMapping):
+    """What a tag means to Satellite (``[tags.TAG.NAME]``)."""
+
+    #: system group the host joins (groups of all its tags are joined)
+    system_group: str | None = None
+    #: activation key the machine registers with (the first tag that names one wins)
+    activation_key: str | None = None
+
+
+class SatelliteFault(PermanentError):
+    """The server answered with an XML-RPC fault; the fault code and string are kept."""
+
+    def __init__(self, method: str, fault: xmlrpc.client.Fault, *, source: str | None = None) -> None:
+        self.method = method
+        self.code: int = fault.faultCode
+        self.fault_string: str = fault.faultString
+        super().__init__(f"Satellite {method} failed: fault {fault.faultCode}: {fault.faultString}", source=source)
+
+
+class _Transport(xmlrpc.client.Transport):
+    """Plain-HTTP transport with a socket timeout."""
+
+    def __init__(self, timeout: float) -> None:
+        super().__init__()
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+class _SafeTransport(xmlrpc.client.SafeTransport):
+    """HTTPS transport with a socket timeout and the configured TLS context."""
+
+    def __init__(self, timeout: float, context: ssl.SSLContext) -> None:
+        super().__init__(context=context)
+        self._timeout = timeout
+
+    def make_connection(self, host: Any) -> http.client.HTTPConnection:
+        conn = super().make_connection(host)
+        conn.timeout = self._timeout
+        return conn
+
+
+def marker(host_id: str) -> str:
+    """The ownership marker written into a profile's description."""
+    return f"{OWNERSHIP_KEY}={host_id}"
+
+
+def marker_owner(description: str | None) -> str | None:
+    """The governord host id a description names as owner, if it carries a marker."""
+    if not description:
+        return None
+    match = re.search(re.escape(OWNERSHIP_KEY) + r"=(\S+)", description)
+    return match.group(1) if match else None
+
+
+class SatelliteRegistrar(Registrar):
+    """Registers hosts in Satellite 5 / Spacewalk / Uyuni as system profiles in system groups."""
+
+    type_name: ClassVar[str] = "satellite"
+    Config: ClassVar[type[RegistrarConfig]] = SatelliteConfig
+    TagMapping: ClassVar[type[BaseTagMapping]] = SatelliteTagMapping
+
+    def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
+        if not isinstance(config, SatelliteConfig):
+            raise TypeError(f"{type(self).__name__} needs a SatelliteConfig, not {type(config).__name__}")
+        super().__init__(name, config, state_dir=state_dir)
+        self.settings: SatelliteConfig = config
+        self._session: str | None = None
+        self._login_lock = asyncio.Lock()
+        self._tls: ssl.SSLContext | None = None
+        if config.url.startswith("https://"):
+            self._tls = ssl.create_default_context(cafile=str(config.ca_file) if config.ca_file else None)
+            if not config.verify_tls:
+                self._tls.check_hostname = False
+                self._tls.verify_mode = ssl.CERT_NONE
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Log in (a wrong password fails here, permanently)."""
+        await self._login(None)
+
+    async def close(self) -> None:
+        """Log out; failures are only logged (the session expires by itself)."""
+        key, self._session = self._session, None
+        if key is None:
+            return
+        try:
+            await self._raw("auth.logout", key)
+        except (xmlrpc.client.Fault, RetryableError, PermanentError) as exc:
+            log.info("%s: logout failed (ignored): %s", self.name, exc)
+
+    # -- the contract --------------------------------------------------------------------
+
+    def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Groups of all tags (in tag order, once each); the first tag's activation key."""
+        groups: list[str] = []
+        key: str | None = None
+        for _tag, mapping in mappings:
+            group = getattr(mapping, "system_group", None)
+            if group and group not in groups:
+                groups.append(group)
+            candidate = getattr(mapping, "activation_key", None)
+            if key is None and candidate:
+                key = candidate
+        return {"groups": groups, "activation_key": key}
+
+    async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
+        """Find or create the host's profile, mark it, and put it in exactly the classified groups."""
+        groups = [str(g) for g in classification.get("groups", [])]
+        key = classification.get("activation_key")
+        # Check everything the classification names before changing anything.
+        wanted: dict[str, int] = {}
+        for group in groups:
+            wanted[group] = await self._group_id(group)
+        if key:
+            await self._check_activation_key(str(key))
+        sid = await self._find_or_create(host)
+        await self._claim(sid, host)
+        await self._reconcile_groups(sid, host, wanted)
+        return {"id": sid, "groups": groups, "activation_key": key}
+
+    async def deregister(self, host: HostView) -> None:
+        """Delete every profile named after the host, then wait until none is left."""
+        for system in await self._api("system.getId", host.fqdn):
+            sid = int(system["id"])
+            try:
+                details = await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    continue
+                raise
+            owner = marker_owner(details.get("description"))
+            if owner is not None and owner != host.id:
+                raise PermanentError(
+                    f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}; "
+                    "not deleting it",
+                    source=self.name,
+                )
+            try:
+                await self._api("system.deleteSystem", sid)
+            except SatelliteFault as exc:
+                if exc.code != FAULT_NO_SUCH_SYSTEM:
+                    raise
+            log.info("%s: deleted system %s (%s)", self.name, sid, host.fqdn)
+        await self._wait_gone(host.fqdn)
+
+    async def lookup(self, host: HostView) -> dict[str, Any] | None:
+        """The host's profile (the one carrying its marker, if several share the name), or None."""
+        systems = await self._api("system.getId", host.fqdn)
+        chosen: tuple[int, dict[str, Any]] | None = None
+        for system in systems:
+            sid = int(system["id"])
+            try:
+                details = await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    continue
+                raise
+            if chosen is None or details.get("description") == marker(host.id):
+                chosen = (sid, details)
+        if chosen is None:
+            return None
+        sid, details = chosen
+        try:
+            groups = await self._api("system.listGroups", sid)
+        except SatelliteFault as exc:
+            if exc.code == FAULT_NO_SUCH_SYSTEM:
+                return None
+            raise
+        return {
+            "id": sid,
+            "name": details.get("profile_name"),
+            "groups": [g["system_group_name"] for g in groups if g.get("subscribed")],
+            "description": details.get("description"),
+        }
+
+    # -- steps ---------------------------------------------------------------------------
+
+    async def _group_id(self, name: str) -> int:
+        try:
+            group = await self._api("systemgroup.getDetails", name)
+        except SatelliteFault as exc:
+            if exc.code in (FAULT_LOOKUP_SERVER_GROUP, FAULT_UNHANDLED) and _GROUP_MISSING.search(exc.fault_string):
+                raise PermanentError(
+                    f"Satellite system group {name!r} does not exist ({exc.fault_string})", source=self.name
+                ) from exc
+            raise
+        return int(group["id"])
+
+    async def _check_activation_key(self, key: str) -> None:
+        try:
+            details = await self._api("activationkey.getDetails", key)
+        except SatelliteFault as exc:
+            if _KEY_MISSING.search(exc.fault_string):
+                raise PermanentError(
+                    f"Satellite activation key {key!r} does not exist ({exc.fault_string})", source=self.name
+                ) from exc
+            raise
+        if details.get("disabled"):
+            raise PermanentError(f"Satellite activation key {key!r} is disabled", source=self.name)
+
+    async def _find_or_create(self, host: HostView) -> int:
+        systems = await self._api("system.getId", host.fqdn)
+        if len(systems) > 1:
+            ids = ", ".join(str(s["id"]) for s in systems)
+            raise PermanentError(
+                f"Satellite has {len(systems)} systems named {host.fqdn!r} (ids {ids}); refusing to pick one",
+                source=self.name,
+            )
+        if systems:
+            return int(systems[0]["id"])
+        try:
+            sid = int(await self._api("system.createSystemProfile", host.fqdn, {"hostname": host.fqdn}))
+        except SatelliteFault as exc:
+            if exc.code != FAULT_SYSTEMS_EXIST:
+                raise
+            return await self._adopt_existing(host, exc)
+        log.info("%s: created system profile %s for %s", self.name, sid, host.fqdn)
+        return sid
+
+    async def _adopt_existing(self, host: HostView, exc: SatelliteFault) -> int:
+        """A profile with the host's hostname exists under another name: take it back only if it is ours."""
+        listed = re.search(r"\[([\d,\s]*)\]", exc.fault_string)
+        ids = [int(i) for i in re.findall(r"\d+", listed.group(1))] if listed else []
+        for sid in ids:
+            details = await self._api("system.getDetails", sid)
+            if details.get("description") == marker(host.id):
+                await self._api("system.setDetails", sid, {"profile_name": host.fqdn})
+                log.info("%s: renamed own system %s back to %s", self.name, sid, host.fqdn)
+                return sid
+        raise PermanentError(
+            f"Satellite already has a profile for hostname {host.fqdn!r} under another name "
+            f"({exc.fault_string}); it does not carry {marker(host.id)}",
+            source=self.name,
+        ) from exc
+
+    async def _claim(self, sid: int, host: HostView) -> None:
+        details = await self._api("system.getDetails", sid)
+        description = details.get("description")
+        owner = marker_owner(description)
+        if owner is not None and owner != host.id:
+            raise PermanentError(
+                f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}",
+                source=self.name,
+            )
+        if description != marker(host.id):
+            await self._api("system.setDetails", sid, {"description": marker(host.id)})
+
+    async def _reconcile_groups(self, sid: int, host: HostView, wanted: dict[str, int]) -> None:
+        current = await self._api("system.listGroups", sid)
+        subscribed = {int(g["id"]): str(g["system_group_name"]) for g in current if g.get("subscribed")}
+        for name, gid in wanted.items():
+            if gid not in subscribed:
+                await self._api("system.setGroupMembership", sid, gid, True)
+                log.info("%s: added %s to group %s", self.name, host.fqdn, name)
+        keep = set(wanted.values())
+        for gid, name in subscribed.items():
+            if gid not in keep:
+                await self._api("system.setGroupMembership", sid, gid, False)
+                log.info("%s: removed %s from group %s", self.name, host.fqdn, name)
+
+    async def _wait_gone(self, fqdn: str) -> None:
+        deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
+        while True:
+            left = await self._api("system.getId", fqdn)
+            if not left:
+                return
+            if time.monotonic() >= deadline:
+                ids = ", ".join(str(s["id"]) for s in left)
+                raise RetryableError(
+                    f"Satellite still lists {fqdn!r} (ids {ids}) {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
+                    source=self.name,
+                )
+            await asyncio.sleep(DELETE_VERIFY_INTERVAL)
+
+    # -- the wire ------------------------------------------------------------------------
+
+    async def _login(self, stale: str | None) -> str:
+        """Log in unless another task already replaced the ``stale`` key; returns the current key."""
+        async with self._login_lock:
+            if self._session is not None and self._session != stale:
+                return self._session
+            try:
+                key = await self._raw(
+                    "auth.login", self.settings.username, self.settings.password.reveal()
+                )
+            except xmlrpc.client.Fault as fault:
+                raise SatelliteFault("auth.login", fault, source=self.name) from None
+            self._session = str(key)
+            log.info("%s: logged in to %s as %s", self.name, self.settings.url, self.settings.username)
+            return self._session
+
+    async def _api(self, method: str, *args: Any) -> Any:
+        """Call ``method(sessionKey, *args)``; log in again once if the session is gone."""
+        key = self._session or await self._login(None)
+        try:
+            return await self._raw(method, key, *args)
+        except xmlrpc.client.Fault as fault:
+            if not self._session_gone(fault):
+                raise SatelliteFault(method, fault, source=self.name) from None
+            log.info("%s: session expired (%s); logging in again", self.name, fault.faultString)
+        key = await self._login(key)
+        try:
+            return await self._raw(method, key, *args)
+        except xmlrpc.client.Fault as fault:
+            if self._session_gone(fault):
+                raise RetryableError(
+                    f"Satellite {method}: session lost again right after logging in: {fault.faultString}",
+                    source=self.name,
+                ) from None
+            raise SatelliteFault(method, fault, source=self.name) from None
+
+    @staticmethod
+    def _session_gone(fault: xmlrpc.client.Fault) -> bool:
+        return fault.faultCode == FAULT_UNHANDLED and bool(_SESSION_GONE.search(fault.faultString))
+
+    async def _raw(self, method: str, *args: Any) -> Any:
+        """One XML-RPC call in a thread; faults pass through, transport failures are classified."""
+        return await self.call_sync(self._invoke, method, *args)
+
+    def _transport(self) -> xmlrpc.client.Transport:
+        timeout = self.settings.call_timeout
+        if self._tls is not None:
+            return _SafeTransport(timeout, self._tls)
+        return _Transport(timeout)
+
+    def _invoke(self, method: str, *args: Any) -> Any:
+        """Blocking: runs in a worker thread. A fresh connection per call keeps threads apart."""
+        url = self.settings.url
+        try:
+            with xmlrpc.client.ServerProxy(url, transport=self._transport()) as proxy:
+                func: Callable[..., Any] = getattr(proxy, method)
+                return func(*args)
+        except xmlrpc.client.Fault:
+            raise
+        except xmlrpc.client.ProtocolError as exc:
+            message = f"Satellite {method}: HTTP {exc.errcode} {exc.errmsg} from {url}"
+            if exc.errcode >= 500 or exc.errcode in (408, 429):
+                raise RetryableError(message, source=self.name) from None
+            raise PermanentError(message, source=self.name) from None
+        except ssl.SSLCertVerificationError as exc:
+            raise PermanentError(
+                f"Satellite {method}: TLS certificate of {url} not trusted: {exc.verify_message}", source=self.name
+            ) from None
+        except (OSError, http.client.HTTPException) as exc:
+            raise RetryableError(
+                f"Satellite {method}: cannot reach {url}: {type(exc).__name__}: {exc}", source=self.name
+            ) from None
+        except (xmlrpc.client.ResponseError, xml.parsers.expat.ExpatError) as exc:
+            raise RetryableError(
+                f"Satellite {method}: unreadable response from {url}: {exc}", source=self.name
+            ) from None

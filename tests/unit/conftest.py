@@ -1,0 +1,89 @@
+"""An in-process runtime on the in-memory provider and registrar (governord.testing)."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import tomllib
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from governord import testing
+from governord.config import build_config
+from governord.pluginmanager import PluginManager
+from governord.runtime import Runtime
+
+BASE_CONFIG = """
+[daemon]
+state_dir = "{state_dir}"
+[engine]
+workers = 4
+retry_backoff = 0.05
+retry_backoff_max = 0.2
+retry_limit = 2
+[networks.lab]
+cidr = "198.51.100.0/24"
+first = "198.51.100.10"
+last = "198.51.100.20"
+gateway = "198.51.100.1"
+domain = "lab.example"
+[providers.mem]
+type = "memory"
+[registrars.cmdb]
+type = "memory"
+[tags.node]
+description = "OpenShift node"
+cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
+[tags.broker]
+cmdb = {{ group = "brokers", classes = ["openshift::broker"] }}
+[applications.demo]
+max_hosts = 5
+[applications.demo.roles.node]
+tags = ["node"]
+provider = "mem"
+network = "lab"
+profile = {{ size = "large" }}
+"""
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path) -> Callable[..., Any]:
+    runtimes: list[Runtime] = []
+
+    async def make(extra: str = "") -> Runtime:
+        plugins = PluginManager()
+        plugins.register(testing.plugin, "testing")
+        plugins.collect_types()
+        raw = tomllib.loads(BASE_CONFIG.format(state_dir=tmp_path / "state") + extra)
+        config = build_config("test.toml", raw, plugins.providers, plugins.registrars, unavailable={})
+        runtime = await Runtime.open(config, plugins)
+        await runtime.start()
+        runtimes.append(runtime)
+        return runtime
+
+    yield make
+    for fault_table in (testing.MemoryProvider.faults, testing.MemoryRegistrar.faults):
+        fault_table.clear()
+    testing.MemoryProvider.worlds.clear()
+    testing.MemoryRegistrar.worlds.clear()
+
+
+@pytest.fixture
+async def runtime(make_runtime: Callable[..., Any]) -> AsyncIterator[Runtime]:
+    rt = await make_runtime()
+    yield rt
+    await rt.stop()
+
+
+async def wait_states(runtime: Runtime, ids: list[str], states: set[str], timeout: float = 10) -> list[dict[str, Any]]:
+    deadline = time.monotonic() + timeout
+    while True:
+        rows = await runtime.store.list_hosts(ids=ids)
+        if rows and all(r["state"] in states for r in rows):
+            return rows
+        if time.monotonic() > deadline:
+            raise AssertionError(f"hosts did not reach {states}: {[(r['name'], r['state'], r['error']) for r in rows]}")
+        await asyncio.sleep(0.02)
