@@ -17,9 +17,10 @@ import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_core import core_schema
 
 from .errors import ConfigError
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
@@ -49,6 +50,11 @@ class Secret:
     def __hash__(self) -> int:
         return hash(self._value)
 
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Any) -> core_schema.CoreSchema:
+        # A config field typed Secret accepts only a reference ({env=...} or {file=...}).
+        return core_schema.no_info_plain_validator_function(_resolve_secret)
+
 
 def _resolve_secret(value: Any) -> Secret:
     if isinstance(value, Secret):
@@ -68,8 +74,8 @@ def _resolve_secret(value: Any) -> Secret:
     return Secret(text.rstrip("\r\n"), f"file:{path}")
 
 
-#: A config field holding a secret reference.
-SecretRef = Annotated[Secret, BeforeValidator(_resolve_secret)]
+#: A config field holding a secret reference (the same as annotating it ``Secret``).
+SecretRef = Secret
 
 
 class DaemonSection(StrictModel):

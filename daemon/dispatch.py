@@ -119,3 +119,21 @@ def as_step_error(failed: list[Outcome]) -> StepError:
     retryable = all(is_retryable(o.error) for o in failed)
     source = ",".join(o.plugin for o in failed)
     return RetryableError(message, source=source) if retryable else PermanentError(message, source=source)
+
+
+class StartupHookError(Exception):
+    """A start-up hook failed; the message names the plugin."""
+
+
+def call_startup(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
+    """Call a start-up hook synchronously, every implementation, failing fast (start-up is
+    where a broken plugin should stop the daemon, not at the first request)."""
+    for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
+        try:
+            result = impl.function(**{name: kwargs[name] for name in impl.argnames})
+        except Exception as exc:
+            raise StartupHookError(f"plugin {impl.plugin_name}: {hook_name} failed: {exc}") from exc
+        if inspect.isawaitable(result):
+            if inspect.iscoroutine(result):
+                result.close()
+            raise StartupHookError(f"plugin {impl.plugin_name}: {hook_name} must not be async")

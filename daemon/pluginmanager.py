@@ -16,6 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
+from .dispatch import StartupHookError, call_startup
 from .providers import ProviderRegistry
 from .registrars import RegistrarRegistry
 
@@ -100,16 +101,11 @@ class PluginManager:
 
     def collect_types(self) -> None:
         """Ask every plugin for its provider and registrar types (start-up; failures are fatal)."""
-        for hook_name, registry in (
-            ("governord_register_providers", self.providers),
-            ("governord_register_registrars", self.registrars),
-        ):
-            hook = getattr(self.pm.hook, hook_name)
-            for impl in reversed(hook.get_hookimpls()):
-                try:
-                    impl.function(registry)
-                except Exception as exc:
-                    raise PluginLoadError(f"plugin {impl.plugin_name}: {hook_name} failed: {exc}") from exc
+        try:
+            call_startup(self.pm, "governord_register_providers", registry=self.providers)
+            call_startup(self.pm, "governord_register_registrars", registry=self.registrars)
+        except StartupHookError as exc:
+            raise PluginLoadError(str(exc)) from exc
 
     def unavailable_types(self) -> dict[str, str]:
         """Entry-point names (= type names) whose plugin did not load, with the reason."""

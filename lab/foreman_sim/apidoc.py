@@ -232,8 +232,9 @@ def build_apidoc() -> dict[str, Any]:
             method(
                 "hosts",
                 "index",
-                [("GET", "/api/hosts", "List all hosts")],
-                [param("thin", "boolean", description="Only list ID and name of hosts"),
+                [("GET", "/api/hosts", "List all hosts"),
+                 ("GET", "/api/hostgroups/:hostgroup_id/hosts", "List all hosts for a host group")],
+                [param("thin", "boolean", description="Only list ID and name of hosts"), param("hostgroup_id"),
                  *_taxonomy_context(), *_search_and_pagination()],
                 search=SEARCH_FIELDS["hosts"],
             ),

@@ -22,6 +22,8 @@ from .state import NotFound, State, now
 
 STATE_KEY = web.AppKey("foreman_state", State)
 CONFIG_KEY = web.AppKey("foreman_config", dict)
+#: the parsed JSON body of a request (empty when it has none)
+BODY_KEY = web.RequestKey("foreman_body", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -71,7 +73,7 @@ async def foreman_middleware(request: web.Request, handler: Handler) -> web.Stre
     config = request.app[CONFIG_KEY]
     try:
         # Rails parses a JSON body before any before_action runs, so a bad body wins over bad auth
-        request["body"] = await _parse_body(request)
+        request[BODY_KEY] = await _parse_body(request)
         if _is_authenticated_path(request.path):
             _authenticate(request, config["username"], config["password"])
             if request.method in ("POST", "PUT") and request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
@@ -136,7 +138,7 @@ def _param(request: web.Request, name: str) -> Any:
     """A parameter from the query string or the JSON body, as Rails merges them."""
     if name in request.query:
         return request.query[name]
-    return request["body"].get(name)
+    return request[BODY_KEY].get(name)
 
 
 def _int(value: Any) -> int | None:
@@ -275,6 +277,12 @@ def _find_host(state: State, ident: str) -> dict[str, Any]:
 async def hosts_index(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     hosts = sorted(state.all("hosts"), key=lambda h: h["name"])
+    group_id = request.match_info.get("hostgroup_id") or _param(request, "hostgroup_id")
+    if group_id not in (None, ""):
+        # a nested id that names nothing is the unwrapped not_found(String) body
+        if state.get("hostgroups", group_id) is None:
+            raise FError(404, {"message": f"Hostgroup not found by id '{group_id}'"})
+        hosts = [h for h in hosts if h["hostgroup_id"] == _int(group_id)]
     matches = select(hosts, _param(request, "search"), _host_fields(state), "name")
     # Foreman tests `if params[:thin]`: any value given, even "false", is truthy in Ruby
     thin = _param(request, "thin") is not None
@@ -379,7 +387,7 @@ def _resolve(state: State, kind: str, model: str, value: Any) -> int | None:
 
 def _write_host(state: State, request: web.Request, host: dict[str, Any] | None) -> dict[str, Any]:
     """Create (``host`` None) or update a host from the request body; validation as Foreman's model."""
-    body = request["body"]
+    body = request[BODY_KEY]
     attrs = body.get("host")
     attrs = attrs if isinstance(attrs, dict) else {}
     creating = host is None
@@ -670,6 +678,7 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
             web.get("/api/status", status),
             web.get("/api/ping", ping),
             web.get("/api/hosts", hosts_index),
+            web.get("/api/hostgroups/{hostgroup_id}/hosts", hosts_index),
             web.post("/api/hosts", hosts_create),
             web.get("/api/hosts/{id}", hosts_show),
             web.put("/api/hosts/{id}", hosts_update),

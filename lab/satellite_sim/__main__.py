@@ -1,6 +1,6 @@
 """``python -m lab.satellite_sim``: run the simulated Satellite API until SIGTERM/SIGINT.
 
-Prints exactly one line, ``LISTENING http://HOST:PORT/rpc/api``, on stdout once it accepts
+Prints exactly one line, ``LISTENING http://HOST:PORT/rpc/api`` (``https`` with ``--tls-cert``), on stdout once it accepts
 connections; everything else goes to stderr.
 """
 
@@ -31,6 +31,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--delete-delay", type=float, default=1.0,
         help="seconds before system.deleteSystems actually removes the systems",
     )
+    parser.add_argument("--tls-cert", default=None, help="PEM certificate (chain): serve https")
+    parser.add_argument("--tls-key", default=None, help="PEM private key of --tls-cert")
     parser.add_argument("--verbose", action="store_true", help="log every HTTP request")
     return parser.parse_args(argv)
 
@@ -42,6 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = SatelliteSimulator(
         username=args.username, password=args.password, host=args.host, port=args.port,
         seed=args.seed, session_lifetime=args.session_lifetime, delete_delay=args.delete_delay,
+        tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     url = sim.bind()
 

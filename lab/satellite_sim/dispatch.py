@@ -16,7 +16,7 @@ import datetime as dt
 import xmlrpc.client
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 from .faults import TRANSLATION_EXCEPTION, UNHANDLED, ApiFault, JavaException, unhandled
 from .model import SESSION_KEY, Session, State, User
@@ -41,6 +41,7 @@ HANDLER_CLASSES: dict[str, str] = {
 }
 
 ApiFunc = Callable[..., Any]
+F = TypeVar("F", bound=ApiFunc)
 
 
 @dataclass(frozen=True)
@@ -56,10 +57,10 @@ class ApiMethod:
 _METHODS: dict[tuple[str, str], list[ApiMethod]] = {}
 
 
-def api(namespace: str, name: str, *params: str) -> Callable[[ApiFunc], ApiFunc]:
+def api(namespace: str, name: str, *params: str) -> Callable[[F], F]:
     """Register ``func(state, *args)`` as ``namespace.name`` with the given parameter kinds."""
 
-    def register(func: ApiFunc) -> ApiFunc:
+    def register(func: F) -> F:
         for kind in params:
             if kind not in JAVA_TYPES:
                 raise ValueError(f"unknown parameter kind {kind!r}")

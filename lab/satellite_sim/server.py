@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import ssl
 import sys
 import threading
 import xmlrpc.client
@@ -93,8 +94,14 @@ class SatelliteSimulator:
         seed: str | Path | None = None,
         session_lifetime: float = 3600.0,
         delete_delay: float = 1.0,
+        tls_cert: str | Path | None = None,
+        tls_key: str | Path | None = None,
     ) -> None:
         self.state = State(session_lifetime=session_lifetime, delete_delay=delete_delay)
+        self._tls: ssl.SSLContext | None = None
+        if tls_cert is not None:
+            self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            self._tls.load_cert_chain(str(tls_cert), str(tls_key) if tls_key else None)
         self.state.load_seed(read_seed(seed))
         self.state.set_login(username, password)
         self._address = (host, port)
@@ -107,12 +114,17 @@ class SatelliteSimulator:
         if self._server is None:
             raise RuntimeError("simulator is not started")
         host, port = self._server.server_address[:2]
-        return f"http://{host}:{port}{API_PATH}"
+        if isinstance(host, bytes):
+            host = host.decode()
+        scheme = "https" if self._tls is not None else "http"
+        return f"{scheme}://{host}:{port}{API_PATH}"
 
     def bind(self) -> str:
         """Bind the listening socket without serving yet; returns the URL."""
         if self._server is None:
             self._server = _RpcServer(self._address, self.state)
+            if self._tls is not None:
+                self._server.socket = self._tls.wrap_socket(self._server.socket, server_side=True)
         return self.url
 
     def serve_forever(self) -> None:

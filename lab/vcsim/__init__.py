@@ -197,7 +197,8 @@ def prepare_lab(
         if vm_folder is None:
             vm_folder = dc.vmFolder.CreateFolder(folder)
 
-        pool = _child(compute.resourcePool.resourcePool, resource_pool)
+        root_pool: Any = compute.resourcePool
+        pool = _child(root_pool.resourcePool, resource_pool)
         if pool is None:
 
             def allocation() -> Any:
@@ -208,7 +209,7 @@ def prepare_lab(
                     shares=vim.SharesInfo(level="normal", shares=0),
                 )
 
-            pool = compute.resourcePool.CreateResourcePool(
+            pool = root_pool.CreateResourcePool(
                 resource_pool,
                 vim.ResourceConfigSpec(cpuAllocation=allocation(), memoryAllocation=allocation()),
             )

@@ -10,14 +10,13 @@ Foreman's own message.
 from __future__ import annotations
 
 import tempfile
-import threading
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import requests
 from apypie import ForemanApi
-from pydantic import Field
+from pydantic import ConfigDict, Field
 
 from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError
@@ -91,6 +90,9 @@ def _parameter(value: ParamValue) -> tuple[str, str]:
 class ForemanConfig(RegistrarConfig):
     """A ``[registrars.NAME]`` section of type ``foreman``."""
 
+    # governord.config.Secret has no pydantic schema; SecretRef's validator builds the value
+    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
+
     #: Foreman's base URL, e.g. ``https://foreman.example.com``
     url: str
     #: API user
@@ -133,8 +135,8 @@ class ForemanRegistrar(Registrar):
         super().__init__(name, config, state_dir=state_dir)
         self._api: ForemanApi | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
+        self._session: requests.Session | None = None
         self._context: dict[str, int | None] | None = None
-        self._lock = threading.Lock()
 
     # -- lifecycle ----------------------------------------------------------------------------
 
@@ -144,9 +146,10 @@ class ForemanRegistrar(Registrar):
 
     async def close(self) -> None:
         """Drop the client and any temporary apidoc cache."""
-        if self._api is not None:
-            self._api._session.close()
+        if self._session is not None:
+            self._session.close()
         self._api = None
+        self._session = None
         self._context = None
         if self._tmp is not None:
             self._tmp.cleanup()
@@ -163,6 +166,7 @@ class ForemanRegistrar(Registrar):
         cfg = self.config
         cache = self._cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
+        session = self._session = _TimeoutSession(cfg.call_timeout)
         verify: bool | str = str(cfg.ca_file) if cfg.ca_file is not None and cfg.verify_tls else cfg.verify_tls
         api = ForemanApi(
             uri=cfg.url.rstrip("/"),
@@ -170,7 +174,7 @@ class ForemanRegistrar(Registrar):
             password=cfg.password.reveal(),
             verify_ssl=verify,
             apidoc_cache_base_dir=str(cache),
-            session=_TimeoutSession(cfg.call_timeout),
+            session=session,
         )
         # loads (or re-loads) the apidoc, then proves the credentials work
         api.resource_action("home", "status", {})
@@ -296,10 +300,10 @@ class ForemanRegistrar(Registrar):
         previous = (host.registrations.get(self.name) or {}).get("parameters", [])
 
         marker = f"{OWNERSHIP_KEY}={host.id}"
-        current = await self._find_host(host.fqdn)
+        current = await self._find_host(_fqdn(host))
         if current is None:
             attrs: dict[str, Any] = {
-                "name": host.fqdn,
+                "name": _fqdn(host),
                 "organization_id": ids["organization_id"],
                 "location_id": ids["location_id"],
                 "hostgroup_id": hostgroup_id,
@@ -359,9 +363,10 @@ class ForemanRegistrar(Registrar):
         if host.primary_address and current.get("ip") != host.primary_address:
             changes["ip"] = host.primary_address
         comment = current.get("comment") or ""
-        if marker not in comment:
-            # keep what an operator wrote; the marker is added, never replacing it
-            changes["comment"] = f"{comment}\n{marker}" if comment else marker
+        if marker not in comment.splitlines():
+            # keep what an operator wrote; only a stale marker line is replaced
+            kept = [line for line in comment.splitlines() if not line.startswith(f"{OWNERSHIP_KEY}=")]
+            changes["comment"] = "\n".join([*kept, marker])
         entries: list[dict[str, Any]] = []
         existing = {p["name"]: p for p in current.get("parameters", [])}
         for name, (value, kind) in wanted_params.items():
@@ -380,19 +385,27 @@ class ForemanRegistrar(Registrar):
 
     async def deregister(self, host: HostView) -> None:
         """Delete the host by name, then verify: no search hit, and its id reads 404."""
-        results = await self._list("hosts", f'name="{host.fqdn}"', thin=True)
-        known = [r["id"] for r in results if r.get("name") == host.fqdn]
+        results = await self._list("hosts", f'name="{_fqdn(host)}"', thin=True)
+        known = [r["id"] for r in results if r.get("name") == _fqdn(host)]
         recorded = (host.registrations.get(self.name) or {}).get("id")
         if recorded is not None and recorded not in known:
-            known.append(recorded)
+            # renamed since registration? delete by the recorded id only if it is still ours
+            try:
+                other = await self._action("hosts", "show", {"id": recorded})
+            except PermanentError as exc:
+                if _status(exc) != 404:
+                    raise
+            else:
+                if f"{OWNERSHIP_KEY}={host.id}" in (other.get("comment") or "").splitlines():
+                    known.append(recorded)
         for host_id in known:
             try:
                 await self._action("hosts", "destroy", {"id": host_id})
             except PermanentError as exc:
                 if _status(exc) != 404:
                     raise
-        if [r for r in await self._list("hosts", f'name="{host.fqdn}"', thin=True) if r.get("name") == host.fqdn]:
-            raise RetryableError(f"host {host.fqdn} is still in Foreman after deletion", source=self.name)
+        if [r for r in await self._list("hosts", f'name="{_fqdn(host)}"', thin=True) if r.get("name") == _fqdn(host)]:
+            raise RetryableError(f"host {_fqdn(host)} is still in Foreman after deletion", source=self.name)
         for host_id in known:
             try:
                 await self._action("hosts", "show", {"id": host_id})
@@ -400,11 +413,11 @@ class ForemanRegistrar(Registrar):
                 if _status(exc) == 404:
                     continue
                 raise
-            raise RetryableError(f"host {host.fqdn} (id {host_id}) is still readable after deletion", source=self.name)
+            raise RetryableError(f"host {_fqdn(host)} (id {host_id}) is still readable after deletion", source=self.name)
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """The host as Foreman has it now, or None."""
-        current = await self._find_host(host.fqdn)
+        current = await self._find_host(_fqdn(host))
         if current is None:
             return None
         return {
@@ -415,6 +428,11 @@ class ForemanRegistrar(Registrar):
             "parameters": {p["name"]: p.get("value") for p in current.get("parameters", [])},
             "comment": current.get("comment"),
         }
+
+
+def _fqdn(host: HostView) -> str:
+    """The name Foreman knows the host by: Foreman lower-cases host names."""
+    return host.fqdn.lower()
 
 
 def _parameter_text(value: Any, kind: str) -> str:

@@ -99,7 +99,8 @@ def _fault_classes(names: Iterable[str]) -> tuple[type[BaseException], ...]:
     for name in names:
         root, *path = name.split(".")
         try:
-            found.append(functools.reduce(getattr, path, roots[root]))
+            fault: Any = functools.reduce(getattr, path, roots[root])
+            found.append(fault)
         except AttributeError:
             # an older pyvmomi without this fault: nothing can raise it either
             continue
@@ -296,9 +297,7 @@ class VSphereProvider(Provider):
                 return  # another thread has logged in again already
             log.info("%s: session expired, logging in again", self.name)
             # Login on the same stub keeps every managed object reference we hold valid.
-            self._sc().sessionManager.Login(
-                userName=self.cfg.username, password=self.cfg.password.reveal()
-            )
+            self._sc().sessionManager.Login(userName=self.cfg.username, password=self.cfg.password.reveal())
             self._session_gen += 1
 
     def _guarded(self, what: str, func: Callable[..., T], *args: Any) -> T:
@@ -382,7 +381,9 @@ class VSphereProvider(Provider):
             self._field_key = key
         return key
 
-    def _retrieve_sync(self, si: Any, object_spec: Any, obj_type: Any, paths: list[str]) -> list[tuple[Any, dict[str, Any]]]:
+    def _retrieve_sync(
+        self, si: Any, object_spec: Any, obj_type: Any, paths: list[str]
+    ) -> list[tuple[Any, dict[str, Any]]]:
         collector = self._sc().propertyCollector
         spec = vmodl.query.PropertyCollector.FilterSpec(
             objectSet=[object_spec],
@@ -448,7 +449,9 @@ class VSphereProvider(Provider):
     def _vm_sync(self, si: Any, moid: str, paths: list[str]) -> _VmRecord | None:
         vm = vim.VirtualMachine(moid, si._stub)
         try:
-            found = self._retrieve_sync(si, vmodl.query.PropertyCollector.ObjectSpec(obj=vm, skip=False), vim.VirtualMachine, paths)
+            found = self._retrieve_sync(
+                si, vmodl.query.PropertyCollector.ObjectSpec(obj=vm, skip=False), vim.VirtualMachine, paths
+            )
         except vmodl.fault.ManagedObjectNotFound:
             return None
         if not found:
@@ -463,7 +466,12 @@ class VSphereProvider(Provider):
         if len(records) > 1:
             log.warning(
                 "%s: %d VMs carry %s=%s: %s; using %s",
-                self.name, len(records), OWNERSHIP_KEY, host_id, [r.moid for r in records], records[0].moid,
+                self.name,
+                len(records),
+                OWNERSHIP_KEY,
+                host_id,
+                [r.moid for r in records],
+                records[0].moid,
             )
         return records[0] if records else None
 
@@ -571,16 +579,20 @@ class VSphereProvider(Provider):
     async def destroy(self, host_id: str) -> None:
         """Power off and delete every VM carrying ``host_id``; verify none is left."""
         for record in await self._find_records(host_id):
+
+            def vm(si: Any, moid: str = record.moid) -> Any:
+                return vim.VirtualMachine(moid, si._stub)
+
             if record.power is not PowerState.OFF:
                 await self._run_task(
                     f"power off {record.moid}",
-                    lambda si, moid=record.moid: vim.VirtualMachine(moid, si._stub).PowerOffVM_Task(),
+                    lambda si: vm(si).PowerOffVM_Task(),
                     ignore=(vim.fault.InvalidPowerState, vmodl.fault.ManagedObjectNotFound),
                 )
             try:
                 await self._run_task(
                     f"destroy {record.moid}",
-                    lambda si, moid=record.moid: vim.VirtualMachine(moid, si._stub).Destroy_Task(),
+                    lambda si: vm(si).Destroy_Task(),
                     ignore=(vmodl.fault.ManagedObjectNotFound,),
                 )
             except RetryableError:
@@ -644,27 +656,33 @@ class VSphereProvider(Provider):
         return _Placement(template, folder, pool, datastore, device_change)
 
     def _nic_change_sync(self, si: Any, dc: Any, template: Any, network_name: str) -> Any:
-        traverse = vmodl.query.PropertyCollector.TraversalSpec(name="net", path="network", skip=False, type=vim.Datacenter)
+        traverse = vmodl.query.PropertyCollector.TraversalSpec(
+            name="net", path="network", skip=False, type=vim.Datacenter
+        )
         networks = self._retrieve_sync(
             si, vmodl.query.PropertyCollector.ObjectSpec(obj=dc, skip=True, selectSet=[traverse]), vim.Network, ["name"]
         )
         network = next((obj for obj, props in networks if props.get("name") == network_name), None)
         if network is None:
-            raise PermanentError(f"no network (port group) {network_name!r} in datacenter {self.cfg.datacenter}", source=self.name)
+            raise PermanentError(
+                f"no network (port group) {network_name!r} in datacenter {self.cfg.datacenter}", source=self.name
+            )
         nic = next(
             (d for d in template.config.hardware.device if isinstance(d, vim.vm.device.VirtualEthernetCard)), None
         )
         if nic is None:
-            raise PermanentError(f"template {template.name!r} has no network adapter to connect to {network_name!r}", source=self.name)
+            raise PermanentError(
+                f"template {template.name!r} has no network adapter to connect to {network_name!r}", source=self.name
+            )
         if isinstance(network, vim.dvs.DistributedVirtualPortgroup):
+            switch: Any = network.config.distributedVirtualSwitch
             nic.backing = vim.vm.device.VirtualEthernetCard.DistributedVirtualPortBackingInfo(
-                port=vim.dvs.PortConnection(
-                    portgroupKey=network.key, switchUuid=network.config.distributedVirtualSwitch.uuid
-                )
+                port=vim.dvs.PortConnection(portgroupKey=network.key, switchUuid=switch.uuid)
             )
         elif isinstance(network, vim.OpaqueNetwork):
+            summary: Any = network.summary
             nic.backing = vim.vm.device.VirtualEthernetCard.OpaqueNetworkBackingInfo(
-                opaqueNetworkId=network.summary.opaqueNetworkId, opaqueNetworkType=network.summary.opaqueNetworkType
+                opaqueNetworkId=summary.opaqueNetworkId, opaqueNetworkType=summary.opaqueNetworkType
             )
         else:
             nic.backing = vim.vm.device.VirtualEthernetCard.NetworkBackingInfo(deviceName=network_name, network=network)
@@ -690,7 +708,8 @@ class VSphereProvider(Provider):
         what = f"clone {profile.template!r} to {spec.hostname!r}"
         log.info("%s: %s for host %s", self.name, what, spec.host_id)
         task = await self._call(
-            what, lambda si: placement.template.CloneVM_Task(folder=placement.folder, name=spec.hostname, spec=clone_spec)
+            what,
+            lambda si: placement.template.CloneVM_Task(folder=placement.folder, name=spec.hostname, spec=clone_spec),
         )
         info = await self._task_info(what, task, self.cfg.ready_timeout)
         if info.state == "error":
@@ -714,9 +733,7 @@ class VSphereProvider(Provider):
         key = self._field_key_sync(si, create=True)
         if key is None:
             return
-        self._sc().customFieldsManager.SetField(
-            entity=vim.VirtualMachine(moid, si._stub), key=key, value=host_id
-        )
+        self._sc().customFieldsManager.SetField(entity=vim.VirtualMachine(moid, si._stub), key=key, value=host_id)
 
     async def _complete(self, moid: str, spec: MachineSpec, profile: VSphereProfile) -> None:
         """Bring a found or new VM to "customized and powered on", skipping what is done."""
@@ -728,13 +745,12 @@ class VSphereProvider(Provider):
         def vm(si: Any) -> Any:
             return vim.VirtualMachine(moid, si._stub)
 
-
         if not record.has_custom_field:
             await self._call(f"set {OWNERSHIP_KEY} on {moid}", self._set_custom_field_sync, moid, spec.host_id)
 
         # Size and notes belong in the clone spec; they are checked again here because a VM found
         # after a crash, or made by a vCenter that ignored them, must still end up as asked.
-        changes = vim.vm.ConfigSpec()
+        changes: Any = vim.vm.ConfigSpec()
         changed = False
         if profile.annotation is not None and (props.get("config.annotation") or "") != profile.annotation:
             changes.annotation = profile.annotation

@@ -1,0 +1,352 @@
+"""The whole lab on one machine: vcsim, the Foreman and Satellite simulators, and governord
+itself as a real process (with a systemd-style notify socket), plus views of "the other side"
+(what exists in vSphere, Foreman and Satellite) for tests and the demo.
+
+    with Lab(workdir) as lab:
+        lab.start_peers()
+        daemon = lab.start_governord()
+        lab.ctl("scale", "demo", "node", "--add", "3", "--wait")
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+import xmlrpc.client
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from . import vcsim
+from .process import PeerProcess, start_peer
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+CONFIG_TEMPLATE = """\
+# governord configuration for the local lab (written by lab/stack.py)
+[daemon]
+state_dir = "{state_dir}"
+log_level = "info"
+shutdown_grace = 10.0
+
+[api]
+listen = "127.0.0.1"
+port = 0
+server_names = ["localhost", "127.0.0.1"]
+admin_socket = "{socket}"
+admin_socket_mode = "0600"
+
+[engine]
+workers = {workers}
+lease_seconds = 30.0
+retry_backoff = 0.5
+retry_backoff_max = 5.0
+retry_limit = {retry_limit}
+hook_timeout = 120.0
+
+[networks.lab]
+cidr = "198.51.100.0/24"
+first = "198.51.100.10"
+last = "198.51.100.250"
+gateway = "198.51.100.1"
+dns_servers = ["198.51.100.2"]
+domain = "lab.example"
+
+[providers.vcsim]
+type = "vsphere"
+url = "{vcsim_url}"
+username = "{vcsim_user}"
+password = {{ env = "LAB_VCSIM_PASSWORD" }}
+verify_tls = false
+datacenter = "{datacenter}"
+cluster = "{cluster}"
+resource_pool = "{resource_pool}"
+folder = "{folder}"
+max_concurrency = 8
+call_timeout = 60.0
+ready_timeout = 120.0
+
+[registrars.foreman]
+type = "foreman"
+url = "{foreman_url}"
+username = "admin"
+password = {{ env = "LAB_FOREMAN_PASSWORD" }}
+verify_tls = false
+organization = "Governor Lab"
+location = "Lab"
+puppet_environment = "production"
+
+[registrars.satellite]
+type = "satellite"
+url = "{satellite_url}"
+username = "admin"
+password = {{ env = "LAB_SATELLITE_PASSWORD" }}
+verify_tls = false
+
+[tags.broker]
+description = "OpenShift broker"
+foreman = {{ hostgroup = "openshift/broker", puppet_classes = ["profile::base", "openshift::broker"], parameters = {{ openshift_role = "broker" }} }}
+satellite = {{ system_group = "openshift-brokers", activation_key = "1-openshift-broker" }}
+
+[tags.node]
+description = "OpenShift node"
+foreman = {{ hostgroup = "openshift/node", puppet_classes = ["profile::base", "openshift::node"], parameters = {{ openshift_role = "node" }} }}
+satellite = {{ system_group = "openshift-nodes", activation_key = "1-openshift-node" }}
+
+[applications.demo]
+description = "The demo OpenShift platform"
+max_hosts = {max_hosts}
+
+[applications.demo.roles.node]
+tags = ["node"]
+provider = "vcsim"
+network = "lab"
+name_pattern = "demo-node-{{seq:02d}}"
+profile = {{ template = "{template}", cpus = 2, memory_mb = 4096 }}
+"""
+
+
+@dataclass
+class Governord:
+    """A governord daemon process started by the lab."""
+
+    process: subprocess.Popen[bytes]
+    config: Path
+    socket: Path
+    state_dir: Path
+    log: Path
+    notify: socket.socket
+    env: dict[str, str]
+    notifications: list[str] = field(default_factory=list)
+
+    def read_notifications(self, timeout: float = 0.0) -> list[str]:
+        self.notify.settimeout(timeout if timeout > 0 else 0.001)
+        while True:
+            try:
+                data = self.notify.recv(4096).decode()
+            except (BlockingIOError, TimeoutError, socket.timeout):
+                return self.notifications
+            self.notifications.extend(data.split("\n"))
+            self.notify.settimeout(0.001)
+
+    def wait_notification(self, wanted: str, timeout: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout
+        while wanted not in self.notifications:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"governord exited {self.process.returncode}; log:\n{self.log_tail()}")
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no {wanted} from governord; log:\n{self.log_tail()}")
+            self.read_notifications(0.2)
+
+    @property
+    def api_port(self) -> int:
+        return int((self.state_dir / "api.port").read_text())
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
+
+    def signal(self, sig: int) -> None:
+        self.process.send_signal(sig)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.notify.close()
+        return self.process.returncode
+
+    def kill(self) -> None:
+        self.process.kill()
+        self.process.wait()
+        self.notify.close()
+
+    def ctl(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
+        """Run governord-ctl against this daemon's admin socket."""
+        result = subprocess.run(
+            [sys.executable, "-m", "governord.ctl", "--socket", str(self.socket), *args],
+            capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+        )
+        if check and result.returncode != 0:
+            raise RuntimeError(f"governord-ctl {' '.join(args)} exited {result.returncode}: {result.stderr}")
+        return result
+
+    def ctl_json(self, *args: str) -> Any:
+        return json.loads(self.ctl(*args, "--json").stdout)
+
+
+class Lab:
+    """The lab's peers and, on demand, governord itself."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.peers: list[PeerProcess] = []
+        self.daemons: list[Governord] = []
+        self.passwords = {
+            "LAB_VCSIM_PASSWORD": secrets.token_urlsafe(12),
+            "LAB_FOREMAN_PASSWORD": secrets.token_urlsafe(12),
+            "LAB_SATELLITE_PASSWORD": secrets.token_urlsafe(12),
+        }
+        self.vcsim: PeerProcess | None = None
+        self.foreman: PeerProcess | None = None
+        self.satellite: PeerProcess | None = None
+        self.inventory: vcsim.LabInventory | None = None
+
+    def __enter__(self) -> Lab:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        for daemon in self.daemons:
+            if daemon.process.poll() is None:
+                daemon.kill()
+        for peer in reversed(self.peers):
+            peer.stop()
+
+    # -- peers --------------------------------------------------------------------------------
+
+    def start_peers(self) -> None:
+        self.start_vcsim()
+        self.start_foreman()
+        self.start_satellite()
+
+    def start_vcsim(self) -> PeerProcess:
+        self.vcsim = vcsim.start_vcsim(
+            username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / "vcsim.log"
+        )
+        self.peers.append(self.vcsim)
+        self.inventory = vcsim.prepare_lab(self.vcsim.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
+        return self.vcsim
+
+    def start_foreman(self) -> PeerProcess:
+        self.foreman, _ = start_peer(
+            "foreman-sim",
+            [sys.executable, "-m", "lab.foreman_sim", "--host", "127.0.0.1", "--port", "0",
+             "--username", "admin", "--password", self.passwords["LAB_FOREMAN_PASSWORD"]],
+            cwd=REPO_ROOT, log_path=self.workdir / "foreman-sim.log",
+        )
+        self.peers.append(self.foreman)
+        return self.foreman
+
+    def start_satellite(self) -> PeerProcess:
+        self.satellite, _ = start_peer(
+            "satellite-sim",
+            [sys.executable, "-m", "lab.satellite_sim", "--host", "127.0.0.1", "--port", "0",
+             "--username", "admin", "--password", self.passwords["LAB_SATELLITE_PASSWORD"]],
+            cwd=REPO_ROOT, log_path=self.workdir / "satellite-sim.log",
+        )
+        self.peers.append(self.satellite)
+        return self.satellite
+
+    # -- governord ------------------------------------------------------------------------------
+
+    def write_config(self, instance: str = "governord", *, workers: int = 8, max_hosts: int = 10,
+                     retry_limit: int = 5) -> Path:
+        """Write a config for a governord instance whose files live in ``workdir/instance``."""
+        assert self.vcsim and self.foreman and self.satellite and self.inventory
+        home = self.workdir / instance
+        home.mkdir(parents=True, exist_ok=True)
+        path = home / "governord.toml"
+        path.write_text(CONFIG_TEMPLATE.format(
+            state_dir=home / "state", socket=home / "admin.sock", workers=workers,
+            retry_limit=retry_limit, vcsim_url=self.vcsim.url, vcsim_user="governord",
+            datacenter=vcsim.DATACENTER, cluster=vcsim.CLUSTER,
+            resource_pool=self.inventory.resource_pool, folder=self.inventory.folder,
+            template=self.inventory.template, foreman_url=self.foreman.url, satellite_url=self.satellite.url,
+            max_hosts=max_hosts,
+        ))
+        return path
+
+    def start_governord(self, config: Path | None = None, *, extra_env: dict[str, str] | None = None,
+                        wait_ready: bool = True) -> Governord:
+        config = config or self.write_config()
+        home = config.parent
+        notify_path = home / f"notify-{len(self.daemons)}.sock"
+        if notify_path.exists():
+            notify_path.unlink()
+        notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        notify.bind(str(notify_path))
+        log = home / "governord.log"
+        env = {**os.environ, **self.passwords, "NOTIFY_SOCKET": str(notify_path),
+               "XDG_CACHE_HOME": str(self.workdir / "cache"), **(extra_env or {})}
+        with open(log, "ab") as log_file:
+            process = subprocess.Popen(
+                [sys.executable, "-m", "governord", "--config", str(config)],
+                stdout=log_file, stderr=log_file, env=env, cwd=home, start_new_session=True,
+            )
+        daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env)
+        self.daemons.append(daemon)
+        if wait_ready:
+            daemon.wait_notification("READY=1", timeout=60)
+        return daemon
+
+    # -- the other side ---------------------------------------------------------------------------
+
+    def vsphere_vms(self) -> dict[str, dict[str, Any]]:
+        """VMs in vcsim that carry governord's ownership marker: name -> facts."""
+        assert self.vcsim
+        from pyVmomi import vim
+
+        si = vcsim.connect(self.vcsim.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
+        try:
+            content = si.RetrieveContent()
+            view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
+            vms: dict[str, dict[str, Any]] = {}
+            for vm in view.view:
+                extra = {o.key: o.value for o in (vm.config.extraConfig if vm.config else [])}
+                host_id = extra.get("guestinfo.governord.host-id")
+                if host_id:
+                    vms[vm.name] = {"host_id": host_id, "power": str(vm.runtime.powerState),
+                                    "ip": vm.guest.ipAddress if vm.guest else None, "moid": vm._moId}
+            view.Destroy()
+            return vms
+        finally:
+            vcsim.disconnect(si)
+
+    def foreman_hosts(self) -> dict[str, dict[str, Any]]:
+        """Hosts in the Foreman simulator: name -> hostgroup, puppet classes, ip."""
+        assert self.foreman
+        token = base64.b64encode(f"admin:{self.passwords['LAB_FOREMAN_PASSWORD']}".encode()).decode()
+
+        def get(path: str) -> Any:
+            request = urllib.request.Request(self.foreman.url + path, headers={  # type: ignore[union-attr]
+                "Authorization": f"Basic {token}", "Accept": "application/json;version=2"})
+            with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback lab peer
+                return json.loads(resp.read())
+
+        hosts: dict[str, dict[str, Any]] = {}
+        for summary in get("/api/hosts?per_page=1000")["results"]:
+            full = get(f"/api/hosts/{summary['id']}")
+            classes = sorted(c["name"] for c in full.get("puppetclasses", []))
+            hosts[full["name"]] = {"id": full["id"], "hostgroup": full.get("hostgroup_title"), "ip": full.get("ip"),
+                                   "puppet_classes": classes, "comment": full.get("comment")}
+        return hosts
+
+    def satellite_systems(self) -> dict[str, dict[str, Any]]:
+        """Systems in the Satellite simulator: name -> id and subscribed groups."""
+        assert self.satellite
+        proxy = xmlrpc.client.ServerProxy(self.satellite.url)
+        key = proxy.auth.login("admin", self.passwords["LAB_SATELLITE_PASSWORD"])
+        try:
+            systems: dict[str, dict[str, Any]] = {}
+            for system in proxy.system.listSystems(key):
+                groups = sorted(g["system_group_name"] for g in proxy.system.listGroups(key, system["id"])
+                                if g["subscribed"])
+                systems[system["name"]] = {"id": system["id"], "groups": groups}
+            return systems
+        finally:
+            proxy.auth.logout(key)

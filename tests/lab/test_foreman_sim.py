@@ -1,0 +1,516 @@
+"""The Foreman simulator as a real client meets it: plain HTTP (requests) and apypie's ForemanApi.
+
+Every expectation here is a fact about the real Foreman API (status codes, envelopes, error
+bodies, quirks) from the research notes in shared/reference/foreman.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+from aiohttp.test_utils import TestClient, TestServer
+from apypie import ForemanApi
+from apypie.foreman import ForemanApiException
+
+from lab.foreman_sim import create_app, default_seed
+from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+
+pytestmark = pytest.mark.integration
+
+JSON = {"Content-Type": "application/json"}
+PER_PAGE = 2 << 31
+
+
+def fqdn(prefix: str = "t") -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}.lab.example"
+
+
+def get(sim: ForemanSim, path: str, **params: Any) -> requests.Response:
+    return requests.get(sim.url + path, params=params, auth=sim.auth, timeout=10)
+
+
+def create(sim: ForemanSim, host: dict[str, Any], **top: Any) -> requests.Response:
+    body = {"host": {"location_id": 1, "organization_id": 1, "managed": False, **host}, **top}
+    return requests.post(sim.url + "/api/hosts", json=body, auth=sim.auth, timeout=10)
+
+
+@pytest.fixture
+def api(foreman_sim: ForemanSim, tmp_path: Path) -> ForemanApi:
+    return ForemanApi(uri=foreman_sim.url, username=foreman_sim.username, password=foreman_sim.password,
+                      apidoc_cache_base_dir=str(tmp_path / "apypie"))
+
+
+@pytest.fixture(scope="module")
+def two_org_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForemanSim]:
+    """A simulator with two organizations and locations, so none is assigned as the lone one."""
+    seed = default_seed()
+    seed["organizations"].append({"name": "Other Org"})
+    seed["locations"].append({"name": "Elsewhere"})
+    sim = launch_foreman_sim(seed, tmp_path_factory.mktemp("two-org"), name="foreman-sim-two-org")
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+# -- status, headers, apidoc ----------------------------------------------------------------
+
+
+def test_status_and_headers(foreman_sim: ForemanSim) -> None:
+    response = get(foreman_sim, "/api/status")
+    assert response.status_code == 200
+    assert response.json() == {"result": "ok", "status": 200, "version": "3.13.0", "api_version": 2}
+    assert response.headers["Content-Type"] == "application/json; charset=utf-8"
+    assert response.headers["Foreman_api_version"] == "2"
+    assert response.headers["Foreman_version"] == "3.13.0"
+    assert response.headers["Foreman_current_organization"] == "; ANY"
+    assert response.headers["Foreman_current_location"] == "; ANY"
+    assert response.headers["Apipie-Checksum"]
+
+
+def test_ping_needs_no_credentials(foreman_sim: ForemanSim) -> None:
+    response = requests.get(foreman_sim.url + "/api/ping", timeout=10)
+    assert response.status_code == 200
+    assert response.json()["foreman"]["database"]["active"] is True
+
+
+def test_apidoc_is_served_with_the_advertised_checksum(foreman_sim: ForemanSim) -> None:
+    response = requests.get(foreman_sim.url + "/apidoc/v2.json", timeout=10)
+    assert response.status_code == 200
+    doc = response.json()["docs"]
+    assert doc["api_url"] == "/api"
+    assert {"hosts", "hostgroups", "organizations", "locations", "domains", "environments",
+            "puppetclasses", "host_classes", "home", "ping"} <= set(doc["resources"])
+    assert response.headers["Apipie-Checksum"] == get(foreman_sim, "/api/status").headers["Apipie-Checksum"]
+    create_method = next(m for m in doc["resources"]["hosts"]["methods"] if m["name"] == "create")
+    host_param = create_method["params"][-1]
+    assert host_param["name"] == "host" and host_param["required"] and host_param["expected_type"] == "hash"
+    required = {p["name"] for p in host_param["params"] if p["required"]}
+    assert required == {"name", "location_id", "organization_id"}
+    assert "hostgroup_title" not in {p["name"] for p in host_param["params"]}
+
+
+def test_apypie_loads_the_apidoc_and_caches_it_under_the_checksum(api: ForemanApi) -> None:
+    assert api.resource_action("home", "status", {})["result"] == "ok"
+    assert "hosts" in api.resources
+    cached = list(Path(api.apidoc_cache_dir).glob("*.json"))
+    assert [p.stem for p in cached] == [api.apidoc_cache_name]
+    assert len(api.apidoc_cache_name) == 32
+
+
+def test_a_stale_apidoc_cache_is_replaced(foreman_sim: ForemanSim, tmp_path: Path) -> None:
+    base = tmp_path / "apypie"
+    cache_dir = base / foreman_sim.url.replace(":", "_").replace("/", "_") / "v2"
+    cache_dir.mkdir(parents=True)
+    (cache_dir / "default.json").write_text(json.dumps({"docs": {"resources": {"home": {"methods": [
+        {"name": "status", "apis": [{"api_url": "/api/status", "http_method": "GET", "short_description": ""}],
+         "params": [], "examples": []}]}}}}))
+    stale = ForemanApi(uri=foreman_sim.url, username=foreman_sim.username, password=foreman_sim.password,
+                       apidoc_cache_base_dir=str(base))
+    assert stale.resources == ["home"]
+    stale.resource_action("home", "status", {})
+    # the checksum header differed from "default": the cache was dropped and is fetched again
+    assert not (cache_dir / "default.json").exists()
+    assert "hosts" in stale.resources
+
+
+# -- authentication ---------------------------------------------------------------------------
+
+
+def test_wrong_password_is_401_with_foreman_body(foreman_sim: ForemanSim) -> None:
+    response = requests.get(foreman_sim.url + "/api/hosts", auth=("admin", "wrong"), timeout=10)
+    assert response.status_code == 401
+    assert response.json() == {"error": {"message": "Unable to authenticate user admin"}}
+    puppet = requests.get(foreman_sim.url + "/foreman_puppet/api/environments", auth=("bob", "x"), timeout=10)
+    assert puppet.status_code == 401
+    assert puppet.json() == {"error": {"message": "Unable to authenticate user bob"}}
+
+
+def test_no_credentials_is_401(foreman_sim: ForemanSim) -> None:
+    response = requests.get(foreman_sim.url + "/api/status", timeout=10)
+    assert response.status_code == 401
+    assert response.json() == {"error": {"message": "Unable to authenticate user "}}
+
+
+def test_apypie_with_wrong_password_gets_foremans_message(foreman_sim: ForemanSim, tmp_path: Path) -> None:
+    bad = ForemanApi(uri=foreman_sim.url, username="admin", password="wrong", apidoc_cache_base_dir=str(tmp_path))
+    with pytest.raises(ForemanApiException, match="Unable to authenticate user admin"):
+        bad.resource_action("home", "status", {})
+
+
+# -- the index envelope and search ------------------------------------------------------------
+
+
+def test_index_envelope_as_recorded(foreman_sim: ForemanSim) -> None:
+    name = fqdn("env")
+    assert create(foreman_sim, {"name": name}).status_code == 201
+    total = get(foreman_sim, "/api/hosts", per_page="all").json()["total"]
+    response = get(foreman_sim, "/api/hosts", thin="false", search=f'name="{name}"', per_page=PER_PAGE)
+    assert response.status_code == 200
+    assert response.text.startswith('{\n  "total": ')
+    body = response.json()
+    assert body["total"] == total >= 1
+    assert body["subtotal"] == 1
+    assert body["page"] == 1
+    assert body["per_page"] == PER_PAGE and isinstance(body["per_page"], int)
+    assert body["search"] == f'name="{name}"'
+    assert body["sort"] == {"by": None, "order": None}
+    missing = get(foreman_sim, "/api/hosts", search='name="nope.lab.example"', per_page=PER_PAGE).json()
+    assert missing["results"] == [] and missing["subtotal"] == 0 and missing["total"] == total
+
+
+def test_index_defaults_without_search(foreman_sim: ForemanSim) -> None:
+    body = get(foreman_sim, "/api/organizations").json()
+    assert body["per_page"] == 20 and body["page"] == 1 and body["search"] is None
+    assert body["subtotal"] == body["total"] == 1
+    assert get(foreman_sim, "/api/hostgroups", order="title DESC").json()["sort"] == {"by": "title", "order": "DESC"}
+
+
+def test_thin_quirk_any_value_gives_thin_results(foreman_sim: ForemanSim) -> None:
+    name = fqdn("thin")
+    host_id = create(foreman_sim, {"name": name}).json()["id"]
+    for thin in ("false", "true", "0"):
+        body = get(foreman_sim, "/api/hosts", thin=thin, search=f'name="{name}"').json()
+        assert body["results"] == [{"id": host_id, "name": name}]
+    full = get(foreman_sim, "/api/hosts", search=f'name="{name}"').json()["results"]
+    assert full[0]["id"] == host_id and "hostgroup_title" in full[0] and "managed" in full[0]
+
+
+def test_search_syntax(foreman_sim: ForemanSim) -> None:
+    name = fqdn("search")
+    host_id = create(foreman_sim, {"name": name, "hostgroup_id": 2, "comment": "hello"}).json()["id"]
+    for query in (f'name="{name}"', f"name = {name}", f"id={host_id}", f'name="{name}" and hostgroup_title="openshift/node"',
+                  f'hostgroup = "openshift/node" and id = {host_id}', f"id ^ (0, {host_id})", f"name ~ {name[:10]}* and comment ~ hell"):
+        ids = [h["id"] for h in get(foreman_sim, "/api/hosts", search=query, per_page=PER_PAGE, thin=1).json()["results"]]
+        assert ids == [host_id], query
+    assert get(foreman_sim, "/api/hosts", search=f'name="{name}" and id=0').json()["results"] == []
+    groups = get(foreman_sim, "/api/hostgroups", search='title="openshift/node"').json()["results"]
+    assert [(g["name"], g["title"], g["parent_name"]) for g in groups] == [("node", "openshift/node", "openshift")]
+    assert [g["title"] for g in get(foreman_sim, "/api/hostgroups", search="name = broker").json()["results"]] == ["openshift/broker"]
+
+
+def test_hosts_of_a_hostgroup(foreman_sim: ForemanSim, api: ForemanApi) -> None:
+    name = fqdn("nested")
+    host_id = create(foreman_sim, {"name": name, "hostgroup_id": 3}).json()["id"]
+    nested = get(foreman_sim, "/api/hostgroups/3/hosts", search=f'name="{name}"').json()["results"]
+    assert [h["id"] for h in nested] == [host_id]
+    assert [h["id"] for h in api.list("hosts", search=f'name="{name}"', params={"hostgroup_id": 3})] == [host_id]
+    assert api.list("hosts", search=f'name="{name}"', params={"hostgroup_id": 1}) == []
+    missing = get(foreman_sim, "/api/hosts", hostgroup_id=99)
+    assert missing.status_code == 404
+    assert missing.json() == {"message": "Hostgroup not found by id '99'"}
+
+
+@pytest.mark.parametrize(
+    ("query", "message"),
+    [("colour = blue", "Field 'colour' not recognized for searching!"),
+     ("id = abc", "Value 'abc' is not valid for field 'id'"),
+     ('name = "x" and (', "Unexpected end of query")],
+)
+def test_unsupported_search_is_400(foreman_sim: ForemanSim, query: str, message: str) -> None:
+    response = get(foreman_sim, "/api/hosts", search=query)
+    assert response.status_code == 400
+    assert response.json() == {"error": {"message": message, "class": "ScopedSearch::QueryNotSupported"}}
+
+
+# -- hosts: create, show, update, delete --------------------------------------------------------
+
+
+def test_create_returns_201_with_the_full_host(foreman_sim: ForemanSim) -> None:
+    name = fqdn("create")
+    response = create(
+        foreman_sim,
+        {"name": name.upper(), "hostgroup_id": 2, "ip": "192.0.2.10", "comment": "governord:host-id=abc",
+         "build": False,
+         "host_parameters_attributes": [{"name": "role", "value": "node"},
+                                        {"name": "count", "value": "3", "parameter_type": "integer"},
+                                        {"name": "on", "value": "true", "parameter_type": "boolean"}]},
+    )
+    assert response.status_code == 201
+    host = response.json()
+    assert host["name"] == name  # Foreman lower-cases host names
+    assert (host["domain_id"], host["domain_name"]) == (1, "lab.example")
+    assert (host["hostgroup_id"], host["hostgroup_name"], host["hostgroup_title"]) == (2, "node", "openshift/node")
+    assert (host["organization_name"], host["location_name"]) == ("Governor Lab", "Lab")
+    assert host["ip"] == "192.0.2.10" and host["comment"] == "governord:host-id=abc"
+    assert host["managed"] is False and host["build"] is False
+    assert {p["name"]: (p["value"], p["parameter_type"]) for p in host["parameters"]} == {
+        "role": ("node", "string"), "count": (3, "integer"), "on": (True, "boolean")}
+    assert host["interfaces"][0]["primary"] is True and host["interfaces"][0]["fqdn"] == name
+    keys = list(host)
+    assert keys[:3] == ["ip", "ip6", "last_report"]
+    assert keys.index("hostgroup_title") > keys.index("name") and "permissions" in keys
+
+
+def test_managed_defaults_to_true_and_then_needs_provisioning_data(foreman_sim: ForemanSim) -> None:
+    name = fqdn("managed")
+    body = {"host": {"name": name, "location_id": 1, "organization_id": 1}}
+    response = requests.post(foreman_sim.url + "/api/hosts", json=body, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 422
+    error = response.json()["error"]
+    assert error["id"] is None
+    assert error["errors"] == {"architecture_id": ["can't be blank"], "operatingsystem_id": ["can't be blank"],
+                               "interfaces.mac": ["can't be blank"]}
+    body["host"].update(architecture_id=1, operatingsystem_id=1, mac="AA:BB:CC:00:00:01")
+    response = requests.post(foreman_sim.url + "/api/hosts", json=body, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 201
+    assert response.json()["managed"] is True and response.json()["mac"] == "aa:bb:cc:00:00:01"
+
+
+def test_create_without_name_is_422(foreman_sim: ForemanSim) -> None:
+    response = create(foreman_sim, {})
+    assert response.status_code == 422
+    assert response.json() == {"error": {"id": None, "errors": {"name": ["can't be blank"]},
+                                         "full_messages": ["Name can't be blank"]}}
+
+
+def test_lone_taxonomies_are_assigned(foreman_sim: ForemanSim) -> None:
+    body = {"host": {"name": fqdn("lone"), "managed": False}}
+    response = requests.post(foreman_sim.url + "/api/hosts", json=body, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 201
+    assert (response.json()["organization_id"], response.json()["location_id"]) == (1, 1)
+
+
+def test_create_without_taxonomies_is_422(two_org_sim: ForemanSim) -> None:
+    body = {"host": {"name": fqdn("tax"), "managed": False}}
+    response = requests.post(two_org_sim.url + "/api/hosts", json=body, auth=two_org_sim.auth, timeout=10)
+    assert response.status_code == 422
+    assert response.json() == {"error": {
+        "id": None,
+        "errors": {"location_id": ["can't be blank"], "organization_id": ["can't be blank"]},
+        "full_messages": ["Location can't be blank", "Organization can't be blank"],
+    }}
+    # the request's taxonomy context fills them in
+    body = {"host": {"name": fqdn("tax"), "managed": False}, "organization_id": 2, "location_id": 2}
+    response = requests.post(two_org_sim.url + "/api/hosts", json=body, auth=two_org_sim.auth, timeout=10)
+    assert response.status_code == 201
+    assert (response.json()["organization_name"], response.json()["location_name"]) == ("Other Org", "Elsewhere")
+
+
+def test_duplicate_name_is_422(foreman_sim: ForemanSim) -> None:
+    name = fqdn("dup")
+    assert create(foreman_sim, {"name": name}).status_code == 201
+    response = create(foreman_sim, {"name": name})
+    assert response.status_code == 422
+    assert response.json() == {"error": {"id": None, "errors": {"name": ["has already been taken"]},
+                                         "full_messages": ["Name has already been taken"]}}
+
+
+def test_unknown_hostgroup_is_422_custom_error(foreman_sim: ForemanSim) -> None:
+    response = create(foreman_sim, {"name": fqdn("hg"), "hostgroup_id": 999})
+    assert response.status_code == 422
+    assert response.json() == {"error": {"message": "Couldn't find Hostgroup with 'id'=999"}}
+
+
+def test_hostgroup_title_is_not_a_create_parameter(foreman_sim: ForemanSim) -> None:
+    response = create(foreman_sim, {"name": fqdn("title"), "hostgroup_title": "openshift/node"})
+    assert response.status_code == 201  # unpermitted keys are dropped, as Rails strong parameters do
+    assert response.json()["hostgroup_id"] is None
+
+
+def test_show_by_id_or_name_and_404(foreman_sim: ForemanSim) -> None:
+    name = fqdn("show")
+    host_id = create(foreman_sim, {"name": name}).json()["id"]
+    assert get(foreman_sim, f"/api/hosts/{host_id}").json()["name"] == name
+    assert get(foreman_sim, f"/api/hosts/{name}").json()["id"] == host_id
+    response = get(foreman_sim, "/api/hosts/missing.lab.example")
+    assert response.status_code == 404
+    assert response.json() == {"error": {"message": "Resource host not found by id 'missing.lab.example'"}}
+
+
+def test_update_returns_200_with_the_full_host(foreman_sim: ForemanSim) -> None:
+    name = fqdn("update")
+    host = create(foreman_sim, {"name": name, "hostgroup_id": 2,
+                                "host_parameters_attributes": [{"name": "a", "value": "1"}, {"name": "b", "value": "2"}]}).json()
+    params = {p["name"]: p["id"] for p in host["parameters"]}
+    body = {"host": {"hostgroup_id": 3, "host_parameters_attributes": [
+        {"id": params["a"], "value": "10"}, {"id": params["b"], "_destroy": True}, {"name": "c", "value": "3"}]}}
+    response = requests.put(f"{foreman_sim.url}/api/hosts/{host['id']}", json=body, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 200
+    updated = response.json()
+    assert updated["hostgroup_title"] == "openshift/broker"
+    assert {p["name"]: p["value"] for p in updated["parameters"]} == {"a": "10", "c": "3"}
+    assert updated["name"] == name and updated["comment"] is None
+
+
+def test_update_to_a_taken_name_is_422_with_the_id(foreman_sim: ForemanSim) -> None:
+    first, second = fqdn("a"), fqdn("b")
+    create(foreman_sim, {"name": first})
+    host_id = create(foreman_sim, {"name": second}).json()["id"]
+    response = requests.put(f"{foreman_sim.url}/api/hosts/{host_id}", json={"host": {"name": first}},
+                            auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 422
+    assert response.json()["error"]["id"] == host_id
+    assert response.json()["error"]["errors"] == {"name": ["has already been taken"]}
+
+
+def test_update_unknown_host_is_404(foreman_sim: ForemanSim) -> None:
+    response = requests.put(f"{foreman_sim.url}/api/hosts/4040404", json={"host": {}}, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 404
+    assert response.json() == {"error": {"message": "Resource host not found by id '4040404'"}}
+
+
+def test_delete_returns_200_with_the_raw_row(foreman_sim: ForemanSim) -> None:
+    name = fqdn("delete")
+    host_id = create(foreman_sim, {"name": name}).json()["id"]
+    response = requests.delete(f"{foreman_sim.url}/api/hosts/{name}", auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 200
+    row = response.json()
+    assert row["id"] == host_id and row["name"] == name
+    assert {"root_pass", "otp", "grub_pass", "lookup_value_matcher", "build_errors"} <= set(row)
+    assert "hostgroup_title" not in row and "parameters" not in row
+    assert get(foreman_sim, f"/api/hosts/{host_id}").status_code == 404
+    again = requests.delete(f"{foreman_sim.url}/api/hosts/{host_id}", auth=foreman_sim.auth, timeout=10)
+    assert again.status_code == 404
+
+
+def test_unparsable_json_is_400_unwrapped(foreman_sim: ForemanSim) -> None:
+    response = requests.post(foreman_sim.url + "/api/hosts", data='{"host": {', headers=JSON, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 400
+    body = response.json()
+    assert set(body) == {"status", "error"} and body["status"] == 400
+    assert body["error"].startswith("There was a problem in the JSON you submitted: ")
+
+
+@pytest.mark.parametrize("method", ["post", "put"])
+def test_wrong_content_type_is_415(foreman_sim: ForemanSim, method: str) -> None:
+    path = "/api/hosts" if method == "post" else "/api/hosts/1"
+    response = requests.request(method, foreman_sim.url + path, data="host[name]=x",
+                                headers={"Content-Type": "application/x-www-form-urlencoded"}, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 415
+    assert response.json() == {"error": {"message": (
+        "Media type in 'Content-Type: application/x-www-form-urlencoded' is unsupported in API v2 for POST and PUT "
+        "requests. Please use 'Content-Type: application/json'.")}}
+
+
+# -- lookups ----------------------------------------------------------------------------------
+
+
+def test_lookups_by_name_and_title(foreman_sim: ForemanSim) -> None:
+    def one(path: str, search: str) -> dict[str, Any]:
+        results = get(foreman_sim, path, search=search).json()["results"]
+        assert len(results) == 1, (path, search, results)
+        return results[0]
+
+    assert one("/api/organizations", 'name="Governor Lab"')["id"] == 1
+    assert one("/api/locations", 'title="Lab"')["name"] == "Lab"
+    assert one("/api/domains", 'name="lab.example"')["id"] == 1
+    assert one("/api/hostgroups", 'title="openshift"')["parent_id"] is None
+    assert one("/foreman_puppet/api/environments", 'name="production"')["id"] == 1
+    assert get(foreman_sim, "/api/organizations/Governor Lab").json()["id"] == 1
+    missing = get(foreman_sim, "/api/hostgroups/77")
+    assert missing.status_code == 404
+    assert missing.json() == {"error": {"message": "Resource hostgroup not found by id '77'"}}
+
+
+def test_puppetclass_index_groups_by_module(foreman_sim: ForemanSim) -> None:
+    body = get(foreman_sim, "/foreman_puppet/api/environments/1/puppetclasses").json()
+    assert body["total"] == 4
+    results = body["results"]
+    assert sorted(results) == ["openshift", "profile"]
+    assert sorted(c["name"] for c in results["openshift"]) == ["openshift::broker", "openshift::master", "openshift::node"]
+    one = get(foreman_sim, "/foreman_puppet/api/puppetclasses", search='name="openshift::node"').json()
+    assert [c["name"] for c in one["results"]["openshift"]] == ["openshift::node"] and one["subtotal"] == 1
+    assert set(one["results"]["openshift"][0]) == {"id", "name", "created_at", "updated_at"}
+    missing = get(foreman_sim, "/foreman_puppet/api/environments/99/puppetclasses")
+    assert missing.status_code == 404
+    assert missing.json() == {"message": "Environment not found by id '99'"}
+
+
+# -- Puppet classes of a host -------------------------------------------------------------------
+
+
+def test_host_puppet_classes(foreman_sim: ForemanSim) -> None:
+    name = fqdn("classes")
+    host_id = create(foreman_sim, {"name": name, "environment_id": "1"}).json()["id"]
+    base = f"{foreman_sim.url}/foreman_puppet/api/hosts/{host_id}/puppetclass_ids"
+    added = requests.post(base, json={"puppetclass_id": 2}, auth=foreman_sim.auth, timeout=10)
+    assert added.status_code == 200
+    assert added.json() == {"host_id": host_id, "puppetclass_id": 2}
+    twice = requests.post(base, json={"puppetclass_id": 2}, auth=foreman_sim.auth, timeout=10)
+    assert twice.status_code == 500
+    assert requests.get(base, auth=foreman_sim.auth, timeout=10).json() == {"results": [2]}
+    host = get(foreman_sim, f"/api/hosts/{host_id}").json()
+    assert host["puppetclasses"] == [{"id": 2, "name": "openshift::node", "module_name": "openshift"}]
+    assert host["environment_name"] == "production"
+    enc = get(foreman_sim, f"/api/hosts/{name}/enc").json()["data"]
+    assert enc["classes"] == {"openshift::node": None} and enc["environment"] == "production"
+    removed = requests.delete(f"{base}/2", auth=foreman_sim.auth, timeout=10)
+    assert removed.status_code == 200 and removed.json() == []
+    assert requests.delete(f"{base}/2", auth=foreman_sim.auth, timeout=10).json() == []
+    assert requests.get(base, auth=foreman_sim.auth, timeout=10).json() == {"results": []}
+    unknown = requests.post(base, json={"puppetclass_id": 999}, auth=foreman_sim.auth, timeout=10)
+    assert unknown.status_code == 422
+    assert unknown.json() == {"error": {"message": "Couldn't find ForemanPuppet::Puppetclass with 'id'=999"}}
+
+
+def test_enc_parameters(foreman_sim: ForemanSim) -> None:
+    name = fqdn("enc")
+    create(foreman_sim, {"name": name, "hostgroup_id": 2, "host_parameters_attributes": [
+        {"name": "weight", "value": "2.5", "parameter_type": "real"}]})
+    data = get(foreman_sim, f"/api/hosts/{name}/enc").json()["data"]
+    assert data["parameters"]["hostgroup"] == "openshift/node"
+    assert data["parameters"]["organization"] == "Governor Lab"
+    assert data["parameters"]["weight"] == 2.5
+    assert data["classes"] == []  # no Puppet environment, no classes
+
+
+def test_invalid_parameter_value_is_422(foreman_sim: ForemanSim) -> None:
+    response = create(foreman_sim, {"name": fqdn("param"), "host_parameters_attributes": [
+        {"name": "n", "value": "many", "parameter_type": "integer"}]})
+    assert response.status_code == 422
+    assert response.json()["error"]["errors"] == {"host_parameters.value": ["is invalid integer"]}
+
+
+# -- the whole lifecycle through apypie ------------------------------------------------------------
+
+
+def test_apypie_lifecycle(api: ForemanApi) -> None:
+    """The FAM/apypie request sequence: look up, create, re-read, update, classes, delete."""
+    name = fqdn("apypie")
+    assert api.list("hosts", search=f'name="{name}"', params={"thin": False}) == []
+    org = api.list("organizations", search='name="Governor Lab"')[0]
+    loc = api.list("locations", search='title="Lab"')[0]
+    group = api.list("hostgroups", search='title="openshift/node"')[0]
+    env = api.list("environments", search='name="production"')[0]
+    created = api.create("hosts", {"name": name, "location_id": loc["id"], "organization_id": org["id"],
+                                   "build": False, "managed": False, "environment_id": str(env["id"])},
+                         params={"location_id": loc["id"], "organization_id": org["id"]})
+    assert created["name"] == name and created["environment_id"] == env["id"]
+    found = api.list("hosts", search=f'name="{name}"', params={"thin": False})
+    assert found == [{"id": created["id"], "name": name}]
+    assert api.show("hosts", created["id"])["id"] == created["id"]
+    updated = api.update("hosts", {"id": created["id"], "hostgroup_id": group["id"]})
+    assert updated["hostgroup_title"] == "openshift/node"
+    classes = api.list("puppetclasses", search='name="openshift::broker"', params={"environment_id": env["id"]})
+    assert isinstance(classes, dict)
+    class_id = classes["openshift"][0]["id"]
+    assert api.resource_action("host_classes", "create", {"host_id": created["id"], "puppetclass_id": class_id}) == {
+        "host_id": created["id"], "puppetclass_id": class_id}
+    assert api.resource_action("host_classes", "index", {"host_id": created["id"]}) == {"results": [class_id]}
+    assert api.resource_action("host_classes", "destroy", {"host_id": created["id"], "id": class_id}) == []
+    api.delete("hosts", {"id": created["id"]})
+    assert api.list("hosts", search=f'name="{name}"') == []
+    with pytest.raises(ForemanApiException, match="Resource host not found by id"):
+        api.show("hosts", created["id"])
+
+
+# -- in-process --------------------------------------------------------------------------------
+
+
+async def test_create_app_in_process() -> None:
+    app = create_app(default_seed(), "admin", "pw")
+    auth = {"Authorization": "Basic " + base64.b64encode(b"admin:pw").decode()}
+    async with TestClient(TestServer(app)) as client:
+        response = await client.get("/api/hostgroups", params={"search": 'title="openshift/broker"'}, headers=auth)
+        assert response.status == 200
+        assert [g["name"] for g in (await response.json())["results"]] == ["broker"]
+        denied = await client.get("/api/hostgroups")
+        assert denied.status == 401

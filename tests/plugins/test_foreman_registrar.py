@@ -1,0 +1,275 @@
+"""The Foreman registrar against the launched Foreman simulator.
+
+What the registrar did is checked on the other side: read back from the simulator over plain
+HTTP, never through the registrar itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+
+from governord.errors import PermanentError, RetryableError
+from governord.models import HostOrigin, HostState, HostView
+from governord.plugins.foreman import governord_register_registrars
+from governord.plugins.foreman.registrar import ForemanRegistrar
+from governord.registrars import RegistrarRegistry
+from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+
+pytestmark = pytest.mark.integration
+
+PASSWORD_VAR = "GOVERNORD_TEST_FOREMAN_PASSWORD"
+
+TAGS: dict[str, dict[str, Any]] = {
+    "node": {"hostgroup": "openshift/node", "puppet_classes": ["openshift::node", "profile::base"],
+             "parameters": {"openshift_role": "node", "max_pods": 250, "schedulable": True}},
+    "broker": {"hostgroup": "openshift/broker", "puppet_classes": ["openshift::broker", "profile::base"],
+               "parameters": {"openshift_role": "broker", "weight": 0.5}},
+    "base": {"puppet_classes": ["profile::base"], "parameters": {"openshift_role": "base", "site": "lab"}},
+}
+
+
+def make_config(sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, password: str | None = None) -> Any:
+    monkeypatch.setenv(PASSWORD_VAR, sim.password if password is None else password)
+    return ForemanRegistrar.Config.model_validate({
+        "type": "foreman",
+        "url": sim.url,
+        "username": sim.username,
+        "password": {"env": PASSWORD_VAR},
+        "organization": "Governor Lab",
+        "location": "Lab",
+        "call_timeout": 10,
+    })
+
+
+def make_host(*, fqdn: str | None = None, tags: tuple[str, ...] = ("node",)) -> HostView:
+    name = f"gov-{uuid.uuid4().hex[:8]}"
+    return HostView(
+        id=str(uuid.uuid4()), name=name, fqdn=fqdn or f"{name}.lab.example", app="openshift", role="node",
+        origin=HostOrigin.PROVISIONED, state=HostState.REGISTERING, provider="vsphere", machine_id="vm-1",
+        tags=tags, addresses=("192.0.2.44",), classification={}, registrations={},
+    )
+
+
+def classification(registrar: ForemanRegistrar, *tags: str) -> dict[str, Any]:
+    return registrar.classify([(t, ForemanRegistrar.TagMapping.model_validate(TAGS[t])) for t in tags])
+
+
+def read_host(sim: ForemanSim, name: str) -> requests.Response:
+    return requests.get(f"{sim.url}/api/hosts/{name}", auth=sim.auth, timeout=10)
+
+
+def read_class_ids(sim: ForemanSim, host_id: int) -> list[int]:
+    response = requests.get(f"{sim.url}/foreman_puppet/api/hosts/{host_id}/puppetclass_ids", auth=sim.auth, timeout=10)
+    return list(response.json()["results"])
+
+
+@pytest.fixture
+async def registrar(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[ForemanRegistrar]:
+    reg = ForemanRegistrar("foreman", make_config(foreman_sim, monkeypatch), state_dir=tmp_path)
+    await reg.start()
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+@pytest.fixture
+def private_sim(tmp_path: Path) -> Iterator[ForemanSim]:
+    """A simulator of this test's own, which the test may stop."""
+    sim = launch_foreman_sim(tmp_dir=tmp_path, name="foreman-sim-private")
+    try:
+        yield sim
+    finally:
+        sim.stop()
+
+
+def test_plugin_registers_the_type() -> None:
+    registry = RegistrarRegistry()
+    governord_register_registrars(registry)
+    assert registry.get("foreman") is ForemanRegistrar
+
+
+def test_classify_merges_tags_in_order() -> None:
+    reg = ForemanRegistrar.__new__(ForemanRegistrar)
+    mappings = [(t, ForemanRegistrar.TagMapping.model_validate(TAGS[t])) for t in ("base", "node", "broker")]
+    assert reg.classify(mappings) == {
+        "hostgroup": "openshift/node",
+        "puppet_classes": ["profile::base", "openshift::node", "openshift::broker"],
+        "parameters": {"openshift_role": "base", "site": "lab", "max_pods": 250, "schedulable": True, "weight": 0.5},
+    }
+
+
+async def test_apidoc_is_cached_in_the_state_dir(registrar: ForemanRegistrar, tmp_path: Path) -> None:
+    assert list((tmp_path / "cache" / "apypie").rglob("*.json"))
+
+
+async def test_register_creates_the_host(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    record = await registrar.register(host, classification(registrar, "node"))
+    response = read_host(foreman_sim, host.fqdn)
+    assert response.status_code == 200
+    seen = response.json()
+    assert record["id"] == seen["id"]
+    assert record["hostgroup"] == "openshift/node"
+    assert record["puppet_classes"] == ["openshift::node", "profile::base"]
+    assert seen["hostgroup_title"] == "openshift/node"
+    assert seen["managed"] is False and seen["build"] is False
+    assert seen["ip"] == "192.0.2.44"
+    assert seen["comment"] == f"governord:host-id={host.id}"
+    assert (seen["organization_name"], seen["location_name"], seen["environment_name"]) == ("Governor Lab", "Lab", "production")
+    assert sorted(c["name"] for c in seen["puppetclasses"]) == ["openshift::node", "profile::base"]
+    assert {p["name"]: p["value"] for p in seen["parameters"]} == {"openshift_role": "node", "max_pods": 250, "schedulable": True}
+    assert await registrar.lookup(host) == {
+        "id": seen["id"], "name": host.fqdn, "hostgroup": "openshift/node",
+        "puppet_classes": [c["name"] for c in seen["puppetclasses"]],
+        "parameters": {"openshift_role": "node", "max_pods": 250, "schedulable": True},
+        "comment": f"governord:host-id={host.id}",
+    }
+
+
+async def test_register_again_changes_nothing(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    wanted = classification(registrar, "node")
+    first = await registrar.register(host, wanted)
+    before = read_host(foreman_sim, host.fqdn).json()
+    again = dataclasses.replace(host, registrations={"foreman": first})
+    assert await registrar.register(again, wanted) == first
+    after = read_host(foreman_sim, host.fqdn).json()
+    assert after == before
+    assert len(requests.get(f"{foreman_sim.url}/api/hosts", params={"search": f'name="{host.fqdn}"'},
+                            auth=foreman_sim.auth, timeout=10).json()["results"]) == 1
+
+
+async def test_reclassify_moves_hostgroup_classes_and_parameters(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    first = await registrar.register(host, classification(registrar, "node"))
+    moved = dataclasses.replace(host, registrations={"foreman": first}, tags=("broker",))
+    record = await registrar.register(moved, classification(registrar, "broker"))
+    assert record["id"] == first["id"]
+    seen = read_host(foreman_sim, host.fqdn).json()
+    assert seen["hostgroup_title"] == "openshift/broker"
+    assert sorted(c["name"] for c in seen["puppetclasses"]) == ["openshift::broker", "profile::base"]
+    assert {p["name"]: p["value"] for p in seen["parameters"]} == {"openshift_role": "broker", "weight": 0.5}
+    ids = {c["name"]: c["id"] for c in seen["puppetclasses"]}
+    assert sorted(read_class_ids(foreman_sim, seen["id"])) == sorted(ids.values())
+
+
+async def test_register_keeps_an_operators_comment_and_parameters(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    body = {"host": {"name": host.fqdn, "location_id": 1, "organization_id": 1, "managed": False,
+                     "comment": "racked by ops", "host_parameters_attributes": [{"name": "owner", "value": "ops"}]}}
+    assert requests.post(f"{foreman_sim.url}/api/hosts", json=body, auth=foreman_sim.auth, timeout=10).status_code == 201
+    await registrar.register(host, classification(registrar, "base"))
+    seen = read_host(foreman_sim, host.fqdn).json()
+    assert seen["comment"] == f"racked by ops\ngovernord:host-id={host.id}"
+    assert {p["name"]: p["value"] for p in seen["parameters"]} == {"owner": "ops", "openshift_role": "base", "site": "lab"}
+    assert seen["hostgroup_id"] is None
+
+
+async def test_an_upper_case_fqdn_is_found_again(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    shouting = dataclasses.replace(host, fqdn=host.fqdn.upper())
+    first = await registrar.register(shouting, classification(registrar, "node"))
+    assert await registrar.register(shouting, classification(registrar, "node")) == first
+    assert read_host(foreman_sim, host.fqdn).json()["id"] == first["id"]
+    await registrar.deregister(shouting)
+    assert read_host(foreman_sim, host.fqdn).status_code == 404
+
+
+async def test_deregister_follows_a_renamed_host_only_if_it_is_ours(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    record = await registrar.register(host, classification(registrar, "node"))
+    renamed = f"renamed-{uuid.uuid4().hex[:6]}.lab.example"
+    response = requests.put(f"{foreman_sim.url}/api/hosts/{record['id']}", json={"host": {"name": renamed}},
+                            auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 200
+    stranger = make_host()
+    await registrar.deregister(dataclasses.replace(stranger, registrations={"foreman": record}))
+    assert read_host(foreman_sim, renamed).status_code == 200
+    await registrar.deregister(dataclasses.replace(host, registrations={"foreman": record}))
+    assert read_host(foreman_sim, renamed).status_code == 404
+
+
+async def test_a_stale_ownership_marker_is_replaced(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    await registrar.register(host, classification(registrar, "node"))
+    successor = dataclasses.replace(host, id=str(uuid.uuid4()))
+    await registrar.register(successor, classification(registrar, "node"))
+    assert read_host(foreman_sim, host.fqdn).json()["comment"] == f"governord:host-id={successor.id}"
+
+
+async def test_deregister_removes_the_host(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    record = await registrar.register(host, classification(registrar, "node"))
+    registered = dataclasses.replace(host, registrations={"foreman": record})
+    await registrar.deregister(registered)
+    response = read_host(foreman_sim, str(record["id"]))
+    assert response.status_code == 404
+    assert response.json() == {"error": {"message": f"Resource host not found by id '{record['id']}'"}}
+    assert read_host(foreman_sim, host.fqdn).status_code == 404
+    assert await registrar.lookup(host) is None
+    # already gone is success
+    await registrar.deregister(registered)
+    await registrar.deregister(make_host())
+
+
+async def test_unknown_hostgroup_is_permanent(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    with pytest.raises(PermanentError, match="hostgroup 'openshift/nowhere'"):
+        await registrar.register(host, {"hostgroup": "openshift/nowhere", "puppet_classes": [], "parameters": {}})
+    assert read_host(foreman_sim, host.fqdn).status_code == 404
+
+
+async def test_unknown_puppet_class_is_permanent(registrar: ForemanRegistrar) -> None:
+    with pytest.raises(PermanentError, match="Puppet class 'nginx::server'"):
+        await registrar.register(make_host(), {"hostgroup": None, "puppet_classes": ["nginx::server"], "parameters": {}})
+
+
+async def test_unknown_organization_is_permanent(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    config = make_config(foreman_sim, monkeypatch).model_copy(update={"organization": "Nobody"})
+    reg = ForemanRegistrar("foreman", config)
+    try:
+        with pytest.raises(PermanentError, match="organization 'Nobody'"):
+            await reg.register(make_host(), {"hostgroup": None, "puppet_classes": [], "parameters": {}})
+    finally:
+        await reg.close()
+
+
+async def test_wrong_password_is_permanent_with_foremans_message(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = ForemanRegistrar("foreman", make_config(foreman_sim, monkeypatch, password="wrong"))
+    try:
+        with pytest.raises(PermanentError, match="Unable to authenticate user admin") as caught:
+            await reg.start()
+        assert "HTTP 401" in str(caught.value)
+        assert caught.value.source == "foreman"
+    finally:
+        await reg.close()
+
+
+async def test_stopped_simulator_is_retryable(private_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    reg = ForemanRegistrar("foreman", make_config(private_sim, monkeypatch), state_dir=tmp_path)
+    try:
+        await reg.start()
+        host = make_host()
+        await reg.register(host, classification(reg, "node"))
+        private_sim.stop()
+        with pytest.raises(RetryableError, match="unreachable"):
+            await reg.register(host, classification(reg, "node"))
+        with pytest.raises(RetryableError):
+            await reg.deregister(host)
+    finally:
+        await reg.close()
+    # never reached at all: the apidoc cannot even be loaded
+    fresh = ForemanRegistrar("foreman", make_config(private_sim, monkeypatch))
+    try:
+        with pytest.raises(RetryableError, match="unreachable"):
+            await fresh.start()
+    finally:
+        await fresh.close()

@@ -1,0 +1,419 @@
+"""The Satellite registrar against the simulator process, checked from the other side.
+
+Every effect is read back with a separate, plain ``xmlrpc.client`` session, the way an operator
+would see it in Satellite: ``system.getId``, ``system.listGroups``, ``systemgroup.listSystems``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime
+import ipaddress
+import socket
+import threading
+import time
+import uuid
+import xmlrpc.client
+from collections.abc import AsyncIterator, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pydantic
+import pytest
+
+from governord.errors import PermanentError, RetryableError
+from governord.models import HostOrigin, HostState, HostView
+from governord.plugins.satellite import governord_register_registrars
+from governord.plugins.satellite.registrar import SatelliteConfig, SatelliteRegistrar, SatelliteTagMapping
+from governord.registrars import RegistrarRegistry
+from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
+
+pytestmark = pytest.mark.integration
+
+#: an API proxy (its results are untyped XML-RPC data) and a session key
+Api = tuple[Any, str]
+
+PASSWORD_ENV = "GOVERNORD_TEST_SATELLITE_PASSWORD"
+
+
+def make_host(fqdn: str, host_id: str | None = None) -> HostView:
+    """A host record as the engine hands it to registrars."""
+    return HostView(
+        id=host_id or str(uuid.uuid4()), name=fqdn.split(".")[0], fqdn=fqdn, app="openshift", role="node",
+        origin=HostOrigin.PROVISIONED, state=HostState.REGISTERING, provider="lab", machine_id=None,
+        tags=("node",), addresses=("192.0.2.10",), classification={}, registrations={},
+    )
+
+
+def make_registrar(url: str, monkeypatch: pytest.MonkeyPatch, password: str, **extra: Any) -> SatelliteRegistrar:
+    """A registrar configured the way the config loader would build it."""
+    monkeypatch.setenv(PASSWORD_ENV, password)
+    config = SatelliteRegistrar.Config.model_validate(
+        {"type": "satellite", "url": url, "username": "admin", "password": {"env": PASSWORD_ENV},
+         "call_timeout": 10, **extra}
+    )
+    return SatelliteRegistrar("satellite", config)
+
+
+@pytest.fixture
+async def registrar(satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[SatelliteRegistrar]:
+    """A started registrar against the shared simulator."""
+    reg = make_registrar(satellite_sim.url, monkeypatch, satellite_sim.password)
+    await reg.start()
+    yield reg
+    await reg.close()
+
+
+@pytest.fixture
+def observer(satellite_sim: SatelliteSim) -> Iterator[Api]:
+    """A separate API session to check the registrar's effects with."""
+    proxy, key = satellite_sim.login()
+    yield proxy, key
+    proxy.auth.logout(key)
+
+
+def subscribed(observer: Api, sid: int) -> set[str]:
+    """Names of the groups a system is in."""
+    proxy, key = observer
+    return {g["system_group_name"] for g in proxy.system.listGroups(key, sid) if g["subscribed"]}
+
+
+def members(observer: Api, group: str) -> set[int]:
+    """Ids of a group's systems."""
+    proxy, key = observer
+    return {s["id"] for s in proxy.systemgroup.listSystems(key, group)}
+
+
+NODE = {"groups": ["openshift-nodes"], "activation_key": "1-openshift-node"}
+
+
+# -- pure parts ------------------------------------------------------------------------------
+
+
+def test_plugin_registers_the_satellite_type() -> None:
+    registry = RegistrarRegistry()
+    governord_register_registrars(registry)
+    assert registry.get("satellite") is SatelliteRegistrar
+
+
+def test_classify_unions_groups_in_tag_order_and_takes_the_first_key() -> None:
+    config = SatelliteRegistrar.Config.model_validate(
+        {"type": "satellite", "url": "https://sat.example/rpc/api", "username": "u", "password": {"env": "PATH"}}
+    )
+    reg = SatelliteRegistrar("satellite", config)
+    mappings = [
+        ("node", SatelliteTagMapping(system_group="openshift-nodes")),
+        ("broker", SatelliteTagMapping(system_group="openshift-brokers", activation_key="1-openshift-broker")),
+        ("monitored", SatelliteTagMapping(system_group="openshift-nodes", activation_key="1-other")),
+    ]
+    assert reg.classify(mappings) == {
+        "groups": ["openshift-nodes", "openshift-brokers"], "activation_key": "1-openshift-broker",
+    }
+    assert reg.classify([]) == {"groups": [], "activation_key": None}
+
+
+def test_config_is_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "s3cr3t-value")
+    base = {"type": "satellite", "url": "https://sat.example/rpc/api", "username": "u", "password": {"env": PASSWORD_ENV}}
+    config = SatelliteRegistrar.Config.model_validate(base)
+    assert isinstance(config, SatelliteConfig)
+    assert config.verify_tls is True and config.ca_file is None
+    assert "s3cr3t-value" not in repr(config)
+    for bad in ({"password": "inline-secret"}, {"url": "sat.example"}, {"colour": "blue"}):
+        with pytest.raises(pydantic.ValidationError):
+            SatelliteRegistrar.Config.model_validate({**base, **bad})
+    with pytest.raises(pydantic.ValidationError):
+        SatelliteTagMapping.model_validate({"system_group": "g", "hostgroup": "h"})
+
+
+# -- register --------------------------------------------------------------------------------
+
+
+async def test_register_creates_the_system_in_the_classified_groups(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    proxy, key = observer
+    found = proxy.system.getId(key, host.fqdn)
+    assert [s["id"] for s in found] == [record["id"]]
+    assert record == {"id": record["id"], "groups": ["openshift-nodes"], "activation_key": "1-openshift-node"}
+    assert subscribed(observer, record["id"]) == {"openshift-nodes"}
+    assert record["id"] in members(observer, "openshift-nodes")
+    assert proxy.system.getDetails(key, record["id"])["description"] == f"governord:host-id={host.id}"
+
+
+async def test_register_again_is_idempotent(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    first = await registrar.register(host, NODE)
+    second = await registrar.register(host, NODE)
+    assert first == second
+    proxy, key = observer
+    assert len(proxy.system.getId(key, host.fqdn)) == 1
+    assert subscribed(observer, first["id"]) == {"openshift-nodes"}
+
+
+async def test_reclassification_moves_groups(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    moved = await registrar.register(
+        host, {"groups": ["openshift-brokers", "openshift-masters"], "activation_key": "1-openshift-broker"}
+    )
+    assert moved["id"] == record["id"]
+    assert subscribed(observer, record["id"]) == {"openshift-brokers", "openshift-masters"}
+    assert record["id"] not in members(observer, "openshift-nodes")
+    assert record["id"] in members(observer, "openshift-brokers")
+    await registrar.register(host, {"groups": [], "activation_key": None})
+    assert subscribed(observer, record["id"]) == set()
+
+
+async def test_unknown_group_is_permanent_and_changes_nothing(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    with pytest.raises(PermanentError) as info:
+        await registrar.register(host, {"groups": ["openshift-nodes", "no-such-group"], "activation_key": None})
+    assert "no-such-group" in str(info.value)
+    assert not info.value.retryable and info.value.source == "satellite"
+    proxy, key = observer
+    assert proxy.system.getId(key, host.fqdn) == []
+
+
+async def test_unknown_activation_key_is_permanent(registrar: SatelliteRegistrar, satellite_name: str) -> None:
+    with pytest.raises(PermanentError) as info:
+        await registrar.register(make_host(satellite_name), {"groups": [], "activation_key": "1-no-such-key"})
+    assert "1-no-such-key" in str(info.value)
+    assert "Could not find activation key" in str(info.value)
+
+
+async def test_several_systems_with_the_name_is_permanent(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    proxy, key = observer
+    proxy.system.createSystemProfile(key, satellite_name, {"hostname": satellite_name})
+    proxy.system.createSystemProfile(key, satellite_name, {"hostname": "twin-" + satellite_name})
+    with pytest.raises(PermanentError) as info:
+        await registrar.register(make_host(satellite_name), NODE)
+    assert "2 systems" in str(info.value)
+
+
+async def test_system_owned_by_another_host_is_not_taken_over(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    owner = make_host(satellite_name)
+    record = await registrar.register(owner, NODE)
+    intruder = make_host(satellite_name)
+    with pytest.raises(PermanentError):
+        await registrar.register(intruder, NODE)
+    with pytest.raises(PermanentError):
+        await registrar.deregister(intruder)
+    proxy, key = observer
+    assert proxy.system.getDetails(key, record["id"])["description"] == f"governord:host-id={owner.id}"
+
+
+async def test_own_profile_renamed_by_someone_is_taken_back(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    proxy, key = observer
+    proxy.system.setDetails(key, record["id"], {"profile_name": "renamed-" + satellite_name})
+    again = await registrar.register(host, NODE)
+    assert again["id"] == record["id"]
+    assert proxy.system.getName(key, record["id"])["name"] == satellite_name
+
+
+# -- deregister and lookup -------------------------------------------------------------------
+
+
+async def test_deregister_removes_and_twice_succeeds(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    await registrar.deregister(host)
+    proxy, key = observer
+    assert proxy.system.getId(key, host.fqdn) == []
+    assert record["id"] not in members(observer, "openshift-nodes")
+    await registrar.deregister(host)
+    await registrar.deregister(make_host("never-registered-" + satellite_name))
+
+
+async def test_deregister_waits_for_an_asynchronous_delete(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    proxy, key = observer
+    proxy.system.deleteSystems(key, [record["id"]])  # someone else's bulk delete is still pending
+    started = time.monotonic()
+    await registrar.deregister(host)
+    assert proxy.system.getId(key, host.fqdn) == []
+    assert time.monotonic() - started < DELETE_DELAY + 5
+
+
+async def test_lookup(registrar: SatelliteRegistrar, satellite_name: str) -> None:
+    host = make_host(satellite_name)
+    assert await registrar.lookup(host) is None
+    record = await registrar.register(host, NODE)
+    assert await registrar.lookup(host) == {
+        "id": record["id"], "name": satellite_name, "groups": ["openshift-nodes"],
+        "description": f"governord:host-id={host.id}",
+    }
+    await registrar.deregister(host)
+    assert await registrar.lookup(host) is None
+
+
+async def test_concurrent_calls_share_one_session(registrar: SatelliteRegistrar, satellite_name: str) -> None:
+    hosts = [make_host(f"c{i}-{satellite_name}") for i in range(6)]
+    records = await asyncio.gather(*(registrar.register(h, NODE) for h in hosts))
+    assert len({r["id"] for r in records}) == len(hosts)
+    await asyncio.gather(*(registrar.deregister(h) for h in hosts))
+
+
+# -- failures --------------------------------------------------------------------------------
+
+
+async def test_wrong_password_is_permanent_with_the_fault_text(
+    satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    reg = make_registrar(satellite_sim.url, monkeypatch, "not-the-password")
+    with pytest.raises(PermanentError) as info:
+        await reg.start()
+    assert "Either the password or username is incorrect." in str(info.value)
+    assert "2950" in str(info.value)
+    assert "not-the-password" not in str(info.value)
+
+
+async def test_session_expiry_is_handled_by_logging_in_again(
+    monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    sim = start_satellite_sim(session_lifetime=1.0)
+    reg = make_registrar(sim.url, monkeypatch, sim.password)
+    try:
+        await reg.start()
+        first_key = reg._session
+        await asyncio.sleep(1.5)  # the session expires unused
+        record = await reg.register(make_host(satellite_name), NODE)
+        assert reg._session is not None and reg._session != first_key
+        proxy, key = sim.login()
+        assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [record["id"]]
+        await reg.close()
+    finally:
+        sim.stop()
+
+
+def free_port() -> int:
+    """A port nothing listens on (bound, then released)."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+async def test_simulator_down_is_retryable(monkeypatch: pytest.MonkeyPatch, satellite_name: str) -> None:
+    reg = make_registrar(f"http://127.0.0.1:{free_port()}/rpc/api", monkeypatch, "pw")
+    with pytest.raises(RetryableError):
+        await reg.start()
+    # ... and a server that goes away after login
+    sim = start_satellite_sim()
+    reg = make_registrar(sim.url, monkeypatch, sim.password)
+    await reg.start()
+    sim.stop()
+    with pytest.raises(RetryableError):
+        await reg.register(make_host(satellite_name), NODE)
+    with pytest.raises(RetryableError):
+        await reg.deregister(make_host(satellite_name))
+    await reg.close()
+
+
+class _Unavailable(BaseHTTPRequestHandler):
+    def do_POST(self) -> None:  # noqa: N802 (http.server API)
+        self.rfile.read(int(self.headers.get("Content-Length", "0")))
+        self.send_error(503, "Service Unavailable")
+
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002
+        pass
+
+
+async def test_server_errors_are_retryable(monkeypatch: pytest.MonkeyPatch) -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Unavailable)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        reg = make_registrar(f"http://127.0.0.1:{server.server_address[1]}/rpc/api", monkeypatch, "pw")
+        with pytest.raises(RetryableError) as info:
+            await reg.start()
+        assert "503" in str(info.value)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+async def test_wrong_path_is_permanent(satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    reg = make_registrar(satellite_sim.url.replace("/rpc/api", "/rpc/wrong"), monkeypatch, satellite_sim.password)
+    with pytest.raises(PermanentError) as info:
+        await reg.start()
+    assert "404" in str(info.value)
+
+
+# -- TLS -------------------------------------------------------------------------------------
+
+
+def self_signed_cert(directory: Path) -> tuple[Path, Path]:
+    """A self-signed certificate for 127.0.0.1 (PEM cert, PEM key)."""
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "satellite-sim")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name).issuer_name(name).public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = directory / "sim.pem", directory / "sim.key"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+    )
+    return cert_path, key_path
+
+
+async def test_https_verifies_the_server_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    cert, key = self_signed_cert(tmp_path)
+    sim = start_satellite_sim(tls=(cert, key))
+    try:
+        assert sim.url.startswith("https://127.0.0.1:")
+        untrusted = make_registrar(sim.url, monkeypatch, sim.password)
+        with pytest.raises(PermanentError) as info:
+            await untrusted.start()
+        assert "not trusted" in str(info.value)
+
+        trusted = make_registrar(sim.url, monkeypatch, sim.password, ca_file=str(cert))
+        await trusted.start()
+        record = await trusted.register(make_host(satellite_name), NODE)
+        assert record["groups"] == ["openshift-nodes"]
+        await trusted.close()
+
+        unverified = make_registrar(sim.url, monkeypatch, sim.password, verify_tls=False)
+        await unverified.start()
+        await unverified.deregister(make_host(satellite_name))
+        await unverified.close()
+    finally:
+        sim.stop()

@@ -1,0 +1,147 @@
+"""Plugin loading: a misspelled hook stops start-up; a plugin whose import fails is reported and
+is fatal only where the config uses it; the dispatcher attributes results and failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from governord import hookimpl
+from governord.dispatch import Dispatcher
+from governord.errors import PermanentError, RetryableError
+from governord.pluginmanager import PluginLoadError, PluginManager
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _fake_distribution(site: Path, name: str, entry_points: str) -> None:
+    """A distribution on sys.path that importlib.metadata finds, with governord entry points."""
+    info = site / f"{name}-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text(f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text(f"[governord]\n{entry_points}\n")
+
+
+def _check(site: Path, config: Path) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    return subprocess.run([sys.executable, "-m", "governord", "--check", "--config", str(config)],
+                          capture_output=True, text=True, timeout=60, env=env)
+
+
+def test_misspelled_hook_fails_startup(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "typo_plugin.py").write_text(textwrap.dedent("""
+        from governord import hookimpl
+        @hookimpl
+        def governord_provison_host(host, spec):
+            return None
+    """))
+    _fake_distribution(site, "typo_plugin", "typo = typo_plugin")
+    config = tmp_path / "governord.toml"
+    config.write_text("")
+    proc = _check(site, config)
+    assert proc.returncode == 2
+    assert "plugin typo" in proc.stderr and "governord_provison_host" in proc.stderr
+
+
+def test_plugin_that_fails_to_import_is_fatal_only_when_used(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    _fake_distribution(site, "openstack_plugin", "openstack = no_such_sdk_module_here")
+    unused = tmp_path / "unused.toml"
+    unused.write_text("")
+    proc = _check(site, unused)
+    assert proc.returncode == 0, proc.stderr
+    used = tmp_path / "used.toml"
+    used.write_text("[providers.cloud]\ntype = 'openstack'\n")
+    proc = _check(site, used)
+    assert proc.returncode == 2
+    assert f"{used}: providers.cloud.type: type 'openstack' is unavailable: ModuleNotFoundError" in proc.stderr
+
+
+def test_disabled_plugin_is_reported_not_loaded() -> None:
+    plugins = PluginManager(disabled=["satellite"])
+    plugins.load_entry_points()
+    status = {p["name"]: p for p in plugins.describe()}
+    assert status["satellite"]["loaded"] is False
+    assert status["satellite"]["error"] == "disabled by configuration"
+    assert status["vsphere"]["loaded"] is True
+
+
+class _Answer:
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    @hookimpl
+    async def governord_deprovision_host(self, host: object) -> object:
+        return self.value
+
+
+class _Boom:
+    def __init__(self, error: Exception) -> None:
+        self.error = error
+
+    @hookimpl(tryfirst=True)
+    def governord_deregister_host(self, host: object) -> None:
+        raise self.error
+
+
+class _Quiet:
+    @hookimpl
+    async def governord_deregister_host(self, host: object) -> None:
+        return None
+
+
+async def test_first_mode_skips_none_and_names_the_answering_plugin() -> None:
+    plugins = PluginManager()
+    plugins.register(_Answer(True), "answers")
+    plugins.register(_Answer(None), "passes")  # registered last: called first, returns None
+    outcome = await Dispatcher(plugins.pm, timeout=5).first("governord_deprovision_host", host=None)
+    assert outcome.plugin == "answers" and outcome.value is True
+
+
+async def test_broadcast_runs_everyone_and_names_each_failure() -> None:
+    plugins = PluginManager()
+    plugins.register(_Boom(RetryableError("foreman down")), "foreman")
+    plugins.register(_Quiet(), "quiet")
+    plugins.register(_Boom(RetryableError("satellite down")), "satellite")
+    dispatcher = Dispatcher(plugins.pm, timeout=5)
+    with pytest.raises(RetryableError) as caught:
+        await dispatcher.broadcast("governord_deregister_host", host=None)
+    assert "foreman: foreman down" in str(caught.value) and "satellite: satellite down" in str(caught.value)
+    assert dispatcher.stats[("governord_deregister_host", "quiet")] == [1, 0]
+    # one permanent failure makes the whole step permanent
+    plugins.register(_Boom(PermanentError("bad hostgroup")), "strict")
+    with pytest.raises(PermanentError):
+        await dispatcher.broadcast("governord_deregister_host", host=None)
+
+
+async def test_a_hanging_plugin_times_out_as_retryable() -> None:
+    import asyncio
+
+    class Slow:
+        @hookimpl
+        async def governord_deregister_host(self, host: object) -> None:
+            await asyncio.sleep(10)
+
+    plugins = PluginManager()
+    plugins.register(Slow(), "slow")
+    with pytest.raises(RetryableError, match="slow: governord_deregister_host took longer than 0.1s"):
+        await Dispatcher(plugins.pm, timeout=0.1).broadcast("governord_deregister_host", host=None)
+
+
+def test_invalid_plugin_object_is_refused() -> None:
+    class Typo:
+        @hookimpl
+        def governord_register_hots(self, host: object) -> None:
+            return None
+
+    plugins = PluginManager()
+    with pytest.raises(PluginLoadError, match="governord_register_hots"):
+        plugins.register(Typo(), "typo")
