@@ -204,7 +204,7 @@ class Store:
             await conn.execute(insert(hosts).values(**row))
         except IntegrityError as exc:
             raise NameTaken(row["name"]) from exc
-        return row
+        return {column.name: None for column in hosts.c} | row
 
     # -- hosts: the engine's leased work --------------------------------------------------
 

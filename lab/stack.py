@@ -128,6 +128,8 @@ class Governord:
     notifications: list[str] = field(default_factory=list)
 
     def read_notifications(self, timeout: float = 0.0) -> list[str]:
+        if self.notify.fileno() == -1:
+            return self.notifications
         self.notify.settimeout(timeout if timeout > 0 else 0.001)
         while True:
             try:
@@ -164,13 +166,16 @@ class Governord:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
-        self.notify.close()
+        if self.notify.fileno() != -1:
+            self.read_notifications(0.1)
+            self.notify.close()
         return self.process.returncode
 
     def kill(self) -> None:
         self.process.kill()
         self.process.wait()
-        self.notify.close()
+        if self.notify.fileno() != -1:
+            self.notify.close()
 
     def ctl(self, *args: str, check: bool = True, timeout: float = 600) -> subprocess.CompletedProcess[str]:
         """Run governord-ctl against this daemon's admin socket."""

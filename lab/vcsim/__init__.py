@@ -68,6 +68,8 @@ def start_vcsim(
     vms_per_pool: int = 2,
     pools: int = 0,
     tls: bool = True,
+    tls_cert: Path | None = None,
+    tls_key: Path | None = None,
     extra_args: list[str] | None = None,
     log_path: Path | None = None,
     timeout: float = 30.0,
@@ -75,8 +77,10 @@ def start_vcsim(
     """Start one vcsim on 127.0.0.1 (``port=0``: a free port) and return it once it listens.
 
     With ``username``/``password`` set, only those credentials log in (without them vcsim accepts
-    any). ``PeerProcess.url`` is ``https://127.0.0.1:PORT/sdk``; ``extra`` holds ``username``,
-    ``password`` and ``govc_url``.
+    any). Without ``tls_cert``/``tls_key`` vcsim serves its built-in localhost certificate, whose
+    1024-bit key a verifying OpenSSL client rejects (see :func:`make_tls_files`).
+    ``PeerProcess.url`` is ``https://127.0.0.1:PORT/sdk``; ``extra`` holds ``username`` and
+    ``password``.
     """
     argv = [
         str(binary or build_vcsim()),
@@ -94,12 +98,90 @@ def start_vcsim(
         str(pools),
         f"-tls={'true' if tls else 'false'}",
     ]
+    if tls_cert is not None and tls_key is not None:
+        argv += ["-tlscert", str(tls_cert), "-tlskey", str(tls_key)]
     if username is not None and password is not None:
         argv += ["-username", username, "-password", password]
     argv += extra_args or []
     peer, _ = start_peer("vcsim", argv, timeout=timeout, log_path=log_path)
     peer.extra.update({"username": username or "", "password": password or ""})
     return peer
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """A throw-away CA and a server certificate for 127.0.0.1/localhost signed by it (PEM files)."""
+
+    ca: Path
+    cert: Path
+    key: Path
+
+
+def make_tls_files(directory: Path) -> TLSFiles:
+    """Write a CA and a server certificate/key for 127.0.0.1 and localhost into ``directory``."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    now = datetime.datetime.now(datetime.UTC)
+    ca_key = ec.generate_private_key(ec.SECP256R1())
+    ca_name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "governord lab CA")])
+    ca_cert = (
+        x509.CertificateBuilder()
+        .subject_name(ca_name)
+        .issuer_name(ca_name)
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "vcsim")]))
+        .issuer_name(ca_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=2))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.ExtendedKeyUsage([x509.oid.ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    directory.mkdir(parents=True, exist_ok=True)
+    files = TLSFiles(directory / "ca.pem", directory / "vcsim.pem", directory / "vcsim.key")
+    files.ca.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    files.cert.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    files.key.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
+    files.key.chmod(0o600)
+    return files
 
 
 @dataclass(frozen=True)
@@ -249,9 +331,11 @@ __all__ = [
     "RESOURCE_POOL",
     "TEMPLATE",
     "LabInventory",
+    "TLSFiles",
     "build_vcsim",
     "connect",
     "disconnect",
+    "make_tls_files",
     "prepare_lab",
     "start_vcsim",
     "wait_for_task",

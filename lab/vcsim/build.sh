@@ -21,6 +21,7 @@ mkdir -p "$out_dir/gocache"
 # GOPATH mode against Debian's source tree is what lets this build without the module proxy.
 cd "$here"
 GOPATH=$gocode GO111MODULE=off GOPROXY=off GOFLAGS= GOCACHE=$out_dir/gocache \
-    "$go" build -o "$binary.tmp" .
-mv -f "$binary.tmp" "$binary"
+    "$go" build -o "$binary.$$" .
+# rename is atomic: a parallel build or a running test never sees a half-written binary
+mv -f "$binary.$$" "$binary"
 echo "$binary"

@@ -33,7 +33,9 @@ import (
 func main() {
 	listen := flag.String("l", "127.0.0.1:8989", "listen address (port 0 picks a free port)")
 	esx := flag.Bool("esx", false, "simulate a standalone ESXi host instead of vCenter")
-	useTLS := flag.Bool("tls", true, "serve HTTPS (with a self-signed localhost certificate)")
+	useTLS := flag.Bool("tls", true, "serve HTTPS (with a self-signed localhost certificate unless -tlscert)")
+	tlsCert := flag.String("tlscert", "", "PEM certificate (chain) to serve instead of the built-in localhost one")
+	tlsKey := flag.String("tlskey", "", "PEM private key of -tlscert")
 	username := flag.String("username", "", "login user name (empty: any non-empty credentials are accepted)")
 	password := flag.String("password", "", "login password")
 	trace := flag.Bool("trace", false, "write SOAP traffic to stderr")
@@ -79,6 +81,15 @@ func main() {
 	}
 	if *useTLS {
 		model.Service.TLS = new(tls.Config)
+		if *tlsCert != "" {
+			// The built-in certificate has a 1024-bit key that OpenSSL's default security level
+			// rejects, so a client that verifies TLS needs a real one.
+			cert, err := tls.LoadX509KeyPair(*tlsCert, *tlsKey)
+			if err != nil {
+				log.Fatalf("vcsim: loading -tlscert/-tlskey: %s", err)
+			}
+			model.Service.TLS.Certificates = []tls.Certificate{cert}
+		}
 	}
 
 	server := model.Service.NewServer()

@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
@@ -113,8 +113,6 @@ _TRANSIENT_FAULTS = _fault_classes(_TRANSIENT_FAULT_NAMES)
 class VSphereConfig(ProviderConfig):
     """A ``[providers.NAME]`` section of ``type = "vsphere"``."""
 
-    model_config = ConfigDict(arbitrary_types_allowed=True)
-
     #: the SDK endpoint, ``https://vcenter.example.com/sdk``
     url: str
     username: str = Field(min_length=1)
@@ -166,7 +164,7 @@ class _VmRecord:
     moid: str
     name: str
     host_id: str | None
-    has_marker: bool
+    #: the custom field carries the same host id as the extraConfig marker
     has_custom_field: bool
     template: bool
     power: PowerState
@@ -227,7 +225,7 @@ class VSphereProvider(Provider):
 
     def __init__(self, name: str, config: ProviderConfig, *, state_dir: Path | None = None) -> None:
         if not isinstance(config, VSphereConfig):
-            config = VSphereConfig.model_validate(config.model_dump())
+            raise TypeError(f"{type(self).__name__} needs a VSphereConfig, not {type(config).__name__}")
         super().__init__(name, config, state_dir=state_dir)
         self.cfg: VSphereConfig = config
         self._session_lock = threading.Lock()
@@ -268,8 +266,10 @@ class VSphereProvider(Provider):
         if parts.scheme == "https":
             if not self.cfg.verify_tls:
                 kwargs["disableSslCertValidation"] = True
-            elif self.cfg.ca_file is not None:
-                kwargs["sslContext"] = ssl.create_default_context(cafile=str(self.cfg.ca_file))
+            else:
+                # Always explicit: without a context pyVim skips verification for localhost/127.0.0.1.
+                cafile = str(self.cfg.ca_file) if self.cfg.ca_file is not None else None
+                kwargs["sslContext"] = ssl.create_default_context(cafile=cafile)
         return SmartConnect(
             protocol=parts.scheme,
             host=parts.hostname,
@@ -427,8 +427,7 @@ class VSphereProvider(Provider):
             moid=obj._moId,
             name=props.get("name", obj._moId),
             host_id=marker or custom,
-            has_marker=marker is not None,
-            has_custom_field=custom is not None and custom == (marker or custom),
+            has_custom_field=custom is not None and (marker is None or custom == marker),
             template=bool(props.get("config.template")),
             power=_POWER.get(str(props.get("runtime.powerState")), PowerState.UNKNOWN),
             hostname=props.get("guest.hostName") or None,

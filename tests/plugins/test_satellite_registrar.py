@@ -405,15 +405,17 @@ async def test_https_verifies_the_server_certificate(
             await untrusted.start()
         assert "not trusted" in str(info.value)
 
+        host = make_host(satellite_name)
         trusted = make_registrar(sim.url, monkeypatch, sim.password, ca_file=str(cert))
         await trusted.start()
-        record = await trusted.register(make_host(satellite_name), NODE)
+        record = await trusted.register(host, NODE)
         assert record["groups"] == ["openshift-nodes"]
         await trusted.close()
 
         unverified = make_registrar(sim.url, monkeypatch, sim.password, verify_tls=False)
         await unverified.start()
-        await unverified.deregister(make_host(satellite_name))
+        await unverified.deregister(host)
+        assert await unverified.lookup(host) is None
         await unverified.close()
     finally:
         sim.stop()

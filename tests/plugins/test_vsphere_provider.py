@@ -8,9 +8,11 @@ hook; and it ignores the clone spec's size and notes, which the provider re-appl
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -21,7 +23,7 @@ from governord.models import OWNERSHIP_KEY, MachineSpec, NetworkAssignment, Powe
 from governord.plugins.vsphere import governord_register_providers
 from governord.plugins.vsphere.provider import CUSTOMIZED_KEY, MARKER_KEY, VSphereProvider
 from governord.providers import ProviderRegistry
-from lab.vcsim import wait_for_task
+from lab.vcsim import make_tls_files, wait_for_task
 from tests.fixtures.vcsim import VcsimLab
 
 pytestmark = pytest.mark.integration
@@ -472,6 +474,32 @@ async def test_bad_password_is_permanent(vcsim: VcsimLab, monkeypatch: pytest.Mo
     await instance.close()
 
 
+async def test_untrusted_certificate_is_permanent(vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # pyVim itself skips verification for 127.0.0.1 unless given a context: the provider must not.
+    strict = make_provider(vcsim, monkeypatch, verify_tls=True)
+    with pytest.raises(PermanentError, match="not trusted"):
+        await strict.start()
+    await strict.close()
+
+
+async def test_ca_file_makes_the_certificate_trusted(
+    vcsim_factory: Callable[..., VcsimLab], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    tls = make_tls_files(tmp_path / "tls")
+    lab = vcsim_factory(["-tlscert", str(tls.cert), "-tlskey", str(tls.key)])
+    without_ca = make_provider(lab, monkeypatch, verify_tls=True)
+    with pytest.raises(PermanentError, match="not trusted"):
+        await without_ca.start()
+    await without_ca.close()
+
+    pinned = make_provider(lab, monkeypatch, verify_tls=True, ca_file=str(tls.ca))
+    await pinned.start()
+    try:
+        assert await pinned.list_owned() == []
+    finally:
+        await pinned.close()
+
+
 async def test_stopped_vcsim_is_retryable(
     provider: VSphereProvider, vcsim: VcsimLab, spec_factory: Callable[..., MachineSpec]
 ) -> None:
@@ -542,9 +570,11 @@ async def test_event_loop_keeps_running_during_sdk_calls(
         await instance.close()
 
     assert elapsed > 5 * delay_ms / 1000  # it did make many slow calls
-    gaps = [b - a for a, b in zip(ticks, ticks[1:])]
+    gaps = [b - a for a, b in itertools.pairwise(ticks)]
     assert len(ticks) > elapsed / 0.01 / 3
-    assert max(gaps) < delay_ms / 1000
+    # A blocked loop would stall for at least one SOAP delay on every call; allow a few stalls
+    # from a busy machine, not one per call.
+    assert len([gap for gap in gaps if gap >= delay_ms / 1000]) <= 2
 
 
 # -- config and registration ------------------------------------------------------------------
@@ -557,7 +587,7 @@ def test_config_is_strict(vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch) -> N
     config = VSphereProvider.Config.model_validate(vcsim.provider_config(PASSWORD_ENV))
     assert config.password.reveal() == "secret"
     assert "secret" not in repr(config)
-    with pytest.raises(ValidationError, match="unknown_key|Extra inputs"):
+    with pytest.raises(ValidationError, match=r"unknown_key|Extra inputs"):
         VSphereProvider.Config.model_validate({**vcsim.provider_config(PASSWORD_ENV), "unknown_key": 1})
     with pytest.raises(ValidationError, match="by reference"):
         VSphereProvider.Config.model_validate({**vcsim.provider_config(PASSWORD_ENV), "password": "inline"})

@@ -77,7 +77,7 @@ class ProviderContract:
         machines = [await self._create(provider, spec) for spec in specs]
         try:
             owned: dict[str | None, Any] = {m.host_id: m.machine_id for m in await provider.list_owned()}
-            for spec, machine in zip(specs, machines):
+            for spec, machine in zip(specs, machines, strict=True):
                 assert owned.get(spec.host_id) == machine.machine_id
         finally:
             for spec in specs:

@@ -1,0 +1,78 @@
+"""kill -9 in the middle of provisioning and of retirement, then a restart: the work finishes
+with no duplicate machine, no leaked machine and no orphan registration."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+from lab.stack import Governord, Lab
+
+from .conftest import db_hosts, wait_until
+
+COUNT = 5
+
+
+def _kill_when(daemon: Governord, states: set[str]) -> list[dict]:  # type: ignore[type-arg]
+    """SIGKILL the daemon as soon as its database shows a host in one of ``states``."""
+    rows = wait_until(lambda: [r for r in db_hosts(daemon) if r["state"] in states] or None,
+                      timeout=60, interval=0.01, what=f"a host in {states}")
+    daemon.kill()
+    return rows
+
+
+def _assert_converged(lab: Lab, daemon: Governord, live: int) -> None:
+    hosts = [h for h in daemon.ctl_json("hosts", "list", "--all")]
+    ready = {h["name"]: h for h in hosts if h["state"] == "ready"}
+    assert len(ready) == live and all(h["state"] in ("ready", "gone") for h in hosts), hosts
+    vms = lab.vsphere_vms()
+    # exactly one machine per live host, carrying that host's id; nothing else owned
+    assert sorted(vms) == sorted(ready)
+    assert Counter(vm["host_id"] for vm in vms.values()) == Counter(h["id"] for h in ready.values())
+    assert sorted(lab.foreman_hosts()) == sorted(h["fqdn"] for h in ready.values())
+    assert sorted(lab.satellite_systems()) == sorted(h["fqdn"] for h in ready.values())
+
+
+def test_kill_9_mid_provision_and_mid_retire_converges(lab: Lab) -> None:
+    config = lab.write_config(workers=2)
+    daemon = lab.start_governord(config)
+    daemon.ctl("scale", "demo", "node", "--add", str(COUNT))
+
+    # two crashes during the scale-up, each while a machine is being made
+    for _ in range(2):
+        caught = _kill_when(daemon, {"provisioning"})
+        assert caught, "the kill did not land mid-provision"
+        daemon = lab.start_governord(config)
+    wait_until(lambda: all(r["state"] == "ready" for r in db_hosts(daemon)) and len(db_hosts(daemon)) == COUNT,
+               timeout=120, what="all hosts ready")
+    _assert_converged(lab, daemon, COUNT)
+    # the interrupted steps were run again, not skipped
+    events = [e for h in daemon.ctl_json("hosts", "list") for e in
+              daemon.ctl_json("hosts", "show", h["name"])["events"]]
+    started = Counter(e["detail"].get("step") for e in events if e["kind"] == "step-started")
+    assert started["provision"] > COUNT
+
+    # retire everything in one request; crash while deregistering/deprovisioning
+    daemon.ctl("scale", "demo", "node", "--count", "0")
+    caught = _kill_when(daemon, {"deregistering", "deprovisioning"})
+    assert caught
+    daemon = lab.start_governord(config)
+    wait_until(lambda: all(r["state"] == "gone" for r in db_hosts(daemon)), timeout=120, what="all hosts gone")
+    _assert_converged(lab, daemon, 0)
+    assert lab.vsphere_vms() == {} and lab.foreman_hosts() == {} and lab.satellite_systems() == {}
+    daemon.stop()
+
+
+def test_sigterm_parks_in_flight_work_and_restart_finishes_it(lab: Lab) -> None:
+    config = lab.write_config(workers=2)
+    daemon = lab.start_governord(config)
+    daemon.ctl("scale", "demo", "node", "--add", "3")
+    wait_until(lambda: any(r["state"] == "provisioning" for r in db_hosts(daemon)), 60, 0.01, "provisioning")
+    assert daemon.stop() == 0
+    assert "STOPPING=1" in daemon.read_notifications(0.5)
+    # nothing is left leased or claimed as running by the stopped process
+    assert all(r["lease_owner"] is None for r in db_hosts(daemon))
+    daemon = lab.start_governord(config)
+    wait_until(lambda: len(db_hosts(daemon)) == 3 and all(r["state"] == "ready" for r in db_hosts(daemon)),
+               120, what="ready after restart")
+    _assert_converged(lab, daemon, 3)
+    daemon.stop()

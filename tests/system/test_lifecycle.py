@@ -1,0 +1,127 @@
+"""The whole loop through governord-ctl against a running daemon, checking the other side of
+every action: the VM in vcsim, the host in the Foreman simulator, the system in the Satellite
+simulator."""
+
+from __future__ import annotations
+
+import signal
+
+from lab.stack import Governord, Lab
+
+from .conftest import wait_until
+
+
+def test_scale_tag_untag_retire_through_ctl(lab: Lab, governord: Governord) -> None:
+    result = governord.ctl("scale", "demo", "node", "--add", "3", "--wait")
+    assert "completed" in result.stdout
+
+    hosts = {h["name"]: h for h in governord.ctl_json("hosts", "list")}
+    assert sorted(hosts) == ["demo-node-01", "demo-node-02", "demo-node-03"]
+    assert {h["state"] for h in hosts.values()} == {"ready"}
+
+    vms = lab.vsphere_vms()
+    assert sorted(vms) == sorted(hosts)
+    for name, vm in vms.items():
+        assert vm["host_id"] == hosts[name]["id"]
+        assert vm["power"] == "poweredOn"
+        assert vm["ip"] == hosts[name]["addresses"][0]
+    foreman = lab.foreman_hosts()
+    assert sorted(foreman) == sorted(h["fqdn"] for h in hosts.values())
+    for host in hosts.values():
+        entry = foreman[host["fqdn"]]
+        assert entry["hostgroup"] == "openshift/node"
+        assert entry["puppet_classes"] == ["openshift::node", "profile::base"]
+        assert entry["ip"] == host["addresses"][0]
+        assert f"governord:host-id={host['id']}" in entry["comment"]
+    satellite = lab.satellite_systems()
+    assert {name: s["groups"] for name, s in satellite.items()} == {
+        h["fqdn"]: ["openshift-nodes"] for h in hosts.values()}
+
+    # tag one host broker: re-classified and re-registered everywhere
+    governord.ctl("tag", "demo-node-02", "broker", "--wait")
+    fqdn = hosts["demo-node-02"]["fqdn"]
+    assert lab.foreman_hosts()[fqdn]["hostgroup"] == "openshift/broker"
+    assert lab.foreman_hosts()[fqdn]["puppet_classes"] == ["openshift::broker", "openshift::node", "profile::base"]
+    assert lab.satellite_systems()[fqdn]["groups"] == ["openshift-brokers", "openshift-nodes"]
+    governord.ctl("untag", "demo-node-02", "node", "--wait")
+    assert lab.foreman_hosts()[fqdn]["puppet_classes"] == ["openshift::broker", "profile::base"]
+    assert lab.satellite_systems()[fqdn]["groups"] == ["openshift-brokers"]
+
+    # retire one: gone from Foreman, Satellite and vSphere; the others untouched
+    governord.ctl("retire", "demo-node-01", "--wait")
+    assert governord.ctl_json("hosts", "show", "demo-node-01")["state"] == "gone"
+    assert sorted(lab.vsphere_vms()) == ["demo-node-02", "demo-node-03"]
+    assert hosts["demo-node-01"]["fqdn"] not in lab.foreman_hosts()
+    assert hosts["demo-node-01"]["fqdn"] not in lab.satellite_systems()
+    assert len(lab.foreman_hosts()) == 2 and len(lab.satellite_systems()) == 2
+
+    # the audit trail of the retired host names each step
+    events = [e["kind"] for e in governord.ctl_json("hosts", "show", "demo-node-01")["events"]]
+    assert events.index("registered") < events.index("deregistered") < events.index("gone")
+
+    # scale down to 1 through the count form: the newest goes first
+    governord.ctl("scale", "demo", "node", "--count", "1", "--wait")
+    assert sorted(lab.vsphere_vms()) == ["demo-node-02"]
+    assert sorted(lab.foreman_hosts()) == [fqdn] and sorted(lab.satellite_systems()) == [fqdn]
+
+
+def test_cap_is_enforced_with_a_reason(lab: Lab, governord: Governord) -> None:
+    result = governord.ctl("scale", "demo", "node", "--add", "11", check=False)
+    assert result.returncode == 1
+    assert "declined: cap reached" in result.stderr
+    assert lab.vsphere_vms() == {}
+    requests = governord.ctl_json("requests", "list")
+    assert requests[0]["decision"] == "declined"
+
+
+def test_adopting_a_host_registers_it_and_retire_never_touches_vsphere(lab: Lab, governord: Governord) -> None:
+    governord.ctl("tag", "legacy1.lab.example", "broker", "--address", "198.51.100.250", "--wait")
+    host = governord.ctl_json("hosts", "show", "legacy1")
+    assert host["origin"] == "adopted" and host["state"] == "ready"
+    assert lab.foreman_hosts()["legacy1.lab.example"]["hostgroup"] == "openshift/broker"
+    assert lab.foreman_hosts()["legacy1.lab.example"]["ip"] == "198.51.100.250"
+    assert lab.satellite_systems()["legacy1.lab.example"]["groups"] == ["openshift-brokers"]
+    assert lab.vsphere_vms() == {}
+    governord.ctl("retire", "legacy1", "--wait")
+    assert "legacy1.lab.example" not in lab.foreman_hosts()
+    assert "legacy1.lab.example" not in lab.satellite_systems()
+
+
+def test_failed_step_is_shown_and_retry_resumes_after_reload(lab: Lab) -> None:
+    config = lab.write_config()
+    config.write_text(config.read_text().replace('hostgroup = "openshift/node"', 'hostgroup = "openshift/nodes"'))
+    daemon = lab.start_governord(config)
+    try:
+        result = daemon.ctl("scale", "demo", "node", "--add", "1", "--wait", check=False)
+        assert result.returncode == 1
+        host = daemon.ctl_json("hosts", "show", "demo-node-01")
+        assert host["state"] == "failed" and host["failed_step"] == "register"
+        assert "openshift/nodes" in host["error"] and "registrar:foreman" in host["error"]
+        shown = daemon.ctl("hosts", "show", "demo-node-01").stdout
+        assert "failed_step:  register" in shown
+        # the machine exists; Foreman has nothing
+        assert list(lab.vsphere_vms()) == ["demo-node-01"]
+        assert lab.foreman_hosts() == {}
+
+        # fix the config, reload with SIGHUP, retry the host
+        config.write_text(config.read_text().replace('"openshift/nodes"', '"openshift/node"'))
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: "configuration reloaded" in daemon.log.read_text(), 20, what="reload")
+        daemon.ctl("retry", "demo-node-01", "--wait")
+        assert lab.foreman_hosts()["demo-node-01.lab.example"]["hostgroup"] == "openshift/node"
+        assert list(lab.vsphere_vms()) == ["demo-node-01"]  # found again, not cloned twice
+    finally:
+        daemon.stop()
+
+
+def test_ctl_errors_are_one_line_and_non_zero(lab: Lab, governord: Governord) -> None:
+    unknown = governord.ctl("hosts", "show", "nope", check=False)
+    assert unknown.returncode == 1 and unknown.stderr.strip() == "governord-ctl: no host named 'nope'"
+    bad_tag = governord.ctl("tag", "demo-node-01", "nonesuch", check=False)
+    assert bad_tag.returncode == 1 and "unknown tag 'nonesuch'" in bad_tag.stderr
+    usage = governord.ctl("scale", "demo", "node", check=False)
+    assert usage.returncode == 2
+    governord.stop()
+    down = governord.ctl("status", check=False)
+    assert down.returncode == 3 and "cannot reach governord" in down.stderr
+    assert len(down.stderr.strip().splitlines()) == 1
