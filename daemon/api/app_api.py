@@ -29,6 +29,7 @@ endpoints = Endpoints(
     "governord application API",
     "Scale requests, request status and hand-back for applications. Authenticate with the "
     "client certificate governord issued to the application.",
+    mtls_prefix="/v1/",
 )
 
 

@@ -36,10 +36,14 @@ class Endpoint:
 class Endpoints:
     """An API's endpoints: registered on the aiohttp router and described in OpenAPI."""
 
-    def __init__(self, title: str, description: str) -> None:
+    def __init__(self, title: str, description: str, *, mtls_prefix: str | None = None) -> None:
         self.title = title
         self.description = description
-        self.items: list[Endpoint] = []
+        #: paths under this prefix need the application's client certificate
+        self.mtls_prefix = mtls_prefix
+        self.items: list[Endpoint] = [
+            Endpoint("GET", "/openapi.json", "This document", self._serve_openapi, responses={200: None})
+        ]
 
     def add(
         self,
@@ -63,7 +67,6 @@ class Endpoints:
     def install(self, app: web.Application) -> None:
         for ep in self.items:
             app.router.add_route(ep.method, ep.path, ep.handler)
-        app.router.add_get("/openapi.json", self._serve_openapi)
 
     async def _serve_openapi(self, request: web.Request) -> web.Response:
         return web.json_response(self.openapi())
@@ -92,9 +95,17 @@ class Endpoints:
             ]
             if params:
                 op["parameters"] = params
+            responses = dict(ep.responses)
             if ep.body is not None:
                 op["requestBody"] = {"required": True, "content": {"application/json": {"schema": ref(ep.body)}}}
-            for status, model in ep.responses.items():
+                # what parse_body and the size limit answer for any body
+                for status in (400, 413, 415, 422):
+                    responses.setdefault(status, schemas.Error)
+            if self.mtls_prefix and ep.path.startswith(self.mtls_prefix):
+                op["security"] = [{"applicationCertificate": []}]
+                responses.setdefault(401, schemas.Error)
+                responses.setdefault(403, schemas.Error)
+            for status, model in sorted(responses.items()):
                 entry: dict[str, Any] = {"description": str(status)}
                 if model is not None:
                     entry["content"] = {ep.content_type: {"schema": ref(model)}}
@@ -102,11 +113,15 @@ class Endpoints:
                     entry["content"] = {ep.content_type: {"schema": {"type": "string"}}}
                 op["responses"][str(status)] = entry
             paths.setdefault(ep.path, {})[ep.method.lower()] = op
+        doc_components: dict[str, Any] = {"schemas": components}
+        if self.mtls_prefix:
+            doc_components["securitySchemes"] = {"applicationCertificate": {
+                "type": "mutualTLS", "description": "client certificate issued to the application"}}
         return {
             "openapi": "3.1.0",
             "info": {"title": self.title, "version": __version__, "description": self.description},
             "paths": paths,
-            "components": {"schemas": components},
+            "components": doc_components,
         }
 
 
