@@ -1,0 +1,139 @@
+"""``make demo``: the whole loop once, on the local lab, printing what exists at each step.
+
+1. start the lab: vcsim (built from Debian's govmomi sources), the Foreman and Satellite simulators
+2. start governord on SQLite, as systemd would (notify socket, READY only once it listens)
+3. the demo application asks for 3 nodes over HTTPS with its own client certificate
+4. an operator tags one of them `broker` with governord-ctl
+5. an operator retires another with governord-ctl
+After each step it shows the hosts as governord, vSphere, Foreman and Satellite see them, and
+checks that they agree; it exits non-zero if they do not.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import ssl
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from .stack import Governord, Lab
+
+# wide enough for the tables when output goes to a pipe or a CI log
+console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
+
+
+def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
+    hosts = {h["fqdn"]: h for h in daemon.ctl_json("hosts", "list")}
+    vms = {f"{name}.lab.example": vm for name, vm in lab.vsphere_vms().items()}
+    foreman = lab.foreman_hosts()
+    satellite = lab.satellite_systems()
+    table = Table(title=title, title_justify="left", header_style="bold")
+    for column in ("host", "governord", "tags", "vSphere VM", "Foreman hostgroup / classes", "Satellite groups"):
+        table.add_column(column)
+    for fqdn in sorted(set(hosts) | set(vms) | set(foreman) | set(satellite)):
+        h, vm, fm, sat = hosts.get(fqdn), vms.get(fqdn), foreman.get(fqdn), satellite.get(fqdn)
+        table.add_row(
+            fqdn,
+            h["state"] if h else "-",
+            ",".join(h["tags"]) if h else "-",
+            f"{vm['moid']} {vm['power']} {vm['ip']}" if vm else "-",
+            f"{fm['hostgroup']}: {', '.join(fm['puppet_classes'])}" if fm else "-",
+            ", ".join(sat["groups"]) if sat else "-",
+        )
+    console.print(table)
+    console.print()
+    return {"hosts": hosts, "vms": vms, "foreman": foreman, "satellite": satellite}
+
+
+def expect(condition: bool, message: str) -> None:
+    if not condition:
+        console.print(f"[red]demo check failed:[/red] {message}")
+        raise SystemExit(1)
+    console.print(f"[green]ok[/green] {message}")
+
+
+def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str, body: Any = None) -> Any:
+    """What the demo application does: HTTPS with its client certificate."""
+    context = ssl.create_default_context(cafile=cert["ca"])
+    context.load_cert_chain(cert["certificate"], cert["key"])
+    data = json.dumps(body).encode() if body is not None else None
+    request = urllib.request.Request(f"https://localhost:{daemon.api_port}{path}", data=data, method=method,
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, context=context, timeout=30) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def run(workdir: Path) -> None:
+    with Lab(workdir) as lab:
+        console.rule("1. the lab")
+        lab.start_peers()
+        console.print(f"vcsim      {lab.vcsim.url}" if lab.vcsim else "")
+        console.print(f"Foreman    {lab.foreman.url}  (project simulator)" if lab.foreman else "")
+        console.print(f"Satellite  {lab.satellite.url}  (project simulator)" if lab.satellite else "")
+
+        console.rule("2. governord")
+        daemon = lab.start_governord()
+        console.print(f"READY from governord (pid {daemon.process.pid}); config {daemon.config}")
+        console.print(daemon.ctl("plugins").stdout)
+
+        console.rule("3. the demo application asks for 3 nodes")
+        cert = daemon.ctl_json("apps", "register", "demo")
+        request = app_request(daemon, cert, "POST", "/v1/scale",
+                              {"role": "node", "add": 3, "idempotency_key": "demo-scale-1"})
+        console.print(f"request {request['id']}: {request['decision']}, hosts "
+                      f"{', '.join(h['name'] for h in request['hosts'])}")
+        deadline = time.monotonic() + 300
+        while request["status"] == "in-progress" and time.monotonic() < deadline:
+            time.sleep(0.5)
+            request = app_request(daemon, cert, "GET", f"/v1/requests/{request['id']}")
+        console.print(f"request status: {request['status']}")
+        seen = show(lab, daemon, "after scale-up")
+        expect(request["status"] == "completed", "the request completed")
+        expect(len(seen["vms"]) == 3 and len(seen["foreman"]) == 3 and len(seen["satellite"]) == 3,
+               "3 VMs in vSphere, 3 hosts in Foreman, 3 systems in Satellite")
+
+        console.rule("4. governord-ctl tag demo-node-02 broker")
+        console.print(daemon.ctl("tag", "demo-node-02", "broker", "--wait").stdout)
+        seen = show(lab, daemon, "after tagging demo-node-02 broker")
+        fqdn = "demo-node-02.lab.example"
+        expect(seen["foreman"][fqdn]["hostgroup"] == "openshift/broker", "Foreman hostgroup is openshift/broker")
+        expect("openshift-brokers" in seen["satellite"][fqdn]["groups"], "Satellite group openshift-brokers")
+
+        console.rule("5. governord-ctl retire demo-node-01")
+        console.print(daemon.ctl("retire", "demo-node-01", "--wait").stdout)
+        seen = show(lab, daemon, "after retiring demo-node-01")
+        gone = "demo-node-01.lab.example"
+        expect(gone not in seen["vms"] and gone not in seen["foreman"] and gone not in seen["satellite"],
+               "demo-node-01 is gone from vSphere, Foreman and Satellite")
+        console.print(daemon.ctl("hosts", "show", "demo-node-01").stdout)
+
+        console.rule("6. stop")
+        code = daemon.stop()
+        expect(code == 0, "governord stopped cleanly on SIGTERM")
+        console.print(f"governord's log: {daemon.log}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workdir", type=Path, help="keep the lab's files here (default: a temporary directory)")
+    args = parser.parse_args(argv)
+    if args.workdir:
+        run(args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="governord-demo-") as tmp:
+            run(Path(tmp))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
