@@ -241,7 +241,7 @@ class Lab:
         self.foreman, _ = start_peer(
             "foreman-sim",
             [sys.executable, "-m", "lab.foreman_sim", "--host", "127.0.0.1", "--port", "0",
-             "--username", "admin", "--password", self.passwords["LAB_FOREMAN_PASSWORD"]],
+             "--username", "admin", f"--password={self.passwords['LAB_FOREMAN_PASSWORD']}"],
             cwd=REPO_ROOT, log_path=self.workdir / "foreman-sim.log",
         )
         self.peers.append(self.foreman)
@@ -251,7 +251,7 @@ class Lab:
         self.satellite, _ = start_peer(
             "satellite-sim",
             [sys.executable, "-m", "lab.satellite_sim", "--host", "127.0.0.1", "--port", "0",
-             "--username", "admin", "--password", self.passwords["LAB_SATELLITE_PASSWORD"]],
+             "--username", "admin", f"--password={self.passwords['LAB_SATELLITE_PASSWORD']}"],
             cwd=REPO_ROOT, log_path=self.workdir / "satellite-sim.log",
         )
         self.peers.append(self.satellite)

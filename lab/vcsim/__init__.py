@@ -101,7 +101,7 @@ def start_vcsim(
     if tls_cert is not None and tls_key is not None:
         argv += ["-tlscert", str(tls_cert), "-tlskey", str(tls_key)]
     if username is not None and password is not None:
-        argv += ["-username", username, "-password", password]
+        argv += [f"-username={username}", f"-password={password}"]
     argv += extra_args or []
     peer, _ = start_peer("vcsim", argv, timeout=timeout, log_path=log_path)
     peer.extra.update({"username": username or "", "password": password or ""})
