@@ -121,19 +121,21 @@ def as_step_error(failed: list[Outcome]) -> StepError:
     return RetryableError(message, source=source) if retryable else PermanentError(message, source=source)
 
 
-class StartupHookError(Exception):
-    """A start-up hook failed; the message names the plugin."""
-
-
-def call_startup(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> None:
-    """Call a start-up hook synchronously, every implementation, failing fast (start-up is
-    where a broken plugin should stop the daemon, not at the first request)."""
+def call_startup(pm: pluggy.PluginManager, hook_name: str, **kwargs: Any) -> list[Outcome]:
+    """Call a start-up hook synchronously, every implementation, and return the outcomes; the
+    caller decides which failures stop the daemon (start-up is where a broken plugin should
+    stop it, not the first request)."""
+    outcomes = []
     for impl in reversed(getattr(pm.hook, hook_name).get_hookimpls()):
         try:
             result = impl.function(**{name: kwargs[name] for name in impl.argnames})
-        except Exception as exc:
-            raise StartupHookError(f"plugin {impl.plugin_name}: {hook_name} failed: {exc}") from exc
+        except Exception as exc:  # noqa: BLE001 - attributed and judged by the caller
+            outcomes.append(Outcome(impl.plugin_name, error=exc))
+            continue
         if inspect.isawaitable(result):
             if inspect.iscoroutine(result):
                 result.close()
-            raise StartupHookError(f"plugin {impl.plugin_name}: {hook_name} must not be async")
+            outcomes.append(Outcome(impl.plugin_name, error=TypeError(f"{hook_name} must not be async")))
+            continue
+        outcomes.append(Outcome(impl.plugin_name, value=result))
+    return outcomes

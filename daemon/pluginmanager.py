@@ -16,7 +16,7 @@ from typing import Any
 import pluggy
 
 from . import hookspecs
-from .dispatch import StartupHookError, call_startup
+from .dispatch import call_startup
 from .providers import ProviderRegistry
 from .registrars import RegistrarRegistry
 
@@ -101,11 +101,27 @@ class PluginManager:
 
     def collect_types(self) -> None:
         """Ask every plugin for its provider and registrar types (start-up; failures are fatal)."""
-        try:
-            call_startup(self.pm, "governord_register_providers", registry=self.providers)
-            call_startup(self.pm, "governord_register_registrars", registry=self.registrars)
-        except StartupHookError as exc:
-            raise PluginLoadError(str(exc)) from exc
+        for hook_name, registry in (
+            ("governord_register_providers", self.providers),
+            ("governord_register_registrars", self.registrars),
+        ):
+            for outcome in call_startup(self.pm, hook_name, registry=registry):
+                if outcome.error is None:
+                    continue
+                if isinstance(outcome.error, ImportError) and outcome.plugin in self.status:
+                    # the plugin imports its SDK lazily: same as failing to import at all
+                    self._mark_unavailable(outcome.plugin, outcome.error)
+                    continue
+                raise PluginLoadError(f"plugin {outcome.plugin}: {hook_name} failed: {outcome.error}")
+
+    def _mark_unavailable(self, name: str, error: BaseException) -> None:
+        status = self.status[name]
+        status.loaded = False
+        status.hooks = []
+        status.error = f"{type(error).__name__}: {error}"
+        if self.pm.get_plugin(name) is not None:
+            self.pm.unregister(name=name)
+        log.warning("plugin unavailable", extra={"plugin": name, "error": status.error})
 
     def unavailable_types(self) -> dict[str, str]:
         """Entry-point names (= type names) whose plugin did not load, with the reason."""

@@ -16,7 +16,7 @@ from typing import Any, TypeVar
 
 import requests
 from apypie import ForemanApi
-from pydantic import ConfigDict, Field
+from pydantic import Field
 
 from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError
@@ -90,8 +90,6 @@ def _parameter(value: ParamValue) -> tuple[str, str]:
 class ForemanConfig(RegistrarConfig):
     """A ``[registrars.NAME]`` section of type ``foreman``."""
 
-    # governord.config.Secret has no pydantic schema; SecretRef's validator builds the value
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     #: Foreman's base URL, e.g. ``https://foreman.example.com``
     url: str

@@ -25,7 +25,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import ConfigDict, field_validator
+from pydantic import field_validator
 
 from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError
@@ -55,8 +55,6 @@ DELETE_VERIFY_INTERVAL = 0.25
 class SatelliteConfig(RegistrarConfig):
     """A ``[registrars.NAME]`` section with ``type = "satellite"``."""
 
-    # governord.config.Secret has no pydantic schema of its own; SecretRef's validator makes one.
-    model_config = ConfigDict(extra="forbid", frozen=True, arbitrary_types_allowed=True)
 
     #: the XML-RPC endpoint, ``https://HOST/rpc/api``
     url: str

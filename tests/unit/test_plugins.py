@@ -65,6 +65,26 @@ def test_plugin_that_fails_to_import_is_fatal_only_when_used(tmp_path: Path) -> 
     assert f"{used}: providers.cloud.type: type 'openstack' is unavailable: ModuleNotFoundError" in proc.stderr
 
 
+def test_plugin_whose_sdk_import_fails_at_registration_is_unavailable_not_fatal(tmp_path: Path) -> None:
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "lazy_plugin.py").write_text(textwrap.dedent("""
+        from governord import hookimpl
+        @hookimpl
+        def governord_register_providers(registry):
+            import no_such_vendor_sdk  # the SDK is imported only when the type is registered
+    """))
+    _fake_distribution(site, "lazy_plugin", "ovirt = lazy_plugin")
+    unused = tmp_path / "unused.toml"
+    unused.write_text("")
+    assert _check(site, unused).returncode == 0
+    used = tmp_path / "used.toml"
+    used.write_text("[providers.rhv]\ntype = 'ovirt'\n")
+    proc = _check(site, used)
+    assert proc.returncode == 2
+    assert "providers.rhv.type: type 'ovirt' is unavailable: ModuleNotFoundError" in proc.stderr
+
+
 def test_disabled_plugin_is_reported_not_loaded() -> None:
     plugins = PluginManager(disabled=["satellite"])
     plugins.load_entry_points()
