@@ -112,6 +112,17 @@ def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float,
     _show_request(request, as_json)
 
 
+def _finish_host(client: Client, host: dict[str, Any], wait: bool, timeout: float, as_json: bool) -> None:
+    if wait:
+        host = _wait_hosts(client, [host["id"]], timeout)[0]
+        if host["state"] == "failed":
+            raise CtlError(f"{host['fqdn']} failed at {host['failed_step']}: {host['error']}")
+    if as_json:
+        _print_json(host)
+    else:
+        console.print(_host_table([host]))
+
+
 def _show_request(request: dict[str, Any], as_json: bool) -> None:
     if as_json:
         _print_json(request)
@@ -252,14 +263,7 @@ def _tag_command(name: str, field: str, help_text: str) -> None:
         body: dict[str, Any] = {field: list(tags)}
         if address:
             body["address"] = address
-        data = client.ok("POST", f"/v1/hosts/{host}/tags", body)
-        if wait:
-            data = _wait_hosts(client, [data["id"]], timeout)[0]
-            if data["state"] == "failed":
-                raise CtlError(f"{data['fqdn']} failed at {data['failed_step']}: {data['error']}")
-        if as_json:
-            return _print_json(data)
-        console.print(_host_table([data]))
+        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/tags", body), wait, timeout, as_json)
 
 
 _tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
@@ -273,14 +277,7 @@ def _host_action(name: str, help_text: str) -> None:
     @click.pass_context
     def command(ctx: click.Context, host: str, wait: bool, timeout: float, as_json: bool) -> None:
         client = _client(ctx)
-        data = client.ok("POST", f"/v1/hosts/{host}/{name}")
-        if wait:
-            data = _wait_hosts(client, [data["id"]], timeout)[0]
-            if data["state"] == "failed":
-                raise CtlError(f"{data['fqdn']} failed at {data['failed_step']}: {data['error']}")
-        if as_json:
-            return _print_json(data)
-        console.print(_host_table([data]))
+        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/{name}"), wait, timeout, as_json)
 
 
 _host_action("retire", "Retire HOST: deregister it everywhere and destroy its machine, each verified.")

@@ -53,14 +53,18 @@ class ProviderProfile(StrictModel):
     """Per-role settings for a provider (template, size, ...). Provider types subclass it."""
 
 
-class SyncCaller:
-    """Runs blocking SDK calls in threads, at most ``limit`` at once, each under a timeout."""
+class ConfiguredInstance:
+    """What providers and registrars share: one instance per config section, a lazy start, and
+    blocking SDK calls run in threads, at most ``max_concurrency`` at once, each under
+    ``call_timeout``."""
 
-    name: str
-
-    def _init_sync_caller(self, limit: int, timeout: float) -> None:
-        self._limit = asyncio.Semaphore(limit)
-        self._call_timeout = timeout
+    def __init__(self, name: str, config: Any, *, state_dir: Path | None = None) -> None:
+        self.name = name
+        self.config = config
+        #: governord's state directory, for caches an instance may keep (None in some tests)
+        self.state_dir = state_dir
+        self._limit = asyncio.Semaphore(config.max_concurrency)
+        self._call_timeout: float = config.call_timeout
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -75,6 +79,9 @@ class SyncCaller:
             if not self._started:
                 await self.start()
                 self._started = True
+
+    async def close(self) -> None:
+        """Release connections (log out). Called once at shutdown."""
 
     async def call_sync(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call in a thread, under the concurrency limit and the call timeout.
@@ -95,7 +102,7 @@ class SyncCaller:
                 ) from exc
 
 
-class Provider(SyncCaller, ABC):
+class Provider(ConfiguredInstance, ABC):
     """Base class of every provider. Subclasses set ``type_name``, ``Config`` and ``Profile``."""
 
     #: name used in ``type = "..."`` of a ``[providers.NAME]`` section
@@ -104,16 +111,7 @@ class Provider(SyncCaller, ABC):
     Config: ClassVar[type[ProviderConfig]] = ProviderConfig
     #: the pydantic model of a role's ``profile`` table for this type
     Profile: ClassVar[type[ProviderProfile]] = ProviderProfile
-
-    def __init__(self, name: str, config: ProviderConfig, *, state_dir: Path | None = None) -> None:
-        self.name = name
-        self.config = config
-        #: governord's state directory, for caches a provider may keep (None in some tests)
-        self.state_dir = state_dir
-        self._init_sync_caller(config.max_concurrency, config.call_timeout)
-
-    async def close(self) -> None:
-        """Release connections. Called once at shutdown."""
+    config: ProviderConfig
 
     # -- the contract ---------------------------------------------------------------------
 
@@ -175,6 +173,6 @@ __all__ = [
     "ProviderProfile",
     "ProviderRegistry",
     "RetryableError",
+    "ConfiguredInstance",
     "StrictModel",
-    "SyncCaller",
 ]

@@ -16,13 +16,12 @@ instance in a pluggy plugin that implements ``governord_classify_host``,
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from pathlib import Path
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from .models import HostView
-from .providers import StrictModel, SyncCaller
+from .providers import ConfiguredInstance, StrictModel
 
 
 class RegistrarConfig(StrictModel):
@@ -40,22 +39,13 @@ class TagMapping(StrictModel):
     """What one tag means to one registrar. Registrar types subclass it."""
 
 
-class Registrar(SyncCaller, ABC):
+class Registrar(ConfiguredInstance, ABC):
     """Base class of every registrar. Subclasses set ``type_name``, ``Config`` and ``TagMapping``."""
 
     type_name: ClassVar[str]
     Config: ClassVar[type[RegistrarConfig]] = RegistrarConfig
     TagMapping: ClassVar[type[TagMapping]] = TagMapping
-
-    def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
-        self.name = name
-        self.config = config
-        #: governord's state directory, for caches a registrar may keep (None in some tests)
-        self.state_dir = state_dir
-        self._init_sync_caller(config.max_concurrency, config.call_timeout)
-
-    async def close(self) -> None:
-        """Log out and release connections. Called once at shutdown."""
+    config: RegistrarConfig
 
     @abstractmethod
     def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:

@@ -28,6 +28,9 @@ from .store import NameTaken, Row, Store
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
+_LEAVING = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value}
+
+
 class RequestError(Exception):
     """A request that cannot be taken as asked: ``status`` is the HTTP status, ``field`` the
     offending field."""
@@ -89,11 +92,7 @@ class Governor:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
                         return Decision(earlier, replayed=True)
-                live_role = [
-                    h for h in await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
-                    if h["state"] not in (HostState.RETIRING.value, HostState.DEREGISTERING.value,
-                                          HostState.DEPROVISIONING.value) and not h["retire_requested"]
-                ]
+                live_role = await self._kept_hosts(app, role)
                 params = {"role": role, "add": add, "count": count}
                 if count is not None and count < len(live_role):
                     victims = sorted(live_role, key=lambda h: h["created_at"], reverse=True)[: len(live_role) - count]
@@ -151,6 +150,11 @@ class Governor:
         self.engine.wake()
         return Decision(request)
 
+    async def _kept_hosts(self, app: str, role: str | None) -> list[Row]:
+        """The application's live hosts that are not on their way out."""
+        rows = await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
+        return [h for h in rows if h["state"] not in _LEAVING and not h["retire_requested"]]
+
     def _domain(self, network: str | None) -> str | None:
         if network is None:
             return None
@@ -189,11 +193,7 @@ class Governor:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
                         return Decision(earlier, replayed=True)
-                live = [
-                    h for h in await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
-                    if h["state"] not in (HostState.RETIRING.value, HostState.DEREGISTERING.value,
-                                          HostState.DEPROVISIONING.value) and not h["retire_requested"]
-                ]
+                live = await self._kept_hosts(app, role)
                 if hosts is not None:
                     by_name = {h["name"]: h for h in live} | {h["fqdn"]: h for h in live}
                     unknown = [n for n in hosts if n not in by_name]
@@ -234,9 +234,7 @@ class Governor:
 
     async def retire(self, key: str, *, actor: str) -> Row:
         row = await self.host(key)
-        if row["state"] in (HostState.GONE.value,) or row["state"] in (
-            HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
-        ):
+        if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
             return row
         async with self.store.engine.begin() as conn:
             await self._mark_retire(conn, row, actor, None)
@@ -271,7 +269,7 @@ class Governor:
             if not add:
                 raise RequestError(404, f"no host named {key!r}", field="host")
             return await self._adopt(key, add, actor=actor, address=address)
-        if row["state"] in (HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value):
+        if row["state"] in _LEAVING:
             raise RequestError(409, f"host {row['name']} is being retired", field="host")
         tags = [t for t in row["tags"] if t not in remove] + [t for t in add if t not in row["tags"]]
         if tags == list(row["tags"]):

@@ -9,7 +9,7 @@ whatever it found (custom field, size, guest customization, power on), so it res
 half-made by a crash instead of making another.
 
 pyvmomi is synchronous; every SDK call here runs in a worker thread through
-:meth:`~governord.providers.SyncCaller.call_sync`, and waiting (for tasks, for the guest) is done
+:meth:`~governord.providers.ConfiguredInstance.call_sync`, and waiting (for tasks, for the guest) is done
 on the event loop with ``asyncio.sleep`` between short calls.
 """
 
