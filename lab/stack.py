@@ -237,24 +237,23 @@ class Lab:
         self.inventory = vcsim.prepare_lab(self.vcsim.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
         return self.vcsim
 
-    def start_foreman(self) -> PeerProcess:
-        self.foreman, _ = start_peer(
-            "foreman-sim",
-            [sys.executable, "-m", "lab.foreman_sim", "--host", "127.0.0.1", "--port", "0",
-             "--username", "admin", f"--password={self.passwords['LAB_FOREMAN_PASSWORD']}"],
-            cwd=REPO_ROOT, log_path=self.workdir / "foreman-sim.log",
+    def _start_simulator(self, module: str, password: str) -> PeerProcess:
+        name = module.removeprefix("lab.").replace("_", "-")
+        peer, _ = start_peer(
+            name,
+            [sys.executable, "-m", module, "--host", "127.0.0.1", "--port", "0", "--username", "admin",
+             f"--password={password}"],  # one argument: a password may start with "-"
+            cwd=REPO_ROOT, log_path=self.workdir / f"{name}.log",
         )
-        self.peers.append(self.foreman)
+        self.peers.append(peer)
+        return peer
+
+    def start_foreman(self) -> PeerProcess:
+        self.foreman = self._start_simulator("lab.foreman_sim", self.passwords["LAB_FOREMAN_PASSWORD"])
         return self.foreman
 
     def start_satellite(self) -> PeerProcess:
-        self.satellite, _ = start_peer(
-            "satellite-sim",
-            [sys.executable, "-m", "lab.satellite_sim", "--host", "127.0.0.1", "--port", "0",
-             "--username", "admin", f"--password={self.passwords['LAB_SATELLITE_PASSWORD']}"],
-            cwd=REPO_ROOT, log_path=self.workdir / "satellite-sim.log",
-        )
-        self.peers.append(self.satellite)
+        self.satellite = self._start_simulator("lab.satellite_sim", self.passwords["LAB_SATELLITE_PASSWORD"])
         return self.satellite
 
     # -- governord ------------------------------------------------------------------------------
