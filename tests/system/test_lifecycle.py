@@ -125,3 +125,22 @@ def test_ctl_errors_are_one_line_and_non_zero(lab: Lab, governord: Governord) ->
     down = governord.ctl("status", check=False)
     assert down.returncode == 3 and "cannot reach governord" in down.stderr
     assert len(down.stderr.strip().splitlines()) == 1
+
+
+def test_ctl_plugins_reports_a_plugin_that_did_not_load(lab: Lab, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    site = tmp_path / "site"
+    info = site / "broken_cloud-1.0.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-cloud\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[governord]\nbrokencloud = no_such_cloud_sdk\n")
+    daemon = lab.start_governord(extra_env={"PYTHONPATH": str(site)})
+    try:
+        shown = daemon.ctl("plugins").stdout
+        line = next(row for row in shown.splitlines() if row.strip().startswith("brokencloud"))
+        assert "NOT LOADED: ModuleNotFoundError" in line and "no_such_cloud_sdk" in line
+        plugins = {p["name"]: p for p in daemon.ctl_json("plugins")}
+        assert plugins["vsphere"]["loaded"] and plugins["foreman"]["loaded"] and plugins["satellite"]["loaded"]
+        # the daemon works on: the broken plugin is not used by the config
+        daemon.ctl("scale", "demo", "node", "--add", "1", "--wait")
+    finally:
+        daemon.stop()
