@@ -5,14 +5,16 @@ SHELL := /bin/bash
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev
+# Go + govmomi sources (vcsim), OpenIPMI's ipmi_sim + ipmitool (IPMI peer), libxml2 headers
+# (ovirt-engine-sdk-python builds a C extension)
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv vcsim test demo check clean
+.PHONY: all deps apt venv vcsim peers test demo check clean
 
 all: test
 
-deps: apt venv vcsim
+deps: apt venv vcsim peers
 
 # Debian packages: Go and the govmomi sources vcsim is built from. Installed only if missing.
 apt:
@@ -24,7 +26,7 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: setup.cfg pyproject.toml
+$(VENV)/.installed: setup.cfg pyproject.toml | apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[all,test]'
@@ -34,6 +36,11 @@ venv: $(VENV)/.installed
 
 vcsim: apt
 	bash lab/vcsim/build.sh
+
+# Peers that run from their own virtualenvs under lab/.build (nova, moto, sushy-emulator, ...):
+# each lab/<peer>/install.sh is idempotent and fast when nothing changed.
+peers: venv
+	@for script in lab/*/install.sh; do [ -f "$$script" ] || continue; echo "== $$script"; bash "$$script" || exit 1; done
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

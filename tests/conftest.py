@@ -2,6 +2,10 @@
 
 pytest_plugins = [
     "tests.fixtures.vcsim",
+    "tests.fixtures.openstack",
+    "tests.fixtures.ovirt",
+    "tests.fixtures.ec2",
+    "tests.fixtures.baremetal",
     "tests.fixtures.foreman",
     "tests.fixtures.satellite",
 ]

@@ -9,20 +9,37 @@ A provider's test module subclasses :class:`ProviderContract` and supplies two f
     a callable ``factory(**overrides) -> MachineSpec`` giving a new host id and host name on
     every call, with a profile and network for which the peer reports an address once the
     machine runs.
+``bad_profile``
+    a profile (dict) the peer itself rejects (an image, template or flavor that does not
+    exist there): the provider must raise :class:`PermanentError` with the peer's message.
+``unreachable_provider``
+    a provider of the same type configured against an address where nothing listens: its
+    first call must raise :class:`RetryableError`.
 
 Every test cleans up the machines it makes, through the provider itself.
 """
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Callable
 from typing import Any, ClassVar
 
+import pytest
+
+from governord.errors import PermanentError, RetryableError
 from governord.models import Machine, MachineSpec, PowerState
 from governord.providers import Provider
 
 SpecFactory = Callable[..., MachineSpec]
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, read, released): for ``unreachable_provider``."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class ProviderContract:
@@ -96,3 +113,23 @@ class ProviderContract:
 
     async def test_find_unknown_is_none(self, provider: Provider) -> None:
         assert await provider.find(str(uuid.uuid4())) is None
+
+    async def test_a_bad_profile_is_permanent_and_leaves_nothing(
+        self, provider: Provider, machine_spec_factory: SpecFactory, bad_profile: dict[str, Any]
+    ) -> None:
+        spec = machine_spec_factory(profile=bad_profile)
+        try:
+            with pytest.raises(PermanentError) as caught:
+                await provider.create_or_find(spec)
+            assert str(caught.value).strip(), "the peer's message is kept"
+            assert caught.value.source == provider.name
+            assert await provider.find(spec.host_id) is None
+        finally:
+            await provider.destroy(spec.host_id)
+
+    async def test_an_unreachable_peer_is_retryable(
+        self, unreachable_provider: Provider, machine_spec_factory: SpecFactory
+    ) -> None:
+        with pytest.raises(RetryableError):
+            await unreachable_provider.ensure_started()
+            await unreachable_provider.create_or_find(machine_spec_factory())

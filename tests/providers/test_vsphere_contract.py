@@ -12,7 +12,7 @@ import pytest
 from governord.models import MachineSpec, NetworkAssignment
 from governord.plugins.vsphere.provider import VSphereProvider
 from tests.fixtures.vcsim import VcsimLab
-from tests.providers.contract import ProviderContract
+from tests.providers.contract import ProviderContract, free_port
 
 pytestmark = pytest.mark.integration
 
@@ -55,6 +55,21 @@ def machine_spec_factory(vcsim: VcsimLab) -> Callable[..., MachineSpec]:
         return MachineSpec(**values)
 
     return factory
+
+
+@pytest.fixture
+def bad_profile(vcsim: VcsimLab) -> dict[str, Any]:
+    return {"template": "no-such-template", "cpus": 1}
+
+
+@pytest.fixture
+async def unreachable_provider(vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[VSphereProvider]:
+    monkeypatch.setenv("VCSIM_PASSWORD", vcsim.password)
+    port = free_port()
+    settings = {**vcsim.provider_config(), "url": f"https://127.0.0.1:{port}/sdk", "call_timeout": 10}
+    instance = VSphereProvider("unreachable", VSphereProvider.Config.model_validate(settings))
+    yield instance
+    await instance.close()
 
 
 class TestVSphereContract(ProviderContract):

@@ -1,0 +1,1 @@
+"""The baremetal provider (being written)."""

@@ -1,0 +1,1 @@
+"""The ec2 provider (being written)."""

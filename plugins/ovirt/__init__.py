@@ -1,0 +1,1 @@
+"""The ovirt provider (being written)."""
