@@ -229,11 +229,9 @@ class Engine:
 
     async def _step_failed(self, row: Row, step: str, exc: BaseException) -> Row | None:
         message = str(exc) if isinstance(exc, StepError) else f"{type(exc).__name__}: {exc}"
-        retry = is_retryable(exc) and row["attempts"] <= self.config.engine.retry_limit
-        if retry:
-            delay = min(
-                self.config.engine.retry_backoff * (2 ** (row["attempts"] - 1)), self.config.engine.retry_backoff_max
-            )
+        limit, backoff, backoff_max = self.retry_policy(row, step)
+        if is_retryable(exc) and row["attempts"] <= limit:
+            delay = min(backoff * (2 ** (row["attempts"] - 1)), backoff_max)
             await self.store.fenced_update(
                 row["id"], self.owner, {"next_attempt_at": time.time() + delay, "error": message},
                 event_kind="step-retry", detail={"step": step, "error": message, "delay": delay},
@@ -254,6 +252,20 @@ class Engine:
                 detail={"step": step, "error": message},
             )
         return None
+
+    def retry_policy(self, row: Row, step: str) -> tuple[int, float, float]:
+        """(tries, first delay, longest delay) for a step: the provider instance's own settings
+        for its steps where it has them, else the engine's."""
+        engine = self.config.engine
+        policy = (engine.retry_limit, engine.retry_backoff, engine.retry_backoff_max)
+        provider = self.config.providers.get(row["provider"] or "")
+        if provider is None or step not in ("provision", "deprovision"):
+            return policy
+        return (
+            provider.retry_limit if provider.retry_limit is not None else policy[0],
+            provider.retry_backoff if provider.retry_backoff is not None else policy[1],
+            provider.retry_backoff_max if provider.retry_backoff_max is not None else policy[2],
+        )
 
     # -- the steps ----------------------------------------------------------------------------
 

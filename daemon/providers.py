@@ -47,6 +47,12 @@ class ProviderConfig(StrictModel):
     call_timeout: float = Field(default=300.0, gt=0)
     #: seconds a new machine may take to come up with an address
     ready_timeout: float = Field(default=900.0, gt=0)
+    #: tries of a provision or deprovision step that failed with a passing error (default: [engine])
+    retry_limit: int | None = Field(default=None, ge=0)
+    #: first delay between those tries, doubled each time (default: [engine])
+    retry_backoff: float | None = Field(default=None, ge=0)
+    #: longest delay between those tries (default: [engine])
+    retry_backoff_max: float | None = Field(default=None, ge=0)
 
 
 class ProviderProfile(StrictModel):

@@ -229,13 +229,16 @@ class Lab:
         self.start_foreman()
         self.start_satellite()
 
-    def start_vcsim(self) -> PeerProcess:
-        self.vcsim = vcsim.start_vcsim(
-            username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / "vcsim.log"
+    def start_vcsim(self, name: str = "vcsim") -> PeerProcess:
+        """Start a vcsim with the lab inventory; the first one is the lab's own."""
+        peer = vcsim.start_vcsim(
+            username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log"
         )
-        self.peers.append(self.vcsim)
-        self.inventory = vcsim.prepare_lab(self.vcsim.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
-        return self.vcsim
+        self.peers.append(peer)
+        inventory = vcsim.prepare_lab(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
+        if self.vcsim is None:
+            self.vcsim, self.inventory = peer, inventory
+        return peer
 
     def _start_simulator(self, module: str, password: str) -> PeerProcess:
         name = module.removeprefix("lab.").replace("_", "-")
@@ -300,12 +303,13 @@ class Lab:
 
     # -- the other side ---------------------------------------------------------------------------
 
-    def vsphere_vms(self) -> dict[str, dict[str, Any]]:
-        """VMs in vcsim that carry governord's ownership marker: name -> facts."""
-        assert self.vcsim
+    def vsphere_vms(self, peer: PeerProcess | None = None) -> dict[str, dict[str, Any]]:
+        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker."""
+        peer = peer or self.vcsim
+        assert peer
         from pyVmomi import vim
 
-        si = vcsim.connect(self.vcsim.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
+        si = vcsim.connect(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
         try:
             content = si.RetrieveContent()
             view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)

@@ -144,3 +144,27 @@ def test_ctl_plugins_reports_a_plugin_that_did_not_load(lab: Lab, tmp_path) -> N
         daemon.ctl("scale", "demo", "node", "--add", "1", "--wait")
     finally:
         daemon.stop()
+
+
+def test_two_instances_of_one_provider_type_side_by_side(lab: Lab) -> None:
+    second = lab.start_vcsim("vcsim-east")
+    config = lab.write_config()
+    text = config.read_text()
+    provider = text[text.index("[providers.vcsim]"):text.index("[registrars.foreman]")]
+    text = text.replace("[registrars.foreman]", provider.replace("[providers.vcsim]", "[providers.east]")
+                        .replace(lab.vcsim.url, second.url) + "[registrars.foreman]")  # type: ignore[union-attr]
+    text += ('\n[applications.demo.roles.edge]\ntags = ["node"]\nprovider = "east"\nnetwork = "lab"\n'
+             'name_pattern = "demo-edge-{seq:02d}"\nprofile = { template = "rhel9-template", cpus = 1 }\n')
+    config.write_text(text)
+    daemon = lab.start_governord(config)
+    try:
+        daemon.ctl("scale", "demo", "node", "--add", "2", "--wait")
+        daemon.ctl("scale", "demo", "edge", "--add", "1", "--wait")
+        assert sorted(lab.vsphere_vms()) == ["demo-node-01", "demo-node-02"]
+        assert sorted(lab.vsphere_vms(second)) == ["demo-edge-01"]
+        assert {h["name"]: h["provider"] for h in daemon.ctl_json("hosts", "list")} == {
+            "demo-node-01": "vcsim", "demo-node-02": "vcsim", "demo-edge-01": "east"}
+        daemon.ctl("retire", "demo-edge-01", "--wait")
+        assert lab.vsphere_vms(second) == {} and len(lab.vsphere_vms()) == 2
+    finally:
+        daemon.stop()

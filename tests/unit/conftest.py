@@ -53,11 +53,11 @@ profile = {{ size = "large" }}
 def make_runtime(tmp_path: Path) -> Callable[..., Any]:
     runtimes: list[Runtime] = []
 
-    async def make(extra: str = "") -> Runtime:
+    async def make(extra: str = "", patch: Callable[[str], str] = lambda text: text) -> Runtime:
         plugins = PluginManager()
         plugins.register(testing.plugin, "testing")
         plugins.collect_types()
-        raw = tomllib.loads(BASE_CONFIG.format(state_dir=tmp_path / "state") + extra)
+        raw = tomllib.loads(patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
         config = build_config("test.toml", raw, plugins.providers, plugins.registrars, unavailable={})
         runtime = await Runtime.open(config, plugins)
         await runtime.start()

@@ -178,3 +178,24 @@ async def test_interrupted_step_resumes_without_duplicates(make_runtime) -> None
         assert sorted(owners) == sorted(ids)
     finally:
         await second.stop()
+
+
+async def test_a_provider_instance_has_its_own_retry_policy(make_runtime) -> None:  # type: ignore[no-untyped-def]
+    """[providers.mem] retry_limit = 0 fails provisioning at the first passing error, while the
+    engine's own limit (2) still governs registration."""
+    runtime = await make_runtime(patch=lambda text: text.replace(
+        '[providers.mem]\ntype = "memory"', '[providers.mem]\ntype = "memory"\nretry_limit = 0'))
+    try:
+        testing.MemoryProvider.faults.setdefault("mem", testing.Faults()).fail(
+            "create_or_find", RetryableError("busy"), count=1)
+        first = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        [row] = await wait_states(runtime, first.request["host_ids"], {"failed"})
+        assert row["failed_step"] == "provision" and row["attempts"] == 1
+        testing.MemoryRegistrar.faults.setdefault("cmdb", testing.Faults()).fail(
+            "register", RetryableError("busy"), count=2)
+        await runtime.governor.retry(row["name"], actor="t")
+        await wait_states(runtime, [row["id"]], {"ready"})  # two passing register failures: within 2
+        assert runtime.engine.retry_policy(row, "register") == (2, 0.05, 0.2)
+        assert runtime.engine.retry_policy(row, "provision") == (0, 0.05, 0.2)
+    finally:
+        await runtime.stop()

@@ -53,16 +53,16 @@ def test_misspelled_hook_fails_startup(tmp_path: Path) -> None:
 def test_plugin_that_fails_to_import_is_fatal_only_when_used(tmp_path: Path) -> None:
     site = tmp_path / "site"
     site.mkdir()
-    _fake_distribution(site, "openstack_plugin", "openstack = no_such_sdk_module_here")
+    _fake_distribution(site, "openstack_plugin", "nimbus = no_such_sdk_module_here")
     unused = tmp_path / "unused.toml"
     unused.write_text("")
     proc = _check(site, unused)
     assert proc.returncode == 0, proc.stderr
     used = tmp_path / "used.toml"
-    used.write_text("[providers.cloud]\ntype = 'openstack'\n")
+    used.write_text("[providers.cloud]\ntype = 'nimbus'\n")
     proc = _check(site, used)
     assert proc.returncode == 2
-    assert f"{used}: providers.cloud.type: type 'openstack' is unavailable: ModuleNotFoundError" in proc.stderr
+    assert f"{used}: providers.cloud.type: type 'nimbus' is unavailable: ModuleNotFoundError" in proc.stderr
 
 
 def test_plugin_whose_sdk_import_fails_at_registration_is_unavailable_not_fatal(tmp_path: Path) -> None:
@@ -74,15 +74,15 @@ def test_plugin_whose_sdk_import_fails_at_registration_is_unavailable_not_fatal(
         def governord_register_providers(registry):
             import no_such_vendor_sdk  # the SDK is imported only when the type is registered
     """))
-    _fake_distribution(site, "lazy_plugin", "ovirt = lazy_plugin")
+    _fake_distribution(site, "lazy_plugin", "rhvx = lazy_plugin")
     unused = tmp_path / "unused.toml"
     unused.write_text("")
     assert _check(site, unused).returncode == 0
     used = tmp_path / "used.toml"
-    used.write_text("[providers.rhv]\ntype = 'ovirt'\n")
+    used.write_text("[providers.rhv]\ntype = 'rhvx'\n")
     proc = _check(site, used)
     assert proc.returncode == 2
-    assert "providers.rhv.type: type 'ovirt' is unavailable: ModuleNotFoundError" in proc.stderr
+    assert "providers.rhv.type: type 'rhvx' is unavailable: ModuleNotFoundError" in proc.stderr
 
 
 def test_disabled_plugin_is_reported_not_loaded() -> None:
