@@ -1,1 +1,37 @@
-"""The ovirt provider (being written)."""
+"""oVirt/RHV provider for governord: VMs made from a template on an oVirt engine, through ovirtsdk4.
+
+Needs the ``ovirt`` extra (``pip install governord[ovirt]``, which installs
+``ovirt-engine-sdk-python``; building it needs gcc, the Python headers and libxml2-dev).
+ovirtsdk4 is imported only when the provider type is registered: importing this package never
+needs it, and without it ``governord_register_providers`` raises ImportError naming ovirtsdk4.
+
+Configured as ``[providers.NAME]`` with ``type = "ovirt"``::
+
+    [providers.rhv]
+    type = "ovirt"
+    url = "https://engine.example.com/ovirt-engine/api"
+    username = "governord@internal"
+    password = { env = "GOVERNORD_OVIRT_PASSWORD" }     # or { file = "/etc/governord/ovirt.pw" }
+    verify_tls = true                                    # ca_file = "/etc/governord/engine-ca.pem"
+    cluster = "Default"
+
+and a role's ``profile`` is ``{ template = "rhel9-template", memory_mb = 4096, cpus = 2,
+cloud_init = true }`` (only ``template`` is required).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from governord import hookimpl
+
+if TYPE_CHECKING:
+    from governord.providers import ProviderRegistry
+
+
+@hookimpl
+def governord_register_providers(registry: ProviderRegistry) -> None:
+    """Make the ``ovirt`` provider type known (ovirtsdk4 is imported only here, on demand)."""
+    from .provider import OVirtProvider
+
+    registry.add(OVirtProvider)

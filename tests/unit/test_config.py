@@ -21,6 +21,8 @@ SECRETS = {
     "GOVERNORD_VCENTER_PASSWORD": "vc-secret-value",
     "GOVERNORD_FOREMAN_PASSWORD": "fm-secret-value",
     "GOVERNORD_SATELLITE_PASSWORD": "sat-secret-value",
+    "GOVERNORD_RHV_PASSWORD": "rhv-secret-value",
+    "GOVERNORD_AWS_SECRET_ACCESS_KEY": "aws-secret-value",
 }
 
 

@@ -1,0 +1,324 @@
+"""The oVirt provider against the engine simulator, checked from the other side with its own
+ovirtsdk4 connection: what exists on the engine, not what the provider says about it."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import AsyncIterator, Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import ovirtsdk4
+import pytest
+from ovirtsdk4 import types
+
+from governord.errors import PermanentError, RetryableError
+from governord.models import MachineSpec, NetworkAssignment, PowerState
+from governord.plugins.ovirt import governord_register_providers
+from governord.plugins.ovirt.provider import OVirtProvider, host_id_of, marker
+from governord.providers import ProviderRegistry
+from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed
+from lab.vcsim import TLSFiles
+from tests.fixtures.ovirt import OVirtEngine, launch_ovirt_sim
+
+pytestmark = pytest.mark.integration
+
+PASSWORD_ENV = "OVIRT_PASSWORD"
+MIB = 1024 * 1024
+
+
+def make_provider(engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch, password: str | None = None,
+                  **overrides: Any) -> OVirtProvider:
+    monkeypatch.setenv(PASSWORD_ENV, engine.password if password is None else password)
+    config = OVirtProvider.Config.model_validate(engine.provider_config(PASSWORD_ENV, **overrides))
+    return OVirtProvider("rhv", config)
+
+
+@pytest.fixture
+async def provider(ovirt_engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[OVirtProvider]:
+    instance = make_provider(ovirt_engine, monkeypatch)
+    await instance.start()
+    try:
+        yield instance
+    finally:
+        await instance.close()
+
+
+@pytest.fixture
+def peer(ovirt_engine: OVirtEngine) -> Iterator[Any]:
+    """A separate ovirtsdk4 connection to the same engine: the other side."""
+    connection = ovirt_engine.connection()
+    try:
+        yield connection.system_service()
+    finally:
+        connection.close()
+
+
+@pytest.fixture
+def spec_factory(ovirt_engine: OVirtEngine) -> Callable[..., MachineSpec]:
+    counter = iter(range(100, 250))
+
+    def factory(*, static: bool = True, **profile: Any) -> MachineSpec:
+        n = next(counter)
+        hostname = f"node-{uuid.uuid4().hex[:8]}"
+        network = (
+            NetworkAssignment(address=f"198.51.100.{n}", prefix_length=24, gateway="198.51.100.1",
+                              dns_servers=("198.51.100.2",), domain="lab.example")
+            if static
+            else NetworkAssignment(domain="lab.example")
+        )
+        return MachineSpec(
+            host_id=str(uuid.uuid4()),
+            hostname=hostname,
+            fqdn=f"{hostname}.lab.example",
+            profile={"template": ovirt_engine.template, **profile},
+            network=network,
+        )
+
+    return factory
+
+
+def named(peer: Any, name: str) -> list[types.Vm]:
+    return [vm for vm in peer.vms_service().list(search=f"name={name}") if vm.name == name]
+
+
+def wait_down(peer: Any, vm_id: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while peer.vms_service().vm_service(vm_id).get().status is not types.VmStatus.DOWN:
+        assert time.monotonic() < deadline, "the VM did not settle down"
+        time.sleep(0.02)
+
+
+# -- create, seen from the other side --------------------------------------------------------------
+
+
+async def test_create_is_seen_by_the_engine(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory(memory_mb=3072, cpus=3)
+    machine = await provider.create_or_find(spec)
+    ready = await provider.wait_ready(machine, 10)
+
+    [vm] = named(peer, spec.hostname)
+    assert vm.id == machine.machine_id == ready.machine_id
+    assert vm.status is types.VmStatus.UP
+    assert vm.comment == marker(spec.host_id) == f"governord:host-id={spec.host_id}"
+    assert host_id_of(vm) == spec.host_id
+    [template] = peer.templates_service().list(search="name=rhel9-template")
+    assert vm.template.id == template.id
+    assert vm.memory == 3072 * MIB
+    # guaranteed memory kept from the template (1 GiB), max raised to cover the new size
+    assert vm.memory_policy.guaranteed == 1024 * MIB and vm.memory_policy.max >= 3072 * MIB
+    assert vm.cpu.topology.sockets == 3
+    assert vm.fqdn == spec.fqdn
+    assert ready.addresses == (spec.network.address,)
+    assert ready.power is PowerState.ON
+    assert [m.machine_id for m in await provider.list_owned() if m.host_id == spec.host_id] == [vm.id]
+
+    await provider.destroy(spec.host_id)
+    with pytest.raises(ovirtsdk4.NotFoundError):
+        peer.vms_service().vm_service(vm.id).get()
+    assert named(peer, spec.hostname) == []
+
+
+async def test_a_dhcp_guest_is_ready_with_the_engines_address(
+    provider: OVirtProvider, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory(static=False)
+    machine = await provider.create_or_find(spec)
+    try:
+        ready = await provider.wait_ready(machine, 10)
+        assert ready.addresses and ready.addresses[0].startswith("192.0.2.")
+    finally:
+        await provider.destroy(spec.host_id)
+
+
+async def test_create_twice_makes_one_vm(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    try:
+        first = await provider.create_or_find(spec)
+        second = await provider.create_or_find(spec)
+        assert first.machine_id == second.machine_id
+        assert [vm.id for vm in named(peer, spec.hostname)] == [first.machine_id]
+    finally:
+        await provider.destroy(spec.host_id)
+
+
+async def test_a_marked_vm_left_down_by_a_crash_is_started_not_duplicated(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    # what a crash right after "add" leaves behind: the marked VM, never started
+    orphan = peer.vms_service().add(types.Vm(
+        name=spec.hostname, cluster=types.Cluster(name="Default"), template=types.Template(name="rhel9-template"),
+        comment=marker(spec.host_id)))
+    wait_down(peer, orphan.id)
+    try:
+        machine = await provider.create_or_find(spec)
+        assert machine.machine_id == orphan.id
+        assert machine.power is PowerState.ON
+        ready = await provider.wait_ready(machine, 10)
+        assert ready.addresses == (spec.network.address,)
+        assert [vm.id for vm in named(peer, spec.hostname)] == [orphan.id]
+    finally:
+        await provider.destroy(spec.host_id)
+
+
+async def test_a_marked_vm_still_image_locked_is_waited_for(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    orphan = peer.vms_service().add(types.Vm(
+        name=spec.hostname, cluster=types.Cluster(name="Default"), template=types.Template(name="rhel9-template"),
+        comment=marker(spec.host_id)))
+    assert orphan.status is types.VmStatus.IMAGE_LOCKED
+    try:
+        machine = await provider.create_or_find(spec)
+        assert machine.machine_id == orphan.id and machine.power is PowerState.ON
+    finally:
+        await provider.destroy(spec.host_id)
+
+
+async def test_a_name_taken_by_a_foreign_vm_is_permanent(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    foreign = peer.vms_service().add(types.Vm(
+        name=spec.hostname, cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+    try:
+        with pytest.raises(PermanentError, match="The VM name is already in use"):
+            await provider.create_or_find(spec)
+        assert [vm.id for vm in named(peer, spec.hostname)] == [foreign.id]
+    finally:
+        peer.vms_service().vm_service(foreign.id).remove()
+
+
+async def test_destroy_stops_a_running_vm_made_outside(
+    provider: OVirtProvider, peer: Any, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    vm = peer.vms_service().add(types.Vm(
+        name=spec.hostname, cluster=types.Cluster(name="Default"), template=types.Template(name="rhel9-template"),
+        comment=marker(spec.host_id)))
+    wait_down(peer, vm.id)
+    peer.vms_service().vm_service(vm.id).start()
+    await provider.destroy(spec.host_id)
+    with pytest.raises(ovirtsdk4.NotFoundError):
+        peer.vms_service().vm_service(vm.id).get()
+    assert await provider.find(spec.host_id) is None
+
+
+# -- errors -----------------------------------------------------------------------------------
+
+
+async def test_the_engines_fault_is_kept_for_a_missing_template(
+    provider: OVirtProvider, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    spec = spec_factory()
+    bad = MachineSpec(**{**spec.__dict__, "profile": {"template": "no-such-template"}})
+    with pytest.raises(PermanentError, match="Entity not found: Template: name=no-such-template") as caught:
+        await provider.create_or_find(bad)
+    assert caught.value.source == "rhv"
+
+
+async def test_a_missing_cluster_is_permanent(
+    ovirt_engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    instance = make_provider(ovirt_engine, monkeypatch, cluster="Elsewhere")
+    try:
+        with pytest.raises(PermanentError, match="Entity not found: Cluster: name=Elsewhere"):
+            await instance.create_or_find(spec_factory())
+    finally:
+        await instance.close()
+
+
+async def test_a_bad_password_is_permanent(ovirt_engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch) -> None:
+    instance = make_provider(ovirt_engine, monkeypatch, password="not-the-password")
+    with pytest.raises(PermanentError, match="access_denied.*The username or password is incorrect"):
+        await instance.start()
+    await instance.close()
+
+
+async def test_an_untrusted_certificate_is_permanent(
+    ovirt_engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    instance = make_provider(ovirt_engine, monkeypatch, ca_file=None)
+    with pytest.raises(PermanentError, match="not trusted"):
+        await instance.start()
+    await instance.close()
+
+
+async def test_a_stopped_engine_is_retryable(
+    tmp_path: Path, ovirt_tls: TLSFiles, monkeypatch: pytest.MonkeyPatch, spec_factory: Callable[..., MachineSpec]
+) -> None:
+    engine = launch_ovirt_sim(tmp_path, ovirt_tls, name="ovirt-sim-doomed")
+    instance = make_provider(engine, monkeypatch, call_timeout=5)
+    try:
+        await instance.start()
+        assert await instance.list_owned() == []
+        engine.stop()
+        with pytest.raises(RetryableError):
+            await instance.find(str(uuid.uuid4()))
+        with pytest.raises(RetryableError):
+            await instance.create_or_find(spec_factory())
+    finally:
+        engine.stop()
+        await instance.close()
+
+
+async def test_start_tolerates_an_engine_that_is_down(
+    ovirt_engine: OVirtEngine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.providers.contract import free_port
+
+    instance = make_provider(ovirt_engine, monkeypatch, url=f"https://127.0.0.1:{free_port()}/ovirt-engine/api")
+    await instance.start()  # logged, not raised: the daemon starts without the engine
+    with pytest.raises(RetryableError, match="cannot talk to"):
+        await instance.list_owned()
+    await instance.close()
+
+
+async def test_server_errors_and_locks_are_retryable_client_errors_permanent(provider: OVirtProvider) -> None:
+    assert isinstance(provider._translate(ovirtsdk4.Error("HTTP response code is 503.", code=503), "x"), RetryableError)
+    locked = ovirtsdk4.Error('Fault detail is "[Cannot run VM: VM is locked. Please try again in a few minutes.]"',
+                             code=409)
+    assert isinstance(provider._translate(locked, "x"), RetryableError)
+    assert isinstance(provider._translate(ovirtsdk4.Error("HTTP response code is 400.", code=400), "x"), PermanentError)
+
+
+# -- connection lifetime and registration ----------------------------------------------------------
+
+
+async def test_close_revokes_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
+    with OVirtSimServer(default_seed(), "governord@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        monkeypatch.setenv(PASSWORD_ENV, "pw")
+        config = OVirtProvider.Config.model_validate({
+            "type": "ovirt", "url": server.url, "username": "governord@internal",
+            "password": {"env": PASSWORD_ENV}, "cluster": "Default",
+        })
+        instance = OVirtProvider("inproc", config)
+        await instance.start()
+        auth = server.app[AUTH_KEY]
+        assert auth["issued"] == 1 and len(auth["tokens"]) == 1
+        await instance.close()
+        assert auth["tokens"] == {} and len(auth["revoked"]) == 1
+
+
+def test_the_plugin_registers_the_type() -> None:
+    registry = ProviderRegistry()
+    governord_register_providers(registry)
+    assert registry.get("ovirt") is OVirtProvider
+
+
+def test_config_is_strict(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv(PASSWORD_ENV, "pw")
+    base = {"type": "ovirt", "url": "https://engine/ovirt-engine/api", "username": "u@internal",
+            "password": {"env": PASSWORD_ENV}, "cluster": "Default"}
+    assert OVirtProvider.Config.model_validate(base).verify_tls is True
+    for bad in ({"url": "engine"}, {"password": "plain-text"}, {"datacenter": "x"}):
+        with pytest.raises(ValueError):
+            OVirtProvider.Config.model_validate({**base, **bad})
+    assert OVirtProvider.Profile.model_validate({"template": "t"}).cloud_init is True
