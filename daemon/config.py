@@ -159,6 +159,8 @@ class RoleSection(StrictModel):
     network: str | None = None
     #: host names; {app}, {role} and {seq} are filled in
     name_pattern: str = "{app}-{role}-{seq:02d}"
+    #: DNS domain of the role's hosts (default: the network's)
+    domain: str | None = None
     #: provider-specific settings, validated by the provider type's Profile
     profile: dict[str, Any] = Field(default_factory=dict)
 

@@ -131,7 +131,7 @@ class Governor:
                 )
                 host_ids = []
                 if wanted > 0:
-                    domain = self._domain(role_cfg.network)
+                    domain = role_cfg.domain or self._domain(role_cfg.network)
                     seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, wanted)
                     for seq in seqs:
                         name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)

@@ -1,6 +1,7 @@
 """``make demo``: the whole loop once, on the local lab, printing what exists at each step.
 
-1. start the lab: vcsim (built from Debian's govmomi sources), the Foreman and Satellite simulators
+1. start the lab: the platform's peer (vcsim built from Debian's govmomi sources by default; see
+   ``--platform``), the Foreman and Satellite simulators
 2. start governord on SQLite, as systemd would (notify socket, READY only once it listens)
 3. the demo application asks for 3 nodes over HTTPS with its own client certificate
 4. an operator tags one of them `broker` with governord-ctl
@@ -25,6 +26,7 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from .platforms import PLATFORMS
 from .stack import Governord, Lab
 
 # wide enough for the tables when output goes to a pipe or a CI log
@@ -32,12 +34,14 @@ console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
 
 
 def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
+    assert lab.platform
     hosts = {h["fqdn"]: h for h in daemon.ctl_json("hosts", "list")}
-    vms = {f"{name}.lab.example": vm for name, vm in lab.vsphere_vms().items()}
+    vms = {f"{name.split('.')[0]}.lab.example": vm for name, vm in lab.platform.machines().items()}
     foreman = lab.foreman_hosts()
     satellite = lab.satellite_systems()
     table = Table(title=title, title_justify="left", header_style="bold")
-    for column in ("host", "governord", "tags", "vSphere VM", "Foreman hostgroup / classes", "Satellite groups"):
+    for column in ("host", "governord", "tags", f"{lab.platform.kind} machine", "Foreman hostgroup / classes",
+                   "Satellite groups"):
         table.add_column(column)
     for fqdn in sorted(set(hosts) | set(vms) | set(foreman) | set(satellite)):
         h, vm, fm, sat = hosts.get(fqdn), vms.get(fqdn), foreman.get(fqdn), satellite.get(fqdn)
@@ -45,7 +49,7 @@ def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
             fqdn,
             h["state"] if h else "-",
             ",".join(h["tags"]) if h else "-",
-            f"{vm['moid']} {vm['power']} {vm['ip']}" if vm else "-",
+            f"{vm['id']} {vm['state']} {vm['address'] or ''}" if vm else "-",
             f"{fm['hostgroup']}: {', '.join(fm['puppet_classes'])}" if fm else "-",
             ", ".join(sat["groups"]) if sat else "-",
         )
@@ -72,11 +76,12 @@ def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str,
         return json.loads(resp.read())
 
 
-def run(workdir: Path) -> None:
+def run(workdir: Path, platform: str) -> None:
     with Lab(workdir) as lab:
-        console.rule("1. the lab")
-        lab.start_peers()
-        console.print(f"vcsim      {lab.vcsim.url}" if lab.vcsim else "")
+        console.rule(f"1. the lab ({platform})")
+        lab.start_peers(platform)
+        for peer in lab.peers:
+            console.print(f"{peer.name:14} {peer.url}")
         console.print(f"Foreman    {lab.foreman.url}  (project simulator)" if lab.foreman else "")
         console.print(f"Satellite  {lab.satellite.url}  (project simulator)" if lab.satellite else "")
 
@@ -99,7 +104,7 @@ def run(workdir: Path) -> None:
         seen = show(lab, daemon, "after scale-up")
         expect(request["status"] == "completed", "the request completed")
         expect(len(seen["vms"]) == 3 and len(seen["foreman"]) == 3 and len(seen["satellite"]) == 3,
-               "3 VMs in vSphere, 3 hosts in Foreman, 3 systems in Satellite")
+               f"3 machines on {platform}, 3 hosts in Foreman, 3 systems in Satellite")
 
         console.rule("4. governord-ctl tag demo-node-02 broker")
         console.print(daemon.ctl("tag", "demo-node-02", "broker", "--wait").stdout)
@@ -113,7 +118,7 @@ def run(workdir: Path) -> None:
         seen = show(lab, daemon, "after retiring demo-node-01")
         gone = "demo-node-01.lab.example"
         expect(gone not in seen["vms"] and gone not in seen["foreman"] and gone not in seen["satellite"],
-               "demo-node-01 is gone from vSphere, Foreman and Satellite")
+               f"demo-node-01 is gone from {platform}, Foreman and Satellite")
         console.print(daemon.ctl("hosts", "show", "demo-node-01").stdout)
 
         console.rule("6. stop")
@@ -126,12 +131,14 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workdir", type=Path, help="keep the lab's files here (default: a temporary directory)")
+    parser.add_argument("--platform", choices=sorted(PLATFORMS), default="vsphere",
+                        help="where the machines are made (default: vsphere on vcsim)")
     args = parser.parse_args(argv)
     if args.workdir:
-        run(args.workdir)
+        run(args.workdir, args.platform)
     else:
         with tempfile.TemporaryDirectory(prefix="governord-demo-") as tmp:
-            run(Path(tmp))
+            run(Path(tmp), args.platform)
     return 0
 
 

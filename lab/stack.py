@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from . import vcsim
+from .platforms import PLATFORMS, Platform
 from .process import PeerProcess, start_peer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -60,20 +61,8 @@ gateway = "198.51.100.1"
 dns_servers = ["198.51.100.2"]
 domain = "lab.example"
 
-[providers.vcsim]
-type = "vsphere"
-url = "{vcsim_url}"
-username = "{vcsim_user}"
-password = {{ env = "LAB_VCSIM_PASSWORD" }}
-verify_tls = false
-datacenter = "{datacenter}"
-cluster = "{cluster}"
-resource_pool = "{resource_pool}"
-folder = "{folder}"
-max_concurrency = 8
-call_timeout = 60.0
-ready_timeout = 120.0
-
+[providers.{provider}]
+{provider_section}
 [registrars.foreman]
 type = "foreman"
 url = "{foreman_url}"
@@ -107,10 +96,10 @@ max_hosts = {max_hosts}
 
 [applications.demo.roles.node]
 tags = ["node"]
-provider = "vcsim"
-network = "lab"
+provider = "{provider}"
+{network_line}domain = "lab.example"
 name_pattern = "demo-node-{{seq:02d}}"
-profile = {{ template = "{template}", cpus = 2, memory_mb = 4096 }}
+profile = {profile}
 """
 
 
@@ -208,6 +197,8 @@ class Lab:
         self.foreman: PeerProcess | None = None
         self.satellite: PeerProcess | None = None
         self.inventory: vcsim.LabInventory | None = None
+        self.platform: Platform | None = None
+        self.repo_root = REPO_ROOT
 
     def __enter__(self) -> Lab:
         return self
@@ -224,10 +215,11 @@ class Lab:
 
     # -- peers --------------------------------------------------------------------------------
 
-    def start_peers(self) -> None:
-        self.start_vcsim()
+    def start_peers(self, platform: str = "vsphere") -> None:
+        """Start the Foreman and Satellite simulators and one platform (vcsim by default)."""
         self.start_foreman()
         self.start_satellite()
+        self.start_platform(platform)
 
     def start_vcsim(self, name: str = "vcsim") -> PeerProcess:
         """Start a vcsim with the lab inventory; the first one is the lab's own."""
@@ -262,21 +254,31 @@ class Lab:
     # -- governord ------------------------------------------------------------------------------
 
     def write_config(self, instance: str = "governord", *, workers: int = 8, max_hosts: int = 10,
-                     retry_limit: int = 5) -> Path:
-        """Write a config for a governord instance whose files live in ``workdir/instance``."""
-        assert self.vcsim and self.foreman and self.satellite and self.inventory
+                     retry_limit: int = 5, platform: Platform | None = None) -> Path:
+        """Write a config for a governord instance whose files live in ``workdir/instance``,
+        provisioning on ``platform`` (default: the lab's vcsim)."""
+        assert self.foreman and self.satellite
+        platform = platform or self.platform or self.start_platform("vsphere")
         home = self.workdir / instance
         home.mkdir(parents=True, exist_ok=True)
         path = home / "governord.toml"
         path.write_text(CONFIG_TEMPLATE.format(
-            state_dir=home / "state", socket=home / "admin.sock", workers=workers,
-            retry_limit=retry_limit, vcsim_url=self.vcsim.url, vcsim_user="governord",
-            datacenter=vcsim.DATACENTER, cluster=vcsim.CLUSTER,
-            resource_pool=self.inventory.resource_pool, folder=self.inventory.folder,
-            template=self.inventory.template, foreman_url=self.foreman.url, satellite_url=self.satellite.url,
+            state_dir=home / "state", socket=home / "admin.sock", workers=workers, retry_limit=retry_limit,
+            provider=platform.provider, provider_section=platform.provider_section.strip(),
+            network_line=f'network = "{platform.network}"\n' if platform.network else "",
+            profile=platform.profile, foreman_url=self.foreman.url, satellite_url=self.satellite.url,
             max_hosts=max_hosts,
         ))
         return path
+
+    def start_platform(self, kind: str) -> Platform:
+        """Start the peer of a platform (see lab.platforms) and make it the one configs use."""
+        self.platform = PLATFORMS[kind](self)
+        return self.platform
+
+    @staticmethod
+    def new_password() -> str:
+        return secrets.token_urlsafe(12)
 
     def start_governord(self, config: Path | None = None, *, extra_env: dict[str, str] | None = None,
                         wait_ready: bool = True) -> Governord:

@@ -1,1 +1,42 @@
-"""The openstack provider (being written)."""
+"""OpenStack provider for governord: nova servers, through openstacksdk.
+
+Needs the ``openstack`` extra (``pip install governord[openstack]``, which installs
+``openstacksdk``). openstacksdk is imported only when the provider type is registered: importing
+this package never needs it, and without it ``governord_register_providers`` raises ImportError
+naming ``openstack``.
+
+Configured as ``[providers.NAME]`` with ``type = "openstack"``::
+
+    [providers.cloud]
+    type = "openstack"
+    auth_url = "https://keystone.example.com:5000/v3"
+    username = "governord"
+    password = { env = "GOVERNORD_OPENSTACK_PASSWORD" }   # or { file = "/etc/governord/openstack.pw" }
+    project_name = "openshift"
+    user_domain_name = "Default"        # the default
+    project_domain_name = "Default"     # the default
+    region_name = "RegionOne"           # optional
+    verify_tls = true                   # ca_file = "/etc/governord/openstack-ca.pem"
+    compute_api_version = "2.79"        # optional; default: the newest both sides speak
+
+and a role's ``profile`` is ``{ flavor = "m1.large", image = "rhel-9.4", network = "openshift",
+key_name = "ops", user_data = "...", security_groups = ["default"], availability_zone = "nova",
+metadata = { role = "node" } }`` (only ``flavor`` and ``image`` are required).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from governord import hookimpl
+
+if TYPE_CHECKING:
+    from governord.providers import ProviderRegistry
+
+
+@hookimpl
+def governord_register_providers(registry: ProviderRegistry) -> None:
+    """Make the ``openstack`` provider type known (openstacksdk is imported only here, on demand)."""
+    from .provider import OpenStackProvider
+
+    registry.add(OpenStackProvider)

@@ -22,6 +22,7 @@ SECRETS = {
     "GOVERNORD_FOREMAN_PASSWORD": "fm-secret-value",
     "GOVERNORD_SATELLITE_PASSWORD": "sat-secret-value",
     "GOVERNORD_RHV_PASSWORD": "rhv-secret-value",
+    "GOVERNORD_OPENSTACK_PASSWORD": "os-secret-value",
     "GOVERNORD_AWS_SECRET_ACCESS_KEY": "aws-secret-value",
 }
 
