@@ -7,6 +7,7 @@ tests use the same code. A platform's provider instance is named after its kind.
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -176,10 +177,61 @@ ready_timeout = 120.0
     return Platform("openstack", section, profile, None, machines, peers=[cloud.keystone, cloud.nova])
 
 
+def _toml_value(value: Any) -> str:
+    """A TOML inline value (strings as JSON strings, which TOML reads the same)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{ " + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + " }"
+    raise TypeError(f"no TOML for {value!r}")
+
+
+def _start_baremetal(lab: Lab, protocol: str) -> Platform:
+    from . import baremetal
+
+    directory = lab.workdir / f"baremetal-{protocol}"
+    start = baremetal.start_ipmi_pool if protocol == "ipmi" else baremetal.start_redfish_pool
+    pool = start(directory)
+    lab.stoppers.append(pool.stop)
+    lab.passwords.setdefault("LAB_BMC_PASSWORD", pool.password)
+    config = pool.provider_config("LAB_BMC_PASSWORD")
+    machines = config.pop("machines")
+    section = "\n".join(f"{key} = {_toml_value(value)}" for key, value in config.items())
+    section += "\nmachines = [\n" + "".join(f"  {_toml_value(m)},\n" for m in machines) + "]\n"
+
+    def view() -> MachineView:
+        """Machines in use, as the hardware shows it: powered on (BMC) or with the OS up."""
+        found = {}
+        for machine in pool.machines:
+            power, os_state = machine.power(), machine.os.status().get("os")
+            if power == "on" or os_state == "up":
+                found[machine.name] = {"id": machine.name, "state": f"power {power}, os {os_state}",
+                                       "address": machine.address}
+        return found
+
+    return Platform(protocol, section, "{ min_cpus = 2 }", None, view)
+
+
+def start_ipmi(lab: Lab) -> Platform:
+    return _start_baremetal(lab, "ipmi")
+
+
+def start_redfish(lab: Lab) -> Platform:
+    return _start_baremetal(lab, "redfish")
+
+
 #: every platform the lab can start, by kind
 PLATFORMS: dict[str, Callable[[Lab], Platform]] = {
     "vsphere": start_vsphere,
     "ovirt": start_ovirt,
     "ec2": start_ec2,
     "openstack": start_openstack,
+    "ipmi": start_ipmi,
+    "redfish": start_redfish,
 }

@@ -23,6 +23,7 @@ import urllib.request
 import xmlrpc.client
 from dataclasses import dataclass, field
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 from . import vcsim
@@ -198,6 +199,8 @@ class Lab:
         self.satellite: PeerProcess | None = None
         self.inventory: vcsim.LabInventory | None = None
         self.platform: Platform | None = None
+        #: extra clean-ups (platform labs that are not single peers)
+        self.stoppers: list[Callable[[], None]] = []
         self.repo_root = REPO_ROOT
 
     def __enter__(self) -> Lab:
@@ -210,6 +213,8 @@ class Lab:
         for daemon in self.daemons:
             if daemon.process.poll() is None:
                 daemon.kill()
+        for stop in reversed(self.stoppers):
+            stop()
         for peer in reversed(self.peers):
             peer.stop()
 

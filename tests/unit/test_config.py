@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import typing
 from pathlib import Path
 
 import pytest
@@ -23,6 +24,7 @@ SECRETS = {
     "GOVERNORD_SATELLITE_PASSWORD": "sat-secret-value",
     "GOVERNORD_RHV_PASSWORD": "rhv-secret-value",
     "GOVERNORD_OPENSTACK_PASSWORD": "os-secret-value",
+    "GOVERNORD_BMC_PASSWORD": "bmc-secret-value",
     "GOVERNORD_AWS_SECRET_ACCESS_KEY": "aws-secret-value",
 }
 
@@ -49,13 +51,19 @@ def test_secrets_are_resolved_but_never_shown(secrets: None) -> None:
     assert "env:GOVERNORD_FOREMAN_PASSWORD" in shown
 
 
+def _models_in(annotation: object) -> list[type[BaseModel]]:
+    """Models an annotation holds, directly or inside list[...], X | None, dict[str, ...]."""
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return [annotation]
+    return [m for arg in typing.get_args(annotation) for m in _models_in(arg)]
+
+
 def _fields(model: type[BaseModel]) -> set[str]:
     names = set()
     for name, info in model.model_fields.items():
         names.add(name)
-        annotation = info.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            names |= _fields(annotation)
+        for inner in _models_in(info.annotation):
+            names |= _fields(inner)
     return names
 
 
