@@ -150,8 +150,8 @@ def test_two_instances_of_one_provider_type_side_by_side(lab: Lab) -> None:
     second = lab.start_vcsim("vcsim-east")
     config = lab.write_config()
     text = config.read_text()
-    provider = text[text.index("[providers.vcsim]"):text.index("[registrars.foreman]")]
-    text = text.replace("[registrars.foreman]", provider.replace("[providers.vcsim]", "[providers.east]")
+    provider = text[text.index("[providers.vsphere]"):text.index("[registrars.foreman]")]
+    text = text.replace("[registrars.foreman]", provider.replace("[providers.vsphere]", "[providers.east]")
                         .replace(lab.vcsim.url, second.url) + "[registrars.foreman]")  # type: ignore[union-attr]
     text += ('\n[applications.demo.roles.edge]\ntags = ["node"]\nprovider = "east"\nnetwork = "lab"\n'
              'name_pattern = "demo-edge-{seq:02d}"\nprofile = { template = "rhel9-template", cpus = 1 }\n')
@@ -163,7 +163,7 @@ def test_two_instances_of_one_provider_type_side_by_side(lab: Lab) -> None:
         assert sorted(lab.vsphere_vms()) == ["demo-node-01", "demo-node-02"]
         assert sorted(lab.vsphere_vms(second)) == ["demo-edge-01"]
         assert {h["name"]: h["provider"] for h in daemon.ctl_json("hosts", "list")} == {
-            "demo-node-01": "vcsim", "demo-node-02": "vcsim", "demo-edge-01": "east"}
+            "demo-node-01": "vsphere", "demo-node-02": "vsphere", "demo-edge-01": "east"}
         daemon.ctl("retire", "demo-edge-01", "--wait")
         assert lab.vsphere_vms(second) == {} and len(lab.vsphere_vms()) == 2
     finally:
