@@ -73,6 +73,12 @@ class RegistrarPlugin:
         return {self.registrar.name: self.registrar.classify(mappings)}
 
     @hookimpl
+    async def governord_prepare_host(self, host: HostView) -> dict[str, Any] | None:
+        await self.registrar.ensure_started()
+        record = await self.registrar.prepare(host, host.classification.get(self.registrar.name, {}))
+        return None if record is None else {self.registrar.name: record}
+
+    @hookimpl
     async def governord_register_host(self, host: HostView) -> dict[str, Any]:
         await self.registrar.ensure_started()
         classification = host.classification.get(self.registrar.name, {})
@@ -80,6 +86,14 @@ class RegistrarPlugin:
         return {self.registrar.name: record}
 
     @hookimpl
-    async def governord_deregister_host(self, host: HostView) -> None:
+    async def governord_check_host_ready(self, host: HostView, waited: float) -> dict[str, bool] | None:
+        await self.registrar.ensure_started()
+        ready = await self.registrar.check_ready(host, waited)
+        return None if ready is None else {self.registrar.name: ready}
+
+    @hookimpl
+    async def governord_deregister_host(self, host: HostView, phase: str) -> None:
+        if phase != self.registrar.deregister_phase.value:
+            return
         await self.registrar.ensure_started()
         await self.registrar.deregister(host)

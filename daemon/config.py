@@ -136,6 +136,8 @@ class EngineSection(StrictModel):
     retry_backoff_max: float = Field(default=120.0, ge=0)
     #: seconds one plugin hook call may take
     hook_timeout: float = Field(default=900.0, gt=0)
+    #: seconds between readiness checks of a registered host (e.g. asking PuppetDB for a report)
+    ready_poll_interval: float = Field(default=10.0, gt=0)
 
 
 class NetworkSection(StrictModel):

@@ -1,7 +1,7 @@
 """The lifecycle engine: one durable state machine per host.
 
-    requested -> provisioning -> registering -> ready
-    retiring -> deregistering -> deprovisioning -> gone
+    requested -> provisioning -> registering -> configuring -> ready
+    retiring -> deregistering -> deprovisioning -> cleaning -> gone
     any step -> failed (failed_step names it; retry resumes it)
 
 Every external call is preceded and followed by a committed write: the try counter and a
@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import json
 import logging
 import os
 import socket
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import case
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from .dispatch import Dispatcher, is_retryable
+from .dispatch import Dispatcher, as_step_error, is_retryable
 from .errors import PermanentError, StepError
 from .models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
+from .registrars import Phase
 from .schema import hosts
 from .store import Row, Store, host_view
 
@@ -44,16 +46,29 @@ STEP_OF_STATE = {
     HostState.REQUESTED: "classify",
     HostState.PROVISIONING: "provision",
     HostState.REGISTERING: "register",
+    HostState.CONFIGURING: "configure",
     HostState.RETIRING: "retire",
     HostState.DEREGISTERING: "deregister",
     HostState.DEPROVISIONING: "deprovision",
+    HostState.CLEANING: "clean",
 }
 STATE_OF_STEP = {step: state for state, step in STEP_OF_STATE.items()}
+#: steps that only ask (readiness polls): they change nothing outside, so nothing brackets them
+READ_ONLY_STEPS = frozenset({"configure"})
 
 
 def node_identity() -> str:
     """Stable name of this node: leases are ``<node>/<process token>``."""
     return os.environ.get("GOVERNORD_NODE_ID") or socket.gethostname()
+
+
+class NotReady(Exception):
+    """The host is not configured yet: ask again after ``delay`` seconds (not a failure)."""
+
+    def __init__(self, delay: float, waiting_for: list[str]) -> None:
+        self.delay = delay
+        self.waiting_for = waiting_for
+        super().__init__(f"waiting for {', '.join(waiting_for)}")
 
 
 @dataclass
@@ -178,21 +193,32 @@ class Engine:
 
     async def _advance(self, row: Row) -> Row | None:
         state = HostState(row["state"])
-        if row["retire_requested"] and state in (HostState.REQUESTED, HostState.PROVISIONING, HostState.REGISTERING):
+        if row["retire_requested"] and state in (HostState.REQUESTED, HostState.PROVISIONING, HostState.REGISTERING,
+                                                 HostState.CONFIGURING):
             return await self._commit(row, self._begin_retirement(row))
         step = STEP_OF_STATE.get(state)
         if step is None:
             await self.store.fenced_update(row["id"], self.owner, {}, release=True)
             return None
-        attempt = row["attempts"] + 1
-        started = await self.store.fenced_update(
-            row["id"], self.owner, {"attempts": attempt},
-            event_kind="step-started", detail={"step": step, "attempt": attempt},
-        )
+        if step in READ_ONLY_STEPS:
+            started: Row | None = row  # asking is not acting: no try counted, no event per poll
+        else:
+            attempt = row["attempts"] + 1
+            started = await self.store.fenced_update(
+                row["id"], self.owner, {"attempts": attempt},
+                event_kind="step-started", detail={"step": step, "attempt": attempt},
+            )
         if started is None:
             return None  # lease lost: another process has the host now
         try:
             result = await getattr(self, f"_step_{step}")(started)
+        except NotReady as waiting:
+            # polling is not trying: no event per poll, and the try counter starts again
+            await self.store.fenced_update(
+                started["id"], self.owner, {"attempts": 0, "next_attempt_at": time.time() + waiting.delay},
+                release=True,
+            )
+            return None
         except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
             return await self._step_failed(started, step, exc)
         return await self._commit(started, result)
@@ -290,8 +316,15 @@ class Engine:
 
     async def _step_classify(self, row: Row) -> StepResult:
         classification = await self.classify(row)
+        prepared = {**row, "classification": classification}
+        registrations = dict(row["registrations"])
+        for outcome in await self.dispatcher.broadcast("governord_prepare_host", host=host_view(prepared)):
+            registrations.update(outcome.value or {})
         nxt = HostState.REGISTERING if row["origin"] == HostOrigin.ADOPTED.value else HostState.PROVISIONING
-        return StepResult(nxt, {"classification": classification}, "classified", {"classification": classification})
+        return StepResult(
+            nxt, {"classification": classification, "registrations": registrations}, "classified",
+            {"classification": classification, "prepared": sorted(registrations)},
+        )
 
     def machine_spec(self, row: Row) -> MachineSpec:
         network = NetworkAssignment()
@@ -309,7 +342,7 @@ class Engine:
             network = NetworkAssignment(domain=domain)
         return MachineSpec(
             host_id=row["id"], hostname=row["name"], fqdn=row["fqdn"], profile=dict(row["profile"]),
-            network=network, tags=tuple(row["tags"]),
+            network=network, tags=tuple(row["tags"]), user_data=cloud_config(row["registrations"]),
         )
 
     async def _step_provision(self, row: Row) -> StepResult:
@@ -335,14 +368,31 @@ class Engine:
         registrations: dict[str, Any] = {}
         for outcome in outcomes:
             registrations.update(outcome.value or {})
-        # A tag change that arrived while registering makes the host register again.
-        state = case((hosts.c.tags_rev == row["tags_rev"], HostState.READY.value), else_=HostState.REGISTERING.value)
+        # a system's register record is laid over what its prepare made (the token stays)
+        registrations = {
+            system: {**(row["registrations"].get(system) or {}), **(record or {})}
+            for system, record in {**row["registrations"], **registrations}.items()
+        }
         return StepResult(
-            HostState.READY,
-            {"classification": classification, "registrations": registrations, "state_expr": state},
+            HostState.CONFIGURING,
+            {"classification": classification, "registrations": registrations},
             "registered",
             {"registrations": registrations},
         )
+
+    async def _step_configure(self, row: Row) -> StepResult:
+        waited = time.time() - (row["state_since"] or row["updated_at"])
+        waiting_for = []
+        for outcome in await self.dispatcher.collect("governord_check_host_ready", host=host_view(row),
+                                                     waited=waited):
+            if outcome.error is not None:
+                raise as_step_error([outcome])
+            waiting_for += [system for system, ready in (outcome.value or {}).items() if not ready]
+        if waiting_for:
+            raise NotReady(self.config.engine.ready_poll_interval, waiting_for)
+        # A tag change that arrived meanwhile makes the host register again.
+        state = case((hosts.c.tags_rev == row["tags_rev"], HostState.READY.value), else_=HostState.REGISTERING.value)
+        return StepResult(HostState.READY, {"state_expr": state}, "ready", {"waited": round(waited, 3)})
 
     def _begin_retirement(self, row: Row) -> StepResult:
         values = {"retire_requested": False}
@@ -356,18 +406,34 @@ class Engine:
         return StepResult(HostState.DEREGISTERING, {}, "deregistering", {})
 
     async def _step_deregister(self, row: Row) -> StepResult:
-        await self.dispatcher.broadcast("governord_deregister_host", host=host_view(row))
+        await self.dispatcher.broadcast("governord_deregister_host", host=host_view(row),
+                                        phase=Phase.BEFORE_MACHINE.value)
         if row["origin"] == HostOrigin.ADOPTED.value:
-            return StepResult(HostState.GONE, {"registrations": {}}, "gone", {"reason": "adopted host released"},
-                              after=self._release_address)
-        return StepResult(HostState.DEPROVISIONING, {"registrations": {}}, "deregistered", {})
+            # no machine of ours: nothing to destroy, its after-machine records go now
+            return StepResult(HostState.CLEANING, {}, "deregistered", {"reason": "adopted host released"})
+        return StepResult(HostState.DEPROVISIONING, {}, "deregistered", {})
 
     async def _step_deprovision(self, row: Row) -> StepResult:
         outcome = await self.dispatcher.first("governord_deprovision_host", host=host_view(row))
-        return StepResult(HostState.GONE, {}, "gone", {"by": outcome.plugin}, after=self._release_address)
+        return StepResult(HostState.CLEANING, {}, "deprovisioned", {"by": outcome.plugin})
+
+    async def _step_clean(self, row: Row) -> StepResult:
+        await self.dispatcher.broadcast("governord_deregister_host", host=host_view(row),
+                                        phase=Phase.AFTER_MACHINE.value)
+        return StepResult(HostState.GONE, {"registrations": {}}, "gone", {}, after=self._release_address)
 
     async def _release_address(self, conn: AsyncConnection, row: Row) -> None:
         await self.store.release_address(conn, row["id"])
+
+
+def cloud_config(registrations: dict[str, Any]) -> str | None:
+    """The cloud-init user data the registrars asked for in ``prepare`` (their ``cloud_config``
+    fragments merged), or None. JSON is YAML, so the document is written as JSON."""
+    merged: dict[str, Any] = {}
+    for record in registrations.values():
+        if isinstance(record, dict) and isinstance(record.get("cloud_config"), dict):
+            merged.update(record["cloud_config"])
+    return "#cloud-config\n" + json.dumps(merged, sort_keys=True) if merged else None
 
 
 def address_range(cidr: ipaddress.IPv4Network, first: Any, last: Any) -> tuple[ipaddress.IPv4Address, ipaddress.IPv4Address]:

@@ -108,6 +108,24 @@ def governord_classify_host(host: HostView, tags: tuple[str, ...]) -> dict[str, 
 
 
 @hookspec
+def governord_prepare_host(host: HostView) -> dict[str, Any] | None:
+    """Before the machine exists, authorise it in advance in a system (e.g. a one-time Puppet
+    autosign token for exactly its certificate name); return ``{system_name: record}``.
+
+    The record is stored in ``HostView.registrations``; a ``"cloud_config"`` mapping in it is
+    merged into the cloud-init user data the machine is created with.
+
+    :param host: the host, classified, before provisioning.
+    :returns: a JSON-serialisable record per system, or None.
+
+    Dispatch: broadcast. May be ``async def``. Must be idempotent: after a crash it is called
+    again and must return what it made the first time (``host.registrations`` holds it).
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
 def governord_provision_host(host: HostView, spec: MachineSpec) -> Machine | None:
     """Create or find the machine for ``host`` and wait until it is up with an address.
 
@@ -154,10 +172,35 @@ def governord_register_host(host: HostView) -> dict[str, Any] | None:
 
 
 @hookspec
-def governord_deregister_host(host: HostView) -> None:
+def governord_check_host_ready(host: HostView, waited: float) -> dict[str, bool] | None:
+    """Is the registered host configured as its classification demands (e.g. PuppetDB has a
+    successful report with the classes its tags need)? Return ``{system_name: ready}``.
+
+    The host is handed back only when no system answers False; it is asked again every
+    ``[engine] ready_poll_interval`` seconds. Raise PermanentError (with the reason) to fail the
+    host, e.g. when it has waited too long.
+
+    :param host: the host, registered.
+    :param waited: seconds since the host started waiting (since registration).
+    :returns: readiness per system, or None for no opinion.
+
+    Dispatch: collect (a failure fails the step). May be ``async def``. Must be side-effect free.
+
+    .. versionadded:: 0.2
+    """
+
+
+@hookspec
+def governord_deregister_host(host: HostView, phase: str) -> None:
     """Remove the host from a system and verify that it is gone.
 
+    Called twice on retirement: with ``phase="before-machine"`` before the machine is
+    destroyed, and with ``phase="after-machine"`` after it, for records the machine could bring
+    back while it runs (a PuppetDB node reactivates when it reports). An implementation acts in
+    one of the two phases.
+
     :param host: the host, with ``registrations`` as recorded.
+    :param phase: ``"before-machine"`` or ``"after-machine"``.
     :returns: nothing.
 
     Dispatch: broadcast. May be ``async def``. Must be idempotent: "not found" is success.

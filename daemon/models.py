@@ -20,6 +20,8 @@ class HostState(str, enum.Enum):
     PROVISIONING = "provisioning"
     #: classification is applied in Foreman, Satellite, ... (also after a tag change)
     REGISTERING = "registering"
+    #: registered; waiting until the host is configured (e.g. a good Puppet report)
+    CONFIGURING = "configuring"
     #: provisioned, registered and handed back to the application
     READY = "ready"
     #: retirement accepted; nothing external has happened yet
@@ -28,6 +30,8 @@ class HostState(str, enum.Enum):
     DEREGISTERING = "deregistering"
     #: the machine is being destroyed (or released), verified gone
     DEPROVISIONING = "deprovisioning"
+    #: the machine is gone; records it could have brought back (PuppetDB) are removed
+    CLEANING = "cleaning"
     #: everything is undone; the record stays for the audit trail
     GONE = "gone"
     #: a step failed for good; ``failed_step`` names it and ``governord-ctl retry`` resumes it
@@ -40,9 +44,11 @@ ACTIVE_STATES = frozenset(
         HostState.REQUESTED,
         HostState.PROVISIONING,
         HostState.REGISTERING,
+        HostState.CONFIGURING,
         HostState.RETIRING,
         HostState.DEREGISTERING,
         HostState.DEPROVISIONING,
+        HostState.CLEANING,
     }
 )
 

@@ -15,6 +15,7 @@ instance in a pluggy plugin that implements ``governord_classify_host``,
 
 from __future__ import annotations
 
+import enum
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
@@ -22,6 +23,16 @@ from pydantic import Field
 
 from .models import HostView
 from .providers import ConfiguredInstance, StrictModel
+
+
+class Phase(str, enum.Enum):
+    """When a registrar's record is removed on retirement."""
+
+    #: before the machine is destroyed (Foreman, Satellite, the Puppet certificate)
+    BEFORE_MACHINE = "before-machine"
+    #: after the machine is gone, so it cannot bring the record back (PuppetDB: a node that
+    #: reports again is reactivated)
+    AFTER_MACHINE = "after-machine"
 
 
 class RegistrarConfig(StrictModel):
@@ -45,12 +56,30 @@ class Registrar(ConfiguredInstance, ABC):
     type_name: ClassVar[str]
     Config: ClassVar[type[RegistrarConfig]] = RegistrarConfig
     TagMapping: ClassVar[type[TagMapping]] = TagMapping
+    #: when :meth:`deregister` runs on retirement
+    deregister_phase: ClassVar[Phase] = Phase.BEFORE_MACHINE
     config: RegistrarConfig
 
     @abstractmethod
     def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
         """Merge the mappings of a host's tags (in tag order, ``(tag, TagMapping)``) into one
         JSON-serialisable classification for this registrar. Pure; no I/O."""
+
+    async def prepare(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any] | None:
+        """Before the machine exists: authorise it in advance (e.g. a one-time Puppet autosign
+        token for exactly its certificate name). Return a record stored with the host (it is
+        given back as ``host.registrations[self.name]``); a ``"cloud_config"`` mapping in it is
+        merged into the machine's cloud-init user data. Idempotent: called again after a crash,
+        reuse what the first call made."""
+        return None
+
+    async def check_ready(self, host: HostView, waited: float) -> bool | None:
+        """After registration: is the host configured as its classification demands (e.g. a
+        successful Puppet report with the classes its tags need)? None if this registrar has no
+        say, False to be asked again later. ``waited`` is how long the host has been waiting;
+        raise :class:`~governord.errors.PermanentError` with the reason when it has waited too
+        long or configuration failed."""
+        return None
 
     @abstractmethod
     async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:

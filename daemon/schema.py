@@ -51,6 +51,8 @@ hosts = Table(
     Column("next_attempt_at", Float, nullable=False, server_default=text("0")),
     Column("lease_owner", String(255)),
     Column("lease_expires", Float),
+    #: when the host entered its current state (readiness timeouts count from here)
+    Column("state_since", Float),
     Column("created_at", Float, nullable=False),
     Column("updated_at", Float, nullable=False),
 )

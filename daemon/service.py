@@ -10,12 +10,16 @@ overshoot a cap.
 from __future__ import annotations
 
 import asyncio
+import hmac
 import ipaddress
 import re
+import time
 import uuid
 from dataclasses import dataclass
 from typing import Any
 
+from cryptography import x509
+from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
@@ -28,7 +32,13 @@ from .store import NameTaken, Row, Store
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
-_LEAVING = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value}
+_LEAVING = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
+            HostState.CLEANING.value}
+
+
+#: states in which a host's agent may ask for its certificate
+_BRINGING_UP = {HostState.REQUESTED.value, HostState.PROVISIONING.value, HostState.REGISTERING.value,
+                HostState.CONFIGURING.value}
 
 
 class RequestError(Exception):
@@ -221,7 +231,7 @@ class Governor:
         if row["state"] in (HostState.READY.value, HostState.FAILED.value):
             # resting hosts are not leased by the engine: move them straight on
             values = {"state": HostState.RETIRING.value, "retire_requested": False, "attempts": 0,
-                      "failed_step": None, "error": None, "next_attempt_at": 0.0}
+                      "failed_step": None, "error": None, "next_attempt_at": 0.0, "state_since": time.time()}
         await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(**values))
         await self.store.add_event(conn, "retire-requested", actor=actor, host_id=row["id"], request_id=request_id,
                                    detail={"state": row["state"]})
@@ -275,7 +285,7 @@ class Governor:
         if tags == list(row["tags"]):
             return row
         values: dict[str, Any] = {"tags": tags, "tags_rev": row["tags_rev"] + 1}
-        if row["state"] == HostState.READY.value:
+        if row["state"] in (HostState.READY.value, HostState.CONFIGURING.value):
             values.update(state=HostState.REGISTERING.value, next_attempt_at=0.0)
         new = await self.store.operator_update(
             row["id"], values, actor=actor, kind="tags-changed", detail={"from": row["tags"], "to": tags},
@@ -304,6 +314,52 @@ class Governor:
                                        detail={"fqdn": key, "tags": tags, "address": address})
         self.engine.wake()
         return row
+
+    # -- Puppet autosign ----------------------------------------------------------------------------
+
+    async def verify_autosign(self, certname: str, csr_pem: str, *, actor: str) -> tuple[bool, str, Row | None]:
+        """Decide a certificate signing request, as Puppet's autosign policy: sign only a CSR for
+        a live host governord is bringing up, carrying (as challengePassword) the one-time token
+        a registrar's ``prepare`` made for it, and only once. Every decision is audited."""
+        row = await self.store.get_host(certname)
+        sign, reason = await self._autosign_decision(row, certname, csr_pem)
+        async with self.store.engine.begin() as conn:
+            await self.store.add_event(conn, "autosign-signed" if sign else "autosign-refused", actor=actor,
+                                       host_id=row["id"] if row else None,
+                                       detail={"certname": certname, "reason": reason})
+        return sign, reason, row
+
+    async def _autosign_decision(self, row: Row | None, certname: str, csr_pem: str) -> tuple[bool, str]:
+        try:
+            csr = x509.load_pem_x509_csr(csr_pem.encode())
+        except ValueError as exc:
+            return False, f"not a PEM certificate request: {exc}"
+        if not csr.is_signature_valid:
+            return False, "the request's signature is not valid"
+        names = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [certname]:
+            return False, f"the request is for {names}, not {certname}"
+        if row is None or row["fqdn"] != certname:
+            return False, f"governord is bringing up no host {certname}"
+        if row["state"] not in _BRINGING_UP:
+            return False, f"host {certname} is {row['state']}, not being brought up"
+        records = [r for r in row["registrations"].values() if isinstance(r, dict) and r.get("autosign_token")]
+        if not records:
+            return False, f"no registrar pre-authorised {certname}"
+        try:
+            password = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+        except x509.AttributeNotFound:
+            return False, "the request carries no challengePassword"
+        given = password.decode() if isinstance(password, bytes) else str(password)
+        record = records[0]
+        if not hmac.compare_digest(given, str(record["autosign_token"])):
+            return False, "the challengePassword is not the token issued for this host"
+        if record.get("expires_at") and float(record["expires_at"]) < time.time():
+            return False, "the token has expired"
+        used = [e for e in await self.store.list_events(host_id=row["id"]) if e["kind"] == "autosign-signed"]
+        if used:
+            return False, "the token was used already"
+        return True, "pre-authorised by governord"
 
     # -- views ------------------------------------------------------------------------------------
 

@@ -198,6 +198,7 @@ class Store:
             "next_attempt_at": 0.0,
             "created_at": now,
             "updated_at": now,
+            "state_since": now,
             **values,
         }
         try:
@@ -273,6 +274,8 @@ class Store:
         transaction. Returns the new row, or None when the lease was lost."""
         now = time.time()
         values = {**values, "updated_at": now}
+        if "state" in values:
+            values["state_since"] = now
         if release:
             values.update(lease_owner=None, lease_expires=None)
         where = and_(hosts.c.id == host_id, hosts.c.lease_owner == owner)
@@ -299,6 +302,8 @@ class Store:
 
     async def operator_update(self, host_id: str, values: Row, *, actor: str, kind: str, detail: Row) -> Row:
         now = time.time()
+        if "state" in values:
+            values = {**values, "state_since": now}
         async with self.engine.begin() as conn:
             row = (
                 await conn.execute(

@@ -19,7 +19,10 @@ from . import hookimpl
 from .errors import PermanentError, RetryableError
 from .models import HostView, Machine, MachineSpec, PowerState
 from .providers import Provider, ProviderConfig, ProviderProfile
-from .registrars import Registrar, RegistrarConfig, TagMapping
+from .registrars import Phase, Registrar, RegistrarConfig, TagMapping
+
+#: every external action of the in-memory provider and registrars, in order: (what, who, host)
+journal: list[tuple[str, str, str]] = []
 
 
 @dataclass
@@ -96,6 +99,7 @@ class MemoryProvider(Provider):
         machine = await self.find(host_id)
         if machine is not None:
             del self.world[machine.machine_id]
+            journal.append(("destroy", self.name, machine.name))
 
     async def list_owned(self) -> list[Machine]:
         return [m for m in self.world.values() if m.host_id]
@@ -114,6 +118,10 @@ class MemoryRegistrar(Registrar):
     TagMapping = MemoryTagMapping
     worlds: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     faults: ClassVar[dict[str, Faults]] = {}
+    #: per instance: fqdn -> whether check_ready says ready (absent: no opinion)
+    readiness: ClassVar[dict[str, dict[str, bool]]] = {}
+    #: per instance: whether prepare hands out a one-time token with cloud-config
+    preauthorise: ClassVar[dict[str, bool]] = {}
 
     @property
     def world(self) -> dict[str, dict[str, Any]]:
@@ -130,17 +138,39 @@ class MemoryRegistrar(Registrar):
             classes += [c for c in m.classes if c not in classes]
         return {"group": group, "classes": classes}
 
+    async def prepare(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any] | None:
+        if not self.preauthorise.get(self.name):
+            return None
+        earlier = host.registrations.get(self.name)
+        if earlier:
+            return earlier
+        journal.append(("prepare", self.name, host.name))
+        token = f"token-{host.id[:8]}"
+        return {"autosign_token": token, "cloud_config": {self.name: {"token": token}}}
+
     async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
         await self.fault.check("register")
         self.world[host.fqdn] = {"host_id": host.id, "address": host.primary_address, **classification}
+        journal.append(("register", self.name, host.name))
         return {"name": host.fqdn}
+
+    async def check_ready(self, host: HostView, waited: float) -> bool | None:
+        return self.readiness.get(self.name, {}).get(host.fqdn)
 
     async def deregister(self, host: HostView) -> None:
         await self.fault.check("deregister")
-        self.world.pop(host.fqdn, None)
+        if self.world.pop(host.fqdn, None) is not None:
+            journal.append(("deregister", self.name, host.name))
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         return self.world.get(host.fqdn)
+
+
+class MemoryLateRegistrar(MemoryRegistrar):
+    """Like MemoryRegistrar, but its records are removed after the machine is gone (as PuppetDB's)."""
+
+    type_name = "memory-late"
+    deregister_phase = Phase.AFTER_MACHINE
 
 
 class _Plugin:
@@ -151,6 +181,7 @@ class _Plugin:
     @hookimpl
     def governord_register_registrars(self, registry: Any) -> None:
         registry.add(MemoryRegistrar)
+        registry.add(MemoryLateRegistrar)
 
 
 #: Register this to make the ``memory`` provider and registrar types known.

@@ -154,6 +154,16 @@ async def show_request(request: web.Request) -> web.Response:
     return reply(schemas.Request, await runtime.governor.request_status(row))
 
 
+@endpoints.add("POST", "/v1/autosign", "Decide a Puppet certificate request (the autosign policy)",
+               body=schemas.AutosignRequest, responses={200: schemas.AutosignDecision, 403: schemas.AutosignDecision})
+async def autosign(request: web.Request) -> web.Response:
+    body: schemas.AutosignRequest = await parse_body(request, schemas.AutosignRequest)
+    sign, reason, row = await _runtime(request).governor.verify_autosign(body.certname, body.csr,
+                                                                         actor="puppet-autosign")
+    return reply(schemas.AutosignDecision, {"sign": sign, "reason": reason, "host": row["name"] if row else None},
+                 200 if sign else 403)
+
+
 @endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})
 async def health(request: web.Request) -> web.Response:
     return await healthz(request)

@@ -155,3 +155,16 @@ class Certificate(BaseModel):
     certificate: str
     key: str
     ca: str
+
+
+class AutosignRequest(Body):
+    """What Puppet's autosign policy hands over: the certificate name and the CSR (PEM)."""
+
+    certname: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$")
+    csr: str = Field(min_length=64, max_length=65536)
+
+
+class AutosignDecision(BaseModel):
+    sign: bool
+    reason: str
+    host: str | None = None

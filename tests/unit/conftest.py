@@ -69,6 +69,9 @@ def make_runtime(tmp_path: Path) -> Callable[..., Any]:
         fault_table.clear()
     testing.MemoryProvider.worlds.clear()
     testing.MemoryRegistrar.worlds.clear()
+    testing.MemoryRegistrar.readiness.clear()
+    testing.MemoryRegistrar.preauthorise.clear()
+    testing.journal.clear()
 
 
 @pytest.fixture

@@ -3,6 +3,7 @@ failures, retry, tags, retirement, and resumption after an interrupted step."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 
 from governord import testing
@@ -38,6 +39,7 @@ async def test_every_external_call_is_bracketed_by_committed_events(runtime: Run
         "step-started", "classified",
         "step-started", "provisioned",
         "step-started", "registered",
+        "ready",
     ]
 
 
@@ -116,6 +118,7 @@ async def test_retire_deregisters_then_destroys(runtime: Runtime) -> None:
         "retire-requested",
         "step-started", "deregistering",
         "step-started", "deregistered",
+        "step-started", "deprovisioned",
         "step-started", "gone",
     ]
     # its address is free again
@@ -197,5 +200,65 @@ async def test_a_provider_instance_has_its_own_retry_policy(make_runtime) -> Non
         await wait_states(runtime, [row["id"]], {"ready"})  # two passing register failures: within 2
         assert runtime.engine.retry_policy(row, "register") == (2, 0.05, 0.2)
         assert runtime.engine.retry_policy(row, "provision") == (0, 0.05, 0.2)
+    finally:
+        await runtime.stop()
+
+
+LATE = """
+[registrars.pdb]
+type = "memory-late"
+"""
+
+
+async def test_prepare_runs_before_the_machine_and_feeds_its_user_data(make_runtime) -> None:  # type: ignore[no-untyped-def]
+    testing.MemoryRegistrar.preauthorise["cmdb"] = True
+    runtime = await make_runtime()
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        [row] = await wait_states(runtime, decision.request["host_ids"], {"ready"})
+        token = row["registrations"]["cmdb"]["autosign_token"]
+        assert token == f"token-{row['id'][:8]}"
+        assert runtime.engine.machine_spec(row).user_data == (
+            '#cloud-config\n{"cmdb": {"token": "%s"}}' % token)
+        assert [j[0] for j in testing.journal] == ["prepare", "register"]
+        # register's own record is laid over what prepare made
+        assert row["registrations"]["cmdb"] == {"autosign_token": token, "cloud_config": {"cmdb": {"token": token}},
+                                                "name": row["fqdn"]}
+    finally:
+        await runtime.stop()
+
+
+async def test_ready_waits_for_every_registrar_then_hands_back(make_runtime) -> None:  # type: ignore[no-untyped-def]
+    runtime = await make_runtime(patch=lambda t: t.replace("retry_limit = 2", "retry_limit = 2\nready_poll_interval = 0.05"))
+    try:
+        testing.MemoryRegistrar.readiness["cmdb"] = {"demo-node-01.lab.example": False}
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        [row] = await wait_states(runtime, decision.request["host_ids"], {"configuring"})
+        await asyncio.sleep(0.3)
+        [row] = await runtime.store.list_hosts(ids=[row["id"]])
+        assert row["state"] == "configuring" and row["attempts"] == 0
+        status = await runtime.governor.request_status(decision.request)
+        assert status["status"] == "in-progress"
+        testing.MemoryRegistrar.readiness["cmdb"]["demo-node-01.lab.example"] = True
+        await wait_states(runtime, [row["id"]], {"ready"})
+        kinds = [e["kind"] for e in await runtime.store.list_events(host_id=row["id"])]
+        assert kinds.count("ready") == 1 and kinds.count("step-started") == 3  # polls leave no events
+    finally:
+        await runtime.stop()
+
+
+async def test_after_machine_records_go_after_the_machine(make_runtime) -> None:  # type: ignore[no-untyped-def]
+    runtime = await make_runtime(LATE)
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        [row] = await wait_states(runtime, decision.request["host_ids"], {"ready"})
+        testing.journal.clear()
+        await runtime.governor.retire(row["name"], actor="t")
+        await wait_states(runtime, [row["id"]], {"gone"})
+        assert testing.journal == [
+            ("deregister", "cmdb", "demo-node-01"),
+            ("destroy", "mem", "demo-node-01"),
+            ("deregister", "pdb", "demo-node-01"),
+        ]
     finally:
         await runtime.stop()
