@@ -226,10 +226,12 @@ class Lab:
         self.start_satellite()
         self.start_platform(platform)
 
-    def start_vcsim(self, name: str = "vcsim") -> PeerProcess:
-        """Start a vcsim with the lab inventory; the first one is the lab's own."""
+    def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0) -> PeerProcess:
+        """Start a vcsim with the lab inventory; the first one is the lab's own. ``delay_ms``
+        slows every SOAP call (to land a kill in the middle of one)."""
         peer = vcsim.start_vcsim(
-            username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log"
+            username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log",
+            extra_args=[f"-delay={delay_ms}"] if delay_ms else None,
         )
         self.peers.append(peer)
         inventory = vcsim.prepare_lab(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
