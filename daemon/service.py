@@ -10,6 +10,7 @@ overshoot a cap.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import hmac
 import ipaddress
 import re
@@ -354,7 +355,7 @@ class Governor:
         record = records[0]
         if not hmac.compare_digest(given, str(record["autosign_token"])):
             return False, "the challengePassword is not the token issued for this host"
-        if record.get("expires_at") and float(record["expires_at"]) < time.time():
+        if record.get("expires_at") and _timestamp(record["expires_at"]) < time.time():
             return False, "the token has expired"
         used = [e for e in await self.store.list_events(host_id=row["id"]) if e["kind"] == "autosign-signed"]
         if used:
@@ -383,6 +384,13 @@ class Governor:
             "status": status,
             "hosts": [host_summary(h) for h in rows],
         }
+
+
+def _timestamp(value: Any) -> float:
+    """Seconds since the epoch from a number or an ISO 8601 time (``...Z`` for UTC)."""
+    if isinstance(value, (int, float)):
+        return float(value)
+    return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
 def host_summary(row: Row) -> dict[str, Any]:

@@ -1,0 +1,35 @@
+"""Puppet CA registrar: pre-authorises a host's certificate and cleans it on retirement.
+
+Needs the ``puppetca`` extra (``pip install governord[puppetca]``, which brings ``requests``).
+Configured by a ``[registrars.NAME]`` section with ``type = "puppetca"``::
+
+    [registrars.puppetca]
+    type = "puppetca"
+    url = "https://puppet.example.com:8140"
+    ca_file = "/etc/governord/puppet/ca.pem"           # Puppet's CA bundle
+    client_cert = "/etc/governord/puppet/governord.pem" # carries pp_cli_auth (puppetserver ca generate --ca-client)
+    client_key = "/etc/governord/puppet/governord.key"
+    # verify_tls = true
+    # puppet_server = "puppet.example.com"             # what agents connect to (default: the url's host)
+    # token_ttl = 7200                                 # seconds an autosign token stays valid
+
+Before a machine exists, the registrar makes a one-time autosign token for exactly its
+certificate name and hands cloud-init the ``puppet`` module settings that put the token into the
+agent's CSR (``challengePassword``). The puppetserver's autosign policy executable,
+``governord-ctl puppet-autosign CERTNAME``, asks governord whether that token is right.
+
+There are no ``[tags.TAG.NAME]`` keys: the certificate does not depend on the host's tags.
+"""
+
+from __future__ import annotations
+
+from governord import hookimpl
+from governord.registrars import RegistrarRegistry
+
+
+@hookimpl
+def governord_register_registrars(registry: RegistrarRegistry) -> None:
+    """Make the ``puppetca`` registrar type known (requests is imported only here, lazily)."""
+    from .registrar import PuppetCARegistrar
+
+    registry.add(PuppetCARegistrar)

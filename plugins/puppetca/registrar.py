@@ -1,0 +1,329 @@
+"""The Puppet CA registrar: autosign tokens before the machine exists, certificate cleaning after.
+
+Talks to puppetserver's CA HTTP API (``/puppet-ca/v1``) with :mod:`requests`, each request in a
+thread through :meth:`Registrar.call_sync`. The API's admin endpoints (``certificate_status``,
+``clean``) are guarded by puppetserver's ``auth.conf``: the stock rules admit a client
+certificate that carries the ``pp_cli_auth`` extension, such as one made offline with
+``puppetserver ca generate --ca-client``.
+
+``verify`` and ``cert`` are passed on every request: with ``REQUESTS_CA_BUNDLE`` set in the
+environment, requests replaces a session-level ``verify`` with that bundle (psf/requests#3829).
+"""
+
+from __future__ import annotations
+
+import datetime
+import hmac
+import logging
+import re
+import secrets
+from pathlib import Path
+from typing import Any, ClassVar
+from urllib.parse import quote, urlsplit
+
+import requests
+from cryptography import x509
+from cryptography.x509.oid import AttributeOID, NameOID
+from pydantic import Field, field_validator, model_validator
+
+from governord.errors import PermanentError, RetryableError
+from governord.models import HostOrigin, HostView
+from governord.registrars import Phase, Registrar, RegistrarConfig
+from governord.registrars import TagMapping as BaseTagMapping
+
+log = logging.getLogger(__name__)
+
+#: The PKCS#9 challengePassword attribute, as cloud-init's puppet module and Puppet name it.
+CHALLENGE_PASSWORD_OID = "1.2.840.113549.1.9.7"
+
+#: Certificate names Puppet accepts (it refuses upper case).
+_CERTNAME = re.compile(r"^[a-z0-9._-]+$")
+
+
+class PuppetCAConfig(RegistrarConfig):
+    """A ``[registrars.NAME]`` section with ``type = "puppetca"``."""
+
+    #: puppetserver's CA base URL
+    url: str = "https://puppet:8140"
+    #: CA bundle to verify the server with (default: the system's)
+    ca_file: Path | None = None
+    #: client certificate (PEM) with the ``pp_cli_auth`` extension
+    client_cert: Path
+    #: its private key (PEM); only the path is configured, the key stays in its file
+    client_key: Path = Field(repr=False)
+    #: verify the server's TLS certificate
+    verify_tls: bool = True
+    #: server name agents are told to use (cloud-config); default: the host of ``url``
+    puppet_server: str | None = None
+    #: seconds an autosign token stays valid after it was made
+    token_ttl: float = Field(default=7200.0, gt=0)
+
+    @field_validator("url")
+    @classmethod
+    def _https_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme != "https" or not parts.hostname:
+            raise ValueError(f"not an https URL of a puppetserver: {value!r}")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _server_name(self) -> PuppetCAConfig:
+        if self.puppet_server is None:
+            object.__setattr__(self, "puppet_server", urlsplit(self.url).hostname)
+        return self
+
+
+class PuppetCATagMapping(BaseTagMapping):
+    """Tags mean nothing to the Puppet CA: no keys."""
+
+
+def certname_of(host: HostView) -> str:
+    """The certificate name of a host: its FQDN, lower case as Puppet requires."""
+    return host.fqdn.lower().rstrip(".")
+
+
+def _utc(value: str) -> datetime.datetime:
+    parsed = datetime.datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
+
+
+def challenge_password(csr_pem: bytes | str) -> tuple[str, str | None]:
+    """The subject CN and the ``challengePassword`` of a PEM CSR (None if it has none)."""
+    data = csr_pem.encode("ascii") if isinstance(csr_pem, str) else csr_pem
+    csr = x509.load_pem_x509_csr(data)
+    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    common_name = str(names[0].value) if names else ""
+    try:
+        raw = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
+    except x509.AttributeNotFound:
+        return common_name, None
+    return common_name, raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def autosign_refusal(
+    record: dict[str, Any] | None, certname: str, csr_pem: bytes | str, *, now: datetime.datetime | None = None
+) -> str | None:
+    """Why a CSR must not be autosigned for ``record`` (a :meth:`PuppetCARegistrar.prepare`
+    record), or None if its token is right. Single use is the caller's business: it must
+    consume the token once it said yes."""
+    if not record or not record.get("autosign_token"):
+        return f"no autosign token was issued for {certname}"
+    if record.get("certname") != certname:
+        return f"the token was issued for {record.get('certname')}, not {certname}"
+    moment = now or datetime.datetime.now(datetime.UTC)
+    expires = record.get("expires_at")
+    if expires and _utc(expires) <= moment:
+        return f"the autosign token for {certname} expired at {expires}"
+    try:
+        subject, given = challenge_password(csr_pem)
+    except ValueError as exc:
+        return f"not a PEM certificate request: {exc}"
+    if subject != certname:
+        return f"the CSR is for {subject!r}, not {certname}"
+    if given is None:
+        return f"the CSR for {certname} has no challengePassword"
+    if not hmac.compare_digest(given.encode(), str(record["autosign_token"]).encode()):
+        return f"the CSR for {certname} carries a wrong challengePassword"
+    return None
+
+
+class PuppetCARegistrar(Registrar):
+    """Pre-authorises a host's Puppet certificate; cleans it (revoke + delete) on retirement."""
+
+    type_name: ClassVar[str] = "puppetca"
+    Config: ClassVar[type[RegistrarConfig]] = PuppetCAConfig
+    TagMapping: ClassVar[type[BaseTagMapping]] = PuppetCATagMapping
+    deregister_phase: ClassVar[Phase] = Phase.BEFORE_MACHINE
+
+    def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
+        if not isinstance(config, PuppetCAConfig):
+            raise TypeError(f"{type(self).__name__} needs a PuppetCAConfig, not {type(config).__name__}")
+        super().__init__(name, config, state_dir=state_dir)
+        self.settings: PuppetCAConfig = config
+        self._session = requests.Session()
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    async def start(self) -> None:
+        """Check that the client certificate and key are readable (a typo fails here, for good)."""
+        for key in ("client_cert", "client_key", "ca_file"):
+            path: Path | None = getattr(self.settings, key)
+            if path is None:
+                continue
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise PermanentError(f"Puppet CA {key} {path}: {exc.strerror}", source=self.name) from None
+
+    async def close(self) -> None:
+        """Drop pooled connections."""
+        self._session.close()
+
+    # -- the contract --------------------------------------------------------------------
+
+    def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
+        """Nothing to classify: every host gets a certificate named after its FQDN."""
+        return {}
+
+    async def prepare(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any] | None:
+        """A one-time autosign token for the host's certname, and the cloud-config carrying it.
+
+        Called again (after a crash) it returns the record it made the first time: the machine
+        may already be booting with that token in its user data.
+        """
+        previous = host.registrations.get(self.name)
+        if isinstance(previous, dict) and previous.get("autosign_token"):
+            return previous
+        certname = self._certname(host)
+        if host.origin is HostOrigin.PROVISIONED:
+            await self._refuse_leftover(certname)
+        token = secrets.token_urlsafe(32)
+        now = datetime.datetime.now(datetime.UTC).replace(microsecond=0)
+        expires = now + datetime.timedelta(seconds=self.settings.token_ttl)
+        return {
+            "certname": certname,
+            "autosign_token": token,
+            "issued_at": now.isoformat().replace("+00:00", "Z"),
+            "expires_at": expires.isoformat().replace("+00:00", "Z"),
+            "cloud_config": {
+                "puppet": {
+                    "conf": {"agent": {"server": self.settings.puppet_server, "certname": certname}},
+                    "csr_attributes": {"custom_attributes": {CHALLENGE_PASSWORD_OID: token}},
+                }
+            },
+        }
+
+    async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
+        """Nothing to create (the agent sends its CSR); keeps the token record, adds the CA's view."""
+        previous = host.registrations.get(self.name)
+        record: dict[str, Any] = dict(previous) if isinstance(previous, dict) else {}
+        certname = record.get("certname") or self._certname(host)
+        status = await self._status(certname)
+        record["certname"] = certname
+        record["certificate_state"] = status["state"] if status else "none"
+        return record
+
+    async def check_ready(self, host: HostView, waited: float) -> bool | None:
+        """No say: a signed certificate is implied by a good report in PuppetDB."""
+        return None
+
+    async def deregister(self, host: HostView) -> None:
+        """Revoke and delete the certificate (``PUT /clean``), drop a pending CSR, verify 404."""
+        certname = self._recorded_certname(host)
+        response = await self._request("PUT", "clean", body={"certnames": [certname]}, ok=(200, 204, 404))
+        if response.status_code == 404:
+            log.info("%s: no certificate for %s to clean (%s)", self.name, certname, _message(response))
+        else:
+            log.info("%s: cleaned certificate of %s", self.name, certname)
+        status = await self._status(certname)
+        if status is not None:
+            # /clean revokes and deletes signed certificates; a CSR that was never signed stays
+            await self._request("DELETE", f"certificate_status/{quote(certname, safe='')}", ok=(200, 204, 404))
+            status = await self._status(certname)
+        if status is not None:
+            raise RetryableError(
+                f"Puppet CA still has {certname} (state {status.get('state')}) after cleaning it", source=self.name
+            )
+
+    async def lookup(self, host: HostView) -> dict[str, Any] | None:
+        """The CA's certificate status of the host (state, fingerprint, validity), or None."""
+        return await self._status(self._recorded_certname(host))
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def _certname(self, host: HostView) -> str:
+        certname = certname_of(host)
+        if not _CERTNAME.match(certname):
+            raise PermanentError(f"{host.fqdn!r} is not a valid Puppet certificate name", source=self.name)
+        return certname
+
+    def _recorded_certname(self, host: HostView) -> str:
+        record = host.registrations.get(self.name)
+        if isinstance(record, dict) and record.get("certname"):
+            return str(record["certname"])
+        return self._certname(host)
+
+    async def _refuse_leftover(self, certname: str) -> None:
+        """A signed certificate or pending CSR of that name would make the CA refuse the new
+        machine's CSR; it may belong to a machine governord does not know, so it is not removed."""
+        status = await self._status(certname)
+        if status is not None and status.get("state") in ("signed", "requested"):
+            raise PermanentError(
+                f"Puppet CA already has a {status['state']} certificate for {certname} "
+                f"(fingerprint {status.get('fingerprint')}); the new machine's request would be refused. "
+                f"Clean it first (puppetserver ca clean --certname {certname}) if it is stale",
+                source=self.name,
+            )
+
+    async def _status(self, certname: str) -> dict[str, Any] | None:
+        """``GET certificate_status/<certname>``: the CA's record, or None on 404."""
+        response = await self._request("GET", f"certificate_status/{quote(certname, safe='')}", ok=(200, 404))
+        if response.status_code == 404:
+            return None
+        try:
+            body = response.json()
+        except ValueError:
+            raise RetryableError(
+                f"Puppet CA answered certificate_status/{certname} with non-JSON: {response.text[:200]!r}",
+                source=self.name,
+            ) from None
+        keep = ("name", "state", "fingerprint", "serial_number", "not_before", "not_after", "dns_alt_names")
+        return {k: body[k] for k in keep if k in body}
+
+    # -- the wire ------------------------------------------------------------------------
+
+    async def _request(
+        self, method: str, path: str, *, ok: tuple[int, ...], body: Any = None
+    ) -> requests.Response:
+        response: requests.Response = await self.call_sync(self._send, method, path, body)
+        if response.status_code in ok:
+            return response
+        message = (
+            f"Puppet CA {method} /puppet-ca/v1/{path}: HTTP {response.status_code} {response.reason}: "
+            f"{_message(response)}"
+        )
+        if response.status_code >= 500 or response.status_code in (408, 429):
+            raise RetryableError(message, source=self.name)
+        raise PermanentError(message, source=self.name)
+
+    def _send(self, method: str, path: str, body: Any) -> requests.Response:
+        """Blocking: runs in a worker thread."""
+        cfg = self.settings
+        url = f"{cfg.url}/puppet-ca/v1/{path}"
+        verify: bool | str = str(cfg.ca_file) if cfg.verify_tls and cfg.ca_file is not None else cfg.verify_tls
+        try:
+            return self._session.request(
+                method,
+                url,
+                json=body,
+                headers={"Accept": "application/json"},
+                verify=verify,
+                cert=(str(cfg.client_cert), str(cfg.client_key)),
+                timeout=cfg.call_timeout,
+            )
+        except requests.exceptions.SSLError as exc:
+            if "CERTIFICATE_VERIFY_FAILED" in str(exc):
+                raise PermanentError(f"Puppet CA at {cfg.url}: server certificate not trusted: {exc}", source=self.name) from None
+            raise RetryableError(f"Puppet CA at {cfg.url}: TLS failed: {exc}", source=self.name) from None
+        except (requests.ConnectionError, requests.Timeout) as exc:
+            raise RetryableError(f"Puppet CA at {cfg.url} is unreachable: {exc}", source=self.name) from None
+        except requests.RequestException as exc:
+            raise RetryableError(f"Puppet CA at {cfg.url}: {exc}", source=self.name) from None
+        except OSError as exc:
+            # requests' own check that the client certificate and key files exist
+            raise PermanentError(f"Puppet CA client certificate: {exc}", source=self.name) from None
+
+
+def _message(response: requests.Response) -> str:
+    """Puppet's own words from a response (plain text or a JSON ``message``)."""
+    text = response.text.strip()
+    try:
+        body = response.json()
+    except ValueError:
+        return text[:500] or response.reason
+    if isinstance(body, dict):
+        for key in ("message", "error", "msg"):
+            if body.get(key):
+                return str(body[key])
+    return text[:500]
