@@ -8,4 +8,5 @@ pytest_plugins = [
     "tests.fixtures.baremetal",
     "tests.fixtures.foreman",
     "tests.fixtures.satellite",
+    "tests.fixtures.puppet",
 ]

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import html
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -498,34 +499,33 @@ async def hosts_destroy(request: web.Request) -> web.Response:
 async def hosts_enc(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     host = _find_host(state, request.match_info["id"])
-    group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
-    org = state.get("organizations", host["organization_id"])
-    loc = state.get("locations", host["location_id"])
-    env = state.get("environments", host["environment_id"]) if host["environment_id"] else None
-    domain = state.get("domains", host["domain_id"]) if host["domain_id"] else None
-    parameters: dict[str, Any] = {
-        "foreman_domain_description": domain["fullname"] if domain else None,
-        "hostgroup": group["title"] if group else None,
-        "location": loc["name"] if loc else None,
-        "location_title": loc["title"] if loc else None,
-        "organization": org["name"] if org else None,
-        "organization_title": org["title"] if org else None,
-        "domainname": domain["name"] if domain else None,
-        "comment": host["comment"],
-    }
-    if env:
-        parameters["foreman_env"] = env["name"]
-    parameters = {k: v for k, v in parameters.items() if v is not None}
-    for param in host["parameters"]:
-        parameters[param["name"]] = views.typed_value(param["parameter_type"], param["value"])
-    data: dict[str, Any] = {
-        "parameters": parameters,
-        # foreman_puppet: classes only when the host has an environment; no smart class parameters here
-        "classes": {state.objects["puppetclasses"][i]["name"]: None for i in state.all_puppetclass_ids(host)} if env else [],
-    }
-    if env:
-        data["environment"] = env["name"]
-    return json_response({"data": data})
+    return json_response({"data": views.enc_info(state, host)})
+
+
+async def external_nodes(request: web.Request) -> web.Response:
+    """``GET /node/:name?format=yml``: HostsController#externalNodes, what Foreman's ENC script asks.
+
+    A UI route, not API v2: found by certname, then name; an unknown node is a bare 404, and the
+    classification is rendered as YAML (``format=yml``) or as YAML inside ``<pre>`` (HTML).
+    Foreman lets registered smart proxies in by their client certificate and anyone else by
+    login; the simulator has no TLS, so Basic auth it is.
+    """
+    config = request.app[CONFIG_KEY]
+    yml = request.query.get("format") == "yml"
+    try:
+        _authenticate(request, config["username"], config["password"])
+    except FError as exc:
+        return web.Response(text=exc.body["error"]["message"], status=401 if yml else 403,
+                            content_type="text/plain", charset="utf-8")
+    state = request.app[STATE_KEY]
+    name = request.match_info["name"]
+    host = next((h for h in state.all("hosts") if h["name"] == name), None)
+    if host is None:
+        return web.Response(status=404)
+    text = views.to_yaml(views.enc_info(state, host))
+    if yml:
+        return web.Response(text=text, content_type="text/plain", charset="utf-8")
+    return web.Response(text=f"<pre>{html.escape(text)}</pre>", content_type="text/html", charset="utf-8")
 
 
 # -- lookups -----------------------------------------------------------------------------------
@@ -684,6 +684,7 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
             web.put("/api/hosts/{id}", hosts_update),
             web.delete("/api/hosts/{id}", hosts_destroy),
             web.get("/api/hosts/{id}/enc", hosts_enc),
+            web.get("/node/{name}", external_nodes),
             web.get("/api/organizations", org_index),
             web.get("/api/organizations/{id}", org_show),
             web.get("/api/locations", loc_index),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 from .state import State
@@ -330,3 +331,81 @@ def classes_by_module(records: list[dict[str, Any]]) -> dict[str, list[dict[str,
             {"id": record["id"], "name": record["name"], "created_at": record["created_at"], "updated_at": record["updated_at"]}
         )
     return grouped
+
+
+def enc_info(state: State, host: dict[str, Any]) -> dict[str, Any]:
+    """``Host#info``: the classification Foreman gives Puppet (parameters, classes, environment)."""
+    group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
+    org = state.get("organizations", host["organization_id"])
+    loc = state.get("locations", host["location_id"])
+    env = state.get("environments", host["environment_id"]) if host["environment_id"] else None
+    domain = state.get("domains", host["domain_id"]) if host["domain_id"] else None
+    parameters: dict[str, Any] = {
+        "foreman_domain_description": domain["fullname"] if domain else None,
+        "hostgroup": group["title"] if group else None,
+        "location": loc["name"] if loc else None,
+        "location_title": loc["title"] if loc else None,
+        "organization": org["name"] if org else None,
+        "organization_title": org["title"] if org else None,
+        "domainname": domain["name"] if domain else None,
+        "comment": host["comment"],
+    }
+    if env:
+        parameters["foreman_env"] = env["name"]
+    parameters = {k: v for k, v in parameters.items() if v is not None}
+    for param in host["parameters"]:
+        parameters[param["name"]] = typed_value(param["parameter_type"], param["value"])
+    data: dict[str, Any] = {
+        "parameters": parameters,
+        # foreman_puppet: classes only when the host has an environment; no smart class parameters here
+        "classes": {state.objects["puppetclasses"][i]["name"]: None for i in state.all_puppetclass_ids(host)} if env else [],
+    }
+    if env:
+        data["environment"] = env["name"]
+    return data
+
+
+_PLAIN = re.compile(r"^[A-Za-z_/][A-Za-z0-9_:./ -]*$")
+_YAML_WORDS = {"y", "n", "yes", "no", "true", "false", "on", "off", "null", "~"}
+
+
+def _yaml_scalar(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    text = str(value)
+    if _PLAIN.match(text) and text.lower() not in _YAML_WORDS and not text.endswith((" ", ":")) and ": " not in text:
+        return text
+    # a JSON string is a valid YAML double-quoted scalar
+    return json.dumps(text)
+
+
+def _yaml_lines(value: Any, indent: int) -> list[str]:
+    pad = "  " * indent
+    lines: list[str] = []
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if isinstance(item, (dict, list)) and item:
+                lines.append(f"{pad}{_yaml_scalar(key)}:")
+                lines.extend(_yaml_lines(item, indent + 1 if isinstance(item, dict) else indent))
+            else:
+                rendered = ("{}" if isinstance(item, dict) else "[]") if isinstance(item, (dict, list)) else _yaml_scalar(item)
+                lines.append(f"{pad}{_yaml_scalar(key)}:{' ' + rendered if rendered else ''}")
+    else:
+        for item in value:
+            if isinstance(item, (dict, list)) and item:
+                nested = _yaml_lines(item, indent + 1)
+                lines.append(f"{pad}- {nested[0].lstrip()}")
+                lines.extend(nested[1:])
+            else:
+                rendered = ("{}" if isinstance(item, dict) else "[]") if isinstance(item, (dict, list)) else _yaml_scalar(item)
+                lines.append(f"{pad}- {rendered}".rstrip())
+    return lines
+
+
+def to_yaml(data: dict[str, Any]) -> str:
+    """Block-style YAML as Ruby's ``to_yaml`` writes it for the ENC (``---`` first, nil as empty)."""
+    return "\n".join(["---", *_yaml_lines(data, 0)]) + "\n"

@@ -514,3 +514,72 @@ async def test_create_app_in_process() -> None:
         assert [g["name"] for g in (await response.json())["results"]] == ["broker"]
         denied = await client.get("/api/hostgroups")
         assert denied.status == 401
+
+
+# -- the ENC endpoint (HostsController#externalNodes) -------------------------------------------
+
+
+def test_external_nodes_yaml(foreman_sim: ForemanSim) -> None:
+    import yaml
+
+    name = fqdn("node")
+    create(foreman_sim, {"name": name, "hostgroup_id": 2, "environment_id": 1, "puppetclass_ids": [1],
+                         "host_parameters_attributes": [{"name": "role", "value": "node"}]})
+    response = requests.get(f"{foreman_sim.url}/node/{name}", params={"format": "yml"}, auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 200
+    assert response.headers["Content-Type"] == "text/plain; charset=utf-8"
+    assert response.text.startswith("---\n")
+    info = yaml.safe_load(response.text)
+    assert info["classes"] == {"profile::base": None}
+    assert info["environment"] == "production"
+    assert info["parameters"]["hostgroup"] == "openshift/node"
+    assert info["parameters"]["foreman_env"] == "production"
+    assert info["parameters"]["role"] == "node"
+    # the same data as the API's ENC view
+    assert info == get(foreman_sim, f"/api/hosts/{name}/enc").json()["data"]
+    page = requests.get(f"{foreman_sim.url}/node/{name}", auth=foreman_sim.auth, timeout=10)
+    assert page.headers["Content-Type"].startswith("text/html") and page.text.startswith("<pre>---\n")
+
+
+def test_external_nodes_unknown_is_bare_404(foreman_sim: ForemanSim) -> None:
+    response = requests.get(f"{foreman_sim.url}/node/missing.lab.example", params={"format": "yml"},
+                            auth=foreman_sim.auth, timeout=10)
+    assert response.status_code == 404
+    assert response.text == ""
+
+
+def test_external_nodes_needs_credentials(foreman_sim: ForemanSim) -> None:
+    name = fqdn("nodeauth")
+    create(foreman_sim, {"name": name})
+    anonymous = requests.get(f"{foreman_sim.url}/node/{name}", params={"format": "yml"}, timeout=10)
+    assert anonymous.status_code == 401
+    wrong = requests.get(f"{foreman_sim.url}/node/{name}", params={"format": "yml"}, auth=("admin", "nope"), timeout=10)
+    assert wrong.status_code == 401
+    assert "Unable to authenticate user admin" in wrong.text
+
+
+def test_enc_script_prints_foremans_classification(foreman_sim: ForemanSim, tmp_path: Path) -> None:
+    """lab/puppet/enc.py as puppetserver runs it: certname as last argument, YAML on stdout."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from lab.puppet import ENC_SCRIPT, write_enc_config
+
+    name = fqdn("enc-script")
+    create(foreman_sim, {"name": name, "environment_id": 1, "puppetclass_ids": [2]})
+    command = write_enc_config(tmp_path / "enc.json", foreman_sim.url, foreman_sim.username, foreman_sim.password)
+    assert foreman_sim.password not in command and str(ENC_SCRIPT) in command
+    assert (tmp_path / "enc.json").stat().st_mode & 0o077 == 0
+    known = subprocess.run([*command.split(), name], capture_output=True, text=True, timeout=30, check=False)
+    assert known.returncode == 0, known.stderr
+    assert yaml.safe_load(known.stdout)["classes"] == {"openshift::node": None}
+    unknown = subprocess.run([*command.split(), "missing.lab.example"], capture_output=True, text=True, timeout=30,
+                             check=False)
+    assert unknown.returncode == 1 and unknown.stdout == ""
+    env = {"PATH": "/usr/bin:/bin", "FOREMAN_URL": foreman_sim.url, "FOREMAN_USER": foreman_sim.username,
+           "FOREMAN_PASSWORD": foreman_sim.password}
+    from_env = subprocess.run([sys.executable, str(ENC_SCRIPT), name], capture_output=True, text=True, timeout=30,
+                              check=False, env=env)
+    assert from_env.returncode == 0 and yaml.safe_load(from_env.stdout)["environment"] == "production"
