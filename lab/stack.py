@@ -53,6 +53,7 @@ retry_backoff = 0.5
 retry_backoff_max = 5.0
 retry_limit = {retry_limit}
 hook_timeout = 120.0
+ready_poll_interval = 1.0
 
 [networks.lab]
 cidr = "198.51.100.0/24"

@@ -1,0 +1,156 @@
+"""Real Puppet end to end: a `puppet agent` with its own certname and ssldir plays the new
+machine. Tag `node` -> Foreman hostgroup and classes -> the agent's certificate autosigned by
+governord's one-time token -> catalog (Foreman as the ENC) with the node classes applied ->
+report in PuppetDB -> the host is ready. Retire -> the CA no longer knows the certificate,
+PuppetDB shows the node deactivated, and a further agent run is refused."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from lab.puppet import PuppetStack, start_puppet_stack, write_enc_config
+from lab.stack import Governord, Lab
+
+from .conftest import wait_until
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def puppet_lab() -> Iterator[tuple[Lab, PuppetStack]]:
+    # the PostgreSQL user must be able to enter the stack's directory: not pytest's 0700 tmp
+    workdir = Path(tempfile.mkdtemp(prefix="governord-puppet-e2e-"))
+    workdir.chmod(0o711)
+    lab = Lab(workdir / "lab")
+    stack: PuppetStack | None = None
+    try:
+        lab.start_foreman()
+        lab.start_satellite()
+        lab.start_platform("vsphere")
+        # Puppet's autosign policy is governord's own command, asking the daemon under test
+        policy = workdir / "autosign"
+        policy.write_text(f'#!/bin/sh\nGOVERNORD_SOCKET={lab.workdir / "governord" / "admin.sock"} '
+                          f'exec {Path(sys.executable).parent / "governord-autosign"} "$1"\n')
+        policy.chmod(0o755)
+        assert lab.foreman
+        enc = write_enc_config(workdir / "enc.conf", lab.foreman.url, "admin", lab.passwords["LAB_FOREMAN_PASSWORD"])
+        stack = start_puppet_stack(workdir / "puppet", autosign_command=str(policy), enc_command=enc)
+        yield lab, stack
+    finally:
+        if stack is not None:
+            stack.stop()
+        lab.stop()
+        shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _config(lab: Lab, stack: PuppetStack) -> Path:
+    config = lab.write_config()
+    config.write_text(config.read_text() + f"""
+[registrars.puppetca]
+type = "puppetca"
+url = "{stack.server_url}"
+ca_file = "{stack.ca_bundle}"
+client_cert = "{stack.client_cert}"
+client_key = "{stack.client_key}"
+puppet_server = "127.0.0.1"
+
+[registrars.puppetdb]
+type = "puppetdb"
+url = "{stack.puppetdb_https_url}"
+ca_file = "{stack.ca_bundle}"
+client_cert = "{stack.client_cert}"
+client_key = "{stack.client_key}"
+ready_timeout = 300.0
+classes_from = "foreman"
+""")
+    return config
+
+
+def _get(stack: PuppetStack, url: str) -> tuple[int, Any]:
+    try:
+        with urllib.request.urlopen(url, context=stack.ssl_context(), timeout=20) as resp:  # noqa: S310
+            return resp.status, json.loads(resp.read() or b"null")
+    except urllib.error.HTTPError as exc:
+        return exc.code, None
+
+
+def _pdb(stack: PuppetStack, endpoint: str, query: list[Any]) -> Any:
+    url = f"{stack.puppetdb_https_url}/pdb/query/v4/{endpoint}?" + urllib.parse.urlencode({"query": json.dumps(query)})
+    status, body = _get(stack, url)
+    assert status == 200, (url, status)
+    return body
+
+
+def _host(daemon: Governord, name: str) -> dict[str, Any]:
+    return daemon.ctl_json("hosts", "show", name)  # type: ignore[no-any-return]
+
+
+def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
+        puppet_lab: tuple[Lab, PuppetStack]) -> None:
+    lab, stack = puppet_lab
+    daemon = lab.start_governord(_config(lab, stack))
+    try:
+        daemon.ctl("scale", "demo", "node", "--add", "1")
+        host = wait_until(lambda: (h := _host(daemon, "demo-node-01"))["state"] == "configuring" and h,
+                          timeout=120, what="configuring")
+        fqdn = host["fqdn"]
+        # exactly this certificate name was pre-authorised, with a token for cloud-init
+        puppet = host["registrations"]["puppetca"]
+        assert puppet["certname"] == fqdn and puppet["autosign_token"]
+        csr_attributes = puppet["cloud_config"]["puppet"]["csr_attributes"]
+        # the ready gate holds while no report exists
+        time.sleep(3)
+        assert _host(daemon, fqdn)["state"] == "configuring"
+
+        # someone else with a guessed token is not signed
+        code, output = stack.run_agent("intruder.lab.example",
+                                       csr_attributes={"custom_attributes": {"1.2.840.113549.1.9.7": "guess"}})
+        assert code == 1
+        assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/intruder.lab.example")[1][
+            "state"] == "requested"
+
+        # the machine's first agent run: signed, classified by Foreman, configured
+        code, output = stack.run_agent(fqdn, csr_attributes=csr_attributes)
+        assert code == 2, output
+        status, cert = _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{fqdn}")
+        assert status == 200 and cert["state"] == "signed"
+        ready = wait_until(lambda: (h := _host(daemon, fqdn))["state"] == "ready" and h, timeout=120,
+                           what="ready after the report")
+        assert ready["error"] is None
+        [report] = _pdb(stack, "reports", ["and", ["=", "certname", fqdn], ["=", "latest_report?", True]])
+        assert report["status"] == "changed"
+        events = _pdb(stack, "events", ["=", "report", report["hash"]])
+        applied = sorted(e["resource_title"] for e in events if e["resource_type"] == "Notify")
+        assert applied == ["openshift::node applied", "profile::base applied"]
+        audit = [e["kind"] for e in _host(daemon, fqdn)["events"]]
+        assert audit.count("autosign-signed") == 1
+        # the token is spent: a second CSR with it (a cloned machine) is refused
+        code, _ = stack.run_agent("demo-node-01-clone.lab.example", csr_attributes=csr_attributes)
+        assert code == 1
+
+        # retire: certificate cleaned, node deactivated after the machine is gone, agent refused
+        daemon.ctl("retire", fqdn, "--wait", timeout=300)
+        assert _host(daemon, fqdn)["state"] == "gone"
+        assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{fqdn}")[0] == 404
+        [node] = _pdb(stack, "nodes", ["and", ["=", "certname", fqdn], ["=", "node_state", "any"]])
+        assert node["deactivated"] is not None
+        assert _pdb(stack, "nodes", ["=", "certname", fqdn]) == []
+        kinds = [e["kind"] for e in _host(daemon, fqdn)["events"]]
+        assert kinds.index("deregistered") < kinds.index("deprovisioned") < kinds.index("gone")
+        assert lab.vsphere_vms() == {} and lab.foreman_hosts() == {} and lab.satellite_systems() == {}
+        code, output = stack.run_agent(fqdn)
+        assert code != 0 and "certificate" in output.lower()
+    finally:
+        daemon.stop()
