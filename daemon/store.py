@@ -9,6 +9,7 @@ work of the one that took over.
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import time
 import uuid
@@ -271,7 +272,26 @@ class Store:
         extra_where: Any = None,
     ) -> Row | None:
         """Update a host this process holds the lease of, with an audit event, in one
-        transaction. Returns the new row, or None when the lease was lost."""
+        transaction. Returns the new row, or None when the lease was lost.
+
+        Shielded: a step cancelled at shutdown still finishes (commits or rolls back) the write it
+        started, so it can never leave the database locked or half an outcome recorded."""
+        return await asyncio.shield(
+            self._fenced_update(host_id, owner, values, event_kind=event_kind, detail=detail, release=release,
+                                extra_where=extra_where)
+        )
+
+    async def _fenced_update(
+        self,
+        host_id: str,
+        owner: str,
+        values: Row,
+        *,
+        event_kind: str | None,
+        detail: Row | None,
+        release: bool,
+        extra_where: Any,
+    ) -> Row | None:
         now = time.time()
         values = {**values, "updated_at": now}
         if "state" in values:
