@@ -19,6 +19,7 @@ import ssl
 import sys
 import tempfile
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -65,6 +66,59 @@ def expect(condition: bool, message: str) -> None:
     console.print(f"[green]ok[/green] {message}")
 
 
+def play_the_machines(lab: Lab, daemon: Governord, timeout: float = 300) -> None:
+    """No real machine boots in the lab, so the demo plays each new machine's Puppet agent: for
+    every host waiting in `configuring`, a real `puppet agent` run with the host's certname and
+    the csr_attributes governord put in its cloud-init user data."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        hosts = daemon.ctl_json("hosts", "list")
+        waiting = [h for h in hosts if h["state"] == "configuring"]
+        if not waiting and all(h["state"] in ("ready", "gone", "failed") for h in hosts):
+            return
+        for host in waiting:
+            attributes = host["registrations"]["puppetca"]["cloud_config"]["puppet"]["csr_attributes"]
+            code, _ = lab.puppet.run_agent(host["fqdn"], csr_attributes=attributes)
+            console.print(f"  puppet agent on {host['fqdn']}: exit {code} (2 = changes applied)")
+        time.sleep(1)
+    raise SystemExit("hosts did not settle")
+
+
+def show_puppet(lab: Lab, daemon: Governord) -> dict[str, str]:
+    """The classes each host's latest report in PuppetDB applied (the Notify of each class)."""
+    import urllib.parse
+
+    stack = lab.puppet
+    seen: dict[str, str] = {}
+    table = Table(title="PuppetDB: latest report per host", title_justify="left", header_style="bold")
+    for column in ("host", "certificate", "report", "classes applied"):
+        table.add_column(column)
+    for host in daemon.ctl_json("hosts", "list"):
+        query = json.dumps(["and", ["=", "certname", host["fqdn"]], ["=", "latest_report?", True]])
+        url = f"{stack.puppetdb_https_url}/pdb/query/v4/reports?" + urllib.parse.urlencode({"query": query})
+        with urllib.request.urlopen(url, context=stack.ssl_context(), timeout=20) as resp:  # noqa: S310
+            reports = json.loads(resp.read())
+        applied = "-"
+        if reports:
+            events_url = f"{stack.puppetdb_https_url}/pdb/query/v4/events?" + urllib.parse.urlencode(
+                {"query": json.dumps(["=", "report", reports[0]["hash"]])})
+            with urllib.request.urlopen(events_url, context=stack.ssl_context(), timeout=20) as resp:  # noqa: S310
+                events = json.loads(resp.read())
+            applied = ", ".join(sorted(e["resource_title"].removesuffix(" applied") for e in events
+                                       if e["resource_type"] == "Notify"))
+        try:
+            with urllib.request.urlopen(f"{stack.server_url}/puppet-ca/v1/certificate_status/{host['fqdn']}",
+                                        context=stack.ssl_context(), timeout=20) as resp:  # noqa: S310
+                cert = json.loads(resp.read())["state"]
+        except urllib.error.HTTPError:
+            cert = "unknown to the CA"
+        table.add_row(host["fqdn"], cert, reports[0]["status"] if reports else "-", applied)
+        seen[host["fqdn"]] = applied
+    console.print(table)
+    console.print()
+    return seen
+
+
 def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str, body: Any = None) -> Any:
     """What the demo application does: HTTPS with its client certificate."""
     context = ssl.create_default_context(cafile=cert["ca"])
@@ -76,13 +130,16 @@ def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str,
         return json.loads(resp.read())
 
 
-def run(workdir: Path, platform: str) -> None:
+def run(workdir: Path, platform: str, puppet: bool) -> None:
     with Lab(workdir) as lab:
-        console.rule(f"1. the lab ({platform})")
+        console.rule(f"1. the lab ({platform}{', with Puppet' if puppet else ''})")
         lab.start_peers(platform)
         for peer in lab.peers:
             console.print(f"{peer.name:14} {peer.url}")
-        console.print(f"Foreman    {lab.foreman.url}  (project simulator)" if lab.foreman else "")
+        if puppet:
+            stack = lab.start_puppet()
+            console.print(f"puppetserver   {stack.server_url} (Debian's, Foreman as the ENC, governord's autosign)")
+            console.print(f"puppetdb       {stack.puppetdb_https_url}")
         console.print(f"Satellite  {lab.satellite.url}  (project simulator)" if lab.satellite else "")
 
         console.rule("2. governord")
@@ -96,19 +153,31 @@ def run(workdir: Path, platform: str) -> None:
                               {"role": "node", "add": 3, "idempotency_key": "demo-scale-1"})
         console.print(f"request {request['id']}: {request['decision']}, hosts "
                       f"{', '.join(h['name'] for h in request['hosts'])}")
+        if puppet:
+            play_the_machines(lab, daemon)
         deadline = time.monotonic() + 300
         while request["status"] == "in-progress" and time.monotonic() < deadline:
             time.sleep(0.5)
             request = app_request(daemon, cert, "GET", f"/v1/requests/{request['id']}")
         console.print(f"request status: {request['status']}")
         seen = show(lab, daemon, "after scale-up")
+        if puppet:
+            show_puppet(lab, daemon)
         expect(request["status"] == "completed", "the request completed")
         expect(len(seen["vms"]) == 3 and len(seen["foreman"]) == 3 and len(seen["satellite"]) == 3,
                f"3 machines on {platform}, 3 hosts in Foreman, 3 systems in Satellite")
 
         console.rule("4. governord-ctl tag demo-node-02 broker")
-        console.print(daemon.ctl("tag", "demo-node-02", "broker", "--wait").stdout)
+        if puppet:
+            console.print(daemon.ctl("tag", "demo-node-02", "broker").stdout)
+            play_the_machines(lab, daemon)
+        else:
+            console.print(daemon.ctl("tag", "demo-node-02", "broker", "--wait").stdout)
         seen = show(lab, daemon, "after tagging demo-node-02 broker")
+        if puppet:
+            applied = show_puppet(lab, daemon)
+            expect("openshift::broker" in applied["demo-node-02.lab.example"],
+                   "Puppet applied openshift::broker on demo-node-02 before it was handed back")
         fqdn = "demo-node-02.lab.example"
         expect(seen["foreman"][fqdn]["hostgroup"] == "openshift/broker", "Foreman hostgroup is openshift/broker")
         expect("openshift-brokers" in seen["satellite"][fqdn]["groups"], "Satellite group openshift-brokers")
@@ -133,12 +202,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workdir", type=Path, help="keep the lab's files here (default: a temporary directory)")
     parser.add_argument("--platform", choices=sorted(PLATFORMS), default="vsphere",
                         help="where the machines are made (default: vsphere on vcsim)")
+    parser.add_argument("--puppet", action="store_true",
+                        help="add Debian's puppetserver and PuppetDB: autosign, Foreman as the ENC, the ready gate")
     args = parser.parse_args(argv)
     if args.workdir:
-        run(args.workdir, args.platform)
+        run(args.workdir, args.platform, args.puppet)
     else:
         with tempfile.TemporaryDirectory(prefix="governord-demo-") as tmp:
-            run(Path(tmp), args.platform)
+            Path(tmp).chmod(0o711)  # the Puppet stack's PostgreSQL runs as user postgres
+            run(Path(tmp), args.platform, args.puppet)
     return 0
 
 

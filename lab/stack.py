@@ -200,6 +200,8 @@ class Lab:
         self.satellite: PeerProcess | None = None
         self.inventory: vcsim.LabInventory | None = None
         self.platform: Platform | None = None
+        #: the Puppet stack (lab.puppet.PuppetStack), once started
+        self.puppet: Any = None
         #: extra clean-ups (platform labs that are not single peers)
         self.stoppers: list[Callable[[], None]] = []
         self.repo_root = REPO_ROOT
@@ -276,8 +278,48 @@ class Lab:
             network_line=f'network = "{platform.network}"\n' if platform.network else "",
             profile=platform.profile, foreman_url=self.foreman.url, satellite_url=self.satellite.url,
             max_hosts=max_hosts,
-        ))
+        ) + (self._puppet_registrars() if self.puppet is not None else ""))
         return path
+
+    def start_puppet(self) -> Any:
+        """Start Debian's puppetserver and PuppetDB (lab.puppet) with Foreman (the lab's simulator)
+        as the ENC and governord's own autosign policy; configs written afterwards add the
+        puppetca and puppetdb registrars. The lab's workdir must be enterable by the postgres
+        user (mode 0711 on the way down)."""
+        from .puppet import start_puppet_stack, write_enc_config
+
+        assert self.foreman, "start the Foreman simulator first: it is the ENC"
+        policy = self.workdir / "autosign"
+        # Puppet runs the policy with the certname as $1 and the CSR on stdin
+        policy.write_text(f'#!/bin/sh\nGOVERNORD_SOCKET={self.workdir / "governord" / "admin.sock"} '
+                          f'exec {Path(sys.executable).parent / "governord-autosign"} "$1"\n')
+        policy.chmod(0o755)
+        enc = write_enc_config(self.workdir / "enc.conf", self.foreman.url, "admin",
+                               self.passwords["LAB_FOREMAN_PASSWORD"])
+        self.puppet = start_puppet_stack(self.workdir / "puppet", autosign_command=str(policy), enc_command=enc)
+        self.stoppers.append(self.puppet.stop)
+        return self.puppet
+
+    def _puppet_registrars(self) -> str:
+        stack = self.puppet
+        return f"""
+[registrars.puppetca]
+type = "puppetca"
+url = "{stack.server_url}"
+ca_file = "{stack.ca_bundle}"
+client_cert = "{stack.client_cert}"
+client_key = "{stack.client_key}"
+puppet_server = "127.0.0.1"
+
+[registrars.puppetdb]
+type = "puppetdb"
+url = "{stack.puppetdb_https_url}"
+ca_file = "{stack.ca_bundle}"
+client_cert = "{stack.client_cert}"
+client_key = "{stack.client_key}"
+ready_timeout = 300.0
+classes_from = "foreman"
+"""
 
     def start_platform(self, kind: str) -> Platform:
         """Start the peer of a platform (see lab.platforms) and make it the one configs use."""

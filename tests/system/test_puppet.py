@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 import time
 import urllib.error
@@ -20,7 +19,7 @@ from typing import Any
 
 import pytest
 
-from lab.puppet import PuppetStack, start_puppet_stack, write_enc_config
+from lab.puppet import PuppetStack
 from lab.stack import Governord, Lab
 
 from .conftest import wait_until
@@ -33,49 +32,12 @@ def puppet_lab() -> Iterator[tuple[Lab, PuppetStack]]:
     # the PostgreSQL user must be able to enter the stack's directory: not pytest's 0700 tmp
     workdir = Path(tempfile.mkdtemp(prefix="governord-puppet-e2e-"))
     workdir.chmod(0o711)
-    lab = Lab(workdir / "lab")
-    stack: PuppetStack | None = None
-    try:
+    with Lab(workdir / "lab") as lab:
         lab.start_foreman()
         lab.start_satellite()
         lab.start_platform("vsphere")
-        # Puppet's autosign policy is governord's own command, asking the daemon under test
-        policy = workdir / "autosign"
-        policy.write_text(f'#!/bin/sh\nGOVERNORD_SOCKET={lab.workdir / "governord" / "admin.sock"} '
-                          f'exec {Path(sys.executable).parent / "governord-autosign"} "$1"\n')
-        policy.chmod(0o755)
-        assert lab.foreman
-        enc = write_enc_config(workdir / "enc.conf", lab.foreman.url, "admin", lab.passwords["LAB_FOREMAN_PASSWORD"])
-        stack = start_puppet_stack(workdir / "puppet", autosign_command=str(policy), enc_command=enc)
-        yield lab, stack
-    finally:
-        if stack is not None:
-            stack.stop()
-        lab.stop()
-        shutil.rmtree(workdir, ignore_errors=True)
-
-
-def _config(lab: Lab, stack: PuppetStack) -> Path:
-    config = lab.write_config()
-    config.write_text(config.read_text() + f"""
-[registrars.puppetca]
-type = "puppetca"
-url = "{stack.server_url}"
-ca_file = "{stack.ca_bundle}"
-client_cert = "{stack.client_cert}"
-client_key = "{stack.client_key}"
-puppet_server = "127.0.0.1"
-
-[registrars.puppetdb]
-type = "puppetdb"
-url = "{stack.puppetdb_https_url}"
-ca_file = "{stack.ca_bundle}"
-client_cert = "{stack.client_cert}"
-client_key = "{stack.client_key}"
-ready_timeout = 300.0
-classes_from = "foreman"
-""")
-    return config
+        yield lab, lab.start_puppet()
+    shutil.rmtree(workdir, ignore_errors=True)
 
 
 def _get(stack: PuppetStack, url: str) -> tuple[int, Any]:
@@ -100,7 +62,7 @@ def _host(daemon: Governord, name: str) -> dict[str, Any]:
 def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         puppet_lab: tuple[Lab, PuppetStack]) -> None:
     lab, stack = puppet_lab
-    daemon = lab.start_governord(_config(lab, stack))
+    daemon = lab.start_governord()
     try:
         daemon.ctl("scale", "demo", "node", "--add", "1")
         host = wait_until(lambda: (h := _host(daemon, "demo-node-01"))["state"] == "configuring" and h,
