@@ -89,6 +89,19 @@ class ConfiguredInstance:
     async def close(self) -> None:
         """Release connections (log out). Called once at shutdown."""
 
+    def require_readable(self, *keys: str, label: str) -> None:
+        """Fail for good, naming the key, if a configured file (certificate, key, CA) is not
+        readable: a typo in a path will not go away by retrying."""
+        for key in keys:
+            path: Path | None = getattr(self.config, key)
+            if path is None:
+                continue
+            try:
+                with open(path, "rb"):
+                    pass
+            except OSError as exc:
+                raise PermanentError(f"{label} {key} {path}: {exc.strerror}", source=self.name) from None
+
     async def call_sync(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call in a thread, under the concurrency limit and the call timeout.
 

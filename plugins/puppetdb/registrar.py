@@ -147,15 +147,7 @@ class PuppetDBRegistrar(Registrar):
 
     async def start(self) -> None:
         """Check that the configured certificate files are readable (a typo fails here, for good)."""
-        for key in ("client_cert", "client_key", "ca_file"):
-            path: Path | None = getattr(self.settings, key)
-            if path is None:
-                continue
-            try:
-                with path.open("rb"):
-                    pass
-            except OSError as exc:
-                raise PermanentError(f"PuppetDB {key} {path}: {exc.strerror}", source=self.name) from None
+        self.require_readable("client_cert", "client_key", "ca_file", label="PuppetDB")
 
     async def close(self) -> None:
         """Drop pooled connections."""
