@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 from pydantic_core import core_schema
 
 from .errors import ConfigError
@@ -152,28 +152,71 @@ class NetworkSection(StrictModel):
     domain: str = "localdomain"
 
 
+class PlacementSection(StrictModel):
+    #: provider instance (a [providers.NAME]) the role's machines may be made on
+    provider: str
+    #: most live hosts of this application on this provider (empty: only the application's cap)
+    cap: int | None = Field(default=None, ge=0)
+    #: network static addresses come from on this provider (default: the role's)
+    network: str | None = None
+    #: provider-specific settings, validated by the provider type's Profile
+    profile: dict[str, Any] = Field(default_factory=dict)
+
+
 class RoleSection(StrictModel):
     #: tags every host of this role carries
     tags: list[str] = Field(min_length=1)
-    #: provider instance (a [providers.NAME]) the role's machines are made on
-    provider: str
+    #: where the role's machines may be made, in order of preference (first with room wins)
+    placements: list[PlacementSection] = Field(default_factory=list)
+    #: shorthand for one placement: the provider instance ...
+    provider: str | None = None
+    #: ... and its profile
+    profile: dict[str, Any] | None = None
     #: network (a [networks.NAME]) the engine allocates static addresses from; empty: provider's DHCP
     network: str | None = None
     #: host names; {app}, {role} and {seq} are filled in
     name_pattern: str = "{app}-{role}-{seq:02d}"
     #: DNS domain of the role's hosts (default: the network's)
     domain: str | None = None
-    #: provider-specific settings, validated by the provider type's Profile
-    profile: dict[str, Any] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _one_way(self) -> RoleSection:
+        if self.placements and (self.provider is not None or self.profile is not None):
+            raise ValueError("give either placements or provider/profile, not both")
+        if not self.placements and self.provider is None:
+            raise ValueError("give placements, or provider (and profile)")
+        return self
+
+    def effective_placements(self) -> list[PlacementSection]:
+        if self.placements:
+            return self.placements
+        return [PlacementSection(provider=self.provider or "", profile=self.profile or {})]
 
 
 class ApplicationSection(StrictModel):
     description: str = ""
-    #: most live hosts this application may have, over all roles
+    #: most live hosts this application may have, over all roles (in flight included)
     max_hosts: int = Field(default=10, ge=0)
+    #: fewest hosts: a scale-down or release below it is declined
+    min_hosts: int = Field(default=0, ge=0)
+    #: seconds after an accepted scale-up before the next one is accepted
+    cooldown: float = Field(default=0.0, ge=0)
+    #: "never", "always", or a number N: requests that take the application above N hosts wait
+    #: for an operator's approval
+    approval: Literal["never", "always"] | int = "never"
+    #: seconds a request waits for approval before it expires
+    approval_expiry: float = Field(default=86400.0, gt=0)
+    #: which hosts a scale-down releases: "newest" or "oldest" first (named hosts: release them)
+    deletion_policy: Literal["newest", "oldest"] = "newest"
     #: client certificate common name that identifies the application (default: its name)
     certificate_cn: str | None = None
     roles: dict[str, RoleSection] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _bounds(self) -> ApplicationSection:
+        if self.min_hosts > self.max_hosts:
+            raise ValueError(f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
+        return self
 
 
 class CoreConfig(StrictModel):
@@ -196,6 +239,17 @@ class TagDefinition:
 
 
 @dataclass(frozen=True)
+class Placement:
+    """One provider a role's machines may be made on, validated."""
+
+    provider: str
+    #: most live hosts of the application on this provider (None: no cap of its own)
+    cap: int | None
+    network: str | None
+    profile: ProviderProfile
+
+
+@dataclass(frozen=True)
 class Config:
     """The validated configuration, with plugin-owned sections parsed by their owners' models."""
 
@@ -204,8 +258,8 @@ class Config:
     providers: dict[str, ProviderConfig] = field(default_factory=dict)
     registrars: dict[str, RegistrarConfig] = field(default_factory=dict)
     tags: dict[str, TagDefinition] = field(default_factory=dict)
-    #: (application, role) -> validated provider profile
-    profiles: dict[tuple[str, str], ProviderProfile] = field(default_factory=dict)
+    #: (application, role) -> where its machines may go, in order of preference
+    placements: dict[tuple[str, str], list[Placement]] = field(default_factory=dict)
 
     @property
     def daemon(self) -> DaemonSection:
@@ -342,12 +396,10 @@ def build_config(
             if address is not None and address not in network.cidr:
                 raise ConfigError(path, f"networks.{name}.{attr}", f"{address} is not in {network.cidr}")
 
-    profiles: dict[tuple[str, str], ProviderProfile] = {}
+    placements: dict[tuple[str, str], list[Placement]] = {}
     for app_name, app in core.applications.items():
         for role_name, role in app.roles.items():
             prefix = f"applications.{app_name}.roles.{role_name}"
-            if role.provider not in provider_configs:
-                raise ConfigError(path, f"{prefix}.provider", f"no provider named {role.provider!r}")
             if role.network is not None and role.network not in core.networks:
                 raise ConfigError(path, f"{prefix}.network", f"no network named {role.network!r}")
             for tag in role.tags:
@@ -357,12 +409,22 @@ def build_config(
                 role.name_pattern.format(app=app_name, role=role_name, seq=1)
             except (KeyError, IndexError, ValueError) as exc:
                 raise ConfigError(path, f"{prefix}.name_pattern", f"invalid pattern: {exc}") from None
-            provider_type = providers.get(provider_configs[role.provider].type)
-            profiles[(app_name, role_name)] = _validate(
-                provider_type.Profile, role.profile, path, f"{prefix}.profile"  # type: ignore[union-attr]
-            )
+            chosen: list[Placement] = []
+            for index, placement in enumerate(role.effective_placements()):
+                where = f"{prefix}.placements.{index}" if role.placements else prefix
+                if placement.provider not in provider_configs:
+                    raise ConfigError(path, f"{where}.provider", f"no provider named {placement.provider!r}")
+                if any(p.provider == placement.provider for p in chosen):
+                    raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
+                network = placement.network or role.network
+                if network is not None and network not in core.networks:
+                    raise ConfigError(path, f"{where}.network", f"no network named {network!r}")
+                provider_type = providers.get(provider_configs[placement.provider].type)
+                profile = _validate(provider_type.Profile, placement.profile, path, f"{where}.profile")  # type: ignore[union-attr]
+                chosen.append(Placement(placement.provider, placement.cap, network, profile))
+            placements[(app_name, role_name)] = chosen
 
-    return Config(path, core, provider_configs, registrar_configs, tags, profiles)
+    return Config(path, core, provider_configs, registrar_configs, tags, placements)
 
 
 def redacted(value: Any) -> Any:

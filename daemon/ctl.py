@@ -103,6 +103,9 @@ def _wait_hosts(client: Client, ids: list[str], timeout: float) -> list[dict[str
 def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float, as_json: bool) -> None:
     if request["decision"] == "declined":
         raise CtlError(f"declined: {request['reason']}")
+    if request["decision"] == "pending":
+        _show_request(request, as_json)
+        raise CtlError(f"{request['reason']}: governord-ctl requests approve {request['id']} -m '...'")
     if wait and request["hosts"]:
         hosts = _wait_hosts(client, [h["id"] for h in request["hosts"]], timeout)
         request = client.ok("GET", f"/v1/requests/{request['id']}")
@@ -330,6 +333,71 @@ def puppet_autosign(ctx: click.Context, certname: str) -> None:
     if status == 200 and data.get("sign"):
         return
     raise CtlError(f"not signing {certname}: {data.get('reason') or data.get('error')}")
+
+
+def _request_decision(name: str, approve: bool) -> None:
+    @requests.command(name, help=f"{name.capitalize()} a pending request, with a comment.")
+    @click.argument("request_id")
+    @click.option("--comment", "-m", required=True, help="why (kept in the audit log)")
+    @click.option("--json", "as_json", is_flag=True)
+    @click.pass_context
+    def command(ctx: click.Context, request_id: str, comment: str, as_json: bool) -> None:
+        data = _client(ctx).ok("POST", f"/v1/requests/{request_id}/{name}", {"comment": comment})
+        if approve and data["decision"] == "declined":
+            raise CtlError(f"approved, but the rules decline it now: {data['reason']}")
+        _show_request(data, as_json)
+
+
+_request_decision("approve", True)
+_request_decision("deny", False)
+
+
+@cli.command()
+@click.argument("app")
+@click.argument("role")
+@click.option("--count", type=click.IntRange(min=0), help="hosts of this role in all")
+@click.option("--add", type=click.IntRange(min=1), help="hosts to add")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | None, as_json: bool) -> None:
+    """What `scale APP ROLE` would do and why, without doing it."""
+    if (count is None) == (add is None):
+        raise click.UsageError("give exactly one of --count and --add")
+    body = {k: v for k, v in {"role": role, "count": count, "add": add}.items() if v is not None}
+    data = _client(ctx).ok("POST", f"/v1/apps/{app}/plan", body)
+    if as_json:
+        return _print_json(data)
+    console.print(f"{data['decision']} (rule: {data['rule']}): {data['reason'] or ''}", markup=False, highlight=False)
+    for host in data["hosts"]:
+        foreman = host["classification"].get("foreman", {})
+        console.print(f"  {host['fqdn']} on {host['provider']}"
+                      + (f", network {host['network']}" if host["network"] else "")
+                      + (f", hostgroup {foreman.get('hostgroup')}" if foreman else "")
+                      + f", registered in {', '.join(host['registrars']) or 'nothing'}",
+                      markup=False, highlight=False)
+    for name in data["release"]:
+        console.print(f"  release {name}", markup=False, highlight=False)
+
+
+@cli.command()
+@click.option("--kind", help="only events whose kind starts with this (e.g. request-, autosign-)")
+@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def audit(ctx: click.Context, kind: str | None, limit: int, as_json: bool) -> None:
+    """The audit log: who asked for what, which rule decided, and why."""
+    params = {"limit": str(limit), **({"kind": kind} if kind else {})}
+    events = _client(ctx).ok("GET", "/v1/audit", params=params)["events"]
+    if as_json:
+        return _print_json(events)
+    table = Table(box=None, header_style="bold")
+    for column in ("TIME", "KIND", "ACTOR", "RULE", "DETAIL"):
+        table.add_column(column)
+    for e in events:
+        detail = {k: v for k, v in e["detail"].items() if k != "rule"}
+        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"])), e["kind"], e["actor"] or "-",
+                      str(e["detail"].get("rule", "")), json.dumps(detail, sort_keys=True))
+    console.print(table)
 
 
 @cli.group()

@@ -16,7 +16,7 @@ import ipaddress
 import re
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
@@ -24,9 +24,10 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
-from .config import Config
+from .config import Config, Placement
 from .engine import STATE_OF_STEP, Engine, address_range
 from .schema import hosts
+from .schema import hosts as hosts_table
 from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState
 from .store import NameTaken, Row, Store
 
@@ -50,6 +51,21 @@ class RequestError(Exception):
         self.status = status
         self.field = field
         super().__init__(message)
+
+
+@dataclass
+class Plan:
+    """What the rules decided for a scale request, before anything is written."""
+
+    #: accepted, declined or pending (approval)
+    decision: str
+    #: the rule that decided: max_hosts, min_hosts, cooldown, placement, approval, deletion_policy
+    rule: str
+    reason: str | None
+    #: one placement per new host
+    add: list[Placement] = field(default_factory=list)
+    #: hosts to release
+    release: list[Row] = field(default_factory=list)
 
 
 @dataclass
@@ -90,76 +106,199 @@ class Governor:
         idempotency_key: str | None = None,
     ) -> Decision:
         """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
-        releasing the difference)."""
-        section = self._app(app)
-        if role not in section.roles:
-            raise RequestError(422, f"application {app!r} has no role {role!r}", field="role")
-        if (add is None) == (count is None):
-            raise RequestError(422, "give exactly one of add and count", field="add")
-        role_cfg = section.roles[role]
+        releasing the difference), decided by the application's rules."""
+        self._check_scale(app, role, add, count)
+        params = {"role": role, "add": add, "count": count}
         async with self._lock(app):
             async with self.store.engine.begin() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
                         return Decision(earlier, replayed=True)
-                live_role = await self._kept_hosts(app, role)
-                params = {"role": role, "add": add, "count": count}
-                if count is not None and count < len(live_role):
-                    victims = sorted(live_role, key=lambda h: h["created_at"], reverse=True)[: len(live_role) - count]
-                    request = await self.store.insert_request(
-                        conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
-                        params=params, state="accepted", reason=f"releasing {len(victims)} (newest first)",
-                        host_ids=[h["id"] for h in victims],
-                    )
-                    for victim in victims:
-                        await self._mark_retire(conn, victim, actor, request["id"])
-                    await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
-                                               detail={"app": app, **params, "release": len(victims)})
-                    self.engine.wake()
-                    return Decision(request)
-                wanted = add if add is not None else count - len(live_role)  # type: ignore[operator]
-                live_app = await self.store.live_count(conn, app)
-                reason = None
-                if wanted <= 0:
-                    reason = None
-                elif live_app + wanted > section.max_hosts:
-                    reason = (
-                        f"cap reached: application {app} may have {section.max_hosts} hosts, "
-                        f"has {live_app} (in flight included), asked for {wanted} more"
-                    )
-                if reason is not None:
-                    request = await self.store.insert_request(
-                        conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
-                        params=params, state="declined", reason=reason,
-                    )
-                    await self.store.add_event(conn, "request-declined", actor=actor, request_id=request["id"],
-                                               detail={"app": app, **params, "reason": reason})
-                    return Decision(request)
+                plan = await self.plan_scale(conn, app, role, add=add, count=count)
                 request = await self.store.insert_request(
                     conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
-                    params=params, state="accepted", reason=None,
+                    params=params, state=plan.decision, reason=plan.reason,
                 )
-                host_ids = []
-                if wanted > 0:
-                    domain = role_cfg.domain or self._domain(role_cfg.network)
-                    seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, wanted)
-                    for seq in seqs:
-                        name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
-                        row = await self._new_host(
-                            conn, name=name, fqdn=f"{name}.{domain}" if domain else name, app=app, role=role,
-                            origin=HostOrigin.PROVISIONED, tags=list(role_cfg.tags), provider=role_cfg.provider,
-                            network=role_cfg.network,
-                            profile=self.config.profiles[(app, role)].model_dump(mode="json"),
-                            request_id=request["id"], actor=actor,
-                        )
-                        host_ids.append(row["id"])
-                await self.store.set_request_hosts(conn, request["id"], host_ids)
-                request["host_ids"] = host_ids
-                await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
-                                           detail={"app": app, **params, "hosts": len(host_ids)})
+                await self._carry_out(conn, request, plan, actor)
         self.engine.wake()
         return Decision(request)
+
+    def _check_scale(self, app: str, role: str, add: int | None, count: int | None) -> None:
+        section = self._app(app)
+        if role not in section.roles:
+            raise RequestError(422, f"application {app!r} has no role {role!r}", field="role")
+        if (add is None) == (count is None):
+            raise RequestError(422, "give exactly one of add and count", field="add")
+
+    async def plan_scale(
+        self, conn: Any, app: str, role: str, *, add: int | None, count: int | None, approved: bool = False,
+    ) -> Plan:
+        """Decide a scale request against the application's rules, without changing anything."""
+        section = self._app(app)
+        kept = await self._kept_hosts(app, role)
+        live_app = await self.store.live_count(conn, app)
+        wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
+        if wanted < 0:
+            kept_app = len(await self._kept_hosts(app, None))
+            if kept_app + wanted < section.min_hosts:
+                return Plan("declined", "min_hosts", f"minimum: application {app} keeps at least "
+                            f"{section.min_hosts} hosts, has {kept_app}, would release {-wanted}")
+            return Plan("accepted", "deletion_policy",
+                        f"releasing {-wanted} ({section.deletion_policy} first)",
+                        release=self._victims(kept, -wanted, section.deletion_policy))
+        if wanted == 0:
+            return Plan("accepted", "nothing", f"{role} has {len(kept)} hosts already")
+        if live_app + wanted > section.max_hosts:
+            return Plan("declined", "max_hosts", f"cap reached: application {app} may have {section.max_hosts} "
+                        f"hosts, has {live_app} (in flight included), asked for {wanted} more")
+        if section.cooldown and not approved:
+            last = await self.store.last_scale_up(conn, app)
+            if last is not None and time.time() - last < section.cooldown:
+                wait = section.cooldown - (time.time() - last)
+                return Plan("declined", "cooldown", f"cooldown: application {app} may scale up again in "
+                            f"{wait:.0f}s (cooldown {section.cooldown:.0f}s)")
+        placed, why = await self._place(conn, app, role, wanted)
+        if placed is None:
+            return Plan("declined", "placement", why)
+        if not approved and (section.approval == "always" or (
+                isinstance(section.approval, int) and live_app + wanted > section.approval)):
+            threshold = "every request" if section.approval == "always" else f"above {section.approval} hosts"
+            return Plan("pending", "approval", f"pending approval: application {app} needs an operator's "
+                        f"approval for {threshold}", add=placed)
+        return Plan("accepted", "placement", why, add=placed)
+
+    @staticmethod
+    def _victims(kept: list[Row], count: int, policy: str) -> list[Row]:
+        return sorted(kept, key=lambda h: h["created_at"], reverse=policy == "newest")[:count]
+
+    async def _place(self, conn: Any, app: str, role: str, wanted: int) -> tuple[list[Placement] | None, str]:
+        """One placement per new host: the first provider in the role's order with room under
+        its cap. Returns (placements, why) or (None, why not)."""
+        placements = self.config.placements[(app, role)]
+        on_provider = await self.store.live_count_by_provider(conn, app)
+        chosen: list[Placement] = []
+        for _ in range(wanted):
+            for placement in placements:
+                used = on_provider.get(placement.provider, 0)
+                if placement.cap is None or used < placement.cap:
+                    on_provider[placement.provider] = used + 1
+                    chosen.append(placement)
+                    break
+            else:
+                full = ", ".join(f"{p.provider} {on_provider.get(p.provider, 0)}/{p.cap}" for p in placements)
+                return None, f"cap reached on every allowed provider of {app}/{role}: {full}"
+        reasons = []
+        for provider in dict.fromkeys(p.provider for p in chosen):
+            index = next(i for i, p in enumerate(placements) if p.provider == provider)
+            cap = placements[index].cap
+            ahead = [f"{p.provider} full ({p.cap})" for p in placements[:index]]
+            reasons.append(f"{sum(p.provider == provider for p in chosen)} on {provider}: "
+                           + ("first choice" if not ahead else "; ".join(ahead))
+                           + (f", {on_provider[provider]}/{cap} after this" if cap is not None else ""))
+        return chosen, "; ".join(reasons)
+
+    async def _carry_out(self, conn: Any, request: Row, plan: Plan, actor: str) -> None:
+        """Make a decided plan real (inside the request's transaction) and audit it."""
+        app, role = request["app"], request["params"]["role"]
+        detail = {"app": app, **request["params"], "rule": plan.rule, "reason": plan.reason}
+        if plan.decision != "accepted":
+            await self.store.add_event(conn, f"request-{plan.decision}", actor=actor, request_id=request["id"],
+                                       detail=detail)
+            return
+        host_ids = [h["id"] for h in plan.release]
+        for victim in plan.release:
+            await self._mark_retire(conn, victim, actor, request["id"])
+        if plan.add:
+            role_cfg = self.config.applications[app].roles[role]
+            seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
+            for seq, placement in zip(seqs, plan.add, strict=True):
+                name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
+                domain = role_cfg.domain or self._domain(placement.network)
+                row = await self._new_host(
+                    conn, name=name, fqdn=f"{name}.{domain}" if domain else name, app=app, role=role,
+                    origin=HostOrigin.PROVISIONED, tags=list(role_cfg.tags), provider=placement.provider,
+                    network=placement.network, profile=placement.profile.model_dump(mode="json"),
+                    request_id=request["id"], actor=actor,
+                )
+                host_ids.append(row["id"])
+        await self.store.set_request_hosts(conn, request["id"], host_ids)
+        request["host_ids"] = host_ids
+        await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
+                                   detail={**detail, "hosts": len(plan.add), "released": len(plan.release)})
+
+    async def plan(self, app: str, role: str, *, add: int | None, count: int | None) -> dict[str, Any]:
+        """What a scale request would do, and why, changing nothing: the rule that decides, the
+        provider each new host goes to, names, addresses' network, classification, registrars."""
+        self._check_scale(app, role, add, count)
+        role_cfg = self.config.applications[app].roles[role]
+        async with self.store.engine.connect() as conn:
+            plan = await self.plan_scale(conn, app, role, add=add, count=count)
+            seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
+        hosts = []
+        for seq, placement in zip(seqs, plan.add, strict=True):
+            name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
+            domain = role_cfg.domain or self._domain(placement.network)
+            row = {column.name: None for column in hosts_table.c} | {
+                "id": "planned", "name": name, "fqdn": f"{name}.{domain}" if domain else name, "app": app,
+                "role": role, "origin": HostOrigin.PROVISIONED.value, "state": HostState.REQUESTED.value,
+                "provider": placement.provider, "tags": list(role_cfg.tags), "addresses": [],
+                "classification": {}, "registrations": {},
+            }
+            hosts.append({"name": row["name"], "fqdn": row["fqdn"], "provider": placement.provider,
+                          "network": placement.network, "profile": placement.profile.model_dump(mode="json"),
+                          "tags": row["tags"], "classification": await self.engine.classify(row),
+                          "registrars": sorted(self.config.registrars)})
+        return {"app": app, "role": role, "decision": plan.decision, "rule": plan.rule, "reason": plan.reason,
+                "hosts": hosts, "release": [h["name"] for h in plan.release]}
+
+    # -- approvals ----------------------------------------------------------------------------------
+
+    async def _expire_pending(self, conn: Any, app: str | None = None) -> None:
+        for request in await self.store.pending_requests(conn, app):
+            section = self.config.applications.get(request["app"])
+            expiry = section.approval_expiry if section else 0.0
+            if request["created_at"] + expiry < time.time():
+                await self.store.set_request_state(conn, request["id"], "expired",
+                                                   f"expired after {expiry:.0f}s without approval")
+                await self.store.add_event(conn, "request-expired", actor="governord", request_id=request["id"],
+                                           detail={"app": request["app"], "after": expiry})
+
+    async def expire_pending(self) -> None:
+        async with self.store.engine.begin() as conn:
+            await self._expire_pending(conn)
+
+    async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
+        """Approve (the rules are applied again, approval aside) or deny a pending request."""
+        row = await self.store.get_request(request_id)
+        if row is None:
+            raise RequestError(404, "no such request", field="request_id")
+        async with self._lock(row["app"]):
+            # its own transaction: an expiry stands even when this decision is refused
+            async with self.store.engine.begin() as conn:
+                await self._expire_pending(conn, row["app"])
+            async with self.store.engine.begin() as conn:
+                row = await self.store.find_request_by_id(conn, request_id)
+                assert row is not None
+                if row["state"] != "pending":
+                    raise RequestError(409, f"request {request_id} is {row['state']}, not pending", field="request_id")
+                if not approve:
+                    await self.store.set_request_state(conn, request_id, "denied", f"denied by {actor}: {comment}")
+                    await self.store.add_event(conn, "request-denied", actor=actor, request_id=request_id,
+                                               detail={"app": row["app"], "comment": comment})
+                    row.update(state="denied", reason=f"denied by {actor}: {comment}")
+                    return row
+                params = row["params"]
+                plan = await self.plan_scale(conn, row["app"], params["role"], add=params["add"],
+                                             count=params["count"], approved=True)
+                reason = f"approved by {actor}: {comment}" if plan.decision == "accepted" else plan.reason
+                await self.store.set_request_state(conn, request_id, plan.decision, reason)
+                row.update(state=plan.decision, reason=reason)
+                await self.store.add_event(conn, "request-approved", actor=actor, request_id=request_id,
+                                           detail={"app": row["app"], "comment": comment})
+                await self._carry_out(conn, row, plan, actor)
+        self.engine.wake()
+        return row
 
     async def _kept_hosts(self, app: str, role: str | None) -> list[Row]:
         """The application's live hosts that are not on their way out."""
@@ -212,7 +351,12 @@ class Governor:
                         raise RequestError(404, f"application {app} has no live host {unknown[0]!r}", field="hosts")
                     victims = [by_name[n] for n in dict.fromkeys(hosts)]
                 else:
-                    victims = sorted(live, key=lambda h: h["created_at"], reverse=True)[:count]
+                    victims = self._victims(live, count, self._app(app).deletion_policy)  # type: ignore[arg-type]
+                kept_app = len(await self._kept_hosts(app, None))
+                minimum = self._app(app).min_hosts
+                if kept_app - len(victims) < minimum:
+                    raise RequestError(409, f"minimum: application {app} keeps at least {minimum} hosts, has "
+                                       f"{kept_app}, asked to release {len(victims)}", field="hosts")
                 request = await self.store.insert_request(
                     conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="release",
                     params={"hosts": hosts, "role": role, "count": count}, state="accepted", reason=None,
@@ -367,8 +511,10 @@ class Governor:
     async def request_status(self, request: Row) -> dict[str, Any]:
         """The request with its hosts and an overall status the application can act on."""
         rows = await self.store.list_hosts(ids=request["host_ids"]) if request["host_ids"] else []
-        if request["state"] == "declined":
-            status = "declined"
+        if request["state"] in ("declined", "denied", "expired"):
+            status = request["state"]
+        elif request["state"] == "pending":
+            status = "pending-approval"
         elif request["kind"] == "release":
             status = "completed" if all(h["state"] == HostState.GONE.value for h in rows) else "in-progress"
         elif any(h["state"] == HostState.FAILED.value for h in rows):

@@ -349,6 +349,37 @@ class Store:
         await conn.execute(insert(requests).values(**row))
         return row
 
+    async def last_scale_up(self, conn: AsyncConnection, app: str) -> float | None:
+        """When the application's newest accepted request that added hosts was accepted."""
+        rows = await conn.execute(
+            select(requests.c.updated_at, requests.c.params, requests.c.host_ids)
+            .where(requests.c.app == app, requests.c.kind == "scale", requests.c.state == "accepted")
+            .order_by(requests.c.updated_at.desc()).limit(50)
+        )
+        for updated_at, params, host_ids in rows:
+            if host_ids and (params.get("add") or params.get("count")):
+                return float(updated_at)
+        return None
+
+    async def live_count_by_provider(self, conn: AsyncConnection, app: str) -> dict[str, int]:
+        query = (select(hosts.c.provider, func.count()).where(hosts.c.app == app, hosts.c.state.in_(_LIVE))
+                 .group_by(hosts.c.provider))
+        return {provider: n for provider, n in await conn.execute(query) if provider}
+
+    async def pending_requests(self, conn: AsyncConnection, app: str | None) -> list[Row]:
+        query = select(requests).where(requests.c.state == "pending")
+        if app is not None:
+            query = query.where(requests.c.app == app)
+        return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def find_request_by_id(self, conn: AsyncConnection, request_id: str) -> Row | None:
+        row = (await conn.execute(select(requests).where(requests.c.id == request_id))).mappings().first()
+        return dict(row) if row else None
+
+    async def set_request_state(self, conn: AsyncConnection, request_id: str, state: str, reason: str | None) -> None:
+        await conn.execute(update(requests).where(requests.c.id == request_id)
+                           .values(state=state, reason=reason, updated_at=time.time()))
+
     async def set_request_hosts(self, conn: AsyncConnection, request_id: str, host_ids: list[str]) -> None:
         await conn.execute(update(requests).where(requests.c.id == request_id).values(host_ids=host_ids))
 
@@ -380,10 +411,13 @@ class Store:
             )
         )
 
-    async def list_events(self, *, host_id: str | None = None, limit: int = 200) -> list[Row]:
+    async def list_events(self, *, host_id: str | None = None, limit: int = 200,
+                          kind_prefix: str | None = None) -> list[Row]:
         query = select(events).order_by(events.c.id.desc()).limit(limit)
         if host_id is not None:
             query = query.where(events.c.host_id == host_id)
+        if kind_prefix:
+            query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()][::-1]
 

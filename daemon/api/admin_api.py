@@ -136,10 +136,53 @@ async def issue_certificate(request: web.Request) -> web.Response:
                                        "key": str(pair.key), "ca": str(runtime.ca.cert_path)}, 201)
 
 
+@endpoints.add("POST", "/v1/apps/{app}/plan", "What a scale request would do, and why (changes nothing)",
+               body=schemas.PlanRequest, responses={200: schemas.PlanReply, 404: schemas.Error})
+async def plan_app(request: web.Request) -> web.Response:
+    body: schemas.PlanRequest = await parse_body(request, schemas.PlanRequest)
+    plan = await _runtime(request).governor.plan(request.match_info["app"], body.role, add=body.add,
+                                                 count=body.count)
+    return reply(schemas.PlanReply, plan)
+
+
+async def _decide(request: web.Request, approve: bool) -> web.Response:
+    runtime = _runtime(request)
+    body: schemas.DecisionRequest = await parse_body(request, schemas.DecisionRequest)
+    row = await runtime.governor.decide_pending(request.match_info["request_id"], approve=approve,
+                                                comment=body.comment, actor=ACTOR)
+    return reply(schemas.Request, await runtime.governor.request_status(row))
+
+
+@endpoints.add("POST", "/v1/requests/{request_id}/approve", "Approve a pending request (the rules apply again)",
+               body=schemas.DecisionRequest, responses={200: schemas.Request, 404: schemas.Error, 409: schemas.Error})
+async def approve_request(request: web.Request) -> web.Response:
+    return await _decide(request, True)
+
+
+@endpoints.add("POST", "/v1/requests/{request_id}/deny", "Deny a pending request",
+               body=schemas.DecisionRequest, responses={200: schemas.Request, 404: schemas.Error, 409: schemas.Error})
+async def deny_request(request: web.Request) -> web.Response:
+    return await _decide(request, False)
+
+
+@endpoints.add("GET", "/v1/audit", "The audit log: every decision and step, who and why",
+               responses={200: schemas.EventList},
+               query={"kind": "only events whose kind starts with this", "limit": "at most this many (newest)"})
+async def audit(request: web.Request) -> web.Response:
+    try:
+        limit = int(request.query.get("limit", "200"))
+    except ValueError:
+        raise RequestError(422, "limit: not a number", field="limit") from None
+    events = await _runtime(request).store.list_events(limit=max(1, min(limit, 10000)),
+                                                      kind_prefix=request.query.get("kind"))
+    return reply(schemas.EventList, {"events": events})
+
+
 @endpoints.add("GET", "/v1/requests", "Recent requests", responses={200: schemas.RequestList},
                query={"app": "only this application's"})
 async def list_requests(request: web.Request) -> web.Response:
     runtime = _runtime(request)
+    await runtime.governor.expire_pending()
     rows = await runtime.store.list_requests(app=request.query.get("app"))
     return reply(schemas.RequestList, {"requests": [await runtime.governor.request_status(r) for r in rows]})
 

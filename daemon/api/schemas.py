@@ -168,3 +168,44 @@ class AutosignDecision(BaseModel):
     sign: bool
     reason: str
     host: str | None = None
+
+
+class PlanRequest(Body):
+    """A scale request to plan, not to make."""
+
+    role: str = Field(pattern=NAME)
+    add: int | None = Field(default=None, ge=1, le=1000)
+    count: int | None = Field(default=None, ge=0, le=10000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> PlanRequest:
+        if (self.add is None) == (self.count is None):
+            raise ValueError("give exactly one of add and count")
+        return self
+
+
+class PlannedHost(BaseModel):
+    name: str
+    fqdn: str
+    provider: str
+    network: str | None
+    profile: dict[str, Any]
+    tags: list[str]
+    classification: dict[str, Any]
+    registrars: list[str]
+
+
+class PlanReply(BaseModel):
+    app: str
+    role: str
+    decision: str = Field(description="accepted, declined or pending")
+    rule: str = Field(description="the rule that decided")
+    reason: str | None
+    hosts: list[PlannedHost]
+    release: list[str]
+
+
+class DecisionRequest(Body):
+    """An operator's approval or denial of a pending request."""
+
+    comment: str = Field(min_length=1, max_length=2000)

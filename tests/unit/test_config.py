@@ -39,7 +39,9 @@ def test_example_config_is_valid(secrets: None) -> None:
     plugins, config = prepare(str(EXAMPLE))
     assert config.providers["vcenter"].type == "vsphere"
     assert config.tags["node"].mappings["foreman"].hostgroup == "openshift/node"  # type: ignore[attr-defined]
-    assert config.profiles[("openshift", "node")].template == "rhel9-template"  # type: ignore[attr-defined]
+    [vcenter, rhv] = config.placements[("openshift", "node")]
+    assert (vcenter.provider, vcenter.cap, rhv.provider, rhv.cap) == ("vcenter", 12, "rhv", 8)
+    assert vcenter.profile.template == "rhel9-template"  # type: ignore[attr-defined]
 
 
 def test_secrets_are_resolved_but_never_shown(secrets: None) -> None:
