@@ -168,3 +168,31 @@ def test_two_instances_of_one_provider_type_side_by_side(lab: Lab) -> None:
         assert lab.vsphere_vms(second) == {} and len(lab.vsphere_vms()) == 2
     finally:
         daemon.stop()
+
+
+def test_approval_plan_and_audit_through_ctl(lab: Lab) -> None:
+    config = lab.write_config()
+    config.write_text(config.read_text().replace("max_hosts = 10\n", "max_hosts = 10\napproval = 2\n"))
+    daemon = lab.start_governord(config)
+    try:
+        planned = daemon.ctl_json("plan", "demo", "node", "--add", "3")
+        assert planned["decision"] == "pending" and planned["rule"] == "approval"
+        assert [h["name"] for h in planned["hosts"]] == ["demo-node-01", "demo-node-02", "demo-node-03"]
+        assert planned["hosts"][0]["classification"]["foreman"]["hostgroup"] == "openshift/node"
+        assert "on vsphere" in daemon.ctl("plan", "demo", "node", "--add", "3").stdout
+        assert lab.vsphere_vms() == {}
+
+        held = daemon.ctl("scale", "demo", "node", "--add", "3", check=False)
+        assert held.returncode == 1 and "pending approval" in held.stderr
+        [pending] = [r for r in daemon.ctl_json("requests", "list") if r["decision"] == "pending"]
+        assert lab.vsphere_vms() == {}
+        approved = daemon.ctl_json("requests", "approve", pending["id"], "-m", "capacity for the release")
+        assert approved["decision"] == "accepted" and len(approved["hosts"]) == 3
+        wait_until(lambda: len(lab.vsphere_vms()) == 3, 120, what="three VMs after approval")
+
+        audit = daemon.ctl_json("audit", "--kind", "request-")
+        assert [e["kind"] for e in audit] == ["request-pending", "request-approved", "request-accepted"]
+        assert audit[0]["detail"]["rule"] == "approval" and audit[1]["actor"] == "operator"
+        assert audit[1]["detail"]["comment"] == "capacity for the release"
+    finally:
+        daemon.stop()
