@@ -19,6 +19,8 @@ from governord.api import admin_api, app_api
 from governord.pki import CertificateAuthority
 from lab.stack import Governord, Lab
 
+from .conftest import wait_until
+
 SEEN: list[tuple[str, str, int, Any]] = []
 
 
@@ -210,3 +212,30 @@ def test_every_route_is_documented() -> None:
         doc = module.endpoints.openapi()
         documented = {(m.upper(), p) for p, ops in doc["paths"].items() for m in ops}
         assert routes == documented
+
+
+async def test_a_cap_holds_under_500_concurrent_https_requests(lab: Lab, governord: Governord) -> None:
+    """500 applications' requests for one host each, all at once over mTLS, against a cap of 10:
+    exactly 10 are accepted, 490 declined with the reason, and exactly 10 machines appear."""
+    issued = governord.ctl_json("apps", "register", "demo")
+    context = _ssl(issued["ca"], issued["certificate"], issued["key"])
+    base = f"https://127.0.0.1:{governord.api_port}"
+    start = asyncio.Event()
+
+    async def one(session: aiohttp.ClientSession, n: int) -> tuple[int, dict[str, Any]]:
+        await start.wait()
+        async with session.post(f"{base}/v1/scale", json={"role": "node", "add": 1,
+                                                           "idempotency_key": f"burst-{n}"}) as resp:
+            return resp.status, await resp.json()
+
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context, limit=200)) as session:
+        tasks = [asyncio.create_task(one(session, n)) for n in range(500)]
+        start.set()
+        results = await asyncio.gather(*tasks)
+    statuses = [status for status, _ in results]
+    assert statuses.count(202) == 10 and statuses.count(409) == 490, sorted(set(statuses))
+    assert all("cap reached" in body["reason"] for status, body in results if status == 409)
+    hosts = governord.ctl_json("hosts", "list")
+    assert len(hosts) == 10 and len({h["name"] for h in hosts}) == 10
+    wait_until(lambda: len(lab.vsphere_vms()) == 10, 180, what="ten VMs")
+    assert len(lab.vsphere_vms()) == 10
