@@ -6,8 +6,8 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Go + govmomi sources (vcsim), OpenIPMI's ipmi_sim + ipmitool (IPMI peer), libxml2 headers
-# (ovirt-engine-sdk-python builds a C extension)
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc
+# (ovirt-engine-sdk-python builds a C extension), shellcheck + curl + openssl (the OpenShift hooks)
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv vcsim peers test demo check clean

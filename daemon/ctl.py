@@ -405,17 +405,79 @@ def apps() -> None:
     """Applications and their certificates."""
 
 
+def _print_issued(data: dict[str, Any], as_json: bool) -> None:
+    if as_json:
+        return _print_json(data)
+    console.print(f"certificate: {data['certificate']}\nkey:         {data['key']}\nCA:          {data['ca']}\n"
+                  f"serial:      {data['serial']}", markup=False, highlight=False)
+    if data["revoked"]:
+        console.print(f"revoked:     {', '.join(data['revoked'])}", markup=False, highlight=False)
+
+
 @apps.command("register")
 @click.argument("app")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
     """Issue a client certificate for APP (configured under [applications.APP])."""
-    data = _client(ctx).ok("POST", f"/v1/apps/{app}/certificate")
+    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/certificate"), as_json)
+
+
+@apps.command("rotate")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def apps_rotate(ctx: click.Context, app: str, as_json: bool) -> None:
+    """Issue APP a new certificate and revoke its others."""
+    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/rotate"), as_json)
+
+
+@apps.command("revoke")
+@click.argument("app")
+@click.option("--serial", help="one certificate (default: all of APP's)")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def apps_revoke(ctx: click.Context, app: str, serial: str | None, as_json: bool) -> None:
+    """Revoke APP's certificates: refused from the next request on, no restart needed."""
+    data = _client(ctx).ok("POST", f"/v1/apps/{app}/revoke", {"serial": serial} if serial else {})
     if as_json:
         return _print_json(data)
-    console.print(f"certificate: {data['certificate']}\nkey:         {data['key']}\nCA:          {data['ca']}",
-                  markup=False, highlight=False)
+    console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}", markup=False)
+
+
+@apps.command("list")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def apps_list(ctx: click.Context, as_json: bool) -> None:
+    """Configured applications, their hosts and certificates."""
+    data = _client(ctx).ok("GET", "/v1/apps")["applications"]
+    if as_json:
+        return _print_json(data)
+    table = Table(box=None, header_style="bold")
+    for column in ("APP", "CN", "HOSTS", "MAX", "APPROVAL", "ROLES", "CERTIFICATES"):
+        table.add_column(column)
+    for a in data:
+        valid = sum(1 for c in a["certificates"] if c["revoked_at"] is None)
+        table.add_row(a["name"], a["common_name"], str(a["hosts"]), str(a["max_hosts"]), str(a["approval"]),
+                      ",".join(a["roles"]), f"{valid} valid, {len(a['certificates']) - valid} revoked")
+    console.print(table)
+
+
+@apps.command("show")
+@click.argument("app")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
+    """One application and its certificates."""
+    data = _client(ctx).ok("GET", f"/v1/apps/{app}")
+    if as_json:
+        return _print_json(data)
+    for key in ("name", "description", "common_name", "hosts", "max_hosts", "min_hosts", "approval", "roles"):
+        console.print(f"{key + ':':13} {data[key]}", markup=False, highlight=False)
+    for c in data["certificates"]:
+        state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(c['revoked_at']))}" if c["revoked_at"] \
+            else "valid"
+        console.print(f"  certificate {c['serial']}: {state}", markup=False, highlight=False)
 
 
 def main() -> None:

@@ -23,6 +23,9 @@ LEAF_VALIDITY = datetime.timedelta(days=397)
 class IssuedPair:
     certificate: Path
     key: Path
+    #: the certificate's serial number, as hex
+    serial: str = ""
+    not_after: float = 0.0
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -115,7 +118,8 @@ class CertificateAuthority:
         cert = builder.sign(ca_key, hashes.SHA256())
         out = self.directory / "issued"
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pair = IssuedPair(out / f"{stem}.pem", out / f"{stem}.key")
+        pair = IssuedPair(out / f"{stem}.pem", out / f"{stem}.key", format(cert.serial_number, "x"),
+                          cert.not_valid_after_utc.timestamp())
         _write_private(pair.key, _key_pem(key))
         pair.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pair

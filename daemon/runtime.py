@@ -16,7 +16,7 @@ from .pluginmanager import PluginManager
 from .providers import Provider
 from .registrars import Registrar
 from .service import Governor
-from .store import Store
+from .store import CertificateStore, Store
 
 log = logging.getLogger(__name__)
 
@@ -36,6 +36,7 @@ class Runtime:
         self.metrics = Metrics(self)
         self.engine.on_transition.append(self.metrics.transition)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
+        self.certificates = CertificateStore(store)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 

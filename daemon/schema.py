@@ -107,3 +107,17 @@ address_leases = Table(
     Column("address", String(64), primary_key=True),
     Column("host_id", String(36), nullable=False),
 )
+
+#: Client certificates governord issued to applications; a revoked one is refused at once.
+app_certificates = Table(
+    "app_certificates",
+    metadata,
+    Column("serial", String(64), primary_key=True),
+    Column("app", String(255), nullable=False),
+    Column("common_name", String(255), nullable=False),
+    Column("issued_at", Float, nullable=False),
+    Column("not_after", Float, nullable=False),
+    Column("revoked_at", Float),
+    Column("revoked_by", String(255)),
+)
+Index("ix_app_certificates_app", app_certificates.c.app)

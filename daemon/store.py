@@ -25,7 +25,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState, HostView
-from .schema import address_leases, events, hosts, requests
+from .schema import address_leases, app_certificates, events, hosts, requests
 
 Row = dict[str, Any]
 
@@ -422,3 +422,38 @@ class Store:
             return [dict(r) for r in (await conn.execute(query)).mappings()][::-1]
 
 
+
+
+class CertificateStore:
+    """The application certificates governord issued (a mixin-free helper over the store's engine)."""
+
+    def __init__(self, store: Store) -> None:
+        self.engine = store.engine
+
+    async def record(self, *, serial: str, app: str, common_name: str, not_after: float) -> None:
+        async with self.engine.begin() as conn:
+            await conn.execute(insert(app_certificates).values(
+                serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after))
+
+    async def list(self, app: str | None = None) -> list[Row]:
+        query = select(app_certificates).order_by(app_certificates.c.issued_at)
+        if app is not None:
+            query = query.where(app_certificates.c.app == app)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> list[str]:
+        where = and_(app_certificates.c.app == app, app_certificates.c.revoked_at.is_(None))
+        if serial is not None:
+            where = and_(where, app_certificates.c.serial == serial)
+        async with self.engine.begin() as conn:
+            result = await conn.execute(
+                update(app_certificates).where(where).values(revoked_at=time.time(), revoked_by=actor)
+                .returning(app_certificates.c.serial))
+            return [r[0] for r in result]
+
+    async def revoked(self, serial: str) -> bool:
+        async with self.engine.connect() as conn:
+            row = (await conn.execute(select(app_certificates.c.revoked_at)
+                                      .where(app_certificates.c.serial == serial))).first()
+        return row is not None and row[0] is not None

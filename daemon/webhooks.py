@@ -49,10 +49,10 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "APPLICATION_HEADER",
+    "DEFAULT_TOLERANCE",
     "DELIVERY_HEADER",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
-    "DEFAULT_TOLERANCE",
     "DeployEvent",
     "WebhookRefused",
     "sign",
@@ -77,7 +77,7 @@ MAX_SIGNATURES = 8
 _DELIVERY = re.compile(r"[A-Za-z0-9_:-]{1,128}")
 _TIMESTAMP = re.compile(r"[0-9]{1,12}")
 _HEX_DIGEST = re.compile(r"[0-9a-f]{64}")
-_ENTRY = re.compile(r"([A-Za-z0-9]{1,16})=(.*)", re.S)
+_ENTRY = re.compile(r"([A-Za-z0-9]{1,16})=(.*)", re.DOTALL)
 
 
 class WebhookRefused(Exception):
@@ -157,7 +157,7 @@ def _header(headers: Mapping[str, str], name: str) -> str:
         raise WebhookRefused(400, f"missing {name} header", name)
     if len(values) > 1:
         raise WebhookRefused(400, f"{name} header given {len(values)} times", name)
-    return values[0].strip()
+    return str(values[0]).strip()
 
 
 def _signatures(value: str) -> list[str]:

@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
@@ -122,18 +123,74 @@ async def release_app(request: web.Request) -> web.Response:
     return await request_reply(runtime, decision.request, decision.replayed)
 
 
-@endpoints.add("POST", "/v1/apps/{app}/certificate", "Issue a client certificate for an application",
-               responses={201: schemas.Certificate, 404: schemas.Error})
-async def issue_certificate(request: web.Request) -> web.Response:
-    runtime = _runtime(request)
-    app = request.match_info["app"]
+def _application(runtime: Runtime, app: str) -> Any:
     section = runtime.config.applications.get(app)
     if section is None:
         raise RequestError(404, f"no application named {app!r}", field="app")
+    return section
+
+
+async def _issue(runtime: Runtime, app: str, *, rotate: bool) -> web.Response:
+    section = _application(runtime, app)
     cn = section.certificate_cn or app
-    pair = runtime.ca.issue(cn, stem=f"app-{app}")
+    earlier = [c["serial"] for c in await runtime.certificates.list(app) if c["revoked_at"] is None]
+    pair = runtime.ca.issue(cn, stem=f"app-{app}-{int(time.time() * 1000)}")
+    await runtime.certificates.record(serial=pair.serial, app=app, common_name=cn, not_after=pair.not_after)
+    revoked = []
+    for serial in earlier if rotate else []:
+        revoked += await runtime.certificates.revoke(app, actor=ACTOR, serial=serial)
     return reply(schemas.Certificate, {"app": app, "common_name": cn, "certificate": str(pair.certificate),
-                                       "key": str(pair.key), "ca": str(runtime.ca.cert_path)}, 201)
+                                       "key": str(pair.key), "ca": str(runtime.ca.cert_path),
+                                       "serial": pair.serial, "revoked": revoked}, 201)
+
+
+@endpoints.add("POST", "/v1/apps/{app}/certificate", "Issue a client certificate for an application",
+               responses={201: schemas.Certificate, 404: schemas.Error})
+async def issue_certificate(request: web.Request) -> web.Response:
+    return await _issue(_runtime(request), request.match_info["app"], rotate=False)
+
+
+@endpoints.add("POST", "/v1/apps/{app}/rotate", "Issue a new certificate and revoke the application's others",
+               responses={201: schemas.Certificate, 404: schemas.Error})
+async def rotate_certificate(request: web.Request) -> web.Response:
+    return await _issue(_runtime(request), request.match_info["app"], rotate=True)
+
+
+@endpoints.add("POST", "/v1/apps/{app}/revoke", "Revoke an application's certificate(s), refused at once",
+               body=schemas.RevokeRequest, responses={200: schemas.Revoked, 404: schemas.Error})
+async def revoke_certificate(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    app = request.match_info["app"]
+    _application(runtime, app)
+    body: schemas.RevokeRequest = await parse_body(request, schemas.RevokeRequest)
+    revoked = await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
+    if body.serial and not revoked:
+        raise RequestError(404, f"application {app} has no unrevoked certificate {body.serial}", field="serial")
+    async with runtime.store.engine.begin() as conn:
+        await runtime.store.add_event(conn, "certificate-revoked", actor=ACTOR, detail={"app": app, "serials": revoked})
+    return reply(schemas.Revoked, {"app": app, "revoked": revoked})
+
+
+async def _describe_app(runtime: Runtime, name: str) -> dict[str, Any]:
+    section = _application(runtime, name)
+    live = [h for h in await runtime.store.list_hosts(app=name) if h["state"] != "gone"]
+    return {"name": name, "description": section.description, "common_name": section.certificate_cn or name,
+            "max_hosts": section.max_hosts, "min_hosts": section.min_hosts, "approval": section.approval,
+            "roles": sorted(section.roles), "hosts": len(live),
+            "certificates": await runtime.certificates.list(name)}
+
+
+@endpoints.add("GET", "/v1/apps", "Configured applications, their hosts and certificates",
+               responses={200: schemas.ApplicationList})
+async def list_apps(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    apps = [await _describe_app(runtime, name) for name in sorted(runtime.config.applications)]
+    return reply(schemas.ApplicationList, {"applications": apps})
+
+
+@endpoints.add("GET", "/v1/apps/{app}", "One application", responses={200: schemas.Application, 404: schemas.Error})
+async def show_app(request: web.Request) -> web.Response:
+    return reply(schemas.Application, await _describe_app(_runtime(request), request.match_info["app"]))
 
 
 @endpoints.add("POST", "/v1/apps/{app}/plan", "What a scale request would do, and why (changes nothing)",

@@ -58,6 +58,10 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     if cn is None:
         log.warning("refused: no client certificate", extra={"peer": request.remote})
         return error_response(401, "a client certificate issued to the application is required")
+    serial = format(int(peercert.get("serialNumber", "0"), 16), "x") if peercert else ""
+    if serial and await runtime.certificates.revoked(serial):
+        log.warning("refused: revoked certificate", extra={"cn": cn, "serial": serial, "peer": request.remote})
+        return error_response(403, f"certificate {serial} of {cn!r} is revoked")
     apps = {(section.certificate_cn or name): name for name, section in runtime.config.applications.items()}
     if cn not in apps:
         log.warning("refused: unknown application certificate", extra={"cn": cn, "peer": request.remote})

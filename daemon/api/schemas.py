@@ -155,6 +155,44 @@ class Certificate(BaseModel):
     certificate: str
     key: str
     ca: str
+    serial: str
+    revoked: list[str] = Field(default_factory=list, description="serials revoked by a rotation")
+
+
+class IssuedCertificate(BaseModel):
+    serial: str
+    common_name: str
+    issued_at: float
+    not_after: float
+    revoked_at: float | None
+    revoked_by: str | None
+
+
+class Application(BaseModel):
+    name: str
+    description: str
+    common_name: str
+    max_hosts: int
+    min_hosts: int
+    approval: str | int
+    roles: list[str]
+    hosts: int
+    certificates: list[IssuedCertificate]
+
+
+class ApplicationList(BaseModel):
+    applications: list[Application]
+
+
+class RevokeRequest(Body):
+    """Revoke one certificate (by serial) or, without one, every certificate of the application."""
+
+    serial: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,40}$")
+
+
+class Revoked(BaseModel):
+    app: str
+    revoked: list[str]
 
 
 class AutosignRequest(Body):
