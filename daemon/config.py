@@ -193,6 +193,34 @@ class RoleSection(StrictModel):
         return [PlacementSection(provider=self.provider or "", profile=self.profile or {})]
 
 
+class WebhookRule(StrictModel):
+    #: the deploy-hook event this rule answers: "deploy" or "post_deploy"
+    event: Literal["deploy", "post_deploy"] = "deploy"
+    #: only for this deployed component (GOVERNORD_COMPONENT in the hook); empty: any
+    component: str | None = None
+    #: the role the request is for
+    role: str
+    #: ask for this many more hosts ...
+    add: int | None = Field(default=None, ge=1, le=1000)
+    #: ... or keep this many hosts of the role
+    count: int | None = Field(default=None, ge=0, le=10000)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> WebhookRule:
+        if (self.add is None) == (self.count is None):
+            raise ValueError("give exactly one of add and count")
+        return self
+
+
+class WebhookSection(StrictModel):
+    #: shared secrets the deploy hooks sign with (several while one is being rotated)
+    secrets: list[SecretRef] = Field(min_length=1)
+    #: seconds a delivery's timestamp may be off governord's clock
+    tolerance: float = Field(default=300.0, gt=0, le=3600)
+    #: what an event asks for; the first rule that matches the event and component applies
+    rules: list[WebhookRule] = Field(default_factory=list)
+
+
 class ApplicationSection(StrictModel):
     description: str = ""
     #: most live hosts this application may have, over all roles (in flight included)
@@ -210,12 +238,17 @@ class ApplicationSection(StrictModel):
     deletion_policy: Literal["newest", "oldest"] = "newest"
     #: client certificate common name that identifies the application (default: its name)
     certificate_cn: str | None = None
+    #: signed deploy-hook events (POST /v1/webhooks/openshift) and what they ask for
+    webhook: WebhookSection | None = None
     roles: dict[str, RoleSection] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _bounds(self) -> ApplicationSection:
         if self.min_hosts > self.max_hosts:
             raise ValueError(f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
+        for rule in self.webhook.rules if self.webhook else []:
+            if rule.role not in self.roles:
+                raise ValueError(f"webhook rule for role {rule.role!r}: the application has no such role")
         return self
 
 

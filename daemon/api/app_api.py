@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import logging
 import ssl
+import time
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from pydantic import ValidationError
 
+from .. import webhooks
 from ..service import RequestError, host_summary
 from . import schemas
 from .common import Endpoints, error_response, errors_middleware, healthz, parse_body, reply
@@ -47,9 +50,13 @@ def _common_name(peercert: dict[str, Any] | None) -> str | None:
     return None
 
 
+#: paths under /v1/ that authenticate by signature, not by client certificate
+SIGNED_PATHS = ("/v1/webhooks/",)
+
+
 @web.middleware
 async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
-    if not request.path.startswith("/v1/"):
+    if not request.path.startswith("/v1/") or request.path.startswith(SIGNED_PATHS):
         return await handler(request)
     runtime: Runtime = request.app[runtime_key]
     transport = request.transport
@@ -119,6 +126,46 @@ async def list_hosts(request: web.Request) -> web.Response:
     state = request.query.get("state")
     rows = await runtime.store.list_hosts(app=application_of(request), states=[state] if state else None)
     return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows]})
+
+
+@endpoints.add("POST", "/v1/webhooks/openshift",
+               "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application)",
+               responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
+                          401: schemas.Error, 404: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
+                          422: schemas.Error})
+async def openshift_webhook(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[runtime_key]
+    app = request.headers.get(webhooks.APPLICATION_HEADER, "")
+    section = runtime.config.applications.get(app)
+    if section is None or section.webhook is None:
+        raise RequestError(404, f"no application {app!r} takes webhooks", field=webhooks.APPLICATION_HEADER)
+    body = await request.read()
+    try:
+        delivery = webhooks.verify([s.reveal().encode() for s in section.webhook.secrets], request.headers, body,
+                                   now=time.time(), tolerance=section.webhook.tolerance)
+    except webhooks.WebhookRefused as refused:
+        log.warning("webhook refused", extra={"app": app, "status": refused.status, "reason": refused.reason,
+                                              "peer": request.remote})
+        return error_response(refused.status, refused.reason, refused.field)
+    try:
+        event = webhooks.DeployEvent.model_validate_json(body)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or None
+        raise RequestError(422, f"{where}: {err['msg']}" if where else err["msg"], field=where) from None
+    rule = next((r for r in section.webhook.rules if r.event == event.event
+                 and r.component in (None, event.component)), None)
+    if rule is None:
+        return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",
+                                            "reason": f"no rule for {event.event} of {event.component or 'any'}",
+                                            "request": None})
+    # the delivery id is the idempotency key: a retried delivery returns the first outcome
+    decision = await runtime.governor.scale(app, rule.role, add=rule.add, count=rule.count,
+                                            actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
+    status = await runtime.governor.request_status(decision.request)
+    code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
+    return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],
+                                        "reason": status["reason"], "request": status}, code)
 
 
 @endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})

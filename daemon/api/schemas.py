@@ -247,3 +247,10 @@ class DecisionRequest(Body):
     """An operator's approval or denial of a pending request."""
 
     comment: str = Field(min_length=1, max_length=2000)
+
+
+class WebhookReply(BaseModel):
+    delivery: str
+    decision: str = Field(description="accepted, declined, pending or ignored")
+    reason: str | None
+    request: Request | None

@@ -239,3 +239,27 @@ async def test_a_cap_holds_under_500_concurrent_https_requests(lab: Lab, governo
     assert len(hosts) == 10 and len({h["name"] for h in hosts}) == 10
     wait_until(lambda: len(lab.vsphere_vms()) == 10, 180, what="ten VMs")
     assert len(lab.vsphere_vms()) == 10
+
+
+
+async def test_a_revoked_certificate_is_refused_at_once(lab: Lab, governord: Governord) -> None:
+    first = governord.ctl_json("apps", "register", "demo")
+    base = f"https://127.0.0.1:{governord.api_port}"
+
+    async def status_with(cert: dict[str, Any]) -> int:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=_ssl(cert["ca"], cert["certificate"], cert["key"]))) as session:
+            code, _ = await Client(session, base).call("GET", "/v1/hosts")
+            return code
+
+    assert await status_with(first) == 200
+    rotated = governord.ctl_json("apps", "rotate", "demo")
+    assert rotated["revoked"] == [first["serial"]]
+    assert await status_with(first) == 403  # no restart: the next request is refused
+    assert await status_with(rotated) == 200
+    revoked = governord.ctl_json("apps", "revoke", "demo")
+    assert revoked["revoked"] == [rotated["serial"]]
+    assert await status_with(rotated) == 403
+    [app] = [a for a in governord.ctl_json("apps", "list") if a["name"] == "demo"]
+    assert len(app["certificates"]) == 2 and all(c["revoked_at"] for c in app["certificates"])
+    assert "refused: revoked certificate" in governord.log.read_text()

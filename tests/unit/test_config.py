@@ -25,6 +25,7 @@ SECRETS = {
     "GOVERNORD_RHV_PASSWORD": "rhv-secret-value",
     "GOVERNORD_OPENSTACK_PASSWORD": "os-secret-value",
     "GOVERNORD_BMC_PASSWORD": "bmc-secret-value",
+    "GOVERNORD_OPENSHIFT_WEBHOOK_SECRET": "hook-secret-value",
     "GOVERNORD_AWS_SECRET_ACCESS_KEY": "aws-secret-value",
 }
 

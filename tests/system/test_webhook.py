@@ -1,0 +1,77 @@
+"""The real OpenShift deploy hook against the running daemon: a signed v2 deploy event asks for
+a node through the application's webhook rules, a repeat of the delivery does not ask twice,
+and a hook with the wrong secret is refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import ssl
+import subprocess
+import urllib.request
+from pathlib import Path
+
+from governord import webhooks
+from lab.stack import Lab
+
+from .conftest import wait_until
+
+ROOT = Path(__file__).resolve().parents[2]
+HOOK = ROOT / "hooks" / "openshift" / "deploy"
+
+
+def _hook(daemon_port: int, ca: Path, secret: str, **extra: str) -> subprocess.CompletedProcess[str]:
+    env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+        "OPENSHIFT_APP_NAME": "demo", "OPENSHIFT_NAMESPACE": "team", "OPENSHIFT_APP_DNS": "demo-team.example",
+        "OPENSHIFT_GEAR_UUID": "52e9a2b6e0b8cd8a6b000012", "OPENSHIFT_APP_UUID": "52e9a2b6e0b8cd8a6b000012",
+        "GOVERNORD_URL": f"https://127.0.0.1:{daemon_port}/v1/webhooks/openshift",
+        "GOVERNORD_CA_FILE": str(ca), "GOVERNORD_SECRET": secret, "GOVERNORD_APPLICATION": "demo",
+        "GOVERNORD_ATTEMPTS": "1", **extra,
+    }
+    return subprocess.run([str(HOOK)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_the_deploy_hook_asks_for_a_node(lab: Lab) -> None:
+    secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+    config = lab.write_config()
+    config.write_text(config.read_text() + """
+[applications.demo.webhook]
+secrets = [{ env = "LAB_WEBHOOK_SECRET" }]
+
+[[applications.demo.webhook.rules]]
+event = "deploy"
+role = "node"
+add = 1
+""")
+    daemon = lab.start_governord(config)
+    try:
+        ca = daemon.state_dir / "pki" / "ca.pem"
+        done = _hook(daemon.api_port, ca, secret)
+        assert done.returncode == 0, done.stderr
+        [request] = daemon.ctl_json("requests", "list")
+        assert request["actor"] == "webhook:demo" and request["decision"] == "accepted"
+        assert request["idempotency_key"].startswith("webhook:")
+        wait_until(lambda: list(lab.vsphere_vms()) == ["demo-node-01"], 120, what="the node the hook asked for")
+
+        # the same delivery again (a retry after a lost answer): the first outcome, no new request
+        body = json.dumps({"event": "deploy", "openshift_version": "v2", "app": "demo", "namespace": "team"}).encode()
+        headers = {**webhooks.signature_headers(secret.encode(), body, delivery="retry-1"),
+                   webhooks.APPLICATION_HEADER: "demo", "Content-Type": "application/json"}
+        url = f"https://127.0.0.1:{daemon.api_port}/v1/webhooks/openshift"
+        context = ssl.create_default_context(cafile=str(ca))
+        replies = []
+        for _ in range(2):
+            with urllib.request.urlopen(urllib.request.Request(url, data=body, headers=headers, method="POST"),
+                                        context=context, timeout=30) as resp:  # noqa: S310 - loopback
+                replies.append((resp.status, json.loads(resp.read())))
+        assert [status for status, _ in replies] == [202, 200]
+        assert replies[0][1]["request"]["id"] == replies[1][1]["request"]["id"]
+        assert len(daemon.ctl_json("requests", "list")) == 2
+
+        refused = _hook(daemon.api_port, ca, "not-the-secret")
+        assert refused.returncode == 1 and "HTTP 401: signature does not match" in refused.stderr
+        assert len(daemon.ctl_json("requests", "list")) == 2
+        assert "webhook refused" in daemon.log.read_text()
+    finally:
+        daemon.stop()
