@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from .builtin import ProvisioningPlugin, RegistrarPlugin
+from .callbacks import Notifier
 from .config import Config
 from .dispatch import Dispatcher
 from .engine import Engine
@@ -37,6 +38,7 @@ class Runtime:
         self.engine.on_transition.append(self.metrics.transition)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
         self.certificates = CertificateStore(store)
+        self.notifier = Notifier(self)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 
@@ -80,6 +82,7 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - a peer down at boot is retried on first use
                 log.warning("could not connect %s at start: %s", instance.name, exc)
         await self.engine.start()
+        await self.notifier.start()
 
     async def reload(self, config: Config) -> None:
         """Take a new, already validated config. Instances are rebuilt; work in flight keeps
@@ -97,6 +100,7 @@ class Runtime:
                 log.exception("closing %s failed", instance.name)
 
     async def stop(self) -> None:
+        await self.notifier.stop()
         await self.engine.stop(self.config.daemon.shutdown_grace)
         for instance in [*self.providers.values(), *self.registrars.values()]:
             try:

@@ -121,3 +121,18 @@ app_certificates = Table(
     Column("revoked_by", String(255)),
 )
 Index("ix_app_certificates_app", app_certificates.c.app)
+
+#: Signed notifications owed to applications (their request's callback_url): a durable outbox.
+callbacks = Table(
+    "callbacks",
+    metadata,
+    Column("request_id", String(36), primary_key=True),
+    Column("app", String(255), nullable=False),
+    Column("url", Text, nullable=False),
+    Column("attempts", Integer, nullable=False, server_default=text("0")),
+    Column("next_at", Float, nullable=False),
+    Column("delivered_at", Float),
+    Column("gave_up_at", Float),
+    Column("last_error", Text),
+    Column("created_at", Float, nullable=False),
+)

@@ -24,6 +24,7 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from sqlalchemy import update
 from sqlalchemy.exc import IntegrityError
 
+from . import callbacks
 from .config import Config, Placement
 from .engine import STATE_OF_STEP, Engine, address_range
 from .schema import hosts
@@ -104,10 +105,13 @@ class Governor:
         count: int | None = None,
         actor: str,
         idempotency_key: str | None = None,
+        callback_url: str | None = None,
     ) -> Decision:
         """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
-        releasing the difference), decided by the application's rules."""
+        releasing the difference), decided by the application's rules. With ``callback_url`` the
+        application is sent the outcome, signed, once the request is done."""
         self._check_scale(app, role, add, count)
+        self._check_callback(app, callback_url)
         params = {"role": role, "add": add, "count": count}
         async with self._lock(app):
             async with self.store.engine.begin() as conn:
@@ -121,8 +125,18 @@ class Governor:
                     params=params, state=plan.decision, reason=plan.reason,
                 )
                 await self._carry_out(conn, request, plan, actor)
+                if callback_url is not None:
+                    await callbacks.enqueue(conn, request_id=request["id"], app=app, url=callback_url)
         self.engine.wake()
         return Decision(request)
+
+    def _check_callback(self, app: str, url: str | None) -> None:
+        if url is None:
+            return
+        section = self._app(app)
+        if section.webhook is None:
+            raise RequestError(422, f"callback_url: application {app} has no webhook secret to sign "
+                               "notifications with ([applications.APP.webhook] secrets)", field="callback_url")
 
     def _check_scale(self, app: str, role: str, add: int | None, count: int | None) -> None:
         section = self._app(app)

@@ -105,7 +105,7 @@ async def scale_app(request: web.Request) -> web.Response:
     body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
     decision = await runtime.governor.scale(
         request.match_info["app"], body.role, add=body.add, count=body.count, actor=ACTOR,
-        idempotency_key=body.idempotency_key,
+        idempotency_key=body.idempotency_key, callback_url=body.callback_url,
     )
     return await request_reply(runtime, decision.request, decision.replayed)
 

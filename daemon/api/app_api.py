@@ -85,7 +85,8 @@ async def scale(request: web.Request) -> web.Response:
     app = application_of(request)
     body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
     decision = await runtime.governor.scale(
-        app, body.role, add=body.add, count=body.count, actor=f"app:{app}", idempotency_key=body.idempotency_key
+        app, body.role, add=body.add, count=body.count, actor=f"app:{app}", idempotency_key=body.idempotency_key,
+        callback_url=body.callback_url,
     )
     return await request_reply(runtime, decision.request, decision.replayed)
 

@@ -21,6 +21,9 @@ class ScaleRequest(Body):
     add: int | None = Field(default=None, ge=1, le=1000)
     count: int | None = Field(default=None, ge=0, le=10000)
     idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    #: where the outcome is POSTed, signed with the application's webhook secret, when the
+    #: request is done
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s]+$")
 
     @model_validator(mode="after")
     def _one_of(self) -> ScaleRequest:

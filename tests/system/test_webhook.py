@@ -75,3 +75,56 @@ add = 1
         assert "webhook refused" in daemon.log.read_text()
     finally:
         daemon.stop()
+
+
+async def test_the_application_is_called_back_signed_with_retries(lab: Lab) -> None:
+    """A request with a callback_url: once its hosts are ready, governord POSTs the outcome to
+    the application, signed with its webhook secret; a 503 is retried with the same delivery."""
+    import asyncio
+    import time
+
+    from aiohttp import web
+
+    from governord import webhooks as wh
+
+    secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+    config = lab.write_config()
+    config.write_text(config.read_text() + '\n[applications.demo.webhook]\nsecrets = [{ env = "LAB_WEBHOOK_SECRET" }]\n')
+    arrived: list[tuple[int, str, dict]] = []  # type: ignore[type-arg]
+
+    async def receive(request: web.Request) -> web.Response:
+        body = await request.read()
+        delivery = wh.verify([secret.encode()], request.headers, body, now=time.time())
+        arrived.append((len(arrived) + 1, delivery, json.loads(body)))
+        return web.Response(status=503 if len(arrived) == 1 else 200)
+
+    app = web.Application()
+    app.router.add_post("/governor-callback", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = runner.addresses[0][1]
+    daemon = lab.start_governord(config)
+    try:
+        issued = daemon.ctl_json("apps", "register", "demo")
+        context = ssl.create_default_context(cafile=issued["ca"])
+        context.load_cert_chain(issued["certificate"], issued["key"])
+        body = json.dumps({"role": "node", "add": 2, "callback_url": f"http://127.0.0.1:{port}/governor-callback"})
+        request = urllib.request.Request(f"https://127.0.0.1:{daemon.api_port}/v1/scale", data=body.encode(),
+                                         method="POST", headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, context=context, timeout=30) as resp:  # noqa: S310 - loopback
+            accepted = json.loads(resp.read())
+        deadline = time.monotonic() + 120
+        while len(arrived) < 2 and time.monotonic() < deadline:
+            await asyncio.sleep(0.2)
+        assert [n for n, _, _ in arrived] == [1, 2]
+        assert {delivery for _, delivery, _ in arrived} == {accepted["id"]}  # a retry keeps its delivery id
+        payload = arrived[-1][2]
+        assert payload["event"] == "request-completed"
+        assert sorted(h["state"] for h in payload["request"]["hosts"]) == ["ready", "ready"]
+        await asyncio.sleep(2.5)
+        assert len(arrived) == 2  # delivered: not sent again
+    finally:
+        daemon.stop()
+        await runner.cleanup()
