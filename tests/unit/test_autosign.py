@@ -58,3 +58,26 @@ async def test_autosign_decisions(make_runtime) -> None:  # type: ignore[no-unty
         assert refused_ready[:2] == (False, f"host {fqdn} is ready, not being brought up")
     finally:
         await runtime.stop()
+
+
+async def test_an_expired_token_is_refused(make_runtime) -> None:  # type: ignore[no-untyped-def]
+    """Registrars write expires_at as ISO 8601 UTC (the Puppet CA registrar does): past is refused."""
+    from sqlalchemy import update
+
+    from governord.schema import hosts
+
+    testing.MemoryRegistrar.preauthorise["cmdb"] = True
+    testing.MemoryRegistrar.readiness["cmdb"] = {"demo-node-01.lab.example": False}
+    runtime: Runtime = await make_runtime()
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        [row] = await wait_states(runtime, decision.request["host_ids"], {"configuring"})
+        record = {**row["registrations"]["cmdb"], "expires_at": "2020-01-01T00:00:00Z"}
+        async with runtime.store.engine.begin() as conn:
+            await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(
+                registrations={**row["registrations"], "cmdb": record}))
+        refused = await runtime.governor.verify_autosign(row["fqdn"], csr(row["fqdn"], record["autosign_token"]),
+                                                         actor="t")
+        assert refused[:2] == (False, "the token has expired")
+    finally:
+        await runtime.stop()
