@@ -1,0 +1,96 @@
+"""Engine throughput: full lifecycles (provision, register, retire) of N hosts against the
+in-process zero-latency provider and registrar (governord.testing), on SQLite in a temp dir.
+
+    .venv/bin/python -m bench.engine --hosts 1000 [--workers 64]
+
+Prints hosts per second for the scale-up (requested -> ready) and the retirement (-> gone),
+and the daemon's peak RSS. Results are recorded in bench/RESULTS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import resource
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+from governord import testing
+from governord.config import build_config
+from governord.pluginmanager import PluginManager
+from governord.runtime import Runtime
+
+CONFIG = """
+[daemon]
+state_dir = "{state}"
+log_level = "warning"
+[engine]
+workers = {workers}
+[providers.mem]
+type = "memory"
+[registrars.cmdb]
+type = "memory"
+[tags.node]
+cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
+[applications.bench]
+max_hosts = {hosts}
+[applications.bench.roles.node]
+tags = ["node"]
+provider = "mem"
+name_pattern = "bench-{{seq:06d}}"
+domain = "bench.example"
+profile = {{ size = "small" }}
+"""
+
+
+async def wait_all(runtime: Runtime, state: str, total: int) -> None:
+    while (await runtime.store.count_by_state()).get(state, 0) < total:
+        await asyncio.sleep(0.05)
+
+
+async def run(hosts: int, workers: int, batch: int) -> dict[str, float]:
+    with tempfile.TemporaryDirectory() as tmp:
+        plugins = PluginManager()
+        plugins.register(testing.plugin, "testing")
+        plugins.collect_types()
+        raw = tomllib.loads(CONFIG.format(state=Path(tmp) / "state", workers=workers, hosts=hosts))
+        config = build_config("bench.toml", raw, plugins.providers, plugins.registrars, unavailable={})
+        runtime = await Runtime.open(config, plugins)
+        await runtime.start()
+        try:
+            started = time.perf_counter()
+            for _ in range(0, hosts, batch):
+                await runtime.governor.scale("bench", "node", add=min(batch, hosts), actor="bench")
+            accepted = time.perf_counter()
+            await wait_all(runtime, "ready", hosts)
+            ready = time.perf_counter()
+            await runtime.governor.scale("bench", "node", count=0, actor="bench")
+            await wait_all(runtime, "gone", hosts)
+            gone = time.perf_counter()
+        finally:
+            await runtime.stop()
+    return {
+        "hosts": hosts,
+        "accept_s": accepted - started,
+        "up_s": ready - started,
+        "down_s": gone - ready,
+        "total_s": gone - started,
+        "lifecycles_per_s": hosts / (gone - started),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--hosts", type=int, default=1000)
+    parser.add_argument("--workers", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=100, help="hosts per scale request")
+    args = parser.parse_args()
+    result = asyncio.run(run(args.hosts, args.workers, args.batch))
+    print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+
+
+if __name__ == "__main__":
+    main()
