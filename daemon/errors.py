@@ -7,6 +7,8 @@ step named. Plugins raise these (or subclasses) with the peer's own message kept
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 
 class GovernordError(Exception):
     """Base class of governord's own errors."""
@@ -27,6 +29,8 @@ class StepError(GovernordError):
     """A lifecycle step failed. ``source`` names the plugin or provider instance behind it."""
 
     retryable: bool = False
+    #: the HTTP status behind the failure, when a peer answered with one
+    http_status: int | None = None
 
     def __init__(self, message: str, *, source: str | None = None) -> None:
         self.source = source
@@ -43,3 +47,16 @@ class PermanentError(StepError):
     """A failure that will not go away by itself (bad template, quota, auth)."""
 
     retryable = False
+
+
+#: Client-error statuses that still mean "try again later", whatever the API.
+PASSING_HTTP_STATUSES = frozenset({408, 429})
+
+
+def http_error(status: int, message: str, *, source: str | None, also_passing: Collection[int] = ()) -> StepError:
+    """The error for a peer's HTTP answer: server errors, 408 and 429 (and a peer's own
+    ``also_passing``, e.g. 409 "busy") are retryable; any other status is permanent."""
+    passing = status >= 500 or status in PASSING_HTTP_STATUSES or status in also_passing
+    error: StepError = RetryableError(message, source=source) if passing else PermanentError(message, source=source)
+    error.http_status = status
+    return error

@@ -16,6 +16,7 @@ from typing import Any, TypeVar
 import sushy
 from sushy import exceptions as sushy_exc
 
+from governord.errors import PASSING_HTTP_STATUSES
 from governord.models import PowerState
 
 from .bmc import Bmc, BmcError
@@ -95,7 +96,7 @@ class RedfishBmc(Bmc):
                 raise BmcError(f"{what}: no such System: {exc}", retryable=False) from exc
             except sushy_exc.HTTPError as exc:
                 code = int(getattr(exc, "status_code", 0) or 0)
-                retryable = code >= 500 or code in (408, 409, 429) or code == 0
+                retryable = code >= 500 or code in PASSING_HTTP_STATUSES or code in (409, 0)
                 raise BmcError(f"{what} via {self.endpoint}: {exc}", retryable=retryable) from exc
             except (sushy_exc.ConnectionError, OSError) as exc:
                 self._root = None  # connect again (and re-authenticate) next time

@@ -19,7 +19,7 @@ from apypie import ForemanApi
 from pydantic import Field
 
 from governord.config import SecretRef
-from governord.errors import PermanentError, RetryableError
+from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.registrars import Registrar, RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
@@ -198,13 +198,7 @@ class ForemanRegistrar(Registrar):
         if isinstance(cause, requests.HTTPError) and cause.response is not None:
             response = cause.response
             message = f"{where}: HTTP {response.status_code} on {response.request.method} {response.url}: {_foreman_message(response)}"
-            error: RetryableError | PermanentError
-            if response.status_code >= 500 or response.status_code in (408, 429):
-                error = RetryableError(message, source=self.name)
-            else:
-                error = PermanentError(message, source=self.name)
-            error.http_status = response.status_code  # type: ignore[attr-defined]
-            return error
+            return http_error(response.status_code, message, source=self.name)
         if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
             return RetryableError(f"{where} is unreachable: {cause}", source=self.name)
         if isinstance(cause, requests.RequestException):

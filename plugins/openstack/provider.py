@@ -32,7 +32,7 @@ from openstack import exceptions as os_exc
 from pydantic import Field, ValidationError, field_validator
 
 from governord.config import SecretRef
-from governord.errors import PermanentError, RetryableError, StepError
+from governord.errors import PermanentError, RetryableError, StepError, http_error
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
 from governord.providers import Provider, ProviderConfig, ProviderProfile
 
@@ -62,7 +62,8 @@ _POWER_STATUS = {
     "PAUSED": PowerState.SUSPENDED,
 }
 #: HTTP answers that go away by themselves
-_RETRYABLE_STATUS = frozenset({408, 409, 425, 429})
+#: besides 5xx, 408 and 429: nova's 409 (instance busy) and 425 (too early) pass too
+_ALSO_PASSING = frozenset({409, 425})
 
 _MICROVERSION = re.compile(r"^2\.(\d+)$|^latest$")
 
@@ -279,9 +280,7 @@ class OpenStackProvider(Provider):
         else:
             status = 0
         if status:
-            if status >= 500 or status in _RETRYABLE_STATUS:
-                return RetryableError(f"{what}: {text}", source=self.name)
-            return PermanentError(f"{what}: {text}", source=self.name)
+            return http_error(status, f"{what}: {text}", source=self.name, also_passing=_ALSO_PASSING)
         if isinstance(exc, (ks_exc.EndpointNotFound, os_exc.EndpointNotFound)):
             return PermanentError(f"{what}: {text}", source=self.name)
         if isinstance(exc, (ks_exc.DiscoveryFailure, ks_exc.UnknownConnectionError)):

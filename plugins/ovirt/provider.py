@@ -34,7 +34,7 @@ from ovirtsdk4 import types
 from pydantic import Field, ValidationError, field_validator
 
 from governord.config import SecretRef
-from governord.errors import PermanentError, RetryableError, StepError
+from governord.errors import PermanentError, RetryableError, StepError, http_error
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
 from governord.providers import Provider, ProviderConfig, ProviderProfile
 
@@ -236,9 +236,9 @@ class OVirtProvider(Provider):
                 return PermanentError(f"{what}: {text}", source=self.name)
             # no HTTP status: a broken transfer, or a proxy's error page instead of the engine
             return RetryableError(f"{what}: {text}", source=self.name)
-        if code >= 500 or code in (408, 429) or (code == 409 and "locked" in text.lower()):
-            return RetryableError(f"{what}: {text}", source=self.name)
-        return PermanentError(f"{what}: {text}", source=self.name)
+        if code == 409 and "locked" in text.lower():
+            return RetryableError(f"{what}: {text}", source=self.name)  # the engine's "VM is locked": busy
+        return http_error(code, f"{what}: {text}", source=self.name)
 
     async def _call(self, what: str, func: Callable[..., T], *args: Any) -> T:
         """Run ``func(system_service, *args)`` in a worker thread (see :meth:`_guarded`)."""

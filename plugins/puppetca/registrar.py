@@ -26,7 +26,7 @@ from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
 from pydantic import Field, field_validator, model_validator
 
-from governord.errors import PermanentError, RetryableError
+from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import HostOrigin, HostView
 from governord.registrars import Phase, Registrar, RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
@@ -275,9 +275,7 @@ class PuppetCARegistrar(Registrar):
             f"Puppet CA {method} /puppet-ca/v1/{path}: HTTP {response.status_code} {response.reason}: "
             f"{_message(response)}"
         )
-        if response.status_code >= 500 or response.status_code in (408, 429):
-            raise RetryableError(message, source=self.name)
-        raise PermanentError(message, source=self.name)
+        raise http_error(response.status_code, message, source=self.name)
 
     def _send(self, method: str, path: str, body: Any) -> requests.Response:
         """Blocking: runs in a worker thread."""

@@ -27,7 +27,7 @@ import requests
 from pydantic import Field, field_validator, model_validator
 from pypuppetdb.errors import APIError, EmptyResponseError
 
-from governord.errors import PermanentError, RetryableError
+from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import HostView
 from governord.registrars import Phase, Registrar, RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
@@ -347,13 +347,7 @@ class PuppetDBRegistrar(Registrar):
         if isinstance(exc, requests.HTTPError) and exc.response is not None:
             response = exc.response
             message = f"{where}: HTTP {response.status_code} on {response.request.method} {response.url}: {_message(response)}"
-            error: RetryableError | PermanentError
-            if response.status_code >= 500 or response.status_code in (408, 429):
-                error = RetryableError(message, source=self.name)
-            else:
-                error = PermanentError(message, source=self.name)
-            error.http_status = response.status_code  # type: ignore[attr-defined]
-            return error
+            return http_error(response.status_code, message, source=self.name)
         if isinstance(exc, requests.exceptions.SSLError) and "CERTIFICATE_VERIFY_FAILED" in str(exc):
             return PermanentError(f"{where}: server certificate not trusted: {exc}", source=self.name)
         if isinstance(exc, (requests.ConnectionError, requests.Timeout)):

@@ -28,7 +28,7 @@ from typing import Any, ClassVar
 from pydantic import field_validator
 
 from governord.config import SecretRef
-from governord.errors import PermanentError, RetryableError
+from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.registrars import Registrar, RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
@@ -416,9 +416,7 @@ class SatelliteRegistrar(Registrar):
             raise
         except xmlrpc.client.ProtocolError as exc:
             message = f"Satellite {method}: HTTP {exc.errcode} {exc.errmsg} from {url}"
-            if exc.errcode >= 500 or exc.errcode in (408, 429):
-                raise RetryableError(message, source=self.name) from None
-            raise PermanentError(message, source=self.name) from None
+            raise http_error(exc.errcode, message, source=self.name) from None
         except ssl.SSLCertVerificationError as exc:
             raise PermanentError(
                 f"Satellite {method}: TLS certificate of {url} not trusted: {exc.verify_message}", source=self.name

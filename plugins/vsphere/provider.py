@@ -34,7 +34,7 @@ from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
 
 from governord.config import SecretRef
-from governord.errors import PermanentError, RetryableError, StepError
+from governord.errors import PASSING_HTTP_STATUSES, PermanentError, RetryableError, StepError
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
 from governord.providers import Provider, ProviderConfig, ProviderProfile
 
@@ -327,7 +327,7 @@ class VSphereProvider(Provider):
         if isinstance(exc, http.client.HTTPException):
             status = re.match(r"(\d{3})\b", str(exc))
             code = int(status.group(1)) if status else 0
-            kind = PermanentError if 400 <= code < 500 and code not in {408, 429} else RetryableError
+            kind = PermanentError if 400 <= code < 500 and code not in PASSING_HTTP_STATUSES else RetryableError
             return kind(f"{what}: {self.cfg.url} answered {exc}", source=self.name)
         if isinstance(exc, (OSError, TimeoutError, EOFError)):
             return RetryableError(f"{what}: cannot talk to {self.cfg.url}: {exc!r}", source=self.name)
