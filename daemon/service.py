@@ -28,7 +28,6 @@ from . import callbacks
 from .config import Config, Placement
 from .engine import STATE_OF_STEP, Engine, address_range
 from .schema import hosts
-from .schema import hosts as hosts_table
 from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState
 from .store import NameTaken, Row, Store
 
@@ -249,22 +248,22 @@ class Governor:
         async with self.store.engine.connect() as conn:
             plan = await self.plan_scale(conn, app, role, add=add, count=count)
             seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
-        hosts = []
+        planned = []
         for seq, placement in zip(seqs, plan.add, strict=True):
             name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
             domain = role_cfg.domain or self._domain(placement.network)
-            row = {column.name: None for column in hosts_table.c} | {
+            row = {column.name: None for column in hosts.c} | {
                 "id": "planned", "name": name, "fqdn": f"{name}.{domain}" if domain else name, "app": app,
                 "role": role, "origin": HostOrigin.PROVISIONED.value, "state": HostState.REQUESTED.value,
                 "provider": placement.provider, "tags": list(role_cfg.tags), "addresses": [],
                 "classification": {}, "registrations": {},
             }
-            hosts.append({"name": row["name"], "fqdn": row["fqdn"], "provider": placement.provider,
+            planned.append({"name": row["name"], "fqdn": row["fqdn"], "provider": placement.provider,
                           "network": placement.network, "profile": placement.profile.model_dump(mode="json"),
                           "tags": row["tags"], "classification": await self.engine.classify(row),
                           "registrars": sorted(self.config.registrars)})
         return {"app": app, "role": role, "decision": plan.decision, "rule": plan.rule, "reason": plan.reason,
-                "hosts": hosts, "release": [h["name"] for h in plan.release]}
+                "hosts": planned, "release": [h["name"] for h in plan.release]}
 
     # -- approvals ----------------------------------------------------------------------------------
 
