@@ -74,7 +74,10 @@ def spec_for(openstack_cloud: OpenStackLab) -> Callable[..., MachineSpec]:
 
 
 def _marked(conn: Any, host_id: str) -> list[Any]:
-    return [s for s in conn.compute.servers(details=True) if (s.metadata or {}).get(OWNERSHIP_KEY) == host_id]
+    """The servers carrying the host's marker, oldest first as the provider orders them (nova
+    lists newest first, and servers made in the same second tie on created_at)."""
+    servers = [s for s in conn.compute.servers(details=True) if (s.metadata or {}).get(OWNERSHIP_KEY) == host_id]
+    return sorted(servers, key=lambda s: (s.created_at or "", s.id))
 
 
 async def test_the_server_as_nova_and_keystone_see_it(
