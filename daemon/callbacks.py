@@ -114,5 +114,5 @@ class Notifier:
         await self._update(row, attempts=attempts, next_at=time.time() + delay, last_error=error)
 
     async def _update(self, row: dict[str, Any], **values: Any) -> None:
-        async with self.runtime.store.engine.begin() as conn:
+        async with self.runtime.store.transaction() as conn:
             await conn.execute(update(callbacks).where(callbacks.c.request_id == row["request_id"]).values(**values))

@@ -22,12 +22,12 @@ import os
 import socket
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import case
-from sqlalchemy.ext.asyncio import AsyncConnection
+from sqlalchemy import bindparam, case
+from sqlalchemy.engine import Connection
 
 from .dispatch import Dispatcher, as_step_error, is_retryable
 from .errors import PermanentError, StepError
@@ -55,6 +55,11 @@ STEP_OF_STATE = {
 STATE_OF_STEP = {step: state for state, step in STEP_OF_STATE.items()}
 #: steps that only ask (readiness polls): they change nothing outside, so nothing brackets them
 READ_ONLY_STEPS = frozenset({"configure"})
+#: ready, unless a tag change arrived while the host was being configured: then register again
+READY_UNLESS_RETAGGED = case(
+    (hosts.c.tags_rev == bindparam("configured_tags_rev"), HostState.READY.value),
+    else_=HostState.REGISTERING.value,
+)
 
 
 def node_identity() -> str:
@@ -79,7 +84,10 @@ class StepResult:
     values: dict[str, Any]
     event: str
     detail: dict[str, Any]
-    after: Callable[[AsyncConnection, Row], Awaitable[None]] | None = None
+    #: run in the same transaction as the transition, given the new row
+    after: Callable[[Connection, Row], None] | None = None
+    #: values for bind parameters of SQL expressions in ``values``
+    binds: dict[str, Any] | None = None
 
 
 class Engine:
@@ -93,6 +101,8 @@ class Engine:
         self.owner = f"{self.node}/{uuid.uuid4().hex[:12]}"
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: hosts whose current step was started by the commit that ended the step before
+        self._started: set[str] = set()
         self._stopping = False
         self._runner: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
@@ -190,9 +200,14 @@ class Engine:
                 await self.store.fenced_update(
                     row["id"], self.owner, {"next_attempt_at": time.time() + 30}, release=True
                 )
+        finally:
+            if row is not None:
+                self._started.discard(row["id"])
 
     async def _advance(self, row: Row) -> Row | None:
         state = HostState(row["state"])
+        prestarted = row["id"] in self._started
+        self._started.discard(row["id"])
         if row["retire_requested"] and state in (HostState.REQUESTED, HostState.PROVISIONING, HostState.REGISTERING,
                                                  HostState.CONFIGURING):
             return await self._commit(row, self._begin_retirement(row))
@@ -202,6 +217,8 @@ class Engine:
             return None
         if step in READ_ONLY_STEPS:
             started: Row | None = row  # asking is not acting: no try counted, no event per poll
+        elif prestarted:
+            started = row  # the transition into this state counted the try and logged the start
         else:
             attempt = row["attempts"] + 1
             started = await self.store.fenced_update(
@@ -232,17 +249,20 @@ class Engine:
             "failed_step": None,
             **result.values,
         }
-        state_expr = values.pop("state_expr", None)
-        if state_expr is not None:
-            values["state"] = state_expr
         rests = result.state in (HostState.READY, HostState.GONE, HostState.FAILED)
+        # The host goes straight on to its next step: start it in this same commit (half the
+        # writes of a lifecycle). It is still committed before that step's external call.
+        next_step = STEP_OF_STATE.get(result.state)
+        start_next = not rests and next_step is not None and next_step not in READ_ONLY_STEPS
         new = await self.store.fenced_update(
             row["id"], self.owner, values,
             event_kind=result.event, detail={"from": row["state"], "to": result.state.value, **result.detail},
-            release=rests, extra_where=result.after,
+            release=rests, binds=result.binds, after=result.after, start_step=next_step if start_next else None,
         )
         if new is None:
             return None
+        if start_next and not new["retire_requested"]:
+            self._started.add(new["id"])
         log.info("host %s: %s -> %s", new["name"], row["state"], new["state"], extra={"host": new["name"]})
         for callback in self.on_transition:
             callback(new, row["state"])
@@ -391,8 +411,8 @@ class Engine:
         if waiting_for:
             raise NotReady(self.config.engine.ready_poll_interval, waiting_for)
         # A tag change that arrived meanwhile makes the host register again.
-        state = case((hosts.c.tags_rev == row["tags_rev"], HostState.READY.value), else_=HostState.REGISTERING.value)
-        return StepResult(HostState.READY, {"state_expr": state}, "ready", {"waited": round(waited, 3)})
+        return StepResult(HostState.READY, {"state": READY_UNLESS_RETAGGED}, "ready", {"waited": round(waited, 3)},
+                          binds={"configured_tags_rev": row["tags_rev"]})
 
     def _begin_retirement(self, row: Row) -> StepResult:
         values = {"retire_requested": False}
@@ -422,8 +442,8 @@ class Engine:
                                         phase=Phase.AFTER_MACHINE.value)
         return StepResult(HostState.GONE, {"registrations": {}}, "gone", {}, after=self._release_address)
 
-    async def _release_address(self, conn: AsyncConnection, row: Row) -> None:
-        await self.store.release_address(conn, row["id"])
+    def _release_address(self, conn: Connection, row: Row) -> None:
+        self.store.release_address(conn, row["id"])
 
 
 def cloud_config(registrations: dict[str, Any]) -> str | None:

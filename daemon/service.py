@@ -113,7 +113,7 @@ class Governor:
         self._check_callback(app, callback_url)
         params = {"role": role, "add": add, "count": count}
         async with self._lock(app):
-            async with self.store.engine.begin() as conn:
+            async with self.store.transaction() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
@@ -278,7 +278,7 @@ class Governor:
                                            detail={"app": request["app"], "after": expiry})
 
     async def expire_pending(self) -> None:
-        async with self.store.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             await self._expire_pending(conn)
 
     async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
@@ -288,9 +288,9 @@ class Governor:
             raise RequestError(404, "no such request", field="request_id")
         async with self._lock(row["app"]):
             # its own transaction: an expiry stands even when this decision is refused
-            async with self.store.engine.begin() as conn:
+            async with self.store.transaction() as conn:
                 await self._expire_pending(conn, row["app"])
-            async with self.store.engine.begin() as conn:
+            async with self.store.transaction() as conn:
                 row = await self.store.find_request_by_id(conn, request_id)
                 assert row is not None
                 if row["state"] != "pending":
@@ -351,7 +351,7 @@ class Governor:
         if (hosts is None) == (count is None):
             raise RequestError(422, "give exactly one of hosts and count", field="hosts")
         async with self._lock(app):
-            async with self.store.engine.begin() as conn:
+            async with self.store.transaction() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
@@ -404,7 +404,7 @@ class Governor:
         row = await self.host(key)
         if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
             return row
-        async with self.store.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             await self._mark_retire(conn, row, actor, None)
         self.engine.wake()
         return await self.host(row["id"])
@@ -460,7 +460,7 @@ class Governor:
             except ValueError:
                 raise RequestError(422, f"not an IP address: {address!r}", field="address") from None
         name = key.split(".", 1)[0]
-        async with self.store.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             try:
                 row = await self.store.insert_host(
                     conn, name=name, fqdn=key, app=None, role=None, origin=HostOrigin.ADOPTED.value,
@@ -481,7 +481,7 @@ class Governor:
         a registrar's ``prepare`` made for it, and only once. Every decision is audited."""
         row = await self.store.get_host(certname)
         sign, reason = await self._autosign_decision(row, certname, csr_pem)
-        async with self.store.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             await self.store.add_event(conn, "autosign-signed" if sign else "autosign-refused", actor=actor,
                                        host_id=row["id"] if row else None,
                                        detail={"certname": certname, "reason": reason})

@@ -1,33 +1,51 @@
 """The durable store: SQLite (WAL) in the state directory by default, through SQLAlchemy Core
 so that PostgreSQL can serve several governord instances later.
 
-Every write is its own committed transaction. Work is claimed with leases: a host row being
-worked on carries ``lease_owner`` and ``lease_expires``; the engine's writes are fenced on the
-lease (``WHERE lease_owner = me``), so a process that lost its lease can never overwrite the
-work of the one that took over.
+Work is claimed with leases: a host row being worked on carries ``lease_owner`` and
+``lease_expires``; the engine's writes are fenced on the lease (``WHERE lease_owner = me``), so a
+process that lost its lease can never overwrite the work of the one that took over.
+
+Two write paths, one writer at a time (SQLite has one; taking turns in-process means no
+connection ever sleeps in SQLite's busy handler):
+
+- the engine's many small writes (claims, fenced updates, lease renewals) go through
+  :class:`GroupCommit`: one connection in one thread, and every write submitted while a batch is
+  being committed is committed together in the next one. Each caller still gets its own result
+  only once its write is durable, so "commit before and after every external call" holds, but
+  a thousand hosts moving at once cost tens of commits, not thousands;
+- the decisions (scale, approve, tag, ...) read and write across several awaits and keep their
+  async transactions, taken with :meth:`Store.transaction`, which waits for its turn.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
+import logging
+import threading
 import time
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, create_engine, event, func, insert, or_, select, update
-from sqlalchemy.engine import RowMapping
+from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql.elements import ClauseElement
 
 from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState, HostView
 from .schema import address_leases, app_certificates, events, hosts, requests
 
 Row = dict[str, Any]
+T = TypeVar("T")
+
+log = logging.getLogger(__name__)
 
 _ACTIVE = [s.value for s in ACTIVE_STATES]
 _LIVE = [s.value for s in LIVE_STATES]
@@ -82,11 +100,163 @@ class NameTaken(Exception):
     """A live host already has this name."""
 
 
+_DEFERRED = "governord.deferred"
+
+
+class GroupCommit:
+    """Writes from many coroutines, committed together: one connection, used only by one thread.
+
+    :meth:`run` queues a job (a plain function of a synchronous connection) and waits for the
+    commit that contains it. A batch starts as soon as the first job arrives; jobs that come
+    while it runs form the next batch. If one job of a batch fails, the batch is rolled back and
+    its jobs are run again one transaction each, so a bad write sinks only itself.
+
+    A job, once queued, is committed (or rolled back) even if its caller is cancelled: like the
+    engine's shielded writes, a shutdown never leaves half an outcome.
+    """
+
+    def __init__(self, engine: Engine, turn: asyncio.Lock) -> None:
+        self._engine = engine
+        self._turn = turn
+        self._thread = ThreadPoolExecutor(1, thread_name_prefix="governord-writer")
+        self._conn: Connection | None = None
+        self._queue: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
+        self._flusher: asyncio.Task[None] | None = None
+        self.batches = 0
+        self.jobs = 0
+
+    async def run(self, job: Callable[[Connection], T]) -> T:
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._queue.append((job, future))
+        if self._flusher is None or self._flusher.done():
+            self._flusher = asyncio.create_task(self._flush(), name="governord-group-commit")
+        return await future
+
+    async def _flush(self) -> None:
+        loop = asyncio.get_running_loop()
+        while self._queue:
+            batch, self._queue = self._queue, []
+            try:
+                async with self._turn:
+                    outcomes = await loop.run_in_executor(self._thread, self._commit, [job for job, _ in batch])
+            except BaseException as exc:  # the thread itself failed: every caller hears it
+                outcomes = [(False, exc)] * len(batch)
+                if not isinstance(exc, Exception):
+                    raise
+            self.batches += 1
+            self.jobs += len(batch)
+            for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue  # its caller was cancelled; the write stands all the same
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+
+    @staticmethod
+    def defer(conn: Connection, statement: Any, params: Row) -> None:
+        """Have ``statement`` run with ``params`` at the end of this job's transaction, together
+        with every other job's rows for it (one executemany: audit events are most writes)."""
+        conn.info.setdefault(_DEFERRED, {}).setdefault(statement, []).append(params)
+
+    @staticmethod
+    def _run_deferred(conn: Connection) -> None:
+        for statement, rows in conn.info.pop(_DEFERRED, {}).items():
+            conn.execute(statement, rows)
+
+    def _commit(self, jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        if self._conn is None:
+            self._conn = self._engine.connect()
+        conn = self._conn
+        try:
+            with conn.begin():
+                outcomes = [(True, job(conn)) for job in jobs]
+                self._run_deferred(conn)
+                return outcomes
+        except Exception as exc:
+            conn.info.pop(_DEFERRED, None)
+            if len(jobs) == 1:
+                return [(False, exc)]
+        outcomes = []
+        for job in jobs:
+            try:
+                with conn.begin():
+                    outcomes.append((True, job(conn)))
+                    self._run_deferred(conn)
+            except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+                conn.info.pop(_DEFERRED, None)
+                outcomes.append((False, exc))
+        return outcomes
+
+    async def close(self) -> None:
+        if self._flusher is not None:
+            with contextlib.suppress(Exception):
+                await self._flusher
+
+        def _close() -> None:
+            if self._conn is not None:
+                self._conn.close()
+            self._engine.dispose()
+
+        await asyncio.get_running_loop().run_in_executor(self._thread, _close)
+        self._thread.shutdown(wait=True)
+
+
+# The engine's statements, built once: building a statement (and its cache key) costs more than
+# SQLite running it.
+_EVENT_INSERT = insert(events)
+_CLAIM = (
+    update(hosts)
+    .where(hosts.c.id.in_(
+        select(hosts.c.id)
+        .where(
+            hosts.c.state.in_(_ACTIVE),
+            hosts.c.next_attempt_at <= bindparam("now"),
+            or_(hosts.c.lease_owner.is_(None), hosts.c.lease_expires < bindparam("now")),
+        )
+        .order_by(hosts.c.next_attempt_at, hosts.c.updated_at)
+        .limit(bindparam("limit"))
+        .scalar_subquery()
+    ))
+    .values(lease_owner=bindparam("owner"), lease_expires=bindparam("expires"))
+    .returning(*hosts.c)
+)
+_RENEW = (
+    update(hosts)
+    .where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.lease_owner == bindparam("owner"))
+    .values(lease_expires=bindparam("expires"))
+)
+_NEXT_DUE = select(func.min(hosts.c.next_attempt_at)).where(hosts.c.state.in_(_ACTIVE))
+_FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
+_FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
+_fenced_statements: dict[tuple[tuple[str, int], ...], Any] = {}
+
+
+def _fenced_statement(values: Row) -> tuple[Any, Row]:
+    """The prepared ``UPDATE hosts ... WHERE id AND lease_owner RETURNING *`` for this set of
+    columns, and its parameters. A value may be an SQL expression (a module-level constant, so
+    the statement can be kept); its own bind parameters come in through ``binds``."""
+    shape = tuple(sorted((name, id(value) if isinstance(value, ClauseElement) else 0) for name, value in values.items()))
+    statement = _fenced_statements.get(shape)
+    if statement is None:
+        statement = (
+            update(hosts).where(_FENCE)
+            .values({name: value if isinstance(value, ClauseElement) else bindparam(f"v_{name}")
+                     for name, value in values.items()})
+            .returning(*hosts.c)
+        )
+        _fenced_statements[shape] = statement
+    params = {f"v_{name}": value for name, value in values.items() if not isinstance(value, ClauseElement)}
+    return statement, params
+
+
 class Store:
     """All reads and writes of governord's state."""
 
-    def __init__(self, engine: AsyncEngine) -> None:
+    def __init__(self, engine: AsyncEngine, writer_engine: Engine) -> None:
         self.engine = engine
+        self._turn = asyncio.Lock()
+        self.writer = GroupCommit(writer_engine, self._turn)
 
     @classmethod
     async def open_sqlite(cls, path: Path) -> Store:
@@ -94,10 +264,20 @@ class Store:
         migrate(f"sqlite:///{path}")
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        return cls(engine)
+        writer = create_engine(f"sqlite:///{path}")
+        event.listen(writer, "connect", _sqlite_pragmas)
+        return cls(engine, writer)
 
     async def close(self) -> None:
+        await self.writer.close()
         await self.engine.dispose()
+
+    @contextlib.asynccontextmanager
+    async def transaction(self) -> AsyncIterator[AsyncConnection]:
+        """A read-write transaction for a decision, committed at the end of the block. It waits
+        for its turn with the engine's batches, so neither waits inside SQLite."""
+        async with self._turn, self.engine.begin() as conn:
+            yield conn
 
     # -- hosts: reads ---------------------------------------------------------------------
 
@@ -213,52 +393,26 @@ class Store:
     async def claim_due(self, owner: str, limit: int, lease_seconds: float) -> list[Row]:
         """Lease up to ``limit`` hosts that have work due and no live lease."""
         now = time.time()
-        due = (
-            select(hosts.c.id)
-            .where(
-                hosts.c.state.in_(_ACTIVE),
-                hosts.c.next_attempt_at <= now,
-                or_(hosts.c.lease_owner.is_(None), hosts.c.lease_expires < now),
-            )
-            .order_by(hosts.c.next_attempt_at, hosts.c.updated_at)
-            .limit(limit)
-            .scalar_subquery()
-        )
-        stmt = (
-            update(hosts)
-            .where(hosts.c.id.in_(due))
-            .values(lease_owner=owner, lease_expires=now + lease_seconds)
-            .returning(*hosts.c)
-        )
-        async with self.engine.begin() as conn:
-            return [dict(r) for r in (await conn.execute(stmt)).mappings()]
+        params = {"now": now, "limit": limit, "owner": owner, "expires": now + lease_seconds}
+        return await self.writer.run(lambda conn: [dict(r) for r in conn.execute(_CLAIM, params).mappings()])
 
     async def next_due_at(self) -> float | None:
         """When the earliest not-yet-due active host becomes due (for the engine's sleep)."""
         async with self.engine.connect() as conn:
-            query = select(func.min(hosts.c.next_attempt_at)).where(hosts.c.state.in_(_ACTIVE))
-            value = (await conn.execute(query)).scalar_one_or_none()
+            value = (await conn.execute(_NEXT_DUE)).scalar_one_or_none()
             return float(value) if value is not None else None
 
     async def renew_leases(self, owner: str, ids: Sequence[str], lease_seconds: float) -> None:
         if not ids:
             return
-        async with self.engine.begin() as conn:
-            await conn.execute(
-                update(hosts)
-                .where(hosts.c.id.in_(list(ids)), hosts.c.lease_owner == owner)
-                .values(lease_expires=time.time() + lease_seconds)
-            )
+        params = {"ids": list(ids), "owner": owner, "expires": time.time() + lease_seconds}
+        await self.writer.run(lambda conn: conn.execute(_RENEW, params))
 
     async def release_leases_of(self, owner_prefix: str) -> int:
         """Free the leases a previous, dead process of this node held (its steps resume)."""
-        async with self.engine.begin() as conn:
-            result = await conn.execute(
-                update(hosts)
-                .where(hosts.c.lease_owner.like(owner_prefix + "%"))
-                .values(lease_owner=None, lease_expires=None)
-            )
-            return result.rowcount or 0
+        statement = (update(hosts).where(hosts.c.lease_owner.like(owner_prefix + "%"))
+                     .values(lease_owner=None, lease_expires=None))
+        return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
 
     async def fenced_update(
         self,
@@ -269,54 +423,54 @@ class Store:
         event_kind: str | None = None,
         detail: Row | None = None,
         release: bool = False,
-        extra_where: Any = None,
+        binds: Row | None = None,
+        after: Callable[[Connection, Row], None] | None = None,
+        start_step: str | None = None,
     ) -> Row | None:
         """Update a host this process holds the lease of, with an audit event, in one
-        transaction. Returns the new row, or None when the lease was lost.
+        transaction (shared with whatever else is committed in the same batch). Returns the new
+        row, or None when the lease was lost. ``after`` runs in the same transaction, given the
+        new row (e.g. to free the host's address once it is gone).
 
-        Shielded: a step cancelled at shutdown still finishes (commits or rolls back) the write it
-        started, so it can never leave the database locked or half an outcome recorded."""
-        return await asyncio.shield(
-            self._fenced_update(host_id, owner, values, event_kind=event_kind, detail=detail, release=release,
-                                extra_where=extra_where)
-        )
+        ``start_step``: the same commit also starts the host's next step (its first try counted,
+        a ``step-started`` event), unless the host was asked to retire meanwhile; the engine
+        then need not commit again before the step's external call.
 
-    async def _fenced_update(
-        self,
-        host_id: str,
-        owner: str,
-        values: Row,
-        *,
-        event_kind: str | None,
-        detail: Row | None,
-        release: bool,
-        extra_where: Any,
-    ) -> Row | None:
+        A write once submitted is committed even if the caller is cancelled (see GroupCommit),
+        so a step cancelled at shutdown can never leave half an outcome recorded."""
         now = time.time()
         values = {**values, "updated_at": now}
         if "state" in values:
             values["state_since"] = now
         if release:
             values.update(lease_owner=None, lease_expires=None)
-        where = and_(hosts.c.id == host_id, hosts.c.lease_owner == owner)
-        async with self.engine.begin() as conn:
-            result = await conn.execute(update(hosts).where(where).values(**values).returning(*hosts.c))
-            row = result.mappings().first()
+        if start_step is not None:
+            values["attempts"] = _FIRST_TRY_UNLESS_RETIRING
+        statement, params = _fenced_statement(values)
+        params.update(binds or {}, fence_id=host_id, fence_owner=owner)
+
+        def job(conn: Connection) -> Row | None:
+            row = conn.execute(statement, params).mappings().first()
             if row is None:
                 return None
             if event_kind:
-                await conn.execute(
-                    insert(events).values(
-                        ts=now, host_id=host_id, request_id=row["request_id"], kind=event_kind,
-                        actor="engine", detail=detail or {},
-                    )
-                )
-            if extra_where is not None:
-                await extra_where(conn, row)
+                GroupCommit.defer(conn, _EVENT_INSERT, {
+                    "ts": now, "host_id": host_id, "request_id": row["request_id"], "kind": event_kind,
+                    "actor": "engine", "detail": detail or {}})
+            if start_step is not None and not row["retire_requested"]:
+                GroupCommit.defer(conn, _EVENT_INSERT, {
+                    "ts": now, "host_id": host_id, "request_id": row["request_id"], "kind": "step-started",
+                    "actor": "engine", "detail": {"step": start_step, "attempt": 1}})
+            if after is not None:
+                after(conn, dict(row))
             return dict(row)
 
-    async def release_address(self, conn: AsyncConnection, host_id: str) -> None:
-        await conn.execute(address_leases.delete().where(address_leases.c.host_id == host_id))
+        return await self.writer.run(job)
+
+    @staticmethod
+    def release_address(conn: Connection, host_id: str) -> None:
+        """Free the host's leased address (inside a fenced update's transaction)."""
+        conn.execute(address_leases.delete().where(address_leases.c.host_id == host_id))
 
     # -- hosts: operator changes ----------------------------------------------------------
 
@@ -324,7 +478,7 @@ class Store:
         now = time.time()
         if "state" in values:
             values = {**values, "state_since": now}
-        async with self.engine.begin() as conn:
+        async with self.transaction() as conn:
             row = (
                 await conn.execute(
                     update(hosts).where(hosts.c.id == host_id).values(**values, updated_at=now).returning(*hosts.c)
@@ -428,10 +582,11 @@ class CertificateStore:
     """The application certificates governord issued (a mixin-free helper over the store's engine)."""
 
     def __init__(self, store: Store) -> None:
+        self.store = store
         self.engine = store.engine
 
     async def record(self, *, serial: str, app: str, common_name: str, not_after: float) -> None:
-        async with self.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(insert(app_certificates).values(
                 serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after))
 
@@ -446,7 +601,7 @@ class CertificateStore:
         where = and_(app_certificates.c.app == app, app_certificates.c.revoked_at.is_(None))
         if serial is not None:
             where = and_(where, app_certificates.c.serial == serial)
-        async with self.engine.begin() as conn:
+        async with self.store.transaction() as conn:
             result = await conn.execute(
                 update(app_certificates).where(where).values(revoked_at=time.time(), revoked_by=actor)
                 .returning(app_certificates.c.serial))

@@ -166,7 +166,7 @@ async def revoke_certificate(request: web.Request) -> web.Response:
     revoked = await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
     if body.serial and not revoked:
         raise RequestError(404, f"application {app} has no unrevoked certificate {body.serial}", field="serial")
-    async with runtime.store.engine.begin() as conn:
+    async with runtime.store.transaction() as conn:
         await runtime.store.add_event(conn, "certificate-revoked", actor=ACTOR, detail={"app": app, "serials": revoked})
     return reply(schemas.Revoked, {"app": app, "revoked": revoked})
 

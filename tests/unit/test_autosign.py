@@ -73,7 +73,7 @@ async def test_an_expired_token_is_refused(make_runtime) -> None:  # type: ignor
         decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
         [row] = await wait_states(runtime, decision.request["host_ids"], {"configuring"})
         record = {**row["registrations"]["cmdb"], "expires_at": "2020-01-01T00:00:00Z"}
-        async with runtime.store.engine.begin() as conn:
+        async with runtime.store.transaction() as conn:
             await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(
                 registrations={**row["registrations"], "cmdb": record}))
         refused = await runtime.governor.verify_autosign(row["fqdn"], csr(row["fqdn"], record["autosign_token"]),

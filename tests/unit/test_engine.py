@@ -165,7 +165,7 @@ async def test_interrupted_step_resumes_without_duplicates(make_runtime) -> None
     await wait_states(first, ids, {"provisioning"})
     await first.engine.stop(grace=0)
     # the residue of a kill -9: leases held by a dead process, one machine already made
-    async with first.store.engine.begin() as conn:
+    async with first.store.transaction() as conn:
         await conn.execute(update(hosts).where(hosts.c.id.in_(ids)).values(
             lease_owner=f"{first.engine.node}/dead", lease_expires=time.time() + 3600))
     provider = first.providers["mem"]
