@@ -149,9 +149,13 @@ class Governor:
     ) -> Plan:
         """Decide a scale request against the application's rules, without changing anything."""
         section = self._app(app)
-        kept = await self._kept_hosts(app, role)
         live_app = await self.store.live_count(conn, app)
-        wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
+        kept: list[Row] = []
+        if add is not None:
+            wanted = add
+        else:
+            kept = await self._kept_hosts(app, role)  # whole rows: the deletion policy may pick from them
+            wanted = count - len(kept)  # type: ignore[operator]
         if wanted < 0:
             kept_app = len(await self._kept_hosts(app, None))
             if kept_app + wanted < section.min_hosts:
@@ -220,21 +224,21 @@ class Governor:
                                        detail=detail)
             return
         host_ids = [h["id"] for h in plan.release]
-        for victim in plan.release:
-            await self._mark_retire(conn, victim, actor, request["id"])
+        await self._mark_retire(conn, plan.release, actor, request["id"])
         if plan.add:
             role_cfg = self.config.applications[app].roles[role]
             seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
+            new_hosts = []
             for seq, placement in zip(seqs, plan.add, strict=True):
                 name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
                 domain = role_cfg.domain or self._domain(placement.network)
-                row = await self._new_host(
-                    conn, name=name, fqdn=f"{name}.{domain}" if domain else name, app=app, role=role,
-                    origin=HostOrigin.PROVISIONED, tags=list(role_cfg.tags), provider=placement.provider,
-                    network=placement.network, profile=placement.profile.model_dump(mode="json"),
-                    request_id=request["id"], actor=actor,
-                )
-                host_ids.append(row["id"])
+                new_hosts.append({
+                    "name": name, "fqdn": f"{name}.{domain}" if domain else name, "app": app, "role": role,
+                    "origin": HostOrigin.PROVISIONED, "tags": list(role_cfg.tags), "provider": placement.provider,
+                    "network": placement.network, "profile": placement.profile.model_dump(mode="json"),
+                    "request_id": request["id"],
+                })
+            host_ids += [row["id"] for row in await self._new_hosts(conn, new_hosts, actor=actor)]
         await self.store.set_request_hosts(conn, request["id"], host_ids)
         request["host_ids"] = host_ids
         await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
@@ -323,24 +327,27 @@ class Governor:
             return None
         return self.config.networks[network].domain
 
-    async def _new_host(self, conn: Any, *, network: str | None, actor: str, **values: Any) -> Row:
-        host_id = str(uuid.uuid4())
-        address = None
-        if network is not None:
+    async def _new_hosts(self, conn: Any, specs: list[dict[str, Any]], *, actor: str) -> list[Row]:
+        """Insert hosts (each spec: the host's columns, ``network`` naming a configured network
+        or None), leasing each an address of its network, with their ``requested`` events."""
+        specs = [{**spec, "id": str(uuid.uuid4()), "address": None} for spec in specs]
+        for network in dict.fromkeys(spec["network"] for spec in specs if spec["network"] is not None):
+            on_network = [spec for spec in specs if spec["network"] == network]
             net = self.config.networks[network]
             lo, hi = address_range(net.cidr, net.first, net.last)
             skip = [a for a in (net.gateway, *net.dns_servers) if a is not None]
-            allocated = await self.store.allocate_address(conn, network, lo, hi, host_id, skip)
+            allocated = await self.store.allocate_addresses(conn, network, lo, hi, [s["id"] for s in on_network],
+                                                            skip)
             if allocated is None:
                 raise RequestError(409, f"network {network} has no free address", field="network")
-            address = str(allocated)
-        row = await self.store.insert_host(
-            conn, id=host_id, state=HostState.REQUESTED.value, network=network, address=address,
-            origin=values.pop("origin").value, **values,
-        )
-        await self.store.add_event(conn, "requested", actor=actor, host_id=host_id, request_id=row["request_id"],
-                                   detail={"name": row["name"], "tags": row["tags"], "address": address})
-        return row
+            for spec, address in zip(on_network, allocated, strict=True):
+                spec["address"] = str(address)
+        rows = await self.store.insert_hosts(conn, [
+            {**spec, "state": HostState.REQUESTED.value, "origin": spec["origin"].value} for spec in specs])
+        await self.store.add_events(conn, [
+            {"kind": "requested", "actor": actor, "host_id": row["id"], "request_id": row["request_id"],
+             "detail": {"name": row["name"], "tags": row["tags"], "address": row["address"]}} for row in rows])
+        return rows
 
     async def release(
         self, app: str, *, hosts: list[str] | None = None, role: str | None = None, count: int | None = None,
@@ -375,8 +382,7 @@ class Governor:
                     params={"hosts": hosts, "role": role, "count": count}, state="accepted", reason=None,
                     host_ids=[h["id"] for h in victims],
                 )
-                for victim in victims:
-                    await self._mark_retire(conn, victim, actor, request["id"])
+                await self._mark_retire(conn, victims, actor, request["id"])
                 await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
                                            detail={"app": app, "release": [v["name"] for v in victims]})
         self.engine.wake()
@@ -384,15 +390,20 @@ class Governor:
 
     # -- operator actions on one host -----------------------------------------------------------
 
-    async def _mark_retire(self, conn: Any, row: Row, actor: str, request_id: str | None) -> None:
-        values: dict[str, Any] = {"retire_requested": True, "next_attempt_at": 0.0}
-        if row["state"] in (HostState.READY.value, HostState.FAILED.value):
+    async def _mark_retire(self, conn: Any, rows: list[Row], actor: str, request_id: str | None) -> None:
+        resting = [r["id"] for r in rows if r["state"] in (HostState.READY.value, HostState.FAILED.value)]
+        working = [r["id"] for r in rows if r["state"] not in (HostState.READY.value, HostState.FAILED.value)]
+        if working:
+            await conn.execute(update(hosts).where(hosts.c.id.in_(working))
+                               .values(retire_requested=True, next_attempt_at=0.0))
+        if resting:
             # resting hosts are not leased by the engine: move them straight on
-            values = {"state": HostState.RETIRING.value, "retire_requested": False, "attempts": 0,
-                      "failed_step": None, "error": None, "next_attempt_at": 0.0, "state_since": time.time()}
-        await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(**values))
-        await self.store.add_event(conn, "retire-requested", actor=actor, host_id=row["id"], request_id=request_id,
-                                   detail={"state": row["state"]})
+            await conn.execute(update(hosts).where(hosts.c.id.in_(resting)).values(
+                state=HostState.RETIRING.value, retire_requested=False, attempts=0, failed_step=None, error=None,
+                next_attempt_at=0.0, state_since=time.time()))
+        await self.store.add_events(conn, [
+            {"kind": "retire-requested", "actor": actor, "host_id": r["id"], "request_id": request_id,
+             "detail": {"state": r["state"]}} for r in rows])
 
     async def host(self, key: str) -> Row:
         row = await self.store.get_host(key)
@@ -405,7 +416,7 @@ class Governor:
         if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
             return row
         async with self.store.transaction() as conn:
-            await self._mark_retire(conn, row, actor, None)
+            await self._mark_retire(conn, [row], actor, None)
         self.engine.wake()
         return await self.host(row["id"])
 

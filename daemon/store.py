@@ -39,15 +39,14 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ClauseElement
 
-from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState, HostView
-from .schema import address_leases, app_certificates, events, hosts, requests
+from .models import LIVE_STATES, HostOrigin, HostState, HostView
+from .schema import WORKING, address_leases, app_certificates, events, hosts, requests
 
 Row = dict[str, Any]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-_ACTIVE = [s.value for s in ACTIVE_STATES]
 _LIVE = [s.value for s in LIVE_STATES]
 
 
@@ -210,7 +209,7 @@ _CLAIM = (
     .where(hosts.c.id.in_(
         select(hosts.c.id)
         .where(
-            hosts.c.state.in_(_ACTIVE),
+            WORKING,
             hosts.c.next_attempt_at <= bindparam("now"),
             or_(hosts.c.lease_owner.is_(None), hosts.c.lease_expires < bindparam("now")),
         )
@@ -226,7 +225,12 @@ _RENEW = (
     .where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.lease_owner == bindparam("owner"))
     .values(lease_expires=bindparam("expires"))
 )
-_NEXT_DUE = select(func.min(hosts.c.next_attempt_at)).where(hosts.c.state.in_(_ACTIVE))
+_NEXT_DUE = (
+    select(hosts.c.next_attempt_at)
+    .where(WORKING, or_(hosts.c.lease_owner.is_(None), hosts.c.lease_expires < bindparam("now")))
+    .order_by(hosts.c.next_attempt_at)
+    .limit(1)
+)
 _FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
 _fenced_statements: dict[tuple[tuple[str, int], ...], Any] = {}
@@ -340,33 +344,56 @@ class Store:
             seq += 1
         return seqs
 
-    async def allocate_address(
+    async def allocate_addresses(
         self,
         conn: AsyncConnection,
         network: str,
         first: ipaddress.IPv4Address,
         last: ipaddress.IPv4Address,
-        host_id: str,
+        host_ids: Sequence[str],
         skip: Iterable[ipaddress.IPv4Address] = (),
-    ) -> ipaddress.IPv4Address | None:
+    ) -> list[ipaddress.IPv4Address] | None:
+        """Lease the lowest free addresses of the range to ``host_ids``, one each, or none at all
+        (None) when there are not enough."""
         taken = set(
             (
                 await conn.execute(select(address_leases.c.address).where(address_leases.c.network == network))
             ).scalars()
         ) | {str(a) for a in skip}
+        chosen: list[ipaddress.IPv4Address] = []
         candidate = first
-        while candidate <= last:
+        while len(chosen) < len(host_ids) and candidate <= last:
             if str(candidate) not in taken:
-                await conn.execute(
-                    insert(address_leases).values(network=network, address=str(candidate), host_id=host_id)
-                )
-                return candidate
+                chosen.append(candidate)
             candidate += 1
-        return None
+        if len(chosen) < len(host_ids):
+            return None
+        if chosen:
+            await conn.execute(insert(address_leases), [
+                {"network": network, "address": str(address), "host_id": host_id}
+                for address, host_id in zip(chosen, host_ids, strict=True)])
+        return chosen
 
     async def insert_host(self, conn: AsyncConnection, **values: Any) -> Row:
+        [row] = await self.insert_hosts(conn, [values])
+        return row
+
+    async def insert_hosts(self, conn: AsyncConnection, many: Sequence[Row]) -> list[Row]:
+        """Insert new host rows (one statement); NameTaken if a live host has one of the names."""
+        rows = [self._new_host_row(dict(values)) for values in many]
+        if not rows:
+            return []
+        try:
+            await conn.execute(insert(hosts), rows)
+        except IntegrityError as exc:
+            raise NameTaken(", ".join(r["name"] for r in rows)) from exc
+        blank = {column.name: None for column in hosts.c}
+        return [blank | row for row in rows]
+
+    @staticmethod
+    def _new_host_row(values: Row) -> Row:
         now = time.time()
-        row: Row = {
+        return {
             "id": values.pop("id", None) or str(uuid.uuid4()),
             "tags": [],
             "addresses": [],
@@ -382,11 +409,6 @@ class Store:
             "state_since": now,
             **values,
         }
-        try:
-            await conn.execute(insert(hosts).values(**row))
-        except IntegrityError as exc:
-            raise NameTaken(row["name"]) from exc
-        return {column.name: None for column in hosts.c} | row
 
     # -- hosts: the engine's leased work --------------------------------------------------
 
@@ -397,9 +419,10 @@ class Store:
         return await self.writer.run(lambda conn: [dict(r) for r in conn.execute(_CLAIM, params).mappings()])
 
     async def next_due_at(self) -> float | None:
-        """When the earliest not-yet-due active host becomes due (for the engine's sleep)."""
+        """When the earliest host with work and no live lease becomes due (for the engine's
+        sleep; hosts in flight are the engine's own, it hears when they finish)."""
         async with self.engine.connect() as conn:
-            value = (await conn.execute(_NEXT_DUE)).scalar_one_or_none()
+            value = (await conn.execute(_NEXT_DUE, {"now": time.time()})).scalar_one_or_none()
             return float(value) if value is not None else None
 
     async def renew_leases(self, owner: str, ids: Sequence[str], lease_seconds: float) -> None:
@@ -564,6 +587,14 @@ class Store:
                 ts=time.time(), host_id=host_id, request_id=request_id, kind=kind, actor=actor, detail=detail
             )
         )
+
+    async def add_events(self, conn: AsyncConnection, rows: Sequence[Row]) -> None:
+        """Several audit events in one statement; each row has kind, actor, detail and
+        optionally host_id and request_id."""
+        if rows:
+            now = time.time()
+            await conn.execute(insert(events), [
+                {"ts": now, "host_id": None, "request_id": None, **row} for row in rows])
 
     async def list_events(self, *, host_id: str | None = None, limit: int = 200,
                           kind_prefix: str | None = None) -> list[Row]:

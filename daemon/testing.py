@@ -60,6 +60,9 @@ class MemoryProvider(Provider):
     worlds: ClassVar[dict[str, dict[str, Machine]]] = {}
     faults: ClassVar[dict[str, Faults]] = {}
     _ids = itertools.count(1)
+    #: host id -> machine id per world, so that finding is not a scan (the engine benchmark
+    #: keeps 10,000 machines); rebuilt whenever a test changed the world by hand
+    _by_host: ClassVar[dict[str, dict[str, str]]] = {}
 
     @property
     def world(self) -> dict[str, Machine]:
@@ -80,15 +83,26 @@ class MemoryProvider(Provider):
             provider=self.name, machine_id=f"m-{next(self._ids)}", name=spec.hostname, host_id=spec.host_id,
             power=PowerState.ON, addresses=(spec.network.address or f"10.0.0.{len(self.world) + 1}",),
         )
+        index = self._index()
         self.world[machine.machine_id] = machine
+        index[spec.host_id] = machine.machine_id
         return machine
+
+    def _index(self) -> dict[str, str]:
+        index = self._by_host.get(self.name)
+        world = self.world
+        if index is None or len(index) != len(world):
+            index = {m.host_id: m.machine_id for m in world.values() if m.host_id}
+            self._by_host[self.name] = index
+        return index
 
     async def wait_ready(self, machine: Machine, timeout: float) -> Machine:
         await self.fault.check("wait_ready")
         return self.world[machine.machine_id]
 
     async def find(self, host_id: str) -> Machine | None:
-        return next((m for m in self.world.values() if m.host_id == host_id), None)
+        machine = self.world.get(self._index().get(host_id, ""))
+        return machine if machine is not None and machine.host_id == host_id else None
 
     async def power_state(self, machine_id: str) -> PowerState:
         machine = self.world.get(machine_id)
@@ -98,7 +112,9 @@ class MemoryProvider(Provider):
         await self.fault.check("destroy")
         machine = await self.find(host_id)
         if machine is not None:
+            index = self._index()
             del self.world[machine.machine_id]
+            index.pop(host_id, None)
             journal.append(("destroy", self.name, machine.name))
 
     async def list_owned(self) -> list[Machine]:

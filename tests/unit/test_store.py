@@ -8,6 +8,7 @@ from pathlib import Path
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
+from alembic.script import ScriptDirectory
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from sqlalchemy import create_engine
@@ -50,4 +51,16 @@ def test_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None:
     store.migrate(f"sqlite:///{path}")
     with sqlite3.connect(path) as db:
         assert db.execute("SELECT name, state, state_since FROM hosts").fetchall() == [("a", "ready", 42.0)]
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
+        head = ScriptDirectory(str(Path(store.__file__).parent / "migrations")).get_current_head()
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (head,)
+
+
+def test_the_engines_queue_index_names_exactly_the_resting_states() -> None:
+    """The partial index's WHERE is written out literally (SQLite needs the query to repeat it):
+    it must exclude exactly the states the engine has no work for."""
+    from governord.models import ACTIVE_STATES, HostState
+    from governord.schema import WORKING
+
+    resting = {state.value for state in HostState} - {state.value for state in ACTIVE_STATES}
+    listed = set(str(WORKING).split("NOT IN (")[1].rstrip(")").replace("'", "").replace(" ", "").split(","))
+    assert listed == resting
