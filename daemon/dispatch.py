@@ -62,7 +62,8 @@ class Dispatcher:
         try:
             value = impl.function(**args)
             if inspect.isawaitable(value):
-                value = await asyncio.wait_for(value, timeout=self.timeout)
+                async with asyncio.timeout(self.timeout):  # unlike wait_for, no task per call
+                    value = await value
         except asyncio.CancelledError:
             raise
         except TimeoutError:
