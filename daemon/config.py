@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
 from .errors import ConfigError
+from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
 
@@ -96,6 +97,23 @@ class TLSSection(StrictModel):
     key: Path | None = None
     #: CA that application client certificates must chain to; empty: governord's own CA
     client_ca: Path | None = None
+    #: that CA's certificate revocation list(s), PEM; re-read on SIGHUP and when the file changes
+    client_crl: Path | None = None
+
+    @field_validator("client_crl")
+    @classmethod
+    def _usable_crl(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        client_ca = info.data.get("client_ca")
+        if client_ca is None:
+            raise ValueError("a CRL needs the site CA that signed it: set client_ca as well "
+                             "(governord's own CA revokes through `governord-ctl apps revoke`)")
+        try:
+            load_revocation_lists(value, client_ca)
+        except RevocationListError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ApiSection(StrictModel):
