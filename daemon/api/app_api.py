@@ -160,7 +160,9 @@ async def list_hosts(request: web.Request) -> web.Response:
 
 
 @endpoints.add("POST", "/v1/webhooks/openshift",
-               "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application)",
+               "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application): "
+               "deploy, post_deploy or teardown of a component, mapped to a scale request by the application's "
+               "webhook rules",
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
                           401: schemas.Error, 404: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
                           422: schemas.Error})
@@ -184,15 +186,14 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or None
         raise RequestError(422, f"{where}: {err['msg']}" if where else err["msg"], field=where) from None
-    rule = next((r for r in section.webhook.rules if r.event == event.event
-                 and r.component in (None, event.component)), None)
+    rule = section.webhook.rule_for(event.event, event.component)
     if rule is None:
         return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",
                                             "reason": f"no rule for {event.event} of {event.component or 'any'}",
                                             "request": None})
     # the delivery id is the idempotency key: a retried delivery returns the first outcome
-    decision = await runtime.governor.scale(app, rule.role, add=rule.add, count=rule.count,
-                                            actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
+    decision = await runtime.governor.scale_by_rule(app, rule, component=event.deployed_component,
+                                                    actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
     status = await runtime.governor.request_status(decision.request)
     code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
     return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],

@@ -49,5 +49,6 @@ def test_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None:
         )
     store.migrate(f"sqlite:///{path}")
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT name, state, state_since FROM hosts").fetchall() == [("a", "ready", 42.0)]
-        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0004",)
+        assert db.execute("SELECT name, state, state_since, component FROM hosts").fetchall() == [
+            ("a", "ready", 42.0, None)]
+        assert db.execute("SELECT version_num FROM alembic_version").fetchone() == ("0005",)
