@@ -137,15 +137,8 @@ class ReportingSSLObject(ssl.SSLObject):
             if gate is not None:
                 gate.report(self, exc, _peer_of_caller())
             raise
-        finally:
-            if self.client_certificate_message is not None and self._handshake_over():
-                self.client_certificate_message = None
-
-    def _handshake_over(self) -> bool:
-        try:
-            return self.version() is not None
-        except ssl.SSLError:
-            return True
+        # done: the certificate is getpeercert()'s now
+        self.client_certificate_message = None
 
 
 class _ApiContext(ssl.SSLContext):
