@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
 from .errors import ConfigError
+from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
 
@@ -96,6 +97,23 @@ class TLSSection(StrictModel):
     key: Path | None = None
     #: CA that application client certificates must chain to; empty: governord's own CA
     client_ca: Path | None = None
+    #: that CA's certificate revocation list(s), PEM; re-read on SIGHUP and when the file changes
+    client_crl: Path | None = None
+
+    @field_validator("client_crl")
+    @classmethod
+    def _usable_crl(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if value is None:
+            return None
+        client_ca = info.data.get("client_ca")
+        if client_ca is None:
+            raise ValueError("a CRL needs the site CA that signed it: set client_ca as well "
+                             "(governord's own CA revokes through `governord-ctl apps revoke`)")
+        try:
+            load_revocation_lists(value, client_ca)
+        except RevocationListError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
 
 class ApiSection(StrictModel):
@@ -194,21 +212,31 @@ class RoleSection(StrictModel):
 
 
 class WebhookRule(StrictModel):
-    #: the deploy-hook event this rule answers: "deploy" or "post_deploy"
-    event: Literal["deploy", "post_deploy"] = "deploy"
-    #: only for this deployed component (GOVERNORD_COMPONENT in the hook); empty: any
+    """What one kind of deploy-hook event asks for. The *deployed component* of an event is
+    ``NAMESPACE/COMPONENT`` (``COMPONENT``: GOVERNORD_COMPONENT in the hook, else the OpenShift
+    application or DeploymentConfig); the hosts an ``add`` or ``keep`` rule makes belong to it."""
+
+    #: the event this rule answers: "deploy", "post_deploy", or "teardown" (the component is gone)
+    event: Literal["deploy", "post_deploy", "teardown"] = "deploy"
+    #: only for this component (GOVERNORD_COMPONENT in the hook); empty: any
     component: str | None = None
     #: the role the request is for
     role: str
-    #: ask for this many more hosts ...
+    #: ask for this many more hosts, for the deployed component ...
     add: int | None = Field(default=None, ge=1, le=1000)
-    #: ... or keep this many hosts of the role
+    #: ... or keep this many hosts of the role in all, whatever component made them ...
     count: int | None = Field(default=None, ge=0, le=10000)
+    #: ... or keep this many hosts of the role for the deployed component (adding or releasing
+    #: the difference; each component counted on its own); on teardown, 0 releases them
+    keep: int | None = Field(default=None, ge=0, le=10000)
 
     @model_validator(mode="after")
     def _one_of(self) -> WebhookRule:
-        if (self.add is None) == (self.count is None):
-            raise ValueError("give exactly one of add and count")
+        given = [name for name in ("add", "count", "keep") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of add, count and keep (got {', '.join(given) or 'none'})")
+        if self.event == "teardown" and self.keep != 0:
+            raise ValueError("a teardown rule releases the component's hosts: give keep = 0")
         return self
 
 
@@ -219,6 +247,10 @@ class WebhookSection(StrictModel):
     tolerance: float = Field(default=300.0, gt=0, le=3600)
     #: what an event asks for; the first rule that matches the event and component applies
     rules: list[WebhookRule] = Field(default_factory=list)
+
+    def rule_for(self, event: str, component: str | None) -> WebhookRule | None:
+        """The first rule for ``event`` whose component is ``component`` or unset."""
+        return next((r for r in self.rules if r.event == event and r.component in (None, component)), None)
 
 
 class ApplicationSection(StrictModel):

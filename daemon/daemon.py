@@ -5,7 +5,8 @@ Order of start-up: plugins are loaded and the config is validated before anythin
 the state directory is locked, the store opened and migrated, the engine started, both
 listeners opened, and only then READY=1 is sent.
 
-SIGHUP reloads the config (an invalid one is refused and the old one stays). SIGTERM stops
+SIGHUP reloads the config (an invalid one is refused and the old one stays) and the site CA's
+CRL (a bad one is logged and the old one stays). SIGTERM stops
 taking requests, lets running steps finish for ``shutdown_grace`` seconds, parks the rest
 (they resume at the next start) and exits 0.
 """
@@ -25,10 +26,12 @@ from typing import Any
 from aiohttp import web
 
 from .api.admin_api import create_admin_api
-from .api.app_api import create_app_api, server_ssl_context
+from .api.app_api import create_app_api
+from .api.tls import ApplicationTLS
 from .config import Config, load_config, read_toml
 from .errors import ConfigError
 from .logs import setup_logging
+from .pki import RevocationListError
 from .pluginmanager import PluginLoadError, PluginManager
 from .runtime import Runtime
 from .systemd import keep_watchdog_alive, notify, watchdog_interval
@@ -82,6 +85,7 @@ class Daemon:
         self.runtime: Runtime | None = None
         self._lock_fd: int | None = None
         self._reloading: asyncio.Task[None] | None = None
+        self.tls: ApplicationTLS | None = None
 
     def _lock_state_dir(self, state_dir: Path) -> bool:
         state_dir.mkdir(parents=True, exist_ok=True, mode=0o750)
@@ -119,12 +123,19 @@ class Daemon:
         await runtime.start()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)
-        app_runner = web.AppRunner(create_app_api(runtime), access_log=None)
+        try:
+            self.tls = ApplicationTLS(certificate=certificate, key=key, client_ca=client_ca,
+                                      client_crl=api.tls.client_crl, count=runtime.metrics.refused)
+        except RevocationListError as exc:  # it changed since the config was checked
+            await runtime.stop()
+            print(f"governord: configuration error: {ConfigError(self.config_path, 'api.tls.client_crl', str(exc))}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
+        app_runner = web.AppRunner(create_app_api(runtime, self.tls), access_log=None)
         admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None)
         await app_runner.setup()
         await admin_runner.setup()
-        tls_site = web.TCPSite(app_runner, api.listen, api.port,
-                               ssl_context=server_ssl_context(certificate, key, client_ca))
+        tls_site = web.TCPSite(app_runner, api.listen, api.port, ssl_context=self.tls.context)
         await tls_site.start()
         port = app_runner.addresses[0][1]
         (state_dir / "api.port").write_text(f"{port}\n")
@@ -177,6 +188,8 @@ class Daemon:
         self.config = config
         if self.runtime is not None:
             await self.runtime.reload(config)
+        if self.tls is not None:
+            self.tls.reload_crl("SIGHUP")
         setup_logging(config.daemon.log_level)
         log.info("configuration reloaded", extra={"config": self.config_path})
         notify("READY=1", "STATUS=configuration reloaded")

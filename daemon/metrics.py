@@ -1,5 +1,6 @@
 """Prometheus metrics. Host counts are read from the store at scrape time, so they are right
-after a restart; transitions and hook failures are counted as they happen."""
+after a restart; transitions, hook failures and the application API's refusals are counted as
+they happen."""
 
 from __future__ import annotations
 
@@ -31,6 +32,16 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge("governord_steps_in_flight", "Host steps running now", registry=self.registry)
+        self.api_refusals = Counter(
+            "governord_api_refusals",
+            "Connections and requests the application API refused, by reason (e.g. unknown_ca, expired, "
+            "revoked_by_crl) and stage (handshake: the TLS handshake failed; request: refused before the rules)",
+            ["reason", "stage"], registry=self.registry,
+        )
+
+    def refused(self, reason: str, stage: str) -> None:
+        """Count one refusal of the application API."""
+        self.api_refusals.labels(reason, stage).inc()
 
     def transition(self, row: Row, previous: str) -> None:
         self.transitions.labels(previous, row["state"]).inc()

@@ -1,12 +1,14 @@
 """governord's own certificate authority: created on first start in the state directory, it
 issues the API server's certificate and one client certificate per application (an application
-is identified by its certificate's common name)."""
+is identified by its certificate's common name). And a site CA's revocation lists, when a site
+CA issues the applications' certificates instead (``api.tls.client_ca`` and ``client_crl``)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,3 +125,78 @@ class CertificateAuthority:
         _write_private(pair.key, _key_pem(key))
         pair.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pair
+
+
+# --- a site CA's certificate revocation lists ----------------------------------------------
+
+_PEM_CRL = re.compile(rb"-----BEGIN X509 CRL-----\r?\n.+?\r?\n-----END X509 CRL-----", re.DOTALL)
+_PEM_CERT = re.compile(rb"-----BEGIN CERTIFICATE-----\r?\n.+?\r?\n-----END CERTIFICATE-----", re.DOTALL)
+
+
+class RevocationListError(ValueError):
+    """A CRL file governord cannot use; the message says why, naming the file."""
+
+
+@dataclass(frozen=True)
+class RevocationLists:
+    """The CRLs of a site CA (one per issuing CA), checked against the CAs they speak for.
+
+    ``pem`` is exactly the text that was checked, so what OpenSSL loads is what was validated.
+    """
+
+    path: Path
+    pem: bytes
+    crls: tuple[x509.CertificateRevocationList, ...]
+
+    def is_revoked(self, certificate: x509.Certificate) -> bool:
+        """Whether a CRL from ``certificate``'s issuer lists its serial number."""
+        for crl in self.crls:
+            if crl.issuer == certificate.issuer and \
+                    crl.get_revoked_certificate_by_serial_number(certificate.serial_number) is not None:
+                return True
+        return False
+
+    def stale(self, now: datetime.datetime | None = None) -> list[str]:
+        """Issuers whose CRL is past its next update (OpenSSL then refuses their clients)."""
+        now = now or datetime.datetime.now(datetime.timezone.utc)
+        return [crl.issuer.rfc4514_string() for crl in self.crls
+                if crl.next_update_utc is not None and crl.next_update_utc < now]
+
+
+def load_revocation_lists(path: Path, ca_file: Path) -> RevocationLists:
+    """Read the PEM CRLs in ``path`` and check that each is signed by a CA in ``ca_file``.
+
+    :raises RevocationListError: unreadable file, no CRL in it, a CRL that does not parse, or
+        one no CA of ``ca_file`` signed.
+    """
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise RevocationListError(f"cannot read CRL file {path}: {exc.strerror}") from None
+    blocks = _PEM_CRL.findall(data)
+    if not blocks:
+        raise RevocationListError(f"{path} holds no PEM CRL (-----BEGIN X509 CRL-----)")
+    try:
+        cas = [x509.load_pem_x509_certificate(block) for block in _PEM_CERT.findall(ca_file.read_bytes())]
+    except (OSError, ValueError) as exc:
+        raise RevocationListError(f"cannot read the CA certificates in {ca_file}: {exc}") from None
+    crls = []
+    for index, block in enumerate(blocks, 1):
+        try:
+            crl = x509.load_pem_x509_crl(block)
+        except ValueError as exc:
+            raise RevocationListError(f"CRL {index} in {path} does not parse: {exc}") from None
+        issuers = [ca for ca in cas if ca.subject == crl.issuer]
+        if not any(_signed_by(crl, ca) for ca in issuers):
+            problem = "its signature does not verify" if issuers else "no CA there has its issuer's name"
+            raise RevocationListError(f"CRL {index} in {path} (issuer {crl.issuer.rfc4514_string()}) is not "
+                                      f"signed by a CA in {ca_file}: {problem}")
+        crls.append(crl)
+    return RevocationLists(path, b"\n".join(blocks) + b"\n", tuple(crls))
+
+
+def _signed_by(crl: x509.CertificateRevocationList, ca: x509.Certificate) -> bool:
+    try:
+        return crl.is_signature_valid(ca.public_key())  # type: ignore[arg-type]
+    except (TypeError, ValueError):  # a key type CRLs cannot be signed with
+        return False

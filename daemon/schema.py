@@ -45,6 +45,8 @@ hosts = Table(
     Column("address", String(64)),
     Column("profile", JSON, nullable=False),
     Column("request_id", String(36)),
+    #: the deployed component (NAMESPACE/NAME) whose webhook rule made the host, if one did
+    Column("component", String(255)),
     #: set by a retirement that arrives while a step is running; acted on after it
     Column("retire_requested", Boolean, nullable=False, server_default=text("0")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),

@@ -21,11 +21,11 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
-from sqlalchemy import update
+from sqlalchemy import case, update
 from sqlalchemy.exc import IntegrityError
 
 from . import callbacks
-from .config import Config, Placement
+from .config import Config, Placement, WebhookRule
 from .engine import STATE_OF_STEP, Engine, address_range
 from .schema import hosts
 from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState
@@ -105,20 +105,26 @@ class Governor:
         actor: str,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        component: str | None = None,
     ) -> Decision:
         """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
         releasing the difference), decided by the application's rules. With ``callback_url`` the
-        application is sent the outcome, signed, once the request is done."""
+        application is sent the outcome, signed, once the request is done.
+
+        With ``component`` (a deployed component, ``NAMESPACE/NAME``) the new hosts belong to it,
+        and ``count`` counts only its hosts of the role: releases pick among them."""
         self._check_scale(app, role, add, count)
         self._check_callback(app, callback_url)
-        params = {"role": role, "add": add, "count": count}
+        params: dict[str, Any] = {"role": role, "add": add, "count": count}
+        if component is not None:
+            params["component"] = component
         async with self._lock(app):
             async with self.store.transaction() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
                         return Decision(earlier, replayed=True)
-                plan = await self.plan_scale(conn, app, role, add=add, count=count)
+                plan = await self.plan_scale(conn, app, role, add=add, count=count, component=component)
                 request = await self.store.insert_request(
                     conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
                     params=params, state=plan.decision, reason=plan.reason,
@@ -128,6 +134,22 @@ class Governor:
                     await callbacks.enqueue(conn, request_id=request["id"], app=app, url=callback_url)
         self.engine.wake()
         return Decision(request)
+
+    async def scale_by_rule(
+        self, app: str, rule: WebhookRule, *, component: str, actor: str, idempotency_key: str | None,
+    ) -> Decision:
+        """The scale request a webhook rule makes of an event from ``component`` (its deployed
+        component, ``NAMESPACE/NAME``): ``add`` hosts for the component; ``count`` hosts of the
+        role in all, whoever made them; ``keep`` hosts of the role for the component alone
+        (a teardown rule keeps 0: the component's hosts are released). The application's caps,
+        cooldown, approval, minimum and deletion policy decide it like any other request."""
+        if rule.keep is not None:
+            return await self.scale(app, rule.role, count=rule.keep, component=component, actor=actor,
+                                    idempotency_key=idempotency_key)
+        if rule.add is not None:
+            return await self.scale(app, rule.role, add=rule.add, component=component, actor=actor,
+                                    idempotency_key=idempotency_key)
+        return await self.scale(app, rule.role, count=rule.count, actor=actor, idempotency_key=idempotency_key)
 
     def _check_callback(self, app: str, url: str | None) -> None:
         if url is None:
@@ -146,15 +168,17 @@ class Governor:
 
     async def plan_scale(
         self, conn: Any, app: str, role: str, *, add: int | None, count: int | None, approved: bool = False,
+        component: str | None = None,
     ) -> Plan:
-        """Decide a scale request against the application's rules, without changing anything."""
+        """Decide a scale request against the application's rules, without changing anything.
+        With ``component``, ``count`` is the number of that component's hosts of the role."""
         section = self._app(app)
         live_app = await self.store.live_count(conn, app)
         kept: list[Row] = []
         if add is not None:
             wanted = add
         else:
-            kept = await self._kept_hosts(app, role)  # whole rows: the deletion policy may pick from them
+            kept = await self._kept_hosts(app, role, component)  # whole rows: the deletion policy picks
             wanted = count - len(kept)  # type: ignore[operator]
         if wanted < 0:
             kept_app = len(await self._kept_hosts(app, None))
@@ -165,7 +189,8 @@ class Governor:
                         f"releasing {-wanted} ({section.deletion_policy} first)",
                         release=self._victims(kept, -wanted, section.deletion_policy))
         if wanted == 0:
-            return Plan("accepted", "nothing", f"{role} has {len(kept)} hosts already")
+            whose = f"{role} of {component}" if component is not None else role
+            return Plan("accepted", "nothing", f"{whose} has {len(kept)} hosts already")
         if live_app + wanted > section.max_hosts:
             return Plan("declined", "max_hosts", f"cap reached: application {app} may have {section.max_hosts} "
                         f"hosts, has {live_app} (in flight included), asked for {wanted} more")
@@ -236,7 +261,7 @@ class Governor:
                     "name": name, "fqdn": f"{name}.{domain}" if domain else name, "app": app, "role": role,
                     "origin": HostOrigin.PROVISIONED, "tags": list(role_cfg.tags), "provider": placement.provider,
                     "network": placement.network, "profile": placement.profile.model_dump(mode="json"),
-                    "request_id": request["id"],
+                    "request_id": request["id"], "component": request["params"].get("component"),
                 })
             host_ids += [row["id"] for row in await self._new_hosts(conn, new_hosts, actor=actor)]
         await self.store.set_request_hosts(conn, request["id"], host_ids)
@@ -307,7 +332,8 @@ class Governor:
                     return row
                 params = row["params"]
                 plan = await self.plan_scale(conn, row["app"], params["role"], add=params["add"],
-                                             count=params["count"], approved=True)
+                                             count=params["count"], approved=True,
+                                             component=params.get("component"))
                 reason = f"approved by {actor}: {comment}" if plan.decision == "accepted" else plan.reason
                 await self.store.set_request_state(conn, request_id, plan.decision, reason)
                 row.update(state=plan.decision, reason=reason)
@@ -317,10 +343,11 @@ class Governor:
         self.engine.wake()
         return row
 
-    async def _kept_hosts(self, app: str, role: str | None) -> list[Row]:
-        """The application's live hosts that are not on their way out."""
+    async def _kept_hosts(self, app: str, role: str | None, component: str | None = None) -> list[Row]:
+        """The application's live hosts (of ``role``, of ``component``) that are not on their way out."""
         rows = await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
-        return [h for h in rows if h["state"] not in _LEAVING and not h["retire_requested"]]
+        return [h for h in rows if h["state"] not in _LEAVING and not h["retire_requested"]
+                and (component is None or h["component"] == component)]
 
     def _domain(self, network: str | None) -> str | None:
         if network is None:
@@ -391,19 +418,32 @@ class Governor:
     # -- operator actions on one host -----------------------------------------------------------
 
     async def _mark_retire(self, conn: Any, rows: list[Row], actor: str, request_id: str | None) -> None:
-        resting = [r["id"] for r in rows if r["state"] in (HostState.READY.value, HostState.FAILED.value)]
-        working = [r["id"] for r in rows if r["state"] not in (HostState.READY.value, HostState.FAILED.value)]
-        if working:
-            await conn.execute(update(hosts).where(hosts.c.id.in_(working))
-                               .values(retire_requested=True, next_attempt_at=0.0))
-        if resting:
-            # resting hosts are not leased by the engine: move them straight on
-            await conn.execute(update(hosts).where(hosts.c.id.in_(resting)).values(
-                state=HostState.RETIRING.value, retire_requested=False, attempts=0, failed_step=None, error=None,
-                next_attempt_at=0.0, state_since=time.time()))
+        # Resting hosts are not leased by the engine: move them straight on; a host in flight is
+        # flagged, and the engine retires it after its step. Decided in the one UPDATE, on the
+        # state each row has then: ``rows`` may be older, and a host that reached ready since
+        # would keep a flag nobody acts on.
+        if not rows:
+            return
+        resting = hosts.c.state.in_([HostState.READY.value, HostState.FAILED.value])
+
+        def when_resting(value: Any, otherwise: Any) -> Any:
+            return case((resting, value), else_=otherwise)
+
+        result = await conn.execute(
+            update(hosts).where(hosts.c.id.in_([r["id"] for r in rows])).values(
+                state=when_resting(HostState.RETIRING.value, hosts.c.state),
+                retire_requested=when_resting(False, True),
+                attempts=when_resting(0, hosts.c.attempts),
+                failed_step=when_resting(None, hosts.c.failed_step),
+                error=when_resting(None, hosts.c.error),
+                state_since=when_resting(time.time(), hosts.c.state_since),
+                next_attempt_at=0.0,
+            ).returning(hosts.c.id, hosts.c.state)
+        )
+        now = dict(result.all())
         await self.store.add_events(conn, [
             {"kind": "retire-requested", "actor": actor, "host_id": r["id"], "request_id": request_id,
-             "detail": {"state": r["state"]}} for r in rows])
+             "detail": {"state": r["state"], "now": now[r["id"]]}} for r in rows])
 
     async def host(self, key: str) -> Row:
         row = await self.store.get_host(key)
@@ -571,6 +611,7 @@ def host_summary(row: Row) -> dict[str, Any]:
         "fqdn": row["fqdn"],
         "app": row["app"],
         "role": row["role"],
+        "component": row["component"],
         "origin": row["origin"],
         "state": row["state"],
         "failed_step": row["failed_step"],

@@ -243,19 +243,21 @@ _HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]
 
 
 class DeployEvent(BaseModel):
-    """The JSON body ``hooks/openshift/deploy`` and ``post_deploy`` send.
+    """The JSON body ``hooks/openshift/deploy``, ``post_deploy`` and ``teardown`` send.
 
     On OpenShift v2 they run as action hooks in a gear; on v4 as the command of a
     DeploymentConfig lifecycle-hook pod (``deploy`` as the ``pre`` hook, ``post_deploy`` as
-    ``post``). Which governord application sent it is known from the secret that verified it,
+    ``post``). OpenShift has no hook for a component's removal: ``teardown`` is run, with the
+    same environment, by whoever removes it. Which governord application sent it is known from the secret that verified it,
     not from this body.
     """
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
 
-    event: Literal["deploy", "post_deploy"] = Field(
+    event: Literal["deploy", "post_deploy", "teardown"] = Field(
         description="deploy: before the new code starts (v2 deploy, v4 pre); "
-        "post_deploy: after it started (v2 post_deploy, v4 post)")
+        "post_deploy: after it started (v2 post_deploy, v4 post); "
+        "teardown: the component is going away (run by whoever removes it)")
     openshift_version: Literal["v2", "v4"]
     app: str = Field(min_length=1, max_length=253, pattern=_K8S_NAME,
                      description="v2 OPENSHIFT_APP_NAME; v4 the DeploymentConfig's name "
@@ -276,6 +278,14 @@ class DeployEvent(BaseModel):
                                description="v2 OPENSHIFT_DEPLOYMENT_BRANCH")
     pod: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$",
                             description="v4 the hook pod's name (HOSTNAME)")
+
+    @property
+    def deployed_component(self) -> str:
+        """``NAMESPACE/COMPONENT``: what governord attributes the hosts an event's rule makes to.
+        COMPONENT is the event's ``component``, else its ``app`` (the v2 application, the v4
+        DeploymentConfig), so one DeploymentConfig is one component without any set-up, and the
+        same name in two namespaces is two components."""
+        return f"{self.namespace}/{self.component or self.app}"
 
     @model_validator(mode="after")
     def _fields_of_its_generation(self) -> DeployEvent:

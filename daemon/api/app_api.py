@@ -1,8 +1,12 @@
 """The applications' API: HTTPS, an application identified by its client certificate.
 
-The TLS listener asks for a client certificate and verifies any it is given against the
-configured CA; ``/v1`` refuses a connection that presented none or whose common name is no
-configured application. ``/healthz``, ``/metrics`` and ``/openapi.json`` need no certificate.
+The TLS listener (:mod:`governord.api.tls`) asks for a client certificate and verifies any it
+is given against the configured CA (and its CRL); a refused handshake is logged and counted
+there. ``/v1`` then refuses, before any rule sees the request, a connection that presented no
+certificate, one governord revoked, one past its dates or revoked by the CRL since the
+connection was opened, and one whose common name is no configured application; each refusal is
+logged with its reason and counted (``governord_api_refusals_total``). ``/healthz``,
+``/metrics`` and ``/openapi.json`` need no certificate.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from .. import webhooks
 from ..service import RequestError, host_summary
 from . import schemas
 from .common import Endpoints, error_response, errors_middleware, healthz, parse_body, reply
+from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -26,6 +31,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 runtime_key = web.AppKey("runtime", "Runtime")
+tls_key = web.AppKey("tls", ApplicationTLS)
 app_key = web.AppKey("application", str)
 
 endpoints = Endpoints(
@@ -54,6 +60,14 @@ def _common_name(peercert: dict[str, Any] | None) -> str | None:
 SIGNED_PATHS = ("/v1/webhooks/",)
 
 
+def _refuse(runtime: Runtime, status: int, reason: str, description: str, message: str,
+            **fields: Any) -> web.Response:
+    """Log and count a refusal at the request stage (the handshake stage is in .tls)."""
+    runtime.metrics.refused(reason, "request")
+    log.warning("refused: %s", description, extra={"reason": reason, "stage": "request", **fields})
+    return error_response(status, message)
+
+
 @web.middleware
 async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     if not request.path.startswith("/v1/") or request.path.startswith(SIGNED_PATHS):
@@ -62,17 +76,33 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     transport = request.transport
     peercert = transport.get_extra_info("peercert") if transport else None
     cn = _common_name(peercert)
+    peer = request.remote
     if cn is None:
-        log.warning("refused: no client certificate", extra={"peer": request.remote})
-        return error_response(401, "a client certificate issued to the application is required")
-    serial = format(int(peercert.get("serialNumber", "0"), 16), "x") if peercert else ""
-    if serial and await runtime.certificates.revoked(serial):
-        log.warning("refused: revoked certificate", extra={"cn": cn, "serial": serial, "peer": request.remote})
-        return error_response(403, f"certificate {serial} of {cn!r} is revoked")
+        return _refuse(runtime, 401, "no_certificate", "no client certificate",
+                       "a client certificate issued to the application is required", peer=peer)
+    assert peercert is not None
+    serial = format(int(peercert.get("serialNumber", "0"), 16), "x")
+    # The handshake checked dates and the CRL; a connection kept alive since may have outlived both.
+    not_after = peercert.get("notAfter")
+    if not_after and ssl.cert_time_to_seconds(not_after) < time.time():
+        return _refuse(runtime, 403, "expired", "expired", f"certificate {serial} of {cn!r} has expired",
+                       cn=cn, serial=serial, peer=peer)
+    tls: ApplicationTLS | None = request.app.get(tls_key)
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    if tls is not None and tls.client_crl is not None and ssl_object is not None:
+        der = ssl_object.getpeercert(binary_form=True)
+        if der and tls.revoked_by_crl(der):
+            return _refuse(runtime, 403, "revoked_by_crl", "revoked by CRL",
+                           f"certificate {serial} of {cn!r} is revoked by its CA's CRL", cn=cn, serial=serial,
+                           peer=peer)
+    if await runtime.certificates.revoked(serial):
+        return _refuse(runtime, 403, "revoked", "revoked certificate", f"certificate {serial} of {cn!r} is revoked",
+                       cn=cn, serial=serial, peer=peer)
     apps = {(section.certificate_cn or name): name for name, section in runtime.config.applications.items()}
     if cn not in apps:
-        log.warning("refused: unknown application certificate", extra={"cn": cn, "peer": request.remote})
-        return error_response(403, f"certificate {cn!r} does not belong to a configured application")
+        return _refuse(runtime, 403, "unknown_application", "unknown application certificate",
+                       f"certificate {cn!r} does not belong to a configured application", cn=cn, serial=serial,
+                       peer=peer)
     request[app_key] = apps[cn]
     return await handler(request)
 
@@ -130,7 +160,9 @@ async def list_hosts(request: web.Request) -> web.Response:
 
 
 @endpoints.add("POST", "/v1/webhooks/openshift",
-               "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application)",
+               "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application): "
+               "deploy, post_deploy or teardown of a component, mapped to a scale request by the application's "
+               "webhook rules",
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
                           401: schemas.Error, 404: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
                           422: schemas.Error})
@@ -154,15 +186,14 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or None
         raise RequestError(422, f"{where}: {err['msg']}" if where else err["msg"], field=where) from None
-    rule = next((r for r in section.webhook.rules if r.event == event.event
-                 and r.component in (None, event.component)), None)
+    rule = section.webhook.rule_for(event.event, event.component)
     if rule is None:
         return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",
                                             "reason": f"no rule for {event.event} of {event.component or 'any'}",
                                             "request": None})
     # the delivery id is the idempotency key: a retried delivery returns the first outcome
-    decision = await runtime.governor.scale(app, rule.role, add=rule.add, count=rule.count,
-                                            actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
+    decision = await runtime.governor.scale_by_rule(app, rule, component=event.deployed_component,
+                                                    actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
     status = await runtime.governor.request_status(decision.request)
     code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
     return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],
@@ -180,20 +211,15 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=await runtime.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def create_app_api(runtime: Runtime) -> web.Application:
+def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None) -> web.Application:
+    """The application API; ``tls`` is the listener's :class:`~governord.api.tls.ApplicationTLS`,
+    whose site-CA CRL is also checked per request."""
     app = web.Application(
         middlewares=[errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
     )
     app[runtime_key] = runtime
+    if tls is not None:
+        app[tls_key] = tls
     app["max_body"] = runtime.config.api.max_body_bytes
     endpoints.install(app)
     return app
-
-
-def server_ssl_context(certificate: str, key: str, client_ca: str) -> ssl.SSLContext:
-    """TLS 1.2+, client certificates requested and verified against ``client_ca`` when sent."""
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=client_ca)
-    context.minimum_version = ssl.TLSVersion.TLSv1_2
-    context.load_cert_chain(certificate, key)
-    context.verify_mode = ssl.CERT_OPTIONAL
-    return context

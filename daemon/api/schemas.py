@@ -67,6 +67,8 @@ class Host(BaseModel):
     fqdn: str
     app: str | None
     role: str | None
+    component: str | None = Field(None, description="the deployed component (NAMESPACE/NAME) whose webhook "
+                                  "rule made the host, if one did")
     origin: str
     state: str
     failed_step: str | None

@@ -35,7 +35,7 @@ from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ROOT / "hooks" / "openshift"
-SCRIPTS = ["deploy", "post_deploy", "lib/governord-hook.sh"]
+SCRIPTS = ["deploy", "post_deploy", "teardown", "lib/governord-hook.sh"]
 SECRET = "s3cr3t-for-the-shop-application"
 
 # what a v2 gear's environment holds (names from the OSE 2 cartridge guide; values made up)
@@ -193,7 +193,7 @@ def only(gov: Governor) -> Delivery:
 
 
 @pytest.mark.parametrize("shell", ["sh", "bash"])
-@pytest.mark.parametrize("event", ["deploy", "post_deploy"])
+@pytest.mark.parametrize("event", ["deploy", "post_deploy", "teardown"])
 async def test_v2_action_hook(governor: Governor, pki: Pki, v2_repo: Path, tmp_path: Path,
                               shell: str, event: str) -> None:
     env = base_env(tmp_path, governor, pki, **V2_ENV, OPENSHIFT_REPO_DIR=str(v2_repo.parents[1]))
@@ -221,7 +221,7 @@ async def test_v2_action_hook(governor: Governor, pki: Pki, v2_repo: Path, tmp_p
     assert f"delivery {delivery}" in result.stderr
 
 
-@pytest.mark.parametrize("event", ["deploy", "post_deploy"])
+@pytest.mark.parametrize("event", ["deploy", "post_deploy", "teardown"])
 async def test_v4_lifecycle_hook_pod(governor: Governor, pki: Pki, tmp_path: Path, event: str) -> None:
     env = base_env(tmp_path, governor, pki, **V4_ENV, GOVERNORD_COMPONENT="web",
                    GOVERNORD_DNS="shop.apps.example.com", GOVERNORD_APPLICATION="webshop")
@@ -297,6 +297,7 @@ async def test_422_names_the_field(governor: Governor, pki: Pki, tmp_path: Path)
 @pytest.mark.parametrize(("event", "fail_open", "expected"), [
     ("deploy", None, 1), ("deploy", "1", 0), ("deploy", "0", 1),
     ("post_deploy", None, 0), ("post_deploy", "0", 1), ("post_deploy", "1", 0),
+    ("teardown", None, 1), ("teardown", "1", 0),
 ])
 async def test_failure_policy(governor: Governor, pki: Pki, tmp_path: Path,
                               event: str, fail_open: str | None, expected: int) -> None:

@@ -4,8 +4,10 @@ listeners serve, checked against every response this test receives."""
 from __future__ import annotations
 
 import asyncio
+import datetime
 import json
 import re
+import signal
 import ssl
 import time
 from pathlib import Path
@@ -14,6 +16,10 @@ from typing import Any
 import aiohttp
 import jsonschema
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from governord.api import admin_api, app_api
 from governord.pki import CertificateAuthority
@@ -263,3 +269,250 @@ async def test_a_revoked_certificate_is_refused_at_once(lab: Lab, governord: Gov
     [app] = [a for a in governord.ctl_json("apps", "list") if a["name"] == "demo"]
     assert len(app["certificates"]) == 2 and all(c["revoked_at"] for c in app["certificates"])
     assert "refused: revoked certificate" in governord.log.read_text()
+
+
+# --- refusals in the TLS handshake, and a site CA with its CRL ------------------------------------
+
+NOW = datetime.datetime.now(datetime.timezone.utc)
+DAY = datetime.timedelta(days=1)
+
+
+class MadeCA:
+    """A CA made here with ``cryptography``: governord's own (loaded from its state directory)
+    or a site's, issuing client certificates with any dates, and CRLs."""
+
+    def __init__(self, cert: x509.Certificate, key: ec.EllipticCurvePrivateKey, directory: Path) -> None:
+        self.cert, self.key, self.directory = cert, key, directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.path = directory / "ca.pem"
+        self.path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+
+    @classmethod
+    def new(cls, name: str, directory: Path) -> MadeCA:
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(NOW - DAY)
+                .not_valid_after(NOW + 30 * DAY)
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
+                                             content_commitment=False, key_encipherment=False,
+                                             data_encipherment=False, key_agreement=False, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .sign(key, hashes.SHA256()))
+        return cls(cert, key, directory)
+
+    @classmethod
+    def governords(cls, daemon: Governord, directory: Path) -> MadeCA:
+        pki = daemon.state_dir / "pki"
+        key = serialization.load_pem_private_key((pki / "ca.key").read_bytes(), password=None)
+        assert isinstance(key, ec.EllipticCurvePrivateKey)
+        return cls(x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes()), key, directory)
+
+    def issue(self, cn: str, stem: str, *, not_before: datetime.datetime = NOW - DAY,
+              not_after: datetime.datetime = NOW + 10 * DAY) -> dict[str, Any]:
+        key = ec.generate_private_key(ec.SECP256R1())
+        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+                .issuer_name(self.cert.subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
+                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+                .sign(self.key, hashes.SHA256()))
+        cert_path, key_path = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
+        cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+        key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                               serialization.NoEncryption()))
+        return {"certificate": str(cert_path), "key": str(key_path), "serial": cert.serial_number,
+                "subject": f"CN={cn}"}
+
+    def write_crl(self, path: Path, revoked: list[int]) -> None:
+        """Write a CRL revoking ``revoked`` to ``path`` the way a site would: a new file renamed
+        over the old one."""
+        builder = (x509.CertificateRevocationListBuilder().issuer_name(self.cert.subject)
+                   .last_update(NOW - datetime.timedelta(minutes=5)).next_update(NOW + 7 * DAY))
+        for serial in revoked:
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(NOW - datetime.timedelta(
+                    minutes=1)).build())
+        fresh = path.with_suffix(".new")
+        fresh.write_bytes(builder.sign(self.key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM))
+        fresh.replace(path)
+
+
+LOGFMT = re.compile(r'(\w+)=("(?:[^"\\]|\\.)*"|\S*)')
+
+
+def log_records(daemon: Governord) -> list[dict[str, str]]:
+    """governord's log lines, parsed from logfmt."""
+    records = []
+    for line in daemon.log.read_text(errors="replace").splitlines():
+        if line.startswith("ts="):
+            records.append({k: (json.loads(v) if v.startswith('"') else v) for k, v in LOGFMT.findall(line)})
+    return records
+
+
+def refusals(daemon: Governord, **match: str) -> list[dict[str, str]]:
+    return [r for r in log_records(daemon)
+            if r.get("msg", "").startswith("refused: ") and all(r.get(k) == v for k, v in match.items())]
+
+
+def refusal_counts(metrics: str) -> dict[tuple[str, str], float]:
+    found = re.findall(r'^governord_api_refusals_total\{reason="([^"]+)",stage="([^"]+)"\} (\S+)$', metrics, re.M)
+    return {(reason, stage): float(value) for reason, stage, value in found}
+
+
+async def _get(base: str, path: str, context: ssl.SSLContext) -> tuple[int, Any]:
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        return await Client(session, base).call("GET", path)
+
+
+async def _refused(base: str, ca: str, cert: dict[str, Any], version: ssl.TLSVersion = ssl.TLSVersion.TLSv1_3) -> None:
+    """A scale request with ``cert`` fails: the server ends the connection in the handshake.
+    (A POST: aiohttp tries an idempotent request that lost its connection a second time.)"""
+    context = _ssl(ca, cert["certificate"], cert["key"])
+    context.maximum_version = version
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=context)) as session:
+        with pytest.raises(aiohttp.ClientError):
+            await Client(session, base).call("POST", "/v1/scale", json={"role": "node", "add": 1})
+
+
+async def test_every_handshake_refusal_is_logged_with_its_reason_and_counted(
+        lab: Lab, governord: Governord, tmp_path: Path) -> None:
+    """Expired, not yet valid and foreign certificates fail in the TLS handshake: each is logged
+    with the reason, OpenSSL's code, the peer and the certificate, counted by reason, and no
+    request reaches the rules."""
+    ca = str(governord.state_dir / "pki" / "ca.pem")
+    base = f"https://127.0.0.1:{governord.api_port}"
+    own = MadeCA.governords(governord, tmp_path / "own")
+    foreign = MadeCA.new("foreign CA", tmp_path / "foreign")
+    cases = {
+        "expired": own.issue("demo", "expired", not_before=NOW - 10 * DAY, not_after=NOW - DAY),
+        "not_yet_valid": own.issue("demo", "future", not_before=NOW + DAY, not_after=NOW + 10 * DAY),
+        "unknown_ca": foreign.issue("demo", "foreign"),
+    }
+    words = {"expired": ("expired", 10), "not_yet_valid": ("not yet valid", 9), "unknown_ca": ("unknown CA", 20)}
+    for reason, cert in cases.items():
+        for version in (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_2):
+            await _refused(base, ca, cert, version)
+        description, code = words[reason]
+        found = wait_until(lambda r=reason: len(refusals(governord, reason=r)) == 2 and refusals(governord, reason=r),
+                           20, what=f"{reason} refusals in the log")
+        for record in found:
+            assert record["msg"] == f"refused: {description}" and record["level"] == "warning", record
+            assert record["stage"] == "handshake" and record["verify_code"] == str(code), record
+            assert record["subject"] == "CN=demo" and record["serial"] == format(cert["serial"], "x"), record
+            assert record["peer"].startswith("127.0.0.1:"), record
+        assert found[0]["issuer"] == ("CN=foreign CA" if reason == "unknown_ca" else "CN=governord CA")
+
+    # a client that speaks plain HTTP to the TLS port is refused too, at info level
+    reader, writer = await asyncio.open_connection("127.0.0.1", governord.api_port)
+    writer.write(b"GET /v1/hosts HTTP/1.1\r\nHost: x\r\n\r\n")
+    await writer.drain()
+    await reader.read()
+    writer.close()
+    [plain] = wait_until(lambda: refusals(governord, reason="handshake_failed"), 20, what="plain HTTP refusal")
+    assert plain["level"] == "info" and plain["error"] == "HTTP_REQUEST" and "verify_code" not in plain
+
+    # the application's own certificate still works, and the counts name the reasons
+    issued = governord.ctl_json("apps", "register", "demo")
+    code, _ = await _get(base, "/v1/hosts", _ssl(ca, issued["certificate"], issued["key"]))
+    assert code == 200
+    code, metrics = await _get(base, "/metrics", _ssl(ca))
+    assert refusal_counts(metrics) == {("expired", "handshake"): 2.0, ("not_yet_valid", "handshake"): 2.0,
+                                       ("unknown_ca", "handshake"): 2.0, ("handshake_failed", "handshake"): 1.0}
+    assert governord.ctl_json("requests", "list") == []  # nothing reached the rules
+    assert governord.ctl_json("hosts", "list") == []
+
+
+def _site_config(lab: Lab, site: MadeCA, crl: Path) -> Path:
+    config = lab.write_config()
+    config.write_text(config.read_text() + f"""
+[api.tls]
+client_ca = "{site.path}"
+client_crl = "{crl}"
+""")
+    return config
+
+
+async def test_a_site_ca_and_its_crl_reloaded_without_a_restart(lab: Lab, tmp_path: Path) -> None:
+    """Applications' certificates from a site CA, checked against its CRL: a revocation applies
+    to new connections (refused in the handshake) and to connections already open (refused per
+    request) as soon as the file changes; a bad CRL is logged and the old one stays; SIGHUP
+    re-reads it."""
+    site = MadeCA.new("Site CA", tmp_path / "site")
+    crl = tmp_path / "site" / "site.crl"
+    site.write_crl(crl, [])
+    keep, revoke = site.issue("demo", "keep"), site.issue("demo", "revoke")
+    daemon = lab.start_governord(_site_config(lab, site, crl))
+    try:
+        ca = str(daemon.state_dir / "pki" / "ca.pem")
+        base = f"https://127.0.0.1:{daemon.api_port}"
+        assert (await _get(base, "/v1/hosts", _ssl(ca, keep["certificate"], keep["key"])))[0] == 200
+        # governord's own CA is not trusted for clients once a site CA is
+        own = daemon.ctl_json("apps", "register", "demo")
+        await _refused(base, ca, own)
+        wait_until(lambda: refusals(daemon, reason="unknown_ca"), 20, what="governord's CA refused")
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=_ssl(ca, revoke["certificate"], revoke["key"]))) as open_session:
+            held = Client(open_session, base)
+            assert (await held.call("GET", "/v1/hosts"))[0] == 200  # a kept-alive connection
+
+            site.write_crl(crl, [revoke["serial"]])
+            await _refused(base, ca, revoke)  # a new connection: refused in the handshake
+            [handshake] = wait_until(lambda: refusals(daemon, reason="revoked_by_crl", stage="handshake"), 20,
+                                     what="the handshake refusal")
+            assert handshake["msg"] == "refused: revoked by CRL" and handshake["verify_code"] == "23"
+            assert handshake["serial"] == format(revoke["serial"], "x") and handshake["issuer"] == "CN=Site CA"
+            code, error = await held.call("GET", "/v1/hosts")  # the open connection: refused per request
+            assert code == 403 and "revoked by its CA's CRL" in error["error"]
+            assert refusals(daemon, reason="revoked_by_crl", stage="request")
+            assert any(r["msg"] == "CRL reloaded" and r["why"] == "the file changed" for r in log_records(daemon))
+        assert (await _get(base, "/v1/hosts", _ssl(ca, keep["certificate"], keep["key"])))[0] == 200
+
+        # a broken CRL: logged, the previous one stays in force
+        crl.write_text("-----BEGIN X509 CRL-----\nbm90IGEgQ1JM\n-----END X509 CRL-----\n")
+        assert (await _get(base, "/v1/hosts", _ssl(ca, keep["certificate"], keep["key"])))[0] == 200
+        await _refused(base, ca, revoke)
+        [kept] = [r for r in log_records(daemon) if r["msg"].startswith("CRL not reloaded")]
+        assert kept["level"] == "error" and kept["key"] == "api.tls.client_crl" and kept["file"] == str(crl)
+        # ... also on SIGHUP, which refuses the reload naming the key and the file
+        daemon.signal(signal.SIGHUP)
+        refused = wait_until(lambda: [r for r in log_records(daemon) if r["msg"].startswith("reload refused")],
+                             20, what="the refused reload")
+        assert "api.tls.client_crl" in refused[0]["msg"] and str(crl) in refused[0]["msg"]
+
+        # the revocation withdrawn, then SIGHUP: the CRL is read again and the certificate works
+        site.write_crl(crl, [])
+        daemon.signal(signal.SIGHUP)
+        wait_until(lambda: any(r["msg"] == "CRL reloaded" and r["why"] == "SIGHUP" for r in log_records(daemon)), 20,
+                   what="the CRL reloaded on SIGHUP")
+        assert (await _get(base, "/v1/hosts", _ssl(ca, revoke["certificate"], revoke["key"])))[0] == 200
+        code, metrics = await _get(base, "/metrics", _ssl(ca))
+        counts = refusal_counts(metrics)
+        assert counts[("revoked_by_crl", "handshake")] == 2.0 and counts[("revoked_by_crl", "request")] == 1.0
+    finally:
+        daemon.stop()
+
+
+@pytest.mark.parametrize("problem", ["garbage", "foreign", "missing", "no client_ca"])
+def test_a_bad_crl_stops_the_start_naming_file_and_key(lab: Lab, tmp_path: Path, problem: str) -> None:
+    site = MadeCA.new("Site CA", tmp_path / "site")
+    crl = tmp_path / "site" / "site.crl"
+    if problem == "garbage":
+        crl.write_text("not a CRL\n")
+    elif problem == "foreign":
+        MadeCA.new("Site CA", tmp_path / "impostor").write_crl(crl, [])  # same name, another key
+    elif problem == "no client_ca":
+        site.write_crl(crl, [])
+    config = _site_config(lab, site, crl)
+    if problem == "no client_ca":
+        config.write_text(config.read_text().replace(f'client_ca = "{site.path}"\n', ""))
+    daemon = lab.start_governord(config, wait_ready=False)
+    assert daemon.process.wait(60) == 2
+    daemon.stop()
+    message = daemon.log.read_text()
+    assert f"{config}: api.tls.client_crl: " in message
+    expected = {"garbage": f"{crl} holds no PEM CRL", "foreign": "its signature does not verify",
+                "missing": f"cannot read CRL file {crl}", "no client_ca": "needs the site CA"}[problem]
+    assert expected in message, message
+    assert not (daemon.state_dir / "governord.db").exists()  # nothing written

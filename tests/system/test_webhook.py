@@ -1,6 +1,7 @@
-"""The real OpenShift deploy hook against the running daemon: a signed v2 deploy event asks for
+"""The real OpenShift deploy hooks against the running daemon: a signed v2 deploy event asks for
 a node through the application's webhook rules, a repeat of the delivery does not ask twice,
-and a hook with the wrong secret is refused."""
+and a hook with the wrong secret is refused; v4 deploy hooks keep N nodes per deployed
+component, and the teardown hook releases a component's nodes."""
 
 from __future__ import annotations
 
@@ -17,7 +18,8 @@ from lab.stack import Lab
 from .conftest import wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
-HOOK = ROOT / "hooks" / "openshift" / "deploy"
+HOOKS = ROOT / "hooks" / "openshift"
+HOOK = HOOKS / "deploy"
 
 
 def _hook(daemon_port: int, ca: Path, secret: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -128,3 +130,82 @@ async def test_the_application_is_called_back_signed_with_retries(lab: Lab) -> N
     finally:
         daemon.stop()
         await runner.cleanup()
+
+
+def _v4_hook(script: str, daemon_port: int, ca: Path, secret: str, deployment: str,
+             namespace: str = "shop-prod") -> subprocess.CompletedProcess[str]:
+    """A hook as a DeploymentConfig's lifecycle-hook pod runs it (or, for teardown, a one-off pod)."""
+    env = {
+        "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
+        "OPENSHIFT_DEPLOYMENT_NAME": deployment, "OPENSHIFT_DEPLOYMENT_NAMESPACE": namespace,
+        "HOSTNAME": f"{deployment}-hook-{script}".replace("_", "-"),
+        "GOVERNORD_URL": f"https://127.0.0.1:{daemon_port}/v1/webhooks/openshift",
+        "GOVERNORD_CA_FILE": str(ca), "GOVERNORD_SECRET": secret, "GOVERNORD_APPLICATION": "demo",
+        "GOVERNORD_ATTEMPTS": "1",
+    }
+    return subprocess.run([str(HOOKS / script)], env=env, capture_output=True, text=True, timeout=60)
+
+
+def test_deploy_hooks_keep_n_nodes_per_component_and_teardown_releases_them(lab: Lab) -> None:
+    secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+    config = lab.write_config(max_hosts=5)
+    config.write_text(config.read_text() + """
+[applications.demo.webhook]
+secrets = [{ env = "LAB_WEBHOOK_SECRET" }]
+
+[[applications.demo.webhook.rules]]
+event = "deploy"
+role = "node"
+keep = 2
+
+[[applications.demo.webhook.rules]]
+event = "teardown"
+role = "node"
+keep = 0
+""")
+    daemon = lab.start_governord(config)
+    try:
+        ca = daemon.state_dir / "pki" / "ca.pem"
+
+        def live_by_component() -> dict[str, list[str]]:
+            found: dict[str, list[str]] = {}
+            for host in daemon.ctl_json("hosts", "list"):
+                if host["state"] != "gone" and not host["retire_requested"]:
+                    found.setdefault(host["component"], []).append(host["name"])
+            return {component: sorted(names) for component, names in found.items()}
+
+        first = _v4_hook("deploy", daemon.api_port, ca, secret, "frontend-1")
+        assert first.returncode == 0, first.stderr
+        frontend = live_by_component()["shop-prod/frontend"]
+        assert len(frontend) == 2
+
+        again = _v4_hook("deploy", daemon.api_port, ca, secret, "frontend-2")  # the next rollout
+        assert again.returncode == 0, again.stderr
+        assert live_by_component() == {"shop-prod/frontend": frontend}
+        newest = daemon.ctl_json("requests", "list")[0]
+        assert newest["decision"] == "accepted" and newest["hosts"] == []
+        assert newest["reason"] == "node of shop-prod/frontend has 2 hosts already"
+
+        worker = _v4_hook("deploy", daemon.api_port, ca, secret, "worker-1")  # another component
+        assert worker.returncode == 0, worker.stderr
+        workers = live_by_component()["shop-prod/worker"]
+        assert len(workers) == 2 and not set(workers) & set(frontend)
+        wait_until(lambda: sorted(lab.vsphere_vms()) == sorted(frontend + workers), 180, what="four VMs")
+
+        # the application's cap still holds: 4 of 5, a third component would take it to 6
+        batch = _v4_hook("deploy", daemon.api_port, ca, secret, "batch-1")
+        assert batch.returncode == 1 and "HTTP 409" in batch.stderr and "cap reached" in batch.stderr
+        assert "shop-prod/batch" not in live_by_component()
+
+        # frontend goes away: its nodes are released and torn down everywhere; worker's stay
+        gone = _v4_hook("teardown", daemon.api_port, ca, secret, "frontend")
+        assert gone.returncode == 0, gone.stderr
+        assert live_by_component() == {"shop-prod/worker": workers}
+        wait_until(lambda: sorted(lab.vsphere_vms()) == workers, 180, what="frontend's VMs destroyed")
+        foreman = lab.foreman_hosts()
+        assert not any(name.split(".")[0] in frontend for name in foreman)
+        assert all(f"{name}.lab.example" in foreman for name in workers)
+        events = [r["params"] for r in daemon.ctl_json("requests", "list")]
+        assert {"role": "node", "add": None, "count": 0, "component": "shop-prod/frontend"} in events
+    finally:
+        daemon.stop()

@@ -50,7 +50,8 @@ def test_upgrade_keeps_rows_and_fills_new_columns(tmp_path: Path) -> None:
         )
     store.migrate(f"sqlite:///{path}")
     with sqlite3.connect(path) as db:
-        assert db.execute("SELECT name, state, state_since FROM hosts").fetchall() == [("a", "ready", 42.0)]
+        assert db.execute("SELECT name, state, state_since, component FROM hosts").fetchall() == [
+            ("a", "ready", 42.0, None)]
         head = ScriptDirectory(str(Path(store.__file__).parent / "migrations")).get_current_head()
         assert db.execute("SELECT version_num FROM alembic_version").fetchone() == (head,)
 

@@ -1,4 +1,5 @@
-"""governord.webhooks: the signature scheme (sign, verify, status codes) and the deploy event."""
+"""governord.webhooks: the signature scheme (sign, verify, status codes), the deploy event, and
+the webhook rules that map events to scale requests (their config)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import time
 from typing import Any
 
 import pytest
+from governord.config import WebhookRule, WebhookSection
 from governord.webhooks import (
     DELIVERY_HEADER,
     SIGNATURE_HEADER,
@@ -258,3 +260,50 @@ def test_deploy_event_fields_belong_to_their_generation(base: dict[str, Any], fi
 
 def test_deploy_event_parses_raw_json() -> None:
     assert DeployEvent.model_validate_json(BODY).app == "shop"
+
+
+def test_a_teardown_event_is_accepted() -> None:
+    event = DeployEvent.model_validate({**V4, "event": "teardown"})
+    assert event.event == "teardown"
+
+
+@pytest.mark.parametrize(("data", "component"), [
+    (V2, "acme/web"),  # GOVERNORD_COMPONENT names it
+    (V4, "shop-prod/frontend"),  # else the DeploymentConfig is the component
+    ({**V4, "namespace": "shop-test"}, "shop-test/frontend"),  # the same name elsewhere is another
+])
+def test_the_deployed_component_is_namespace_and_name(data: dict[str, Any], component: str) -> None:
+    assert DeployEvent.model_validate(data).deployed_component == component
+
+
+# --- the rules that map events to scale requests ---------------------------------------------
+
+
+def test_a_rule_gives_exactly_one_of_add_count_keep() -> None:
+    for ok in ({"add": 1}, {"count": 3}, {"keep": 2}, {"keep": 0}):
+        WebhookRule.model_validate({"role": "node", **ok})
+    for bad, says in (({}, "got none"), ({"add": 1, "keep": 2}, "got add, keep"),
+                      ({"count": 1, "keep": 1}, "got count, keep")):
+        with pytest.raises(ValidationError, match=f"give exactly one of add, count and keep \\({says}\\)"):
+            WebhookRule.model_validate({"role": "node", **bad})
+
+
+@pytest.mark.parametrize("action", [{"keep": 1}, {"add": 1}, {"count": 0}])
+def test_a_teardown_rule_only_releases(action: dict[str, int]) -> None:
+    with pytest.raises(ValidationError, match="give keep = 0"):
+        WebhookRule.model_validate({"event": "teardown", "role": "node", **action})
+
+
+def test_the_first_matching_rule_applies(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_WEBHOOK_SECRET", "s")
+    section = WebhookSection.model_validate({"secrets": [{"env": "TEST_WEBHOOK_SECRET"}], "rules": [
+        {"event": "deploy", "component": "legacy-db", "role": "infra", "add": 1},
+        {"event": "deploy", "role": "node", "keep": 2},
+        {"event": "deploy", "role": "node", "count": 9},  # shadowed by the one before
+        {"event": "teardown", "role": "node", "keep": 0},
+    ]})
+    assert section.rule_for("deploy", "legacy-db") == section.rules[0]
+    assert section.rule_for("deploy", "web") == section.rules[1]
+    assert section.rule_for("deploy", None) == section.rules[1]
+    assert section.rule_for("teardown", "web") == section.rules[3]
+    assert section.rule_for("post_deploy", "web") is None

@@ -1,8 +1,8 @@
 #!/bin/sh
 # shellcheck shell=sh
 #
-# governord-hook.sh: the body shared by hooks/openshift/deploy and post_deploy, which source it
-# and call `governord_hook deploy|post_deploy`. It tells an OpenShift v2 gear from a v4
+# governord-hook.sh: the body shared by hooks/openshift/deploy, post_deploy and teardown, which
+# source it and call `governord_hook deploy|post_deploy|teardown`. It tells an OpenShift v2 gear from a v4
 # lifecycle-hook pod, builds the JSON event, signs it the way governord.webhooks.sign does and
 # POSTs it to governord, retrying with the same delivery id. README.md beside it documents the
 # variables. POSIX sh plus od, awk, tr, date, mktemp, openssl and curl.
@@ -280,14 +280,14 @@ governord_run() (
 )
 
 # governord_hook EVENT: governord_run, then apply the failure policy. A failed delivery fails
-# the deploy hook (the deployment asked for capacity and nobody heard), but not the
-# post_deploy hook (its failure would fail or roll back a deployment that already runs);
-# GOVERNORD_FAIL_OPEN=1 or 0 overrides either default.
+# the deploy hook (the deployment asked for capacity and nobody heard) and the teardown hook
+# (the component's hosts would stay), but not the post_deploy hook (its failure would fail or
+# roll back a deployment that already runs); GOVERNORD_FAIL_OPEN=1 or 0 overrides any default.
 governord_hook() {
     case $1 in
-        deploy) _fail_open=0 ;;
+        deploy | teardown) _fail_open=0 ;;
         post_deploy) _fail_open=1 ;;
-        *) governord_log "unknown event '$1' (deploy or post_deploy)"; return 2 ;;
+        *) governord_log "unknown event '$1' (deploy, post_deploy or teardown)"; return 2 ;;
     esac
     case ${GOVERNORD_FAIL_OPEN:-} in
         '') ;;
