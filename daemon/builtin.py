@@ -18,7 +18,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .models import HostView, Machine, MachineSpec
     from .providers import Provider
-    from .registrars import Registrar
+    from .registrars import Registrar, Registration
 
 
 class ProvisioningPlugin:
@@ -47,6 +47,14 @@ class ProvisioningPlugin:
         await provider.ensure_started()
         await provider.destroy(host.id)
         return True
+
+    @hookimpl
+    async def governord_list_machines(self, provider: str) -> list[Machine] | None:
+        instance = self.providers.get(provider)
+        if instance is None:
+            return None
+        await instance.ensure_started()
+        return await instance.list_owned()
 
 
 class RegistrarPlugin:
@@ -97,3 +105,17 @@ class RegistrarPlugin:
             return
         await self.registrar.ensure_started()
         await self.registrar.deregister(host)
+
+    @hookimpl
+    async def governord_list_registrations(self, system: str) -> list[Registration] | None:
+        if system != self.registrar.name:
+            return None
+        await self.registrar.ensure_started()
+        return await self.registrar.list_owned()
+
+    @hookimpl
+    async def governord_remove_registration(self, registration: Registration) -> bool | None:
+        if registration.system != self.registrar.name:
+            return None
+        await self.registrar.ensure_started()
+        return await self.registrar.remove_owned(registration)
