@@ -4,7 +4,8 @@ instances. They are registered explicitly (never through entry points) and canno
 Provisioning is a hook so that a site plugin can take over for some hosts; the built-in
 implementation runs ``trylast`` and hands the work to the host's provider instance.
 Each registrar instance gets its own plugin object, named ``registrar:NAME``, so that the
-dispatcher attributes every registration result and failure to that instance.
+dispatcher attributes every registration result and failure to that instance. Both also answer
+the sweep's hooks: listing what carries the ownership marker, and removing an orphaned entry.
 """
 
 from __future__ import annotations
