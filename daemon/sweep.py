@@ -229,16 +229,17 @@ class Sweeper:
         report = SweepReport(dry_run=dry_run, started_at=time.time(), policy=policy.model_dump())
         listed_at = time.time()
 
-        machines: dict[str, _Listing] = {}
-        for provider in sorted(config.providers):
-            machines[provider] = await self._list("governord_list_machines", f"provider {provider}",
-                                                  provider=provider)
-            report.checked["providers"][provider] = len(machines[provider].items)
-        entries: dict[str, _Listing] = {}
-        for system in config.registrars:
-            entries[system] = await self._list("governord_list_registrations", f"registrar {system}", system=system)
-            report.checked["registrars"][system] = len(entries[system].items)
-        for listing in [*machines.values(), *entries.values()]:
+        # every provider and registrar is listed at once (each within its own concurrency limit)
+        providers, systems = sorted(config.providers), list(config.registrars)
+        listings = await asyncio.gather(
+            *(self._list("governord_list_machines", f"provider {p}", provider=p) for p in providers),
+            *(self._list("governord_list_registrations", f"registrar {s}", system=s) for s in systems),
+        )
+        machines: dict[str, _Listing] = dict(zip(providers, listings[:len(providers)], strict=True))
+        entries: dict[str, _Listing] = dict(zip(systems, listings[len(providers):], strict=True))
+        report.checked["providers"] = {name: len(listing.items) for name, listing in machines.items()}
+        report.checked["registrars"] = {name: len(listing.items) for name, listing in entries.items()}
+        for listing in listings:
             if listing.error:
                 report.errors.append({"where": listing.where, "error": listing.error})
 

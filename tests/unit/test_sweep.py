@@ -319,12 +319,13 @@ async def test_periodic_sweeps_run_and_stop_with_the_daemon(make_runtime: Callab
     runtime = await make_runtime(CLEAN.replace("interval = 0", "interval = 0.2"))
     try:
         stray(str(uuid.uuid4()))
-        for _ in range(250):
-            if not machines():
+        events: list[dict[str, Any]] = []
+        for _ in range(500):  # the periodic sweep records its summary last
+            events = await sweep_events(runtime)
+            if any(e["kind"] == "sweep" for e in events):
                 break
             await asyncio.sleep(0.02)
         assert machines() == {}
-        events = await sweep_events(runtime)
         assert {e["actor"] for e in events} == {"governord"} and "sweep-destroyed" in {e["kind"] for e in events}
         metrics = (await runtime.metrics.render()).decode()
         assert 'governord_sweep_actions_total{kind="leaked",outcome="done"} 1.0' in metrics
