@@ -4,7 +4,8 @@ instances. They are registered explicitly (never through entry points) and canno
 Provisioning is a hook so that a site plugin can take over for some hosts; the built-in
 implementation runs ``trylast`` and hands the work to the host's provider instance.
 Each registrar instance gets its own plugin object, named ``registrar:NAME``, so that the
-dispatcher attributes every registration result and failure to that instance.
+dispatcher attributes every registration result and failure to that instance. Both also answer
+the sweep's hooks: listing what carries the ownership marker, and removing an orphaned entry.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ if TYPE_CHECKING:
     from .config import Config
     from .models import HostView, Machine, MachineSpec
     from .providers import Provider
-    from .registrars import Registrar
+    from .registrars import Registrar, Registration
 
 
 class ProvisioningPlugin:
@@ -47,6 +48,14 @@ class ProvisioningPlugin:
         await provider.ensure_started()
         await provider.destroy(host.id)
         return True
+
+    @hookimpl
+    async def governord_list_machines(self, provider: str) -> list[Machine] | None:
+        instance = self.providers.get(provider)
+        if instance is None:
+            return None
+        await instance.ensure_started()
+        return await instance.list_owned()
 
 
 class RegistrarPlugin:
@@ -97,3 +106,17 @@ class RegistrarPlugin:
             return
         await self.registrar.ensure_started()
         await self.registrar.deregister(host)
+
+    @hookimpl
+    async def governord_list_registrations(self, system: str) -> list[Registration] | None:
+        if system != self.registrar.name:
+            return None
+        await self.registrar.ensure_started()
+        return await self.registrar.list_owned()
+
+    @hookimpl
+    async def governord_remove_registration(self, registration: Registration) -> bool | None:
+        if registration.system != self.registrar.name:
+            return None
+        await self.registrar.ensure_started()
+        return await self.registrar.remove_owned(registration)

@@ -1,7 +1,8 @@
 """Configuration: one TOML file, validated strictly before anything is written.
 
 The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[networks.*]``, ``[tags.*]``
-and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
+and ``[applications.*]``; ``[sweep]`` is :class:`governord.sweep.SweepSection`, beside the code that
+uses it. Provider and registrar types own theirs: a ``[providers.NAME]`` section
 is validated by the ``Config`` model of its ``type``, a role's ``profile`` by that provider type's
 ``Profile`` model, and a ``[tags.TAG.REGISTRAR]`` table by the registrar type's ``TagMapping``.
 
@@ -26,6 +27,7 @@ from .errors import ConfigError
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
+from .sweep import SweepSection
 
 
 class Secret:
@@ -288,6 +290,7 @@ class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
     engine: EngineSection = Field(default_factory=EngineSection)
+    sweep: SweepSection = Field(default_factory=SweepSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -341,6 +344,10 @@ class Config:
     @property
     def applications(self) -> dict[str, ApplicationSection]:
         return self.core.applications
+
+    @property
+    def sweep(self) -> SweepSection:
+        return self.core.sweep
 
     @property
     def networks(self) -> dict[str, NetworkSection]:

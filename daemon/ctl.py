@@ -39,14 +39,16 @@ class Client:
         self.socket_path = socket_path
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             params: dict[str, str] | None = None) -> tuple[int, Any]:
-        return asyncio.run(self._call(method, path, body, params))
+             params: dict[str, str] | None = None, timeout: float | None = None) -> tuple[int, Any]:
+        return asyncio.run(self._call(method, path, body, params, timeout))
 
     async def _call(self, method: str, path: str, body: dict[str, Any] | None,
-                    params: dict[str, str] | None) -> tuple[int, Any]:
+                    params: dict[str, str] | None, timeout: float | None = None) -> tuple[int, Any]:
         connector = aiohttp.UnixConnector(path=self.socket_path)
+        # aiohttp's own default (5 minutes) unless a command waits longer on purpose
+        options = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
         try:
-            async with aiohttp.ClientSession(connector=connector) as session:
+            async with aiohttp.ClientSession(connector=connector, **options) as session:
                 async with session.request(method, f"http://governord{path}", json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
@@ -54,8 +56,9 @@ class Client:
             raise Unreachable(f"cannot reach governord at {self.socket_path}: {exc.strerror or exc}") from None
 
     def ok(self, method: str, path: str, body: dict[str, Any] | None = None,
-           params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202)) -> Any:
-        status, data = self.call(method, path, body, params)
+           params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202),
+           timeout: float | None = None) -> Any:
+        status, data = self.call(method, path, body, params, timeout)
         if status not in accept:
             message = data.get("error") if isinstance(data, dict) else str(data)
             raise CtlError(message or f"HTTP {status}")
@@ -398,6 +401,39 @@ def audit(ctx: click.Context, kind: str | None, limit: int, as_json: bool) -> No
         table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"])), e["kind"], e["actor"] or "-",
                       str(e["detail"].get("rule", "")), json.dumps(detail, sort_keys=True))
     console.print(table)
+
+
+@cli.command()
+@click.option("--dry-run", is_flag=True, help="list what the sweep finds; change nothing")
+@click.option("--timeout", default=1800.0, show_default=True, help="seconds to wait for the sweep")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def sweep(ctx: click.Context, dry_run: bool, timeout: float, as_json: bool) -> None:
+    """Compare the records with what exists: leaked machines, vanished machines, orphaned
+    registrations. Acts as [sweep.policy] says (each action is in `audit --kind sweep`);
+    exits 1 if a listing or an action failed."""
+    data = _client(ctx).ok("POST", "/v1/sweep", {"dry_run": dry_run}, timeout=timeout)
+    if as_json:
+        _print_json(data)
+    else:
+        title = "dry run: nothing changed" if data["dry_run"] else "policy " + ", ".join(
+            f"{kind}={action}" for kind, action in data["policy"].items())
+        checked = ", ".join(f"{name} {n}" for group in data["checked"].values() for name, n in group.items())
+        console.print(f"sweep ({title}); marked items listed: {checked or 'none'}", markup=False, highlight=False)
+        if data["findings"]:
+            table = Table(box=None, header_style="bold")
+            for column in ("KIND", "WHERE", "NAME", "ID", "HOST ID", "RECORD", "ACTION", "REASON"):
+                table.add_column(column)
+            for f in data["findings"]:
+                table.add_row(f["kind"], f["where"], f["name"], f["ident"], f["host_id"], f["record"], f["action"],
+                              f["reason"])
+            console.print(table)
+        else:
+            console.print("nothing found", markup=False)
+    for error in data["errors"]:
+        err_console.print(f"governord-ctl: sweep: {error['where']}: {error['error']}", markup=False, highlight=False)
+    if data["errors"]:
+        ctx.exit(1)
 
 
 @cli.group()

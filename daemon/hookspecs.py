@@ -32,7 +32,7 @@ import pluggy
 if TYPE_CHECKING:
     from .models import HostView, Machine, MachineSpec
     from .providers import ProviderRegistry
-    from .registrars import RegistrarRegistry
+    from .registrars import Registration, RegistrarRegistry
 
 hookspec = pluggy.HookspecMarker("governord")
 
@@ -226,4 +226,66 @@ def governord_host_event(host: HostView, event: str, detail: dict[str, Any]) -> 
     at-least-once: implementations must tolerate duplicates.
 
     .. versionadded:: 0.1
+    """
+
+
+# -- the sweep: what exists, compared with what governord recorded -----------------------------
+
+
+@hookspec
+def governord_list_machines(provider: str) -> list[Machine] | None:
+    """List every machine on the provider instance named ``provider`` that carries governord's
+    ownership marker (``Machine.host_id``), whether or not governord still has a record of it.
+
+    The core implements this for every configured provider instance (its ``list_owned``); a
+    plugin that provisions some hosts itself answers for the provider names it serves.
+
+    :param provider: a provider instance name (a ``[providers.NAME]`` section, or a name a
+        plugin serves).
+    :returns: the marked machines, or None when this implementation does not serve ``provider``.
+
+    Dispatch: collect, by the sweep, once per provider instance. The lists of all answering
+    implementations are joined. If any implementation fails, the listing of that provider is
+    incomplete: the sweep then judges no record on it to have vanished (a failure is never read
+    as "the machine is gone"). May be ``async def``. Must be side-effect free.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def governord_list_registrations(system: str) -> list[Registration] | None:
+    """List every entry in the system ``system`` (a registrar instance name) that carries
+    governord's ownership marker, e.g. Foreman hosts whose comment, or Satellite profiles whose
+    description, names a governord host id.
+
+    :param system: a registrar instance name (a ``[registrars.NAME]`` section, or a system a
+        plugin serves).
+    :returns: the marked entries (``Registration.system`` is ``system``), or None when this
+        implementation does not serve ``system`` or cannot list it.
+
+    Dispatch: collect, by the sweep, once per system. If any implementation fails, the system's
+    listing is reported as an error and nothing in it is judged. May be ``async def``. Must be
+    side-effect free.
+
+    .. versionadded:: 0.3
+    """
+
+
+@hookspec
+def governord_remove_registration(registration: Registration) -> bool | None:
+    """Remove one listed entry (an orphan: its host is gone or was never governord's), by the
+    system's own id, and verify that it is gone.
+
+    The entry is removed only if it still carries the marker of ``registration.host_id``: between
+    listing and removal a newer host may have taken the name over.
+
+    :param registration: an entry as ``governord_list_registrations`` returned it.
+    :returns: True when removed, False when there was nothing to remove (already gone, or it
+        belongs to another host now), None when this implementation does not serve
+        ``registration.system``.
+
+    Dispatch: first. May be ``async def``. Must be idempotent.
+
+    .. versionadded:: 0.3
     """

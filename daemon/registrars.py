@@ -8,20 +8,26 @@ host again, verified gone.
 Registration is at-least-once: after a crash the engine repeats the step, so :meth:`register` and
 :meth:`deregister` must be idempotent (upsert; "already gone" is success).
 
+For the sweep, a registrar lists the entries it holds that carry governord's ownership marker
+(:meth:`Registrar.list_owned`) and removes one such entry by its own id (:meth:`Registrar.remove_owned`),
+never by name: a name may already belong to a newer host.
+
 Plugins make a registrar type known in ``governord_register_registrars``; the core wraps each
 instance in a pluggy plugin that implements ``governord_classify_host``,
-``governord_register_host`` and ``governord_deregister_host`` for it.
+``governord_register_host``, ``governord_deregister_host`` and the sweep's hooks for it.
 """
 
 from __future__ import annotations
 
 import enum
+import re
 from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import Field
 
-from .models import HostView
+from .models import OWNERSHIP_KEY, HostView
 from .providers import ConfiguredInstance, StrictModel
 
 
@@ -33,6 +39,39 @@ class Phase(str, enum.Enum):
     #: after the machine is gone, so it cannot bring the record back (PuppetDB: a node that
     #: reports again is reactivated)
     AFTER_MACHINE = "after-machine"
+
+
+_MARKER = re.compile(re.escape(OWNERSHIP_KEY) + r"=([0-9A-Za-z-]+)")
+
+
+def marker_of(text: str | None) -> str | None:
+    """The host id an ownership marker (``governord:host-id=<uuid>``) in ``text`` names, or None.
+
+    A marker is a line (or a whole value) of its own; text that merely mentions the key elsewhere
+    does not count."""
+    if not text:
+        return None
+    for line in str(text).splitlines():
+        match = _MARKER.fullmatch(line.strip())
+        if match:
+            return match.group(1)
+    return None
+
+
+@dataclass(frozen=True)
+class Registration:
+    """One entry a registrar holds that carries governord's ownership marker (for the sweep)."""
+
+    #: the registrar instance (``[registrars.NAME]``) that holds it
+    system: str
+    #: the system's own id of the entry (Foreman host id, Satellite system id, certname, ...)
+    entry_id: str
+    #: the name the system knows it by (FQDN or certname)
+    name: str
+    #: the governord host id its marker names
+    host_id: str
+    #: JSON-serialisable particulars worth showing (state, comment, ...)
+    details: dict[str, Any] = field(default_factory=dict)
 
 
 class RegistrarConfig(StrictModel):
@@ -93,6 +132,18 @@ class Registrar(ConfiguredInstance, ABC):
     @abstractmethod
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """What this system knows of the host now (None if nothing): used to verify and sweep."""
+
+    async def list_owned(self) -> list[Registration] | None:
+        """Every entry in this system that carries governord's ownership marker, whoever's it is
+        (live, gone or unknown hosts alike). None: this registrar cannot list what it holds, and
+        the sweep says so."""
+        return None
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        """Remove exactly this entry (by ``entry.entry_id``), verified gone, if it still carries the
+        marker of ``entry.host_id``. Returns False when there was nothing to remove: already gone,
+        or the entry now belongs to another host (then it is left alone). Idempotent."""
+        raise NotImplementedError(f"{type(self).__name__} cannot remove entries it listed")
 
 
 class RegistrarRegistry:

@@ -18,12 +18,13 @@ from .providers import Provider
 from .registrars import Registrar
 from .service import Governor
 from .store import CertificateStore, Store
+from .sweep import Sweeper
 
 log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """Config, plugins, store, provider and registrar instances, engine, and the Governor."""
+    """Config, plugins, store, provider and registrar instances, engine, the Governor and the sweep."""
 
     def __init__(self, config: Config, plugins: PluginManager, store: Store) -> None:
         self.config = config
@@ -39,6 +40,7 @@ class Runtime:
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
         self.certificates = CertificateStore(store)
         self.notifier = Notifier(self)
+        self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 
@@ -83,6 +85,7 @@ class Runtime:
                 log.warning("could not connect %s at start: %s", instance.name, exc)
         await self.engine.start()
         await self.notifier.start()
+        self.sweeper.start()
 
     async def reload(self, config: Config) -> None:
         """Take a new, already validated config. Instances are rebuilt; work in flight keeps
@@ -91,6 +94,7 @@ class Runtime:
         self.config = config
         self.engine.config = config
         self.governor.config = config
+        self.sweeper.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
         for instance in old:
@@ -100,6 +104,7 @@ class Runtime:
                 log.exception("closing %s failed", instance.name)
 
     async def stop(self) -> None:
+        await self.sweeper.stop()
         await self.notifier.stop()
         await self.engine.stop(self.config.daemon.shutdown_grace)
         for instance in [*self.providers.values(), *self.registrars.values()]:

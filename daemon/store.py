@@ -606,6 +606,31 @@ class Store:
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()][::-1]
 
+    # -- the sweep ------------------------------------------------------------------------
+
+    async def sweep_update_host(self, host_id: str, *, expect_state: str, expect_since: float | None, values: Row,
+                                kind: str, actor: str, detail: Row) -> Row | None:
+        """Change a resting host the sweep judged, only if it is still as judged: in
+        ``expect_state`` since ``expect_since``, and not leased by the engine. One transaction
+        with its audit event. Returns the new row, or None when the host had changed."""
+        return await asyncio.shield(self._sweep_update_host(host_id, expect_state, expect_since, values, kind,
+                                                            actor, detail))
+
+    async def _sweep_update_host(self, host_id: str, expect_state: str, expect_since: float | None, values: Row,
+                                 kind: str, actor: str, detail: Row) -> Row | None:
+        now = time.time()
+        since = hosts.c.state_since.is_(None) if expect_since is None else hosts.c.state_since == expect_since
+        where = and_(hosts.c.id == host_id, hosts.c.state == expect_state, since, hosts.c.lease_owner.is_(None))
+        changes = {**values, "updated_at": now}
+        if "state" in values:
+            changes["state_since"] = now
+        async with self.engine.begin() as conn:
+            row = (await conn.execute(update(hosts).where(where).values(**changes).returning(*hosts.c))).mappings().first()
+            if row is None:
+                return None
+            await conn.execute(insert(events).values(ts=now, host_id=host_id, request_id=row["request_id"], kind=kind,
+                                                     actor=actor, detail=detail))
+            return dict(row)
 
 
 

@@ -19,7 +19,7 @@ from . import hookimpl
 from .errors import PermanentError, RetryableError
 from .models import HostView, Machine, MachineSpec, PowerState
 from .providers import Provider, ProviderConfig, ProviderProfile
-from .registrars import Phase, Registrar, RegistrarConfig, TagMapping
+from .registrars import Phase, Registrar, RegistrarConfig, Registration, TagMapping
 
 #: every external action of the in-memory provider and registrars, in order: (what, who, host)
 journal: list[tuple[str, str, str]] = []
@@ -118,6 +118,7 @@ class MemoryProvider(Provider):
             journal.append(("destroy", self.name, machine.name))
 
     async def list_owned(self) -> list[Machine]:
+        await self.fault.check("list_owned")
         return [m for m in self.world.values() if m.host_id]
 
 
@@ -180,6 +181,23 @@ class MemoryRegistrar(Registrar):
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         return self.world.get(host.fqdn)
+
+    async def list_owned(self) -> list[Registration] | None:
+        """Every entry (they all carry the host id they were registered for)."""
+        await self.fault.check("list_owned")
+        return [
+            Registration(self.name, fqdn, fqdn, entry["host_id"], {"group": entry.get("group")})
+            for fqdn, entry in self.world.items() if entry.get("host_id")
+        ]
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        await self.fault.check("remove_owned")
+        current = self.world.get(entry.entry_id)
+        if current is None or current.get("host_id") != entry.host_id:
+            return False
+        del self.world[entry.entry_id]
+        journal.append(("remove", self.name, entry.name))
+        return True
 
 
 class MemoryLateRegistrar(MemoryRegistrar):

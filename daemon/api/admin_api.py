@@ -22,7 +22,7 @@ runtime_key = web.AppKey("runtime", "Runtime")
 endpoints = Endpoints(
     "governord admin API",
     "Operator actions over the admin Unix socket (governord-ctl): hosts, tags, retirement, "
-    "requests on behalf of applications, plugins and status.",
+    "requests on behalf of applications, the sweep, plugins and status.",
 )
 
 ACTOR = "operator"
@@ -252,6 +252,15 @@ async def show_request(request: web.Request) -> web.Response:
     if row is None:
         raise RequestError(404, "no such request", field="request_id")
     return reply(schemas.Request, await runtime.governor.request_status(row))
+
+
+@endpoints.add("POST", "/v1/sweep", "Compare the records with what exists (leaked machines, vanished machines, "
+               "orphaned registrations); act as [sweep.policy] says, or with dry_run only list",
+               body=schemas.SweepRequest, responses={200: schemas.SweepReport})
+async def sweep(request: web.Request) -> web.Response:
+    body: schemas.SweepRequest = await parse_body(request, schemas.SweepRequest)
+    report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=ACTOR)
+    return reply(schemas.SweepReport, report.as_dict())
 
 
 @endpoints.add("POST", "/v1/autosign", "Decide a Puppet certificate request (the autosign policy)",

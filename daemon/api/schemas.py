@@ -259,3 +259,36 @@ class WebhookReply(BaseModel):
     decision: str = Field(description="accepted, declined, pending or ignored")
     reason: str | None
     request: Request | None
+
+
+class SweepRequest(Body):
+    """Compare governord's records with what exists now; ``dry_run`` lists and changes nothing."""
+
+    dry_run: bool = False
+
+
+class SweepFinding(BaseModel):
+    kind: str = Field(description="leaked, vanished or orphaned")
+    where: str = Field(description="the provider or registrar instance")
+    host_id: str = Field(description="the governord host id (from the ownership marker or the host's record)")
+    name: str
+    ident: str = Field(description="the machine id, or the system's own id of the entry")
+    record: str = Field(description="the host's state in governord's records, or none")
+    reason: str
+    action: str = Field(description="what was done (or, in a dry run, would be)")
+
+
+class SweepError(BaseModel):
+    where: str
+    error: str
+
+
+class SweepReport(BaseModel):
+    dry_run: bool
+    started_at: float
+    finished_at: float
+    policy: dict[str, str] = Field(description="what the real run does per kind ([sweep.policy])")
+    findings: list[SweepFinding]
+    errors: list[SweepError] = Field(description="listings that failed (nothing in them was judged absent) "
+                                                 "and actions that failed")
+    checked: dict[str, dict[str, int]] = Field(description="marked machines per provider, entries per registrar")

@@ -1,5 +1,9 @@
 """The Foreman registrar: hosts, hostgroups, Puppet classes and parameters through apypie.
 
+A host governord registers carries its ownership marker as a line of the host's comment
+(``governord:host-id=<uuid>``); the sweep finds every such host with Foreman's own search
+(``comment ~ "governord:host-id="``) and removes one by its id, only while it carries that marker.
+
 Every apypie call is synchronous and runs in a thread through :meth:`Registrar.call_sync`; each
 network round trip is one such call, so a slow Foreman holds a thread for one request at most
 ``call_timeout`` seconds. Errors are sorted for the engine: no connection, timeouts and 5xx are
@@ -21,7 +25,7 @@ from pydantic import Field
 from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
-from governord.registrars import Registrar, RegistrarConfig
+from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
 
 T = TypeVar("T")
@@ -406,6 +410,41 @@ class ForemanRegistrar(Registrar):
                     continue
                 raise
             raise RetryableError(f"host {_fqdn(host)} (id {host_id}) is still readable after deletion", source=self.name)
+
+    async def list_owned(self) -> list[Registration]:
+        """Every Foreman host whose comment carries a governord ownership marker line."""
+        found: list[Registration] = []
+        # no thin parameter: Foreman treats any value of it, even "false", as thin (no comment)
+        for entry in await self._list("hosts", f'comment ~ "{OWNERSHIP_KEY}="'):
+            host_id = marker_of(entry.get("comment"))
+            if host_id is not None:
+                found.append(Registration(self.name, str(entry["id"]), str(entry["name"]), host_id,
+                                          {"hostgroup": entry.get("hostgroup_title")}))
+        return found
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        """Delete the host with this id if its comment still names ``entry.host_id``; verify 404."""
+        foreman_id = int(entry.entry_id)
+        try:
+            current = await self._action("hosts", "show", {"id": foreman_id})
+        except PermanentError as exc:
+            if _status(exc) == 404:
+                return False
+            raise
+        if marker_of(current.get("comment")) != entry.host_id:
+            return False  # someone else's now (a newer host of that name re-marked it)
+        try:
+            await self._action("hosts", "destroy", {"id": foreman_id})
+        except PermanentError as exc:
+            if _status(exc) != 404:
+                raise
+        try:
+            await self._action("hosts", "show", {"id": foreman_id})
+        except PermanentError as exc:
+            if _status(exc) == 404:
+                return True
+            raise
+        raise RetryableError(f"host {entry.name} (id {foreman_id}) is still readable after deletion", source=self.name)
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """The host as Foreman has it now, or None."""

@@ -6,12 +6,19 @@ thread through :meth:`Registrar.call_sync`. The API's admin endpoints (``certifi
 certificate that carries the ``pp_cli_auth`` extension, such as one made offline with
 ``puppetserver ca generate --ca-client``.
 
+Ownership: the CSR an agent makes from the prepared cloud-config asks for a certificate extension
+(``marker_oid``, in Puppet's private arc ``1.3.6.1.4.1.34380.1.2``) whose value is governord's
+marker ``governord:host-id=<uuid>``; the CA copies it into the signed certificate, and Puppet
+shows it to PuppetDB as the trusted fact ``trusted.extensions``. The sweep lists every
+certificate and request that carries it, and cleans one only while it still does.
+
 ``verify`` and ``cert`` are passed on every request: with ``REQUESTS_CA_BUNDLE`` set in the
 environment, requests replaces a session-level ``verify`` with that bundle (psf/requests#3829).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import hmac
 import logging
@@ -27,8 +34,8 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from pydantic import Field, field_validator, model_validator
 
 from governord.errors import PermanentError, RetryableError, http_error
-from governord.models import HostOrigin, HostView
-from governord.registrars import Phase, Registrar, RegistrarConfig
+from governord.models import OWNERSHIP_KEY, HostOrigin, HostView
+from governord.registrars import Phase, Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
 
 log = logging.getLogger(__name__)
@@ -38,6 +45,14 @@ CHALLENGE_PASSWORD_OID = "1.2.840.113549.1.9.7"
 
 #: Certificate names Puppet accepts (it refuses upper case).
 _CERTNAME = re.compile(r"^[a-z0-9._-]+$")
+
+#: Puppet's arc for site-specific certificate extensions (ppPrivCertExt): the CA signs requests
+#: for extensions in it, and Puppet shows them as trusted facts.
+PRIVATE_ARC = "1.3.6.1.4.1.34380.1.2"
+
+#: DER tags of the ASN.1 string types an extension value may be written as (UTF8String is what
+#: Puppet writes; PrintableString and IA5String are read too).
+_DER_STRINGS = {0x0C, 0x13, 0x16}
 
 
 class PuppetCAConfig(RegistrarConfig):
@@ -57,6 +72,9 @@ class PuppetCAConfig(RegistrarConfig):
     puppet_server: str | None = None
     #: seconds an autosign token stays valid after it was made
     token_ttl: float = Field(default=7200.0, gt=0)
+    #: certificate extension (in Puppet's private arc 1.3.6.1.4.1.34380.1.2) the agent's CSR asks
+    #: for, carrying governord's ownership marker; the sweep finds certificates by it
+    marker_oid: str = f"{PRIVATE_ARC}.1"
 
     @field_validator("url")
     @classmethod
@@ -65,6 +83,13 @@ class PuppetCAConfig(RegistrarConfig):
         if parts.scheme != "https" or not parts.hostname:
             raise ValueError(f"not an https URL of a puppetserver: {value!r}")
         return value.rstrip("/")
+
+    @field_validator("marker_oid")
+    @classmethod
+    def _private_oid(cls, value: str) -> str:
+        if not re.fullmatch(re.escape(PRIVATE_ARC) + r"(\.\d+)+", value):
+            raise ValueError(f"not an OID in Puppet's private arc {PRIVATE_ARC}: {value!r}")
+        return value
 
     @model_validator(mode="after")
     def _server_name(self) -> PuppetCAConfig:
@@ -98,6 +123,36 @@ def challenge_password(csr_pem: bytes | str) -> tuple[str, str | None]:
     except x509.AttributeNotFound:
         return common_name, None
     return common_name, raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
+
+
+def _der_string(data: bytes) -> str | None:
+    """The text of a DER-encoded ASN.1 string (an extension's value), or None if it is not one."""
+    if len(data) < 2 or data[0] not in _DER_STRINGS:
+        return None
+    length, start = data[1], 2
+    if length & 0x80:  # long form: the next (length & 0x7f) bytes hold the length
+        count = length & 0x7F
+        if count == 0 or count > 4 or len(data) < 2 + count:
+            return None
+        length, start = int.from_bytes(data[2:2 + count], "big"), 2 + count
+    if len(data) != start + length:
+        return None
+    try:
+        return data[start:].decode("utf-8")
+    except UnicodeDecodeError:
+        return None
+
+
+def marker_in(extensions: x509.Extensions) -> str | None:
+    """The governord host id an ownership-marker extension of a certificate or CSR names, or None
+    (whichever OID carries it: one configured earlier still counts)."""
+    for extension in extensions:
+        value = extension.value
+        if isinstance(value, x509.UnrecognizedExtension):
+            host_id = marker_of(_der_string(value.value))
+            if host_id is not None:
+                return host_id
+    return None
 
 
 def autosign_refusal(
@@ -181,7 +236,10 @@ class PuppetCARegistrar(Registrar):
             "cloud_config": {
                 "puppet": {
                     "conf": {"agent": {"server": self.settings.puppet_server, "certname": certname}},
-                    "csr_attributes": {"custom_attributes": {CHALLENGE_PASSWORD_OID: token}},
+                    "csr_attributes": {
+                        "custom_attributes": {CHALLENGE_PASSWORD_OID: token},
+                        "extension_requests": {self.settings.marker_oid: f"{OWNERSHIP_KEY}={host.id}"},
+                    },
                 }
             },
         }
@@ -202,7 +260,51 @@ class PuppetCARegistrar(Registrar):
 
     async def deregister(self, host: HostView) -> None:
         """Revoke and delete the certificate (``PUT /clean``), drop a pending CSR, verify 404."""
-        certname = self._recorded_certname(host)
+        await self._clean(self._recorded_certname(host))
+
+    async def list_owned(self) -> list[Registration]:
+        """Every certificate and pending request on the CA whose extensions carry a governord
+        marker (each is read once: the status list does not show extensions)."""
+        response = await self._request("GET", "certificate_statuses/any", ok=(200,))
+        statuses = self._json(response, "certificate_statuses")
+
+        async def owned(status: dict[str, Any]) -> Registration | None:
+            certname = str(status.get("name"))
+            host_id = await self._marker(certname, str(status.get("state")))
+            if host_id is None:
+                return None
+            return Registration(self.name, certname, certname, host_id,
+                                {"state": status.get("state"), "fingerprint": status.get("fingerprint")})
+
+        found = await asyncio.gather(*(owned(s) for s in statuses if isinstance(s, dict)))
+        return [entry for entry in found if entry is not None]
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        """Clean the certificate (or request) named ``entry.entry_id`` if it still carries the
+        marker of ``entry.host_id``; verify 404."""
+        status = await self._status(entry.entry_id)
+        if status is None or await self._marker(entry.entry_id, str(status.get("state"))) != entry.host_id:
+            return False
+        await self._clean(entry.entry_id)
+        return True
+
+    async def _marker(self, certname: str, state: str) -> str | None:
+        """The host id the ownership extension of ``certname``'s certificate (or, while it waits,
+        its request) names; None if it has none, or is gone meanwhile."""
+        quoted = quote(certname, safe="")
+        path = f"certificate_request/{quoted}" if state == "requested" else f"certificate/{quoted}"
+        response = await self._request("GET", path, ok=(200, 404))
+        if response.status_code == 404:
+            return None
+        try:
+            if state == "requested":
+                return marker_in(x509.load_pem_x509_csr(response.content).extensions)
+            return marker_in(x509.load_pem_x509_certificate(response.content).extensions)
+        except ValueError as exc:
+            raise RetryableError(f"Puppet CA answered {path} with no PEM it could read: {exc}", source=self.name) from None
+
+    async def _clean(self, certname: str) -> None:
+        """Revoke and delete ``certname``'s certificate, drop a pending request; verify 404."""
         response = await self._request("PUT", "clean", body={"certnames": [certname]}, ok=(200, 204, 404))
         if response.status_code == 404:
             log.info("%s: no certificate for %s to clean (%s)", self.name, certname, _message(response))
@@ -253,17 +355,19 @@ class PuppetCARegistrar(Registrar):
         response = await self._request("GET", f"certificate_status/{quote(certname, safe='')}", ok=(200, 404))
         if response.status_code == 404:
             return None
-        try:
-            body = response.json()
-        except ValueError:
-            raise RetryableError(
-                f"Puppet CA answered certificate_status/{certname} with non-JSON: {response.text[:200]!r}",
-                source=self.name,
-            ) from None
+        body = self._json(response, f"certificate_status/{certname}")
         keep = ("name", "state", "fingerprint", "serial_number", "not_before", "not_after", "dns_alt_names")
         return {k: body[k] for k in keep if k in body}
 
     # -- the wire ------------------------------------------------------------------------
+
+    def _json(self, response: requests.Response, what: str) -> Any:
+        try:
+            return response.json()
+        except ValueError:
+            raise RetryableError(
+                f"Puppet CA answered {what} with non-JSON: {response.text[:200]!r}", source=self.name
+            ) from None
 
     async def _request(
         self, method: str, path: str, *, ok: tuple[int, ...], body: Any = None

@@ -7,6 +7,11 @@ inside that thread so no request is made on the event loop. It passes ``verify``
 per request, so ``REQUESTS_CA_BUNDLE`` in the environment does not override ``ca_file``.
 
 Nothing is created on registration: the agent's first run creates the node.
+
+Ownership: a node is governord's when its certificate carries governord's marker extension (the
+Puppet CA registrar has the agent's CSR ask for it), which Puppet reports as a trusted fact under
+``trusted.extensions``. The sweep lists active nodes by that fact (any extension whose value is
+``governord:host-id=<uuid>``) and deactivates one only while its facts still name the listed host.
 """
 
 from __future__ import annotations
@@ -28,8 +33,8 @@ from pydantic import Field, field_validator, model_validator
 from pypuppetdb.errors import APIError, EmptyResponseError
 
 from governord.errors import PermanentError, RetryableError, http_error
-from governord.models import HostView
-from governord.registrars import Phase, Registrar, RegistrarConfig
+from governord.models import OWNERSHIP_KEY, HostView
+from governord.registrars import Phase, Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
 
 T = TypeVar("T")
@@ -52,6 +57,12 @@ _NODE_FIELDS = (
 )
 
 _CERTNAME = re.compile(r"^[a-z0-9._-]+$")
+
+#: PQL: trusted facts of active nodes whose value is a governord ownership marker
+_MARKED = (
+    'path ~> ["trusted", "extensions", ".*"] and value ~ '
+    + json.dumps(f"^{OWNERSHIP_KEY}=")  # no regex specials in the key
+)
 
 
 class PuppetDBConfig(RegistrarConfig):
@@ -205,6 +216,32 @@ class PuppetDBRegistrar(Registrar):
             return
         if node.get("deactivated"):
             return
+        await self._deactivate(certname)
+
+    async def list_owned(self) -> list[Registration]:
+        """Every active node whose trusted facts carry a governord ownership marker."""
+        rows = await self._pql(f"fact_contents[certname, value] {{ {_MARKED} }}")
+        found: dict[str, Registration] = {}
+        for row in rows:
+            host_id = marker_of(row.get("value") if isinstance(row.get("value"), str) else None)
+            certname = str(row.get("certname"))
+            if host_id is not None and certname not in found:
+                found[certname] = Registration(self.name, certname, certname, host_id, {})
+        return list(found.values())
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        """Deactivate the node ``entry.entry_id`` if it is active and its trusted facts still name
+        ``entry.host_id``; verify that it reads as deactivated."""
+        rows = await self._pql(
+            f"fact_contents[certname, value] {{ certname = {_pql_string(entry.entry_id)} and {_MARKED} }}")
+        owners = {marker_of(r.get("value") if isinstance(r.get("value"), str) else None) for r in rows}
+        if entry.host_id not in owners:
+            return False  # deactivated already, or its latest facts name another host
+        await self._deactivate(entry.entry_id)
+        return True
+
+    async def _deactivate(self, certname: str) -> None:
+        """Send ``deactivate node`` and wait until the node reads as deactivated (it is asynchronous)."""
         stamp = datetime.datetime.now(datetime.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
         await self._call(self._db.command, "deactivate node", {"certname": certname, "producer_timestamp": stamp})
         deadline = time.monotonic() + DEACTIVATE_VERIFY_TIMEOUT

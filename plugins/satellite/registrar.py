@@ -8,7 +8,8 @@ registrar logs in again, once, and repeats the call.
 A host's profile is named after its FQDN and created with Uyuni's ``system.createSystemProfile``
 (an "empty profile" the machine later registers into). Its description carries governord's
 ownership marker ``governord:host-id=<uuid>``, which is how a profile governord made is told
-from one it merely shares a name with.
+from one it merely shares a name with, and how the sweep finds every profile governord made
+(``system.listSystems``, then each profile's details).
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from pydantic import field_validator
 from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
-from governord.registrars import Registrar, RegistrarConfig
+from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
 
 log = logging.getLogger(__name__)
@@ -224,6 +225,63 @@ class SatelliteRegistrar(Registrar):
                     raise
             log.info("%s: deleted system %s (%s)", self.name, sid, host.fqdn)
         await self._wait_gone(host.fqdn)
+
+    async def list_owned(self) -> list[Registration]:
+        """Every system profile whose description is a governord ownership marker.
+
+        The API cannot search descriptions, so each visible system's details are read (at most
+        ``max_concurrency`` at once); a system deleted meanwhile is skipped."""
+        systems = await self._api("system.listSystems")
+
+        async def owned(system: dict[str, Any]) -> Registration | None:
+            sid = int(system["id"])
+            try:
+                details = await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    return None
+                raise
+            host_id = marker_of(details.get("description"))
+            if host_id is None:
+                return None
+            return Registration(self.name, str(sid), str(details.get("profile_name") or system.get("name")), host_id,
+                                {"hostname": details.get("hostname")})
+
+        found = await asyncio.gather(*(owned(s) for s in systems))
+        return [entry for entry in found if entry is not None]
+
+    async def remove_owned(self, entry: Registration) -> bool:
+        """Delete the system with this id if its description still names ``entry.host_id``;
+        wait until it reads as gone."""
+        sid = int(entry.entry_id)
+        try:
+            details = await self._api("system.getDetails", sid)
+        except SatelliteFault as exc:
+            if exc.code == FAULT_NO_SUCH_SYSTEM:
+                return False
+            raise
+        if marker_of(details.get("description")) != entry.host_id:
+            return False
+        try:
+            await self._api("system.deleteSystem", sid)
+        except SatelliteFault as exc:
+            if exc.code != FAULT_NO_SUCH_SYSTEM:
+                raise
+        log.info("%s: deleted system %s (%s), orphan of governord host %s", self.name, sid, entry.name, entry.host_id)
+        deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
+        while True:
+            try:
+                await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    return True
+                raise
+            if time.monotonic() >= deadline:
+                raise RetryableError(
+                    f"Satellite system {sid} ({entry.name}) still exists {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
+                    source=self.name,
+                )
+            await asyncio.sleep(DELETE_VERIFY_INTERVAL)
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """The host's profile (the one carrying its marker, if several share the name), or None."""

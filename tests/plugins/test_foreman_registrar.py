@@ -273,3 +273,56 @@ async def test_stopped_simulator_is_retryable(private_sim: ForemanSim, monkeypat
             await fresh.start()
     finally:
         await fresh.close()
+
+
+# -- the sweep: listing what carries the marker, removing one entry by its id -------------------
+
+
+def create_host(sim: ForemanSim, fqdn: str, comment: str | None) -> int:
+    """A host made behind governord's back (by an operator, or left by another tool)."""
+    body = {"host": {"name": fqdn, "location_id": 1, "organization_id": 1, "managed": False, "comment": comment}}
+    response = requests.post(f"{sim.url}/api/hosts", json=body, auth=sim.auth, timeout=10)
+    assert response.status_code == 201, response.text
+    return int(response.json()["id"])
+
+
+async def test_list_owned_finds_every_marked_host_and_nothing_else(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    ours = make_host()
+    record = await registrar.register(ours, classification(registrar, "node"))
+    unmarked = make_host()
+    unmarked_id = create_host(foreman_sim, unmarked.fqdn, "racked by ops")
+    orphan_of = str(uuid.uuid4())
+    orphan = make_host()
+    orphan_id = create_host(foreman_sim, orphan.fqdn, f"left by a crash\ngovernord:host-id={orphan_of}")
+    mentioned = make_host()  # the key in prose is not a marker
+    create_host(foreman_sim, mentioned.fqdn, "see governord:host-id=<uuid> in the runbook")
+
+    listed = {entry.entry_id: entry for entry in await registrar.list_owned()}
+    assert listed[str(record["id"])].host_id == ours.id and listed[str(record["id"])].name == ours.fqdn
+    assert listed[str(record["id"])].details["hostgroup"] == "openshift/node"
+    assert listed[str(orphan_id)].host_id == orphan_of and listed[str(orphan_id)].system == "foreman"
+    assert str(unmarked_id) not in listed
+    assert mentioned.fqdn not in {e.name for e in listed.values()}
+
+
+async def test_remove_owned_deletes_exactly_that_host_while_it_carries_the_marker(
+    registrar: ForemanRegistrar, foreman_sim: ForemanSim,
+) -> None:
+    orphan_of = str(uuid.uuid4())
+    orphan = make_host()
+    orphan_id = create_host(foreman_sim, orphan.fqdn, f"governord:host-id={orphan_of}")
+    [entry] = [e for e in await registrar.list_owned() if e.entry_id == str(orphan_id)]
+
+    # a newer host took the name over and re-marked it: the listed entry is not removed
+    successor = dataclasses.replace(make_host(fqdn=orphan.fqdn), id=str(uuid.uuid4()))
+    await registrar.register(successor, classification(registrar, "node"))
+    assert await registrar.remove_owned(entry) is False
+    assert read_host(foreman_sim, str(orphan_id)).json()["comment"] == f"governord:host-id={successor.id}"
+
+    # with its marker back, it goes; verified from the other side, and twice is fine
+    requests.put(f"{foreman_sim.url}/api/hosts/{orphan_id}", json={"host": {"comment": f"governord:host-id={orphan_of}"}},
+                 auth=foreman_sim.auth, timeout=10).raise_for_status()
+    assert await registrar.remove_owned(entry) is True
+    assert read_host(foreman_sim, str(orphan_id)).status_code == 404
+    assert str(orphan_id) not in {e.entry_id for e in await registrar.list_owned()}
+    assert await registrar.remove_owned(entry) is False

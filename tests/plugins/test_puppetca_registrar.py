@@ -8,6 +8,7 @@ ssldir) is refused.
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import socket
 import uuid
@@ -105,8 +106,11 @@ def test_config_defaults_and_strictness(tmp_path: Path) -> None:
                            puppet_server="puppet.example")
     assert explicit.url == "https://ca.example:8140" and explicit.puppet_server == "puppet.example"
     base = {"client_cert": str(cert), "client_key": str(key)}
+    assert config.marker_oid == "1.3.6.1.4.1.34380.1.2.1"
+    assert make_config(client_cert=str(cert), client_key=str(key), marker_oid="1.3.6.1.4.1.34380.1.2.7.1").marker_oid
     for bad in ({"url": "http://puppet:8140"}, {"url": "puppet:8140"}, {"token_ttl": 0},
-                {"colour": "blue"}, {"client_cert": None}):
+                {"colour": "blue"}, {"client_cert": None}, {"marker_oid": "1.3.6.1.4.1.34380.1.1.1"},
+                {"marker_oid": "1.3.6.1.4.1.34380.1.2"}, {"marker_oid": "pp_uuid"}):
         with pytest.raises(pydantic.ValidationError):
             make_config(**{**base, **bad})
     with pytest.raises(pydantic.ValidationError):
@@ -145,7 +149,8 @@ async def test_prepare_for_an_adopted_host_makes_a_token_and_cloud_config(tmp_pa
     assert before + datetime.timedelta(seconds=590) < expires <= before + datetime.timedelta(seconds=601)
     assert record["cloud_config"] == {"puppet": {
         "conf": {"agent": {"server": "puppet.lab.example", "certname": "web1.lab.example"}},
-        "csr_attributes": {"custom_attributes": {CHALLENGE_PASSWORD_OID: token}},
+        "csr_attributes": {"custom_attributes": {CHALLENGE_PASSWORD_OID: token},
+                           "extension_requests": {"1.3.6.1.4.1.34380.1.2.1": f"governord:host-id={host.id}"}},
     }}
     again = await reg.prepare(with_record(host, record), {})
     assert again == record
@@ -346,3 +351,86 @@ async def test_an_untrusted_server_is_a_permanent_error(puppet_stack: PuppetLab,
     with pytest.raises(PermanentError, match="not trusted"):
         await reg.lookup(make_host(puppet_stack.certname("untrusted")))
     await reg.close()
+
+
+# -- the sweep: certificates that carry governord's marker ---------------------------------------
+
+
+def test_marker_is_read_from_der_strings_of_either_length_form() -> None:
+    from governord.plugins.puppetca.registrar import _der_string
+
+    short = "governord:host-id=" + str(uuid.uuid4())
+    assert _der_string(bytes([0x0C, len(short)]) + short.encode()) == short
+    long_text = "x" * 200
+    assert _der_string(bytes([0x0C, 0x81, 200]) + long_text.encode()) == long_text
+    assert _der_string(bytes([0x16, 3]) + b"abc") == "abc"
+    assert _der_string(bytes([0x04, 3]) + b"abc") is None  # an OCTET STRING is no text
+    assert _der_string(bytes([0x0C, 5]) + b"abc") is None  # length disagrees
+    assert _der_string(b"") is None
+
+
+def signed_certificate(lab: PuppetLab, certname: str) -> x509.Certificate:
+    """The CA's copy of a certificate, fetched with a plain client."""
+    stack = lab.stack
+    response = requests.get(f"{stack.server_url}/puppet-ca/v1/certificate/{certname}", verify=str(stack.ca_bundle),
+                            timeout=30)
+    assert response.status_code == 200, response.text
+    return x509.load_pem_x509_certificate(response.content)
+
+
+@pytest.mark.integration
+async def test_the_signed_certificate_carries_the_marker(puppet_stack: PuppetLab, registrar: PuppetCARegistrar) -> None:
+    host, _record = await prepared_and_signed(puppet_stack, registrar, "marked")
+    extension = signed_certificate(puppet_stack, host.fqdn).extensions.get_extension_for_oid(
+        x509.ObjectIdentifier("1.3.6.1.4.1.34380.1.2.1"))
+    assert f"governord:host-id={host.id}".encode() in extension.value.value  # type: ignore[attr-defined]
+
+
+@pytest.mark.integration
+async def test_list_owned_finds_marked_certificates_and_requests_only(
+    puppet_stack: PuppetLab, registrar: PuppetCARegistrar,
+) -> None:
+    signed, _ = await prepared_and_signed(puppet_stack, registrar, "owned")
+    # an agent whose CSR carries no marker (not made from governord's cloud-config)
+    plain = puppet_stack.certname("unmarked")
+    token = add_token(puppet_stack.workdir, plain)
+    puppet_stack.stack.run_agent(plain, csr_attributes={"custom_attributes": {CHALLENGE_PASSWORD_OID: token}})
+    assert ca_state(puppet_stack, plain) == "signed"
+    # a request that is still waiting (its token was wrong), marked
+    waiting = make_host(puppet_stack.certname("waiting"))
+    record = await registrar.prepare(waiting, {})
+    assert record is not None
+    attributes = record["cloud_config"]["puppet"]["csr_attributes"]
+    puppet_stack.stack.run_agent(waiting.fqdn, csr_attributes={**attributes, "custom_attributes": {
+        CHALLENGE_PASSWORD_OID: "not-the-token"}})
+    assert ca_state(puppet_stack, waiting.fqdn) == "requested"
+
+    listed = {entry.entry_id: entry for entry in await registrar.list_owned()}
+    assert listed[signed.fqdn].host_id == signed.id and listed[signed.fqdn].details["state"] == "signed"
+    assert listed[waiting.fqdn].host_id == waiting.id and listed[waiting.fqdn].details["state"] == "requested"
+    assert plain not in listed
+    assert "governord.lab.example" not in listed and all(e.system == NAME for e in listed.values())
+
+
+@pytest.mark.integration
+async def test_remove_owned_cleans_only_while_the_marker_is_the_listed_one(
+    puppet_stack: PuppetLab, registrar: PuppetCARegistrar,
+) -> None:
+    signed, _ = await prepared_and_signed(puppet_stack, registrar, "orphan")
+    [entry] = [e for e in await registrar.list_owned() if e.entry_id == signed.fqdn]
+    stranger = dataclasses.replace(entry, host_id=str(uuid.uuid4()))
+    assert await registrar.remove_owned(stranger) is False
+    assert ca_state(puppet_stack, signed.fqdn) == "signed"
+    assert await registrar.remove_owned(entry) is True
+    assert ca_status(puppet_stack, signed.fqdn) == (404, None)
+    assert await registrar.remove_owned(entry) is False
+
+    waiting = make_host(puppet_stack.certname("orphan-request"))
+    record = await registrar.prepare(waiting, {})
+    assert record is not None
+    attributes = record["cloud_config"]["puppet"]["csr_attributes"]
+    puppet_stack.stack.run_agent(waiting.fqdn, csr_attributes={**attributes, "custom_attributes": {
+        CHALLENGE_PASSWORD_OID: "wrong"}})
+    [pending] = [e for e in await registrar.list_owned() if e.entry_id == waiting.fqdn]
+    assert await registrar.remove_owned(pending) is True
+    assert ca_status(puppet_stack, waiting.fqdn) == (404, None)

@@ -7,6 +7,7 @@ query API with a separate plain HTTP client (``/pdb/query/v4/nodes`` with ``node
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import socket
 import time
 import uuid
@@ -325,3 +326,55 @@ async def test_an_untrusted_server_is_a_permanent_error(puppet_stack: PuppetLab,
     with pytest.raises(PermanentError, match="not trusted"):
         await reg.lookup(make_host(puppet_stack.certname("untrusted")))
     await reg.close()
+
+
+# -- the sweep: nodes whose certificate carries governord's marker ------------------------------
+
+MARKER_OID = "1.3.6.1.4.1.34380.1.2.1"
+
+
+def run_marked_agent(lab: PuppetLab, certname: str, host_id: str) -> tuple[int, str]:
+    """An agent run whose CSR asks for governord's marker extension, as the Puppet CA registrar's
+    cloud-config makes it."""
+    token = lab.authorize(certname)
+    attributes = {**challenge_attributes(token), "extension_requests": {MARKER_OID: f"governord:host-id={host_id}"}}
+    return lab.stack.run_agent(certname, csr_attributes=attributes)
+
+
+def active(lab: PuppetLab, certname: str) -> bool:
+    return bool(pdb_get(lab, "nodes", query=f'["=", "certname", "{certname}"]').json())
+
+
+@pytest.mark.integration
+async def test_list_owned_finds_active_marked_nodes_only(puppet_stack: PuppetLab, registrar: PuppetDBRegistrar) -> None:
+    marked, host_id = puppet_stack.certname("marked"), str(uuid.uuid4())
+    run_marked_agent(puppet_stack, marked, host_id)
+    wait_for_report(puppet_stack, marked)
+    plain = puppet_stack.certname("plain")
+    run_agent(puppet_stack, plain)
+    wait_for_report(puppet_stack, plain)
+
+    listed = {entry.entry_id: entry for entry in await registrar.list_owned()}
+    assert listed[marked].host_id == host_id and listed[marked].system == NAME
+    assert plain not in listed
+
+
+@pytest.mark.integration
+async def test_remove_owned_deactivates_only_while_the_node_names_the_listed_host(
+    puppet_stack: PuppetLab, registrar: PuppetDBRegistrar,
+) -> None:
+    certname, host_id = puppet_stack.certname("orphan"), str(uuid.uuid4())
+    run_marked_agent(puppet_stack, certname, host_id)
+    wait_for_report(puppet_stack, certname)
+    [entry] = [e for e in await registrar.list_owned() if e.entry_id == certname]
+
+    assert await registrar.remove_owned(dataclasses.replace(entry, host_id=str(uuid.uuid4()))) is False
+    assert active(puppet_stack, certname)
+    assert await registrar.remove_owned(entry) is True
+    # the other side: no longer active, deactivated in the "any" view, and not listed again
+    assert not active(puppet_stack, certname)
+    [node] = pdb_get(puppet_stack, "nodes",
+                     query=f'["and", ["=", "certname", "{certname}"], ["=", "node_state", "any"]]').json()
+    assert node["deactivated"] is not None
+    assert certname not in {e.entry_id for e in await registrar.list_owned()}
+    assert await registrar.remove_owned(entry) is False

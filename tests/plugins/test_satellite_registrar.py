@@ -419,3 +419,46 @@ async def test_https_verifies_the_server_certificate(
         await unverified.close()
     finally:
         sim.stop()
+
+
+# -- the sweep: listing what carries the marker, removing one profile by its id -------------------
+
+
+async def test_list_owned_finds_every_marked_profile_and_nothing_else(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    ours = make_host(satellite_name)
+    record = await registrar.register(ours, NODE)
+    proxy, key = observer
+    orphan_of = str(uuid.uuid4())
+    orphan_sid = proxy.system.createSystemProfile(key, "orphan-" + satellite_name, {"hostname": "orphan-" + satellite_name})
+    proxy.system.setDetails(key, orphan_sid, {"description": f"governord:host-id={orphan_of}"})
+    plain_sid = proxy.system.createSystemProfile(key, "plain-" + satellite_name, {"hostname": "plain-" + satellite_name})
+    proxy.system.setDetails(key, plain_sid, {"description": "built by hand"})
+
+    listed = {int(entry.entry_id): entry for entry in await registrar.list_owned()}
+    assert listed[record["id"]].host_id == ours.id and listed[record["id"]].name == satellite_name
+    assert listed[orphan_sid].host_id == orphan_of and listed[orphan_sid].system == "satellite"
+    assert plain_sid not in listed
+
+
+async def test_remove_owned_deletes_exactly_that_profile_while_it_carries_the_marker(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    proxy, key = observer
+    orphan_of = str(uuid.uuid4())
+    sid = proxy.system.createSystemProfile(key, satellite_name, {"hostname": satellite_name})
+    proxy.system.setDetails(key, sid, {"description": f"governord:host-id={orphan_of}"})
+    [entry] = [e for e in await registrar.list_owned() if e.entry_id == str(sid)]
+
+    # re-marked for another host between listing and removal: left alone
+    proxy.system.setDetails(key, sid, {"description": f"governord:host-id={uuid.uuid4()}"})
+    assert await registrar.remove_owned(entry) is False
+    assert proxy.system.getDetails(key, sid)["id"] == sid
+
+    proxy.system.setDetails(key, sid, {"description": f"governord:host-id={orphan_of}"})
+    assert await registrar.remove_owned(entry) is True
+    with pytest.raises(xmlrpc.client.Fault) as gone:
+        proxy.system.getDetails(key, sid)
+    assert gone.value.faultCode == -208
+    assert await registrar.remove_owned(entry) is False

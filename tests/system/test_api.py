@@ -190,6 +190,7 @@ async def test_admin_api_answers_as_its_openapi_document_says(lab: Lab, governor
             ("POST", "/v1/apps/demo/scale", {"role": "node", "count": 1}),
             ("POST", "/v1/apps/nope/scale", {"role": "node", "add": 1}),
             ("POST", "/v1/apps/demo/certificate", None),
+            ("POST", "/v1/sweep", {"dry_run": True}), ("POST", "/v1/sweep", {"dry_run": "maybe"}),
             ("GET", "/metrics", None), ("GET", "/healthz", None),
         ]
         for method, path, body in calls:
@@ -202,6 +203,9 @@ async def test_admin_api_answers_as_its_openapi_document_says(lab: Lab, governor
     assert statuses[("GET", "/v1/hosts/nope")] == 404
     assert statuses[("POST", "/v1/hosts/demo-node-01/retry")] == 409
     assert statuses[("POST", "/v1/apps/nope/scale")] == 404
+    sweeps = [(status, body) for m, p, status, body in SEEN if p == "/v1/sweep"]
+    assert sweeps[0][0] == 200 and sweeps[0][1]["dry_run"] is True and sweeps[0][1]["findings"] == []
+    assert sweeps[1][0] == 422 and sweeps[1][1]["field"] == "dry_run"
     for method, path, status, body in SEEN:
         _check_against(doc, method, path, status, body)
 

@@ -62,7 +62,9 @@ def _host(daemon: Governord, name: str) -> dict[str, Any]:
 def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         puppet_lab: tuple[Lab, PuppetStack]) -> None:
     lab, stack = puppet_lab
-    daemon = lab.start_governord()
+    config = lab.write_config()
+    config.write_text(config.read_text() + '\n[sweep]\ngrace = 0\n[sweep.policy]\norphaned = "clean"\n')
+    daemon = lab.start_governord(config)
     try:
         daemon.ctl("scale", "demo", "node", "--add", "1")
         host = wait_until(lambda: (h := _host(daemon, "demo-node-01"))["state"] == "configuring" and h,
@@ -102,6 +104,14 @@ def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         code, _ = stack.run_agent("demo-node-01-clone.lab.example", csr_attributes=csr_attributes)
         assert code == 1
 
+        # the certificate and the PuppetDB node carry governord's marker (the CSR asked for it),
+        # so the sweep sees them as this live host's: listed, nothing to find. The clone's
+        # pending request carries the marker too, but of a live host: not an orphan either.
+        sweep = daemon.ctl_json("sweep", "--dry-run")
+        assert sweep["errors"] == [] and sweep["findings"] == []
+        assert sweep["checked"]["registrars"]["puppetdb"] == 1
+        assert sweep["checked"]["registrars"]["puppetca"] == 2
+
         # retire: certificate cleaned, node deactivated after the machine is gone, agent refused
         daemon.ctl("retire", fqdn, "--wait", timeout=300)
         assert _host(daemon, fqdn)["state"] == "gone"
@@ -114,5 +124,17 @@ def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         assert lab.vsphere_vms() == {} and lab.foreman_hosts() == {} and lab.satellite_systems() == {}
         code, output = stack.run_agent(fqdn)
         assert code != 0 and "certificate" in output.lower()
+
+        # the refused clone's request names the gone host: an orphan the sweep cleans
+        clone = "demo-node-01-clone.lab.example"
+        sweep = daemon.ctl_json("sweep", "--dry-run")
+        assert [(f["kind"], f["where"], f["name"], f["record"]) for f in sweep["findings"]] == [
+            ("orphaned", "puppetca", clone, "gone")]
+        assert sweep["checked"]["registrars"]["puppetdb"] == 0
+        assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{clone}")[1]["state"] == "requested"
+        sweep = daemon.ctl_json("sweep")
+        assert [f["action"] for f in sweep["findings"]] == ["deregistered"]
+        assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{clone}")[0] == 404
+        assert daemon.ctl_json("sweep", "--dry-run")["findings"] == []
     finally:
         daemon.stop()
