@@ -624,7 +624,7 @@ class Store:
         changes = {**values, "updated_at": now}
         if "state" in values:
             changes["state_since"] = now
-        async with self.engine.begin() as conn:
+        async with self.transaction() as conn:
             row = (await conn.execute(update(hosts).where(where).values(**changes).returning(*hosts.c))).mappings().first()
             if row is None:
                 return None

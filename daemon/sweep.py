@@ -471,7 +471,7 @@ class Sweeper:
 
     async def _audit(self, kind: str, actor: str, host_id: str | None, detail: dict[str, Any]) -> None:
         async def write() -> None:
-            async with self.store.engine.begin() as conn:
+            async with self.store.transaction() as conn:
                 await self.store.add_event(conn, kind, actor=actor, host_id=host_id, detail=detail)
 
         # an audit record of something already done must not be lost to a cancellation

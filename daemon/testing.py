@@ -62,7 +62,7 @@ class MemoryProvider(Provider):
     _ids = itertools.count(1)
     #: host id -> machine id per world, so that finding is not a scan (the engine benchmark
     #: keeps 10,000 machines); rebuilt whenever a test changed the world by hand
-    _by_host: ClassVar[dict[str, dict[str, str]]] = {}
+    _by_host: ClassVar[dict[str, tuple[dict[str, Machine], dict[str, str]]]] = {}
 
     @property
     def world(self) -> dict[str, Machine]:
@@ -89,11 +89,11 @@ class MemoryProvider(Provider):
         return machine
 
     def _index(self) -> dict[str, str]:
-        index = self._by_host.get(self.name)
         world = self.world
-        if index is None or len(index) != len(world):
+        indexed, index = self._by_host.get(self.name, (None, {}))
+        if indexed is not world or len(index) != len(world):
             index = {m.host_id: m.machine_id for m in world.values() if m.host_id}
-            self._by_host[self.name] = index
+            self._by_host[self.name] = (world, index)
         return index
 
     async def wait_ready(self, machine: Machine, timeout: float) -> Machine:

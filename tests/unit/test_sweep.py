@@ -218,7 +218,7 @@ async def test_leased_hosts_are_not_judged(make_runtime: Callable[..., Any]) -> 
     try:
         [row] = await ready_hosts(runtime, 1)
         machines().clear()
-        async with runtime.store.engine.begin() as conn:  # as if an engine held it
+        async with runtime.store.transaction() as conn:  # as if an engine held it
             await conn.execute(update(hosts).where(hosts.c.id == row["id"]).values(lease_owner="elsewhere/1",
                                                                                    lease_expires=0))
         assert (await runtime.sweeper.run(dry_run=True, actor="t")).findings == []
