@@ -233,23 +233,71 @@ _NEXT_DUE = (
 )
 _FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
-_fenced_statements: dict[tuple[tuple[str, int], ...], Any] = {}
+class DirectStatement:
+    """A statement compiled once for a dialect and run straight on the DBAPI cursor.
+
+    For the engine's fenced update, the hottest statement governord runs: SQLAlchemy's
+    bookkeeping per execution costs several times SQLite's own work for it (bench/RESULTS.md).
+    Parameters and the returned row still go through the column types' own processors for the
+    dialect, so values come back exactly as SQLAlchemy would return them (a unit test compares).
+    The statement must return whole ``hosts`` rows.
+    """
+
+    def __init__(self, statement: Any, dialect: Any) -> None:
+        compiled = statement.compile(dialect=dialect)
+        if not compiled.positional:
+            raise NotImplementedError("DirectStatement needs a positional DBAPI parameter style")
+        self._compiled = compiled
+        self.sql = compiled.string
+        self._order = list(compiled.positiontup or ())
+        self._bind_processors = {
+            name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in compiled.binds.items()
+        }
+        self._columns = [column.name for column in hosts.c]
+        self._result_processors = [column.type.dialect_impl(dialect).result_processor(dialect, None)
+                                   for column in hosts.c]
+
+    def first(self, conn: Connection, params: Row) -> Row | None:
+        values = self._compiled.construct_params(params)
+        positional = []
+        for name in self._order:
+            value = values[name]
+            processor = self._bind_processors.get(name)
+            positional.append(processor(value) if processor is not None and value is not None else value)
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.execute(self.sql, positional)
+            raw = cursor.fetchone()
+            if raw is not None:
+                cursor.fetchall()  # the statement is done only once its rows are read
+        finally:
+            cursor.close()
+        if raw is None:
+            return None
+        return {
+            name: processor(value) if processor is not None else value
+            for name, processor, value in zip(self._columns, self._result_processors, raw, strict=True)
+        }
 
 
-def _fenced_statement(values: Row) -> tuple[Any, Row]:
+_fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatement] = {}
+
+
+def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement, Row]:
     """The prepared ``UPDATE hosts ... WHERE id AND lease_owner RETURNING *`` for this set of
     columns, and its parameters. A value may be an SQL expression (a module-level constant, so
     the statement can be kept); its own bind parameters come in through ``binds``."""
     shape = tuple(sorted((name, id(value) if isinstance(value, ClauseElement) else 0) for name, value in values.items()))
-    statement = _fenced_statements.get(shape)
+    statement = _fenced_statements.get((dialect.name, shape))
     if statement is None:
-        statement = (
+        statement = DirectStatement(
             update(hosts).where(_FENCE)
             .values({name: value if isinstance(value, ClauseElement) else bindparam(f"v_{name}")
                      for name, value in values.items()})
-            .returning(*hosts.c)
+            .returning(*hosts.c),
+            dialect,
         )
-        _fenced_statements[shape] = statement
+        _fenced_statements[(dialect.name, shape)] = statement
     params = {f"v_{name}": value for name, value in values.items() if not isinstance(value, ClauseElement)}
     return statement, params
 
@@ -469,11 +517,10 @@ class Store:
             values.update(lease_owner=None, lease_expires=None)
         if start_step is not None:
             values["attempts"] = _FIRST_TRY_UNLESS_RETIRING
-        statement, params = _fenced_statement(values)
-        params.update(binds or {}, fence_id=host_id, fence_owner=owner)
-
         def job(conn: Connection) -> Row | None:
-            row = conn.execute(statement, params).mappings().first()
+            statement, params = _fenced_statement(conn.dialect, values)
+            params.update(binds or {}, fence_id=host_id, fence_owner=owner)
+            row = statement.first(conn, params)
             if row is None:
                 return None
             if event_kind:
@@ -486,7 +533,7 @@ class Store:
                     "actor": "engine", "detail": {"step": start_step, "attempt": 1}})
             if after is not None:
                 after(conn, dict(row))
-            return dict(row)
+            return row
 
         return await self.writer.run(job)
 

@@ -65,3 +65,40 @@ def test_the_engines_queue_index_names_exactly_the_resting_states() -> None:
     resting = {state.value for state in HostState} - {state.value for state in ACTIVE_STATES}
     listed = set(str(WORKING).split("NOT IN (")[1].rstrip(")").replace("'", "").replace(" ", "").split(","))
     assert listed == resting
+
+
+def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) -> None:
+    """The engine's fenced update skips SQLAlchemy's execution layer: the row it returns (JSON
+    columns decoded, booleans as booleans, SQL expressions evaluated) must be the very row
+    SQLAlchemy returns for the same update, and the fence must hold."""
+    from sqlalchemy import insert, update
+
+    from governord.engine import READY_UNLESS_RETAGGED
+    from governord.schema import hosts
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    store.migrate(url)
+    engine = create_engine(url)
+    base = {"fqdn": "x.example", "app": "a", "role": "r", "origin": "provisioned", "state": "configuring",
+            "tags": ["node"], "tags_rev": 3, "addresses": ["10.0.0.5"], "classification": {"cmdb": {"classes": ["a"]}},
+            "registrations": {"cmdb": {"id": 7}}, "profile": {"size": "small"}, "retire_requested": True,
+            "attempts": 2, "next_attempt_at": 0.0, "created_at": 1.0, "updated_at": 1.0, "lease_owner": "me"}
+    values = {"state": READY_UNLESS_RETAGGED, "registrations": {"cmdb": {"id": 8, "token": None}}, "error": None,
+              "attempts": 0, "updated_at": 2.5}
+    with engine.begin() as conn:
+        conn.execute(insert(hosts), [{**base, "id": "direct", "name": "d"}, {**base, "id": "plain", "name": "p"}])
+        direct, params = store._fenced_statement(conn.dialect, values)  # noqa: SLF001
+        got = direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct", "fence_owner": "me"})
+        expected = conn.execute(
+            update(hosts).where(hosts.c.id == "plain", hosts.c.lease_owner == "me")
+            .values({**values, "state": READY_UNLESS_RETAGGED}).returning(*hosts.c),
+            {"configured_tags_rev": 3},
+        ).mappings().one()
+        assert got is not None
+        assert {**got, "id": "plain", "name": "p"} == dict(expected)
+        assert got["state"] == "ready" and got["retire_requested"] is True
+        assert got["registrations"] == {"cmdb": {"id": 8, "token": None}}
+        # the fence: another owner changes nothing and gets nothing back
+        assert direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct",
+                                   "fence_owner": "someone else"}) is None
+    engine.dispose()
