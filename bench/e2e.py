@@ -25,6 +25,8 @@ import argparse
 import asyncio
 import json
 import sqlite3
+import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -37,7 +39,7 @@ from typing import Any
 import aiohttp
 
 from lab import vcsim
-from lab.stack import Governord, Lab
+from lab.stack import REPO_ROOT, Governord, Lab
 
 from .floor import Floor, FloorHost, FloorSettings
 from .record import append_row, machine_label
@@ -95,6 +97,21 @@ def last_event(daemon: Governord, kind: str) -> float:
     return float(db_query(daemon, "SELECT max(ts) FROM events WHERE kind = ?", kind)[0][0])
 
 
+def intervals(daemon: Governord) -> dict[str, float]:
+    """Mean seconds per host between consecutive audit events, labelled ``a -> b``
+    (``step-started`` carries its step): where each host's time went, by the daemon's clock."""
+    by_host: dict[str, list[tuple[float, str]]] = {}
+    for host_id, kind, detail, ts in db_query(
+            daemon, "SELECT host_id, kind, detail, ts FROM events WHERE host_id IS NOT NULL ORDER BY id"):
+        label = f"start {json.loads(detail)['step']}" if kind == "step-started" else kind
+        by_host.setdefault(host_id, []).append((ts, label))
+    sums: dict[str, float] = {}
+    for timeline in by_host.values():
+        for (t0, a), (t1, b) in zip(timeline, timeline[1:]):
+            sums[f"{a} -> {b}"] = sums.get(f"{a} -> {b}", 0.0) + (t1 - t0)
+    return {label: total / len(by_host) for label, total in sums.items()}
+
+
 def check_up(lab: Lab, hosts: int, prefix: str) -> None:
     vms = {n: v for n, v in lab.vsphere_vms().items() if n.startswith(prefix)}
     foreman = {n: h for n, h in lab.foreman_hosts().items() if n.startswith(prefix)}
@@ -121,10 +138,33 @@ def py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
+def start_daemon(lab: Lab, config: Path, daemon_args: list[str]) -> Governord:
+    """Lab.start_governord, but through bench.daemon when ``daemon_args`` ask for tracing or
+    knobs (``python -m governord`` itself otherwise)."""
+    if not daemon_args:
+        return lab.start_governord(config)
+    home = config.parent
+    notify_path = home / f"notify-{len(lab.daemons)}.sock"
+    notify_path.unlink(missing_ok=True)
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(notify_path))
+    log = home / "governord.log"
+    env = {**os.environ, **lab.passwords, "NOTIFY_SOCKET": str(notify_path),
+           "XDG_CACHE_HOME": str(lab.workdir / "cache")}
+    with open(log, "ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "bench.daemon", "--config", str(config), *daemon_args],
+                                   stdout=log_file, stderr=log_file, env=env, cwd=REPO_ROOT, start_new_session=True)
+    daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env)
+    lab.daemons.append(daemon)
+    daemon.wait_notification("READY=1", timeout=60)
+    return daemon
+
+
 async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, timeout: float,
-                        profile: Path | None) -> dict[str, float]:
+                        profile: Path | None, daemon_args: list[str]) -> dict[str, Any]:
     config = configure(lab, f"governord-{round_no}", hosts, concurrency)
-    daemon = lab.start_governord(config)
+    args = [a.replace("{round}", str(round_no)) for a in daemon_args]
+    daemon = start_daemon(lab, config, args)
     spy = py_spy(daemon.process.pid, profile / f"governord-{round_no}.txt", timeout) if profile else None
     try:
         started = time.time()
@@ -137,13 +177,14 @@ async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, t
         await wait_state(daemon, "gone", hosts, timeout)
         down = last_event(daemon, "gone") - released
         check_gone(lab)
+        steps = intervals(daemon)
     finally:
         if spy is not None:
             spy.send_signal(2)
             spy.wait(30)
         code = daemon.stop()
     assert code == 0, f"governord exited {code}"
-    return {"up": up, "down": down}
+    return {"up": up, "down": down, "steps": steps}
 
 
 def floor_settings(lab: Lab) -> FloorSettings:
@@ -181,7 +222,12 @@ async def run_floor(lab: Lab, hosts: int, concurrency: int) -> dict[str, float]:
         check_gone(lab)
     finally:
         await floor.close()
-    return {"up": up, "down": down}
+    steps: dict[str, float] = {}
+    for host in batch:
+        marks = sorted(host.timings.items(), key=lambda kv: kv[1])
+        for (a, t0), (b, t1) in zip(marks, marks[1:]):
+            steps[f"{a} -> {b}"] = steps.get(f"{a} -> {b}", 0.0) + (t1 - t0) / len(batch)
+    return {"up": up, "down": down, "steps": steps}
 
 
 async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
@@ -192,19 +238,40 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             floor = await run_floor(lab, args.hosts, args.concurrency)
             results["floor"].append(floor)
             print(f"round {round_no} floor     up {floor['up']:6.2f} s  down {floor['down']:6.2f} s", flush=True)
-            gov = await run_governord(lab, round_no, args.hosts, args.concurrency, args.timeout, args.profile)
+            gov = await run_governord(lab, round_no, args.hosts, args.concurrency, args.timeout, args.profile,
+                                      daemon_args(args))
             results["governord"].append(gov)
+            if args.steps:
+                for who, run in (("floor", floor), ("governord", gov)):
+                    print(f"  {who}: mean seconds per host between events")
+                    for label, seconds in run["steps"].items():
+                        print(f"    {seconds:7.3f}  {label}")
             print(f"round {round_no} governord up {gov['up']:6.2f} s  down {gov['down']:6.2f} s  "
                   f"ratio up {gov['up'] / floor['up']:.2f} down {gov['down'] / floor['down']:.2f}", flush=True)
     summary: dict[str, Any] = {"hosts": args.hosts, "concurrency": args.concurrency, "rounds": args.rounds}
     for who, runs in results.items():
         for phase in ("up", "down"):
-            summary[f"{who}_{phase}_s"] = statistics.median(r[phase] for r in runs)
-        summary[f"{who}_total_s"] = statistics.median(r["up"] + r["down"] for r in runs)
+            summary[f"{who}_{phase}_s"] = statistics.median(float(r[phase]) for r in runs)
+        summary[f"{who}_total_s"] = statistics.median(float(r["up"]) + float(r["down"]) for r in runs)
     for phase in ("up", "down", "total"):
         summary[f"ratio_{phase}"] = summary[f"governord_{phase}_s"] / summary[f"floor_{phase}_s"]
-    summary["runs"] = results
+    summary["runs"] = [{k: v for k, v in r.items() if k != "steps"} for who in results for r in results[who]]
     return summary
+
+
+def daemon_args(args: argparse.Namespace) -> list[str]:
+    extra = []
+    if args.trace_store:
+        extra.append(f"--trace-store={args.trace_store / 'store-{round}.json'}")
+    if args.switch_interval:
+        extra.append(f"--switch-interval={args.switch_interval}")
+    if args.serialize_writes:
+        extra.append("--serialize-writes")
+    if args.one_hop_writes:
+        extra.append("--one-hop-writes")
+    if args.slow_callback:
+        extra.append(f"--slow-callback={args.slow_callback}")
+    return extra
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -218,11 +285,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
     parser.add_argument("--workdir", type=Path, help="keep the lab's files (logs, state) here")
     parser.add_argument("--profile", type=Path, help="py-spy the daemon during each round into this directory")
+    parser.add_argument("--trace-store", type=Path,
+                        help="run the daemon through bench.daemon, timing every store call, into this directory")
+    parser.add_argument("--switch-interval", type=float, help="the daemon's GIL switch interval (experiment)")
+    parser.add_argument("--serialize-writes", action="store_true",
+                        help="experiment: queue the engine's writes behind one lock in the daemon (bench.daemon)")
+    parser.add_argument("--one-hop-writes", action="store_true",
+                        help="experiment: each engine transaction in one thread hop (bench.daemon)")
+    parser.add_argument("--slow-callback", type=float,
+                        help="asyncio debug mode in the daemon: log callbacks holding the loop longer than this")
+    parser.add_argument("--steps", action="store_true", help="print where each host's time went, per round")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args(argv)
-    if args.profile:
-        args.profile.mkdir(parents=True, exist_ok=True)
+    for directory in (args.profile, args.trace_store):
+        if directory:
+            directory.mkdir(parents=True, exist_ok=True)
     if args.workdir:
         summary = asyncio.run(main_async(args, args.workdir))
     else:

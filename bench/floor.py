@@ -382,11 +382,16 @@ class Floor:
         """All hosts to "registered everywhere"; returns the seconds until the last one was."""
         limit = asyncio.Semaphore(self.concurrency)
         started = time.time()
+        for host in hosts:
+            host.timings["requested"] = started
 
         async def one(host: FloorHost) -> None:
             async with limit:
+                host.timings["started"] = time.time()
                 await self.provision(host)
+                host.timings["provisioned"] = time.time()
                 await self.foreman_register(host)
+                host.timings["foreman registered"] = time.time()
                 await self.satellite_register(host)
                 host.timings["ready"] = time.time()
 
@@ -396,11 +401,16 @@ class Floor:
     async def tear_down(self, hosts: list[FloorHost]) -> float:
         limit = asyncio.Semaphore(self.concurrency)
         started = time.time()
+        for host in hosts:
+            host.timings["retire requested"] = started
 
         async def one(host: FloorHost) -> None:
             async with limit:
+                host.timings["retiring"] = time.time()
                 await self.foreman_deregister(host)
+                host.timings["foreman deregistered"] = time.time()
                 await self.satellite_deregister(host)
+                host.timings["deregistered"] = time.time()
                 await self.deprovision(host)
                 host.timings["gone"] = time.time()
 
