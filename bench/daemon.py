@@ -6,9 +6,11 @@ it, with what the benchmarks need and nothing in the product changed:
 - ``--trace-store FILE``: time every call of the store's methods (wall time, as the engine
   sees it) and write count, mean, p50, p99 and max per method to FILE (JSON) at exit;
 - ``--one-hop-writes``: an experiment: the engine's fenced update and claim each run as one
-  transaction on a synchronous connection in one writer thread (see :func:`one_hop_writes`);
+  transaction on a synchronous connection in one writer thread (see :class:`OneHop`);
+- ``--one-hop-scale``: the same for the Governor's scale transaction (the API's scale path);
 - ``--slow-callback S``: asyncio's debug mode, logging every callback that holds the event
   loop longer than S seconds (and naming it);
+- ``--park-engine``: the engine claims no work (the API measured alone);
 - ``--switch-interval S``: the interpreter's GIL switch interval (an experiment knob);
 - ``--serialize-writes``: an experiment: the engine's writes (claim, fenced update, lease
   renewal) queue behind one asyncio lock, so no two of them wait on each other inside SQLite
@@ -58,6 +60,17 @@ def trace_store() -> None:
         setattr(Store, name, wrap(method, name))
 
 
+def park_engine() -> None:
+    """The engine frees leases at start and stops as usual, but claims no work: what the API
+    accepts stays ``requested``. For measuring the API path alone."""
+    from governord.engine import Engine
+
+    async def start(self: Engine) -> None:
+        await self.store.release_leases_of(self.node + "/")
+
+    Engine.start = start  # type: ignore[method-assign]
+
+
 def serialize_writes() -> None:
     """Queue the engine's writes behind one in-process lock (see the module's doc)."""
     lock = asyncio.Lock()
@@ -72,6 +85,148 @@ def serialize_writes() -> None:
             return queued
 
         setattr(Store, name, wrap(func))
+
+
+LAGS: list[float] = []
+
+
+async def watch_loop(interval: float = 0.01) -> None:
+    """How late a 10 ms sleep wakes up: the event loop's lag, sampled all the time."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        LAGS.append(loop.time() - started - interval)
+
+
+class OneHop:
+    """Experiments: whole transactions run on a plain (synchronous) SQLAlchemy connection in one
+    dedicated writer thread, one hop from the event loop per transaction instead of one per
+    statement, cursor, commit and pool reset; writes queue in-process instead of in SQLite's
+    busy handler (which sleeps 1 to 100 ms between tries). Same statements, same transaction
+    boundaries, same durability. The store's and the Governor's own async code runs unchanged
+    on the writer thread: its ``await conn.execute(...)`` is answered at once by a shim, so the
+    coroutine finishes in one ``send``."""
+
+    def __init__(self) -> None:
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="store-writer")
+        self.engines: dict[int, Any] = {}
+
+    def sync_engine(self, store: Store) -> Any:
+        from sqlalchemy import create_engine, event
+
+        from governord.store import _sqlite_pragmas
+
+        if id(store) not in self.engines:
+            engine = create_engine(store.engine.url.set(drivername="sqlite"))
+            event.listen(engine, "connect", _sqlite_pragmas)
+            self.engines[id(store)] = engine
+        return self.engines[id(store)]
+
+    class SyncConn:
+        """An AsyncConnection look-alike over a sync connection: ``await conn.execute(...)``
+        runs at once."""
+
+        def __init__(self, conn: Any) -> None:
+            self.conn = conn
+
+        async def execute(self, statement: Any, *args: Any) -> Any:
+            return self.conn.execute(statement, *args)
+
+    @staticmethod
+    def finish(coro: Any) -> Any:
+        """Run a coroutine that never really suspends; return its value."""
+        try:
+            coro.send(None)
+        except StopIteration as done:
+            return done.value
+        coro.close()
+        raise RuntimeError("a coroutine on the writer thread really awaited something")
+
+    async def transaction(self, store: Store, body: Any) -> Any:
+        """``await body(conn)`` in one transaction on the writer thread."""
+
+        def run() -> Any:
+            with self.sync_engine(store).begin() as conn:
+                return self.finish(body(self.SyncConn(conn)))
+
+        return await asyncio.get_running_loop().run_in_executor(self.writer, run)
+
+    def patch_engine_writes(self) -> None:
+        """Store._fenced_update and Store.claim_due, each in one hop."""
+        original_fenced = Store._fenced_update
+        original_claim = Store.claim_due
+        hop = self
+
+        class Borrowed:
+            """``async with store.engine.begin() as conn`` inside the original methods, served
+            by the writer thread's connection."""
+
+            def __init__(self, conn: Any) -> None:
+                self.conn = conn
+
+            def begin(self) -> Any:
+                return self
+
+            def connect(self) -> Any:
+                return self
+
+            async def __aenter__(self) -> Any:
+                return self.conn
+
+            async def __aexit__(self, *exc: object) -> None:
+                return None
+
+        def on_writer(original: Any) -> Any:
+            @functools.wraps(original)
+            async def patched(self: Store, *args: Any, **kwargs: Any) -> Any:
+                async def body(conn: Any) -> Any:
+                    view = Store.__new__(Store)
+                    view.engine = Borrowed(conn)  # type: ignore[assignment]
+                    return await original(view, *args, **kwargs)
+
+                return await hop.transaction(self, body)
+            return patched
+
+        Store._fenced_update = on_writer(original_fenced)  # type: ignore[method-assign]
+        Store.claim_due = on_writer(original_claim)  # type: ignore[method-assign]
+
+    def patch_scale(self) -> None:
+        """Governor.scale's transaction in one hop (same code, same lock, same statements)."""
+        from governord import callbacks
+        from governord.service import Decision, Governor
+
+        hop = self
+
+        async def scale(self: Governor, app: str, role: str, *, add: int | None = None, count: int | None = None,
+                        actor: str, idempotency_key: str | None = None, callback_url: str | None = None) -> Any:
+            self._check_scale(app, role, add, count)
+            self._check_callback(app, callback_url)
+            params = {"role": role, "add": add, "count": count}
+
+            async def body(conn: Any) -> Any:
+                if idempotency_key is not None:
+                    earlier = await self.store.find_request(conn, app, idempotency_key)
+                    if earlier is not None:
+                        return Decision(earlier, replayed=True)
+                plan = await self.plan_scale(conn, app, role, add=add, count=count)
+                request = await self.store.insert_request(
+                    conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
+                    params=params, state=plan.decision, reason=plan.reason)
+                await self._carry_out(conn, request, plan, actor)
+                if callback_url is not None:
+                    await callbacks.enqueue(conn, request_id=request["id"], app=app, url=callback_url)
+                return Decision(request)
+
+            async with self._lock(app):
+                decision = await hop.transaction(self.store, body)
+            if not decision.replayed:
+                self.engine.wake()
+            return decision
+
+        Governor.scale = scale  # type: ignore[method-assign]
 
 
 LAGS: list[float] = []
@@ -195,15 +350,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--switch-interval", type=float)
     parser.add_argument("--serialize-writes", action="store_true")
     parser.add_argument("--one-hop-writes", action="store_true")
+    parser.add_argument("--one-hop-scale", action="store_true")
+    parser.add_argument("--park-engine", action="store_true",
+                        help="start no engine loop: accepted hosts stay requested (measures the API alone)")
     parser.add_argument("--slow-callback", type=float,
                         help="asyncio debug mode: log every callback that holds the loop longer than this")
     args = parser.parse_args(argv)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    if args.park_engine:
+        park_engine()
     if args.serialize_writes:
         serialize_writes()
-    if args.one_hop_writes:
-        one_hop_writes()
+    if args.one_hop_writes or args.one_hop_scale:
+        hop = OneHop()
+        if args.one_hop_writes:
+            hop.patch_engine_writes()
+        if args.one_hop_scale:
+            hop.patch_scale()
     if args.trace_store:
         trace_store()
     setup_logging("info")

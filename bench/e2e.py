@@ -25,8 +25,6 @@ import argparse
 import asyncio
 import json
 import sqlite3
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -36,11 +34,10 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import aiohttp
-
 from lab import vcsim
-from lab.stack import REPO_ROOT, Governord, Lab
+from lab.stack import Governord, Lab
 
+from .common import admin, start_daemon
 from .floor import Floor, FloorHost, FloorSettings
 from .record import append_row, machine_label
 
@@ -59,16 +56,6 @@ def configure(lab: Lab, instance: str, hosts: int, concurrency: int) -> Path:
         text = text.replace(header, header + f"max_concurrency = {concurrency}\n")
     path.write_text(text)
     return path
-
-
-async def admin(daemon: Governord, method: str, path: str, body: Any = None) -> Any:
-    connector = aiohttp.UnixConnector(path=str(daemon.socket))
-    async with aiohttp.ClientSession(connector=connector) as session:
-        async with session.request(method, f"http://governord{path}", json=body) as resp:
-            data = await resp.json()
-            if resp.status >= 300:
-                raise RuntimeError(f"{method} {path}: {resp.status} {data}")
-            return data
 
 
 def db_query(daemon: Governord, sql: str, *args: Any) -> list[tuple[Any, ...]]:
@@ -138,25 +125,14 @@ def py_spy(pid: int, out: Path, seconds: float) -> subprocess.Popen[bytes] | Non
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def start_daemon(lab: Lab, config: Path, daemon_args: list[str]) -> Governord:
+def start_lab_daemon(lab: Lab, config: Path, daemon_args: list[str]) -> Governord:
     """Lab.start_governord, but through bench.daemon when ``daemon_args`` ask for tracing or
-    knobs (``python -m governord`` itself otherwise)."""
+    experiments (``python -m governord`` itself otherwise)."""
     if not daemon_args:
         return lab.start_governord(config)
-    home = config.parent
-    notify_path = home / f"notify-{len(lab.daemons)}.sock"
-    notify_path.unlink(missing_ok=True)
-    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    notify.bind(str(notify_path))
-    log = home / "governord.log"
-    env = {**os.environ, **lab.passwords, "NOTIFY_SOCKET": str(notify_path),
-           "XDG_CACHE_HOME": str(lab.workdir / "cache")}
-    with open(log, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "bench.daemon", "--config", str(config), *daemon_args],
-                                   stdout=log_file, stderr=log_file, env=env, cwd=REPO_ROOT, start_new_session=True)
-    daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env)
+    daemon = start_daemon(config, module="bench.daemon", args=daemon_args,
+                          env={**lab.passwords, "XDG_CACHE_HOME": str(lab.workdir / "cache")})
     lab.daemons.append(daemon)
-    daemon.wait_notification("READY=1", timeout=60)
     return daemon
 
 
@@ -164,7 +140,7 @@ async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, t
                         profile: Path | None, daemon_args: list[str]) -> dict[str, Any]:
     config = configure(lab, f"governord-{round_no}", hosts, concurrency)
     args = [a.replace("{round}", str(round_no)) for a in daemon_args]
-    daemon = start_daemon(lab, config, args)
+    daemon = start_lab_daemon(lab, config, args)
     spy = py_spy(daemon.process.pid, profile / f"governord-{round_no}.txt", timeout) if profile else None
     try:
         started = time.time()

@@ -149,7 +149,9 @@ class Governor:
     ) -> Plan:
         """Decide a scale request against the application's rules, without changing anything."""
         section = self._app(app)
-        kept = await self._kept_hosts(app, role)
+        # The role's hosts are read (every live row) only when the answer depends on them: an
+        # ``add`` is decided by counts, and reading them made each request cost O(hosts).
+        kept = await self._kept_hosts(app, role) if add is None or add == 0 else []
         live_app = await self.store.live_count(conn, app)
         wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
         if wanted < 0:
@@ -189,7 +191,9 @@ class Governor:
         """One placement per new host: the first provider in the role's order with room under
         its cap. Returns (placements, why) or (None, why not)."""
         placements = self.config.placements[(app, role)]
-        on_provider = await self.store.live_count_by_provider(conn, app)
+        # per-provider counts matter only under a provider's own cap; without one, skip the query
+        capped = any(p.cap is not None for p in placements)
+        on_provider = await self.store.live_count_by_provider(conn, app) if capped else {}
         chosen: list[Placement] = []
         for _ in range(wanted):
             for placement in placements:
