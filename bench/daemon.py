@@ -10,6 +10,10 @@ it, with what the benchmarks need and nothing in the product changed:
 - ``--one-hop-scale``: the same for the Governor's scale transaction (the API's scale path);
 - ``--slow-callback S``: asyncio's debug mode, logging every callback that holds the event
   loop longer than S seconds (and naming it);
+- ``--shared-executor``: SDK calls in asyncio's default executor, as before each instance had
+  its own thread pool (for before/after numbers);
+- ``--census FILE``: on SIGUSR2, a memory census (SQLite's allocations, the simulated peers'
+  worlds, Python objects by type) to FILE;
 - ``--park-engine``: the engine claims no work (the API measured alone);
 - ``--switch-interval S``: the interpreter's GIL switch interval (an experiment knob);
 - ``--serialize-writes``: an experiment: the engine's writes (claim, fenced update, lease
@@ -60,6 +64,14 @@ def trace_store() -> None:
         setattr(Store, name, wrap(method, name))
 
 
+def shared_executor() -> None:
+    """As before the per-instance pools: every instance's SDK calls in asyncio's default
+    executor (min(32, cores + 4) threads for the whole process). For before/after numbers."""
+    from governord.providers import ConfiguredInstance
+
+    ConfiguredInstance._threads = lambda self: None  # type: ignore[method-assign,assignment,return-value]
+
+
 def park_engine() -> None:
     """The engine frees leases at start and stops as usual, but claims no work: what the API
     accepts stays ``requested``. For measuring the API path alone."""
@@ -85,6 +97,45 @@ def serialize_writes() -> None:
             return queued
 
         setattr(Store, name, wrap(func))
+
+
+def census(path: Path) -> None:
+    """On SIGUSR2, write where the daemon's memory is: SQLite's own allocations (all
+    connections), the in-process memory provider's and registrar's worlds (the simulated peers,
+    not governord), and the Python objects by type (count and shallow size)."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import signal
+
+    def write() -> None:
+        gc.collect()
+        by_type: dict[str, list[int]] = {}
+        for obj in gc.get_objects():
+            entry = by_type.setdefault(type(obj).__qualname__, [0, 0])
+            entry[0] += 1
+            entry[1] += sys.getsizeof(obj, 0)
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+        worlds = {
+            "memory provider machines": sum(len(w) for w in testing.MemoryProvider.worlds.values()),
+            "memory registrar records": sum(len(w) for w in testing.MemoryRegistrar.worlds.values()),
+            "testing journal entries": len(testing.journal),
+        }
+        status = {line.split(":")[0]: line.split(":")[1].strip()
+                  for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(("Vm", "Rss"))}
+        top = sorted(by_type.items(), key=lambda kv: kv[1][1], reverse=True)[:30]
+        path.write_text(json.dumps({
+            "status": status,
+            "sqlite_memory_used_mb": lib.sqlite3_memory_used() / 2**20,
+            "sqlite_memory_highwater_mb": lib.sqlite3_memory_highwater(0) / 2**20,
+            "simulated peers": worlds,
+            "gc_objects": len(gc.get_objects()),
+            "top_types_by_shallow_size": {name: {"count": c, "mb": round(b / 2**20, 2)} for name, (c, b) in top},
+        }, indent=1))
+
+    signal.signal(signal.SIGUSR2, lambda *_: write())
 
 
 LAGS: list[float] = []
@@ -229,6 +280,45 @@ class OneHop:
         Governor.scale = scale  # type: ignore[method-assign]
 
 
+def census(path: Path) -> None:
+    """On SIGUSR2, write where the daemon's memory is: SQLite's own allocations (all
+    connections), the in-process memory provider's and registrar's worlds (the simulated peers,
+    not governord), and the Python objects by type (count and shallow size)."""
+    import ctypes
+    import ctypes.util
+    import gc
+    import signal
+
+    def write() -> None:
+        gc.collect()
+        by_type: dict[str, list[int]] = {}
+        for obj in gc.get_objects():
+            entry = by_type.setdefault(type(obj).__qualname__, [0, 0])
+            entry[0] += 1
+            entry[1] += sys.getsizeof(obj, 0)
+        lib = ctypes.CDLL(ctypes.util.find_library("sqlite3") or "libsqlite3.so.0")
+        lib.sqlite3_memory_used.restype = ctypes.c_int64
+        lib.sqlite3_memory_highwater.restype = ctypes.c_int64
+        worlds = {
+            "memory provider machines": sum(len(w) for w in testing.MemoryProvider.worlds.values()),
+            "memory registrar records": sum(len(w) for w in testing.MemoryRegistrar.worlds.values()),
+            "testing journal entries": len(testing.journal),
+        }
+        status = {line.split(":")[0]: line.split(":")[1].strip()
+                  for line in Path("/proc/self/status").read_text().splitlines() if line.startswith(("Vm", "Rss"))}
+        top = sorted(by_type.items(), key=lambda kv: kv[1][1], reverse=True)[:30]
+        path.write_text(json.dumps({
+            "status": status,
+            "sqlite_memory_used_mb": lib.sqlite3_memory_used() / 2**20,
+            "sqlite_memory_highwater_mb": lib.sqlite3_memory_highwater(0) / 2**20,
+            "simulated peers": worlds,
+            "gc_objects": len(gc.get_objects()),
+            "top_types_by_shallow_size": {name: {"count": c, "mb": round(b / 2**20, 2)} for name, (c, b) in top},
+        }, indent=1))
+
+    signal.signal(signal.SIGUSR2, lambda *_: write())
+
+
 LAGS: list[float] = []
 
 
@@ -351,6 +441,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--serialize-writes", action="store_true")
     parser.add_argument("--one-hop-writes", action="store_true")
     parser.add_argument("--one-hop-scale", action="store_true")
+    parser.add_argument("--shared-executor", action="store_true",
+                        help="SDK calls in asyncio's shared default executor, as before the per-instance pools")
+    parser.add_argument("--census", type=Path, help="on SIGUSR2, write a memory census (JSON) here")
     parser.add_argument("--park-engine", action="store_true",
                         help="start no engine loop: accepted hosts stay requested (measures the API alone)")
     parser.add_argument("--slow-callback", type=float,
@@ -358,6 +451,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
+    if args.shared_executor:
+        shared_executor()
+    if args.census:
+        census(args.census)
     if args.park_engine:
         park_engine()
     if args.serialize_writes:

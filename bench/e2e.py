@@ -245,6 +245,8 @@ def daemon_args(args: argparse.Namespace) -> list[str]:
         extra.append("--serialize-writes")
     if args.one_hop_writes:
         extra.append("--one-hop-writes")
+    if args.shared_executor:
+        extra.append("--shared-executor")
     if args.slow_callback:
         extra.append(f"--slow-callback={args.slow_callback}")
     return extra
@@ -268,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="experiment: queue the engine's writes behind one lock in the daemon (bench.daemon)")
     parser.add_argument("--one-hop-writes", action="store_true",
                         help="experiment: each engine transaction in one thread hop (bench.daemon)")
+    parser.add_argument("--shared-executor", action="store_true",
+                        help="as before the fix: SDK calls in asyncio's shared default executor (bench.daemon)")
     parser.add_argument("--slow-callback", type=float,
                         help="asyncio debug mode in the daemon: log callbacks holding the loop longer than this")
     parser.add_argument("--steps", action="store_true", help="print where each host's time went, per round")
