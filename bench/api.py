@@ -79,13 +79,13 @@ profile = {{ size = "small" }}
 
 
 def load_process(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
-                 start_at: float, queue: Any) -> None:
-    """One load process: ``connections`` closed loops of scale requests; puts its results."""
-    asyncio.run(_load(url, cert, connections, warmup, duration, start_at, queue))
+                 start_at: float, queue: Any, kind: str = "scale") -> None:
+    """One load process: ``connections`` closed loops of requests; puts its results."""
+    asyncio.run(_load(url, cert, connections, warmup, duration, start_at, queue, kind))
 
 
 async def _load(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
-                start_at: float, queue: Any) -> None:
+                start_at: float, queue: Any, kind: str) -> None:
     context = ssl.create_default_context(cafile=cert["ca"])
     context.load_cert_chain(cert["certificate"], cert["key"])
     connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
@@ -108,7 +108,7 @@ async def _load(url: str, cert: dict[str, str], connections: int, warmup: float,
                 body = {"role": "node", "add": 1, "idempotency_key": f"{prefix}-{index}-{seq}"}
                 sent = time.perf_counter()
                 try:
-                    async with session.post(url, json=body) as resp:
+                    async with (session.post(url, json=body) if kind == "scale" else session.get(url)) as resp:
                         await resp.read()
                         status = resp.status
                 except (aiohttp.ClientError, OSError) as exc:
@@ -155,13 +155,15 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     daemon = start_daemon(config, module="bench.daemon", args=daemon_args)
     try:
         cert = asyncio.run(prepare(daemon))
-        url = f"https://localhost:{daemon.api_port}/v1/scale"
+        path = {"scale": "/v1/scale", "health": "/healthz"}[args.request]
+        url = f"https://localhost:{daemon.api_port}{path}"
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         start_at = time.time() + 3.0  # the load processes start (imports) meanwhile
         workers = [
             context.Process(target=load_process,
-                            args=(url, cert, args.connections, args.warmup, args.duration, start_at, queue))
+                            args=(url, cert, args.connections, args.warmup, args.duration, start_at, queue,
+                                  args.request))
             for _ in range(args.processes)
         ]
         for worker in workers:
@@ -192,7 +194,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
             statuses[status] = statuses.get(status, 0) + count
     errors = [e for r in results for e in r["errors"]]
     recorded_requests, recorded_hosts = check_database(home / "state")
-    accepted = statuses.get(202, 0)
+    accepted = statuses.get(202 if args.request == "scale" else 200, 0)
     return {
         "duration_s": args.duration,
         "processes": args.processes,
@@ -218,6 +220,9 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--request", choices=["scale", "health"], default="scale",
+                        help="scale: the measured request; health: GET /healthz on the same mTLS keep-alive "
+                             "connections (the HTTP and TLS layers alone, for comparison)")
     parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
     parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
     parser.add_argument("--processes", type=int, default=2, help="load processes")
@@ -238,12 +243,12 @@ def main(argv: list[str] | None = None) -> int:
         with tempfile.TemporaryDirectory(prefix="governord-bench-api-") as tmp:
             result = run(args, Path(tmp))
     print(json.dumps(result, indent=1))
-    if result["recorded_requests"] < result["accepted"]:
+    if args.request == "scale" and result["recorded_requests"] < result["accepted"]:
         print("FAILED: fewer requests recorded than accepted", file=sys.stderr)
         return 1
     if args.record:
         append_row("api", [
-            time.strftime("%Y-%m-%d"), machine_label(), f"{args.processes} x {args.connections}",
+            time.strftime("%Y-%m-%d"), machine_label(), args.request, f"{args.processes} x {args.connections}",
             f"{args.duration:.0f}", f"{result['accepted_per_s']:.0f}", f"{result['p50_ms']:.1f}",
             f"{result['p99_ms']:.1f}", f"{result['daemon_cpu_percent']:.0f}", args.note,
         ])
