@@ -44,10 +44,13 @@ from .record import append_row, machine_label
 NETWORK_FIRST = "198.51.100.10"
 
 
-def configure(lab: Lab, instance: str, hosts: int, concurrency: int) -> Path:
+def configure(lab: Lab, instance: str, hosts: int, concurrency: int, *, lab_limits: bool = False) -> Path:
     """The lab's own config, with the engine's workers and every instance's concurrency limit
-    set to ``concurrency`` (the floor runs that many hosts at once, one thread each)."""
+    set to ``concurrency`` (the floor runs that many hosts at once, one thread each); with
+    ``lab_limits`` the instances keep the lab's limits (vSphere 8, registrars 4 by default)."""
     path = lab.write_config(instance, workers=concurrency, max_hosts=hosts)
+    if lab_limits:
+        return path
     text = path.read_text()
     assert "max_concurrency = 8\n" in text, "the lab's vSphere section changed; update bench/e2e.py"
     text = text.replace("max_concurrency = 8\n", f"max_concurrency = {concurrency}\n")
@@ -137,8 +140,8 @@ def start_lab_daemon(lab: Lab, config: Path, daemon_args: list[str]) -> Governor
 
 
 async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, timeout: float,
-                        profile: Path | None, daemon_args: list[str]) -> dict[str, Any]:
-    config = configure(lab, f"governord-{round_no}", hosts, concurrency)
+                        profile: Path | None, daemon_args: list[str], lab_limits: bool = False) -> dict[str, Any]:
+    config = configure(lab, f"governord-{round_no}", hosts, concurrency, lab_limits=lab_limits)
     args = [a.replace("{round}", str(round_no)) for a in daemon_args]
     daemon = start_lab_daemon(lab, config, args)
     spy = py_spy(daemon.process.pid, profile / f"governord-{round_no}.txt", timeout) if profile else None
@@ -215,7 +218,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             results["floor"].append(floor)
             print(f"round {round_no} floor     up {floor['up']:6.2f} s  down {floor['down']:6.2f} s", flush=True)
             gov = await run_governord(lab, round_no, args.hosts, args.concurrency, args.timeout, args.profile,
-                                      daemon_args(args))
+                                      daemon_args(args), args.lab_limits)
             results["governord"].append(gov)
             if args.steps:
                 for who, run in (("floor", floor), ("governord", gov)):
@@ -259,6 +262,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concurrency", type=int, default=10,
                         help="hosts in flight at once: governord's [engine] workers and every instance's "
                              "max_concurrency; the floor's hosts at once and its threads")
+    parser.add_argument("--lab-limits", action="store_true",
+                        help="keep the lab's per-instance limits (vSphere 8, Foreman and Satellite 4) instead of "
+                             "--concurrency for every instance")
     parser.add_argument("--rounds", type=int, default=3, help="floor/governord pairs; medians are reported")
     parser.add_argument("--timeout", type=float, default=600.0, help="seconds each phase may take")
     parser.add_argument("--workdir", type=Path, help="keep the lab's files (logs, state) here")
