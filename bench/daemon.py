@@ -480,6 +480,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"governord: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     setup_logging(config.daemon.log_level)
+
     async def run() -> int:
         if args.trace_store:
             watcher = asyncio.create_task(watch_loop())
