@@ -16,8 +16,11 @@ Plugins make a provider type known in ``governord_register_providers``::
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import functools
+import weakref
 from abc import ABC, abstractmethod
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
@@ -62,7 +65,12 @@ class ProviderProfile(StrictModel):
 class ConfiguredInstance:
     """What providers and registrars share: one instance per config section, a lazy start, and
     blocking SDK calls run in threads, at most ``max_concurrency`` at once, each under
-    ``call_timeout``."""
+    ``call_timeout``.
+
+    Each instance has its own pool of ``max_concurrency`` threads. asyncio's default executor
+    has ``min(32, cores + 4)`` threads for the whole process (6 on two cores), which every
+    instance would share: with three instances of limit 10 that capped the daemon at 6 SDK
+    calls at once, and one slow peer holding those threads stalled the others."""
 
     def __init__(self, name: str, config: Any, *, state_dir: Path | None = None) -> None:
         self.name = name
@@ -71,6 +79,7 @@ class ConfiguredInstance:
         self.state_dir = state_dir
         self._limit = asyncio.Semaphore(config.max_concurrency)
         self._call_timeout: float = config.call_timeout
+        self._executor: ThreadPoolExecutor | None = None
         self._started = False
         self._start_lock = asyncio.Lock()
 
@@ -102,6 +111,16 @@ class ConfiguredInstance:
             except OSError as exc:
                 raise PermanentError(f"{label} {key} {path}: {exc.strerror}", source=self.name) from None
 
+    def _threads(self) -> ThreadPoolExecutor:
+        """This instance's thread pool, made on first use; its idle threads end when the
+        instance is dropped (a reload builds new instances) or the process exits."""
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(
+                max_workers=self.config.max_concurrency, thread_name_prefix=f"governord-{self.name}"
+            )
+            weakref.finalize(self, self._executor.shutdown, wait=False)
+        return self._executor
+
     async def call_sync(self, func: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run a blocking call in a thread, under the concurrency limit and the call timeout.
 
@@ -109,9 +128,11 @@ class ConfiguredInstance:
         in the background, which is why every step must be idempotent.
         """
         async with self._limit:
+            context = contextvars.copy_context()
+            call = functools.partial(context.run, func, *args, **kwargs)
             try:
                 return await asyncio.wait_for(
-                    asyncio.to_thread(functools.partial(func, *args, **kwargs)),
+                    asyncio.get_running_loop().run_in_executor(self._threads(), call),
                     timeout=self._call_timeout,
                 )
             except TimeoutError as exc:

@@ -174,12 +174,11 @@ class Governor:
         With ``component``, ``count`` is the number of that component's hosts of the role."""
         section = self._app(app)
         live_app = await self.store.live_count(conn, app)
-        kept: list[Row] = []
-        if add is not None:
-            wanted = add
-        else:
-            kept = await self._kept_hosts(app, role, component)  # whole rows: the deletion policy picks
-            wanted = count - len(kept)  # type: ignore[operator]
+        # The role's hosts (whole rows: the deletion policy picks among them) are read only when
+        # the answer depends on them: an ``add`` is decided by counts, and reading every live
+        # row made each request cost O(hosts).
+        kept = await self._kept_hosts(app, role, component) if add is None or add == 0 else []
+        wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
         if wanted < 0:
             kept_app = len(await self._kept_hosts(app, None))
             if kept_app + wanted < section.min_hosts:
@@ -218,7 +217,9 @@ class Governor:
         """One placement per new host: the first provider in the role's order with room under
         its cap. Returns (placements, why) or (None, why not)."""
         placements = self.config.placements[(app, role)]
-        on_provider = await self.store.live_count_by_provider(conn, app)
+        # per-provider counts matter only under a provider's own cap; without one, skip the query
+        capped = any(p.cap is not None for p in placements)
+        on_provider = await self.store.live_count_by_provider(conn, app) if capped else {}
         chosen: list[Placement] = []
         for _ in range(wanted):
             for placement in placements:

@@ -166,8 +166,12 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
 
 
 def reply(model: type[BaseModel], data: Any, status: int = 200) -> web.Response:
-    """Serialise through the response model, so what is sent is what the OpenAPI says."""
-    return web.json_response(model.model_validate(data).model_dump(mode="json"), status=status)
+    """Serialise through the response model, so what is sent is what the OpenAPI says.
+
+    pydantic writes the JSON bytes itself: no intermediate dicts and no ``json.dumps`` string,
+    which for a list of 10,000 hosts was two more copies of the whole answer in memory."""
+    body = model.__pydantic_serializer__.to_json(model.model_validate(data))
+    return web.Response(body=body, status=status, content_type="application/json")
 
 
 async def healthz(request: web.Request) -> web.Response:

@@ -1,0 +1,259 @@
+"""Applications' API throughput: authenticated scale requests accepted per second, and their
+latency, over mTLS with keep-alive, from separate load processes.
+
+    .venv/bin/python -m bench.api --duration 20 --processes 2 --connections 32 [--record]
+
+The request: ``POST /v1/scale {"role": "node", "add": 1, "idempotency_key": <unique>}`` by the
+application ``bench`` with its own client certificate (issued by governord's CA through the
+admin API, as ``governord-ctl apps register`` does), against a cap of a million hosts, so every
+request is accepted: persisted with its key, decided by the rules, one host inserted, the engine
+woken. It is the one request that does everything the API path does, and the one an
+application sends most.
+
+The engine runs, on governord's in-process ``memory`` provider and registrar
+(``governord.testing``): every accepted host is really provisioned and registered in the
+background, so the API competes with the engine for the daemon's one event loop as it would in
+production, but no peer (vcsim would take one of the two cores) sits in the measurement.
+
+Each load process keeps ``--connections`` TLS connections open (keep-alive) and sends on each
+as soon as the previous answer arrived (closed loop). The numbers are taken over
+``--duration`` seconds after ``--warmup`` seconds. Afterwards the daemon's own database is
+checked: as many requests as answered 202 were recorded, each with one host.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import multiprocessing
+import sqlite3
+import ssl
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from .common import admin, cpu_seconds, rss_mb, start_daemon
+from .record import append_row, machine_label
+
+CONFIG = """\
+[daemon]
+state_dir = "{home}/state"
+log_level = "{log_level}"
+
+[api]
+listen = "127.0.0.1"
+port = 0
+server_names = ["localhost", "127.0.0.1"]
+admin_socket = "{home}/admin.sock"
+
+[engine]
+workers = {workers}
+
+[providers.mem]
+type = "memory"
+
+[registrars.cmdb]
+type = "memory"
+
+[tags.node]
+cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
+
+[applications.bench]
+max_hosts = 1000000
+
+[applications.bench.roles.node]
+tags = ["node"]
+provider = "mem"
+name_pattern = "bench-{{seq:07d}}"
+domain = "bench.example"
+profile = {{ size = "small" }}
+"""
+
+
+def load_process(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
+                 start_at: float, queue: Any, kind: str = "scale") -> None:
+    """One load process: ``connections`` closed loops of requests; puts its results."""
+    asyncio.run(_load(url, cert, connections, warmup, duration, start_at, queue, kind))
+
+
+async def _load(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
+                start_at: float, queue: Any, kind: str) -> None:
+    context = ssl.create_default_context(cafile=cert["ca"])
+    context.load_cert_chain(cert["certificate"], cert["key"])
+    connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
+    latencies: list[float] = []
+    statuses: dict[int, int] = {}
+    errors: list[str] = []
+    measure_from = start_at + warmup
+    measure_to = measure_from + duration
+    prefix = uuid.uuid4().hex[:12]
+    async with aiohttp.ClientSession(connector=connector) as session:
+        await asyncio.sleep(max(0.0, start_at - time.time()))
+
+        async def loop(index: int) -> None:
+            seq = 0
+            while True:
+                now = time.time()
+                if now >= measure_to:
+                    return
+                seq += 1
+                body = {"role": "node", "add": 1, "idempotency_key": f"{prefix}-{index}-{seq}"}
+                sent = time.perf_counter()
+                try:
+                    async with (session.post(url, json=body) if kind == "scale" else session.get(url)) as resp:
+                        await resp.read()
+                        status = resp.status
+                except (aiohttp.ClientError, OSError) as exc:
+                    errors.append(repr(exc))
+                    status = 0
+                took = time.perf_counter() - sent
+                if now >= measure_from:
+                    statuses[status] = statuses.get(status, 0) + 1
+                    latencies.append(took)
+
+        await asyncio.gather(*(loop(i) for i in range(connections)))
+    queue.put({"latencies": latencies, "statuses": statuses, "errors": errors[:5]})
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
+
+
+async def prepare(daemon: Any) -> dict[str, str]:
+    issued = await admin(daemon, "POST", "/v1/apps/bench/certificate")
+    return {k: issued[k] for k in ("ca", "certificate", "key")}
+
+
+def check_database(state_dir: Path) -> tuple[int, int]:
+    """(scale requests recorded, hosts recorded) in the daemon's own database."""
+    conn = sqlite3.connect(f"file:{state_dir / 'governord.db'}?mode=ro", uri=True, timeout=30)
+    try:
+        requests = conn.execute("SELECT count(*) FROM requests WHERE kind = 'scale' AND state = 'accepted'").fetchone()[0]
+        hosts = conn.execute("SELECT count(*) FROM hosts").fetchone()[0]
+        return int(requests), int(hosts)
+    finally:
+        conn.close()
+
+
+def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+    home.mkdir(parents=True, exist_ok=True)
+    config = home / "governord.toml"
+    config.write_text(CONFIG.format(home=home, workers=args.workers, log_level=args.log_level))
+    daemon_args = ["--memory-plugin"]
+    if args.trace_store:
+        daemon_args.append(f"--trace-store={args.trace_store}")
+    daemon_args += args.daemon_arg
+    daemon = start_daemon(config, module="bench.daemon", args=daemon_args)
+    try:
+        cert = asyncio.run(prepare(daemon))
+        path = {"scale": "/v1/scale", "health": "/healthz"}[args.request]
+        url = f"https://localhost:{daemon.api_port}{path}"
+        context = multiprocessing.get_context("spawn")
+        queue = context.Queue()
+        start_at = time.time() + 3.0  # the load processes start (imports) meanwhile
+        workers = [
+            context.Process(target=load_process,
+                            args=(url, cert, args.connections, args.warmup, args.duration, start_at, queue,
+                                  args.request))
+            for _ in range(args.processes)
+        ]
+        for worker in workers:
+            worker.start()
+        time.sleep(max(0.0, start_at + args.warmup - time.time()))
+        cpu_before = cpu_seconds(daemon.process.pid)
+        spy = None
+        if args.profile:
+            spy = subprocess.Popen(
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon.process.pid),
+                 "--duration", str(int(args.duration)), "--rate", "100", "--format", "raw",
+                 "--output", str(args.profile)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(args.duration)
+        cpu_used = cpu_seconds(daemon.process.pid) - cpu_before
+        results = [queue.get(timeout=120) for _ in workers]
+        for worker in workers:
+            worker.join(30)
+        if spy is not None:
+            spy.wait(60)
+        rss_now, rss_peak = rss_mb(daemon.process.pid)
+    finally:
+        code = daemon.stop(timeout=120)
+    latencies = [x for r in results for x in r["latencies"]]
+    statuses: dict[int, int] = {}
+    for r in results:
+        for status, count in r["statuses"].items():
+            statuses[status] = statuses.get(status, 0) + count
+    errors = [e for r in results for e in r["errors"]]
+    recorded_requests, recorded_hosts = check_database(home / "state")
+    accepted = statuses.get(202 if args.request == "scale" else 200, 0)
+    return {
+        "duration_s": args.duration,
+        "processes": args.processes,
+        "connections": args.processes * args.connections,
+        "requests": len(latencies),
+        "accepted": accepted,
+        "accepted_per_s": accepted / args.duration,
+        "statuses": statuses,
+        "p50_ms": 1000 * percentile(latencies, 0.50) if latencies else None,
+        "p90_ms": 1000 * percentile(latencies, 0.90) if latencies else None,
+        "p99_ms": 1000 * percentile(latencies, 0.99) if latencies else None,
+        "mean_ms": 1000 * statistics.fmean(latencies) if latencies else None,
+        "daemon_cpu_percent": 100 * cpu_used / args.duration,
+        "daemon_rss_mb": rss_now,
+        "daemon_peak_rss_mb": rss_peak,
+        "recorded_requests": recorded_requests,
+        "recorded_hosts": recorded_hosts,
+        "daemon_exit": code,
+        "errors": errors[:5],
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.api", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--request", choices=["scale", "health"], default="scale",
+                        help="scale: the measured request; health: GET /healthz on the same mTLS keep-alive "
+                             "connections (the HTTP and TLS layers alone, for comparison)")
+    parser.add_argument("--duration", type=float, default=20.0, help="seconds measured")
+    parser.add_argument("--warmup", type=float, default=3.0, help="seconds of load before measuring")
+    parser.add_argument("--processes", type=int, default=2, help="load processes")
+    parser.add_argument("--connections", type=int, default=16, help="keep-alive connections per load process")
+    parser.add_argument("--workers", type=int, default=16, help="the daemon's [engine] workers")
+    parser.add_argument("--log-level", default="info", help="the daemon's log level (a site runs info)")
+    parser.add_argument("--workdir", type=Path, help="keep the daemon's files here")
+    parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring (raw stacks to this file)")
+    parser.add_argument("--trace-store", type=Path, help="time every store call in the daemon (JSON to this file)")
+    parser.add_argument("--daemon-arg", action="append", default=[],
+                        help="pass an option to bench.daemon (e.g. --daemon-arg=--one-hop-writes)")
+    parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    parser.add_argument("--note", default="", help="a note for the recorded row")
+    args = parser.parse_args(argv)
+    if args.workdir:
+        result = run(args, args.workdir)
+    else:
+        with tempfile.TemporaryDirectory(prefix="governord-bench-api-") as tmp:
+            result = run(args, Path(tmp))
+    print(json.dumps(result, indent=1))
+    if args.request == "scale" and result["recorded_requests"] < result["accepted"]:
+        print("FAILED: fewer requests recorded than accepted", file=sys.stderr)
+        return 1
+    if args.record:
+        append_row("api", [
+            time.strftime("%Y-%m-%d"), machine_label(), args.request, f"{args.processes} x {args.connections}",
+            f"{args.duration:.0f}", f"{result['accepted_per_s']:.0f}", f"{result['p50_ms']:.1f}",
+            f"{result['p99_ms']:.1f}", f"{result['daemon_cpu_percent']:.0f}", args.note,
+        ])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
