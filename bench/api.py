@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring (raw stacks to this file)")
     parser.add_argument("--trace-store", type=Path, help="time every store call in the daemon (JSON to this file)")
     parser.add_argument("--daemon-arg", action="append", default=[],
-                        help="pass an option to bench.daemon (e.g. --daemon-arg=--one-hop-writes)")
+                        help="pass an option to bench.daemon (e.g. --daemon-arg=--park-engine)")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args(argv)

@@ -244,10 +244,6 @@ def daemon_args(args: argparse.Namespace) -> list[str]:
         extra.append(f"--trace-store={args.trace_store / 'store-{round}.json'}")
     if args.switch_interval:
         extra.append(f"--switch-interval={args.switch_interval}")
-    if args.serialize_writes:
-        extra.append("--serialize-writes")
-    if args.one_hop_writes:
-        extra.append("--one-hop-writes")
     if args.shared_executor:
         extra.append("--shared-executor")
     if args.slow_callback:
@@ -272,10 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--trace-store", type=Path,
                         help="run the daemon through bench.daemon, timing every store call, into this directory")
     parser.add_argument("--switch-interval", type=float, help="the daemon's GIL switch interval (experiment)")
-    parser.add_argument("--serialize-writes", action="store_true",
-                        help="experiment: queue the engine's writes behind one lock in the daemon (bench.daemon)")
-    parser.add_argument("--one-hop-writes", action="store_true",
-                        help="experiment: each engine transaction in one thread hop (bench.daemon)")
     parser.add_argument("--shared-executor", action="store_true",
                         help="as before the fix: SDK calls in asyncio's shared default executor (bench.daemon)")
     parser.add_argument("--slow-callback", type=float,

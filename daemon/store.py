@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import ipaddress
 import logging
-import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Sequence
