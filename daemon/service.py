@@ -105,18 +105,24 @@ class Governor:
         actor: str,
         idempotency_key: str | None = None,
         callback_url: str | None = None,
+        fingerprint: str | None = None,
     ) -> Decision:
         """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
         releasing the difference), decided by the application's rules. With ``callback_url`` the
-        application is sent the outcome, signed, once the request is done."""
+        application is sent the outcome, signed, once the request is done. ``fingerprint`` (a
+        signed delivery's body digest) is kept with the request; a repeat of the idempotency
+        key must carry the same one."""
         self._check_scale(app, role, add, count)
         self._check_callback(app, callback_url)
-        params = {"role": role, "add": add, "count": count}
+        params: dict[str, Any] = {"role": role, "add": add, "count": count}
+        if fingerprint is not None:
+            params["fingerprint"] = fingerprint
         async with self._lock(app):
             async with self.store.engine.begin() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
+                        _check_replay(earlier, "scale", params, idempotency_key)
                         return Decision(earlier, replayed=True)
                 plan = await self.plan_scale(conn, app, role, add=add, count=count)
                 request = await self.store.insert_request(
@@ -355,6 +361,8 @@ class Governor:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
+                        _check_replay(earlier, "release", {"hosts": hosts, "role": role, "count": count},
+                                      idempotency_key)
                         return Decision(earlier, replayed=True)
                 live = await self._kept_hosts(app, role)
                 if hosts is not None:
@@ -543,6 +551,21 @@ class Governor:
             "status": status,
             "hosts": [host_summary(h) for h in rows],
         }
+
+
+def _check_replay(earlier: Row, kind: str, params: dict[str, Any], key: str) -> None:
+    """A repeated idempotency key must repeat the request; another request under a used key
+    is refused, never answered with the first one's outcome (422, as the IETF
+    Idempotency-Key draft says). With a fingerprint, the fingerprint decides: the same
+    delivery is the same request even if the rules that turned it into a request changed."""
+    before = earlier["params"]
+    if "fingerprint" in params:
+        same = earlier["kind"] == kind and before.get("fingerprint") == params["fingerprint"]
+    else:
+        same = earlier["kind"] == kind and before == params
+    if not same:
+        raise RequestError(422, f"idempotency_key {key!r} was used for another request ({earlier['id']})",
+                           field="idempotency_key")
 
 
 def _timestamp(value: Any) -> float:
