@@ -41,9 +41,10 @@ EXIT_CONFIG = 2
 def _disabled_plugins(path: str) -> list[str]:
     # Needed before validation (validation needs the plugins' types); validated properly later.
     try:
-        value = read_toml(path).get("daemon", {}).get("disabled_plugins", [])
+        section = read_toml(path).get("daemon", {})
     except ConfigError:
         return []
+    value = section.get("disabled_plugins", []) if isinstance(section, dict) else []
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 

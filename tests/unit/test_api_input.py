@@ -104,7 +104,7 @@ async def test_audit_limit_is_an_integer_as_documented(admin: Any, limit: str) -
 
 
 async def test_audit_limit_out_of_range_is_clamped(admin: Any) -> None:
-    for limit in ("0", "-3", "999999"):
+    for limit in ("0", "-3", "999999", "1788222863226449518595924694138880", "-" + "9" * 5000):
         resp = await admin.get("/v1/audit", params={"limit": limit})
         assert resp.status == 200
 
