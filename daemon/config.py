@@ -222,9 +222,9 @@ class RoleSection(StrictModel):
     @model_validator(mode="after")
     def _one_way(self) -> RoleSection:
         if self.placements and (self.provider is not None or self.profile is not None):
-            raise ValueError("give either placements or provider/profile, not both")
+            raise FieldError("placements", "give either placements or provider/profile, not both")
         if not self.placements and self.provider is None:
-            raise ValueError("give placements, or provider (and profile)")
+            raise FieldError("provider", "give placements, or provider (and profile)")
         return self
 
     def effective_placements(self) -> list[PlacementSection]:
@@ -248,7 +248,7 @@ class WebhookRule(StrictModel):
     @model_validator(mode="after")
     def _one_of(self) -> WebhookRule:
         if (self.add is None) == (self.count is None):
-            raise ValueError("give exactly one of add and count")
+            raise FieldError("add", "give exactly one of add and count")
         return self
 
 
@@ -292,10 +292,10 @@ class ApplicationSection(StrictModel):
     @model_validator(mode="after")
     def _bounds(self) -> ApplicationSection:
         if self.min_hosts > self.max_hosts:
-            raise ValueError(f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
-        for rule in self.webhook.rules if self.webhook else []:
+            raise FieldError("min_hosts", f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
+        for index, rule in enumerate(self.webhook.rules if self.webhook else []):
             if rule.role not in self.roles:
-                raise ValueError(f"webhook rule for role {rule.role!r}: the application has no such role")
+                raise FieldError(f"webhook.rules.{index}.role", f"no role named {rule.role!r} in this application")
         return self
 
 

@@ -20,18 +20,16 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from .api.admin_api import create_admin_api
-from .api.app_api import create_app_api, server_ssl_context
 from .config import Config, load_config, read_toml
 from .errors import ConfigError
 from .logs import setup_logging
 from .pluginmanager import PluginLoadError, PluginManager
-from .runtime import Runtime
 from .systemd import keep_watchdog_alive, notify, watchdog_interval
+
+if TYPE_CHECKING:
+    from .runtime import Runtime
 
 log = logging.getLogger("governord")
 
@@ -107,6 +105,13 @@ class Daemon:
         return str(pair.certificate), str(pair.key), client_ca
 
     async def run(self) -> int:
+        # imported here, not at the top: `governord --check` and a refused config need none of it
+        from aiohttp import web
+
+        from .api.admin_api import create_admin_api
+        from .api.app_api import create_app_api, server_ssl_context
+        from .runtime import Runtime
+
         state_dir = self.config.daemon.state_dir
         if not self._lock_state_dir(state_dir):
             print(f"governord: another governord is using {state_dir}", file=sys.stderr)

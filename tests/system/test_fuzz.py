@@ -1,26 +1,31 @@
-"""Fuzzing both HTTP APIs of the running daemon from the OpenAPI documents it serves
-(schemathesis): the applications' API over mTLS with the application's certificate, the
-webhook beside it (half of the deliveries signed with the application's secret, so the fuzz
-reaches the event's validation and the rules), and the operators' API on its Unix socket.
+"""Fuzzing both HTTP APIs of the running daemon from their OpenAPI documents (schemathesis):
+the applications' API over mTLS with the application's certificate, the webhook beside it
+(every delivery sent as generated, then again signed with the application's secret, so the
+fuzz reaches the event's validation, the rules and the replay check), and the operators' API on
+its Unix socket. The documents are made from the code that serves them (schemathesis's pytest
+fixture loader does not work with pytest 9.2), and the first test checks that the daemon serves
+exactly those.
 
 Every response is checked by schemathesis's checks (no 5xx; status code, content type, headers
-and body as the document says; schema-valid data accepted, schema-invalid data refused; a 405
-names the allowed methods) and by one of the project's: every refusal names a field or none,
-and every 422 names one. The daemon is the real process against the lab's peers (vcsim and the
-Foreman and Satellite simulators), so schema-valid scale requests really make and release
-machines. Afterwards the daemon is still up, answers, logged no handler failure, and still
-provisions a host end to end.
+and body as documented; schema-invalid data refused; a 405 lists the allowed methods) and by
+two of the project's: a refusal says why and a 422 names its field; a schema-valid request is
+taken or refused only for what a document cannot say (credentials, no such thing, the rules,
+a used idempotency key or delivery id, a host to adopt), which replaces schemathesis's
+positive_data_acceptance. The daemon is the real process against the lab's peers (vcsim and
+the Foreman and Satellite simulators), so schema-valid scale requests really make and release
+machines. Afterwards the daemon is still up, answers on both listeners, logged no handler
+failure or traceback, and still provisions a host end to end.
 
 Schema-valid data is steered to this deployment where validity depends on the configuration:
 a body's ``role`` becomes the configured role, tag names become configured tags, and an
 operator's ``app`` becomes the configured application (except for the certificate operations,
 which would revoke the certificate the application fuzz uses). Everything else is as generated.
 
-Length: ``GOVERNORD_FUZZ_EXAMPLES`` (default 15) examples per operation and generation mode, on
-top of schemathesis's examples and coverage phases; ``make test`` runs the default in about a
-minute. To fuzz for longer, and with a fixed seed to reproduce a run::
+Length: ``GOVERNORD_FUZZ_EXAMPLES`` (default 15) examples per operation, in both generation
+modes, on top of schemathesis's examples and coverage phases; ``make test`` runs the default in
+about a minute. To fuzz for longer, and with a fixed seed to reproduce a run::
 
-    GOVERNORD_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest tests/system/test_fuzz.py -p no:randomly \\
+    GOVERNORD_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest tests/system/test_fuzz.py \\
         --hypothesis-seed=1234 --timeout=0
 """
 
