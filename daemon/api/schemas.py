@@ -3,7 +3,7 @@ unknown or wrong field is a 422 naming it); the OpenAPI documents are generated 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
@@ -15,6 +15,10 @@ _PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|
 #: an http(s) URL the notifier can POST to: a host name or IPv4 address, an optional port
 #: (1-65535) and printable ASCII after it. Kept to ASCII, where JSON Schema's and pydantic's
 #: regular expressions agree, and strict, so a URL no client can send to is refused up front.
+#: stored text a client chooses: no control characters (PostgreSQL, which the store is written
+#: for, refuses NUL in text and JSON); a comment may have tabs and line breaks
+KEY_TEXT = r"^[^\x00-\x1f\x7f]+$"
+COMMENT_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+$"
 CALLBACK_URL = rf"^https?://{_LABEL}(\.{_LABEL})*(:{_PORT})?([/?#][!-~]*)?$"
 
 
@@ -36,7 +40,7 @@ class ScaleRequest(Body):
     role: str = Field(pattern=NAME)
     add: int | None = Field(default=None, ge=1, le=1000)
     count: int | None = Field(default=None, ge=0, le=10000)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=KEY_TEXT)
     #: where the outcome is POSTed, signed with the application's webhook secret, when the
     #: request is done
     callback_url: str | None = Field(default=None, max_length=2048, pattern=CALLBACK_URL)
@@ -53,10 +57,11 @@ class ReleaseRequest(Body):
 
     model_config = ConfigDict(json_schema_extra=_exactly_one({"hosts": "array", "count": "integer"}))
 
-    hosts: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    hosts: list[Annotated[str, Field(min_length=1, max_length=255, pattern=KEY_TEXT)]] | None = Field(
+        default=None, min_length=1, max_length=1000)
     role: str | None = Field(default=None, pattern=NAME)
     count: int | None = Field(default=None, ge=1, le=1000)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=KEY_TEXT)
 
     @model_validator(mode="after")
     def _one_of(self) -> ReleaseRequest:
@@ -272,7 +277,7 @@ class PlanReply(BaseModel):
 class DecisionRequest(Body):
     """An operator's approval or denial of a pending request."""
 
-    comment: str = Field(min_length=1, max_length=2000)
+    comment: str = Field(min_length=1, max_length=2000, pattern=COMMENT_TEXT)
 
 
 class WebhookReply(BaseModel):

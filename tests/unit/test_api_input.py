@@ -174,3 +174,18 @@ async def test_a_fingerprint_decides_whether_a_delivery_is_the_same(runtime: Run
     assert same.replayed and same.request["id"] == first.request["id"]
     with pytest.raises(RequestError, match="was used for another request"):
         await runtime.governor.scale("demo", "node", add=1, actor="t", idempotency_key="w", fingerprint="sha256:b")
+
+
+@pytest.mark.parametrize(("path", "body", "field"), [
+    ("/v1/apps/{app}/scale", {"role": "node", "add": 1, "idempotency_key": "k\x00"}, "idempotency_key"),
+    ("/v1/apps/{app}/release", {"count": 1, "idempotency_key": "line\nbreak"}, "idempotency_key"),
+    ("/v1/apps/{app}/release", {"hosts": ["demo-node-01\x00"]}, "hosts.0"),
+    ("/v1/requests/{request_id}/deny", {"comment": "no\x00"}, "comment"),
+])
+async def test_stored_text_has_no_control_characters(admin: Any, path: str, body: dict[str, Any], field: str) -> None:
+    """What a client chooses and the store keeps holds no NUL or control character (PostgreSQL
+    refuses NUL in text and JSON): refused up front, as the document says."""
+    assert not _valid("admin", path, body)
+    resp = await admin.post(path.format(app="demo", request_id="r-1"), json=body)
+    assert resp.status == 422 and (await resp.json())["field"] == field
+    assert _valid("admin", "/v1/requests/{request_id}/deny", {"comment": "two\tlines\r\nof reasons"})
