@@ -545,7 +545,11 @@ def _check_places(path: str, core: CoreConfig) -> None:
     """Files and directories the daemon will use must be usable, found now and not after the
     state directory has been written to."""
     state_dir = core.daemon.state_dir
-    if state_dir.exists() and not state_dir.is_dir():
+    try:
+        not_a_directory = state_dir.exists() and not state_dir.is_dir()
+    except OSError:  # cannot even look: the daemon says so when it creates it
+        not_a_directory = False
+    if not_a_directory:
         raise ConfigError(path, "daemon.state_dir", f"{state_dir} exists and is not a directory")
     tls = core.api.tls
     for name in ("certificate", "key", "client_ca"):

@@ -77,8 +77,9 @@ class Endpoints:
 
     def needs_certificate(self, path: str) -> bool:
         """Whether ``path`` is served only to a client certificate (the middleware's rule too)."""
-        return bool(self.mtls_prefix) and path.startswith(self.mtls_prefix or "") \
-            and not path.startswith(self.signed_prefixes)
+        if self.mtls_prefix is None or not path.startswith(self.mtls_prefix):
+            return False
+        return not path.startswith(self.signed_prefixes)
 
     def install(self, app: web.Application) -> None:
         for ep in self.items:
