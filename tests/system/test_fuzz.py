@@ -263,8 +263,12 @@ def test_the_daemon_is_whole_after_the_fuzz(target: Target) -> None:
     assert daemon.process.poll() is None, daemon.log_tail()
     assert target.app_session.get(f"{target.app_url}/healthz", timeout=30).json() == {"status": "ok"}
     assert target.admin_session.get(f"{target.admin_url}/v1/status", timeout=30).status_code == 200
-    log = daemon.log.read_text()
-    assert "API handler failed" not in log and "Traceback" not in log, daemon.log_tail(80)
+    # what bad input could set off: a handler's failure, aiohttp's own "Error handling request",
+    # a callback to a URL the API took and no client can send to
+    failures = [line for line in daemon.log.read_text().splitlines()
+                if re.search(r"logger=(governord\.api\S*|governord\.callbacks|aiohttp\.server) ", line)
+                and ("level=error" in line or "exc=" in line)]
+    assert not failures, "\n".join(failures[:5])
     # the fuzz may have filled the cap: release everything, then one host end to end
     daemon.ctl("scale", APP, ROLE, "--count", "0", "--wait", "--key", f"after-fuzz-{uuid.uuid4()}")
     wait_until(lambda: not target.lab.vsphere_vms(), 180, what="the fuzz's machines gone")
