@@ -15,15 +15,17 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
+import ssl
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import core_schema
 
-from .errors import ConfigError
+from .errors import ConfigError, FieldError
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
@@ -64,16 +66,24 @@ def _resolve_secret(value: Any) -> Secret:
         return value
     if not isinstance(value, dict) or len(value) != 1 or not ({"env", "file"} & set(value)):
         raise ValueError('a secret is given by reference: { env = "NAME" } or { file = "/path" }')
-    if "env" in value:
-        name = value["env"]
-        if name not in os.environ:
-            raise ValueError(f"environment variable {name} is not set")
-        return Secret(os.environ[name], f"env:{name}")
-    path = Path(value["file"])
+    [(kind, where)] = value.items()
+    if not isinstance(where, str) or not where:
+        raise ValueError(f'{kind} of a secret reference must be a non-empty string, not {where!r}')
+    if kind == "env":
+        if where not in os.environ:
+            raise ValueError(f"environment variable {where} is not set")
+        if not os.environ[where]:
+            raise ValueError(f"environment variable {where} is empty")
+        return Secret(os.environ[where], f"env:{where}")
+    path = Path(where)
     try:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ValueError(f"cannot read secret file {path}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ValueError(f"secret file {path} is not UTF-8 text") from None
+    if not text.rstrip("\r\n"):
+        raise ValueError(f"secret file {path} is empty")
     return Secret(text.rstrip("\r\n"), f"file:{path}")
 
 
@@ -90,6 +100,12 @@ class DaemonSection(StrictModel):
     disabled_plugins: list[str] = Field(default_factory=list)
     #: seconds SIGTERM waits for in-flight steps before parking them
     shutdown_grace: float = Field(default=20.0, ge=0)
+
+
+_HOSTNAME = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*")
+_DNS_LABEL = re.compile(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+#: sun_path holds 108 bytes on Linux, with the terminating NUL
+_MAX_SOCKET_PATH = 107
 
 
 class TLSSection(StrictModel):
@@ -117,6 +133,13 @@ class TLSSection(StrictModel):
             raise ValueError(str(exc)) from None
         return value
 
+    @model_validator(mode="after")
+    def _both_or_neither(self) -> TLSSection:
+        if (self.certificate is None) != (self.key is None):
+            missing = "key" if self.key is None else "certificate"
+            raise FieldError(missing, "give both certificate and key, or neither")
+        return self
+
 
 class ApiSection(StrictModel):
     #: address of the application API (HTTPS with client certificates)
@@ -132,6 +155,23 @@ class ApiSection(StrictModel):
     #: largest request body accepted, in bytes
     max_body_bytes: int = Field(default=65536, ge=1024)
     tls: TLSSection = Field(default_factory=TLSSection)
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        try:
+            ipaddress.ip_address(value)
+        except ValueError:
+            if not _HOSTNAME.fullmatch(value):
+                raise ValueError(f"not an IP address or host name: {value!r}") from None
+        return value
+
+    @field_validator("admin_socket")
+    @classmethod
+    def _socket_path(cls, value: Path) -> Path:
+        if len(os.fsencode(value)) > _MAX_SOCKET_PATH:
+            raise ValueError(f"longer than a Unix socket path may be ({_MAX_SOCKET_PATH} bytes)")
+        return value
 
     @field_validator("admin_socket_mode")
     @classmethod
@@ -202,9 +242,9 @@ class RoleSection(StrictModel):
     @model_validator(mode="after")
     def _one_way(self) -> RoleSection:
         if self.placements and (self.provider is not None or self.profile is not None):
-            raise ValueError("give either placements or provider/profile, not both")
+            raise FieldError("placements", "give either placements or provider/profile, not both")
         if not self.placements and self.provider is None:
-            raise ValueError("give placements, or provider (and profile)")
+            raise FieldError("provider", "give placements, or provider (and profile)")
         return self
 
     def effective_placements(self) -> list[PlacementSection]:
@@ -236,9 +276,10 @@ class WebhookRule(StrictModel):
     def _one_of(self) -> WebhookRule:
         given = [name for name in ("add", "count", "keep") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of add, count and keep (got {', '.join(given) or 'none'})")
+            raise FieldError(given[1] if len(given) > 1 else "add",
+                             f"give exactly one of add, count and keep (got {', '.join(given) or 'none'})")
         if self.event == "teardown" and self.keep != 0:
-            raise ValueError("a teardown rule releases the component's hosts: give keep = 0")
+            raise FieldError("keep", "a teardown rule releases the component's hosts: give keep = 0")
         return self
 
 
@@ -265,7 +306,7 @@ class ApplicationSection(StrictModel):
     cooldown: float = Field(default=0.0, ge=0)
     #: "never", "always", or a number N: requests that take the application above N hosts wait
     #: for an operator's approval
-    approval: Literal["never", "always"] | int = "never"
+    approval: Literal["never", "always"] | Annotated[int, Field(ge=0)] = "never"
     #: seconds a request waits for approval before it expires
     approval_expiry: float = Field(default=86400.0, gt=0)
     #: which hosts a scale-down releases: "newest" or "oldest" first (named hosts: release them)
@@ -276,13 +317,20 @@ class ApplicationSection(StrictModel):
     webhook: WebhookSection | None = None
     roles: dict[str, RoleSection] = Field(default_factory=dict)
 
+    @field_validator("approval", mode="before")
+    @classmethod
+    def _approval(cls, value: Any) -> Any:
+        if value in ("never", "always") or (type(value) is int and value >= 0):
+            return value
+        raise ValueError(f'must be "never", "always" or a number of hosts (0 or more), not {value!r}')
+
     @model_validator(mode="after")
     def _bounds(self) -> ApplicationSection:
         if self.min_hosts > self.max_hosts:
-            raise ValueError(f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
-        for rule in self.webhook.rules if self.webhook else []:
+            raise FieldError("min_hosts", f"min_hosts ({self.min_hosts}) is above max_hosts ({self.max_hosts})")
+        for index, rule in enumerate(self.webhook.rules if self.webhook else []):
             if rule.role not in self.roles:
-                raise ValueError(f"webhook rule for role {rule.role!r}: the application has no such role")
+                raise FieldError(f"webhook.rules.{index}.role", f"no role named {rule.role!r} in this application")
         return self
 
 
@@ -358,9 +406,17 @@ class Config:
         return list(self.tags)
 
 
+_UNION_MEMBER = re.compile(r"function-.*|constrained-[a-z]+|[a-z-]+\[.*\]")
+
+
 def _first_error(path: str, prefix: str, exc: ValidationError) -> ConfigError:
     err = exc.errors()[0]
-    loc = [str(part) for part in err["loc"] if not str(part).startswith("function-")]
+    # pydantic names the member of a union it tried ("literal['a','b']", "constrained-int",
+    # "function-after[...]"); those are no keys of the file
+    loc = [str(part) for part in err["loc"] if not _UNION_MEMBER.fullmatch(str(part))]
+    cause = err.get("ctx", {}).get("error")
+    if isinstance(cause, FieldError):  # a rule over several keys names the one to fix
+        loc.append(cause.field)
     key = ".".join([p for p in [prefix, *loc] if p])
     kind = err["type"]
     if kind == "extra_forbidden":
@@ -390,6 +446,10 @@ def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
         raise ConfigError(path, "", "no such file") from None
     except PermissionError:
         raise ConfigError(path, "", "permission denied") from None
+    except OSError as exc:  # a directory, a device that cannot be read, ...
+        raise ConfigError(path, "", f"cannot read: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(path, "", f"not valid TOML: not UTF-8 (byte {exc.start})") from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(path, "", f"not valid TOML: {exc}") from None
 
@@ -432,6 +492,8 @@ def build_config(
     unavailable: dict[str, str],
 ) -> Config:
     core: CoreConfig = _validate(CoreConfig, raw, path, "")
+    _check_places(path, core)
+    _check_identities(path, core)
 
     provider_configs: dict[str, ProviderConfig] = {}
     for name, section in core.providers.items():
@@ -467,8 +529,12 @@ def build_config(
             address = getattr(network, attr)
             if address is not None and address not in network.cidr:
                 raise ConfigError(path, f"networks.{name}.{attr}", f"{address} is not in {network.cidr}")
+        if network.first is not None and network.last is not None and network.last < network.first:
+            raise ConfigError(path, f"networks.{name}.last", f"{network.last} is before first ({network.first})")
 
     placements: dict[tuple[str, str], list[Placement]] = {}
+    #: the first host names a role makes -> the role, so two roles cannot make the same names
+    named: dict[tuple[str, str], str] = {}
     for app_name, app in core.applications.items():
         for role_name, role in app.roles.items():
             prefix = f"applications.{app_name}.roles.{role_name}"
@@ -477,10 +543,11 @@ def build_config(
             for tag in role.tags:
                 if tag not in tags:
                     raise ConfigError(path, f"{prefix}.tags", f"no tag named {tag!r}")
-            try:
-                role.name_pattern.format(app=app_name, role=role_name, seq=1)
-            except (KeyError, IndexError, ValueError) as exc:
-                raise ConfigError(path, f"{prefix}.name_pattern", f"invalid pattern: {exc}") from None
+            samples = _names(path, f"{prefix}.name_pattern", role.name_pattern, app_name, role_name)
+            if samples in named:
+                raise ConfigError(path, f"{prefix}.name_pattern",
+                                  f"makes the same host names as {named[samples]}.name_pattern ({samples[0]}, ...)")
+            named[samples] = prefix
             chosen: list[Placement] = []
             for index, placement in enumerate(role.effective_placements()):
                 where = f"{prefix}.placements.{index}" if role.placements else prefix
@@ -497,6 +564,64 @@ def build_config(
             placements[(app_name, role_name)] = chosen
 
     return Config(path, core, provider_configs, registrar_configs, tags, placements)
+
+
+def _names(path: str, key: str, pattern: str, app: str, role: str) -> tuple[str, str]:
+    """The first two host names ``pattern`` makes; each must be a DNS label."""
+    try:
+        samples = (pattern.format(app=app, role=role, seq=1), pattern.format(app=app, role=role, seq=2))
+    except (KeyError, IndexError, ValueError, AttributeError, TypeError) as exc:
+        raise ConfigError(path, key, f"invalid pattern: {type(exc).__name__}: {exc}") from None
+    for sample in samples:
+        if not _DNS_LABEL.fullmatch(sample):
+            raise ConfigError(path, key, f"makes host names like {sample!r}, which is no DNS label "
+                              "(letters, digits and hyphens, at most 63)")
+    if samples[0] == samples[1]:
+        raise ConfigError(path, key, f"makes the same name ({samples[0]!r}) for every host: use {{seq}}")
+    return samples
+
+
+def _check_places(path: str, core: CoreConfig) -> None:
+    """Files and directories the daemon will use must be usable, found now and not after the
+    state directory has been written to."""
+    state_dir = core.daemon.state_dir
+    try:
+        not_a_directory = state_dir.exists() and not state_dir.is_dir()
+    except OSError:  # cannot even look: the daemon says so when it creates it
+        not_a_directory = False
+    if not_a_directory:
+        raise ConfigError(path, "daemon.state_dir", f"{state_dir} exists and is not a directory")
+    tls = core.api.tls
+    for name in ("certificate", "key", "client_ca"):
+        file = getattr(tls, name)
+        if file is None:
+            continue
+        try:
+            with open(file, "rb"):
+                pass
+        except OSError as exc:
+            raise ConfigError(path, f"api.tls.{name}", f"cannot read {file}: {exc.strerror}") from None
+    try:
+        if tls.certificate is not None and tls.key is not None:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(tls.certificate, tls.key)
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(path, "api.tls.certificate", f"not a certificate and key that go together: {exc}") from None
+    try:
+        if tls.client_ca is not None:
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.client_ca))
+    except (ssl.SSLError, ValueError) as exc:
+        raise ConfigError(path, "api.tls.client_ca", f"not a PEM CA certificate: {exc}") from None
+
+
+def _check_identities(path: str, core: CoreConfig) -> None:
+    """A client certificate's common name identifies one application, never two."""
+    owner: dict[str, str] = {}
+    for name, app in core.applications.items():
+        cn = app.certificate_cn or name
+        if cn in owner:
+            raise ConfigError(path, f"applications.{name}.certificate_cn",
+                              f"{cn!r} already identifies application {owner[cn]}")
+        owner[cn] = name
 
 
 def redacted(value: Any) -> Any:

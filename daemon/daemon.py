@@ -21,20 +21,18 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from aiohttp import web
-
-from .api.admin_api import create_admin_api
-from .api.app_api import create_app_api
-from .api.tls import ApplicationTLS
 from .config import Config, load_config, read_toml
 from .errors import ConfigError
 from .logs import setup_logging
 from .pki import RevocationListError
 from .pluginmanager import PluginLoadError, PluginManager
-from .runtime import Runtime
 from .systemd import keep_watchdog_alive, notify, watchdog_interval
+
+if TYPE_CHECKING:
+    from .api.tls import ApplicationTLS
+    from .runtime import Runtime
 
 log = logging.getLogger("governord")
 
@@ -44,9 +42,10 @@ EXIT_CONFIG = 2
 def _disabled_plugins(path: str) -> list[str]:
     # Needed before validation (validation needs the plugins' types); validated properly later.
     try:
-        value = read_toml(path).get("daemon", {}).get("disabled_plugins", [])
+        section = read_toml(path).get("daemon", {})
     except ConfigError:
         return []
+    value = section.get("disabled_plugins", []) if isinstance(section, dict) else []
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
@@ -110,6 +109,14 @@ class Daemon:
         return str(pair.certificate), str(pair.key), client_ca
 
     async def run(self) -> int:
+        # imported here, not at the top: `governord --check` and a refused config need none of it
+        from aiohttp import web
+
+        from .api.admin_api import create_admin_api
+        from .api.app_api import create_app_api
+        from .api.tls import ApplicationTLS
+        from .runtime import Runtime
+
         state_dir = self.config.daemon.state_dir
         if not self._lock_state_dir(state_dir):
             print(f"governord: another governord is using {state_dir}", file=sys.stderr)

@@ -25,6 +25,16 @@ class ConfigError(GovernordError):
         super().__init__(f"{where}: {message}")
 
 
+class FieldError(ValueError):
+    """A validation rule over several fields, naming the field its refusal is reported on
+    (pydantic gives a model-level rule no location, and a refusal must name a field). Raise it
+    from a model validator; the API reads it from the error's context."""
+
+    def __init__(self, field: str, message: str) -> None:
+        super().__init__(message)
+        self.field = field
+
+
 class StepError(GovernordError):
     """A lifecycle step failed. ``source`` names the plugin or provider instance behind it."""
 

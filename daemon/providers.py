@@ -18,6 +18,8 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import types
+import typing
 import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
@@ -25,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from .errors import PermanentError, RetryableError
 from .models import Machine, MachineSpec, PowerState
@@ -33,10 +35,67 @@ from .models import Machine, MachineSpec, PowerState
 T = TypeVar("T")
 
 
+def _scalar_kinds(annotation: Any) -> tuple[set[type], set[str]] | None:
+    """What a field made only of numbers, booleans, literal strings and None takes: the types,
+    and the literal strings. ``None`` for any other field (strings, paths, lists, models...)."""
+    origin = typing.get_origin(annotation)
+    if origin is typing.Annotated:
+        return _scalar_kinds(typing.get_args(annotation)[0])
+    if origin is typing.Literal:
+        values = typing.get_args(annotation)
+        return {type(v) for v in values}, {v for v in values if isinstance(v, str)}
+    if origin in (typing.Union, types.UnionType):
+        kinds: set[type] = set()
+        literals: set[str] = set()
+        for arg in typing.get_args(annotation):
+            if arg is type(None):
+                continue
+            found = _scalar_kinds(arg)
+            if found is None:
+                return None
+            kinds |= found[0]
+            literals |= found[1]
+        return kinds, literals
+    if annotation in (bool, int, float):
+        return {annotation}, set()
+    return None
+
+
+def _kind_name(value: Any) -> str:
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string"}.get(type(value), "a value")
+
+
 class StrictModel(BaseModel):
-    """Base of every config model: unknown keys are errors, not silently ignored."""
+    """Base of every config model: unknown keys are errors, not silently ignored, and a
+    number, boolean or choice is taken only as itself (pydantic would read ``"4"`` as 4,
+    ``true`` as 1 and ``"yes"`` as true)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _no_coercion(cls, value: Any, info: ValidationInfo) -> Any:
+        field_name = info.field_name or ""
+        found = _scalar_kinds(cls.model_fields[field_name].annotation) if field_name in cls.model_fields else None
+        if found is None or value is None:
+            return value
+        kinds, literals = found
+        if isinstance(value, bool):
+            taken = bool in kinds
+        elif isinstance(value, int):
+            taken = int in kinds or float in kinds
+        elif isinstance(value, float):
+            taken = float in kinds
+        elif isinstance(value, str):
+            taken = value in literals
+        else:
+            return value  # lists, tables: pydantic says what is wrong with them
+        if not taken:
+            wanted = [name for kind, name in ((int, "an integer"), (float, "a number"), (bool, "true or false"))
+                      if kind in kinds]
+            wanted += [repr(v) for v in sorted(literals)]
+            raise ValueError(f"must be {' or '.join(wanted)}, not {_kind_name(value)} ({value!r})")
+        return value
 
 
 class ProviderConfig(StrictModel):

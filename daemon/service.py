@@ -106,23 +106,29 @@ class Governor:
         idempotency_key: str | None = None,
         callback_url: str | None = None,
         component: str | None = None,
+        fingerprint: str | None = None,
     ) -> Decision:
         """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
         releasing the difference), decided by the application's rules. With ``callback_url`` the
         application is sent the outcome, signed, once the request is done.
 
         With ``component`` (a deployed component, ``NAMESPACE/NAME``) the new hosts belong to it,
-        and ``count`` counts only its hosts of the role: releases pick among them."""
+        and ``count`` counts only its hosts of the role: releases pick among them.
+        ``fingerprint`` (a signed delivery's body digest) is kept with the request; a repeat of
+        the idempotency key must carry the same one."""
         self._check_scale(app, role, add, count)
         self._check_callback(app, callback_url)
         params: dict[str, Any] = {"role": role, "add": add, "count": count}
         if component is not None:
             params["component"] = component
+        if fingerprint is not None:
+            params["fingerprint"] = fingerprint
         async with self._lock(app):
             async with self.store.transaction() as conn:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
+                        _check_replay(earlier, "scale", params, idempotency_key)
                         return Decision(earlier, replayed=True)
                 plan = await self.plan_scale(conn, app, role, add=add, count=count, component=component)
                 request = await self.store.insert_request(
@@ -137,19 +143,20 @@ class Governor:
 
     async def scale_by_rule(
         self, app: str, rule: WebhookRule, *, component: str, actor: str, idempotency_key: str | None,
+        fingerprint: str | None = None,
     ) -> Decision:
         """The scale request a webhook rule makes of an event from ``component`` (its deployed
         component, ``NAMESPACE/NAME``): ``add`` hosts for the component; ``count`` hosts of the
         role in all, whoever made them; ``keep`` hosts of the role for the component alone
         (a teardown rule keeps 0: the component's hosts are released). The application's caps,
-        cooldown, approval, minimum and deletion policy decide it like any other request."""
+        cooldown, approval, minimum and deletion policy decide it like any other request.
+        ``fingerprint``: the delivery's body digest (see :meth:`scale`)."""
+        common: dict[str, Any] = {"actor": actor, "idempotency_key": idempotency_key, "fingerprint": fingerprint}
         if rule.keep is not None:
-            return await self.scale(app, rule.role, count=rule.keep, component=component, actor=actor,
-                                    idempotency_key=idempotency_key)
+            return await self.scale(app, rule.role, count=rule.keep, component=component, **common)
         if rule.add is not None:
-            return await self.scale(app, rule.role, add=rule.add, component=component, actor=actor,
-                                    idempotency_key=idempotency_key)
-        return await self.scale(app, rule.role, count=rule.count, actor=actor, idempotency_key=idempotency_key)
+            return await self.scale(app, rule.role, add=rule.add, component=component, **common)
+        return await self.scale(app, rule.role, count=rule.count, **common)
 
     def _check_callback(self, app: str, url: str | None) -> None:
         if url is None:
@@ -390,6 +397,8 @@ class Governor:
                 if idempotency_key is not None:
                     earlier = await self.store.find_request(conn, app, idempotency_key)
                     if earlier is not None:
+                        _check_replay(earlier, "release", {"hosts": hosts, "role": role, "count": count},
+                                      idempotency_key)
                         return Decision(earlier, replayed=True)
                 live = await self._kept_hosts(app, role)
                 if hosts is not None:
@@ -595,6 +604,21 @@ class Governor:
             "status": status,
             "hosts": [host_summary(h) for h in rows],
         }
+
+
+def _check_replay(earlier: Row, kind: str, params: dict[str, Any], key: str) -> None:
+    """A repeated idempotency key must repeat the request; another request under a used key
+    is refused, never answered with the first one's outcome (422, as the IETF
+    Idempotency-Key draft says). With a fingerprint, the fingerprint decides: the same
+    delivery is the same request even if the rules that turned it into a request changed."""
+    before = earlier["params"]
+    if "fingerprint" in params:
+        same = earlier["kind"] == kind and before.get("fingerprint") == params["fingerprint"]
+    else:
+        same = earlier["kind"] == kind and before == params
+    if not same:
+        raise RequestError(422, f"idempotency_key {key!r} was used for another request ({earlier['id']})",
+                           field="idempotency_key")
 
 
 def _timestamp(value: Any) -> float:

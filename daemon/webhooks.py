@@ -23,6 +23,13 @@ Verification (:func:`verify`) answers, as :class:`WebhookRefused`:
 * **401** no signature matches any of the application's secrets, or the signature matches but
   the timestamp is more than ``tolerance`` seconds (default 300) from the receiver's clock.
 
+A receiver reads at most :data:`MAX_BODY_BYTES` of a delivery (413 beyond: a deploy event is
+under 2 KiB). It answers a delivery for an application that takes none exactly as it answers a
+bad signature (401, after the same header checks and the same HMAC work), so a stranger cannot
+learn which applications exist. A repeated delivery id returns the first outcome; the same id
+with another body is refused with 422 naming ``Governord-Delivery`` (the IETF Idempotency-Key
+draft's answer to a key reused for another request), never taken for the first delivery.
+
 A stale timestamp is 401, not 400, because it is an authentication failure like a bad
 signature (Stripe's and Standard Webhooks' libraries raise the same verification error for
 both). The signature is checked first, as Stripe does, so only a holder of the secret learns
@@ -47,10 +54,14 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from .errors import FieldError
+
 __all__ = [
     "APPLICATION_HEADER",
     "DEFAULT_TOLERANCE",
     "DELIVERY_HEADER",
+    "HEADER_SCHEMAS",
+    "MAX_BODY_BYTES",
     "SIGNATURE_HEADER",
     "TIMESTAMP_HEADER",
     "DeployEvent",
@@ -71,6 +82,8 @@ DEFAULT_TOLERANCE = 300.0
 SCHEME = "v1"
 #: bounds the work one request can ask for (signatures x secrets HMACs)
 MAX_SIGNATURES = 8
+#: largest delivery body a receiver reads; a deploy event is under 2 KiB
+MAX_BODY_BYTES = 8192
 
 # No "." in a delivery id: the signed string joins the parts with dots, so a dot in the id
 # would let one (delivery, timestamp, body) triple be read as another.
@@ -94,6 +107,19 @@ class WebhookRefused(Exception):
 
     def __repr__(self) -> str:
         return f"WebhookRefused({self.status}, {self.reason!r})"
+
+
+#: the headers as OpenAPI describes them: name -> (JSON Schema of the value, description)
+HEADER_SCHEMAS: dict[str, tuple[dict[str, object], str]] = {
+    APPLICATION_HEADER: ({"type": "string", "minLength": 1},
+                         "the governord application whose secrets verify the delivery"),
+    DELIVERY_HEADER: ({"type": "string", "pattern": "^[A-Za-z0-9_:-]{1,128}$"},
+                      "unique id of the delivery, the same on every retry"),
+    TIMESTAMP_HEADER: ({"type": "string", "pattern": "^[0-9]{1,12}$"}, "when this attempt was signed, Unix seconds"),
+    SIGNATURE_HEADER: ({"type": "string", "pattern": "^v1=[0-9a-f]{64}(,v1=[0-9a-f]{64}){0,7}$"},
+                       'v1=<hex HMAC-SHA256(secret, "<delivery>.<timestamp>.<raw body>")>, comma-separated '
+                       "while secrets are rotated"),
+}
 
 
 def _check_parts(delivery: str, timestamp: int) -> None:
@@ -242,6 +268,20 @@ _LABEL = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?$"
 _HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?)*$"
 
 
+#: fields only one generation's hooks send
+_ONLY_IN: dict[str, tuple[str, ...]] = {"v2": ("gear_uuid", "app_uuid", "branch"), "v4": ("pod", "deployment")}
+
+
+def _generation_rule() -> dict[str, object]:
+    """JSON Schema for :data:`_ONLY_IN`, so the OpenAPI document says what the validator does."""
+    return {"allOf": [
+        {"if": {"properties": {"openshift_version": {"const": other}}},
+         "then": {"properties": {name: {"type": "null"} for name in names}}}
+        for version, names in _ONLY_IN.items()
+        for other in ("v2", "v4") if other != version
+    ]}
+
+
 class DeployEvent(BaseModel):
     """The JSON body ``hooks/openshift/deploy``, ``post_deploy`` and ``teardown`` send.
 
@@ -252,7 +292,7 @@ class DeployEvent(BaseModel):
     not from this body.
     """
 
-    model_config = ConfigDict(extra="forbid", strict=True, frozen=True)
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra=_generation_rule())
 
     event: Literal["deploy", "post_deploy", "teardown"] = Field(
         description="deploy: before the new code starts (v2 deploy, v4 pre); "
@@ -289,10 +329,9 @@ class DeployEvent(BaseModel):
 
     @model_validator(mode="after")
     def _fields_of_its_generation(self) -> DeployEvent:
-        only: dict[str, tuple[str, ...]] = {"v2": ("gear_uuid", "app_uuid", "branch"), "v4": ("pod", "deployment")}
-        for version, names in only.items():
+        for version, names in _ONLY_IN.items():
             if self.openshift_version != version:
                 for name in names:
                     if getattr(self, name) is not None:
-                        raise ValueError(f"{name} is only sent by OpenShift {version} hooks")
+                        raise FieldError(name, f"{name} is only sent by OpenShift {version} hooks")
         return self

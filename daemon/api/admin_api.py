@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -223,13 +224,15 @@ async def deny_request(request: web.Request) -> web.Response:
 
 
 @endpoints.add("GET", "/v1/audit", "The audit log: every decision and step, who and why",
-               responses={200: schemas.EventList},
-               query={"kind": "only events whose kind starts with this", "limit": "at most this many (newest)"})
+               responses={200: schemas.EventList, 422: schemas.Error},
+               query={"kind": "only events whose kind starts with this",
+                      "limit": ("at most this many (newest; default 200, taken as 1 to 10000)", {"type": "integer"})})
 async def audit(request: web.Request) -> web.Response:
-    try:
-        limit = int(request.query.get("limit", "200"))
-    except ValueError:
-        raise RequestError(422, "limit: not a number", field="limit") from None
+    text = request.query.get("limit", "200")
+    # int() alone would also take "1_000", " 5" and non-ASCII digits, and refuse 5000 digits
+    if not re.fullmatch(r"-?[0-9]+", text):
+        raise RequestError(422, "limit: not an integer", field="limit")
+    limit = int(text) if len(text) <= 9 else (-1 if text.startswith("-") else 10**9)
     events = await _runtime(request).store.list_events(limit=max(1, min(limit, 10000)),
                                                       kind_prefix=request.query.get("kind"))
     return reply(schemas.EventList, {"events": events})

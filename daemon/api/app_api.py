@@ -11,7 +11,10 @@ logged with its reason and counted (``governord_api_refusals_total``). ``/health
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import secrets
 import ssl
 import time
 from typing import TYPE_CHECKING, Any
@@ -22,7 +25,7 @@ from pydantic import ValidationError
 from .. import webhooks
 from ..service import RequestError, host_summary
 from . import schemas
-from .common import Endpoints, error_response, errors_middleware, healthz, parse_body, reply
+from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, parse_body, reply
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -39,6 +42,8 @@ endpoints = Endpoints(
     "Scale requests, request status and hand-back for applications. Authenticate with the "
     "client certificate governord issued to the application.",
     mtls_prefix="/v1/",
+    # authenticated by the signature over the delivery, not by a client certificate
+    signed_prefixes=("/v1/webhooks/",),
 )
 
 
@@ -56,10 +61,6 @@ def _common_name(peercert: dict[str, Any] | None) -> str | None:
     return None
 
 
-#: paths under /v1/ that authenticate by signature, not by client certificate
-SIGNED_PATHS = ("/v1/webhooks/",)
-
-
 def _refuse(runtime: Runtime, status: int, reason: str, description: str, message: str,
             **fields: Any) -> web.Response:
     """Log and count a refusal at the request stage (the handshake stage is in .tls)."""
@@ -70,7 +71,7 @@ def _refuse(runtime: Runtime, status: int, reason: str, description: str, messag
 
 @web.middleware
 async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
-    if not request.path.startswith("/v1/") or request.path.startswith(SIGNED_PATHS):
+    if not endpoints.needs_certificate(request.path):
         return await handler(request)
     runtime: Runtime = request.app[runtime_key]
     transport = request.transport
@@ -159,41 +160,80 @@ async def list_hosts(request: web.Request) -> web.Response:
     return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows]})
 
 
+#: verifies deliveries for applications that take none, so they are refused exactly like a bad
+#: signature (same checks, same work): which applications exist is not for strangers to learn
+_NO_SUCH_SECRET = secrets.token_bytes(32)
+
+
+async def _read_limited(request: web.Request, limit: int) -> bytes:
+    """The body, or 413 as soon as it grows past ``limit`` (never read further)."""
+    too_large = RequestError(413, f"request body larger than {limit} bytes")
+    if request.content_length is not None and request.content_length > limit:
+        raise too_large
+    body = bytearray()
+    async for chunk in request.content.iter_chunked(4096):
+        body += chunk
+        if len(body) > limit:
+            raise too_large
+    return bytes(body)
+
+
 @endpoints.add("POST", "/v1/webhooks/openshift",
                "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application): "
                "deploy, post_deploy or teardown of a component, mapped to a scale request by the application's "
                "webhook rules",
+               body=webhooks.DeployEvent, headers=webhooks.HEADER_SCHEMAS,
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
-                          401: schemas.Error, 404: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
-                          422: schemas.Error})
+                          401: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
+                          415: schemas.Error, 422: schemas.Error})
 async def openshift_webhook(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
+    body = await _read_limited(request, min(webhooks.MAX_BODY_BYTES, request.app["max_body"]))
+    if request.content_type != "application/json":
+        raise RequestError(415, "send Content-Type: application/json")
     app = request.headers.get(webhooks.APPLICATION_HEADER, "")
     section = runtime.config.applications.get(app)
-    if section is None or section.webhook is None:
-        raise RequestError(404, f"no application {app!r} takes webhooks", field=webhooks.APPLICATION_HEADER)
-    body = await request.read()
+    hook = section.webhook if section is not None else None
+    keys = [s.reveal().encode() for s in hook.secrets] if hook else [_NO_SUCH_SECRET]
     try:
-        delivery = webhooks.verify([s.reveal().encode() for s in section.webhook.secrets], request.headers, body,
-                                   now=time.time(), tolerance=section.webhook.tolerance)
+        delivery = webhooks.verify(keys, request.headers, body, now=time.time(),
+                                   tolerance=hook.tolerance if hook else webhooks.DEFAULT_TOLERANCE)
     except webhooks.WebhookRefused as refused:
-        log.warning("webhook refused", extra={"app": app, "status": refused.status, "reason": refused.reason,
+        # the log says what the sender is not told
+        reason = refused.reason if hook or refused.status != 401 else "no application of that name takes webhooks"
+        log.warning("webhook refused", extra={"app": app, "status": refused.status, "reason": reason,
                                               "peer": request.remote})
         return error_response(refused.status, refused.reason, refused.field)
+    if hook is None:  # not reached: only an application's own secret verifies
+        return error_response(401, "signature does not match", webhooks.SIGNATURE_HEADER)
     try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")
+    try:
+        # from the JSON text, not the parsed data: strict mode must see JSON's own types
         event = webhooks.DeployEvent.model_validate_json(body)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        where = ".".join(str(p) for p in err["loc"]) or None
-        raise RequestError(422, f"{where}: {err['msg']}" if where else err["msg"], field=where) from None
-    rule = section.webhook.rule_for(event.event, event.component)
+        message, where = first_problem(exc)
+        raise RequestError(422, message, field=where) from None
+    rule = hook.rule_for(event.event, event.component)
     if rule is None:
         return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",
                                             "reason": f"no rule for {event.event} of {event.component or 'any'}",
                                             "request": None})
-    # the delivery id is the idempotency key: a retried delivery returns the first outcome
-    decision = await runtime.governor.scale_by_rule(app, rule, component=event.deployed_component,
-                                                    actor=f"webhook:{app}", idempotency_key=f"webhook:{delivery}")
+    # the delivery id is the idempotency key: a retried delivery returns the first outcome, and
+    # the body's digest makes sure a retry is the same delivery, not another one under its id
+    try:
+        decision = await runtime.governor.scale_by_rule(
+            app, rule, component=event.deployed_component, actor=f"webhook:{app}",
+            idempotency_key=f"webhook:{delivery}", fingerprint="sha256:" + hashlib.sha256(body).hexdigest())
+    except RequestError as exc:
+        if exc.field != "idempotency_key":
+            raise
+        raise RequestError(422, f"delivery {delivery} was received before with another body",
+                           field=webhooks.DELIVERY_HEADER) from None
     status = await runtime.governor.request_status(decision.request)
     code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
     return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,12 +13,16 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
+from ..errors import FieldError
 from ..service import RequestError
 from . import schemas
 
 log = logging.getLogger(__name__)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+#: headers of an aiohttp error page that describe its plain-text body, not the refusal
+_BODY_HEADERS = {"content-type", "content-length", "content-encoding", "transfer-encoding"}
 
 
 @dataclass
@@ -29,18 +33,24 @@ class Endpoint:
     handler: Handler
     body: type[BaseModel] | None = None
     responses: dict[int, type[BaseModel] | None] = field(default_factory=dict)
-    query: dict[str, str] = field(default_factory=dict)
+    #: query parameters: name -> description, or (description, JSON Schema of the value)
+    query: dict[str, str | tuple[str, dict[str, Any]]] = field(default_factory=dict)
     content_type: str = "application/json"
+    #: request headers the operation needs: name -> (JSON Schema of the value, description)
+    headers: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
 
 
 class Endpoints:
     """An API's endpoints: registered on the aiohttp router and described in OpenAPI."""
 
-    def __init__(self, title: str, description: str, *, mtls_prefix: str | None = None) -> None:
+    def __init__(self, title: str, description: str, *, mtls_prefix: str | None = None,
+                 signed_prefixes: tuple[str, ...] = ()) -> None:
         self.title = title
         self.description = description
-        #: paths under this prefix need the application's client certificate
+        #: paths under this prefix need the application's client certificate ...
         self.mtls_prefix = mtls_prefix
+        #: ... except these, which authenticate by a signature over the request instead
+        self.signed_prefixes = signed_prefixes
         self.items: list[Endpoint] = [
             Endpoint("GET", "/openapi.json", "This document", self._serve_openapi, responses={200: None})
         ]
@@ -53,16 +63,23 @@ class Endpoints:
         *,
         body: type[BaseModel] | None = None,
         responses: dict[int, type[BaseModel] | None],
-        query: dict[str, str] | None = None,
+        query: dict[str, str | tuple[str, dict[str, Any]]] | None = None,
         content_type: str = "application/json",
+        headers: dict[str, tuple[dict[str, Any], str]] | None = None,
     ) -> Callable[[Handler], Handler]:
         def decorate(handler: Handler) -> Handler:
             self.items.append(
-                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type)
+                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type, headers or {})
             )
             return handler
 
         return decorate
+
+    def needs_certificate(self, path: str) -> bool:
+        """Whether ``path`` is served only to a client certificate (the middleware's rule too)."""
+        if self.mtls_prefix is None or not path.startswith(self.mtls_prefix):
+            return False
+        return not path.startswith(self.signed_prefixes)
 
     def install(self, app: web.Application) -> None:
         for ep in self.items:
@@ -89,9 +106,13 @@ class Endpoints:
                 for seg in ep.path.split("/")
                 if seg.startswith("{")
             ]
+            for name, spec in ep.query.items():
+                desc, schema = spec if isinstance(spec, tuple) else (spec, {"type": "string"})
+                params.append({"name": name, "in": "query", "required": False, "schema": schema,
+                               "description": desc})
             params += [
-                {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": desc}
-                for name, desc in ep.query.items()
+                {"name": name, "in": "header", "required": True, "schema": schema, "description": desc}
+                for name, (schema, desc) in ep.headers.items()
             ]
             if params:
                 op["parameters"] = params
@@ -101,7 +122,7 @@ class Endpoints:
                 # what parse_body and the size limit answer for any body
                 for status in (400, 413, 415, 422):
                     responses.setdefault(status, schemas.Error)
-            if self.mtls_prefix and ep.path.startswith(self.mtls_prefix):
+            if self.needs_certificate(ep.path):
                 op["security"] = [{"applicationCertificate": []}]
                 responses.setdefault(401, schemas.Error)
                 responses.setdefault(403, schemas.Error)
@@ -125,8 +146,10 @@ class Endpoints:
         }
 
 
-def error_response(status: int, message: str, field_name: str | None = None) -> web.Response:
-    return web.json_response({"error": message, "field": field_name}, status=status)
+def error_response(
+    status: int, message: str, field_name: str | None = None, *, headers: Mapping[str, str] | None = None
+) -> web.Response:
+    return web.json_response({"error": message, "field": field_name}, status=status, headers=headers)
 
 
 @web.middleware
@@ -140,7 +163,9 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(413, f"request body larger than {request.app['max_body']} bytes")
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
-            return error_response(exc.status, exc.reason)
+            # keep what the status needs besides the body (a 405's Allow, RFC 9110 15.5.6)
+            kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
+            return error_response(exc.status, exc.reason, headers=kept)
         raise
     except Exception:
         log.exception("API handler failed", extra={"path": request.path})
@@ -148,7 +173,8 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
 
 
 async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
-    """Read and validate a JSON body; 400 if it is not JSON, 422 naming the first bad field."""
+    """Read and validate a JSON body; 400 if it is not a JSON object, 422 naming the first bad
+    field."""
     if request.content_type != "application/json":
         raise RequestError(415, "send Content-Type: application/json")
     raw = await request.read()
@@ -156,13 +182,31 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
         data = json.loads(raw or b"null")
     except (ValueError, UnicodeDecodeError) as exc:
         raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        # not the request at all, like a body that is not JSON; a 422 is for a field
+        raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"]) or None
-        message = "unknown field" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
-        raise RequestError(422, f"{loc}: {message}" if loc else message, field=loc) from None
+        message, field_name = first_problem(exc)
+        raise RequestError(422, message, field=field_name) from None
+
+
+def first_problem(exc: ValidationError) -> tuple[str, str | None]:
+    """The message and the field (dotted path) of a validation error's first problem."""
+    err = exc.errors()[0]
+    loc: str | None = ".".join(str(p) for p in err["loc"]) if err["loc"] else None
+    cause = err.get("ctx", {}).get("error")
+    if loc is None and isinstance(cause, FieldError):
+        loc = cause.field
+    if err["type"] == "extra_forbidden":
+        message = "unknown field"
+    else:
+        message = err["msg"].removeprefix("Value error, ")
+    if loc is None:
+        return message, None
+    # an empty key is a field too (the body {"": 1} has one), quoted so the message shows it
+    return f"{loc or repr(loc)}: {message}", loc
 
 
 def reply(model: type[BaseModel], data: Any, status: int = 200) -> web.Response:

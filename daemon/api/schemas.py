@@ -3,11 +3,29 @@ unknown or wrong field is a 422 naming it); the OpenAPI documents are generated 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Annotated, Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import FieldError
+
 NAME = r"^[A-Za-z0-9][A-Za-z0-9._-]{0,252}$"
+_LABEL = r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+_PORT = r"(6553[0-5]|655[0-2][0-9]|65[0-4][0-9]{2}|6[0-4][0-9]{3}|[1-5][0-9]{4}|[1-9][0-9]{0,3})"
+#: an http(s) URL the notifier can POST to: a host name or IPv4 address, an optional port
+#: (1-65535) and printable ASCII after it. Kept to ASCII, where JSON Schema's and pydantic's
+#: regular expressions agree, and strict, so a URL no client can send to is refused up front.
+#: stored text a client chooses: no control characters (PostgreSQL, which the store is written
+#: for, refuses NUL in text and JSON); a comment may have tabs and line breaks
+KEY_TEXT = r"^[^\x00-\x1f\x7f]+$"
+COMMENT_TEXT = r"^[^\x00-\x08\x0b\x0c\x0e-\x1f\x7f]+$"
+CALLBACK_URL = rf"^https?://{_LABEL}(\.{_LABEL})*(:{_PORT})?([/?#][!-~]*)?$"
+
+
+def _exactly_one(types: dict[str, str]) -> dict[str, Any]:
+    """JSON Schema for "exactly one of these optional fields is given (not null)", so the
+    OpenAPI document says what the model's validator enforces."""
+    return {"oneOf": [{"required": [name], "properties": {name: {"type": kind}}} for name, kind in types.items()]}
 
 
 class Body(BaseModel):
@@ -17,38 +35,46 @@ class Body(BaseModel):
 class ScaleRequest(Body):
     """Ask for more hosts of a role (``add``), or for a total (``count``)."""
 
+    model_config = ConfigDict(json_schema_extra=_exactly_one({"add": "integer", "count": "integer"}))
+
     role: str = Field(pattern=NAME)
     add: int | None = Field(default=None, ge=1, le=1000)
     count: int | None = Field(default=None, ge=0, le=10000)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=KEY_TEXT)
     #: where the outcome is POSTed, signed with the application's webhook secret, when the
     #: request is done
-    callback_url: str | None = Field(default=None, max_length=2048, pattern=r"^https?://[^\s]+$")
+    callback_url: str | None = Field(default=None, max_length=2048, pattern=CALLBACK_URL)
 
     @model_validator(mode="after")
     def _one_of(self) -> ScaleRequest:
         if (self.add is None) == (self.count is None):
-            raise ValueError("give exactly one of add and count")
+            raise FieldError("add", "give exactly one of add and count")
         return self
 
 
 class ReleaseRequest(Body):
     """Hand hosts back: the named ones, or ``count`` of them (of ``role``), newest first."""
 
-    hosts: list[str] | None = Field(default=None, min_length=1, max_length=1000)
+    model_config = ConfigDict(json_schema_extra=_exactly_one({"hosts": "array", "count": "integer"}))
+
+    hosts: list[Annotated[str, Field(min_length=1, max_length=255, pattern=KEY_TEXT)]] | None = Field(
+        default=None, min_length=1, max_length=1000)
     role: str | None = Field(default=None, pattern=NAME)
     count: int | None = Field(default=None, ge=1, le=1000)
-    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255)
+    idempotency_key: str | None = Field(default=None, min_length=1, max_length=255, pattern=KEY_TEXT)
 
     @model_validator(mode="after")
     def _one_of(self) -> ReleaseRequest:
         if (self.hosts is None) == (self.count is None):
-            raise ValueError("give exactly one of hosts and count")
+            raise FieldError("hosts", "give exactly one of hosts and count")
         return self
 
 
 class TagRequest(Body):
     """Add or remove tags; tagging an unknown host adopts it (``address`` optional)."""
+
+    model_config = ConfigDict(json_schema_extra={"anyOf": [
+        {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
 
     add: list[str] = Field(default_factory=list, max_length=64)
     remove: list[str] = Field(default_factory=list, max_length=64)
@@ -57,7 +83,7 @@ class TagRequest(Body):
     @model_validator(mode="after")
     def _something(self) -> TagRequest:
         if not self.add and not self.remove:
-            raise ValueError("give tags to add or to remove")
+            raise FieldError("add", "give tags to add or to remove")
         return self
 
 
@@ -216,6 +242,8 @@ class AutosignDecision(BaseModel):
 class PlanRequest(Body):
     """A scale request to plan, not to make."""
 
+    model_config = ConfigDict(json_schema_extra=_exactly_one({"add": "integer", "count": "integer"}))
+
     role: str = Field(pattern=NAME)
     add: int | None = Field(default=None, ge=1, le=1000)
     count: int | None = Field(default=None, ge=0, le=10000)
@@ -223,7 +251,7 @@ class PlanRequest(Body):
     @model_validator(mode="after")
     def _one_of(self) -> PlanRequest:
         if (self.add is None) == (self.count is None):
-            raise ValueError("give exactly one of add and count")
+            raise FieldError("add", "give exactly one of add and count")
         return self
 
 
@@ -251,7 +279,7 @@ class PlanReply(BaseModel):
 class DecisionRequest(Body):
     """An operator's approval or denial of a pending request."""
 
-    comment: str = Field(min_length=1, max_length=2000)
+    comment: str = Field(min_length=1, max_length=2000, pattern=COMMENT_TEXT)
 
 
 class WebhookReply(BaseModel):

@@ -107,7 +107,7 @@ async def test_application_api_over_mtls(lab: Lab, governord: Governord, tmp_pat
             ({"role": "node", "add": 0}, 422, "add"),
             ({"role": "node", "add": 1, "colour": "red"}, 422, "colour"),
             ({"role": "nope", "add": 1}, 422, "role"),
-            ({"role": "node"}, 422, None),
+            ({"role": "node"}, 422, "add"),
             ({"role": "../x", "add": 1}, 422, "role"),
         ]
         for body, status, field in cases:

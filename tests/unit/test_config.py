@@ -86,7 +86,7 @@ def test_every_key_is_documented_in_the_example(secrets: None) -> None:
 
 BROKEN = [
     ("unknown top-level key", "[daemon]\nstate_dirr = '/tmp/x'\n", "daemon.state_dirr: unknown key"),
-    ("wrong type", "[engine]\nworkers = 'many'\n", "engine.workers: Input should be a valid integer"),
+    ("wrong type", "[engine]\nworkers = 'many'\n", "engine.workers: must be an integer, not a string ('many')"),
     ("out of range", "[engine]\nworkers = 0\n", "engine.workers: Input should be greater than or equal to 1"),
     ("bad mode", "[api]\nadmin_socket_mode = '999'\n", "api.admin_socket_mode: not an octal mode"),
     ("provider without type", "[providers.vc]\nurl = 'x'\n", "providers.vc.type: required key is missing"),

@@ -1,0 +1,278 @@
+"""Fuzzing both HTTP APIs of the running daemon from their OpenAPI documents (schemathesis):
+the applications' API over mTLS with the application's certificate, the webhook beside it
+(every delivery sent as generated, then again signed with the application's secret, so the
+fuzz reaches the event's validation, the rules and the replay check), and the operators' API on
+its Unix socket. The documents are made from the code that serves them (schemathesis's pytest
+fixture loader does not work with pytest 9.2), and the first test checks that the daemon serves
+exactly those.
+
+Every response is checked by schemathesis's checks (no 5xx; status code, content type, headers
+and body as documented; schema-invalid data refused; a 405 lists the allowed methods) and by
+two of the project's: a refusal says why and a 422 names its field; a schema-valid request is
+taken or refused only for what a document cannot say (credentials, no such thing, the rules,
+a used idempotency key or delivery id, a host to adopt), which replaces schemathesis's
+positive_data_acceptance. The daemon is the real process against the lab's peers (vcsim and
+the Foreman and Satellite simulators), so schema-valid scale requests really make and release
+machines. Afterwards the daemon is still up, answers on both listeners, logged no handler
+failure or traceback, and still provisions a host end to end.
+
+Schema-valid data is steered to this deployment where validity depends on the configuration:
+a body's ``role`` becomes the configured role, tag names become configured tags, and an
+operator's ``app`` becomes the configured application (except for the certificate operations,
+which would revoke the certificate the application fuzz uses). Everything else is as generated.
+
+Length: ``GOVERNORD_FUZZ_EXAMPLES`` (default 15) examples per operation, in both generation
+modes, on top of schemathesis's examples and coverage phases; ``make test`` runs the default in
+about a minute. To fuzz for longer, and with a fixed seed to reproduce a run::
+
+    GOVERNORD_FUZZ_EXAMPLES=1000 .venv/bin/python -m pytest tests/system/test_fuzz.py \\
+        --hypothesis-seed=1234 --timeout=0
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import urllib.parse
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import requests
+import schemathesis
+from hypothesis import HealthCheck, settings
+from requests_unixsocket.adapters import UnixAdapter
+from schemathesis.specs.openapi.checks import (
+    content_type_conformance,
+    response_headers_conformance,
+    response_schema_conformance,
+    status_code_conformance,
+)
+
+from governord import webhooks
+from governord.api import admin_api as admin_api_module
+from governord.api import app_api as app_api_module
+from lab.stack import Governord, Lab
+
+from .conftest import wait_until
+
+EXAMPLES = int(os.environ.get("GOVERNORD_FUZZ_EXAMPLES", "15"))
+APP = "demo"
+ROLE = "node"
+TAGS = ["node", "broker"]
+#: operations that would take the application fuzz's certificate away
+CERTIFICATE_PATHS = {"/v1/apps/{app}/certificate", "/v1/apps/{app}/rotate", "/v1/apps/{app}/revoke"}
+WEBHOOK_PATH = "/v1/webhooks/openshift"
+
+SCHEMATHESIS_CONFIG = {
+    "generation": {"max-examples": EXAMPLES, "mode": "all"},
+    "checks": {
+        # replaced by schema_valid_requests_are_taken, which knows which 422s the state decides
+        "positive_data_acceptance": {"enabled": False},
+        # a body over the size limit is refused too
+        "negative_data_rejection": {"expected-statuses": ["400", "401", "403", "404", "405", "409", "413", "415",
+                                                           "422"]},
+    },
+}
+
+
+class SocketAdapter(UnixAdapter):  # type: ignore[misc]
+    """Sends every request of the session to one Unix socket, whatever the URL's host says
+    (schemathesis needs an http:// base URL; requests-unixsocket reads the socket from it)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._socket_url = "http+unix://" + urllib.parse.quote(str(path), safe="")
+
+    def get_connection(self, url: str, proxies: Any = None) -> Any:
+        return super().get_connection(self._socket_url, proxies)
+
+
+@dataclass
+class Target:
+    lab: Lab
+    daemon: Governord
+    app_url: str
+    ca: str
+    app_session: requests.Session
+    admin_url: str
+    admin_session: requests.Session
+    secret: str
+    responses: list[tuple[str, int, Any]]
+
+
+@pytest.fixture(scope="module")
+def target(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    with Lab(tmp_path_factory.mktemp("fuzz") / "lab") as lab:
+        lab.start_peers()
+        secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+        config = lab.write_config(max_hosts=3)
+        config.write_text(config.read_text() + f"""
+[applications.{APP}.webhook]
+secrets = [{{ env = "LAB_WEBHOOK_SECRET" }}]
+
+[[applications.{APP}.webhook.rules]]
+event = "deploy"
+role = "{ROLE}"
+add = 1
+""")
+        daemon = lab.start_governord(config)
+        issued = daemon.ctl_json("apps", "register", APP)
+        app_session = requests.Session()
+        app_session.trust_env = False  # verify this CA, not one from REQUESTS_CA_BUNDLE
+        app_session.verify = issued["ca"]
+        app_session.cert = (issued["certificate"], issued["key"])
+        admin_session = requests.Session()
+        admin_session.mount("http://governord/", SocketAdapter(daemon.socket))
+        yield Target(lab, daemon, f"https://127.0.0.1:{daemon.api_port}", issued["ca"], app_session,
+                     "http://governord", admin_session, secret, [])
+        app_session.close()
+        admin_session.close()
+        daemon.stop()
+
+
+def test_the_served_documents_are_the_fuzzed_ones(target: Target) -> None:
+    """What the daemon serves on each listener is the document the tests below are made from."""
+    served = requests.get(f"{target.app_url}/openapi.json", verify=target.ca, timeout=30).json()
+    assert served == APP_DOC
+    assert target.admin_session.get(f"{target.admin_url}/openapi.json", timeout=30).json() == ADMIN_DOC
+
+
+def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None:
+    """A refusal says why (``{"error": "...", "field": ...}``), and a 422 names the field."""
+    if response.status_code < 400 or "json" not in response.headers.get("content-type", [""])[0]:
+        return None
+    body = response.json()
+    if not (isinstance(body, dict) and "error" in body):
+        return None  # a documented refusal of another shape (a declined request), checked by the schema
+    assert isinstance(body["error"], str) and body["error"], body
+    if response.status_code == 422:
+        assert isinstance(body.get("field"), str), f"422 without the field it refuses: {body}"
+    return None
+
+
+#: fields a schema-valid request may still be refused on (422), because what is valid there is
+#: the state, not the document: a used idempotency key or delivery id, a host name or address
+#: to adopt
+STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address"}
+
+
+def schema_valid_requests_are_taken(ctx: Any, response: Any, case: Any) -> bool | None:
+    """Schemathesis's positive_data_acceptance, knowing this API: a schema-valid request is
+    taken, or refused for what the document cannot say (401/403 credentials, 404 no such thing,
+    409 the rules or the state, 422 only on the fields of :data:`STATE_FIELDS`). A 400, 415 or
+    another 422 means the document promises what the server refuses."""
+    if case.meta is None or not case.meta.generation.mode.is_positive or response.status_code == 405:
+        return None  # 405: a method the operation does not have, checked by unsupported_method
+    status = response.status_code
+    if status < 400 or status in (401, 403, 404, 409):
+        return None
+    field = response.json().get("field") if status == 422 else None
+    assert status == 422 and field in STATE_FIELDS, (
+        f"schema-valid request refused with {status}: {response.text[:500]}")
+    return None
+
+
+EXTRA_CHECKS = [refusals_name_their_field, schema_valid_requests_are_taken]
+#: the checks that hold whatever the request was generated as (for requests the test re-signs)
+RESPONSE_CHECKS = [status_code_conformance, content_type_conformance, response_headers_conformance,
+                   response_schema_conformance]
+
+
+def _steer(case: Any) -> None:
+    """Schema-valid data made valid for this deployment where validity is configuration."""
+    if case.meta is None or not case.meta.generation.mode.is_positive:
+        return
+    if isinstance(case.body, dict):
+        if isinstance(case.body.get("role"), str):
+            case.body["role"] = ROLE
+        for key in ("add", "remove"):
+            if case.operation.path.endswith("/tags") and isinstance(case.body.get(key), list):
+                case.body[key] = [TAGS[i % len(TAGS)] for i, _ in enumerate(case.body[key])]
+    if case.path_parameters and "app" in case.path_parameters and case.operation.path not in CERTIFICATE_PATHS:
+        case.path_parameters["app"] = APP
+
+
+def _record(target: Target, case: Any, response: Any) -> None:
+    body: Any = response.text
+    if "json" in response.headers.get("Content-Type", ""):
+        body = response.json()
+    target.responses.append((f"{case.method} {case.operation.path}", response.status_code, body))
+
+
+def _signed(case: Any, target: Target) -> requests.Response:
+    """The same delivery, signed with the application's secret: the body is refused or acted
+    on for what it says, not for its signature."""
+    kwargs = case.as_transport_kwargs(base_url=target.app_url)
+    body = kwargs.pop("data", None)
+    if "json" in kwargs:
+        body = json.dumps(kwargs.pop("json")).encode()
+    body = body.encode() if isinstance(body, str) else (body or b"")
+    delivery = kwargs["headers"].get(webhooks.DELIVERY_HEADER, "")
+    if not re.fullmatch(r"[A-Za-z0-9_:-]{1,128}", delivery):
+        delivery = str(uuid.uuid4())
+    kwargs["headers"] = {**kwargs["headers"], webhooks.APPLICATION_HEADER: APP,
+                         **webhooks.signature_headers(target.secret.encode(), body, delivery=delivery)}
+    return target.app_session.request(data=body, timeout=30, **kwargs)
+
+
+# Loaded at collection time from the code that also serves them (checked equal above):
+# schemathesis's pytest fixture loader does not work with pytest 9.2.
+APP_DOC = app_api_module.endpoints.openapi()
+ADMIN_DOC = admin_api_module.endpoints.openapi()
+app_api = schemathesis.openapi.from_dict(APP_DOC, config=schemathesis.Config.from_dict(SCHEMATHESIS_CONFIG))
+admin_api = schemathesis.openapi.from_dict(ADMIN_DOC, config=schemathesis.Config.from_dict(SCHEMATHESIS_CONFIG))
+FUZZ_SETTINGS = settings(deadline=None, database=None, suppress_health_check=list(HealthCheck))
+
+
+@app_api.parametrize()
+@FUZZ_SETTINGS
+def test_fuzz_application_api(case: Any, target: Target) -> None:
+    _steer(case)
+    # verify and cert given per call: schemathesis passes its own (verify=True) otherwise
+    response = case.call_and_validate(base_url=target.app_url, session=target.app_session, timeout=30,
+                                      verify=target.ca, cert=target.app_session.cert,
+                                      additional_checks=EXTRA_CHECKS)
+    _record(target, case, response)
+    if case.operation.path == WEBHOOK_PATH:
+        signed = _signed(case, target)
+        _record(target, case, signed)
+        case.validate_response(signed, checks=[*RESPONSE_CHECKS, *EXTRA_CHECKS])
+        assert signed.status_code != 401, signed.text  # the signature is right and fresh
+
+
+@admin_api.parametrize()
+@FUZZ_SETTINGS
+def test_fuzz_admin_api(case: Any, target: Target) -> None:
+    _steer(case)
+    response = case.call_and_validate(base_url=target.admin_url, session=target.admin_session, timeout=30,
+                                      additional_checks=EXTRA_CHECKS)
+    _record(target, case, response)
+
+
+def test_the_daemon_is_whole_after_the_fuzz(target: Target) -> None:
+    """Runs after both fuzz tests (same module): the process is up, answers on both listeners,
+    logged no handler failure, and still does its job end to end."""
+    daemon = target.daemon
+    assert target.responses, "the fuzz tests did not run before this one"
+    assert all(status < 500 for _, status, _ in target.responses)
+    assert daemon.process.poll() is None, daemon.log_tail()
+    assert target.app_session.get(f"{target.app_url}/healthz", timeout=30).json() == {"status": "ok"}
+    assert target.admin_session.get(f"{target.admin_url}/v1/status", timeout=30).status_code == 200
+    # what bad input could set off: a handler's failure, aiohttp's own "Error handling request",
+    # a callback to a URL the API took and no client can send to
+    failures = [line for line in daemon.log.read_text().splitlines()
+                if re.search(r"logger=(governord\.api\S*|governord\.callbacks|aiohttp\.server) ", line)
+                and ("level=error" in line or "exc=" in line)]
+    assert not failures, "\n".join(failures[:5])
+    # the fuzz may have filled the cap: release everything, then one host end to end
+    daemon.ctl("scale", APP, ROLE, "--count", "0", "--wait", "--key", f"after-fuzz-{uuid.uuid4()}")
+    wait_until(lambda: not target.lab.vsphere_vms(), 180, what="the fuzz's machines gone")
+    daemon.ctl("scale", APP, ROLE, "--add", "1", "--wait", "--key", f"after-fuzz-{uuid.uuid4()}")
+    [host] = [h for h in daemon.ctl_json("hosts", "list") if h["state"] == "ready" and h["app"] == APP]
+    assert list(target.lab.vsphere_vms()) == [host["name"]]
+    assert host["fqdn"] in target.lab.foreman_hosts()
