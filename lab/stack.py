@@ -148,6 +148,10 @@ class Governord:
                 raise RuntimeError(f"no {wanted} from governord; log:\n{self.log_tail()}")
             self.read_notifications(0.2)
 
+    def is_ready(self) -> bool:
+        """Has it said READY=1 yet? (Asks without waiting.)"""
+        return "READY=1" in self.read_notifications()
+
     @property
     def api_port(self) -> int:
         return int((self.state_dir / "api.port").read_text())
