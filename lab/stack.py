@@ -18,13 +18,13 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
-import re
-import sqlite3
 import time
 import urllib.request
 import xmlrpc.client
