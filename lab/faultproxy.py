@@ -357,15 +357,26 @@ def start_faultproxy(upstream: PeerProcess, settings: FaultSettings, *, seed: in
     return peer
 
 
-def proxy_stats(proxy: PeerProcess) -> dict[str, Any]:
-    """The counts of a running proxy (``GET /_faultproxy/stats``)."""
+def _control(proxy: PeerProcess, what: str, body: dict[str, Any] | None = None) -> Any:
     import urllib.request
 
     parts = urllib.parse.urlsplit(proxy.url)
     context = ssl._create_unverified_context() if parts.scheme == "https" else None  # noqa: S323 - own lab cert
-    url = f"{parts.scheme}://{parts.netloc}{CONTROL_PREFIX}stats"
-    with urllib.request.urlopen(url, timeout=10, context=context) as answer:  # noqa: S310 - loopback lab peer
-        return json.loads(answer.read())  # type: ignore[no-any-return]
+    request = urllib.request.Request(
+        f"{parts.scheme}://{parts.netloc}{CONTROL_PREFIX}{what}", method="GET" if body is None else "PUT",
+        data=None if body is None else json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=10, context=context) as answer:  # noqa: S310 - loopback lab peer
+        return json.loads(answer.read())
+
+
+def proxy_stats(proxy: PeerProcess) -> dict[str, Any]:
+    """The counts of a running proxy (``GET /_faultproxy/stats``)."""
+    return _control(proxy, "stats")  # type: ignore[no-any-return]
+
+
+def set_proxy_rates(proxy: PeerProcess, rates: FaultRates) -> None:
+    """Change what a running proxy injects from now on (``PUT /_faultproxy/rates``)."""
+    _control(proxy, "rates", asdict(rates))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ import re
 import ssl
 import threading
 import urllib.parse
+import xml.etree.ElementTree
 import xml.parsers.expat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -334,8 +335,9 @@ class VSphereProvider(Provider):
             return kind(f"{what}: {self.cfg.url} answered {exc}", source=self.name)
         if isinstance(exc, (OSError, TimeoutError, EOFError)):
             return RetryableError(f"{what}: cannot talk to {self.cfg.url}: {exc!r}", source=self.name)
-        if isinstance(exc, xml.parsers.expat.ExpatError):
-            # pyVmomi parses the answer as it arrives: a connection closed mid-answer shows as bad XML
+        if isinstance(exc, (xml.parsers.expat.ExpatError, xml.etree.ElementTree.ParseError)):
+            # pyVmomi parses the answer as it arrives (SOAP with expat, SmartConnect's version probe
+            # with ElementTree): a connection closed mid-answer shows as bad XML
             return RetryableError(f"{what}: unreadable answer from {self.cfg.url} (cut off?): {exc}",
                                   source=self.name)
         if _SERVER_DOWN.search(str(exc)):

@@ -16,7 +16,7 @@ import pytest
 import requests
 
 from lab import vcsim
-from lab.faultproxy import FaultProxy, FaultRates, FaultSettings, main, proxy_stats
+from lab.faultproxy import FaultProxy, FaultRates, FaultSettings, main, proxy_stats, set_proxy_rates
 from lab.process import PeerProcess
 from lab.stack import Lab
 
@@ -37,10 +37,8 @@ def _proxy(lab: Lab) -> PeerProcess:
 
 
 def _set_rates(proxy: PeerProcess, **rates: float) -> None:
-    request = urllib.request.Request(proxy.url + "/_faultproxy/rates", data=json.dumps(rates).encode(), method="PUT",
-                                     headers={"Content-Type": "application/json"})
-    with urllib.request.urlopen(request, timeout=10) as answer:  # noqa: S310 - loopback lab peer
-        assert json.loads(answer.read())["error"] == rates.get("error", 0.0)
+    set_proxy_rates(proxy, FaultRates(**rates))
+    assert proxy_stats(proxy)["rates"] == {"error": 0.0, "slow": 0.0, "drop": 0.0, **rates}
 
 
 def _create(lab: Lab, url: str, timeout: float = 10) -> requests.Response:
