@@ -23,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from lab.faultproxy import FaultRates, FaultSettings
+from lab.faultproxy import FaultRates, FaultSettings, set_proxy_rates
 from lab.stack import Governord, Lab
 
 from .conftest import wait_until
@@ -159,7 +159,7 @@ def test_a_host_that_can_never_register_is_rolled_back_and_reported(lab: Lab) ->
     for host_id in broken_ids:
         events = daemon.ctl_json("hosts", "show", host_id)["events"]
         kinds = [e["kind"] for e in events]
-        # a machine had been made (and Foreman had registered it) before the rollback undid it
+        # a machine had been made before the rollback undid it
         assert "provisioned" in kinds and "deprovisioned" in kinds, kinds
         failed = next(e for e in events if e["kind"] == "step-failed")
         assert failed["detail"]["rollback"] is True and failed["detail"]["to"] == "retiring"
@@ -177,8 +177,13 @@ def test_a_host_that_can_never_register_is_rolled_back_and_reported(lab: Lab) ->
 
 
 def test_keep_leaves_the_failed_host_to_inspect_and_retire_cleans_it(lab: Lab) -> None:
-    """With on_permanent_failure = "keep" the same host stays failed, half-registered on purpose
-    (what the rollback above undoes); retiring it by hand then removes everything."""
+    """With on_permanent_failure = "keep" the same host stays failed, half-registered (what the
+    rollback above undoes); retiring it by hand then removes everything, faults and all."""
+    assert lab.foreman
+    foreman_proxy = lab.fronts[lab.foreman.url]
+    # Foreman without faults while the host fails, so that it surely has the host: under faults
+    # its own call may fail in the very try in which Satellite fails for good
+    set_proxy_rates(foreman_proxy, FaultRates())
     daemon = lab.start_governord(_config(lab, on_permanent_failure="keep"))
     broken = _request(daemon, "scale", "demo", "broken", "--add", "1", "--key", "broken")
     host_id = broken["hosts"][0]["id"]
@@ -189,6 +194,7 @@ def test_keep_leaves_the_failed_host_to_inspect_and_retire_cleans_it(lab: Lab) -
     assert [vm["host_id"] for vm in vms.values()] == [host_id]
     assert list(foreman) == [row["fqdn"]]
 
+    set_proxy_rates(foreman_proxy, FaultRates.spread(RATE))
     daemon.ctl("retire", row["name"])
     _settle(daemon, [host_id], {"gone", "failed"})
     vms, foreman, satellite = _ours(lab, {host_id})
