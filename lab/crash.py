@@ -4,10 +4,11 @@ hosts, restart it each time, and check after every phase that everything converg
     python -m lab.crash --hosts 100 --rounds 20 --seed 1
 
 Each round has two phases, a scale-up of ``--hosts`` hosts and their retirement, each asked for by
-one request with an idempotency key. A phase kills the daemon 1 to ``--max-kills`` times, each at a
-random moment within ``--window`` seconds of the request or of the last restart (so some kills land
-while the request is being sent, some during start-up, most while steps are in flight), restarts
-it at once, and re-sends the request if it did not get through (the key makes that safe). Once the
+one request with an idempotency key. A phase kills the daemon 1 to ``--max-kills`` times: first
+after a random number of the phase's steps have started (none: while the request is being sent),
+then each at a random moment within ``--window`` seconds of the last restart (some land during
+start-up, most while steps are in flight). It restarts the daemon at once each time, and re-sends
+the request if it did not get through (the key makes that safe). Once the
 daemon has the phase's work done, the harness asks the other side directly (vcsim, the Foreman
 and Satellite simulators, and governord's own database) and counts:
 
@@ -21,7 +22,8 @@ and Satellite simulators, and governord's own database) and counts:
 ``resent``     requests sent again because a kill cut governord-ctl off (same key)
 
 and, per phase, the states hosts were in at the moments of the kills (summed over the kills;
-``request``: governord-ctl was still sending the request, ``start-up``: the daemon was not ready).
+``request``: governord-ctl was still running, starting up, sending or awaiting the answer;
+``start-up``: the daemon had not said READY yet).
 
 It prints one line per phase and a total, and exits 1 if any of dup, leaked, missing, orphans,
 lost or failed is non-zero.
@@ -47,6 +49,9 @@ from .stack import Governord, Lab
 
 #: host states in which nothing more happens without an operator or a request
 RESTING = frozenset({"ready", "gone", "failed"})
+#: steps that start (and are counted) per host in a scale-up and in a retirement
+UP_STEPS = ("classify", "provision", "register")
+DOWN_STEPS = ("retire", "deregister", "deprovision", "clean")
 #: the counts that must be zero after every phase
 MUST_BE_ZERO = ("dup", "leaked", "missing", "orphans", "lost", "failed")
 
@@ -163,13 +168,22 @@ class CrashHarness:
         args = ("scale", "demo", "node", "--key", key) + (
             ("--add", str(self.hosts)) if phase == "up" else ("--count", "0"))
         started = time.monotonic()
-        first_event = max((e["id"] for e in self.daemon.db_rows("events")), default=0) if self.daemon else 0
+        first_event = self._last_event(self.daemon) if self.daemon else 0
         daemon = self._ready()
         sender: subprocess.Popen[str] | None = self._send(daemon, args)
+        # The first kill is placed by progress, so that it always lands while the phase works:
+        # after a random number of its steps have started (-1: at once, while the request is being
+        # sent), among the first half of them. Later ones come at random times after a restart.
+        steps = self.hosts * (len(UP_STEPS) if phase == "up" else len(DOWN_STEPS))
+        after_steps: int | None = self.rng.randrange(-1, max(steps // 2, 1))
         for _ in range(self.rng.randint(1, self.max_kills)):
-            deadline = time.monotonic() + self.rng.uniform(0.0, self.window)
+            deadline = time.monotonic() + (self.settle_timeout if after_steps is not None
+                                           else self.rng.uniform(0.0, self.window))
             while time.monotonic() < deadline and not self._done(daemon, key, phase):
-                time.sleep(0.02)
+                if after_steps is not None and self._started_steps(daemon, first_event) > after_steps:
+                    break
+                time.sleep(0.01)
+            after_steps = None
             if self._done(daemon, key, phase):
                 break
             result.killed_during.update(r["state"] for r in daemon.db_rows("hosts") if r["state"] not in RESTING)
@@ -204,6 +218,17 @@ class CrashHarness:
         result.seconds = time.monotonic() - started
         self._count(result, daemon, key, phase, first_event)
         return result
+
+    @staticmethod
+    def _last_event(daemon: Governord) -> int:
+        rows = daemon.db_query("SELECT MAX(id) AS last FROM events")
+        return int(rows[0]["last"] or 0) if rows else 0
+
+    @staticmethod
+    def _started_steps(daemon: Governord, after_event: int) -> int:
+        rows = daemon.db_query("SELECT COUNT(*) AS n FROM events WHERE id > ? AND kind = 'step-started'",
+                               (after_event,))
+        return int(rows[0]["n"]) if rows else 0
 
     def _request(self, daemon: Governord, key: str) -> list[dict[str, Any]]:
         return [r for r in daemon.db_rows("requests") if r["idempotency_key"] == key]
@@ -245,7 +270,7 @@ class CrashHarness:
         result.missing += sum(r["fqdn"] not in foreman for r in ready.values())
         result.missing += sum(r["fqdn"] not in satellite for r in ready.values())
 
-        result.redone = _interrupted_steps([e for e in daemon.db_rows("events") if e["id"] > first_event])
+        result.redone = _interrupted_steps(daemon.db_query("SELECT * FROM events WHERE id > ?", (first_event,)))
 
 
 def _interrupted_steps(events: list[dict[str, Any]]) -> int:
@@ -282,7 +307,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=1, help="seed of the kill schedule")
     parser.add_argument("--max-kills", type=int, default=3, help="most kills per phase (at least one)")
     parser.add_argument("--window", type=float, default=None,
-                        help="seconds after the request or a restart in which a kill lands (default: 2 + 0.15 a host)")
+                        help="seconds after a restart in which a further kill lands (default: 2 + 0.15 a host)")
     parser.add_argument("--vcsim-delay-ms", type=int, default=0,
                         help="slow every vCenter call down (longer steps: more kills land mid-call)")
     parser.add_argument("--workers", type=int, default=16, help="[engine] workers of the daemon")

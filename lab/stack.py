@@ -195,17 +195,21 @@ class Governord:
         return json.loads(self.ctl(*args, "--json").stdout)
 
     def db_rows(self, table: str) -> list[dict[str, Any]]:
-        """Rows of one of governord's tables, read straight from its SQLite file (read-only,
-        WAL-aware; works while the daemon runs, after it died, and before it made the file)."""
+        """Rows of one of governord's tables (see :meth:`db_query`)."""
         if not re.fullmatch(r"[a-z_]+", table):
             raise ValueError(f"not a table name: {table!r}")
+        return self.db_query(f"SELECT * FROM {table}")  # noqa: S608 - checked name
+
+    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run a query on governord's SQLite file, read-only and WAL-aware: works while the daemon
+        runs, after it died, and before it made the file (no rows then)."""
         path = self.state_dir / "governord.db"
         if not path.exists():
             return []
         conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
         conn.row_factory = sqlite3.Row
         try:
-            return [dict(r) for r in conn.execute(f"SELECT * FROM {table}")]  # noqa: S608 - checked name
+            return [dict(r) for r in conn.execute(sql, params)]
         except sqlite3.OperationalError:
             return []  # not migrated yet
         finally:
