@@ -198,6 +198,11 @@ class EngineSection(StrictModel):
     hook_timeout: float = Field(default=900.0, gt=0)
     #: seconds between readiness checks of a registered host (e.g. asking PuppetDB for a report)
     ready_poll_interval: float = Field(default=10.0, gt=0)
+    #: what a host that cannot be brought up (a step failed for good, or out of tries) becomes:
+    #: "rollback" undoes what was made (registrations, then the machine, each verified gone) and
+    #: ends it gone with failed_step and error kept as the reason; "keep" leaves it failed as it
+    #: is, for an operator to inspect and retry. A host that was ready once is always kept.
+    on_permanent_failure: Literal["rollback", "keep"] = "rollback"
 
 
 class NetworkSection(StrictModel):

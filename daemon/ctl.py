@@ -103,6 +103,11 @@ def _wait_hosts(client: Client, ids: list[str], timeout: float) -> list[dict[str
         time.sleep(0.5)
 
 
+def _rolled_back(host: dict[str, Any]) -> bool:
+    """Gone because bringing it up failed for good (the engine keeps the reason on the host)."""
+    return host["state"] == "gone" and bool(host.get("failed_step"))
+
+
 def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float, as_json: bool) -> None:
     if request["decision"] == "declined":
         raise CtlError(f"declined: {request['reason']}")
@@ -115,6 +120,10 @@ def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float,
         if any(h["state"] == "failed" for h in hosts):
             _show_request(request, as_json)
             raise CtlError("some hosts failed; see 'governord-ctl hosts show NAME', then 'retry NAME'")
+        if any(_rolled_back(h) for h in hosts):
+            _show_request(request, as_json)
+            raise CtlError("some hosts could not be brought up and were rolled back (nothing of them is left); "
+                           "see 'governord-ctl hosts show NAME' for why")
     _show_request(request, as_json)
 
 
@@ -123,6 +132,8 @@ def _finish_host(client: Client, host: dict[str, Any], wait: bool, timeout: floa
         host = _wait_hosts(client, [host["id"]], timeout)[0]
         if host["state"] == "failed":
             raise CtlError(f"{host['fqdn']} failed at {host['failed_step']}: {host['error']}")
+        if _rolled_back(host):
+            raise CtlError(f"{host['fqdn']} failed at {host['failed_step']} and was rolled back: {host['error']}")
     if as_json:
         _print_json(host)
     else:

@@ -3,6 +3,7 @@
     requested -> provisioning -> registering -> configuring -> ready
     retiring -> deregistering -> deprovisioning -> cleaning -> gone
     any step -> failed (failed_step names it; retry resumes it)
+    a bring-up step failed for good -> retiring ... -> gone, failed_step and error kept (rollback)
 
 Every external call is preceded and followed by a committed write: the try counter and a
 ``step-started`` event are committed before the call, the result and the next state after it.
@@ -60,6 +61,16 @@ READY_UNLESS_RETAGGED = case(
     (hosts.c.tags_rev == bindparam("configured_tags_rev"), HostState.READY.value),
     else_=HostState.REGISTERING.value,
 )
+#: steps that bring a host up: what they made is undone when one fails for good (rollback)
+BRING_UP_STEPS = frozenset({"classify", "provision", "register", "configure"})
+_TEARDOWN_STATES = frozenset({HostState.RETIRING.value, HostState.DEREGISTERING.value,
+                              HostState.DEPROVISIONING.value, HostState.CLEANING.value})
+
+
+def rolling_back(row: Row) -> bool:
+    """Is the host being taken down because bringing it up failed for good? Its ``failed_step``
+    and ``error`` then keep the reason through the teardown, and stay on the gone host."""
+    return row["failed_step"] is not None and row["state"] in _TEARDOWN_STATES
 
 
 def node_identity() -> str:
@@ -241,22 +252,24 @@ class Engine:
         return await self._commit(started, result)
 
     async def _commit(self, row: Row, result: StepResult) -> Row | None:
+        reason_kept = rolling_back(row)
         values = {
             "state": result.state.value,
             "attempts": 0,
             "next_attempt_at": 0.0,
-            "error": None,
-            "failed_step": None,
+            **({} if reason_kept else {"error": None, "failed_step": None}),
             **result.values,
         }
         rests = result.state in (HostState.READY, HostState.GONE, HostState.FAILED)
+        detail = {"from": row["state"], "to": result.state.value, **result.detail}
+        if reason_kept and result.state == HostState.GONE:
+            detail["rolled_back"] = row["failed_step"]
         # The host goes straight on to its next step: start it in this same commit (half the
         # writes of a lifecycle). It is still committed before that step's external call.
         next_step = STEP_OF_STATE.get(result.state)
         start_next = not rests and next_step is not None and next_step not in READ_ONLY_STEPS
         new = await self.store.fenced_update(
-            row["id"], self.owner, values,
-            event_kind=result.event, detail={"from": row["state"], "to": result.state.value, **result.detail},
+            row["id"], self.owner, values, event_kind=result.event, detail=detail,
             release=rests, binds=result.binds, after=result.after, start_step=next_step if start_next else None,
         )
         if new is None:
@@ -278,13 +291,19 @@ class Engine:
         limit, backoff, backoff_max = self.retry_policy(row, step)
         if is_retryable(exc) and row["attempts"] <= limit:
             delay = min(backoff * (2 ** (row["attempts"] - 1)), backoff_max)
+            values: dict[str, Any] = {"next_attempt_at": time.time() + delay}
+            if not rolling_back(row):  # a rollback's error stays the reason it rolls back
+                values["error"] = message
             await self.store.fenced_update(
-                row["id"], self.owner, {"next_attempt_at": time.time() + delay, "error": message},
+                row["id"], self.owner, values,
                 event_kind="step-retry", detail={"step": step, "error": message, "delay": delay},
                 release=True,
             )
             log.warning("host %s: %s failed, retrying in %.1fs: %s", row["name"], step, delay, message)
             return None
+        if (self.config.engine.on_permanent_failure == "rollback" and step in BRING_UP_STEPS
+                and not await self._was_ready(row)):
+            return await self._roll_back(row, step, message)
         new = await self.store.fenced_update(
             row["id"], self.owner,
             {"state": HostState.FAILED.value, "failed_step": step, "error": message, "next_attempt_at": 0.0},
@@ -298,6 +317,26 @@ class Engine:
                 detail={"step": step, "error": message},
             )
         return None
+
+    async def _was_ready(self, row: Row) -> bool:
+        """Was the host handed back once? Then the application uses it: never roll it back."""
+        return bool(await self.store.list_events(host_id=row["id"], kind_prefix="ready", limit=1))
+
+    async def _roll_back(self, row: Row, step: str, message: str) -> Row | None:
+        """Undo what bringing the host up made: retire it at once, keeping ``failed_step`` and
+        ``error`` as the reason (the request reports it), until it is gone. A host with nothing
+        outside yet (its classification failed) is gone at once."""
+        reason = {"failed_step": step, "error": message, "retire_requested": False}
+        detail = {"step": step, "error": message, "rollback": True}
+        log.error("host %s: %s failed, rolling back: %s", row["name"], step, message)
+        if row["state"] == HostState.REQUESTED.value:
+            result = StepResult(HostState.GONE, reason, "step-failed", detail, after=self._release_address)
+        else:
+            result = StepResult(HostState.RETIRING, reason, "step-failed", detail)
+        new = await self._commit(row, result)
+        await self.dispatcher.notify("governord_host_event", host=host_view({**row, **reason}), event="step-failed",
+                                     detail=detail)
+        return new
 
     def retry_policy(self, row: Row, step: str) -> tuple[int, float, float]:
         """(tries, first delay, longest delay) for a step: the provider instance's own settings

@@ -591,8 +591,9 @@ class Governor:
             status = "pending-approval"
         elif request["kind"] == "release":
             status = "completed" if all(h["state"] == HostState.GONE.value for h in rows) else "in-progress"
-        elif any(h["state"] == HostState.FAILED.value for h in rows):
-            status = "failed"
+        elif any(h["state"] == HostState.FAILED.value or (h["state"] == HostState.GONE.value and h["failed_step"])
+                 for h in rows):
+            status = "failed"  # failed and kept, or failed and rolled back (gone, the reason kept)
         elif all(h["state"] in (HostState.READY.value, HostState.GONE.value) for h in rows):
             status = "completed"
         else:

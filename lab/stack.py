@@ -6,6 +6,11 @@ itself as a real process (with a systemd-style notify socket), plus views of "th
         lab.start_peers()
         daemon = lab.start_governord()
         lab.ctl("scale", "demo", "node", "--add", "3", "--wait")
+
+``Lab(workdir, faults=FaultSettings(...))`` puts a fault-injecting proxy (lab.faultproxy) in front of
+vcsim and both simulators: configs written then point governord at the proxies (with its call
+timeouts shortened to the settings' ``client_timeout``), while the lab's own views of the other
+side (``vsphere_vms``, ``foreman_hosts``, ``satellite_systems``) still ask the peers directly.
 """
 
 from __future__ import annotations
@@ -13,20 +18,24 @@ from __future__ import annotations
 import base64
 import json
 import os
+import re
 import secrets
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import time
 import urllib.request
 import xmlrpc.client
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from collections.abc import Callable
 from typing import Any
 
 from . import vcsim
+from .faultproxy import FaultSettings, proxy_stats, start_faultproxy
 from .platforms import PLATFORMS, Platform
 from .process import PeerProcess, start_peer
 
@@ -49,12 +58,12 @@ admin_socket_mode = "0600"
 [engine]
 workers = {workers}
 lease_seconds = 30.0
-retry_backoff = 0.5
-retry_backoff_max = 5.0
+retry_backoff = {retry_backoff}
+retry_backoff_max = {retry_backoff_max}
 retry_limit = {retry_limit}
 hook_timeout = 120.0
 ready_poll_interval = 1.0
-
+{engine_extra}
 [networks.lab]
 cidr = "198.51.100.0/24"
 first = "198.51.100.10"
@@ -74,14 +83,14 @@ verify_tls = false
 organization = "Governor Lab"
 location = "Lab"
 puppet_environment = "production"
-
+{registrar_extra}
 [registrars.satellite]
 type = "satellite"
 url = "{satellite_url}"
 username = "admin"
 password = {{ env = "LAB_SATELLITE_PASSWORD" }}
 verify_tls = false
-
+{registrar_extra}
 [tags.broker]
 description = "OpenShift broker"
 foreman = {{ hostgroup = "openshift/broker", puppet_classes = ["profile::base", "openshift::broker"], parameters = {{ openshift_role = "broker" }} }}
@@ -139,6 +148,10 @@ class Governord:
                 raise RuntimeError(f"no {wanted} from governord; log:\n{self.log_tail()}")
             self.read_notifications(0.2)
 
+    def is_ready(self) -> bool:
+        """Has it said READY=1 yet? (Asks without waiting.)"""
+        return "READY=1" in self.read_notifications()
+
     @property
     def api_port(self) -> int:
         return int((self.state_dir / "api.port").read_text())
@@ -181,14 +194,39 @@ class Governord:
     def ctl_json(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
 
+    def db_rows(self, table: str) -> list[dict[str, Any]]:
+        """Rows of one of governord's tables (see :meth:`db_query`)."""
+        if not re.fullmatch(r"[a-z_]+", table):
+            raise ValueError(f"not a table name: {table!r}")
+        return self.db_query(f"SELECT * FROM {table}")  # noqa: S608 - checked name
+
+    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run a query on governord's SQLite file, read-only and WAL-aware: works while the daemon
+        runs, after it died, and before it made the file (no rows then)."""
+        path = self.state_dir / "governord.db"
+        if not path.exists():
+            return []
+        conn = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=10)
+        conn.row_factory = sqlite3.Row
+        try:
+            return [dict(r) for r in conn.execute(sql, params)]
+        except sqlite3.OperationalError:
+            return []  # not migrated yet
+        finally:
+            conn.close()
+
 
 class Lab:
     """The lab's peers and, on demand, governord itself."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, *, faults: FaultSettings | None = None) -> None:
         self.workdir = workdir
         workdir.mkdir(parents=True, exist_ok=True)
         self.peers: list[PeerProcess] = []
+        #: what the fault proxies inject (None: governord talks to the peers directly)
+        self.faults = faults
+        #: peer URL -> the fault proxy in front of it
+        self.fronts: dict[str, PeerProcess] = {}
         self.daemons: list[Governord] = []
         self.passwords = {
             "LAB_VCSIM_PASSWORD": secrets.token_urlsafe(12),
@@ -240,7 +278,27 @@ class Lab:
         inventory = vcsim.prepare_lab(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
         if self.vcsim is None:
             self.vcsim, self.inventory = peer, inventory
+        self._front(peer, name)
         return peer
+
+    def _front(self, peer: PeerProcess, name: str) -> None:
+        """With faults on, start a fault proxy in front of ``peer`` (its own seed, derived from
+        the lab's and the peer's name, so each peer's fault sequence is replayable on its own)."""
+        if self.faults is None:
+            return
+        seed = self.faults.seed * 1000 + zlib.crc32(name.encode()) % 1000
+        proxy = start_faultproxy(peer, self.faults, seed=seed, workdir=self.workdir)
+        self.peers.append(proxy)
+        self.fronts[peer.url] = proxy
+
+    def url_for(self, peer: PeerProcess) -> str:
+        """Where governord reaches ``peer``: through its fault proxy, if it has one."""
+        proxy = self.fronts.get(peer.url)
+        return proxy.url if proxy is not None else peer.url
+
+    def fault_stats(self) -> dict[str, dict[str, Any]]:
+        """Per fronted peer: requests seen and faults injected, from its proxy."""
+        return {proxy.name.removeprefix("faultproxy-"): proxy_stats(proxy) for proxy in self.fronts.values()}
 
     def _start_simulator(self, module: str, password: str) -> PeerProcess:
         name = module.removeprefix("lab.").replace("_", "-")
@@ -251,6 +309,7 @@ class Lab:
             cwd=REPO_ROOT, log_path=self.workdir / f"{name}.log",
         )
         self.peers.append(peer)
+        self._front(peer, name)
         return peer
 
     def start_foreman(self) -> PeerProcess:
@@ -264,20 +323,35 @@ class Lab:
     # -- governord ------------------------------------------------------------------------------
 
     def write_config(self, instance: str = "governord", *, workers: int = 8, max_hosts: int = 10,
-                     retry_limit: int = 5, platform: Platform | None = None) -> Path:
+                     retry_limit: int = 5, retry_backoff: float = 0.5, retry_backoff_max: float = 5.0,
+                     platform: Platform | None = None, on_permanent_failure: str | None = None) -> Path:
         """Write a config for a governord instance whose files live in ``workdir/instance``,
-        provisioning on ``platform`` (default: the lab's vcsim)."""
+        provisioning on ``platform`` (default: the lab's vcsim). Behind fault proxies, every
+        provider and registrar call times out after the fault settings' ``client_timeout``."""
         assert self.foreman and self.satellite
         platform = platform or self.platform or self.start_platform("vsphere")
         home = self.workdir / instance
         home.mkdir(parents=True, exist_ok=True)
         path = home / "governord.toml"
+        provider_section = platform.provider_section.strip()
+        registrar_extra = ""
+        if self.faults is not None:
+            for upstream, proxy in self.fronts.items():
+                provider_section = provider_section.replace(f'"{upstream}"', f'"{proxy.url}"')
+            timeout = f"call_timeout = {self.faults.client_timeout}"
+            provider_section = re.sub(r"(?m)^call_timeout = .*$", timeout, provider_section)
+            if timeout not in provider_section:
+                provider_section += "\n" + timeout
+            registrar_extra = timeout + "\n"
+        engine_extra = f'on_permanent_failure = "{on_permanent_failure}"\n' if on_permanent_failure else ""
         path.write_text(CONFIG_TEMPLATE.format(
             state_dir=home / "state", socket=home / "admin.sock", workers=workers, retry_limit=retry_limit,
-            provider=platform.provider, provider_section=platform.provider_section.strip(),
+            retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
+            provider=platform.provider, provider_section=provider_section,
             network_line=f'network = "{platform.network}"\n' if platform.network else "",
-            profile=platform.profile, foreman_url=self.foreman.url, satellite_url=self.satellite.url,
-            max_hosts=max_hosts,
+            profile=platform.profile, foreman_url=self.url_for(self.foreman),
+            satellite_url=self.url_for(self.satellite), max_hosts=max_hosts, engine_extra=engine_extra,
+            registrar_extra=registrar_extra,
         ) + (self._puppet_registrars() if self.puppet is not None else ""))
         return path
 

@@ -24,6 +24,8 @@ import re
 import ssl
 import threading
 import urllib.parse
+import xml.etree.ElementTree
+import xml.parsers.expat
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -108,6 +110,8 @@ def _fault_classes(names: Iterable[str]) -> tuple[type[BaseException], ...]:
 
 
 _TRANSIENT_FAULTS = _fault_classes(_TRANSIENT_FAULT_NAMES)
+#: how pyVim.connect.SmartConnect reports that its API version probe got no usable answer
+_SERVER_DOWN = re.compile(r"is down or is not a VIM server")
 
 
 class VSphereConfig(ProviderConfig):
@@ -331,6 +335,14 @@ class VSphereProvider(Provider):
             return kind(f"{what}: {self.cfg.url} answered {exc}", source=self.name)
         if isinstance(exc, (OSError, TimeoutError, EOFError)):
             return RetryableError(f"{what}: cannot talk to {self.cfg.url}: {exc!r}", source=self.name)
+        if isinstance(exc, (xml.parsers.expat.ExpatError, xml.etree.ElementTree.ParseError)):
+            # pyVmomi parses the answer as it arrives (SOAP with expat, SmartConnect's version probe
+            # with ElementTree): a connection closed mid-answer shows as bad XML
+            return RetryableError(f"{what}: unreadable answer from {self.cfg.url} (cut off?): {exc}",
+                                  source=self.name)
+        if _SERVER_DOWN.search(str(exc)):
+            # SmartConnect's version probe says so for any failed or non-200 answer (a 503 included)
+            return RetryableError(f"{what}: {exc}", source=self.name)
         return PermanentError(f"{what}: {type(exc).__name__}: {exc}", source=self.name)
 
     async def _call(self, what: str, func: Callable[..., T], *args: Any) -> T:

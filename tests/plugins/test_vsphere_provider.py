@@ -23,6 +23,7 @@ from governord.models import OWNERSHIP_KEY, MachineSpec, NetworkAssignment, Powe
 from governord.plugins.vsphere import governord_register_providers
 from governord.plugins.vsphere.provider import CUSTOMIZED_KEY, MARKER_KEY, VSphereProvider
 from governord.providers import ProviderRegistry
+from lab.faultproxy import FaultRates, FaultSettings, proxy_stats, set_proxy_rates, start_faultproxy
 from lab.vcsim import make_tls_files, wait_for_task
 from tests.fixtures.vcsim import VcsimLab
 
@@ -524,6 +525,36 @@ async def test_start_while_vcsim_is_down_is_not_fatal(vcsim: VcsimLab, monkeypat
             await instance.list_owned()
     finally:
         await instance.close()
+
+
+async def test_cut_and_refused_answers_are_passing_failures(
+    vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """Through lab.faultproxy: connections cut (before vCenter answered, or mid-answer, which
+    pyVmomi sees as bad XML) and 5xx from a front end are retryable, at login (SmartConnect's
+    version probe) and after it; none may fail a host for good."""
+    settings = FaultSettings(rates=FaultRates(), seed=3, slow_seconds=2.0, client_timeout=1.0)
+    proxy = start_faultproxy(vcsim.process, settings, seed=3, workdir=tmp_path)
+    try:
+        instance = make_provider(vcsim, monkeypatch, url=proxy.url)
+        await instance.start()
+        try:
+            assert await instance.find("x") is None  # logged in, through the proxy
+            for rates in (FaultRates(drop=1.0), FaultRates(error=1.0)):
+                set_proxy_rates(proxy, rates)
+                for _ in range(6):
+                    with pytest.raises(RetryableError):
+                        await instance.find("x")
+                await instance.close()  # and logging in again meets the same faults
+                for _ in range(3):
+                    with pytest.raises(RetryableError):
+                        await instance.find("x")
+        finally:
+            await instance.close()
+        counts = proxy_stats(proxy)["counts"]
+        assert counts["drop-before"] and counts["drop-after"] and counts["error-before"] and counts["error-after"]
+    finally:
+        proxy.stop()
 
 
 async def test_expired_session_logs_in_again(

@@ -1,5 +1,12 @@
 """kill -9 in the middle of provisioning and of retirement, then a restart: the work finishes
-with no duplicate machine, no leaked machine and no orphan registration."""
+with no duplicate machine, no leaked machine and no orphan registration.
+
+The last test is the shortened form of the crash harness (lab/crash.py: 10 hosts, 3 rounds, vcsim
+slowed down so that every phase is long enough to be killed in). The full form, 100 hosts and
+20 rounds, is one command:
+
+    .venv/bin/python -m lab.crash --hosts 100 --rounds 20 --seed 1
+"""
 
 from __future__ import annotations
 
@@ -9,6 +16,7 @@ from pathlib import Path
 
 import pytest
 
+from lab.crash import MUST_BE_ZERO, CrashHarness, line, start_lab
 from lab.stack import Governord, Lab
 
 from .conftest import db_hosts, wait_until
@@ -94,3 +102,19 @@ def test_sigterm_parks_in_flight_work_and_restart_finishes_it(lab: Lab) -> None:
                120, what="ready after restart")
     _assert_converged(lab, daemon, 3)
     daemon.stop()
+
+
+def test_crash_harness_short_form(tmp_path: Path) -> None:
+    """SIGKILL at random moments of 3 rounds of 10 hosts up and down: after every phase each host
+    is where its request put it, one machine each, and nothing else exists anywhere."""
+    with Lab(tmp_path / "lab") as lab:
+        start_lab(lab, vcsim_delay_ms=40)
+        results = CrashHarness(lab, hosts=10, seed=5, window=4.0, workers=8).run(3)
+    assert [(r.round, r.phase) for r in results] == [(n, p) for n in (1, 2, 3) for p in ("up", "down")]
+    for result in results:
+        assert {name: getattr(result, name) for name in MUST_BE_ZERO} == dict.fromkeys(MUST_BE_ZERO, 0), line(result)
+        assert result.hosts == 10 and (result.ready if result.phase == "up" else result.gone) == 10, line(result)
+        # a phase lasts longer than the window with vcsim slowed down: it was killed at least once
+        assert result.kills >= 1, line(result)
+    # and the kills cut steps off while they ran, which were then run again
+    assert sum(r.redone for r in results) >= 1

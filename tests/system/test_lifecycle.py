@@ -88,7 +88,8 @@ def test_adopting_a_host_registers_it_and_retire_never_touches_vsphere(lab: Lab,
 
 
 def test_failed_step_is_shown_and_retry_resumes_after_reload(lab: Lab) -> None:
-    config = lab.write_config()
+    # kept as it failed (not rolled back) so that it can be inspected and retried
+    config = lab.write_config(on_permanent_failure="keep")
     config.write_text(config.read_text().replace('hostgroup = "openshift/node"', 'hostgroup = "openshift/nodes"'))
     daemon = lab.start_governord(config)
     try:

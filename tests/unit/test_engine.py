@@ -5,12 +5,28 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
 
 from governord import testing
 from governord.errors import PermanentError, RetryableError
 from governord.runtime import Runtime
 
 from .conftest import wait_states
+
+
+def keep_failed(text: str) -> str:
+    """Config patch: a host that fails for good stays failed (not rolled back), to be retried."""
+    return text.replace("[engine]\n", '[engine]\non_permanent_failure = "keep"\n', 1)
+
+
+@pytest.fixture
+async def keeping(make_runtime: Callable[..., Any]) -> AsyncIterator[Runtime]:
+    rt = await make_runtime(patch=keep_failed)
+    yield rt
+    await rt.stop()
 
 
 async def test_scale_provisions_registers_and_hands_back(runtime: Runtime) -> None:
@@ -69,7 +85,8 @@ async def test_retryable_failure_is_retried_then_succeeds(runtime: Runtime) -> N
     assert kinds.count("step-retry") == 2
 
 
-async def test_permanent_failure_fails_with_step_and_retry_resumes(runtime: Runtime) -> None:
+async def test_permanent_failure_fails_with_step_and_retry_resumes(keeping: Runtime) -> None:
+    runtime = keeping
     testing.MemoryRegistrar.faults.setdefault("cmdb", testing.Faults()).fail(
         "register", PermanentError("hostgroup missing"))
     decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
@@ -85,7 +102,8 @@ async def test_permanent_failure_fails_with_step_and_retry_resumes(runtime: Runt
     assert "demo-node-01.lab.example" in testing.MemoryRegistrar.worlds["cmdb"]
 
 
-async def test_retryable_failures_beyond_the_limit_fail_the_host(runtime: Runtime) -> None:
+async def test_retryable_failures_beyond_the_limit_fail_the_host(keeping: Runtime) -> None:
+    runtime = keeping
     testing.MemoryProvider.faults.setdefault("mem", testing.Faults()).fail(
         "create_or_find", RetryableError("timeout"), count=10)
     decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
@@ -186,7 +204,7 @@ async def test_interrupted_step_resumes_without_duplicates(make_runtime) -> None
 async def test_a_provider_instance_has_its_own_retry_policy(make_runtime) -> None:  # type: ignore[no-untyped-def]
     """[providers.mem] retry_limit = 0 fails provisioning at the first passing error, while the
     engine's own limit (2) still governs registration."""
-    runtime = await make_runtime(patch=lambda text: text.replace(
+    runtime = await make_runtime(patch=lambda text: keep_failed(text).replace(
         '[providers.mem]\ntype = "memory"', '[providers.mem]\ntype = "memory"\nretry_limit = 0'))
     try:
         testing.MemoryProvider.faults.setdefault("mem", testing.Faults()).fail(
