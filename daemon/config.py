@@ -281,7 +281,7 @@ class WebhookRule(StrictModel):
     def _one_of(self) -> WebhookRule:
         given = [name for name in ("add", "count", "keep") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise FieldError(given[1] if len(given) > 1 else "add",
+            raise FieldError(given[0] if given else "add",
                              f"give exactly one of add, count and keep (got {', '.join(given) or 'none'})")
         if self.event == "teardown" and self.keep != 0:
             raise FieldError("keep", "a teardown rule releases the component's hosts: give keep = 0")

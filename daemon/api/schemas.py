@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
 from ..errors import FieldError
 
@@ -292,7 +292,7 @@ class WebhookReply(BaseModel):
 class SweepRequest(Body):
     """Compare governord's records with what exists now; ``dry_run`` lists and changes nothing."""
 
-    dry_run: bool = False
+    dry_run: StrictBool = False
 
 
 class SweepFinding(BaseModel):
