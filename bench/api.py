@@ -40,42 +40,9 @@ from typing import Any
 
 import aiohttp
 
-from .common import admin, cpu_seconds, rss_mb, start_daemon
+from .common import DAEMON_CONFIG, admin, cpu_seconds, rss_mb, start_daemon
 from .record import append_row, machine_label
 
-CONFIG = """\
-[daemon]
-state_dir = "{home}/state"
-log_level = "{log_level}"
-
-[api]
-listen = "127.0.0.1"
-port = 0
-server_names = ["localhost", "127.0.0.1"]
-admin_socket = "{home}/admin.sock"
-
-[engine]
-workers = {workers}
-
-[providers.mem]
-type = "memory"
-
-[registrars.cmdb]
-type = "memory"
-
-[tags.node]
-cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
-
-[applications.bench]
-max_hosts = 1000000
-
-[applications.bench.roles.node]
-tags = ["node"]
-provider = "mem"
-name_pattern = "bench-{{seq:07d}}"
-domain = "bench.example"
-profile = {{ size = "small" }}
-"""
 
 
 def load_process(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
@@ -147,7 +114,8 @@ def check_database(state_dir: Path) -> tuple[int, int]:
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "governord.toml"
-    config.write_text(CONFIG.format(home=home, workers=args.workers, log_level=args.log_level))
+    config.write_text(DAEMON_CONFIG.format(home=home, workers=args.workers, log_level=args.log_level,
+                                            max_hosts=1000000))
     daemon_args = ["--memory-plugin"]
     if args.trace_store:
         daemon_args.append(f"--trace-store={args.trace_store}")

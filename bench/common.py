@@ -14,6 +14,41 @@ import aiohttp
 
 from lab.stack import REPO_ROOT, Governord
 
+#: The daemon the API and memory benchmarks run: the in-process memory provider and registrar
+#: (bench.daemon --memory-plugin), so what is measured is governord, not a peer.
+DAEMON_CONFIG = """\
+[daemon]
+state_dir = "{home}/state"
+log_level = "{log_level}"
+
+[api]
+listen = "127.0.0.1"
+port = 0
+server_names = ["localhost", "127.0.0.1"]
+admin_socket = "{home}/admin.sock"
+
+[engine]
+workers = {workers}
+
+[providers.mem]
+type = "memory"
+
+[registrars.cmdb]
+type = "memory"
+
+[tags.node]
+cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
+
+[applications.bench]
+max_hosts = {max_hosts}
+
+[applications.bench.roles.node]
+tags = ["node"]
+provider = "mem"
+name_pattern = "bench-{{seq:07d}}"
+domain = "bench.example"
+profile = {{ size = "small" }}
+"""
 PAGE = os.sysconf("SC_PAGE_SIZE")
 TICKS = os.sysconf("SC_CLK_TCK")
 

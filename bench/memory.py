@@ -33,42 +33,9 @@ from typing import Any
 
 import aiohttp
 
-from .common import admin, rss_mb, start_daemon
+from .common import DAEMON_CONFIG, admin, rss_mb, start_daemon
 from .record import append_row, machine_label
 
-CONFIG = """\
-[daemon]
-state_dir = "{home}/state"
-log_level = "{log_level}"
-
-[api]
-listen = "127.0.0.1"
-port = 0
-server_names = ["localhost", "127.0.0.1"]
-admin_socket = "{home}/admin.sock"
-
-[engine]
-workers = {workers}
-
-[providers.mem]
-type = "memory"
-
-[registrars.cmdb]
-type = "memory"
-
-[tags.node]
-cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
-
-[applications.bench]
-max_hosts = {hosts}
-
-[applications.bench.roles.node]
-tags = ["node"]
-provider = "mem"
-name_pattern = "bench-{{seq:06d}}"
-domain = "bench.example"
-profile = {{ size = "small" }}
-"""
 
 
 class Sampler(threading.Thread):
@@ -135,7 +102,8 @@ async def operator_reads(daemon: Any) -> tuple[int, int]:
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     home.mkdir(parents=True, exist_ok=True)
     config = home / "governord.toml"
-    config.write_text(CONFIG.format(home=home, workers=args.workers, hosts=args.hosts, log_level=args.log_level))
+    config.write_text(DAEMON_CONFIG.format(home=home, workers=args.workers, max_hosts=args.hosts,
+                                            log_level=args.log_level))
     census = home / "census.json"
     env = {"MALLOC_ARENA_MAX": str(args.malloc_arena_max)} if args.malloc_arena_max else None
     daemon = start_daemon(config, module="bench.daemon", args=["--memory-plugin", f"--census={census}"], env=env)
