@@ -135,6 +135,10 @@ class Engine:
     def in_flight(self) -> int:
         return len(self._tasks)
 
+    def tasks_in_flight(self) -> list[asyncio.Task[None]]:
+        """The hosts' tasks running now (each runs its host's steps until the host rests)."""
+        return list(self._tasks.values())
+
     async def stop(self, grace: float) -> None:
         """Stop claiming; let running steps finish for ``grace`` seconds, then cancel them.
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from pathlib import Path
 from typing import Any
@@ -39,6 +40,8 @@ class Runtime:
         self.engine.on_transition.append(self.metrics.transition)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
         self.certificates = CertificateStore(store)
+        #: closing the instances a reload replaced, once their steps are done
+        self._retiring: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(self)
         self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry)
         self._instance_plugins: list[str] = []
@@ -97,7 +100,22 @@ class Runtime:
         self.sweeper.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
-        for instance in old:
+        # Closing an instance ends its sessions (a vCenter logout), which would fail a clone
+        # still running on it: the old instances are closed once the steps in flight now are
+        # done (new steps already use the new instances), or after the hook timeout.
+        in_flight = self.engine.tasks_in_flight()
+        closing = asyncio.create_task(self._close_after(old, in_flight), name="close-old-instances")
+        self._retiring.add(closing)
+        closing.add_done_callback(self._retiring.discard)
+
+    async def _close_after(self, instances: list[Any], in_flight: list[asyncio.Task[None]]) -> None:
+        if in_flight:
+            await asyncio.wait(in_flight, timeout=self.config.engine.hook_timeout)
+        await self._close(instances)
+
+    @staticmethod
+    async def _close(instances: list[Any]) -> None:
+        for instance in instances:
             try:
                 await instance.close()
             except Exception:  # noqa: BLE001
@@ -107,11 +125,9 @@ class Runtime:
         await self.sweeper.stop()
         await self.notifier.stop()
         await self.engine.stop(self.config.daemon.shutdown_grace)
-        for instance in [*self.providers.values(), *self.registrars.values()]:
-            try:
-                await instance.close()
-            except Exception:  # noqa: BLE001
-                log.exception("closing %s failed", instance.name)
+        if self._retiring:  # instances of an earlier config: their steps have ended with the engine
+            await asyncio.wait(self._retiring)
+        await self._close([*self.providers.values(), *self.registrars.values()])
         await self.store.close()
 
     def status(self) -> dict[str, Any]:

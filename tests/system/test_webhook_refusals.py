@@ -120,7 +120,7 @@ REFUSALS: list[tuple[str, Change, int, str | None, str]] = [
      "Field required"),
     ("wrong type", lambda h: h.post({**EVENT, "app": 7}), 422, "app", "valid string"),
     ("wrong type (bool)", lambda h: h.post({**EVENT, "component": True}), 422, "component", "valid string"),
-    ("unknown event", lambda h: h.post({**EVENT, "event": "build"}), 422, "event", "'deploy' or 'post_deploy'"),
+    ("unknown event", lambda h: h.post({**EVENT, "event": "build"}), 422, "event", "'deploy', 'post_deploy' or 'teardown'"),
     ("unknown field", lambda h: h.post({**EVENT, "colour": "red"}), 422, "colour", "unknown field"),
     ("field of the other generation", lambda h: h.post({**EVENT, "pod": "p-1"}), 422, "pod",
      "only sent by OpenShift v4"),
