@@ -102,3 +102,10 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) 
         assert direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct",
                                    "fence_owner": "someone else"}) is None
     engine.dispose()
+
+
+def test_sequence_numbers_are_read_off_the_names_the_pattern_makes() -> None:
+    names = {"shop-node-01", "shop-node-07", "shop-node-123", "shop-broker-02", "other-node-03", "shop-node-x"}
+    assert store._sequence_numbers("{app}-{role}-{seq:02d}", "shop", "node", names) == {1, 7, 123}  # noqa: SLF001
+    assert store._sequence_numbers("{app}.{role}{seq}", "a", "b", {"a.b5", "aXb6"}) == {5}  # noqa: SLF001
+    assert store._sequence_numbers("{app}-{other}-{seq}", "a", "b", {"a-x-1"}) == set()  # noqa: SLF001
