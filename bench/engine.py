@@ -15,34 +15,14 @@ import resource
 import tempfile
 import time
 import tomllib
-from pathlib import Path
 
 from governord import testing
 from governord.config import build_config
 from governord.pluginmanager import PluginManager
 from governord.runtime import Runtime
 
-CONFIG = """
-[daemon]
-state_dir = "{state}"
-log_level = "warning"
-[engine]
-workers = {workers}
-[providers.mem]
-type = "memory"
-[registrars.cmdb]
-type = "memory"
-[tags.node]
-cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
-[applications.bench]
-max_hosts = {hosts}
-[applications.bench.roles.node]
-tags = ["node"]
-provider = "mem"
-name_pattern = "bench-{{seq:06d}}"
-domain = "bench.example"
-profile = {{ size = "small" }}
-"""
+from .common import DAEMON_CONFIG
+
 
 
 def cpu_seconds() -> float:
@@ -76,7 +56,8 @@ async def run(hosts: int, workers: int, batch: int) -> dict[str, float]:
         plugins = PluginManager()
         plugins.register(testing.plugin, "testing")
         plugins.collect_types()
-        raw = tomllib.loads(CONFIG.format(state=Path(tmp) / "state", workers=workers, hosts=hosts))
+        # the API and memory benchmarks' daemon; its listeners are configured but not started here
+        raw = tomllib.loads(DAEMON_CONFIG.format(home=tmp, log_level="warning", workers=workers, max_hosts=hosts))
         config = build_config("bench.toml", raw, plugins.providers, plugins.registrars, unavailable={})
         runtime = await Runtime.open(config, plugins)
         await runtime.start()
