@@ -139,8 +139,6 @@ class GroupCommit:
         self._conn: Connection | None = None
         self._queue: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
         self._flusher: asyncio.Task[None] | None = None
-        self.batches = 0
-        self.jobs = 0
 
     async def run(self, job: Callable[[Connection], T]) -> T:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
@@ -160,8 +158,6 @@ class GroupCommit:
                 outcomes = [(False, exc)] * len(batch)
                 if not isinstance(exc, Exception):
                     raise
-            self.batches += 1
-            self.jobs += len(batch)
             for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
                 if future.done():
                     continue  # its caller was cancelled; the write stands all the same
