@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 import aiohttp
 from sqlalchemy import insert, select, update
+from sqlalchemy.engine import Connection
 
 from . import webhooks
 from .schema import callbacks
@@ -34,10 +35,10 @@ MAX_DELAY = 300.0
 TERMINAL = {"completed", "failed", "declined", "denied", "expired"}
 
 
-async def enqueue(conn: Any, *, request_id: str, app: str, url: str) -> None:
+def enqueue(conn: Connection, *, request_id: str, app: str, url: str) -> None:
     """Owe the application a notification for this request (inside the request's transaction)."""
     now = time.time()
-    await conn.execute(insert(callbacks).values(request_id=request_id, app=app, url=url, next_at=now, created_at=now))
+    conn.execute(insert(callbacks).values(request_id=request_id, app=app, url=url, next_at=now, created_at=now))
 
 
 class Notifier:

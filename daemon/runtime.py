@@ -86,6 +86,7 @@ class Runtime:
                 await instance.ensure_started()
             except Exception as exc:  # noqa: BLE001 - a peer down at boot is retried on first use
                 log.warning("could not connect %s at start: %s", instance.name, exc)
+        await self.governor.number_hosts()
         await self.engine.start()
         await self.notifier.start()
         self.sweeper.start()
@@ -97,6 +98,7 @@ class Runtime:
         self.config = config
         self.engine.config = config
         self.governor.config = config
+        await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)

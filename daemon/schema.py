@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from sqlalchemy import (
+    DDL,
     JSON,
     Boolean,
     Column,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    event,
     text,
 )
 
@@ -47,6 +49,8 @@ hosts = Table(
     Column("request_id", String(36)),
     #: the deployed component (NAMESPACE/NAME) whose webhook rule made the host, if one did
     Column("component", String(255)),
+    #: the number its role's name pattern was filled with ({seq}); NULL for adopted hosts
+    Column("seq", Integer),
     #: set by a retirement that arrives while a step is running; acted on after it
     Column("retire_requested", Boolean, nullable=False, server_default=text("0")),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
@@ -74,6 +78,46 @@ WORKING = text("state NOT IN ('ready', 'failed', 'gone')")
 # The engine's claim walks this in order and stops at its limit, however many hosts rest.
 Index("ix_hosts_due", hosts.c.next_attempt_at, hosts.c.updated_at, sqlite_where=WORKING, postgresql_where=WORKING)
 Index("ix_hosts_app", hosts.c.app, hosts.c.role)
+#: The live sequence numbers of each role, in order: the next free name is found without
+#: reading the role's other hosts.
+Index("ix_hosts_live_seq", hosts.c.app, hosts.c.role, hosts.c.seq,
+      sqlite_where=text("state != 'gone'"), postgresql_where=text("state != 'gone'"))
+
+#: How many live hosts (not gone) each application has of each role on each provider, kept by
+#: triggers on ``hosts`` (LIVE_COUNT_TRIGGERS) in the same transaction as the change: caps are
+#: decided from a few rows instead of counting every host of the application.
+live_counts = Table(
+    "live_counts",
+    metadata,
+    Column("app", String(255), primary_key=True),
+    Column("role", String(255), primary_key=True),
+    Column("provider", String(255), primary_key=True),
+    Column("hosts", Integer, nullable=False),
+)
+
+_COUNT_KEY = "app, role, provider"
+
+
+def _count(row: str, delta: int) -> str:
+    """The statement that adds ``delta`` to the count of ``row`` (OLD or NEW), if it is live."""
+    key = f"{row}.app, coalesce({row}.role, ''), coalesce({row}.provider, '')"
+    return (f"INSERT INTO live_counts ({_COUNT_KEY}, hosts) SELECT {key}, {delta} "
+            f"WHERE {row}.app IS NOT NULL AND {row}.state != 'gone' "
+            f"ON CONFLICT ({_COUNT_KEY}) DO UPDATE SET hosts = hosts + excluded.hosts;")
+
+
+#: SQLite's triggers keeping ``live_counts``; the migration that made the table creates them
+#: too. (A batch migration that copies ``hosts`` drops its triggers: create them again after.)
+LIVE_COUNT_TRIGGERS = (
+    f"CREATE TRIGGER hosts_live_count_insert AFTER INSERT ON hosts BEGIN {_count('NEW', 1)} END",
+    f"CREATE TRIGGER hosts_live_count_delete AFTER DELETE ON hosts BEGIN {_count('OLD', -1)} END",
+    # only the updates that move a host in or out of a count: most transitions change neither
+    "CREATE TRIGGER hosts_live_count_update AFTER UPDATE OF state, app, role, provider ON hosts "
+    "WHEN (OLD.state = 'gone') != (NEW.state = 'gone') OR OLD.app IS NOT NEW.app OR OLD.role IS NOT NEW.role "
+    f"OR OLD.provider IS NOT NEW.provider BEGIN {_count('OLD', -1)} {_count('NEW', 1)} END",
+)
+for _trigger in LIVE_COUNT_TRIGGERS:
+    event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
 #: Every request an application or an operator made, with its idempotency key and outcome.
 requests = Table(
@@ -92,6 +136,8 @@ requests = Table(
     Column("updated_at", Float, nullable=False),
     UniqueConstraint("app", "idempotency_key", name="uq_requests_idempotency"),
 )
+#: An application's newest requests first (the cooldown looks at its latest scale-up).
+Index("ix_requests_app_updated", requests.c.app, requests.c.updated_at)
 
 #: Append-only audit trail: transitions, step starts and failures, decisions.
 events = Table(

@@ -2,17 +2,17 @@
 
 Both APIs (the applications' HTTPS API and the operators' admin socket) call these methods;
 they hold no HTTP. Every request is persisted with its idempotency key before anything else
-happens; a repeat of the key returns the original request. Capacity is decided under a
-per-application lock and counts hosts still in flight, so concurrent requests cannot
+happens; a repeat of the key returns the original request. Decisions are made one at a time
+(on the store's writer) and count hosts still in flight, so concurrent requests cannot
 overshoot a cap.
 """
 
 from __future__ import annotations
 
-import asyncio
 import datetime
 import hmac
 import ipaddress
+import logging
 import re
 import time
 import uuid
@@ -21,15 +21,14 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
-from sqlalchemy import case, update
-from sqlalchemy.exc import IntegrityError
-
 from . import callbacks
 from .config import Config, Placement, WebhookRule
 from .engine import STATE_OF_STEP, Engine, address_range
 from .schema import hosts
-from .models import ACTIVE_STATES, LIVE_STATES, HostOrigin, HostState
-from .store import NameTaken, Row, Store
+from .models import ACTIVE_STATES, HostOrigin, HostState
+from .store import NameTaken, Row, Store, Transaction
+
+log = logging.getLogger(__name__)
 
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
@@ -73,25 +72,40 @@ class Decision:
     request: Row
     #: True when the idempotency key matched an earlier request
     replayed: bool = False
+    #: the request's hosts as the decision left them (its answer needs no second read)
+    hosts: list[Row] | None = None
 
 
 class Governor:
-    """The decisions: scale, release, tag, retire, retry."""
+    """The decisions: scale, release, tag, retire, retry.
+
+    Each decision that reads and then writes (scale, release, approve, retire, adopt) is one
+    synchronous function run by :meth:`Store.decide` on the store's writer: decisions take
+    turns, so a count read under a cap still holds when the hosts are written, and a whole
+    decision is one hop to the writer thread."""
 
     def __init__(self, store: Store, engine: Engine, config: Config) -> None:
         self.store = store
         self.engine = engine
         self.config = config
-        self._app_locks: dict[str, asyncio.Lock] = {}
-
-    def _lock(self, app: str) -> asyncio.Lock:
-        return self._app_locks.setdefault(app, asyncio.Lock())
 
     def _app(self, app: str) -> Any:
         section = self.config.applications.get(app)
         if section is None:
             raise RequestError(404, f"no application named {app!r}", field="app")
         return section
+
+    async def number_hosts(self) -> None:
+        """Give live hosts made before names were numbered in the store their numbers (read off
+        their names by each role's pattern), so finding a free name needs no scan."""
+        roles = [(app, role, cfg.name_pattern) for app, section in self.config.applications.items()
+                 for role, cfg in section.roles.items()]
+
+        def number(tx: Transaction) -> int:
+            return sum(tx.number_unnumbered_hosts(pattern, app, role) for app, role, pattern in roles)
+
+        if numbered := await self.store.decide(number):
+            log.info("numbered %d hosts made before their numbers were kept", numbered)
 
     # -- scaling ----------------------------------------------------------------------------
 
@@ -123,23 +137,26 @@ class Governor:
             params["component"] = component
         if fingerprint is not None:
             params["fingerprint"] = fingerprint
-        async with self._lock(app):
-            async with self.store.transaction() as conn:
-                if idempotency_key is not None:
-                    earlier = await self.store.find_request(conn, app, idempotency_key)
-                    if earlier is not None:
-                        _check_replay(earlier, "scale", params, idempotency_key)
-                        return Decision(earlier, replayed=True)
-                plan = await self.plan_scale(conn, app, role, add=add, count=count, component=component)
-                request = await self.store.insert_request(
-                    conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
-                    params=params, state=plan.decision, reason=plan.reason,
-                )
-                await self._carry_out(conn, request, plan, actor)
-                if callback_url is not None:
-                    await callbacks.enqueue(conn, request_id=request["id"], app=app, url=callback_url)
-        self.engine.wake()
-        return Decision(request)
+
+        def decide(tx: Transaction) -> Decision:
+            if idempotency_key is not None:
+                earlier = tx.find_request(app, idempotency_key)
+                if earlier is not None:
+                    _check_replay(earlier, "scale", params, idempotency_key)
+                    return Decision(earlier, replayed=True, hosts=tx.hosts(ids=earlier["host_ids"]))
+            plan = self.plan_scale(tx, app, role, add=add, count=count, component=component)
+            request = tx.new_request(app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
+                                     params=params, state=plan.decision, reason=plan.reason)
+            rows = self._carry_out(tx, request, plan, actor)
+            tx.insert_request(request)  # with its hosts: one write
+            if callback_url is not None:
+                callbacks.enqueue(tx.conn, request_id=request["id"], app=app, url=callback_url)
+            return Decision(request, hosts=rows)
+
+        decision = await self.store.decide(decide)
+        if not decision.replayed:
+            self.engine.wake()
+        return decision
 
     async def scale_by_rule(
         self, app: str, rule: WebhookRule, *, component: str, actor: str, idempotency_key: str | None,
@@ -173,21 +190,22 @@ class Governor:
         if (add is None) == (count is None):
             raise RequestError(422, "give exactly one of add and count", field="add")
 
-    async def plan_scale(
-        self, conn: Any, app: str, role: str, *, add: int | None, count: int | None, approved: bool = False,
+    def plan_scale(
+        self, tx: Transaction, app: str, role: str, *, add: int | None, count: int | None, approved: bool = False,
         component: str | None = None,
     ) -> Plan:
         """Decide a scale request against the application's rules, without changing anything.
         With ``component``, ``count`` is the number of that component's hosts of the role."""
         section = self._app(app)
-        live_app = await self.store.live_count(conn, app)
+        on_provider = tx.live_count_by_provider(app)
+        live_app = sum(on_provider.values())
         # The role's hosts (whole rows: the deletion policy picks among them) are read only when
         # the answer depends on them: an ``add`` is decided by counts, and reading every live
         # row made each request cost O(hosts).
-        kept = await self._kept_hosts(app, role, component) if add is None or add == 0 else []
+        kept = self._kept_hosts(tx, app, role, component) if add is None or add == 0 else []
         wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
         if wanted < 0:
-            kept_app = len(await self._kept_hosts(app, None))
+            kept_app = len(self._kept_hosts(tx, app, None))
             if kept_app + wanted < section.min_hosts:
                 return Plan("declined", "min_hosts", f"minimum: application {app} keeps at least "
                             f"{section.min_hosts} hosts, has {kept_app}, would release {-wanted}")
@@ -201,12 +219,12 @@ class Governor:
             return Plan("declined", "max_hosts", f"cap reached: application {app} may have {section.max_hosts} "
                         f"hosts, has {live_app} (in flight included), asked for {wanted} more")
         if section.cooldown and not approved:
-            last = await self.store.last_scale_up(conn, app)
+            last = tx.last_scale_up(app)
             if last is not None and time.time() - last < section.cooldown:
                 wait = section.cooldown - (time.time() - last)
                 return Plan("declined", "cooldown", f"cooldown: application {app} may scale up again in "
                             f"{wait:.0f}s (cooldown {section.cooldown:.0f}s)")
-        placed, why = await self._place(conn, app, role, wanted)
+        placed, why = self._place(on_provider, app, role, wanted)
         if placed is None:
             return Plan("declined", "placement", why)
         if not approved and (section.approval == "always" or (
@@ -220,13 +238,12 @@ class Governor:
     def _victims(kept: list[Row], count: int, policy: str) -> list[Row]:
         return sorted(kept, key=lambda h: h["created_at"], reverse=policy == "newest")[:count]
 
-    async def _place(self, conn: Any, app: str, role: str, wanted: int) -> tuple[list[Placement] | None, str]:
+    def _place(self, live_on_provider: dict[str, int], app: str, role: str,
+               wanted: int) -> tuple[list[Placement] | None, str]:
         """One placement per new host: the first provider in the role's order with room under
         its cap. Returns (placements, why) or (None, why not)."""
         placements = self.config.placements[(app, role)]
-        # per-provider counts matter only under a provider's own cap; without one, skip the query
-        capped = any(p.cap is not None for p in placements)
-        on_provider = await self.store.live_count_by_provider(conn, app) if capped else {}
+        on_provider = dict(live_on_provider)
         chosen: list[Placement] = []
         for _ in range(wanted):
             for placement in placements:
@@ -248,43 +265,47 @@ class Governor:
                            + (f", {on_provider[provider]}/{cap} after this" if cap is not None else ""))
         return chosen, "; ".join(reasons)
 
-    async def _carry_out(self, conn: Any, request: Row, plan: Plan, actor: str) -> None:
-        """Make a decided plan real (inside the request's transaction) and audit it."""
+    def _carry_out(self, tx: Transaction, request: Row, plan: Plan, actor: str) -> list[Row]:
+        """Make a decided plan real (inside the request's transaction) and audit it. Returns
+        the request's hosts, the new ones and those it releases, and sets the request's
+        ``host_ids`` (for the caller to write with the request)."""
         app, role = request["app"], request["params"]["role"]
         detail = {"app": app, **request["params"], "rule": plan.rule, "reason": plan.reason}
         if plan.decision != "accepted":
-            await self.store.add_event(conn, f"request-{plan.decision}", actor=actor, request_id=request["id"],
-                                       detail=detail)
-            return
-        host_ids = [h["id"] for h in plan.release]
-        await self._mark_retire(conn, plan.release, actor, request["id"])
+            tx.add_event(f"request-{plan.decision}", actor=actor, request_id=request["id"], detail=detail)
+            return []
+        rows = self._retire(tx, plan.release, actor, request["id"])
         if plan.add:
             role_cfg = self.config.applications[app].roles[role]
-            seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
+            seqs = tx.free_sequence_numbers(role_cfg.name_pattern, app, role, len(plan.add))
             new_hosts = []
             for seq, placement in zip(seqs, plan.add, strict=True):
                 name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
                 domain = role_cfg.domain or self._domain(placement.network)
                 new_hosts.append({
-                    "name": name, "fqdn": f"{name}.{domain}" if domain else name, "app": app, "role": role,
-                    "origin": HostOrigin.PROVISIONED, "tags": list(role_cfg.tags), "provider": placement.provider,
-                    "network": placement.network, "profile": placement.profile.model_dump(mode="json"),
+                    "name": name, "seq": seq, "fqdn": f"{name}.{domain}" if domain else name, "app": app,
+                    "role": role, "origin": HostOrigin.PROVISIONED, "tags": list(role_cfg.tags),
+                    "provider": placement.provider, "network": placement.network,
+                    "profile": placement.profile.model_dump(mode="json"),
                     "request_id": request["id"], "component": request["params"].get("component"),
                 })
-            host_ids += [row["id"] for row in await self._new_hosts(conn, new_hosts, actor=actor)]
-        await self.store.set_request_hosts(conn, request["id"], host_ids)
-        request["host_ids"] = host_ids
-        await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
-                                   detail={**detail, "hosts": len(plan.add), "released": len(plan.release)})
+            rows += self._new_hosts(tx, new_hosts, actor=actor)
+        request["host_ids"] = [row["id"] for row in rows]
+        tx.add_event("request-accepted", actor=actor, request_id=request["id"],
+                     detail={**detail, "hosts": len(plan.add), "released": len(plan.release)})
+        return rows
 
     async def plan(self, app: str, role: str, *, add: int | None, count: int | None) -> dict[str, Any]:
         """What a scale request would do, and why, changing nothing: the rule that decides, the
         provider each new host goes to, names, addresses' network, classification, registrars."""
         self._check_scale(app, role, add, count)
         role_cfg = self.config.applications[app].roles[role]
-        async with self.store.engine.connect() as conn:
-            plan = await self.plan_scale(conn, app, role, add=add, count=count)
-            seqs = await self.store.next_names(conn, role_cfg.name_pattern, app, role, len(plan.add))
+
+        def decide(tx: Transaction) -> tuple[Plan, list[int]]:
+            plan = self.plan_scale(tx, app, role, add=add, count=count)
+            return plan, tx.free_sequence_numbers(role_cfg.name_pattern, app, role, len(plan.add))
+
+        plan, seqs = await self.store.decide(decide)
         planned = []
         for seq, placement in zip(seqs, plan.add, strict=True):
             name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
@@ -304,65 +325,67 @@ class Governor:
 
     # -- approvals ----------------------------------------------------------------------------------
 
-    async def _expire_pending(self, conn: Any, app: str | None = None) -> None:
-        for request in await self.store.pending_requests(conn, app):
+    def _expire_pending(self, tx: Transaction, app: str | None = None) -> None:
+        for request in tx.pending_requests(app):
             section = self.config.applications.get(request["app"])
             expiry = section.approval_expiry if section else 0.0
             if request["created_at"] + expiry < time.time():
-                await self.store.set_request_state(conn, request["id"], "expired",
-                                                   f"expired after {expiry:.0f}s without approval")
-                await self.store.add_event(conn, "request-expired", actor="governord", request_id=request["id"],
-                                           detail={"app": request["app"], "after": expiry})
+                tx.update_request(request["id"], state="expired", reason=f"expired after {expiry:.0f}s without approval",
+                                  updated_at=time.time())
+                tx.add_event("request-expired", actor="governord", request_id=request["id"],
+                             detail={"app": request["app"], "after": expiry})
 
     async def expire_pending(self) -> None:
-        async with self.store.transaction() as conn:
-            await self._expire_pending(conn)
+        await self.store.decide(self._expire_pending)
 
     async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
         """Approve (the rules are applied again, approval aside) or deny a pending request."""
         row = await self.store.get_request(request_id)
         if row is None:
             raise RequestError(404, "no such request", field="request_id")
-        async with self._lock(row["app"]):
-            # its own transaction: an expiry stands even when this decision is refused
-            async with self.store.transaction() as conn:
-                await self._expire_pending(conn, row["app"])
-            async with self.store.transaction() as conn:
-                row = await self.store.find_request_by_id(conn, request_id)
-                assert row is not None
-                if row["state"] != "pending":
-                    raise RequestError(409, f"request {request_id} is {row['state']}, not pending", field="request_id")
-                if not approve:
-                    await self.store.set_request_state(conn, request_id, "denied", f"denied by {actor}: {comment}")
-                    await self.store.add_event(conn, "request-denied", actor=actor, request_id=request_id,
-                                               detail={"app": row["app"], "comment": comment})
-                    row.update(state="denied", reason=f"denied by {actor}: {comment}")
-                    return row
-                params = row["params"]
-                plan = await self.plan_scale(conn, row["app"], params["role"], add=params["add"],
-                                             count=params["count"], approved=True,
-                                             component=params.get("component"))
-                reason = f"approved by {actor}: {comment}" if plan.decision == "accepted" else plan.reason
-                await self.store.set_request_state(conn, request_id, plan.decision, reason)
-                row.update(state=plan.decision, reason=reason)
-                await self.store.add_event(conn, "request-approved", actor=actor, request_id=request_id,
-                                           detail={"app": row["app"], "comment": comment})
-                await self._carry_out(conn, row, plan, actor)
-        self.engine.wake()
-        return row
+        # its own transaction: an expiry stands even when this decision is refused
+        await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]))
 
-    async def _kept_hosts(self, app: str, role: str | None, component: str | None = None) -> list[Row]:
+        def decide(tx: Transaction) -> Row:
+            request = tx.request(request_id)
+            assert request is not None
+            if request["state"] != "pending":
+                raise RequestError(409, f"request {request_id} is {request['state']}, not pending", field="request_id")
+            now = time.time()
+            if not approve:
+                reason = f"denied by {actor}: {comment}"
+                tx.update_request(request_id, state="denied", reason=reason, updated_at=now)
+                tx.add_event("request-denied", actor=actor, request_id=request_id,
+                             detail={"app": request["app"], "comment": comment})
+                request.update(state="denied", reason=reason)
+                return request
+            params = request["params"]
+            plan = self.plan_scale(tx, request["app"], params["role"], add=params["add"], count=params["count"],
+                                   approved=True, component=params.get("component"))
+            reason = f"approved by {actor}: {comment}" if plan.decision == "accepted" else plan.reason
+            request.update(state=plan.decision, reason=reason)
+            tx.add_event("request-approved", actor=actor, request_id=request_id,
+                         detail={"app": request["app"], "comment": comment})
+            self._carry_out(tx, request, plan, actor)
+            tx.update_request(request_id, state=plan.decision, reason=reason, updated_at=now,
+                              host_ids=request["host_ids"])
+            return request
+
+        request = await self.store.decide(decide)
+        self.engine.wake()
+        return request
+
+    def _kept_hosts(self, tx: Transaction, app: str, role: str | None, component: str | None = None) -> list[Row]:
         """The application's live hosts (of ``role``, of ``component``) that are not on their way out."""
-        rows = await self.store.list_hosts(app=app, role=role, states=[s.value for s in LIVE_STATES])
-        return [h for h in rows if h["state"] not in _LEAVING and not h["retire_requested"]
-                and (component is None or h["component"] == component)]
+        return [h for h in tx.hosts(app=app, role=role, component=component, live=True)
+                if h["state"] not in _LEAVING and not h["retire_requested"]]
 
     def _domain(self, network: str | None) -> str | None:
         if network is None:
             return None
         return self.config.networks[network].domain
 
-    async def _new_hosts(self, conn: Any, specs: list[dict[str, Any]], *, actor: str) -> list[Row]:
+    def _new_hosts(self, tx: Transaction, specs: list[dict[str, Any]], *, actor: str) -> list[Row]:
         """Insert hosts (each spec: the host's columns, ``network`` naming a configured network
         or None), leasing each an address of its network, with their ``requested`` events."""
         specs = [{**spec, "id": str(uuid.uuid4()), "address": None} for spec in specs]
@@ -371,15 +394,14 @@ class Governor:
             net = self.config.networks[network]
             lo, hi = address_range(net.cidr, net.first, net.last)
             skip = [a for a in (net.gateway, *net.dns_servers) if a is not None]
-            allocated = await self.store.allocate_addresses(conn, network, lo, hi, [s["id"] for s in on_network],
-                                                            skip)
+            allocated = tx.allocate_addresses(network, lo, hi, [s["id"] for s in on_network], skip)
             if allocated is None:
                 raise RequestError(409, f"network {network} has no free address", field="network")
             for spec, address in zip(on_network, allocated, strict=True):
                 spec["address"] = str(address)
-        rows = await self.store.insert_hosts(conn, [
+        rows = tx.insert_hosts([
             {**spec, "state": HostState.REQUESTED.value, "origin": spec["origin"].value} for spec in specs])
-        await self.store.add_events(conn, [
+        tx.add_events([
             {"kind": "requested", "actor": actor, "host_id": row["id"], "request_id": row["request_id"],
              "detail": {"name": row["name"], "tags": row["tags"], "address": row["address"]}} for row in rows])
         return rows
@@ -389,71 +411,57 @@ class Governor:
         actor: str, idempotency_key: str | None = None,
     ) -> Decision:
         """Hand hosts back: the named ones, or ``count`` of ``role`` (newest first)."""
-        self._app(app)
+        section = self._app(app)
         if (hosts is None) == (count is None):
             raise RequestError(422, "give exactly one of hosts and count", field="hosts")
-        async with self._lock(app):
-            async with self.store.transaction() as conn:
-                if idempotency_key is not None:
-                    earlier = await self.store.find_request(conn, app, idempotency_key)
-                    if earlier is not None:
-                        _check_replay(earlier, "release", {"hosts": hosts, "role": role, "count": count},
-                                      idempotency_key)
-                        return Decision(earlier, replayed=True)
-                live = await self._kept_hosts(app, role)
-                if hosts is not None:
-                    by_name = {h["name"]: h for h in live} | {h["fqdn"]: h for h in live}
-                    unknown = [n for n in hosts if n not in by_name]
-                    if unknown:
-                        raise RequestError(404, f"application {app} has no live host {unknown[0]!r}", field="hosts")
-                    victims = [by_name[n] for n in dict.fromkeys(hosts)]
-                else:
-                    victims = self._victims(live, count, self._app(app).deletion_policy)  # type: ignore[arg-type]
-                kept_app = len(await self._kept_hosts(app, None))
-                minimum = self._app(app).min_hosts
-                if kept_app - len(victims) < minimum:
-                    raise RequestError(409, f"minimum: application {app} keeps at least {minimum} hosts, has "
-                                       f"{kept_app}, asked to release {len(victims)}", field="hosts")
-                request = await self.store.insert_request(
-                    conn, app=app, actor=actor, idempotency_key=idempotency_key, kind="release",
-                    params={"hosts": hosts, "role": role, "count": count}, state="accepted", reason=None,
-                    host_ids=[h["id"] for h in victims],
-                )
-                await self._mark_retire(conn, victims, actor, request["id"])
-                await self.store.add_event(conn, "request-accepted", actor=actor, request_id=request["id"],
-                                           detail={"app": app, "release": [v["name"] for v in victims]})
-        self.engine.wake()
-        return Decision(request)
+        params = {"hosts": hosts, "role": role, "count": count}
+
+        def decide(tx: Transaction) -> Decision:
+            if idempotency_key is not None:
+                earlier = tx.find_request(app, idempotency_key)
+                if earlier is not None:
+                    _check_replay(earlier, "release", params, idempotency_key)
+                    return Decision(earlier, replayed=True, hosts=tx.hosts(ids=earlier["host_ids"]))
+            live = self._kept_hosts(tx, app, role)
+            if hosts is not None:
+                by_name = {h["name"]: h for h in live} | {h["fqdn"]: h for h in live}
+                unknown = [n for n in hosts if n not in by_name]
+                if unknown:
+                    raise RequestError(404, f"application {app} has no live host {unknown[0]!r}", field="hosts")
+                victims = [by_name[n] for n in dict.fromkeys(hosts)]
+            else:
+                victims = self._victims(live, count, section.deletion_policy)  # type: ignore[arg-type]
+            kept_app = len(live) if role is None else len(self._kept_hosts(tx, app, None))
+            if kept_app - len(victims) < section.min_hosts:
+                raise RequestError(409, f"minimum: application {app} keeps at least {section.min_hosts} hosts, "
+                                   f"has {kept_app}, asked to release {len(victims)}", field="hosts")
+            request = tx.insert_request(tx.new_request(
+                app=app, actor=actor, idempotency_key=idempotency_key, kind="release", params=params,
+                state="accepted", reason=None, host_ids=[h["id"] for h in victims]))
+            rows = self._retire(tx, victims, actor, request["id"])
+            tx.add_event("request-accepted", actor=actor, request_id=request["id"],
+                         detail={"app": app, "release": [v["name"] for v in victims]})
+            return Decision(request, hosts=rows)
+
+        decision = await self.store.decide(decide)
+        if not decision.replayed:
+            self.engine.wake()
+        return decision
 
     # -- operator actions on one host -----------------------------------------------------------
 
-    async def _mark_retire(self, conn: Any, rows: list[Row], actor: str, request_id: str | None) -> None:
-        # Resting hosts are not leased by the engine: move them straight on; a host in flight is
-        # flagged, and the engine retires it after its step. Decided in the one UPDATE, on the
-        # state each row has then: ``rows`` may be older, and a host that reached ready since
-        # would keep a flag nobody acts on.
+    @staticmethod
+    def _retire(tx: Transaction, rows: list[Row], actor: str, request_id: str | None) -> list[Row]:
+        """Retire hosts (a resting one moves on at once, one in flight after its step; decided on
+        the state each has now, see Transaction.retire) and audit it; returns the rows as they
+        are now."""
         if not rows:
-            return
-        resting = hosts.c.state.in_([HostState.READY.value, HostState.FAILED.value])
-
-        def when_resting(value: Any, otherwise: Any) -> Any:
-            return case((resting, value), else_=otherwise)
-
-        result = await conn.execute(
-            update(hosts).where(hosts.c.id.in_([r["id"] for r in rows])).values(
-                state=when_resting(HostState.RETIRING.value, hosts.c.state),
-                retire_requested=when_resting(False, True),
-                attempts=when_resting(0, hosts.c.attempts),
-                failed_step=when_resting(None, hosts.c.failed_step),
-                error=when_resting(None, hosts.c.error),
-                state_since=when_resting(time.time(), hosts.c.state_since),
-                next_attempt_at=0.0,
-            ).returning(hosts.c.id, hosts.c.state)
-        )
-        now = dict(result.all())
-        await self.store.add_events(conn, [
+            return []
+        now = tx.retire([r["id"] for r in rows])
+        tx.add_events([
             {"kind": "retire-requested", "actor": actor, "host_id": r["id"], "request_id": request_id,
              "detail": {"state": r["state"], "now": now[r["id"]]}} for r in rows])
+        return tx.hosts(ids=[r["id"] for r in rows])
 
     async def host(self, key: str) -> Row:
         row = await self.store.get_host(key)
@@ -465,10 +473,9 @@ class Governor:
         row = await self.host(key)
         if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
             return row
-        async with self.store.transaction() as conn:
-            await self._mark_retire(conn, [row], actor, None)
+        [now] = await self.store.decide(lambda tx: self._retire(tx, [row], actor, None))
         self.engine.wake()
-        return await self.host(row["id"])
+        return now
 
     async def retry(self, key: str, *, actor: str) -> Row:
         row = await self.host(key)
@@ -521,16 +528,19 @@ class Governor:
             except ValueError:
                 raise RequestError(422, f"not an IP address: {address!r}", field="address") from None
         name = key.split(".", 1)[0]
-        async with self.store.transaction() as conn:
+
+        def adopt(tx: Transaction) -> Row:
             try:
-                row = await self.store.insert_host(
-                    conn, name=name, fqdn=key, app=None, role=None, origin=HostOrigin.ADOPTED.value,
+                [row] = tx.insert_hosts([dict(
+                    name=name, fqdn=key, app=None, role=None, origin=HostOrigin.ADOPTED.value,
                     state=HostState.REQUESTED.value, tags=tags, addresses=[address] if address else [],
-                )
-            except (NameTaken, IntegrityError):
+                )])
+            except NameTaken:
                 raise RequestError(409, f"a host named {name!r} exists already", field="host") from None
-            await self.store.add_event(conn, "adopted", actor=actor, host_id=row["id"],
-                                       detail={"fqdn": key, "tags": tags, "address": address})
+            tx.add_event("adopted", actor=actor, host_id=row["id"], detail={"fqdn": key, "tags": tags, "address": address})
+            return row
+
+        row = await self.store.decide(adopt)
         self.engine.wake()
         return row
 
@@ -542,10 +552,9 @@ class Governor:
         a registrar's ``prepare`` made for it, and only once. Every decision is audited."""
         row = await self.store.get_host(certname)
         sign, reason = await self._autosign_decision(row, certname, csr_pem)
-        async with self.store.transaction() as conn:
-            await self.store.add_event(conn, "autosign-signed" if sign else "autosign-refused", actor=actor,
-                                       host_id=row["id"] if row else None,
-                                       detail={"certname": certname, "reason": reason})
+        await self.store.decide(lambda tx: tx.add_event(
+            "autosign-signed" if sign else "autosign-refused", actor=actor, host_id=row["id"] if row else None,
+            detail={"certname": certname, "reason": reason}))
         return sign, reason, row
 
     async def _autosign_decision(self, row: Row | None, certname: str, csr_pem: str) -> tuple[bool, str]:
@@ -582,9 +591,11 @@ class Governor:
 
     # -- views ------------------------------------------------------------------------------------
 
-    async def request_status(self, request: Row) -> dict[str, Any]:
-        """The request with its hosts and an overall status the application can act on."""
-        rows = await self.store.list_hosts(ids=request["host_ids"]) if request["host_ids"] else []
+    async def request_status(self, request: Row, rows: list[Row] | None = None) -> dict[str, Any]:
+        """The request with its hosts (``rows``: as just read; else read now) and an overall
+        status the application can act on."""
+        if rows is None:
+            rows = await self.store.list_hosts(ids=request["host_ids"]) if request["host_ids"] else []
         if request["state"] in ("declined", "denied", "expired"):
             status = request["state"]
         elif request["state"] == "pending":

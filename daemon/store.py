@@ -22,33 +22,33 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ipaddress
+import itertools
 import logging
 import re
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, update
+from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql.elements import ClauseElement
 
-from .models import LIVE_STATES, HostOrigin, HostState, HostView
-from .schema import WORKING, address_leases, app_certificates, events, hosts, requests
+from .models import HostOrigin, HostState, HostView
+from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests
 
 Row = dict[str, Any]
 T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
-_LIVE = [s.value for s in LIVE_STATES]
 
 
 def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
@@ -338,10 +338,22 @@ class Store:
         await self.writer.close()
         await self.engine.dispose()
 
+    async def decide(self, decision: Callable[[Transaction], T]) -> T:
+        """Run ``decision`` (a synchronous function of a :class:`Transaction`) on the writer
+        connection, in its own transaction or committed together with the writes queued with it,
+        and return what it returned once that is durable. If it raises, nothing it wrote stays.
+
+        Decisions run one at a time, after and before the engine's writes, so what one reads
+        (a count under a cap, a free name) cannot change before it has written: no lock per
+        application is needed. The whole decision is one hop to the writer thread, not one
+        round trip per statement."""
+        return await self.writer.run(lambda conn: decision(Transaction(conn)))
+
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
-        """A read-write transaction for a decision, committed at the end of the block. It waits
-        for its turn with the engine's batches, so neither waits inside SQLite."""
+        """An asynchronous read-write transaction (for writes outside the decisions, e.g. the
+        sweep's and the callbacks'), committed at the end of the block. It waits for its turn
+        with the writer's batches, so neither waits inside SQLite."""
         async with self._turn, self.engine.begin() as conn:
             yield conn
 
@@ -386,95 +398,6 @@ class Store:
         async with self.engine.connect() as conn:
             rows = await conn.execute(select(hosts.c.state, func.count()).group_by(hosts.c.state))
             return {state: n for state, n in rows}
-
-    async def live_count(self, conn: AsyncConnection, app: str) -> int:
-        query = select(func.count()).where(hosts.c.app == app, hosts.c.state.in_(_LIVE))
-        return int((await conn.execute(query)).scalar_one())
-
-    # -- hosts: creation ------------------------------------------------------------------
-
-    async def next_names(self, conn: AsyncConnection, pattern: str, app: str, role: str, count: int) -> list[int]:
-        """The ``count`` smallest sequence numbers whose name no live host carries."""
-        live = set(
-            (await conn.execute(select(hosts.c.name).where(hosts.c.state.in_(_LIVE)))).scalars()
-        )
-        # Read the numbers off the live names instead of formatting one name per number from 1
-        # up: at thousands of hosts that loop was the costliest part of a decision. A number
-        # read off a name is taken; each candidate is still checked by its formatted name.
-        taken = _sequence_numbers(pattern, app, role, live)
-        seqs: list[int] = []
-        seq = 1
-        while len(seqs) < count:
-            if seq not in taken and pattern.format(app=app, role=role, seq=seq) not in live:
-                seqs.append(seq)
-            seq += 1
-        return seqs
-
-    async def allocate_addresses(
-        self,
-        conn: AsyncConnection,
-        network: str,
-        first: ipaddress.IPv4Address,
-        last: ipaddress.IPv4Address,
-        host_ids: Sequence[str],
-        skip: Iterable[ipaddress.IPv4Address] = (),
-    ) -> list[ipaddress.IPv4Address] | None:
-        """Lease the lowest free addresses of the range to ``host_ids``, one each, or none at all
-        (None) when there are not enough."""
-        taken = set(
-            (
-                await conn.execute(select(address_leases.c.address).where(address_leases.c.network == network))
-            ).scalars()
-        ) | {str(a) for a in skip}
-        chosen: list[ipaddress.IPv4Address] = []
-        candidate = first
-        while len(chosen) < len(host_ids) and candidate <= last:
-            if str(candidate) not in taken:
-                chosen.append(candidate)
-            candidate += 1
-        if len(chosen) < len(host_ids):
-            return None
-        if chosen:
-            await conn.execute(insert(address_leases), [
-                {"network": network, "address": str(address), "host_id": host_id}
-                for address, host_id in zip(chosen, host_ids, strict=True)])
-        return chosen
-
-    async def insert_host(self, conn: AsyncConnection, **values: Any) -> Row:
-        [row] = await self.insert_hosts(conn, [values])
-        return row
-
-    async def insert_hosts(self, conn: AsyncConnection, many: Sequence[Row]) -> list[Row]:
-        """Insert new host rows (one statement); NameTaken if a live host has one of the names."""
-        rows = [self._new_host_row(dict(values)) for values in many]
-        if not rows:
-            return []
-        try:
-            await conn.execute(insert(hosts), rows)
-        except IntegrityError as exc:
-            raise NameTaken(", ".join(r["name"] for r in rows)) from exc
-        blank = {column.name: None for column in hosts.c}
-        return [blank | row for row in rows]
-
-    @staticmethod
-    def _new_host_row(values: Row) -> Row:
-        now = time.time()
-        return {
-            "id": values.pop("id", None) or str(uuid.uuid4()),
-            "tags": [],
-            "addresses": [],
-            "classification": {},
-            "registrations": {},
-            "profile": {},
-            "tags_rev": 0,
-            "retire_requested": False,
-            "attempts": 0,
-            "next_attempt_at": 0.0,
-            "created_at": now,
-            "updated_at": now,
-            "state_since": now,
-            **values,
-        }
 
     # -- hosts: the engine's leased work --------------------------------------------------
 
@@ -579,52 +502,6 @@ class Store:
 
     # -- requests and events --------------------------------------------------------------
 
-    async def find_request(self, conn: AsyncConnection, app: str | None, key: str) -> Row | None:
-        query = select(requests).where(requests.c.idempotency_key == key)
-        query = query.where(requests.c.app.is_(None) if app is None else requests.c.app == app)
-        row = (await conn.execute(query)).mappings().first()
-        return dict(row) if row else None
-
-    async def insert_request(self, conn: AsyncConnection, **values: Any) -> Row:
-        now = time.time()
-        row: Row = {"id": str(uuid.uuid4()), "host_ids": [], "created_at": now, "updated_at": now, **values}
-        await conn.execute(insert(requests).values(**row))
-        return row
-
-    async def last_scale_up(self, conn: AsyncConnection, app: str) -> float | None:
-        """When the application's newest accepted request that added hosts was accepted."""
-        rows = await conn.execute(
-            select(requests.c.updated_at, requests.c.params, requests.c.host_ids)
-            .where(requests.c.app == app, requests.c.kind == "scale", requests.c.state == "accepted")
-            .order_by(requests.c.updated_at.desc()).limit(50)
-        )
-        for updated_at, params, host_ids in rows:
-            if host_ids and (params.get("add") or params.get("count")):
-                return float(updated_at)
-        return None
-
-    async def live_count_by_provider(self, conn: AsyncConnection, app: str) -> dict[str, int]:
-        query = (select(hosts.c.provider, func.count()).where(hosts.c.app == app, hosts.c.state.in_(_LIVE))
-                 .group_by(hosts.c.provider))
-        return {provider: n for provider, n in await conn.execute(query) if provider}
-
-    async def pending_requests(self, conn: AsyncConnection, app: str | None) -> list[Row]:
-        query = select(requests).where(requests.c.state == "pending")
-        if app is not None:
-            query = query.where(requests.c.app == app)
-        return [dict(r) for r in (await conn.execute(query)).mappings()]
-
-    async def find_request_by_id(self, conn: AsyncConnection, request_id: str) -> Row | None:
-        row = (await conn.execute(select(requests).where(requests.c.id == request_id))).mappings().first()
-        return dict(row) if row else None
-
-    async def set_request_state(self, conn: AsyncConnection, request_id: str, state: str, reason: str | None) -> None:
-        await conn.execute(update(requests).where(requests.c.id == request_id)
-                           .values(state=state, reason=reason, updated_at=time.time()))
-
-    async def set_request_hosts(self, conn: AsyncConnection, request_id: str, host_ids: list[str]) -> None:
-        await conn.execute(update(requests).where(requests.c.id == request_id).values(host_ids=host_ids))
-
     async def get_request(self, request_id: str) -> Row | None:
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(requests).where(requests.c.id == request_id))).mappings().first()
@@ -652,14 +529,6 @@ class Store:
                 ts=time.time(), host_id=host_id, request_id=request_id, kind=kind, actor=actor, detail=detail
             )
         )
-
-    async def add_events(self, conn: AsyncConnection, rows: Sequence[Row]) -> None:
-        """Several audit events in one statement; each row has kind, actor, detail and
-        optionally host_id and request_id."""
-        if rows:
-            now = time.time()
-            await conn.execute(insert(events), [
-                {"ts": now, "host_id": None, "request_id": None, **row} for row in rows])
 
     async def list_events(self, *, host_id: str | None = None, limit: int = 200,
                           kind_prefix: str | None = None) -> list[Row]:
@@ -699,12 +568,276 @@ class Store:
 
 
 
+# The decisions' statements, built once (see _CLAIM).
+_FIND_REQUEST = select(requests).where(requests.c.app == bindparam("app"),
+                                       requests.c.idempotency_key == bindparam("key"))
+_FIND_OPERATOR_REQUEST = select(requests).where(requests.c.app.is_(None),
+                                                requests.c.idempotency_key == bindparam("key"))
+_REQUEST_BY_ID = select(requests).where(requests.c.id == bindparam("id"))
+_INSERT_REQUEST = insert(requests)
+_LIVE_COUNTS = select(live_counts.c.provider, live_counts.c.hosts).where(live_counts.c.app == bindparam("app"))
+_RECENT_SCALE_UPS = (
+    select(requests.c.updated_at, requests.c.params, requests.c.host_ids)
+    .where(requests.c.app == bindparam("app"), requests.c.kind == "scale", requests.c.state == "accepted")
+    .order_by(requests.c.updated_at.desc()).limit(50)
+)
+#: literally as ix_hosts_live_seq and ix_hosts_live_name say it (a bound 'gone' would keep
+#: SQLite from using those partial indexes)
+_LIVE = text("state != 'gone'")
+_ROLE_LIVE = and_(hosts.c.app == bindparam("app"), hosts.c.role == bindparam("role"), _LIVE)
+_ROLE_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where(
+    live_counts.c.app == bindparam("app"), live_counts.c.role == bindparam("role"))
+_ROLE_MAX_SEQ = select(func.max(hosts.c.seq)).where(_ROLE_LIVE)
+_ROLE_SEQS = select(hosts.c.seq).where(_ROLE_LIVE, hosts.c.seq.is_not(None)).order_by(hosts.c.seq)
+_LIVE_NAMES_AMONG = select(hosts.c.name).where(hosts.c.name.in_(bindparam("names", expanding=True)), _LIVE)
+_INSERT_HOST = insert(hosts)
+
+
+class Transaction:
+    """A decision's reads and writes, synchronous, in one transaction on the writer connection
+    (see :meth:`Store.decide`). Audit events are written at the end of the transaction,
+    together with those of every other write committed with it."""
+
+    def __init__(self, conn: Connection) -> None:
+        self.conn = conn
+
+    # -- requests ---------------------------------------------------------------------------
+
+    def find_request(self, app: str | None, key: str) -> Row | None:
+        """The request made under this idempotency key (by ``app``; None: by an operator)."""
+        if app is None:
+            row = self.conn.execute(_FIND_OPERATOR_REQUEST, {"key": key}).mappings().first()
+        else:
+            row = self.conn.execute(_FIND_REQUEST, {"app": app, "key": key}).mappings().first()
+        return dict(row) if row else None
+
+    def request(self, request_id: str) -> Row | None:
+        row = self.conn.execute(_REQUEST_BY_ID, {"id": request_id}).mappings().first()
+        return dict(row) if row else None
+
+    @staticmethod
+    def new_request(**values: Any) -> Row:
+        """A request row, not yet written (see :meth:`insert_request`)."""
+        now = time.time()
+        return {"id": str(uuid.uuid4()), "host_ids": [], "created_at": now, "updated_at": now, **values}
+
+    def insert_request(self, row: Row) -> Row:
+        self.conn.execute(_INSERT_REQUEST, row)
+        return row
+
+    def pending_requests(self, app: str | None) -> list[Row]:
+        query = select(requests).where(requests.c.state == "pending")
+        if app is not None:
+            query = query.where(requests.c.app == app)
+        return [dict(r) for r in self.conn.execute(query).mappings()]
+
+    def update_request(self, request_id: str, **values: Any) -> None:
+        self.conn.execute(update(requests).where(requests.c.id == request_id).values(**values))
+
+    def last_scale_up(self, app: str) -> float | None:
+        """When the application's newest accepted request that added hosts was accepted."""
+        for updated_at, params, host_ids in self.conn.execute(_RECENT_SCALE_UPS, {"app": app}):
+            if host_ids and (params.get("add") or params.get("count")):
+                return float(updated_at)
+        return None
+
+    # -- counts -----------------------------------------------------------------------------
+
+    def live_count_by_provider(self, app: str) -> dict[str, int]:
+        """The application's live hosts on each provider (from the counts the triggers keep)."""
+        counts: dict[str, int] = {}
+        for provider, n in self.conn.execute(_LIVE_COUNTS, {"app": app}):
+            counts[provider] = counts.get(provider, 0) + n
+        return {provider: n for provider, n in counts.items() if n}
+
+    def live_count(self, app: str) -> int:
+        return sum(self.live_count_by_provider(app).values())
+
+    # -- hosts ------------------------------------------------------------------------------
+
+    def hosts(self, *, ids: Sequence[str] | None = None, app: str | None = None, role: str | None = None,
+              component: str | None = None, live: bool = False) -> list[Row]:
+        query = select(hosts).order_by(hosts.c.created_at, hosts.c.name)
+        if ids is not None:
+            query = query.where(hosts.c.id.in_(list(ids)))
+        if app is not None:
+            query = query.where(hosts.c.app == app)
+        if role is not None:
+            query = query.where(hosts.c.role == role)
+        if component is not None:
+            query = query.where(hosts.c.component == component)
+        if live:
+            query = query.where(_LIVE)
+        return [dict(r) for r in self.conn.execute(query).mappings()]
+
+    def free_sequence_numbers(self, pattern: str, app: str, role: str, count: int) -> list[int]:
+        """The ``count`` smallest numbers that, put into the role's name pattern, make a name no
+        live host has. When the role's live hosts are numbered 1..n without a gap (the usual
+        case) this reads two index entries, not the role's hosts; otherwise it walks the
+        numbers in order only up to the gaps it fills."""
+        params = {"app": app, "role": role}
+        highest = self.conn.execute(_ROLE_MAX_SEQ, params).scalar() or 0
+        if highest == self.conn.execute(_ROLE_LIVE_COUNT, params).scalar():
+            candidates: Iterable[int] = itertools.count(highest + 1)
+        else:
+            candidates = self._unused_numbers(params)
+        chosen: list[int] = []
+        for batch in _batched(candidates, count):
+            names = {pattern.format(app=app, role=role, seq=seq): seq for seq in batch}
+            # a name can also be taken by a host this role did not number (adopted, renamed role)
+            taken = set(self.conn.execute(_LIVE_NAMES_AMONG, {"names": list(names)}).scalars())
+            chosen += [seq for name, seq in names.items() if name not in taken][:count - len(chosen)]
+            if len(chosen) == count:
+                return chosen
+        raise AssertionError("unreachable: the candidates are endless")
+
+    def _unused_numbers(self, params: Row) -> Iterator[int]:
+        """1, 2, 3 ... skipping the numbers live hosts of the role carry, read lazily in order."""
+        expected = 1
+        for (seq,) in self.conn.execute(_ROLE_SEQS, params):
+            while expected < seq:
+                yield expected
+                expected += 1
+            expected = max(expected, seq + 1)
+        yield from itertools.count(expected)
+
+    def number_unnumbered_hosts(self, pattern: str, app: str, role: str) -> int:
+        """Fill in ``seq`` for the role's live hosts made before it was kept (read off their
+        names); returns how many were filled."""
+        rows = self.conn.execute(select(hosts.c.id, hosts.c.name).where(
+            _ROLE_LIVE, hosts.c.seq.is_(None)), {"app": app, "role": role}).all()
+        numbered = []
+        for host_id, name in rows:
+            found = _sequence_numbers(pattern, app, role, [name])
+            if found:
+                numbered.append({"host": host_id, "seq": found.pop()})
+        if numbered:
+            self.conn.execute(update(hosts).where(hosts.c.id == bindparam("host")).values(seq=bindparam("seq")),
+                              numbered)
+        return len(numbered)
+
+    def allocate_addresses(
+        self,
+        network: str,
+        first: ipaddress.IPv4Address,
+        last: ipaddress.IPv4Address,
+        host_ids: Sequence[str],
+        skip: Iterable[ipaddress.IPv4Address] = (),
+    ) -> list[ipaddress.IPv4Address] | None:
+        """Lease the lowest free addresses of the range to ``host_ids``, one each, or none at all
+        (None) when there are not enough."""
+        taken = set(self.conn.execute(
+            select(address_leases.c.address).where(address_leases.c.network == network)).scalars())
+        taken |= {str(a) for a in skip}
+        chosen: list[ipaddress.IPv4Address] = []
+        candidate = first
+        while len(chosen) < len(host_ids) and candidate <= last:
+            if str(candidate) not in taken:
+                chosen.append(candidate)
+            candidate += 1
+        if len(chosen) < len(host_ids):
+            return None
+        if chosen:
+            self.conn.execute(insert(address_leases), [
+                {"network": network, "address": str(address), "host_id": host_id}
+                for address, host_id in zip(chosen, host_ids, strict=True)])
+        return chosen
+
+    def insert_hosts(self, many: Sequence[Row]) -> list[Row]:
+        """Insert new host rows (one statement); NameTaken if a live host has one of the names."""
+        rows = [_new_host_row(dict(values)) for values in many]
+        if not rows:
+            return []
+        try:
+            self.conn.execute(_INSERT_HOST, rows)
+        except IntegrityError as exc:
+            raise NameTaken(", ".join(r["name"] for r in rows)) from exc
+        blank = {column.name: None for column in hosts.c}
+        return [blank | row for row in rows]
+
+    def retire(self, host_ids: Sequence[str]) -> dict[str, str]:
+        """Retire hosts, each according to the state it is in now (the caller's rows may be
+        older): a resting one (ready, failed) moves straight on to ``retiring``; one in flight is
+        flagged, and the engine retires it after its step. Returns each host's state after."""
+        result = self.conn.execute(_RETIRE, {"ids": list(host_ids), "now": time.time()})
+        return dict(result.all())
+
+    # -- events -----------------------------------------------------------------------------
+
+    def add_event(self, kind: str, *, actor: str, detail: Row, host_id: str | None = None,
+                  request_id: str | None = None) -> None:
+        GroupCommit.defer(self.conn, _EVENT_INSERT, {"ts": time.time(), "host_id": host_id,
+                                                      "request_id": request_id, "kind": kind, "actor": actor,
+                                                      "detail": detail})
+
+    def add_events(self, rows: Sequence[Row]) -> None:
+        """Several audit events; each row has kind, actor, detail and optionally host_id and
+        request_id."""
+        now = time.time()
+        for row in rows:
+            GroupCommit.defer(self.conn, _EVENT_INSERT, {"ts": now, "host_id": None, "request_id": None, **row})
+
+
+_RESTING = hosts.c.state.in_([HostState.READY.value, HostState.FAILED.value])
+
+
+def _when_resting(value: Any, otherwise: Any) -> Any:
+    return case((_RESTING, value), else_=otherwise)
+
+
+_RETIRE = (
+    update(hosts).where(hosts.c.id.in_(bindparam("ids", expanding=True))).values(
+        state=_when_resting(HostState.RETIRING.value, hosts.c.state),
+        retire_requested=_when_resting(False, True),
+        attempts=_when_resting(0, hosts.c.attempts),
+        failed_step=_when_resting(None, hosts.c.failed_step),
+        error=_when_resting(None, hosts.c.error),
+        state_since=_when_resting(bindparam("now"), hosts.c.state_since),
+        next_attempt_at=0.0,
+    ).returning(hosts.c.id, hosts.c.state)
+)
+
+
+def _new_host_row(values: Row) -> Row:
+    now = time.time()
+    return {
+        "id": values.pop("id", None) or str(uuid.uuid4()),
+        "tags": [],
+        "addresses": [],
+        "classification": {},
+        "registrations": {},
+        "profile": {},
+        "tags_rev": 0,
+        "retire_requested": False,
+        "attempts": 0,
+        "next_attempt_at": 0.0,
+        "created_at": now,
+        "updated_at": now,
+        "state_since": now,
+        **values,
+    }
+
+
+def _batched(items: Iterable[int], size: int) -> Iterator[tuple[int, ...]]:
+    """``items`` in tuples of ``size`` (itertools.batched from Python 3.12)."""
+    iterator = iter(items)
+    while batch := tuple(itertools.islice(iterator, size)):
+        yield batch
+
+
 class CertificateStore:
-    """The application certificates governord issued (a mixin-free helper over the store's engine)."""
+    """The application certificates governord issued (a mixin-free helper over the store's engine).
+
+    The revoked serials are also kept in memory, read once and added to by :meth:`revoke`: every
+    request of the applications' API asks, and the daemon is the only writer of its database
+    (``governord-ctl`` revokes through it), so the set is never stale."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.engine = store.engine
+        self._revoked: set[str] | None = None
+        #: bumped by every revocation: a read of the set begun before one is not kept
+        self._revocations = 0
 
     async def record(self, *, serial: str, app: str, common_name: str, not_after: float) -> None:
         async with self.store.transaction() as conn:
@@ -726,10 +859,20 @@ class CertificateStore:
             result = await conn.execute(
                 update(app_certificates).where(where).values(revoked_at=time.time(), revoked_by=actor)
                 .returning(app_certificates.c.serial))
-            return [r[0] for r in result]
+            serials = [r[0] for r in result]
+        # once committed (a revocation that failed refuses nothing); read afresh at next use
+        self._revocations += 1
+        self._revoked = None
+        return serials
 
     async def revoked(self, serial: str) -> bool:
-        async with self.engine.connect() as conn:
-            row = (await conn.execute(select(app_certificates.c.revoked_at)
-                                      .where(app_certificates.c.serial == serial))).first()
-        return row is not None and row[0] is not None
+        known = self._revoked
+        if known is None:
+            revocations = self._revocations
+            async with self.engine.connect() as conn:
+                rows = await conn.execute(select(app_certificates.c.serial)
+                                          .where(app_certificates.c.revoked_at.is_not(None)))
+                known = {row[0] for row in rows}
+            if revocations == self._revocations:
+                self._revoked = known
+        return serial in known

@@ -108,7 +108,7 @@ async def scale_app(request: web.Request) -> web.Response:
         request.match_info["app"], body.role, add=body.add, count=body.count, actor=ACTOR,
         idempotency_key=body.idempotency_key, callback_url=body.callback_url,
     )
-    return await request_reply(runtime, decision.request, decision.replayed)
+    return await request_reply(runtime, decision)
 
 
 @endpoints.add("POST", "/v1/apps/{app}/release", "Release an application's hosts, as an operator",
@@ -121,7 +121,7 @@ async def release_app(request: web.Request) -> web.Response:
         request.match_info["app"], hosts=body.hosts, role=body.role, count=body.count, actor=ACTOR,
         idempotency_key=body.idempotency_key,
     )
-    return await request_reply(runtime, decision.request, decision.replayed)
+    return await request_reply(runtime, decision)
 
 
 def _application(runtime: Runtime, app: str) -> Any:

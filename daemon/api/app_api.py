@@ -23,7 +23,7 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .. import webhooks
-from ..service import RequestError, host_summary
+from ..service import Decision, RequestError, host_summary
 from . import schemas
 from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, parse_body, reply
 from .tls import ApplicationTLS
@@ -119,7 +119,7 @@ async def scale(request: web.Request) -> web.Response:
         app, body.role, add=body.add, count=body.count, actor=f"app:{app}", idempotency_key=body.idempotency_key,
         callback_url=body.callback_url,
     )
-    return await request_reply(runtime, decision.request, decision.replayed)
+    return await request_reply(runtime, decision)
 
 
 @endpoints.add("POST", "/v1/release", "Hand hosts back (named, or a count, newest first)",
@@ -133,12 +133,12 @@ async def release(request: web.Request) -> web.Response:
         app, hosts=body.hosts, role=body.role, count=body.count, actor=f"app:{app}",
         idempotency_key=body.idempotency_key,
     )
-    return await request_reply(runtime, decision.request, decision.replayed)
+    return await request_reply(runtime, decision)
 
 
-async def request_reply(runtime: Runtime, request_row: dict[str, Any], replayed: bool) -> web.Response:
-    status = 409 if request_row["state"] == "declined" else (200 if replayed else 202)
-    return reply(schemas.Request, await runtime.governor.request_status(request_row), status)
+async def request_reply(runtime: Runtime, decision: Decision) -> web.Response:
+    status = 409 if decision.request["state"] == "declined" else (200 if decision.replayed else 202)
+    return reply(schemas.Request, await runtime.governor.request_status(decision.request, decision.hosts), status)
 
 
 @endpoints.add("GET", "/v1/requests/{request_id}", "A request's decision, status and hosts",
@@ -234,7 +234,7 @@ async def openshift_webhook(request: web.Request) -> web.Response:
             raise
         raise RequestError(422, f"delivery {delivery} was received before with another body",
                            field=webhooks.DELIVERY_HEADER) from None
-    status = await runtime.governor.request_status(decision.request)
+    status = await runtime.governor.request_status(decision.request, decision.hosts)
     code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
     return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],
                                         "reason": status["reason"], "request": status}, code)

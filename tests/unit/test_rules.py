@@ -284,8 +284,8 @@ async def test_a_release_decided_while_the_host_came_to_rest_still_retires_it(ma
         decision = await runtime.governor.scale("rules", "node", add=2, actor="t")
         [row, _] = await wait_states(runtime, decision.request["host_ids"], {"ready"})
         seen_in_flight = {**row, "state": "configuring"}  # what the release read, a moment earlier
-        async with runtime.store.transaction() as conn:
-            await runtime.governor._mark_retire(conn, [seen_in_flight], "t", None)  # noqa: SLF001
+        await runtime.store.decide(
+            lambda tx: runtime.governor._retire(tx, [seen_in_flight], "t", None))  # noqa: SLF001
         runtime.engine.wake()
         [gone] = await wait_states(runtime, [row["id"]], {"gone"})
         assert not gone["retire_requested"]
