@@ -37,8 +37,8 @@ from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement
 
 from .models import HostOrigin, HostState, HostView
@@ -250,15 +250,15 @@ _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
 class DirectStatement:
     """A statement compiled once for a dialect and run straight on the DBAPI cursor.
 
-    For the engine's fenced update, the hottest statement governord runs: SQLAlchemy's
-    bookkeeping per execution costs several times SQLite's own work for it (bench/RESULTS.md).
-    Parameters and the returned row still go through the column types' own processors for the
-    dialect, so values come back exactly as SQLAlchemy would return them (a unit test compares).
-    The statement must return whole ``hosts`` rows.
+    For the hottest statements: the engine's fenced update, and the few a scale decision runs.
+    SQLAlchemy's bookkeeping per execution costs several times SQLite's own work for them
+    (bench/RESULTS.md). Parameters and returned rows still go through the column types' own
+    processors for the dialect, so values come back exactly as SQLAlchemy would return them (a
+    unit test compares). Use :func:`direct` to get the one for a statement and connection.
     """
 
-    def __init__(self, statement: Any, dialect: Any) -> None:
-        compiled = statement.compile(dialect=dialect)
+    def __init__(self, statement: Any, dialect: Any, column_keys: Sequence[str] | None = None) -> None:
+        compiled = statement.compile(dialect=dialect, column_keys=column_keys)
         if not compiled.positional:
             raise NotImplementedError("DirectStatement needs a positional DBAPI parameter style")
         self._compiled = compiled
@@ -267,31 +267,68 @@ class DirectStatement:
         self._bind_processors = {
             name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in compiled.binds.items()
         }
-        self._columns = [column.name for column in hosts.c]
-        self._result_processors = [column.type.dialect_impl(dialect).result_processor(dialect, None)
-                                   for column in hosts.c]
+        if isinstance(statement, Select):
+            described = statement.column_descriptions
+        else:
+            described = statement.returning_column_descriptions
+        self._columns = [column["name"] for column in described]
+        self._result_processors = [column["type"].dialect_impl(dialect).result_processor(dialect, None)
+                                   for column in described]
 
-    def first(self, conn: Connection, params: Row) -> Row | None:
+    def _positional(self, params: Row) -> list[Any]:
         values = self._compiled.construct_params(params)
         positional = []
         for name in self._order:
             value = values[name]
             processor = self._bind_processors.get(name)
             positional.append(processor(value) if processor is not None and value is not None else value)
-        cursor = conn.connection.driver_connection.cursor()
-        try:
-            cursor.execute(self.sql, positional)
-            raw = cursor.fetchone()
-            if raw is not None:
-                cursor.fetchall()  # the statement is done only once its rows are read
-        finally:
-            cursor.close()
-        if raw is None:
-            return None
+        return positional
+
+    def _row(self, raw: Sequence[Any]) -> Row:
         return {
             name: processor(value) if processor is not None else value
             for name, processor, value in zip(self._columns, self._result_processors, raw, strict=True)
         }
+
+    def all(self, conn: Connection, params: Row) -> list[Row]:
+        """The rows, each a dict of the statement's columns."""
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.execute(self.sql, self._positional(params))
+            return [self._row(raw) for raw in cursor.fetchall()]
+        finally:
+            cursor.close()
+
+    def first(self, conn: Connection, params: Row) -> Row | None:
+        rows = self.all(conn, params)
+        return rows[0] if rows else None
+
+    def scalar(self, conn: Connection, params: Row) -> Any:
+        """The first column of the first row, or None."""
+        row = self.first(conn, params)
+        return next(iter(row.values())) if row else None
+
+    def run(self, conn: Connection, many: Sequence[Row]) -> None:
+        """Execute once per parameter set (a statement that returns nothing, e.g. an insert)."""
+        cursor = conn.connection.driver_connection.cursor()
+        try:
+            cursor.executemany(self.sql, [self._positional(params) for params in many])
+        finally:
+            cursor.close()
+
+
+_direct_statements: dict[tuple[str, int, tuple[str, ...] | None], DirectStatement] = {}
+
+
+def direct(conn: Connection, statement: Any, column_keys: Iterable[str] | None = None) -> DirectStatement:
+    """The :class:`DirectStatement` of ``statement`` (a module-level constant: it is kept by its
+    identity) for the connection's dialect; an insert is compiled for ``column_keys``."""
+    keys = tuple(sorted(column_keys)) if column_keys is not None else None
+    key = (conn.dialect.name, id(statement), keys)
+    prepared = _direct_statements.get(key)
+    if prepared is None:
+        prepared = _direct_statements[key] = DirectStatement(statement, conn.dialect, keys)
+    return prepared
 
 
 _fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatement] = {}
@@ -589,7 +626,7 @@ _ROLE_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where
     live_counts.c.app == bindparam("app"), live_counts.c.role == bindparam("role"))
 _ROLE_MAX_SEQ = select(func.max(hosts.c.seq)).where(_ROLE_LIVE)
 _ROLE_SEQS = select(hosts.c.seq).where(_ROLE_LIVE, hosts.c.seq.is_not(None)).order_by(hosts.c.seq)
-_LIVE_NAMES_AMONG = select(hosts.c.name).where(hosts.c.name.in_(bindparam("names", expanding=True)), _LIVE)
+_LIVE_NAME = select(hosts.c.id).where(hosts.c.name == bindparam("name"), _LIVE)
 _INSERT_HOST = insert(hosts)
 
 
@@ -606,10 +643,8 @@ class Transaction:
     def find_request(self, app: str | None, key: str) -> Row | None:
         """The request made under this idempotency key (by ``app``; None: by an operator)."""
         if app is None:
-            row = self.conn.execute(_FIND_OPERATOR_REQUEST, {"key": key}).mappings().first()
-        else:
-            row = self.conn.execute(_FIND_REQUEST, {"app": app, "key": key}).mappings().first()
-        return dict(row) if row else None
+            return direct(self.conn, _FIND_OPERATOR_REQUEST).first(self.conn, {"key": key})
+        return direct(self.conn, _FIND_REQUEST).first(self.conn, {"app": app, "key": key})
 
     def request(self, request_id: str) -> Row | None:
         row = self.conn.execute(_REQUEST_BY_ID, {"id": request_id}).mappings().first()
@@ -622,7 +657,7 @@ class Transaction:
         return {"id": str(uuid.uuid4()), "host_ids": [], "created_at": now, "updated_at": now, **values}
 
     def insert_request(self, row: Row) -> Row:
-        self.conn.execute(_INSERT_REQUEST, row)
+        direct(self.conn, _INSERT_REQUEST, row).run(self.conn, [row])
         return row
 
     def pending_requests(self, app: str | None) -> list[Row]:
@@ -646,8 +681,8 @@ class Transaction:
     def live_count_by_provider(self, app: str) -> dict[str, int]:
         """The application's live hosts on each provider (from the counts the triggers keep)."""
         counts: dict[str, int] = {}
-        for provider, n in self.conn.execute(_LIVE_COUNTS, {"app": app}):
-            counts[provider] = counts.get(provider, 0) + n
+        for row in direct(self.conn, _LIVE_COUNTS).all(self.conn, {"app": app}):
+            counts[row["provider"]] = counts.get(row["provider"], 0) + row["hosts"]
         return {provider: n for provider, n in counts.items() if n}
 
     def live_count(self, app: str) -> int:
@@ -676,8 +711,8 @@ class Transaction:
         case) this reads two index entries, not the role's hosts; otherwise it walks the
         numbers in order only up to the gaps it fills."""
         params = {"app": app, "role": role}
-        highest = self.conn.execute(_ROLE_MAX_SEQ, params).scalar() or 0
-        if highest == self.conn.execute(_ROLE_LIVE_COUNT, params).scalar():
+        highest = direct(self.conn, _ROLE_MAX_SEQ).scalar(self.conn, params) or 0
+        if highest == direct(self.conn, _ROLE_LIVE_COUNT).scalar(self.conn, params):
             candidates: Iterable[int] = itertools.count(highest + 1)
         else:
             candidates = self._unused_numbers(params)
@@ -685,7 +720,7 @@ class Transaction:
         for batch in _batched(candidates, count):
             names = {pattern.format(app=app, role=role, seq=seq): seq for seq in batch}
             # a name can also be taken by a host this role did not number (adopted, renamed role)
-            taken = set(self.conn.execute(_LIVE_NAMES_AMONG, {"names": list(names)}).scalars())
+            taken = {name for name in names if direct(self.conn, _LIVE_NAME).first(self.conn, {"name": name})}
             chosen += [seq for name, seq in names.items() if name not in taken][:count - len(chosen)]
             if len(chosen) == count:
                 return chosen
@@ -748,9 +783,12 @@ class Transaction:
         rows = [_new_host_row(dict(values)) for values in many]
         if not rows:
             return []
+        # every row has the same columns: one prepared insert for them all
+        keys = set().union(*rows)
+        rows = [{key: row.get(key) for key in keys} for row in rows]
         try:
-            self.conn.execute(_INSERT_HOST, rows)
-        except IntegrityError as exc:
+            direct(self.conn, _INSERT_HOST, keys).run(self.conn, rows)
+        except self.conn.dialect.loaded_dbapi.IntegrityError as exc:
             raise NameTaken(", ".join(r["name"] for r in rows)) from exc
         blank = {column.name: None for column in hosts.c}
         return [blank | row for row in rows]

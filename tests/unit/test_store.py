@@ -109,3 +109,121 @@ def test_sequence_numbers_are_read_off_the_names_the_pattern_makes() -> None:
     assert store._sequence_numbers("{app}-{role}-{seq:02d}", "shop", "node", names) == {1, 7, 123}  # noqa: SLF001
     assert store._sequence_numbers("{app}.{role}{seq}", "a", "b", {"a.b5", "aXb6"}) == {5}  # noqa: SLF001
     assert store._sequence_numbers("{app}-{other}-{seq}", "a", "b", {"a-x-1"}) == set()  # noqa: SLF001
+
+
+def _host(i: int, **values: object) -> dict[str, object]:
+    return {"id": f"h{i}", "name": f"shop-node-{i:02d}", "seq": i, "fqdn": f"shop-node-{i:02d}.x", "app": "shop",
+            "role": "node", "provider": "mem", "origin": "provisioned", "state": "requested", "tags": [],
+            "addresses": [], "classification": {}, "registrations": {}, "profile": {}, "created_at": 1.0,
+            "updated_at": 1.0, **values}
+
+
+def _counted(conn: object) -> dict[tuple[str, str, str], int]:
+    rows = conn.exec_driver_sql("SELECT app, role, provider, hosts FROM live_counts WHERE hosts != 0")  # type: ignore[attr-defined]
+    return {(a, r, p): n for a, r, p, n in rows}
+
+
+def _actual(conn: object) -> dict[tuple[str, str, str], int]:
+    rows = conn.exec_driver_sql(  # type: ignore[attr-defined]
+        "SELECT app, coalesce(role, ''), coalesce(provider, ''), count(*) FROM hosts "
+        "WHERE app IS NOT NULL AND state != 'gone' GROUP BY 1, 2, 3")
+    return {(a, r, p): n for a, r, p, n in rows}
+
+
+def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
+    """The triggers keep live_counts equal to counting the hosts, through inserts, transitions,
+    moves between applications, roles and providers, adoption (no application) and deletes, in
+    a database built by the migrations and in one built from schema.py alone."""
+    import random
+
+    from sqlalchemy import delete, insert, update
+
+    from governord.schema import hosts
+
+    rng = random.Random(7)
+    migrated = create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
+    store.migrate(str(migrated.url))
+    declared = create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    metadata.create_all(declared)
+    for engine in (migrated, declared):
+        with engine.begin() as conn:
+            conn.execute(insert(hosts), [_host(i, app=rng.choice(["shop", "blog", None]),
+                                               state=rng.choice(["requested", "ready", "gone"])) for i in range(60)])
+            assert _counted(conn) == _actual(conn) and _actual(conn)
+            for _ in range(300):
+                i = rng.randrange(60)
+                change = rng.choice(["state", "app", "role", "provider", "delete", "other"])
+                if change == "delete":
+                    conn.execute(delete(hosts).where(hosts.c.id == f"h{i}"))
+                    conn.execute(insert(hosts), [_host(i, state=rng.choice(["requested", "gone"]))])
+                    continue
+                value = {"state": rng.choice(["requested", "provisioning", "ready", "failed", "gone"]),
+                         "app": rng.choice(["shop", "blog", None]), "role": rng.choice(["node", "broker", None]),
+                         "provider": rng.choice(["mem", "vs", None]), "other": None}[change]
+                column = "error" if change == "other" else change
+                conn.execute(update(hosts).where(hosts.c.id == f"h{i}").values({column: value}))
+                assert _counted(conn) == _actual(conn), (change, value)
+        engine.dispose()
+    with migrated.connect() as a, declared.connect() as b:
+        triggers = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        assert a.exec_driver_sql(triggers).fetchall() == b.exec_driver_sql(triggers).fetchall()
+        assert len(a.exec_driver_sql(triggers).fetchall()) == 3
+    migrated.dispose()
+    declared.dispose()
+
+
+def test_the_upgrade_counts_the_hosts_already_there(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        command.upgrade(_alembic(conn), "0006")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        for i, (app, state) in enumerate([("shop", "ready"), ("shop", "requested"), ("shop", "gone"), (None, "ready")]):
+            db.execute(
+                "INSERT INTO hosts (id, name, fqdn, app, role, provider, origin, state, tags, addresses, "
+                "classification, registrations, profile, created_at, updated_at) VALUES "
+                f"('h{i}', 'shop-node-0{i}', 'x', ?, 'node', 'mem', 'provisioned', ?, '[]', '[]', '{{}}', '{{}}', "
+                "'{}', 1.0, 1.0)", (app, state))
+    store.migrate(f"sqlite:///{path}")
+    with sqlite3.connect(path) as db:
+        assert db.execute("SELECT app, role, provider, hosts FROM live_counts").fetchall() == [("shop", "node", "mem", 2)]
+        assert db.execute("SELECT count(*) FROM hosts WHERE seq IS NULL").fetchone() == (4,)
+
+
+def test_live_means_not_gone_in_the_literal_sql() -> None:
+    """The decisions' partial indexes and triggers spell "live" as ``state != 'gone'``."""
+    from governord.models import LIVE_STATES, HostState
+
+    assert {s.value for s in HostState} - {s.value for s in LIVE_STATES} == {"gone"}
+
+
+def test_free_names_are_the_lowest_numbers_no_live_host_carries(tmp_path: Path) -> None:
+    from sqlalchemy import insert, update
+
+    from governord.schema import hosts
+
+    url = f"sqlite:///{tmp_path / 'g.db'}"
+    store.migrate(url)
+    engine = create_engine(url)
+    pattern = "{app}-{role}-{seq:02d}"
+    with engine.begin() as conn:
+        tx = store.Transaction(conn)
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 3) == [1, 2, 3]
+        conn.execute(insert(hosts), [_host(i) for i in range(1, 6)])
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 2) == [6, 7]  # numbered without a gap
+        conn.execute(update(hosts).where(hosts.c.id.in_(["h2", "h4"])).values(state="gone"))
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 3) == [2, 4, 6]  # gaps first
+        # a host the role did not number (adopted under such a name) still takes its name
+        conn.execute(insert(hosts), [_host(99, id="adopted", name="shop-node-02", seq=None, app=None, role=None)])
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 3) == [4, 6, 7]
+        conn.execute(insert(hosts), [_host(i) for i in (6, 7)])
+        conn.execute(update(hosts).where(hosts.c.id == "adopted").values(state="gone"))
+        conn.execute(update(hosts).where(hosts.c.id.in_(["h2", "h4"])).values(state="requested"))
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 1) == [8]
+        # hosts from before numbers were kept: numbered from their names, then the fast path holds
+        conn.execute(update(hosts).values(seq=None))
+        assert tx.number_unnumbered_hosts(pattern, "shop", "node") == 7
+        assert conn.exec_driver_sql("SELECT count(*) FROM hosts WHERE seq IS NULL AND state != 'gone'").scalar() == 0
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 2) == [8, 9]
+    engine.dispose()
