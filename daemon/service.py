@@ -453,15 +453,15 @@ class Governor:
     @staticmethod
     def _retire(tx: Transaction, rows: list[Row], actor: str, request_id: str | None) -> list[Row]:
         """Retire hosts (a resting one moves on at once, one in flight after its step; decided on
-        the state each has now, see Transaction.retire) and audit it; returns the rows as they
-        are now."""
+        the state each has now, see Transaction.retire) and audit it. ``rows`` must have been
+        read in this transaction: returns them with what the retirement changed."""
         if not rows:
             return []
-        now = tx.retire([r["id"] for r in rows])
+        changed = tx.retire([r["id"] for r in rows])
         tx.add_events([
             {"kind": "retire-requested", "actor": actor, "host_id": r["id"], "request_id": request_id,
-             "detail": {"state": r["state"], "now": now[r["id"]]}} for r in rows])
-        return tx.hosts(ids=[r["id"] for r in rows])
+             "detail": {"state": r["state"], "now": changed[r["id"]]["state"]}} for r in rows])
+        return [{**r, **changed[r["id"]]} for r in rows]
 
     async def host(self, key: str) -> Row:
         row = await self.store.get_host(key)
@@ -473,7 +473,15 @@ class Governor:
         row = await self.host(key)
         if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
             return row
-        [now] = await self.store.decide(lambda tx: self._retire(tx, [row], actor, None))
+
+        def decide(tx: Transaction) -> Row:
+            [current] = tx.hosts(ids=[row["id"]])
+            if current["state"] == HostState.GONE.value or current["state"] in _LEAVING:
+                return current  # on its way out since it was read
+            [now] = self._retire(tx, [current], actor, None)
+            return now
+
+        now = await self.store.decide(decide)
         self.engine.wake()
         return now
 

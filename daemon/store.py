@@ -33,6 +33,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
+import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
 from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, text, update
@@ -62,9 +63,19 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def _json_text(value: Any) -> str:
+    # orjson: the store encodes and decodes JSON columns on every transition; the json module
+    # was a tenth of the engine's CPU time (bench/RESULTS.md). Text, as SQLite's JSON type is.
+    return orjson.dumps(value, option=orjson.OPT_NON_STR_KEYS).decode()
+
+
+#: the JSON columns' encoding, for every engine the store creates
+JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
+
+
 def migrate(url: str) -> None:
     """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema."""
-    engine = create_engine(url)
+    engine = create_engine(url, **JSON_CODEC)
     if url.startswith("sqlite"):
         event.listen(engine, "connect", _sqlite_pragmas)
     cfg = AlembicConfig()
@@ -175,7 +186,8 @@ class GroupCommit:
     @staticmethod
     def _run_deferred(conn: Connection) -> None:
         for statement, rows in conn.info.pop(_DEFERRED, {}).items():
-            conn.execute(statement, rows)
+            keys = set().union(*rows)
+            direct(conn, statement, keys).run(conn, [{key: row.get(key) for key in keys} for row in rows])
 
     def _commit(self, jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         if self._conn is None:
@@ -245,6 +257,7 @@ _NEXT_DUE = (
     .order_by(hosts.c.next_attempt_at)
     .limit(1)
 )
+_RELEASE_ADDRESS = address_leases.delete().where(address_leases.c.host_id == bindparam("host_id"))
 _FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
 class DirectStatement:
@@ -264,9 +277,16 @@ class DirectStatement:
         self._compiled = compiled
         self.sql = compiled.string
         self._order = list(compiled.positiontup or ())
-        self._bind_processors = {
-            name: bind.type.dialect_impl(dialect).bind_processor(dialect) for name, bind in compiled.binds.items()
-        }
+        if any(bind.expanding for bind in compiled.binds.values()):
+            raise NotImplementedError("DirectStatement runs no expanding (IN list) parameters")
+        # per position: the parameter's name, whether the caller must give it, its value in the
+        # statement otherwise, the type's processor (what construct_params does, without its
+        # general machinery: a test compares the outcome with SQLAlchemy's)
+        self._slots = []
+        for name in self._order:
+            bind = compiled.binds[name]
+            processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
+            self._slots.append((name, bind.required, None if bind.required else bind.effective_value, processor))
         if isinstance(statement, Select):
             described = statement.column_descriptions
         else:
@@ -276,11 +296,9 @@ class DirectStatement:
                                    for column in described]
 
     def _positional(self, params: Row) -> list[Any]:
-        values = self._compiled.construct_params(params)
         positional = []
-        for name in self._order:
-            value = values[name]
-            processor = self._bind_processors.get(name)
+        for name, required, default, processor in self._slots:
+            value = params[name] if required or name in params else default
             positional.append(processor(value) if processor is not None and value is not None else value)
         return positional
 
@@ -365,9 +383,9 @@ class Store:
     async def open_sqlite(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
         migrate(f"sqlite:///{path}")
-        engine = create_async_engine(f"sqlite+aiosqlite:///{path}")
+        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", **JSON_CODEC)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        writer = create_engine(f"sqlite:///{path}")
+        writer = create_engine(f"sqlite:///{path}", **JSON_CODEC)
         event.listen(writer, "connect", _sqlite_pragmas)
         return cls(engine, writer)
 
@@ -442,7 +460,7 @@ class Store:
         """Lease up to ``limit`` hosts that have work due and no live lease."""
         now = time.time()
         params = {"now": now, "limit": limit, "owner": owner, "expires": now + lease_seconds}
-        return await self.writer.run(lambda conn: [dict(r) for r in conn.execute(_CLAIM, params).mappings()])
+        return await self.writer.run(lambda conn: direct(conn, _CLAIM).all(conn, params))
 
     async def next_due_at(self) -> float | None:
         """When the earliest host with work and no live lease becomes due (for the engine's
@@ -518,7 +536,7 @@ class Store:
     @staticmethod
     def release_address(conn: Connection, host_id: str) -> None:
         """Free the host's leased address (inside a fenced update's transaction)."""
-        conn.execute(address_leases.delete().where(address_leases.c.host_id == host_id))
+        direct(conn, _RELEASE_ADDRESS).run(conn, [{"host_id": host_id}])
 
     # -- hosts: operator changes ----------------------------------------------------------
 
@@ -793,12 +811,13 @@ class Transaction:
         blank = {column.name: None for column in hosts.c}
         return [blank | row for row in rows]
 
-    def retire(self, host_ids: Sequence[str]) -> dict[str, str]:
+    def retire(self, host_ids: Sequence[str]) -> dict[str, Row]:
         """Retire hosts, each according to the state it is in now (the caller's rows may be
         older): a resting one (ready, failed) moves straight on to ``retiring``; one in flight is
-        flagged, and the engine retires it after its step. Returns each host's state after."""
-        result = self.conn.execute(_RETIRE, {"ids": list(host_ids), "now": time.time()})
-        return dict(result.all())
+        flagged, and the engine retires it after its step. Returns, by host, the columns this
+        changed, as they are now."""
+        result = self.conn.execute(_RETIRE, {"ids": list(host_ids), "now": time.time()}).mappings()
+        return {row["id"]: dict(row) for row in result}
 
     # -- events -----------------------------------------------------------------------------
 
@@ -832,7 +851,9 @@ _RETIRE = (
         error=_when_resting(None, hosts.c.error),
         state_since=_when_resting(bindparam("now"), hosts.c.state_since),
         next_attempt_at=0.0,
-    ).returning(hosts.c.id, hosts.c.state)
+        updated_at=bindparam("now"),
+    ).returning(hosts.c.id, hosts.c.state, hosts.c.retire_requested, hosts.c.attempts, hosts.c.failed_step,
+                hosts.c.error, hosts.c.state_since, hosts.c.next_attempt_at, hosts.c.updated_at)
 )
 
 

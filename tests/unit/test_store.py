@@ -84,7 +84,7 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) 
             "registrations": {"cmdb": {"id": 7}}, "profile": {"size": "small"}, "retire_requested": True,
             "attempts": 2, "next_attempt_at": 0.0, "created_at": 1.0, "updated_at": 1.0, "lease_owner": "me"}
     values = {"state": READY_UNLESS_RETAGGED, "registrations": {"cmdb": {"id": 8, "token": None}}, "error": None,
-              "attempts": 0, "updated_at": 2.5}
+              "attempts": store._FIRST_TRY_UNLESS_RETIRING, "updated_at": 2.5}  # noqa: SLF001
     with engine.begin() as conn:
         conn.execute(insert(hosts), [{**base, "id": "direct", "name": "d"}, {**base, "id": "plain", "name": "p"}])
         direct, params = store._fenced_statement(conn.dialect, values)  # noqa: SLF001
@@ -96,7 +96,7 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) 
         ).mappings().one()
         assert got is not None
         assert {**got, "id": "plain", "name": "p"} == dict(expected)
-        assert got["state"] == "ready" and got["retire_requested"] is True
+        assert got["state"] == "ready" and got["retire_requested"] is True and got["attempts"] == 0
         assert got["registrations"] == {"cmdb": {"id": 8, "token": None}}
         # the fence: another owner changes nothing and gets nothing back
         assert direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct",
