@@ -13,7 +13,7 @@ from .. import __version__
 from ..service import RequestError, host_summary
 from . import schemas
 from .app_api import request_reply
-from .common import Endpoints, errors_middleware, healthz, parse_body, reply
+from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, reply
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -288,7 +288,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 def create_admin_api(runtime: Runtime) -> web.Application:
     app = web.Application(middlewares=[errors_middleware], client_max_size=runtime.config.api.max_body_bytes)
+    app[max_body_key] = runtime.config.api.max_body_bytes
     app[runtime_key] = runtime
-    app["max_body"] = runtime.config.api.max_body_bytes
     endpoints.install(app)
     return app

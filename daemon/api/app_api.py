@@ -11,6 +11,7 @@ logged with its reason and counted (``governord_api_refusals_total``). ``/health
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -25,7 +26,8 @@ from pydantic import ValidationError
 from .. import webhooks
 from ..service import Decision, RequestError, host_summary
 from . import schemas
-from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, parse_body, reply
+from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body,
+                     reply)
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -69,6 +71,12 @@ def _refuse(runtime: Runtime, status: int, reason: str, description: str, messag
     return error_response(status, message)
 
 
+@functools.lru_cache(maxsize=1024)
+def _seconds(certificate_time: str) -> float:
+    """A certificate's time as seconds (parsed once per distinct value: every request asks)."""
+    return float(ssl.cert_time_to_seconds(certificate_time))
+
+
 @web.middleware
 async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     if not endpoints.needs_certificate(request.path):
@@ -85,7 +93,7 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     serial = format(int(peercert.get("serialNumber", "0"), 16), "x")
     # The handshake checked dates and the CRL; a connection kept alive since may have outlived both.
     not_after = peercert.get("notAfter")
-    if not_after and ssl.cert_time_to_seconds(not_after) < time.time():
+    if not_after and _seconds(not_after) < time.time():
         return _refuse(runtime, 403, "expired", "expired", f"certificate {serial} of {cn!r} has expired",
                        cn=cn, serial=serial, peer=peer)
     tls: ApplicationTLS | None = request.app.get(tls_key)
@@ -188,7 +196,7 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
                           415: schemas.Error, 422: schemas.Error})
 async def openshift_webhook(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
-    body = await _read_limited(request, min(webhooks.MAX_BODY_BYTES, request.app["max_body"]))
+    body = await _read_limited(request, min(webhooks.MAX_BODY_BYTES, request.app[max_body_key]))
     if request.content_type != "application/json":
         raise RequestError(415, "send Content-Type: application/json")
     app = request.headers.get(webhooks.APPLICATION_HEADER, "")
@@ -260,6 +268,6 @@ def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None) -> web.A
     app[runtime_key] = runtime
     if tls is not None:
         app[tls_key] = tls
-    app["max_body"] = runtime.config.api.max_body_bytes
+    app[max_body_key] = runtime.config.api.max_body_bytes
     endpoints.install(app)
     return app

@@ -152,6 +152,10 @@ def error_response(
     return web.json_response({"error": message, "field": field_name}, status=status, headers=headers)
 
 
+#: the body limit an app was made with (its client_max_size), for the messages and the webhook
+max_body_key = web.AppKey("max_body", int)
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn refusals into ``{"error", "field"}`` bodies; never leak a traceback."""
@@ -160,7 +164,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
     except RequestError as exc:
         return error_response(exc.status, str(exc), exc.field)
     except web.HTTPRequestEntityTooLarge:
-        return error_response(413, f"request body larger than {request.app['max_body']} bytes")
+        return error_response(413, f"request body larger than {request.app[max_body_key]} bytes")
     except web.HTTPException as exc:
         if exc.status >= 400 and exc.content_type != "application/json":
             # keep what the status needs besides the body (a 405's Allow, RFC 9110 15.5.6)
