@@ -728,6 +728,8 @@ class Transaction:
         live host has. When the role's live hosts are numbered 1..n without a gap (the usual
         case) this reads two index entries, not the role's hosts; otherwise it walks the
         numbers in order only up to the gaps it fills."""
+        if count <= 0:
+            return []
         params = {"app": app, "role": role}
         highest = direct(self.conn, _ROLE_MAX_SEQ).scalar(self.conn, params) or 0
         if highest == direct(self.conn, _ROLE_LIVE_COUNT).scalar(self.conn, params):

@@ -70,6 +70,9 @@ async def test_every_provider_full_is_declined_with_the_counts(make_runtime) -> 
         assert decision.request["state"] == "declined"
         assert decision.request["reason"] == "cap reached on every allowed provider of rules/node: mem 2/2, mem2 1/1"
         assert await runtime.store.list_hosts(app="rules") == []
+        # planning it says the same, and names no host
+        plan = await runtime.governor.plan("rules", "node", add=4, count=None)
+        assert plan["decision"] == "declined" and plan["hosts"] == []
     finally:
         await runtime.stop()
 

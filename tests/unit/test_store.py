@@ -210,6 +210,7 @@ def test_free_names_are_the_lowest_numbers_no_live_host_carries(tmp_path: Path) 
     with engine.begin() as conn:
         tx = store.Transaction(conn)
         assert tx.free_sequence_numbers(pattern, "shop", "node", 3) == [1, 2, 3]
+        assert tx.free_sequence_numbers(pattern, "shop", "node", 0) == []  # a plan that adds none
         conn.execute(insert(hosts), [_host(i) for i in range(1, 6)])
         assert tx.free_sequence_numbers(pattern, "shop", "node", 2) == [6, 7]  # numbered without a gap
         conn.execute(update(hosts).where(hosts.c.id.in_(["h2", "h4"])).values(state="gone"))
