@@ -139,11 +139,8 @@ class Governor:
             params["fingerprint"] = fingerprint
 
         def decide(tx: Transaction) -> Decision:
-            if idempotency_key is not None:
-                earlier = tx.find_request(app, idempotency_key)
-                if earlier is not None:
-                    _check_replay(earlier, "scale", params, idempotency_key)
-                    return Decision(earlier, replayed=True, hosts=tx.hosts(ids=earlier["host_ids"]))
+            if (earlier := _replayed(tx, app, "scale", params, idempotency_key)) is not None:
+                return earlier
             plan = self.plan_scale(tx, app, role, add=add, count=count, component=component)
             request = tx.new_request(app=app, actor=actor, idempotency_key=idempotency_key, kind="scale",
                                      params=params, state=plan.decision, reason=plan.reason)
@@ -417,11 +414,8 @@ class Governor:
         params = {"hosts": hosts, "role": role, "count": count}
 
         def decide(tx: Transaction) -> Decision:
-            if idempotency_key is not None:
-                earlier = tx.find_request(app, idempotency_key)
-                if earlier is not None:
-                    _check_replay(earlier, "release", params, idempotency_key)
-                    return Decision(earlier, replayed=True, hosts=tx.hosts(ids=earlier["host_ids"]))
+            if (earlier := _replayed(tx, app, "release", params, idempotency_key)) is not None:
+                return earlier
             live = self._kept_hosts(tx, app, role)
             if hosts is not None:
                 by_name = {h["name"]: h for h in live} | {h["fqdn"]: h for h in live}
@@ -624,6 +618,14 @@ class Governor:
             "status": status,
             "hosts": [host_summary(h) for h in rows],
         }
+
+
+def _replayed(tx: Transaction, app: str, kind: str, params: dict[str, Any], key: str | None) -> Decision | None:
+    """The earlier request made under this idempotency key, as a replayed decision, or None."""
+    if key is None or (earlier := tx.find_request(app, key)) is None:
+        return None
+    _check_replay(earlier, kind, params, key)
+    return Decision(earlier, replayed=True, hosts=tx.hosts(ids=earlier["host_ids"]))
 
 
 def _check_replay(earlier: Row, kind: str, params: dict[str, Any], key: str) -> None:

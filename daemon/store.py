@@ -8,13 +8,18 @@ process that lost its lease can never overwrite the work of the one that took ov
 Two write paths, one writer at a time (SQLite has one; taking turns in-process means no
 connection ever sleeps in SQLite's busy handler):
 
-- the engine's many small writes (claims, fenced updates, lease renewals) go through
-  :class:`GroupCommit`: one connection in one thread, and every write submitted while a batch is
-  being committed is committed together in the next one. Each caller still gets its own result
-  only once its write is durable, so "commit before and after every external call" holds, but
-  a thousand hosts moving at once cost tens of commits, not thousands;
-- the decisions (scale, approve, tag, ...) read and write across several awaits and keep their
-  async transactions, taken with :meth:`Store.transaction`, which waits for its turn.
+- the engine's many small writes (claims, fenced updates, lease renewals) and the decisions
+  (scale, release, approve, retire, adopt: :meth:`Store.decide`, synchronous functions of a
+  :class:`Transaction`) go through :class:`GroupCommit`: one connection in one thread, and every
+  write submitted while a batch is being committed is committed together in the next one. Each
+  caller still gets its own result only once its write is durable, so "commit before and after
+  every external call" holds, but a thousand hosts moving at once cost tens of commits, not
+  thousands, and a decision is one hop to that thread, not one per statement;
+- the rest (operator updates, the sweep's and the callbacks' writes) keep async transactions,
+  taken with :meth:`Store.transaction`, which waits for its turn.
+
+The hottest statements run prepared on the DBAPI cursor (:class:`DirectStatement`); the rest
+through SQLAlchemy Core.
 """
 
 from __future__ import annotations
