@@ -18,6 +18,7 @@ import os
 import re
 import ssl
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -488,6 +489,16 @@ def _type_of(path: str, prefix: str, section: dict[str, Any], known: list[str], 
     return kind
 
 
+def _load_type(path: str, prefix: str, kind: str, load: Callable[[str], Any]) -> None:
+    """Import the class of a type the config uses, now: a type registered lazily has not
+    imported its SDK yet, and an SDK that fails to import must stop the daemon here, naming
+    the section, before anything is written (not when the instances are built)."""
+    try:
+        load(kind)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an SDK's own failure at import
+        raise ConfigError(path, f"{prefix}.type", f"type {kind!r} is unavailable: {type(exc).__name__}: {exc}") from None
+
+
 def build_config(
     path: str,
     raw: dict[str, Any],
@@ -504,12 +515,14 @@ def build_config(
     for name, section in core.providers.items():
         prefix = f"providers.{name}"
         kind = _type_of(path, prefix, section, providers.names(), unavailable)
+        _load_type(path, prefix, kind, providers.load)
         provider_configs[name] = _validate(providers.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
 
     registrar_configs: dict[str, RegistrarConfig] = {}
     for name, section in core.registrars.items():
         prefix = f"registrars.{name}"
         kind = _type_of(path, prefix, section, registrars.names(), unavailable)
+        _load_type(path, prefix, kind, registrars.load)
         registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
 
     tags: dict[str, TagDefinition] = {}

@@ -90,7 +90,10 @@ def make_csr(certname: str, challenge: str | None) -> bytes:
 def test_plugin_registers_the_puppetca_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("puppetca") is PuppetCARegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("puppetca")
+    assert entry is not None and entry.Config is PuppetCARegistrar.Config and entry.TagMapping is PuppetCARegistrar.TagMapping
+    assert registry.load("puppetca") is PuppetCARegistrar
     assert PuppetCARegistrar.deregister_phase is Phase.BEFORE_MACHINE
 
 

@@ -64,7 +64,10 @@ def closed_port() -> int:
 def test_plugin_registers_the_puppetdb_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("puppetdb") is PuppetDBRegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("puppetdb")
+    assert entry is not None and entry.Config is PuppetDBRegistrar.Config and entry.TagMapping is PuppetDBRegistrar.TagMapping
+    assert registry.load("puppetdb") is PuppetDBRegistrar
     assert PuppetDBRegistrar.deregister_phase is Phase.AFTER_MACHINE
 
 
