@@ -13,17 +13,28 @@ is a reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``, resolved at load
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import ssl
+import stat
 import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import core_schema
 
 from .errors import ConfigError, FieldError
@@ -90,6 +101,39 @@ def _resolve_secret(value: Any) -> Secret:
 
 #: A config field holding a secret reference (the same as annotating it ``Secret``).
 SecretRef = Secret
+
+
+def _path_given(value: Any) -> Any:
+    if isinstance(value, str) and not value:
+        raise ValueError("an empty path")
+    return value
+
+
+def _readable_file(path: Path) -> Path:
+    """``path`` if it names a regular file this process can open for reading; otherwise the
+    reason, in the operating system's words (``No such file or directory``, ``Permission
+    denied``, ``Is a directory``). Opened without blocking, so a FIFO cannot hang the load."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"cannot read {path}: {os.strerror(errno.EISDIR)}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"cannot read {path}: not a regular file")
+    return path
+
+
+#: A config field naming a file governord reads (a CA bundle, a client certificate or key):
+#: it must exist and be readable when the config is loaded, so a typo stops the daemon at once
+#: (exit 2, naming the file and the full key, e.g. ``registrars.foreman.ca_file``) instead of
+#: failing the first host that needs it. Plugins use it for their path keys; what the file
+#: holds is checked by the code that uses it.
+ReadableFile = Annotated[Path, BeforeValidator(_path_given), AfterValidator(_readable_file)]
 
 
 class DaemonSection(StrictModel):

@@ -5,11 +5,10 @@ validated, without it; :mod:`.provider` imports it when a config uses the type."
 from __future__ import annotations
 
 import urllib.parse
-from pathlib import Path
 
 from pydantic import Field, field_validator, model_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -27,7 +26,7 @@ class EC2Config(ProviderConfig):
     #: check the endpoint's TLS certificate (against ``ca_file`` or the system's CAs)
     verify_tls: bool = True
     #: PEM file of the CA that signed a private endpoint's certificate
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
 
     @field_validator("endpoint_url")
     @classmethod

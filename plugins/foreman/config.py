@@ -5,11 +5,10 @@ uses the type."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from pydantic import Field
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -30,7 +29,7 @@ class ForemanConfig(RegistrarConfig):
     #: verify Foreman's TLS certificate
     verify_tls: bool = True
     #: CA bundle to verify it with (default: the system's)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: organization hosts are created in, by name
     organization: str
     #: location hosts are created in, by title

@@ -5,11 +5,10 @@ config validated, without it; :mod:`.provider` imports it when a config uses the
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -33,7 +32,7 @@ class OpenStackConfig(ProviderConfig):
     #: check the TLS certificates of keystone and nova (against ``ca_file`` or the system's CAs)
     verify_tls: bool = True
     #: PEM file of the CA that signed the cloud's certificates
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: compute microversion to use (``2.79``); empty: the newest both sides speak
     compute_api_version: str | None = None
 

@@ -5,11 +5,10 @@ config validated, without them; :mod:`.provider` imports them when a config uses
 from __future__ import annotations
 
 import urllib.parse
-from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -25,7 +24,7 @@ class OVirtConfig(ProviderConfig):
     #: check the engine's TLS certificate (against ``ca_file`` or the system's CAs)
     verify_tls: bool = True
     #: PEM file of the engine's CA (``https://engine/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: cluster the VMs are made in (by name)
     cluster: str = Field(min_length=1)
 

@@ -6,11 +6,11 @@ uses the type."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from governord.config import ReadableFile
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -26,11 +26,11 @@ class PuppetCAConfig(RegistrarConfig):
     #: puppetserver's CA base URL
     url: str = "https://puppet:8140"
     #: CA bundle to verify the server with (default: the system's)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: client certificate (PEM) with the ``pp_cli_auth`` extension
-    client_cert: Path
+    client_cert: ReadableFile
     #: its private key (PEM); only the path is configured, the key stays in its file
-    client_key: Path = Field(repr=False)
+    client_key: ReadableFile = Field(repr=False)
     #: verify the server's TLS certificate
     verify_tls: bool = True
     #: server name agents are told to use (cloud-config); default: the host of ``url``

@@ -5,11 +5,11 @@ uses the type."""
 
 from __future__ import annotations
 
-from pathlib import Path
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
+from governord.config import ReadableFile
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -20,11 +20,11 @@ class PuppetDBConfig(RegistrarConfig):
     #: PuppetDB's base URL: ``https://HOST:8081`` (client certificate) or ``http://HOST:8080``
     url: str = "https://puppetdb:8081"
     #: CA bundle to verify PuppetDB with (default: the system's)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: client certificate (PEM) for https; PuppetDB's certificate-allowlist must admit it
-    client_cert: Path | None = None
+    client_cert: ReadableFile | None = None
     #: its private key (PEM); only the path is configured, the key stays in its file
-    client_key: Path | None = Field(default=None, repr=False)
+    client_key: ReadableFile | None = Field(default=None, repr=False)
     #: verify PuppetDB's TLS certificate
     verify_tls: bool = True
     #: seconds one HTTP request to PuppetDB may take
@@ -50,6 +50,7 @@ class PuppetDBConfig(RegistrarConfig):
         if (self.client_cert is None) != (self.client_key is None):
             raise ValueError("client_cert and client_key go together")
         return self
+
 
 
 class PuppetDBTagMapping(BaseTagMapping):

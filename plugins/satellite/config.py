@@ -5,11 +5,10 @@ imported only when a config uses the type."""
 from __future__ import annotations
 
 import re
-from pathlib import Path
 
 from pydantic import field_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -27,7 +26,7 @@ class SatelliteConfig(RegistrarConfig):
     #: verify the server's TLS certificate (https only)
     verify_tls: bool = True
     #: CA bundle to verify it with (default: the system's)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
 
     @field_validator("url")
     @classmethod

@@ -5,11 +5,10 @@ validated, without it; :mod:`.provider` imports it when a config uses the type."
 from __future__ import annotations
 
 import urllib.parse
-from pathlib import Path
 
 from pydantic import Field, field_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -24,7 +23,7 @@ class VSphereConfig(ProviderConfig):
     #: check vCenter's TLS certificate (against ``ca_file`` or the system's CAs)
     verify_tls: bool = True
     #: PEM file of the CA that signed vCenter's certificate (e.g. the VMCA root)
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
     #: datacenter name, or its inventory path when it sits in a folder (``F0/DC0``)
     datacenter: str = Field(min_length=1)
     #: cluster the VMs run in
