@@ -568,6 +568,12 @@ def build_config(
         kind = _type_of(path, prefix, section, registrars.names(), unavailable)
         _load_type(path, prefix, kind, registrars.load)
         registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+    mappings = {name: registrars.get(c.type).TagMapping for name, c in registrar_configs.items()}  # type: ignore[union-attr]
+    for name, registrar_config in registrar_configs.items():
+        try:
+            registrar_config.check_peers(registrar_configs, mappings)
+        except FieldError as exc:
+            raise ConfigError(path, f"registrars.{name}.{exc.field}", str(exc)) from None
 
     tags: dict[str, TagDefinition] = {}
     for tag, table in core.tags.items():

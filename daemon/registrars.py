@@ -24,7 +24,7 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -86,6 +86,12 @@ class RegistrarConfig(StrictModel):
     call_timeout: float = Field(default=60.0, gt=0)
     #: at most this many calls to the system at once
     max_concurrency: int = Field(default=4, ge=1, le=256)
+
+    def check_peers(self, registrars: Mapping[str, RegistrarConfig], mappings: Mapping[str, type[TagMapping]]) -> None:
+        """Rules that reach beyond this section, checked once every section is valid on its own:
+        ``registrars`` are all configured ``[registrars.NAME]`` sections by name, ``mappings``
+        each one's ``TagMapping`` model. Raise :class:`~governord.errors.FieldError` naming the
+        key of this section to fix (reported as ``registrars.NAME.KEY``). None by default."""
 
 
 class TagMapping(StrictModel):

@@ -12,7 +12,7 @@ imported only when a config uses the type). Configured by a ``[registrars.NAME]`
     # verify_tls = true
     # timeout = 10                # seconds per HTTP request
     # ready_timeout = 1800        # seconds a host may take to produce a good report
-    # classes_from = "foreman"    # registrar whose classification lists the classes to expect
+    # classes_from = "foreman"    # configured registrar whose classification lists the classes to expect ("": none)
     # clock_skew = 60             # seconds the agent's clock may be behind governord's
 
 A host counts as ready when its latest report is successful (changed or unchanged, not a noop,

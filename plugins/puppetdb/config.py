@@ -5,11 +5,13 @@ uses the type."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
 from governord.config import ReadableFile
+from governord.errors import FieldError
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -31,7 +33,8 @@ class PuppetDBConfig(RegistrarConfig):
     timeout: float = Field(default=10.0, gt=0)
     #: seconds a host may take to produce a successful report with its classes
     ready_timeout: float = Field(default=1800.0, gt=0)
-    #: registrar whose classification lists the host's ``puppet_classes``; empty: no class check
+    #: registrar whose classification lists the host's ``puppet_classes`` (it must be configured,
+    #: and be of a type whose tags name Puppet classes); "": no class check
     classes_from: str | None = "foreman"
     #: seconds the agent's clock may lag governord's when judging whether a report is new
     clock_skew: float = Field(default=60.0, ge=0)
@@ -51,6 +54,21 @@ class PuppetDBConfig(RegistrarConfig):
             raise ValueError("client_cert and client_key go together")
         return self
 
+    def check_peers(self, registrars: Mapping[str, RegistrarConfig], mappings: Mapping[str, type[BaseTagMapping]]) -> None:
+        """``classes_from`` names a configured registrar whose tags can name Puppet classes:
+        otherwise no host would ever be asked for a class, and the check would be off unseen."""
+        source = self.classes_from
+        if not source:
+            return
+        if source not in registrars:
+            configured = ", ".join(sorted(registrars))
+            raise FieldError("classes_from", f"no registrar named {source!r} is configured (configured: {configured}); "
+                             "name the registrar whose classification lists the hosts' puppet_classes, "
+                             'or set classes_from = "" for no class check')
+        if "puppet_classes" not in mappings[source].model_fields:
+            raise FieldError("classes_from", f"registrar {source!r} (type {registrars[source].type!r}) lists no "
+                             "puppet_classes in its classification; name one that does (foreman), "
+                             'or set classes_from = "" for no class check')
 
 
 class PuppetDBTagMapping(BaseTagMapping):

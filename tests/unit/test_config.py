@@ -153,7 +153,31 @@ BROKEN = [
      "address = '198.51.100.9'\ncpus = 1\nmemory_mb = 1024\nbmc = { protocol = 'redfish', address = 'b', "
      "username = 'u', password = { env = 'GOVERNORD_BMC_PASSWORD' }, ca_file = '/nonexistent/bmc.pem' }\n",
      "providers.rack.machines.0.bmc.ca_file: cannot read /nonexistent/bmc.pem: No such file or directory"),
+    # PuppetDB's classes_from names a registrar whose classification has the classes
+    ("puppetdb classes from a registrar not configured", "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\n",
+     "registrars.pdb.classes_from: no registrar named 'foreman' is configured (configured: pdb)"),
+    ("puppetdb classes from a misspelt registrar", "[registrars.fm]\ntype = 'foreman'\nurl = 'https://f'\n"
+     "username = 'u'\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
+     "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\nclasses_from = 'forman'\n",
+     "registrars.pdb.classes_from: no registrar named 'forman' is configured (configured: fm, pdb)"),
+    ("puppetdb classes from a registrar without classes", "[registrars.pdb]\ntype = 'puppetdb'\n"
+     "url = 'http://p:8080'\nclasses_from = 'pdb'\n",
+     "registrars.pdb.classes_from: registrar 'pdb' (type 'puppetdb') lists no puppet_classes"),
 ]
+
+
+@pytest.mark.parametrize("registrars", [
+    "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\nclasses_from = ''\n",
+    "[registrars.foreman]\ntype = 'foreman'\nurl = 'https://f'\nusername = 'u'\n"
+    "password = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
+    "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\n",
+], ids=["no class check", "classes from foreman"])
+def test_puppetdb_classes_from_a_configured_foreman_or_nothing_is_valid(
+    tmp_path: Path, secrets: None, registrars: str
+) -> None:
+    path = tmp_path / "governord.toml"
+    path.write_text(registrars)
+    assert run(str(path), check_only=True) == 0
 
 
 def test_the_example_as_shipped_names_files_this_machine_lacks(secrets: None) -> None:
