@@ -9,6 +9,7 @@ import urllib.parse
 from pydantic import Field, field_validator, model_validator
 
 from governord.config import ReadableFile, SecretRef
+from governord.errors import FieldError
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -41,8 +42,9 @@ class EC2Config(ProviderConfig):
     @model_validator(mode="after")
     def _both_keys_or_neither(self) -> EC2Config:
         if (self.access_key_id is None) != (self.secret_access_key is None):
-            raise ValueError(
-                "set access_key_id and secret_access_key together, or neither (boto3's credential chain)"
+            missing = "secret_access_key" if self.secret_access_key is None else "access_key_id"
+            raise FieldError(
+                missing, "set access_key_id and secret_access_key together, or neither (boto3's credential chain)"
             )
         return self
 

@@ -153,6 +153,13 @@ BROKEN = [
      "address = '198.51.100.9'\ncpus = 1\nmemory_mb = 1024\nbmc = { protocol = 'redfish', address = 'b', "
      "username = 'u', password = { env = 'GOVERNORD_BMC_PASSWORD' }, ca_file = '/nonexistent/bmc.pem' }\n",
      "providers.rack.machines.0.bmc.ca_file: cannot read /nonexistent/bmc.pem: No such file or directory"),
+    # EC2's keys come in pairs: the one missing is named
+    ("ec2 key id without secret", "[providers.aws]\ntype = 'ec2'\nregion = 'eu-west-1'\n"
+     "access_key_id = 'AKIAEXAMPLEEXAMPLE00'\n",
+     "providers.aws.secret_access_key: set access_key_id and secret_access_key together"),
+    ("ec2 secret without key id", "[providers.aws]\ntype = 'ec2'\nregion = 'eu-west-1'\n"
+     "secret_access_key = { env = 'GOVERNORD_AWS_SECRET_ACCESS_KEY' }\n",
+     "providers.aws.access_key_id: set access_key_id and secret_access_key together"),
     # PuppetDB's classes_from names a registrar whose classification has the classes
     ("puppetdb classes from a registrar not configured", "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\n",
      "registrars.pdb.classes_from: no registrar named 'foreman' is configured (configured: pdb)"),
