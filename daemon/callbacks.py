@@ -5,18 +5,25 @@ and retries with backoff until the application answers 2xx or the attempts run o
 
 The outbox is a table, so a restart never loses a notification; a repeat carries the same
 delivery id (the request id), so the application can de-duplicate.
+
+One callback never holds up the others: a URL no client could ever send to (one stored before
+the API checked URLs as strictly as it does now, or written into the table by hand) is given up
+at its first round, with the reason in ``last_error``, a ``callback-given-up`` audit event and a
+log line; any other failure of one callback counts as a failed attempt of that callback only.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import json
 import logging
 import time
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
+import yarl
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
@@ -33,6 +40,35 @@ ATTEMPTS = 8
 FIRST_DELAY = 1.0
 MAX_DELAY = 300.0
 TERMINAL = {"completed", "failed", "declined", "denied", "expired"}
+#: the actor of the audit events the notifier writes
+ACTOR = "governord"
+
+
+def unsendable(url: str) -> str | None:
+    """Why no client could ever POST to ``url`` (a retry would not help), or None if one could.
+
+    Checks what aiohttp and the resolver would refuse: no URL at all, a scheme other than
+    http(s), no host, a port out of range, a host name the IDNA codec refuses (an empty label,
+    a label longer than 63 characters), as ``socket.getaddrinfo`` encodes it."""
+    try:
+        parsed = yarl.URL(url)
+        host, port = parsed.host, parsed.port
+    except (ValueError, TypeError) as exc:  # UnicodeError is a ValueError
+        return f"not a URL: {exc}"
+    if parsed.scheme not in ("http", "https"):
+        return f"not an http(s) URL (scheme {parsed.scheme!r})"
+    if not host:
+        return "no host in the URL"
+    if port is None or not 1 <= port <= 65535:
+        return f"no usable port ({port})"
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        try:
+            host.encode("idna")
+        except UnicodeError as exc:
+            return f"not a host name that can be looked up: {exc}"
+    return None
 
 
 def enqueue(conn: Connection, *, request_id: str, app: str, url: str) -> None:
@@ -77,42 +113,61 @@ class Notifier:
                 select(callbacks).where(callbacks.c.delivered_at.is_(None), callbacks.c.gave_up_at.is_(None),
                                         callbacks.c.next_at <= time.time()).limit(50))).mappings()]
         for row in due:
-            request = await store.get_request(row["request_id"])
-            if request is None:
-                continue
-            status = await self.runtime.governor.request_status(request)
-            if status["status"] not in TERMINAL:
-                continue
-            await self._attempt(row, status)
+            try:
+                await self._deliver(row)
+            except Exception as exc:  # noqa: BLE001 - one callback's failure is that callback's alone
+                log.exception("callback failed", extra={"request": row["request_id"]})
+                await self._failed(row, f"{type(exc).__name__}: {exc}", retry=True)
+
+    async def _deliver(self, row: dict[str, Any]) -> None:
+        reason = unsendable(row["url"])
+        if reason is not None:
+            await self._failed(row, f"callback_url {row['url']!r} cannot be sent to: {reason}", retry=False)
+            return
+        request = await self.runtime.store.get_request(row["request_id"])
+        if request is None:
+            return
+        status = await self.runtime.governor.request_status(request)
+        if status["status"] not in TERMINAL:
+            return
+        await self._attempt(row, status)
 
     async def _attempt(self, row: dict[str, Any], status: dict[str, Any]) -> None:
         section = self.runtime.config.applications.get(row["app"])
         secrets = [s.reveal().encode() for s in section.webhook.secrets] if section and section.webhook else []
         body = json.dumps({"event": f"request-{status['status']}", "request": status}, sort_keys=True).encode()
-        error = None
         if not secrets:
-            error = f"application {row['app']} has no webhook secret to sign with"
-        else:
-            headers = {**webhooks.signature_headers(secrets[0], body, delivery=row["request_id"]),
-                       "Content-Type": "application/json"}
-            assert self._session is not None
-            try:
-                async with self._session.post(row["url"], data=body, headers=headers) as resp:
-                    if 200 <= resp.status < 300:
-                        await self._update(row, delivered_at=time.time(), attempts=row["attempts"] + 1,
-                                           last_error=None)
-                        log.info("callback delivered", extra={"request": row["request_id"], "url": row["url"]})
-                        return
-                    error = f"HTTP {resp.status}"
-            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-                error = f"{type(exc).__name__}: {exc}"
-        attempts = row["attempts"] + 1
-        if attempts >= ATTEMPTS or not secrets:
-            await self._update(row, attempts=attempts, gave_up_at=time.time(), last_error=error)
-            log.warning("callback given up", extra={"request": row["request_id"], "error": error})
+            await self._failed(row, f"application {row['app']} has no webhook secret to sign with", retry=False)
             return
-        delay = min(FIRST_DELAY * 2 ** (attempts - 1), MAX_DELAY)
-        await self._update(row, attempts=attempts, next_at=time.time() + delay, last_error=error)
+        headers = {**webhooks.signature_headers(secrets[0], body, delivery=row["request_id"]),
+                   "Content-Type": "application/json"}
+        assert self._session is not None
+        try:
+            async with self._session.post(row["url"], data=body, headers=headers) as resp:
+                if 200 <= resp.status < 300:
+                    await self._update(row, delivered_at=time.time(), attempts=row["attempts"] + 1, last_error=None)
+                    log.info("callback delivered", extra={"request": row["request_id"], "url": row["url"]})
+                    return
+                error = f"HTTP {resp.status}"
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            error = f"{type(exc).__name__}: {exc}"
+        await self._failed(row, error, retry=True)
+
+    async def _failed(self, row: dict[str, Any], error: str, *, retry: bool) -> None:
+        """Count a failed attempt: try again later with backoff, or (out of attempts, or
+        ``retry`` False: nothing will change) give the callback up, audited and logged."""
+        attempts = row["attempts"] + 1
+        if retry and attempts < ATTEMPTS:
+            delay = min(FIRST_DELAY * 2 ** (attempts - 1), MAX_DELAY)
+            await self._update(row, attempts=attempts, next_at=time.time() + delay, last_error=error)
+            return
+        store = self.runtime.store
+        async with store.transaction() as conn:
+            await conn.execute(update(callbacks).where(callbacks.c.request_id == row["request_id"]).values(
+                attempts=attempts, gave_up_at=time.time(), last_error=error))
+            await store.add_event(conn, "callback-given-up", actor=ACTOR, request_id=row["request_id"],
+                                  detail={"app": row["app"], "url": row["url"], "attempts": attempts, "error": error})
+        log.warning("callback given up", extra={"request": row["request_id"], "url": row["url"], "error": error})
 
     async def _update(self, row: dict[str, Any], **values: Any) -> None:
         async with self.runtime.store.transaction() as conn:

@@ -13,16 +13,28 @@ is a reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``, resolved at load
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 import os
 import re
 import ssl
+import stat
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_core import core_schema
 
 from .errors import ConfigError, FieldError
@@ -89,6 +101,39 @@ def _resolve_secret(value: Any) -> Secret:
 
 #: A config field holding a secret reference (the same as annotating it ``Secret``).
 SecretRef = Secret
+
+
+def _path_given(value: Any) -> Any:
+    if isinstance(value, str) and not value:
+        raise ValueError("an empty path")
+    return value
+
+
+def _readable_file(path: Path) -> Path:
+    """``path`` if it names a regular file this process can open for reading; otherwise the
+    reason, in the operating system's words (``No such file or directory``, ``Permission
+    denied``, ``Is a directory``). Opened without blocking, so a FIFO cannot hang the load."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ValueError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if stat.S_ISDIR(mode):
+        raise ValueError(f"cannot read {path}: {os.strerror(errno.EISDIR)}")
+    if not stat.S_ISREG(mode):
+        raise ValueError(f"cannot read {path}: not a regular file")
+    return path
+
+
+#: A config field naming a file governord reads (a CA bundle, a client certificate or key):
+#: it must exist and be readable when the config is loaded, so a typo stops the daemon at once
+#: (exit 2, naming the file and the full key, e.g. ``registrars.foreman.ca_file``) instead of
+#: failing the first host that needs it. Plugins use it for their path keys; what the file
+#: holds is checked by the code that uses it.
+ReadableFile = Annotated[Path, BeforeValidator(_path_given), AfterValidator(_readable_file)]
 
 
 class DaemonSection(StrictModel):
@@ -488,6 +533,16 @@ def _type_of(path: str, prefix: str, section: dict[str, Any], known: list[str], 
     return kind
 
 
+def _load_type(path: str, prefix: str, kind: str, load: Callable[[str], Any]) -> None:
+    """Import the class of a type the config uses, now: a type registered lazily has not
+    imported its SDK yet, and an SDK that fails to import must stop the daemon here, naming
+    the section, before anything is written (not when the instances are built)."""
+    try:
+        load(kind)
+    except Exception as exc:  # noqa: BLE001 - ImportError, or an SDK's own failure at import
+        raise ConfigError(path, f"{prefix}.type", f"type {kind!r} is unavailable: {type(exc).__name__}: {exc}") from None
+
+
 def build_config(
     path: str,
     raw: dict[str, Any],
@@ -504,13 +559,21 @@ def build_config(
     for name, section in core.providers.items():
         prefix = f"providers.{name}"
         kind = _type_of(path, prefix, section, providers.names(), unavailable)
+        _load_type(path, prefix, kind, providers.load)
         provider_configs[name] = _validate(providers.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
 
     registrar_configs: dict[str, RegistrarConfig] = {}
     for name, section in core.registrars.items():
         prefix = f"registrars.{name}"
         kind = _type_of(path, prefix, section, registrars.names(), unavailable)
+        _load_type(path, prefix, kind, registrars.load)
         registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+    mappings = {name: registrars.get(c.type).TagMapping for name, c in registrar_configs.items()}  # type: ignore[union-attr]
+    for name, registrar_config in registrar_configs.items():
+        try:
+            registrar_config.check_peers(registrar_configs, mappings)
+        except FieldError as exc:
+            raise ConfigError(path, f"registrars.{name}.{exc.field}", str(exc)) from None
 
     tags: dict[str, TagDefinition] = {}
     for tag, table in core.tags.items():

@@ -41,7 +41,9 @@ hookspec = pluggy.HookspecMarker("governord")
 
 @hookspec
 def governord_register_providers(registry: ProviderRegistry) -> None:
-    """Make provider types known: call ``registry.add(ProviderClass)`` for each.
+    """Make provider types known: call ``registry.add(...)`` for each, with a
+    :class:`~governord.providers.LazyProvider` (the type's name and config models; its class and
+    vendor SDK are imported only when a config uses the type) or the class itself.
 
     :param registry: the process's provider-type registry.
     :returns: nothing.
@@ -55,7 +57,9 @@ def governord_register_providers(registry: ProviderRegistry) -> None:
 
 @hookspec
 def governord_register_registrars(registry: RegistrarRegistry) -> None:
-    """Make registrar types known: call ``registry.add(RegistrarClass)`` for each.
+    """Make registrar types known: call ``registry.add(...)`` for each, with a
+    :class:`~governord.registrars.LazyRegistrar` (the type's name and config models; its class
+    and client library are imported only when a config uses the type) or the class itself.
 
     :param registry: the process's registrar-type registry.
     :returns: nothing.

@@ -2,7 +2,9 @@
 
 A plugin whose import fails (a vendor SDK not installed) is recorded, shown by
 ``governord-ctl plugins``, and is fatal only if the config uses the type it provides (the
-entry-point name is the type name). A hook implementation that matches no spec (a misspelled
+entry-point name is the type name). Plugins register their types lazily
+(:class:`~governord.providers.LazyType`): a type's SDK is imported when a config uses it, and
+an SDK that fails then is a configuration error naming the section's ``type``. A hook implementation that matches no spec (a misspelled
 hook) fails start-up through pluggy's ``check_pending``.
 """
 

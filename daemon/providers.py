@@ -6,11 +6,15 @@ gone) and lists every machine governord owns on it (for the sweep). Vendor SDKs 
 implementations call them through :meth:`Provider.call_sync`, which runs them in a thread under the
 instance's concurrency limit, so the event loop is never blocked.
 
-Plugins make a provider type known in ``governord_register_providers``::
+Plugins make a provider type known in ``governord_register_providers``, by its name and config
+models only, so that its vendor SDK is not imported unless a config uses the type
+(:class:`LazyProvider`; the class itself, already imported, may be given too)::
 
     @hookimpl
     def governord_register_providers(registry):
-        registry.add(VSphereProvider)
+        from .config import VSphereConfig, VSphereProfile   # no SDK in that module
+        registry.add(LazyProvider("vsphere", "governord.plugins.vsphere.provider:VSphereProvider",
+                                  Config=VSphereConfig, Profile=VSphereProfile, requires=["pyVmomi"]))
 """
 
 from __future__ import annotations
@@ -18,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import functools
+import importlib
+import importlib.util
 import types
 import typing
 import weakref
 from abc import ABC, abstractmethod
 from concurrent.futures import ThreadPoolExecutor
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, ClassVar, TypeVar
+from typing import Any, ClassVar, Generic, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
@@ -33,6 +39,7 @@ from .errors import PermanentError, RetryableError
 from .models import Machine, MachineSpec, PowerState
 
 T = TypeVar("T")
+C = TypeVar("C", bound=type)
 
 
 def _scalar_kinds(annotation: Any) -> tuple[set[type], set[str]] | None:
@@ -246,26 +253,119 @@ class Provider(ConfiguredInstance, ABC):
         """Every machine on this provider that carries governord's ownership marker."""
 
 
+class LazyType(Generic[C]):
+    """A provider or registrar type made known by its name and config models, without importing
+    its class: the module that defines the class (and the vendor SDK that module imports) is
+    imported by :meth:`load`, when a config uses the type. Vendor SDKs are large (pyvmomi,
+    openstacksdk, boto3, ovirtsdk4: about 100 MB of RSS in all), and most sites use one or two.
+
+    :param implementation: ``"package.module:Class"``.
+    :param requires: top-level modules the implementation imports (``"boto3"``). Each is looked
+        up, not imported, here: one that is not installed raises ModuleNotFoundError at
+        registration, so the plugin is reported unavailable as if it had imported the SDK.
+    :param models: the config models the class carries (``Config``, and ``Profile`` or
+        ``TagMapping``), from a module without the SDK; :meth:`load` checks the class has
+        these very models.
+    """
+
+    def __init__(self, type_name: str, implementation: str, *, requires: Iterable[str] = (),
+                 **models: type[BaseModel]) -> None:
+        module, _, attribute = implementation.partition(":")
+        if not module or not attribute:
+            raise ValueError(f"implementation of type {type_name!r} must be 'module:Class', not {implementation!r}")
+        for required in requires:
+            if importlib.util.find_spec(required.partition(".")[0]) is None:
+                raise ModuleNotFoundError(f"No module named {required!r} (needed by type {type_name!r})",
+                                          name=required)
+        self.type_name = type_name
+        self.implementation = implementation
+        self.requires = tuple(requires)
+        self.models = models
+        self._class: C | None = None
+
+    def __getattr__(self, name: str) -> Any:
+        # the config models (Config, Profile, TagMapping) without loading the class
+        models = self.__dict__.get("models", {})
+        if name in models:
+            return models[name]
+        raise AttributeError(name)
+
+    def __eq__(self, other: object) -> bool:
+        return (isinstance(other, LazyType) and other.type_name == self.type_name
+                and other.implementation == self.implementation)
+
+    def __hash__(self) -> int:
+        return hash((self.type_name, self.implementation))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.type_name!r}, {self.implementation!r})"
+
+    @property
+    def loaded(self) -> bool:
+        return self._class is not None
+
+    def load(self) -> C:
+        """The class, imported on first use (with its SDK). Raises what the import raises."""
+        if self._class is None:
+            module, _, attribute = self.implementation.partition(":")
+            cls = getattr(importlib.import_module(module), attribute)
+            if getattr(cls, "type_name", None) != self.type_name:
+                raise TypeError(f"{self.implementation} is type {getattr(cls, 'type_name', None)!r}, "
+                                f"registered as {self.type_name!r}")
+            for name, model in self.models.items():
+                if getattr(cls, name, None) is not model:
+                    raise TypeError(f"{self.implementation}.{name} is not the {model.__name__} "
+                                    f"type {self.type_name!r} was registered with")
+            self._class = cls
+        return self._class
+
+
+def resolve_type(entry: C | LazyType[C]) -> C:
+    """A registry entry's class: loaded (with its SDK) if it was registered lazily."""
+    return entry.load() if isinstance(entry, LazyType) else entry
+
+
+class LazyProvider(LazyType["type[Provider]"]):
+    """A provider type registered without importing its SDK (see :class:`LazyType`)."""
+
+    Config: type[ProviderConfig]
+    Profile: type[ProviderProfile]
+
+    def __init__(self, type_name: str, implementation: str, *, Config: type[ProviderConfig],  # noqa: N803
+                 Profile: type[ProviderProfile] = ProviderProfile, requires: Iterable[str] = ()) -> None:
+        super().__init__(type_name, implementation, requires=requires, Config=Config, Profile=Profile)
+
+
 class ProviderRegistry:
-    """Provider types known to this process, filled through ``governord_register_providers``."""
+    """Provider types known to this process, filled through ``governord_register_providers``:
+    classes, or :class:`LazyProvider` entries whose class is imported when first loaded."""
 
     def __init__(self) -> None:
-        self._types: dict[str, type[Provider]] = {}
+        self._types: dict[str, type[Provider] | LazyProvider] = {}
 
-    def add(self, provider_type: type[Provider]) -> None:
+    def add(self, provider_type: type[Provider] | LazyProvider) -> None:
         name = provider_type.type_name
-        if name in self._types and self._types[name] is not provider_type:
+        if name in self._types and self._types[name] != provider_type:
             raise ValueError(f"provider type {name!r} is registered twice")
         self._types[name] = provider_type
 
-    def get(self, name: str) -> type[Provider] | None:
+    def get(self, name: str) -> type[Provider] | LazyProvider | None:
+        """The entry: the class, or the lazy entry with its config models (nothing imported)."""
         return self._types.get(name)
+
+    def load(self, name: str) -> type[Provider]:
+        """The class of type ``name``, imported now if it was registered lazily.
+
+        :raises KeyError: no such type. Whatever importing its module raises (ImportError...)."""
+        return resolve_type(self._types[name])
 
     def names(self) -> list[str]:
         return sorted(self._types)
 
 
 __all__ = [
+    "LazyProvider",
+    "LazyType",
     "PermanentError",
     "Provider",
     "ProviderConfig",

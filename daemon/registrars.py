@@ -12,7 +12,9 @@ For the sweep, a registrar lists the entries it holds that carry governord's own
 (:meth:`Registrar.list_owned`) and removes one such entry by its own id (:meth:`Registrar.remove_owned`),
 never by name: a name may already belong to a newer host.
 
-Plugins make a registrar type known in ``governord_register_registrars``; the core wraps each
+Plugins make a registrar type known in ``governord_register_registrars``, as a
+:class:`LazyRegistrar` (its name and config models; the class and its client library are
+imported only when a config uses the type) or as the class itself; the core wraps each
 instance in a pluggy plugin that implements ``governord_classify_host``,
 ``governord_register_host``, ``governord_deregister_host`` and the sweep's hooks for it.
 """
@@ -22,13 +24,14 @@ from __future__ import annotations
 import enum
 import re
 from abc import ABC, abstractmethod
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import Field
 
 from .models import OWNERSHIP_KEY, HostView
-from .providers import ConfiguredInstance, StrictModel
+from .providers import ConfiguredInstance, LazyType, StrictModel, resolve_type
 
 
 class Phase(str, enum.Enum):
@@ -83,6 +86,12 @@ class RegistrarConfig(StrictModel):
     call_timeout: float = Field(default=60.0, gt=0)
     #: at most this many calls to the system at once
     max_concurrency: int = Field(default=4, ge=1, le=256)
+
+    def check_peers(self, registrars: Mapping[str, RegistrarConfig], mappings: Mapping[str, type[TagMapping]]) -> None:
+        """Rules that reach beyond this section, checked once every section is valid on its own:
+        ``registrars`` are all configured ``[registrars.NAME]`` sections by name, ``mappings``
+        each one's ``TagMapping`` model. Raise :class:`~governord.errors.FieldError` naming the
+        key of this section to fix (reported as ``registrars.NAME.KEY``). None by default."""
 
 
 class TagMapping(StrictModel):
@@ -146,20 +155,40 @@ class Registrar(ConfiguredInstance, ABC):
         raise NotImplementedError(f"{type(self).__name__} cannot remove entries it listed")
 
 
+class LazyRegistrar(LazyType["type[Registrar]"]):
+    """A registrar type registered without importing its client library (see
+    :class:`~governord.providers.LazyType`)."""
+
+    Config: type[RegistrarConfig]
+    TagMapping: type[TagMapping]
+
+    def __init__(self, type_name: str, implementation: str, *, Config: type[RegistrarConfig],  # noqa: N803
+                 TagMapping: type[TagMapping] = TagMapping, requires: Iterable[str] = ()) -> None:  # noqa: N803
+        super().__init__(type_name, implementation, requires=requires, Config=Config, TagMapping=TagMapping)
+
+
 class RegistrarRegistry:
-    """Registrar types known to this process, filled through ``governord_register_registrars``."""
+    """Registrar types known to this process, filled through ``governord_register_registrars``:
+    classes, or :class:`LazyRegistrar` entries whose class is imported when first loaded."""
 
     def __init__(self) -> None:
-        self._types: dict[str, type[Registrar]] = {}
+        self._types: dict[str, type[Registrar] | LazyRegistrar] = {}
 
-    def add(self, registrar_type: type[Registrar]) -> None:
+    def add(self, registrar_type: type[Registrar] | LazyRegistrar) -> None:
         name = registrar_type.type_name
-        if name in self._types and self._types[name] is not registrar_type:
+        if name in self._types and self._types[name] != registrar_type:
             raise ValueError(f"registrar type {name!r} is registered twice")
         self._types[name] = registrar_type
 
-    def get(self, name: str) -> type[Registrar] | None:
+    def get(self, name: str) -> type[Registrar] | LazyRegistrar | None:
+        """The entry: the class, or the lazy entry with its config models (nothing imported)."""
         return self._types.get(name)
+
+    def load(self, name: str) -> type[Registrar]:
+        """The class of type ``name``, imported now if it was registered lazily.
+
+        :raises KeyError: no such type. Whatever importing its module raises (ImportError...)."""
+        return resolve_type(self._types[name])
 
     def names(self) -> list[str]:
         return sorted(self._types)

@@ -62,11 +62,11 @@ class Runtime:
         """Instantiate providers and registrars and register their bridge plugins."""
         state_dir = config.daemon.state_dir
         self.providers = {
-            name: self.plugins.providers.get(cfg.type)(name, cfg, state_dir=state_dir)  # type: ignore[misc]
+            name: self.plugins.providers.load(cfg.type)(name, cfg, state_dir=state_dir)
             for name, cfg in config.providers.items()
         }
         self.registrars = {
-            name: self.plugins.registrars.get(cfg.type)(name, cfg, state_dir=state_dir)  # type: ignore[misc]
+            name: self.plugins.registrars.load(cfg.type)(name, cfg, state_dir=state_dir)
             for name, cfg in config.registrars.items()
         }
         for name in self._instance_plugins:

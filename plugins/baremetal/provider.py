@@ -46,7 +46,7 @@ from typing import Any, Literal, TypeVar
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
-from governord.config import SecretRef
+from governord.config import ReadableFile, SecretRef
 from governord.errors import PermanentError, RetryableError, StepError
 from governord.models import Machine, MachineSpec, PowerState
 from governord.providers import Provider, ProviderConfig, ProviderProfile, StrictModel
@@ -81,7 +81,7 @@ class BmcConfig(StrictModel):
     #: Redfish only: check the BMC's TLS certificate (against ``ca_file`` or the system's CAs)
     verify_tls: bool = True
     #: Redfish only: PEM file of the CA that signed the BMC's certificate
-    ca_file: Path | None = None
+    ca_file: ReadableFile | None = None
 
     @model_validator(mode="after")
     def _redfish_only(self) -> BmcConfig:

@@ -1,8 +1,9 @@
 """EC2 provider for governord: instances launched from an AMI, through boto3.
 
 Needs the ``ec2`` extra (``pip install governord[ec2]``, which installs ``boto3``). boto3 is
-imported only when the provider type is registered: importing this package never needs it, and
-without it ``governord_register_providers`` raises ImportError naming boto3.
+imported only when a config uses the type (:mod:`.provider`); registering the type imports the
+config models alone (:mod:`.config`), and without boto3 installed ``governord_register_providers``
+raises ModuleNotFoundError naming it.
 
 Configured as ``[providers.NAME]`` with ``type = "ec2"``::
 
@@ -26,17 +27,14 @@ are required).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from governord import hookimpl
-
-if TYPE_CHECKING:
-    from governord.providers import ProviderRegistry
+from governord.providers import LazyProvider, ProviderRegistry
 
 
 @hookimpl
 def governord_register_providers(registry: ProviderRegistry) -> None:
-    """Make the ``ec2`` provider type known (boto3 is imported only here, on demand)."""
-    from .provider import EC2Provider
+    """Make the ``ec2`` provider type known (boto3 is imported when a config uses it)."""
+    from .config import EC2Config, EC2Profile
 
-    registry.add(EC2Provider)
+    registry.add(LazyProvider("ec2", f"{__name__}.provider:EC2Provider", Config=EC2Config, Profile=EC2Profile,
+                              requires=["boto3", "botocore"]))

@@ -1,7 +1,7 @@
 """Foreman registrar: registers hosts in Foreman with their hostgroup, Puppet classes and parameters.
 
 Needs the ``foreman`` extra (``pip install governord[foreman]``, which brings apypie, the Foreman
-project's own apipie client). Configured by a ``[registrars.NAME]`` section with
+project's own apipie client), imported only when a config uses the type. Configured by a ``[registrars.NAME]`` section with
 ``type = "foreman"``::
 
     [registrars.foreman]
@@ -26,12 +26,13 @@ and per tag by ``[tags.TAG.NAME]`` tables::
 from __future__ import annotations
 
 from governord import hookimpl
-from governord.registrars import RegistrarRegistry
+from governord.registrars import LazyRegistrar, RegistrarRegistry
 
 
 @hookimpl
 def governord_register_registrars(registry: RegistrarRegistry) -> None:
-    """Make the ``foreman`` registrar type known (apypie is imported only here, lazily)."""
-    from .registrar import ForemanRegistrar
+    """Make the ``foreman`` registrar type known (apypie is imported when a config uses it)."""
+    from .config import ForemanConfig, ForemanTagMapping
 
-    registry.add(ForemanRegistrar)
+    registry.add(LazyRegistrar("foreman", f"{__name__}.registrar:ForemanRegistrar", Config=ForemanConfig,
+                               TagMapping=ForemanTagMapping, requires=["apypie", "requests"]))

@@ -20,20 +20,17 @@ from typing import Any, TypeVar
 
 import requests
 from apypie import ForemanApi
-from pydantic import Field
 
-from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
-from governord.registrars import TagMapping as BaseTagMapping
+
+from .config import ForemanConfig, ForemanTagMapping, ParamValue
 
 T = TypeVar("T")
 
 #: apypie's "fetch everything" page size (Foreman echoes it back).
 PER_PAGE = 2 << 31
-
-ParamValue = str | int | float | bool
 
 
 class _TimeoutSession(requests.Session):
@@ -89,39 +86,6 @@ def _parameter(value: ParamValue) -> tuple[str, str]:
     if isinstance(value, float):
         return repr(value), "real"
     return value, "string"
-
-
-class ForemanConfig(RegistrarConfig):
-    """A ``[registrars.NAME]`` section of type ``foreman``."""
-
-
-    #: Foreman's base URL, e.g. ``https://foreman.example.com``
-    url: str
-    #: API user
-    username: str
-    #: its password, as a secret reference
-    password: SecretRef
-    #: verify Foreman's TLS certificate
-    verify_tls: bool = True
-    #: CA bundle to verify it with (default: the system's)
-    ca_file: Path | None = None
-    #: organization hosts are created in, by name
-    organization: str
-    #: location hosts are created in, by title
-    location: str
-    #: Puppet environment of new hosts (used when foreman_puppet is installed)
-    puppet_environment: str = "production"
-
-
-class ForemanTagMapping(BaseTagMapping):
-    """What one tag means in Foreman."""
-
-    #: hostgroup by title (``parent/child``); the first tag that names one wins
-    hostgroup: str | None = None
-    #: Puppet classes by name; the union over all tags
-    puppet_classes: list[str] = Field(default_factory=list)
-    #: host parameters; on a clash the earlier tag wins
-    parameters: dict[str, ParamValue] = Field(default_factory=dict)
 
 
 class ForemanRegistrar(Registrar):

@@ -1,9 +1,9 @@
 """OpenStack provider for governord: nova servers, through openstacksdk.
 
 Needs the ``openstack`` extra (``pip install governord[openstack]``, which installs
-``openstacksdk``). openstacksdk is imported only when the provider type is registered: importing
-this package never needs it, and without it ``governord_register_providers`` raises ImportError
-naming ``openstack``.
+``openstacksdk``). openstacksdk is imported only when a config uses the type (:mod:`.provider`);
+registering the type imports the config models alone (:mod:`.config`), and without openstacksdk
+installed ``governord_register_providers`` raises ModuleNotFoundError naming ``openstack``.
 
 Configured as ``[providers.NAME]`` with ``type = "openstack"``::
 
@@ -26,17 +26,14 @@ metadata = { role = "node" } }`` (only ``flavor`` and ``image`` are required).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from governord import hookimpl
-
-if TYPE_CHECKING:
-    from governord.providers import ProviderRegistry
+from governord.providers import LazyProvider, ProviderRegistry
 
 
 @hookimpl
 def governord_register_providers(registry: ProviderRegistry) -> None:
-    """Make the ``openstack`` provider type known (openstacksdk is imported only here, on demand)."""
-    from .provider import OpenStackProvider
+    """Make the ``openstack`` provider type known (openstacksdk is imported when a config uses it)."""
+    from .config import OpenStackConfig, OpenStackProfile
 
-    registry.add(OpenStackProvider)
+    registry.add(LazyProvider("openstack", f"{__name__}.provider:OpenStackProvider", Config=OpenStackConfig,
+                              Profile=OpenStackProfile, requires=["openstack", "keystoneauth1"]))

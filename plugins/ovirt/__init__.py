@@ -2,8 +2,9 @@
 
 Needs the ``ovirt`` extra (``pip install governord[ovirt]``, which installs
 ``ovirt-engine-sdk-python``; building it needs gcc, the Python headers and libxml2-dev).
-ovirtsdk4 is imported only when the provider type is registered: importing this package never
-needs it, and without it ``governord_register_providers`` raises ImportError naming ovirtsdk4.
+ovirtsdk4 is imported only when a config uses the type (:mod:`.provider`); registering the type
+imports the config models alone (:mod:`.config`), and without ovirtsdk4 installed
+``governord_register_providers`` raises ModuleNotFoundError naming it.
 
 Configured as ``[providers.NAME]`` with ``type = "ovirt"``::
 
@@ -21,17 +22,14 @@ cloud_init = true }`` (only ``template`` is required).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from governord import hookimpl
-
-if TYPE_CHECKING:
-    from governord.providers import ProviderRegistry
+from governord.providers import LazyProvider, ProviderRegistry
 
 
 @hookimpl
 def governord_register_providers(registry: ProviderRegistry) -> None:
-    """Make the ``ovirt`` provider type known (ovirtsdk4 is imported only here, on demand)."""
-    from .provider import OVirtProvider
+    """Make the ``ovirt`` provider type known (ovirtsdk4 is imported when a config uses it)."""
+    from .config import OVirtConfig, OVirtProfile
 
-    registry.add(OVirtProvider)
+    registry.add(LazyProvider("ovirt", f"{__name__}.provider:OVirtProvider", Config=OVirtConfig, Profile=OVirtProfile,
+                              requires=["ovirtsdk4", "pycurl"]))

@@ -23,7 +23,6 @@ import ipaddress
 import logging
 import re
 import threading
-import urllib.parse
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,12 +30,13 @@ from typing import Any, TypeVar
 import ovirtsdk4 as sdk
 import pycurl
 from ovirtsdk4 import types
-from pydantic import Field, ValidationError, field_validator
+from pydantic import ValidationError
 
-from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError, StepError, http_error
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
-from governord.providers import Provider, ProviderConfig, ProviderProfile
+from governord.providers import Provider, ProviderConfig
+
+from .config import OVirtConfig, OVirtProfile
 
 T = TypeVar("T")
 
@@ -96,46 +96,6 @@ def _addresses(vm: types.Vm) -> tuple[str, ...]:
             seen.append(str(address))
     # IPv4 first: that is what the registrars and DNS records are made from
     return tuple(sorted(seen, key=lambda a: ipaddress.ip_address(a).version))
-
-
-class OVirtConfig(ProviderConfig):
-    """A ``[providers.NAME]`` section of ``type = "ovirt"``."""
-
-    #: the engine's API endpoint, ``https://engine.example.com/ovirt-engine/api``
-    url: str
-    #: the API user with its profile, ``governord@internal``
-    username: str = Field(min_length=1)
-    #: a secret reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``
-    password: SecretRef
-    #: check the engine's TLS certificate (against ``ca_file`` or the system's CAs)
-    verify_tls: bool = True
-    #: PEM file of the engine's CA (``https://engine/ovirt-engine/services/pki-resource?resource=ca-certificate&format=X509-PEM-CA``)
-    ca_file: Path | None = None
-    #: cluster the VMs are made in (by name)
-    cluster: str = Field(min_length=1)
-
-    @field_validator("url")
-    @classmethod
-    def _api_url(cls, value: str) -> str:
-        parts = urllib.parse.urlsplit(value)
-        if parts.scheme not in {"https", "http"} or not parts.hostname:
-            raise ValueError(f"not an API URL like https://engine.example.com/ovirt-engine/api: {value!r}")
-        return value.rstrip("/")
-
-
-class OVirtProfile(ProviderProfile):
-    """A role's ``profile`` for an oVirt provider."""
-
-    #: name of the template the VMs are made from (resolved by the engine in the cluster's data center)
-    template: str = Field(min_length=1)
-    #: memory in MiB; empty: as the template
-    memory_mb: int | None = Field(default=None, ge=16)
-    #: virtual CPUs (sockets of one core); empty: as the template
-    cpus: int | None = Field(default=None, ge=1, le=710)
-    #: start the VM with a cloud-init run-once initialization (host name, static address, user data)
-    cloud_init: bool = True
-    #: the guest's name of the NIC the static address goes to
-    nic_name: str = Field(default="eth0", min_length=1)
 
 
 class OVirtProvider(Provider):

@@ -1,7 +1,8 @@
 """Puppet CA registrar: pre-authorises a host's certificate and cleans it on retirement.
 
-Needs the ``puppetca`` extra (``pip install governord[puppetca]``, which brings ``requests``).
-Configured by a ``[registrars.NAME]`` section with ``type = "puppetca"``::
+Needs the ``puppetca`` extra (``pip install governord[puppetca]``, which brings ``requests``,
+imported only when a config uses the type). Configured by a ``[registrars.NAME]`` section with
+``type = "puppetca"``::
 
     [registrars.puppetca]
     type = "puppetca"
@@ -24,12 +25,13 @@ There are no ``[tags.TAG.NAME]`` keys: the certificate does not depend on the ho
 from __future__ import annotations
 
 from governord import hookimpl
-from governord.registrars import RegistrarRegistry
+from governord.registrars import LazyRegistrar, RegistrarRegistry
 
 
 @hookimpl
 def governord_register_registrars(registry: RegistrarRegistry) -> None:
-    """Make the ``puppetca`` registrar type known (requests is imported only here, lazily)."""
-    from .registrar import PuppetCARegistrar
+    """Make the ``puppetca`` registrar type known (requests is imported when a config uses it)."""
+    from .config import PuppetCAConfig, PuppetCATagMapping
 
-    registry.add(PuppetCARegistrar)
+    registry.add(LazyRegistrar("puppetca", f"{__name__}.registrar:PuppetCARegistrar", Config=PuppetCAConfig,
+                               TagMapping=PuppetCATagMapping, requires=["requests", "cryptography"]))

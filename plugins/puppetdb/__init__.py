@@ -1,7 +1,7 @@
 """PuppetDB registrar: waits for a good Puppet run, and deactivates the node on retirement.
 
-Needs the ``puppetdb`` extra (``pip install governord[puppetdb]``, which brings pypuppetdb).
-Configured by a ``[registrars.NAME]`` section with ``type = "puppetdb"``::
+Needs the ``puppetdb`` extra (``pip install governord[puppetdb]``, which brings pypuppetdb,
+imported only when a config uses the type). Configured by a ``[registrars.NAME]`` section with ``type = "puppetdb"``::
 
     [registrars.puppetdb]
     type = "puppetdb"
@@ -12,7 +12,7 @@ Configured by a ``[registrars.NAME]`` section with ``type = "puppetdb"``::
     # verify_tls = true
     # timeout = 10                # seconds per HTTP request
     # ready_timeout = 1800        # seconds a host may take to produce a good report
-    # classes_from = "foreman"    # registrar whose classification lists the classes to expect
+    # classes_from = "foreman"    # configured registrar whose classification lists the classes to expect ("": none)
     # clock_skew = 60             # seconds the agent's clock may be behind governord's
 
 A host counts as ready when its latest report is successful (changed or unchanged, not a noop,
@@ -26,12 +26,13 @@ There are no ``[tags.TAG.NAME]`` keys: which classes a host needs comes from ``c
 from __future__ import annotations
 
 from governord import hookimpl
-from governord.registrars import RegistrarRegistry
+from governord.registrars import LazyRegistrar, RegistrarRegistry
 
 
 @hookimpl
 def governord_register_registrars(registry: RegistrarRegistry) -> None:
-    """Make the ``puppetdb`` registrar type known (pypuppetdb is imported only here, lazily)."""
-    from .registrar import PuppetDBRegistrar
+    """Make the ``puppetdb`` registrar type known (pypuppetdb is imported when a config uses it)."""
+    from .config import PuppetDBConfig, PuppetDBTagMapping
 
-    registry.add(PuppetDBRegistrar)
+    registry.add(LazyRegistrar("puppetdb", f"{__name__}.registrar:PuppetDBRegistrar", Config=PuppetDBConfig,
+                               TagMapping=PuppetDBTagMapping, requires=["pypuppetdb", "requests"]))

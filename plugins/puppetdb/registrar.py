@@ -29,13 +29,14 @@ from urllib.parse import urlsplit
 
 import pypuppetdb
 import requests
-from pydantic import Field, field_validator, model_validator
 from pypuppetdb.errors import APIError, EmptyResponseError
 
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.registrars import Phase, Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
+
+from .config import PuppetDBConfig, PuppetDBTagMapping
 
 T = TypeVar("T")
 
@@ -63,48 +64,6 @@ _MARKED = (
     'path ~> ["trusted", "extensions", ".*"] and value ~ '
     + json.dumps(f"^{OWNERSHIP_KEY}=")  # no regex specials in the key
 )
-
-
-class PuppetDBConfig(RegistrarConfig):
-    """A ``[registrars.NAME]`` section with ``type = "puppetdb"``."""
-
-    #: PuppetDB's base URL: ``https://HOST:8081`` (client certificate) or ``http://HOST:8080``
-    url: str = "https://puppetdb:8081"
-    #: CA bundle to verify PuppetDB with (default: the system's)
-    ca_file: Path | None = None
-    #: client certificate (PEM) for https; PuppetDB's certificate-allowlist must admit it
-    client_cert: Path | None = None
-    #: its private key (PEM); only the path is configured, the key stays in its file
-    client_key: Path | None = Field(default=None, repr=False)
-    #: verify PuppetDB's TLS certificate
-    verify_tls: bool = True
-    #: seconds one HTTP request to PuppetDB may take
-    timeout: float = Field(default=10.0, gt=0)
-    #: seconds a host may take to produce a successful report with its classes
-    ready_timeout: float = Field(default=1800.0, gt=0)
-    #: registrar whose classification lists the host's ``puppet_classes``; empty: no class check
-    classes_from: str | None = "foreman"
-    #: seconds the agent's clock may lag governord's when judging whether a report is new
-    clock_skew: float = Field(default=60.0, ge=0)
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        parts = urlsplit(value)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL of PuppetDB: {value!r}")
-        parts.port  # noqa: B018  -- raises ValueError on a bad port
-        return value.rstrip("/")
-
-    @model_validator(mode="after")
-    def _cert_pair(self) -> PuppetDBConfig:
-        if (self.client_cert is None) != (self.client_key is None):
-            raise ValueError("client_cert and client_key go together")
-        return self
-
-
-class PuppetDBTagMapping(BaseTagMapping):
-    """Tags mean nothing to PuppetDB directly: no keys."""
 
 
 def class_title(name: str) -> str:

@@ -16,12 +16,13 @@ and by ``[tags.TAG.NAME]`` tables (``system_group``, ``activation_key``).
 from __future__ import annotations
 
 from governord import hookimpl
-from governord.registrars import RegistrarRegistry
+from governord.registrars import LazyRegistrar, RegistrarRegistry
 
 
 @hookimpl
 def governord_register_registrars(registry: RegistrarRegistry) -> None:
-    """Make the ``satellite`` registrar type known."""
-    from .registrar import SatelliteRegistrar
+    """Make the ``satellite`` registrar type known (its module is imported when a config uses it)."""
+    from .config import SatelliteConfig, SatelliteTagMapping
 
-    registry.add(SatelliteRegistrar)
+    registry.add(LazyRegistrar("satellite", f"{__name__}.registrar:SatelliteRegistrar", Config=SatelliteConfig,
+                               TagMapping=SatelliteTagMapping))

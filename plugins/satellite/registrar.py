@@ -26,13 +26,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, ClassVar
 
-from pydantic import field_validator
-
-from governord.config import SecretRef
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
+
+from .config import SatelliteConfig, SatelliteTagMapping
 
 log = logging.getLogger(__name__)
 
@@ -51,38 +50,6 @@ _KEY_MISSING = re.compile(r"Could not find activation key", re.IGNORECASE)
 #: Seconds deregister waits for a deleted profile to disappear from ``system.getId``.
 DELETE_VERIFY_TIMEOUT = 10.0
 DELETE_VERIFY_INTERVAL = 0.25
-
-
-class SatelliteConfig(RegistrarConfig):
-    """A ``[registrars.NAME]`` section with ``type = "satellite"``."""
-
-
-    #: the XML-RPC endpoint, ``https://HOST/rpc/api``
-    url: str
-    #: API user (needs the system group admin role, or org admin)
-    username: str
-    #: its password, by reference: ``{ env = "NAME" }`` or ``{ file = "/path" }``
-    password: SecretRef
-    #: verify the server's TLS certificate (https only)
-    verify_tls: bool = True
-    #: CA bundle to verify it with (default: the system's)
-    ca_file: Path | None = None
-
-    @field_validator("url")
-    @classmethod
-    def _http_url(cls, value: str) -> str:
-        if not re.match(r"^https?://[^/\s]+/\S*$", value):
-            raise ValueError(f"not an http(s) URL of the API endpoint (…/rpc/api): {value!r}")
-        return value
-
-
-class SatelliteTagMapping(BaseTagMapping):
-    """What a tag means to Satellite (``[tags.TAG.NAME]``)."""
-
-    #: system group the host joins (groups of all its tags are joined)
-    system_group: str | None = None
-    #: activation key the machine registers with (the first tag that names one wins)
-    activation_key: str | None = None
 
 
 class SatelliteFault(PermanentError):

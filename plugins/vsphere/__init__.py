@@ -1,8 +1,9 @@
 """vSphere provider for governord: VMs cloned from a template on vCenter, through pyvmomi.
 
 Needs the ``vsphere`` extra (``pip install governord[vsphere]``, which installs ``pyvmomi``).
-pyvmomi is imported only when the provider type is registered: importing this package never
-needs it, and without it ``governord_register_providers`` raises ImportError naming pyvmomi.
+pyvmomi is imported only when a config uses the type (:mod:`.provider`); registering the type
+imports the config models alone (:mod:`.config`), and without pyvmomi installed
+``governord_register_providers`` raises ModuleNotFoundError naming it.
 
 Configured as ``[providers.NAME]`` with ``type = "vsphere"``::
 
@@ -24,17 +25,14 @@ network = "VM Network", annotation = "..." }`` (only ``template`` is required).
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from governord import hookimpl
-
-if TYPE_CHECKING:
-    from governord.providers import ProviderRegistry
+from governord.providers import LazyProvider, ProviderRegistry
 
 
 @hookimpl
 def governord_register_providers(registry: ProviderRegistry) -> None:
-    """Make the ``vsphere`` provider type known (pyvmomi is imported only here, on demand)."""
-    from .provider import VSphereProvider
+    """Make the ``vsphere`` provider type known (pyvmomi is imported when a config uses it)."""
+    from .config import VSphereConfig, VSphereProfile
 
-    registry.add(VSphereProvider)
+    registry.add(LazyProvider("vsphere", f"{__name__}.provider:VSphereProvider", Config=VSphereConfig,
+                              Profile=VSphereProfile, requires=["pyVmomi", "pyVim"]))

@@ -116,7 +116,10 @@ def _outside_launch(moto_ec2: MotoLab, spec: MachineSpec, **extra: Any) -> dict[
 def test_the_plugin_registers_the_ec2_type() -> None:
     registry = ProviderRegistry()
     governord_register_providers(registry)
-    assert registry.get("ec2") is EC2Provider
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("ec2")
+    assert entry is not None and entry.Config is EC2Provider.Config and entry.Profile is EC2Provider.Profile
+    assert registry.load("ec2") is EC2Provider
 
 
 def test_client_tokens_are_stable_valid_and_one_per_generation() -> None:

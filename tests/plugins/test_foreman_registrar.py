@@ -93,7 +93,10 @@ def private_sim(tmp_path: Path) -> Iterator[ForemanSim]:
 def test_plugin_registers_the_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("foreman") is ForemanRegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("foreman")
+    assert entry is not None and entry.Config is ForemanRegistrar.Config and entry.TagMapping is ForemanRegistrar.TagMapping
+    assert registry.load("foreman") is ForemanRegistrar
 
 
 def test_classify_merges_tags_in_order() -> None:

@@ -310,7 +310,10 @@ async def test_close_revokes_the_token(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_the_plugin_registers_the_type() -> None:
     registry = ProviderRegistry()
     governord_register_providers(registry)
-    assert registry.get("ovirt") is OVirtProvider
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("ovirt")
+    assert entry is not None and entry.Config is OVirtProvider.Config and entry.Profile is OVirtProvider.Profile
+    assert registry.load("ovirt") is OVirtProvider
 
 
 def test_config_is_strict(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -90,12 +90,23 @@ def make_csr(certname: str, challenge: str | None) -> bytes:
 def test_plugin_registers_the_puppetca_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("puppetca") is PuppetCARegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("puppetca")
+    assert entry is not None and entry.Config is PuppetCARegistrar.Config and entry.TagMapping is PuppetCARegistrar.TagMapping
+    assert registry.load("puppetca") is PuppetCARegistrar
     assert PuppetCARegistrar.deregister_phase is Phase.BEFORE_MACHINE
 
 
+def files(tmp_path: Path, *names: str) -> list[Path]:
+    """Files the config names: they must exist when it is validated (ReadableFile)."""
+    made = [tmp_path / name for name in names]
+    for path in made:
+        path.write_text("x")
+    return made
+
+
 def test_config_defaults_and_strictness(tmp_path: Path) -> None:
-    cert, key = tmp_path / "c.pem", tmp_path / "secret-key-path.pem"
+    cert, key = files(tmp_path, "c.pem", "secret-key-path.pem")
     config = make_config(client_cert=str(cert), client_key=str(key))
     assert config.url == "https://puppet:8140"
     assert config.puppet_server == "puppet"
@@ -110,7 +121,8 @@ def test_config_defaults_and_strictness(tmp_path: Path) -> None:
     assert make_config(client_cert=str(cert), client_key=str(key), marker_oid="1.3.6.1.4.1.34380.1.2.7.1").marker_oid
     for bad in ({"url": "http://puppet:8140"}, {"url": "puppet:8140"}, {"token_ttl": 0},
                 {"colour": "blue"}, {"client_cert": None}, {"marker_oid": "1.3.6.1.4.1.34380.1.1.1"},
-                {"marker_oid": "1.3.6.1.4.1.34380.1.2"}, {"marker_oid": "pp_uuid"}):
+                {"marker_oid": "1.3.6.1.4.1.34380.1.2"}, {"marker_oid": "pp_uuid"},
+                {"client_key": str(tmp_path / "absent.key")}, {"ca_file": str(tmp_path)}):
         with pytest.raises(pydantic.ValidationError):
             make_config(**{**base, **bad})
     with pytest.raises(pydantic.ValidationError):
@@ -123,6 +135,7 @@ def test_config_defaults_and_strictness(tmp_path: Path) -> None:
 
 async def test_prepare_is_idempotent_without_asking_the_ca(tmp_path: Path) -> None:
     """A record with a token is returned unchanged; the closed port proves no request is made."""
+    files(tmp_path, "c", "k")
     reg = PuppetCARegistrar(NAME, make_config(
         url=f"https://127.0.0.1:{closed_port()}", client_cert=str(tmp_path / "c"), client_key=str(tmp_path / "k"),
     ))
@@ -134,6 +147,7 @@ async def test_prepare_is_idempotent_without_asking_the_ca(tmp_path: Path) -> No
 
 async def test_prepare_for_an_adopted_host_makes_a_token_and_cloud_config(tmp_path: Path) -> None:
     """Adopted machines already have their certificate, so the CA is not asked about leftovers."""
+    files(tmp_path, "c", "k")
     reg = PuppetCARegistrar(NAME, make_config(
         url=f"https://127.0.0.1:{closed_port()}", client_cert=str(tmp_path / "c"), client_key=str(tmp_path / "k"),
         puppet_server="puppet.lab.example", token_ttl=600,
@@ -174,12 +188,11 @@ def test_autosign_refusal_checks_name_token_and_expiry() -> None:
 
 
 async def test_unreachable_ca_is_retryable(tmp_path: Path) -> None:
+    files(tmp_path, "c", "k")
     reg = PuppetCARegistrar(NAME, make_config(
         url=f"https://127.0.0.1:{closed_port()}", client_cert=str(tmp_path / "c"), client_key=str(tmp_path / "k"),
         verify_tls=False,
     ))
-    (tmp_path / "c").write_text("x")
-    (tmp_path / "k").write_text("x")
     host = make_host("gone.lab.example")
     with pytest.raises(RetryableError) as info:
         await reg.lookup(host)
@@ -189,10 +202,13 @@ async def test_unreachable_ca_is_retryable(tmp_path: Path) -> None:
     await reg.close()
 
 
-async def test_missing_client_certificate_is_permanent(tmp_path: Path) -> None:
-    reg = PuppetCARegistrar(NAME, make_config(
-        url="https://127.0.0.1:1", client_cert=str(tmp_path / "absent.pem"), client_key=str(tmp_path / "absent.key"),
-    ))
+async def test_a_client_certificate_gone_since_the_config_was_loaded_is_permanent(tmp_path: Path) -> None:
+    """A missing file is refused when the config is loaded; one removed later fails for good
+    at start, naming the key, rather than being retried."""
+    cert, key = files(tmp_path, "gone.pem", "gone.key")
+    reg = PuppetCARegistrar(NAME, make_config(url="https://127.0.0.1:1", client_cert=str(cert), client_key=str(key)))
+    cert.unlink()
+    key.unlink()
     with pytest.raises(PermanentError, match="client_cert"):
         await reg.start()
 

@@ -64,7 +64,10 @@ def closed_port() -> int:
 def test_plugin_registers_the_puppetdb_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("puppetdb") is PuppetDBRegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("puppetdb")
+    assert entry is not None and entry.Config is PuppetDBRegistrar.Config and entry.TagMapping is PuppetDBRegistrar.TagMapping
+    assert registry.load("puppetdb") is PuppetDBRegistrar
     assert PuppetDBRegistrar.deregister_phase is Phase.AFTER_MACHINE
 
 
@@ -72,12 +75,16 @@ def test_config_defaults_and_strictness(tmp_path: Path) -> None:
     config = make_config()
     assert config.url == "https://puppetdb:8081"
     assert config.ready_timeout == 1800 and config.classes_from == "foreman" and config.verify_tls
+    (tmp_path / "c").write_text("x")  # the files a config names must exist when it is loaded
+    (tmp_path / "hidden-key-path").write_text("x")
     keyed = make_config(url="https://pdb.example:8081/", client_cert=str(tmp_path / "c"),
                         client_key=str(tmp_path / "hidden-key-path"))
     assert keyed.url == "https://pdb.example:8081"
     assert "hidden-key-path" not in repr(keyed)
     for bad in ({"url": "ftp://pdb"}, {"url": "pdb:8081"}, {"url": "http://pdb:99999"}, {"ready_timeout": 0},
-                {"timeout": -1}, {"client_cert": str(tmp_path / "c")}, {"colour": "blue"}):
+                {"timeout": -1}, {"client_cert": str(tmp_path / "c")}, {"colour": "blue"},
+                {"ca_file": str(tmp_path / "absent.pem")}, {"ca_file": str(tmp_path)},
+                {"client_cert": str(tmp_path / "c"), "client_key": str(tmp_path / "absent.key")}):
         with pytest.raises(pydantic.ValidationError):
             make_config(**bad)
     with pytest.raises(pydantic.ValidationError):
@@ -107,10 +114,15 @@ async def test_unreachable_puppetdb_is_retryable() -> None:
     await reg.close()
 
 
-async def test_missing_client_key_is_permanent(tmp_path: Path) -> None:
-    reg = PuppetDBRegistrar(NAME, make_config(
-        url="https://127.0.0.1:1", client_cert=str(tmp_path / "absent.pem"), client_key=str(tmp_path / "absent.key"),
-    ))
+async def test_a_client_certificate_gone_since_the_config_was_loaded_is_permanent(tmp_path: Path) -> None:
+    """A missing file is refused when the config is loaded; one removed later fails for good
+    at start, naming the key, rather than being retried."""
+    cert, key = tmp_path / "gone.pem", tmp_path / "gone.key"
+    cert.write_text("x")
+    key.write_text("x")
+    reg = PuppetDBRegistrar(NAME, make_config(url="https://127.0.0.1:1", client_cert=str(cert), client_key=str(key)))
+    cert.unlink()
+    key.unlink()
     with pytest.raises(PermanentError, match="client_cert"):
         await reg.start()
 

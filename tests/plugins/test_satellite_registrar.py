@@ -94,7 +94,10 @@ NODE = {"groups": ["openshift-nodes"], "activation_key": "1-openshift-node"}
 def test_plugin_registers_the_satellite_type() -> None:
     registry = RegistrarRegistry()
     governord_register_registrars(registry)
-    assert registry.get("satellite") is SatelliteRegistrar
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("satellite")
+    assert entry is not None and entry.Config is SatelliteRegistrar.Config and entry.TagMapping is SatelliteRegistrar.TagMapping
+    assert registry.load("satellite") is SatelliteRegistrar
 
 
 def test_classify_unions_groups_in_tag_order_and_takes_the_first_key() -> None:

@@ -631,4 +631,7 @@ def test_config_is_strict(vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch) -> N
 def test_plugin_registers_the_type() -> None:
     registry = ProviderRegistry()
     governord_register_providers(registry)
-    assert registry.get("vsphere") is VSphereProvider
+    # registered lazily: the config models are known, the class is imported when loaded
+    entry = registry.get("vsphere")
+    assert entry is not None and entry.Config is VSphereProvider.Config and entry.Profile is VSphereProvider.Profile
+    assert registry.load("vsphere") is VSphereProvider

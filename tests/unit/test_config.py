@@ -36,8 +36,30 @@ def secrets(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
-def test_example_config_is_valid(secrets: None) -> None:
-    plugins, config = prepare(str(EXAMPLE))
+#: a file the example names: a path key, and its value
+_FILE_KEY = re.compile(r'\b(?:ca_file|client_cert|client_key) = "(/[^"]+)"')
+
+
+@pytest.fixture
+def example(tmp_path: Path) -> Path:
+    """The example config with the files it names (CA bundles, client certificate and key),
+    which must exist when a config is loaded, made under ``tmp_path``, and its paths there."""
+    text = EXAMPLE.read_text()
+    paths = {path for line in text.splitlines() if not line.lstrip().startswith("#")
+             for path in _FILE_KEY.findall(line)}
+    assert len(paths) >= 4, paths  # the BMC's CA and the Puppet CA bundle, client certificate and key
+    for path in paths:
+        moved = tmp_path / "files" / path.lstrip("/")
+        moved.parent.mkdir(parents=True, exist_ok=True)
+        moved.write_text("placeholder: only readability is checked at load\n")
+        text = text.replace(f'"{path}"', f'"{moved}"')
+    copy = tmp_path / "governord.toml"
+    copy.write_text(text)
+    return copy
+
+
+def test_example_config_is_valid(secrets: None, example: Path) -> None:
+    plugins, config = prepare(str(example))
     assert config.providers["vcenter"].type == "vsphere"
     assert config.tags["node"].mappings["foreman"].hostgroup == "openshift/node"  # type: ignore[attr-defined]
     [vcenter, rhv] = config.placements[("openshift", "node")]
@@ -45,8 +67,8 @@ def test_example_config_is_valid(secrets: None) -> None:
     assert vcenter.profile.template == "rhel9-template"  # type: ignore[attr-defined]
 
 
-def test_secrets_are_resolved_but_never_shown(secrets: None) -> None:
-    _, config = prepare(str(EXAMPLE))
+def test_secrets_are_resolved_but_never_shown(secrets: None, example: Path) -> None:
+    _, config = prepare(str(example))
     password = config.registrars["foreman"].password  # type: ignore[attr-defined]
     assert password.reveal() == SECRETS["GOVERNORD_FOREMAN_PASSWORD"]
     shown = repr(config) + str(cfg.redacted(config.registrars["foreman"]))
@@ -70,8 +92,8 @@ def _fields(model: type[BaseModel]) -> set[str]:
     return names
 
 
-def test_every_key_is_documented_in_the_example(secrets: None) -> None:
-    plugins, _ = prepare(str(EXAMPLE))
+def test_every_key_is_documented_in_the_example(secrets: None, example: Path) -> None:
+    plugins, _ = prepare(str(example))
     text = EXAMPLE.read_text()
     models: list[type[BaseModel]] = [cfg.CoreConfig, cfg.NetworkSection, cfg.RoleSection, cfg.ApplicationSection]
     for name in plugins.providers.names():
@@ -113,7 +135,67 @@ BROKEN = [
     ("address outside network", "[networks.n]\ncidr = '198.51.100.0/24'\nfirst = '10.0.0.1'\n",
      "networks.n.first: 10.0.0.1 is not in 198.51.100.0/24"),
     ("not TOML", "[daemon\n", "not valid TOML"),
+    # a plugin's file path, checked when the config is loaded (ReadableFile)
+    ("plugin file missing", "[registrars.fm]\ntype = 'foreman'\nurl = 'https://f'\nusername = 'u'\n"
+     "password = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
+     "ca_file = '/nonexistent/foreman-ca.pem'\n",
+     "registrars.fm.ca_file: cannot read /nonexistent/foreman-ca.pem: No such file or directory"),
+    ("plugin file is a directory", "[registrars.pdb]\ntype = 'puppetdb'\nclasses_from = ''\n"
+     "client_cert = '/etc/hostname'\nclient_key = '/etc'\n",
+     "registrars.pdb.client_key: cannot read /etc: Is a directory"),
+    ("plugin file path empty", "[providers.os]\ntype = 'openstack'\nauth_url = 'https://k:5000/v3'\nusername = 'u'\n"
+     "password = { env = 'GOVERNORD_OPENSTACK_PASSWORD' }\nproject_name = 'p'\nca_file = ''\n",
+     "providers.os.ca_file: an empty path"),
+    ("plugin file not a regular file", "[providers.vc]\ntype='vsphere'\nurl='https://v/sdk'\nusername='u'\n"
+     "password={env='GOVERNORD_VCENTER_PASSWORD'}\ndatacenter='DC0'\ncluster='C0'\nca_file = '/dev/null'\n",
+     "providers.vc.ca_file: cannot read /dev/null: not a regular file"),
+    ("nested plugin file missing", "[providers.rack]\ntype = 'baremetal'\n[[providers.rack.machines]]\nname = 'm1'\n"
+     "address = '198.51.100.9'\ncpus = 1\nmemory_mb = 1024\nbmc = { protocol = 'redfish', address = 'b', "
+     "username = 'u', password = { env = 'GOVERNORD_BMC_PASSWORD' }, ca_file = '/nonexistent/bmc.pem' }\n",
+     "providers.rack.machines.0.bmc.ca_file: cannot read /nonexistent/bmc.pem: No such file or directory"),
+    # EC2's keys come in pairs: the one missing is named
+    ("ec2 key id without secret", "[providers.aws]\ntype = 'ec2'\nregion = 'eu-west-1'\n"
+     "access_key_id = 'AKIAEXAMPLEEXAMPLE00'\n",
+     "providers.aws.secret_access_key: set access_key_id and secret_access_key together"),
+    ("ec2 secret without key id", "[providers.aws]\ntype = 'ec2'\nregion = 'eu-west-1'\n"
+     "secret_access_key = { env = 'GOVERNORD_AWS_SECRET_ACCESS_KEY' }\n",
+     "providers.aws.access_key_id: set access_key_id and secret_access_key together"),
+    # PuppetDB's classes_from names a registrar whose classification has the classes
+    ("puppetdb classes from a registrar not configured", "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\n",
+     "registrars.pdb.classes_from: no registrar named 'foreman' is configured (configured: pdb)"),
+    ("puppetdb classes from a misspelt registrar", "[registrars.fm]\ntype = 'foreman'\nurl = 'https://f'\n"
+     "username = 'u'\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
+     "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\nclasses_from = 'forman'\n",
+     "registrars.pdb.classes_from: no registrar named 'forman' is configured (configured: fm, pdb)"),
+    ("puppetdb classes from a registrar without classes", "[registrars.pdb]\ntype = 'puppetdb'\n"
+     "url = 'http://p:8080'\nclasses_from = 'pdb'\n",
+     "registrars.pdb.classes_from: registrar 'pdb' (type 'puppetdb') lists no puppet_classes"),
 ]
+
+
+@pytest.mark.parametrize("registrars", [
+    "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\nclasses_from = ''\n",
+    "[registrars.foreman]\ntype = 'foreman'\nurl = 'https://f'\nusername = 'u'\n"
+    "password = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
+    "[registrars.pdb]\ntype = 'puppetdb'\nurl = 'http://p:8080'\n",
+], ids=["no class check", "classes from foreman"])
+def test_puppetdb_classes_from_a_configured_foreman_or_nothing_is_valid(
+    tmp_path: Path, secrets: None, registrars: str
+) -> None:
+    path = tmp_path / "governord.toml"
+    path.write_text(registrars)
+    assert run(str(path), check_only=True) == 0
+
+
+def test_the_example_as_shipped_names_files_this_machine_lacks(secrets: None) -> None:
+    """etc/governord.toml names files under /etc that a test machine does not have: loading it
+    as it is stops at the first of them, named by its key."""
+    if Path("/etc/governord/puppet/ca.pem").exists() or Path("/etc/pki/bmc-ca.pem").exists():
+        pytest.skip("this machine has the example's files")
+    with pytest.raises(cfg.ConfigError) as caught:
+        prepare(str(EXAMPLE))
+    assert caught.value.key == "providers.rack1.machines.1.bmc.ca_file"
+    assert caught.value.message == "cannot read /etc/pki/bmc-ca.pem: No such file or directory"
 
 
 @pytest.mark.parametrize(("case", "text", "expected"), BROKEN, ids=[b[0] for b in BROKEN])

@@ -3,6 +3,7 @@ is fatal only where the config uses it; the dispatcher attributes results and fa
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -83,6 +84,110 @@ def test_plugin_whose_sdk_import_fails_at_registration_is_unavailable_not_fatal(
     proc = _check(site, used)
     assert proc.returncode == 2
     assert "providers.rhv.type: type 'rhvx' is unavailable: ModuleNotFoundError" in proc.stderr
+
+
+#: what the plugins' modules import: none of it may be imported by registering their types
+SDK_MODULES = ("boto3", "botocore", "openstack", "keystoneauth1", "ovirtsdk4", "pycurl", "pyVmomi", "pyVim",
+               "apypie", "requests", "pypuppetdb", "sushy", "pyghmi", "xmlrpc")
+
+
+def _fresh(code: str, **env: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=120, env={**os.environ, **env})
+
+
+def test_registering_every_plugin_imports_no_sdk(tmp_path: Path) -> None:
+    """Registering the types imports their config models only; a config that uses one type
+    imports that type's SDK, at load, and no other."""
+    config = tmp_path / "governord.toml"
+    config.write_text(textwrap.dedent(f"""
+        [daemon]
+        state_dir = "{tmp_path / 'state'}"
+        [providers.aws]
+        type = "ec2"
+        region = "eu-west-1"
+    """))
+    proc = _fresh(f"""
+        import json, sys
+        from governord.config import load_config
+        from governord.pluginmanager import PluginManager
+        sdks = {SDK_MODULES!r}
+        imported = lambda: sorted({{m.split(".")[0] for m in sys.modules}} & set(sdks))
+        plugins = PluginManager()
+        plugins.load_entry_points()
+        plugins.collect_types()
+        registered = imported()
+        load_config({str(config)!r}, plugins.providers, plugins.registrars, unavailable=plugins.unavailable_types())
+        print(json.dumps({{"types": plugins.providers.names() + plugins.registrars.names(),
+                          "unavailable": plugins.unavailable_types(),
+                          "after_registering": registered, "after_loading": imported()}}))
+    """)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout)
+    assert seen["unavailable"] == {}
+    assert set(seen["types"]) >= {"baremetal", "ec2", "openstack", "ovirt", "vsphere",
+                                  "foreman", "puppetca", "puppetdb", "satellite"}
+    assert seen["after_registering"] == []
+    assert seen["after_loading"] == ["boto3", "botocore"]
+
+
+LAZY_PLUGIN = """
+    from governord import hookimpl
+    from governord.providers import LazyProvider, ProviderConfig
+
+    class RhvConfig(ProviderConfig):
+        pass
+
+    @hookimpl
+    def governord_register_providers(registry):
+        registry.add(LazyProvider("rhvx", "lazy_rhvx_provider:RhvProvider", Config=RhvConfig, requires={requires}))
+"""
+
+
+def test_lazy_type_whose_sdk_is_not_installed_is_unavailable_at_registration(tmp_path: Path) -> None:
+    """A lazy type names the modules it needs; one that is not installed makes the plugin
+    unavailable at registration, without importing anything, as an eager import would."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "lazy_rhvx.py").write_text(textwrap.dedent(LAZY_PLUGIN.format(requires='["no_such_vendor_sdk"]')))
+    _fake_distribution(site, "lazy_rhvx", "rhvx = lazy_rhvx")
+    unused = tmp_path / "unused.toml"
+    unused.write_text("")
+    assert _check(site, unused).returncode == 0
+    used = tmp_path / "used.toml"
+    used.write_text("[providers.rhv]\ntype = 'rhvx'\n")
+    proc = _check(site, used)
+    assert proc.returncode == 2
+    assert f"{used}: providers.rhv.type: type 'rhvx' is unavailable: ModuleNotFoundError: " in proc.stderr
+    assert "no_such_vendor_sdk" in proc.stderr
+
+
+@pytest.mark.parametrize("mode", [["--check"], []])
+def test_lazy_type_whose_sdk_fails_to_import_stops_the_daemon_at_config_load(tmp_path: Path, mode: list[str]) -> None:
+    """The SDK is installed but its import fails (a broken C extension): registering the type
+    does not notice, a config that does not use it is fine, and one that uses it stops the
+    daemon at config load, exit 2 naming the section's type, with nothing written."""
+    site = tmp_path / "site"
+    site.mkdir()
+    (site / "lazy_rhvx.py").write_text(textwrap.dedent(LAZY_PLUGIN.format(requires="[]")))
+    (site / "lazy_rhvx_provider.py").write_text("raise ImportError('libxml2.so.2: cannot open shared object file')\n")
+    _fake_distribution(site, "lazy_rhvx", "rhvx = lazy_rhvx")
+    work = tmp_path / "work"
+    work.mkdir()
+    settings = f'[daemon]\nstate_dir = "{work / "state"}"\n[api]\nport = 0\nadmin_socket = "{work / "admin.sock"}"\n'
+    unused = tmp_path / "unused.toml"
+    unused.write_text(settings)
+    assert _check(site, unused).returncode == 0
+    used = tmp_path / "used.toml"
+    used.write_text(settings + "[providers.rhv]\ntype = 'rhvx'\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    proc = subprocess.run([sys.executable, "-m", "governord", *mode, "--config", str(used)],
+                          capture_output=True, text=True, timeout=60, env=env)
+    assert proc.returncode == 2, proc.stderr
+    assert (f"{used}: providers.rhv.type: type 'rhvx' is unavailable: ImportError: "
+            "libxml2.so.2: cannot open shared object file") in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert list(work.iterdir()) == []  # nothing written
 
 
 def test_disabled_plugin_is_reported_not_loaded() -> None:

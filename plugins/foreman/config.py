@@ -1,0 +1,49 @@
+"""The Foreman registrar's config models (``[registrars.NAME]`` with ``type = "foreman"``, and
+``[tags.TAG.NAME]`` tables). This module does not import apypie or requests: the type is
+registered, and a config validated, without them; :mod:`.registrar` imports them when a config
+uses the type."""
+
+from __future__ import annotations
+
+
+from pydantic import Field
+
+from governord.config import ReadableFile, SecretRef
+from governord.registrars import RegistrarConfig
+from governord.registrars import TagMapping as BaseTagMapping
+
+
+ParamValue = str | int | float | bool
+
+
+class ForemanConfig(RegistrarConfig):
+    """A ``[registrars.NAME]`` section of type ``foreman``."""
+
+
+    #: Foreman's base URL, e.g. ``https://foreman.example.com``
+    url: str
+    #: API user
+    username: str
+    #: its password, as a secret reference
+    password: SecretRef
+    #: verify Foreman's TLS certificate
+    verify_tls: bool = True
+    #: CA bundle to verify it with (default: the system's)
+    ca_file: ReadableFile | None = None
+    #: organization hosts are created in, by name
+    organization: str
+    #: location hosts are created in, by title
+    location: str
+    #: Puppet environment of new hosts (used when foreman_puppet is installed)
+    puppet_environment: str = "production"
+
+
+class ForemanTagMapping(BaseTagMapping):
+    """What one tag means in Foreman."""
+
+    #: hostgroup by title (``parent/child``); the first tag that names one wins
+    hostgroup: str | None = None
+    #: Puppet classes by name; the union over all tags
+    puppet_classes: list[str] = Field(default_factory=list)
+    #: host parameters; on a clash the earlier tag wins
+    parameters: dict[str, ParamValue] = Field(default_factory=dict)
