@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv vcsim peers test demo check clean
+.PHONY: all deps apt venv vcsim peers test demo clean
 
 all: test
 
@@ -47,9 +47,6 @@ test: deps
 
 demo: deps
 	$(PY) -m lab.demo
-
-check: venv
-	$(VENV)/bin/governord --check --config etc/governord.toml
 
 clean:
 	rm -rf $(VENV) lab/.build build dist *.egg-info .pytest_cache
