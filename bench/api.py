@@ -141,7 +141,7 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         spy = None
         if args.profile:
             spy = subprocess.Popen(
-                [str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(daemon.process.pid),
+                [str(Path(sys.executable).parent / "py-spy"), "record", "--gil", "--pid", str(daemon.process.pid),
                  "--duration", str(int(args.duration)), "--rate", "100", "--format", "raw",
                  "--output", str(args.profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="the daemon's [engine] workers")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (a site runs info)")
     parser.add_argument("--workdir", type=Path, help="keep the daemon's files here")
-    parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring (raw stacks to this file)")
+    parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring, sampling the thread that holds the GIL (raw stacks to this file)")
     parser.add_argument("--trace-store", type=Path, help="time every store call in the daemon (JSON to this file)")
     parser.add_argument("--daemon-arg", action="append", default=[],
                         help="pass an option to bench.daemon (e.g. --daemon-arg=--park-engine)")

@@ -340,17 +340,18 @@ class DirectStatement:
             cursor.close()
 
 
-_direct_statements: dict[tuple[str, int, tuple[str, ...] | None], DirectStatement] = {}
+_direct_statements: dict[tuple[str, int, frozenset[str] | None], DirectStatement] = {}
 
 
 def direct(conn: Connection, statement: Any, column_keys: Iterable[str] | None = None) -> DirectStatement:
     """The :class:`DirectStatement` of ``statement`` (a module-level constant: it is kept by its
     identity) for the connection's dialect; an insert is compiled for ``column_keys``."""
-    keys = tuple(sorted(column_keys)) if column_keys is not None else None
+    keys = frozenset(column_keys) if column_keys is not None else None
     key = (conn.dialect.name, id(statement), keys)
     prepared = _direct_statements.get(key)
     if prepared is None:
-        prepared = _direct_statements[key] = DirectStatement(statement, conn.dialect, keys)
+        prepared = _direct_statements[key] = DirectStatement(statement, conn.dialect,
+                                                             sorted(keys) if keys is not None else None)
     return prepared
 
 
@@ -647,7 +648,11 @@ _LIVE = text("state != 'gone'")
 _ROLE_LIVE = and_(hosts.c.app == bindparam("app"), hosts.c.role == bindparam("role"), _LIVE)
 _ROLE_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where(
     live_counts.c.app == bindparam("app"), live_counts.c.role == bindparam("role"))
-_ROLE_MAX_SEQ = select(func.max(hosts.c.seq)).where(_ROLE_LIVE)
+#: the highest number a live host of the role carries, and how many live hosts it has
+_ROLE_NUMBERING = select(
+    select(func.max(hosts.c.seq)).where(_ROLE_LIVE).scalar_subquery().label("highest"),
+    _ROLE_LIVE_COUNT.scalar_subquery().label("live"),
+)
 _ROLE_SEQS = select(hosts.c.seq).where(_ROLE_LIVE, hosts.c.seq.is_not(None)).order_by(hosts.c.seq)
 _LIVE_NAME = select(hosts.c.id).where(hosts.c.name == bindparam("name"), _LIVE)
 _INSERT_HOST = insert(hosts)
@@ -736,8 +741,10 @@ class Transaction:
         if count <= 0:
             return []
         params = {"app": app, "role": role}
-        highest = direct(self.conn, _ROLE_MAX_SEQ).scalar(self.conn, params) or 0
-        if highest == direct(self.conn, _ROLE_LIVE_COUNT).scalar(self.conn, params):
+        numbered = direct(self.conn, _ROLE_NUMBERING).first(self.conn, params)
+        assert numbered is not None
+        highest = numbered["highest"] or 0
+        if highest == numbered["live"]:
             candidates: Iterable[int] = itertools.count(highest + 1)
         else:
             candidates = self._unused_numbers(params)
