@@ -86,8 +86,14 @@ async def _load(url: str, cert: dict[str, str], connections: int, warmup: float,
                     statuses[status] = statuses.get(status, 0) + 1
                     latencies.append(took)
 
-        await asyncio.gather(*(loop(i) for i in range(connections)))
-    queue.put({"latencies": latencies, "statuses": statuses, "errors": errors[:5]})
+        async def cpu_while_measured() -> float:
+            await asyncio.sleep(max(0.0, measure_from - time.time()))
+            before = time.process_time()
+            await asyncio.sleep(max(0.0, measure_to - time.time()))
+            return time.process_time() - before
+
+        *_, cpu = await asyncio.gather(*(loop(i) for i in range(connections)), cpu_while_measured())
+    queue.put({"latencies": latencies, "statuses": statuses, "errors": errors[:5], "cpu_s": cpu})
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -176,6 +182,8 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         "p99_ms": 1000 * percentile(latencies, 0.99) if latencies else None,
         "mean_ms": 1000 * statistics.fmean(latencies) if latencies else None,
         "daemon_cpu_percent": 100 * cpu_used / args.duration,
+        # the load processes share the machine: what they take, the daemon cannot have
+        "load_cpu_percent": 100 * sum(r["cpu_s"] for r in results) / args.duration,
         "daemon_rss_mb": rss_now,
         "daemon_peak_rss_mb": rss_peak,
         "recorded_requests": recorded_requests,
