@@ -40,6 +40,10 @@ ATTEMPTS = 8
 FIRST_DELAY = 1.0
 MAX_DELAY = 300.0
 TERMINAL = {"completed", "failed", "declined", "denied", "expired"}
+#: callbacks looked at per round, the longest due first
+BATCH = 50
+#: when a callback whose request is not done yet is looked at again (no attempt is counted)
+UNFINISHED_DELAY = 2.0
 #: the actor of the audit events the notifier writes
 ACTOR = "governord"
 
@@ -111,26 +115,37 @@ class Notifier:
         async with store.engine.connect() as conn:
             due = [dict(r) for r in (await conn.execute(
                 select(callbacks).where(callbacks.c.delivered_at.is_(None), callbacks.c.gave_up_at.is_(None),
-                                        callbacks.c.next_at <= time.time()).limit(50))).mappings()]
+                                        callbacks.c.next_at <= time.time())
+                .order_by(callbacks.c.next_at).limit(BATCH))).mappings()]
+        unfinished = []
         for row in due:
             try:
-                await self._deliver(row)
+                if not await self._deliver(row):
+                    unfinished.append(row["request_id"])
             except Exception as exc:  # noqa: BLE001 - one callback's failure is that callback's alone
                 log.exception("callback failed", extra={"request": row["request_id"]})
                 await self._failed(row, f"{type(exc).__name__}: {exc}", retry=True)
+        if unfinished:
+            # look again later, after the others: requests still in progress (or waiting for an
+            # approval for days) must not fill every round and starve the finished ones
+            async with store.transaction() as conn:
+                await conn.execute(update(callbacks).where(callbacks.c.request_id.in_(unfinished))
+                                   .values(next_at=time.time() + UNFINISHED_DELAY))
 
-    async def _deliver(self, row: dict[str, Any]) -> None:
+    async def _deliver(self, row: dict[str, Any]) -> bool:
+        """Try to send the callback if its request is done; False if the request is not done."""
         reason = unsendable(row["url"])
         if reason is not None:
             await self._failed(row, f"callback_url {row['url']!r} cannot be sent to: {reason}", retry=False)
-            return
+            return True
         request = await self.runtime.store.get_request(row["request_id"])
         if request is None:
-            return
+            return True
         status = await self.runtime.governor.request_status(request)
         if status["status"] not in TERMINAL:
-            return
+            return False
         await self._attempt(row, status)
+        return True
 
     async def _attempt(self, row: dict[str, Any], status: dict[str, Any]) -> None:
         section = self.runtime.config.applications.get(row["app"])

@@ -113,12 +113,14 @@ async def test_any_other_failure_of_one_callback_is_that_callback_alone(
                                             callback_url=f"http://127.0.0.1:{runner.addresses[0][1]}/cb")
         await wait_states(runtime, [*bad.request["host_ids"], *good.request["host_ids"]], {"ready"})
         deadline = time.monotonic() + 15
-        while not arrived and time.monotonic() < deadline:
+        while time.monotonic() < deadline:
+            async with runtime.store.engine.connect() as conn:
+                row = (await conn.execute(select(callbacks).where(
+                    callbacks.c.request_id == bad.request["id"]))).mappings().one()
+            if arrived and row["attempts"]:
+                break
             await asyncio.sleep(0.05)
         assert arrived == [good.request["id"]]
-        async with runtime.store.engine.connect() as conn:
-            row = (await conn.execute(select(callbacks).where(
-                callbacks.c.request_id == bad.request["id"]))).mappings().one()
         assert row["attempts"] >= 1 and row["gave_up_at"] is None and row["next_at"] > time.time()
         assert row["last_error"].startswith("UnicodeError: ")
     finally:
@@ -132,3 +134,39 @@ async def test_any_other_failure_of_one_callback_is_that_callback_alone(
 ])
 def test_a_sendable_url_is_not_refused(url: str) -> None:
     assert unsendable(url) is None
+
+
+async def test_requests_still_waiting_do_not_starve_the_finished_ones(
+    make_runtime: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """More callbacks of unfinished requests (held for approval) than a round looks at, then
+    one of a finished (declined) request: it is delivered within a few rounds all the same."""
+    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
+    arrived: list[str] = []
+
+    async def receive(request: web.Request) -> web.Response:
+        arrived.append(webhooks.verify([SECRET.encode()], request.headers, await request.read(), now=time.time()))
+        return web.Response(status=204)
+
+    app = web.Application()
+    app.router.add_post("/cb", receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    runtime: Runtime = await make_runtime(WEBHOOK, patch=lambda text: text.replace(
+        "max_hosts = 5\n", 'max_hosts = 5\napproval = "always"\n', 1))
+    try:
+        waiting = [await runtime.governor.scale("demo", "node", add=1, actor="t", callback_url=url)
+                   for _ in range(60)]  # a round looks at 50
+        assert {d.request["state"] for d in waiting} == {"pending"}
+        declined = await runtime.governor.scale("demo", "node", add=99, actor="t", callback_url=url)
+        assert declined.request["state"] == "declined"
+        deadline = time.monotonic() + 10
+        while not arrived and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        assert arrived == [declined.request["id"]]
+    finally:
+        await runtime.stop()
+        await runner.cleanup()
