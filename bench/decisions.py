@@ -16,7 +16,6 @@ import asyncio
 import tempfile
 import time
 import tomllib
-from pathlib import Path
 
 from governord import testing
 from governord.config import build_config
