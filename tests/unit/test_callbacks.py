@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -25,6 +26,40 @@ SECRET = "callback-test-secret"
 WEBHOOK = '\n[applications.demo.webhook]\nsecrets = [{ env = "GOVERNORD_TEST_CALLBACK_SECRET" }]\n'
 
 
+class Receiver:
+    """An application's callback endpoint on loopback: what arrived, signature verified."""
+
+    def __init__(self) -> None:
+        self.url = ""
+        #: (delivery id, payload) of each signed callback received
+        self.arrived: list[tuple[str, dict[str, Any]]] = []
+
+    @property
+    def deliveries(self) -> list[str]:
+        return [delivery for delivery, _ in self.arrived]
+
+    async def receive(self, request: web.Request) -> web.Response:
+        body = await request.read()
+        delivery = webhooks.verify([SECRET.encode()], request.headers, body, now=time.time())
+        self.arrived.append((delivery, await request.json()))
+        return web.Response(status=204)
+
+
+@pytest.fixture
+async def receiver(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[Receiver]:
+    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
+    endpoint = Receiver()
+    app = web.Application()
+    app.router.add_post("/cb", endpoint.receive)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    endpoint.url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    yield endpoint
+    await runner.cleanup()
+
+
 @pytest.mark.parametrize("url", [
     "http://a..b/cb",                    # an empty label: the resolver's IDNA codec raised UnicodeError
     "http://" + "a" * 64 + ".example/cb",  # a label longer than 63
@@ -34,24 +69,10 @@ WEBHOOK = '\n[applications.demo.webhook]\nsecrets = [{ env = "GOVERNORD_TEST_CAL
     "not a url",
 ])
 async def test_a_callback_url_no_client_can_send_to_does_not_hold_up_the_others(
-    make_runtime: Any, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, url: str
+    make_runtime: Any, receiver: Receiver, caplog: pytest.LogCaptureFixture, url: str
 ) -> None:
-    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
-    arrived: list[tuple[str, dict[str, Any]]] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        body = await request.read()
-        delivery = webhooks.verify([SECRET.encode()], request.headers, body, now=time.time())
-        arrived.append((delivery, await request.json()))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/cb", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    good = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    good = receiver.url
+    arrived = receiver.arrived
     runtime: Runtime = await make_runtime(WEBHOOK)
     caplog.set_level(logging.WARNING, logger="governord.callbacks")
     try:
@@ -83,49 +104,33 @@ async def test_a_callback_url_no_client_can_send_to_does_not_hold_up_the_others(
         assert [(r.getMessage(), getattr(r, "request", None)) for r in logged] == [("callback given up", ids[0])]
     finally:
         await runtime.stop()
-        await runner.cleanup()
 
 
 async def test_any_other_failure_of_one_callback_is_that_callback_alone(
-    make_runtime: Any, monkeypatch: pytest.MonkeyPatch
+    make_runtime: Any, receiver: Receiver, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """What the up-front check misses (here: it is switched off, and aiohttp's resolver raises
     UnicodeError, no ClientError) counts as a failed attempt of that callback, retried later;
     the round goes on with the others."""
     monkeypatch.setattr(callbacks_module, "unsendable", lambda url: None)
-    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
-    arrived: list[str] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        arrived.append(webhooks.verify([SECRET.encode()], request.headers, await request.read(), now=time.time()))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/cb", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
     runtime: Runtime = await make_runtime(WEBHOOK)
     try:
         bad = await runtime.governor.scale("demo", "node", add=1, actor="t", callback_url="http://a..b/cb")
-        good = await runtime.governor.scale("demo", "node", add=1, actor="t",
-                                            callback_url=f"http://127.0.0.1:{runner.addresses[0][1]}/cb")
+        good = await runtime.governor.scale("demo", "node", add=1, actor="t", callback_url=receiver.url)
         await wait_states(runtime, [*bad.request["host_ids"], *good.request["host_ids"]], {"ready"})
         deadline = time.monotonic() + 15
         while time.monotonic() < deadline:
             async with runtime.store.engine.connect() as conn:
                 row = (await conn.execute(select(callbacks).where(
                     callbacks.c.request_id == bad.request["id"]))).mappings().one()
-            if arrived and row["attempts"]:
+            if receiver.arrived and row["attempts"]:
                 break
             await asyncio.sleep(0.05)
-        assert arrived == [good.request["id"]]
+        assert receiver.deliveries == [good.request["id"]]
         assert row["attempts"] >= 1 and row["gave_up_at"] is None and row["next_at"] > time.time()
         assert row["last_error"].startswith("UnicodeError: ")
     finally:
         await runtime.stop()
-        await runner.cleanup()
 
 
 @pytest.mark.parametrize("url", [
@@ -136,25 +141,10 @@ def test_a_sendable_url_is_not_refused(url: str) -> None:
     assert unsendable(url) is None
 
 
-async def test_requests_still_waiting_do_not_starve_the_finished_ones(
-    make_runtime: Any, monkeypatch: pytest.MonkeyPatch
-) -> None:
+async def test_requests_still_waiting_do_not_starve_the_finished_ones(make_runtime: Any, receiver: Receiver) -> None:
     """More callbacks of unfinished requests (held for approval) than a round looks at, then
     one of a finished (declined) request: it is delivered within a few rounds all the same."""
-    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
-    arrived: list[str] = []
-
-    async def receive(request: web.Request) -> web.Response:
-        arrived.append(webhooks.verify([SECRET.encode()], request.headers, await request.read(), now=time.time()))
-        return web.Response(status=204)
-
-    app = web.Application()
-    app.router.add_post("/cb", receive)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    url = f"http://127.0.0.1:{runner.addresses[0][1]}/cb"
+    url = receiver.url
     runtime: Runtime = await make_runtime(WEBHOOK, patch=lambda text: text.replace(
         "max_hosts = 5\n", 'max_hosts = 5\napproval = "always"\n', 1))
     try:
@@ -164,9 +154,8 @@ async def test_requests_still_waiting_do_not_starve_the_finished_ones(
         declined = await runtime.governor.scale("demo", "node", add=99, actor="t", callback_url=url)
         assert declined.request["state"] == "declined"
         deadline = time.monotonic() + 10
-        while not arrived and time.monotonic() < deadline:
+        while not receiver.arrived and time.monotonic() < deadline:
             await asyncio.sleep(0.05)
-        assert arrived == [declined.request["id"]]
+        assert receiver.deliveries == [declined.request["id"]]
     finally:
         await runtime.stop()
-        await runner.cleanup()
