@@ -374,6 +374,30 @@ def proxy_stats(proxy: PeerProcess) -> dict[str, Any]:
     return _control(proxy, "stats")  # type: ignore[no-any-return]
 
 
+@dataclass(frozen=True)
+class LoggedFault:
+    """One ``FAULT`` line of a proxy's log: which request (its number) got what."""
+
+    number: int
+    label: str
+    method: str
+    path: str
+
+
+def logged_faults(proxy: PeerProcess, first: int = 1, last: int | None = None) -> list[LoggedFault]:
+    """The faults a running proxy logged for requests ``first`` to ``last`` (its numbering, as
+    ``proxy_stats(...)["requests"]`` counts them), in order."""
+    assert proxy.log_path is not None, f"{proxy.name} has no log"
+    found: list[LoggedFault] = []
+    for line in proxy.log_path.read_text(errors="replace").splitlines():
+        words = line.split(" FAULT ", 1)[1].split(" ", 3) if " FAULT " in line else []
+        if len(words) == 4 and words[0].isdigit():
+            fault = LoggedFault(int(words[0]), words[1], words[2], words[3])
+            if fault.number >= first and (last is None or fault.number <= last):
+                found.append(fault)
+    return found
+
+
 def set_proxy_rates(proxy: PeerProcess, rates: FaultRates) -> None:
     """Change what a running proxy injects from now on (``PUT /_faultproxy/rates``)."""
     _control(proxy, "rates", asdict(rates))

@@ -36,6 +36,13 @@ class ForemanConfig(RegistrarConfig):
     location: str
     #: Puppet environment of new hosts (used when foreman_puppet is installed)
     puppet_environment: str = "production"
+    #: tries of one safe-to-repeat request (GET, HEAD, OPTIONS) that failed in transit: no
+    #: connection, connection cut, no answer within ``call_timeout``, or 502/503/504; 1: no
+    #: call-level retry. Creates, updates and deletes are never repeated at this level.
+    call_tries: int = Field(default=3, ge=1, le=10)
+    #: backoff factor between those tries: the n-th retry waits ``call_backoff * 2**(n-1)``
+    #: seconds (the first one none), as urllib3 counts it
+    call_backoff: float = Field(default=0.5, ge=0, le=10)
 
 
 class ForemanTagMapping(BaseTagMapping):

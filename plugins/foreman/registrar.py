@@ -6,7 +6,9 @@ A host governord registers carries its ownership marker as a line of the host's 
 
 Every apypie call is synchronous and runs in a thread through :meth:`Registrar.call_sync`; each
 network round trip is one such call, so a slow Foreman holds a thread for one request at most
-``call_timeout`` seconds. Errors are sorted for the engine: no connection, timeouts and 5xx are
+``call_timeout`` seconds per try. A safe request (GET, HEAD, OPTIONS) that fails in transit is
+repeated by the session itself (urllib3's ``Retry``, ``call_tries`` tries in all), never a create,
+update or delete once sent. Errors are sorted for the engine: no connection, timeouts and 5xx are
 :class:`RetryableError`, other 4xx and unknown names are :class:`PermanentError`; both keep
 Foreman's own message.
 """
@@ -20,6 +22,8 @@ from typing import Any, TypeVar
 
 import requests
 from apypie import ForemanApi
+from requests.adapters import HTTPAdapter
+from urllib3.util import Retry
 
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
@@ -32,17 +36,59 @@ T = TypeVar("T")
 #: apypie's "fetch everything" page size (Foreman echoes it back).
 PER_PAGE = 2 << 31
 
+#: requests repeated when they fail in transit: only those that change nothing (RFC 9110 9.2.1).
+#: PUT and DELETE are idempotent by HTTP's definition, but not Foreman's: a PUT with new nested
+#: parameters adds them again, a repeated DELETE of a Puppet class link answers 404.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+#: what the reverse proxy in front of Foreman answers when Foreman (Passenger/Puma) fails
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def call_retry(tries: int, backoff: float) -> Retry:
+    """urllib3's retry policy for one Foreman request: ``tries`` in all for a safe request that
+    failed in transit (connection refused or cut, read timeout, 502/503/504); an unsafe one only
+    when its connection could not be opened (nothing was sent). After the last try a 5xx answer
+    is returned as it is, so that Foreman's (or its proxy's) own message reaches the error."""
+    retries = tries - 1
+    return Retry(
+        total=retries, connect=retries, read=retries, status=retries, other=0, redirect=0,
+        allowed_methods=SAFE_METHODS, status_forcelist=RETRY_STATUSES, backoff_factor=backoff,
+        # a Retry-After could ask for any wait; the engine's step backoff is the place for long ones
+        raise_on_status=False, respect_retry_after_header=False,
+    )
+
+
+def call_budget(timeout: float, tries: int, backoff: float) -> float:
+    """Seconds one apypie call may take in all: every try up to ``timeout``, and the backoff
+    between them (urllib3's: none before the first retry, then ``backoff * 2**(n-1)``)."""
+    return tries * timeout + sum(backoff * 2 ** (n - 1) for n in range(2, tries))
+
 
 class _TimeoutSession(requests.Session):
-    """A requests session whose requests time out (apypie sets none of its own)."""
+    """A requests session whose requests time out (apypie sets none of its own), and whose safe
+    requests are repeated at the call level when they fail in transit (:func:`call_retry`)."""
 
-    def __init__(self, timeout: float) -> None:
+    def __init__(self, timeout: float, tries: int = 1, backoff: float = 0.0) -> None:
         super().__init__()
         self._timeout = timeout
+        self._tries = tries
+        adapter = HTTPAdapter(max_retries=call_retry(tries, backoff))
+        self.mount("https://", adapter)
+        self.mount("http://", adapter)
 
     def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
         kwargs.setdefault("timeout", self._timeout)
-        return super().request(method, url, *args, **kwargs)
+        verb = method.decode() if isinstance(method, bytes) else method
+        tries = self._tries if verb.upper() in SAFE_METHODS and not kwargs.get("stream") else 1
+        for attempt in range(1, tries + 1):
+            try:
+                return super().request(method, url, *args, **kwargs)
+            except requests.exceptions.ChunkedEncodingError:
+                # the answer was cut after its headers: urllib3's Retry ends once headers arrived
+                # (requests reads the body later), so a safe request is repeated here
+                if attempt >= tries:
+                    raise
+        raise AssertionError("unreachable")
 
 
 def _http_error(exc: BaseException) -> BaseException | None:
@@ -99,6 +145,8 @@ class ForemanRegistrar(Registrar):
 
     def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
         super().__init__(name, config, state_dir=state_dir)
+        # call_timeout bounds each try of a request; the thread running the call gets room for all
+        self._call_timeout = call_budget(self.config.call_timeout, self.config.call_tries, self.config.call_backoff)
         self._api: ForemanApi | None = None
         self._tmp: tempfile.TemporaryDirectory[str] | None = None
         self._session: requests.Session | None = None
@@ -132,7 +180,7 @@ class ForemanRegistrar(Registrar):
         cfg = self.config
         cache = self._cache_dir()
         cache.mkdir(parents=True, exist_ok=True)
-        session = self._session = _TimeoutSession(cfg.call_timeout)
+        session = self._session = _TimeoutSession(cfg.call_timeout, cfg.call_tries, cfg.call_backoff)
         verify: bool | str = str(cfg.ca_file) if cfg.ca_file is not None and cfg.verify_tls else cfg.verify_tls
         api = ForemanApi(
             uri=cfg.url.rstrip("/"),

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import re
 
-from pydantic import field_validator
+from pydantic import Field, field_validator
 
 from governord.config import ReadableFile, SecretRef
 from governord.registrars import RegistrarConfig
@@ -27,6 +27,13 @@ class SatelliteConfig(RegistrarConfig):
     verify_tls: bool = True
     #: CA bundle to verify it with (default: the system's)
     ca_file: ReadableFile | None = None
+    #: tries of one read-only call (``system.getId``, ``system.getDetails``, ...) that failed in
+    #: transit: no connection, connection cut, no answer within ``call_timeout``, or 502/503/504;
+    #: 1: no call-level retry. Calls that create or change something are never repeated here.
+    call_tries: int = Field(default=3, ge=1, le=10)
+    #: backoff factor between those tries: none before the first retry, then
+    #: ``call_backoff * 2**(n-1)`` seconds before the n-th
+    call_backoff: float = Field(default=0.5, ge=0, le=10)
 
     @field_validator("url")
     @classmethod

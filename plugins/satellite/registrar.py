@@ -10,6 +10,10 @@ A host's profile is named after its FQDN and created with Uyuni's ``system.creat
 ownership marker ``governord:host-id=<uuid>``, which is how a profile governord made is told
 from one it merely shares a name with, and how the sweep finds every profile governord made
 (``system.listSystems``, then each profile's details).
+
+A read-only call (:data:`READ_ONLY_METHODS`) that fails in transit (no connection, cut, timed
+out, unreadable, or 502/503/504) is repeated in its thread, up to ``call_tries`` tries; a call
+that creates or changes something never is.
 """
 
 from __future__ import annotations
@@ -46,6 +50,15 @@ FAULT_LOGIN = 2950
 _SESSION_GONE = re.compile(r"Could not find session|InvalidSessionIdException", re.IGNORECASE)
 _GROUP_MISSING = re.compile(r"Unable to locate or access server group", re.IGNORECASE)
 _KEY_MISSING = re.compile(r"Could not find activation key", re.IGNORECASE)
+
+#: The calls that only read: repeated when they fail in transit (every XML-RPC call is a POST, so
+#: HTTP cannot tell). Any method not listed here is sent once per step try.
+READ_ONLY_METHODS = frozenset({
+    "system.getId", "system.getDetails", "system.listSystems", "system.listGroups",
+    "systemgroup.getDetails", "activationkey.getDetails",
+})
+#: what the reverse proxy in front of Satellite (Apache) answers when its back end fails
+RETRY_STATUSES = frozenset({502, 503, 504})
 
 #: Seconds deregister waits for a deleted profile to disappear from ``system.getId``.
 DELETE_VERIFY_TIMEOUT = 10.0
@@ -88,6 +101,17 @@ class _SafeTransport(xmlrpc.client.SafeTransport):
         return conn
 
 
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """Seconds to wait before the try after try ``attempt``: none before the first retry, then
+    ``backoff * 2**(n-1)`` before the n-th (urllib3's schedule, as the Foreman registrar has)."""
+    return 0.0 if attempt <= 1 else backoff * 2 ** (attempt - 1)
+
+
+def call_budget(timeout: float, tries: int, backoff: float) -> float:
+    """Seconds one call may take in all: every try up to ``timeout``, and the waits between them."""
+    return tries * timeout + sum(backoff_delay(backoff, n) for n in range(1, tries))
+
+
 def marker(host_id: str) -> str:
     """The ownership marker written into a profile's description."""
     return f"{OWNERSHIP_KEY}={host_id}"
@@ -113,6 +137,8 @@ class SatelliteRegistrar(Registrar):
             raise TypeError(f"{type(self).__name__} needs a SatelliteConfig, not {type(config).__name__}")
         super().__init__(name, config, state_dir=state_dir)
         self.settings: SatelliteConfig = config
+        # call_timeout bounds each try of a call; the thread running the call gets room for all
+        self._call_timeout = call_budget(config.call_timeout, config.call_tries, config.call_backoff)
         self._session: str | None = None
         self._login_lock = asyncio.Lock()
         self._tls: ssl.SSLContext | None = None
@@ -431,7 +457,23 @@ class SatelliteRegistrar(Registrar):
         return _Transport(timeout)
 
     def _invoke(self, method: str, *args: Any) -> Any:
-        """Blocking: runs in a worker thread. A fresh connection per call keeps threads apart."""
+        """Blocking: runs in a worker thread. A read-only call that failed in transit is tried
+        again, up to ``call_tries`` tries in all; any other call once."""
+        tries = self.settings.call_tries if method in READ_ONLY_METHODS else 1
+        for attempt in range(1, tries + 1):
+            try:
+                return self._invoke_once(method, *args)
+            except RetryableError as exc:
+                status = getattr(exc, "http_status", None)
+                if attempt >= tries or (status is not None and status not in RETRY_STATUSES):
+                    raise
+                log.info("%s: %s failed in transit (try %d of %d), repeating: %s", self.name, method, attempt,
+                         tries, exc)
+                time.sleep(backoff_delay(self.settings.call_backoff, attempt))
+        raise AssertionError("unreachable")
+
+    def _invoke_once(self, method: str, *args: Any) -> Any:
+        """One call. A fresh connection per call keeps threads apart."""
         url = self.settings.url
         try:
             with xmlrpc.client.ServerProxy(url, transport=self._transport()) as proxy:

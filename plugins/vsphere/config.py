@@ -34,6 +34,14 @@ class VSphereConfig(ProviderConfig):
     folder: str | None = None
     #: datastore for the clones; empty: the template's
     datastore: str | None = None
+    #: tries of one read-only SOAP call (a property read, a PropertyCollector retrieval, a
+    #: search-index find) that failed in transit: no connection, connection cut, no answer within
+    #: ``call_timeout``, or 502/503/504; 1: no call-level retry. Calls that create or change
+    #: something (clone, reconfigure, power on, set a field, start a task) are never repeated here.
+    call_tries: int = Field(default=3, ge=1, le=10)
+    #: backoff factor between those tries: none before the first retry, then
+    #: ``call_backoff * 2**(n-1)`` seconds before the n-th
+    call_backoff: float = Field(default=0.5, ge=0, le=10)
 
     @field_validator("url")
     @classmethod

@@ -10,7 +10,10 @@ half-made by a crash instead of making another.
 
 pyvmomi is synchronous; every SDK call here runs in a worker thread through
 :meth:`~governord.providers.ConfiguredInstance.call_sync`, and waiting (for tasks, for the guest) is done
-on the event loop with ``asyncio.sleep`` between short calls.
+on the event loop with ``asyncio.sleep`` between short calls. A read-only SOAP call
+(:data:`READ_ONLY_METHODS`) that fails in transit is repeated in its thread, up to ``call_tries``
+tries, by a stub in front of pyVmomi's (:class:`_ReadRetryStub`); a call that creates or changes
+something never is.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ import logging
 import re
 import ssl
 import threading
+import time
 import urllib.parse
 import xml.etree.ElementTree
 import xml.parsers.expat
@@ -34,6 +38,7 @@ from typing import Any, TypeVar
 from pydantic import ValidationError
 from pyVim.connect import Disconnect, SmartConnect
 from pyVmomi import vim, vmodl
+from pyVmomi.SoapAdapter import StubAdapterBase
 
 from governord.errors import PASSING_HTTP_STATUSES, PermanentError, RetryableError, StepError
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
@@ -115,6 +120,83 @@ _TRANSIENT_FAULTS = _fault_classes(_TRANSIENT_FAULT_NAMES)
 _SERVER_DOWN = re.compile(r"is down or is not a VIM server")
 
 
+#: SOAP methods that only read, repeated when they fail in transit (every SOAP call is a POST, so
+#: HTTP cannot tell). "Fetch" is how pyVmomi reads one property (``vm.runtime``, ``task.info``).
+#: Any method not listed is sent once per step try.
+READ_ONLY_METHODS = frozenset({
+    "Fetch", "RetrieveServiceContent", "CurrentTime",
+    "RetrieveProperties", "RetrievePropertiesEx", "ContinueRetrievePropertiesEx",
+    "FindByInventoryPath", "FindChild", "FindByUuid", "FindAllByUuid", "FindByDnsName", "FindAllByDnsName",
+    "FindByIp", "FindAllByIp", "FindByDatastorePath",
+})
+#: what the reverse proxy in front of vCenter (envoy, rhttpproxy) answers when its back end fails
+RETRY_STATUSES = frozenset({502, 503, 504})
+
+
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """Seconds to wait before the try after try ``attempt``: none before the first retry, then
+    ``backoff * 2**(n-1)`` before the n-th (urllib3's schedule, as the registrars have)."""
+    return 0.0 if attempt <= 1 else backoff * 2 ** (attempt - 1)
+
+
+def call_budget(timeout: float, tries: int, backoff: float) -> float:
+    """Seconds one call may take in all: every try up to ``timeout``, and the waits between them."""
+    return tries * timeout + sum(backoff_delay(backoff, n) for n in range(1, tries))
+
+
+def _in_transit(exc: BaseException) -> bool:
+    """A failure of the exchange itself, not an answer of vCenter's: worth repeating a read for."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return False
+    if isinstance(exc, http.client.HTTPException):
+        # pyVmomi raises HTTPException("503 Service Unavailable") for an answer that is neither
+        # 200 nor a SOAP fault; others (RemoteDisconnected, IncompleteRead) carry no status
+        status = re.match(r"(\d{3})\b", str(exc))
+        return status is None or int(status.group(1)) in RETRY_STATUSES
+    # OSError: refused, reset, timed out, a TLS connection cut; bad XML: an answer cut off
+    return isinstance(exc, (OSError, EOFError, xml.parsers.expat.ExpatError))
+
+
+class _ReadRetryStub(StubAdapterBase):  # type: ignore[misc]
+    """A stub in front of pyVmomi's SOAP stub (as pyVmomi's SessionOrientedStub is) that repeats
+    a read-only call (:data:`READ_ONLY_METHODS`) which failed in transit, up to ``tries`` tries;
+    any other call goes through once. Managed objects in the answers are bound to this stub, so
+    calls made on them come through here too. Blocking: runs in the provider's worker threads."""
+
+    def __init__(self, soap_stub: Any, tries: int, backoff: float, name: str) -> None:
+        super().__init__(version=soap_stub.version)
+        self.soap_stub = soap_stub
+        self._tries = tries
+        self._backoff = backoff
+        self._name = name
+
+    def InvokeMethod(self, mo: Any, info: Any, args: Any) -> Any:  # noqa: N802 - pyVmomi's stub API
+        tries = self._tries if info.wsdlName in READ_ONLY_METHODS else 1
+        for attempt in range(1, tries + 1):
+            try:
+                # with an outer stub, the SOAP stub answers (status, result or fault)
+                status, obj = self.soap_stub.InvokeMethod(mo, info, args, self)
+            except Exception as exc:
+                if attempt >= tries or not _in_transit(exc):
+                    raise
+                log.info("%s: %s failed in transit (try %d of %d), repeating: %r", self._name, info.wsdlName,
+                         attempt, tries, exc)
+                time.sleep(backoff_delay(self._backoff, attempt))
+                continue
+            if status == 200:
+                return obj
+            raise obj
+        raise AssertionError("unreachable")
+
+    def __getattr__(self, name: str) -> Any:
+        # cookie, DropConnections, host, ...: the SOAP stub's own (only once it is set: the base
+        # class's __init__ asks for attributes this stub has not got yet)
+        soap_stub = self.__dict__.get("soap_stub")
+        if soap_stub is None:
+            raise AttributeError(name)
+        return getattr(soap_stub, name)
+
+
 @dataclass(frozen=True)
 class _VmRecord:
     """What governord needs to know about one VM, from one PropertyCollector answer."""
@@ -186,6 +268,8 @@ class VSphereProvider(Provider):
             raise TypeError(f"{type(self).__name__} needs a VSphereConfig, not {type(config).__name__}")
         super().__init__(name, config, state_dir=state_dir)
         self.cfg: VSphereConfig = config
+        # call_timeout bounds each try of a SOAP call; the thread running the call gets room for all
+        self._call_timeout = call_budget(config.call_timeout, config.call_tries, config.call_backoff)
         self._session_lock = threading.Lock()
         self._si: Any | None = None
         self._content: Any | None = None
@@ -228,7 +312,7 @@ class VSphereProvider(Provider):
                 # Always explicit: without a context pyVim skips verification for localhost/127.0.0.1.
                 cafile = str(self.cfg.ca_file) if self.cfg.ca_file is not None else None
                 kwargs["sslContext"] = ssl.create_default_context(cafile=cafile)
-        return SmartConnect(
+        si = SmartConnect(
             protocol=parts.scheme,
             host=parts.hostname,
             port=parts.port or (443 if parts.scheme == "https" else 80),
@@ -239,6 +323,9 @@ class VSphereProvider(Provider):
             httpConnectionTimeout=self.cfg.call_timeout,
             **kwargs,
         )
+        # the same session through a stub that repeats reads failed in transit
+        return vim.ServiceInstance("ServiceInstance", _ReadRetryStub(si._stub, self.cfg.call_tries,
+                                                                     self.cfg.call_backoff, self.name))
 
     def _session_sync(self) -> tuple[Any, int]:
         with self._session_lock:

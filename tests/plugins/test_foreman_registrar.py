@@ -20,6 +20,9 @@ from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.foreman import governord_register_registrars
 from governord.plugins.foreman.registrar import ForemanRegistrar
 from governord.registrars import RegistrarRegistry
+from lab.faultproxy import FaultRates, FaultSettings, LoggedFault, logged_faults, proxy_stats, set_proxy_rates
+from lab.process import PeerProcess
+from lab.stack import Lab
 from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
@@ -329,3 +332,91 @@ async def test_remove_owned_deletes_exactly_that_host_while_it_carries_the_marke
     assert read_host(foreman_sim, str(orphan_id)).status_code == 404
     assert str(orphan_id) not in {e.entry_id for e in await registrar.list_owned()}
     assert await registrar.remove_owned(entry) is False
+
+
+# -- call-level retries, through the fault proxy ---------------------------------------------------
+
+FAULT_RATE = 0.2
+FAULT_TRIES = 12
+
+
+async def _one_try_each(registrar: ForemanRegistrar, proxy: PeerProcess, hosts: list[HostView]) -> list[tuple[bool, list[LoggedFault], BaseException | None]]:
+    """One register try per host (no step-level retry); with each, the faults its requests got."""
+    outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
+    for host in hosts:
+        first = proxy_stats(proxy)["requests"] + 1
+        error: BaseException | None = None
+        try:
+            await registrar.register(host, classification(registrar, "node"))
+        except (RetryableError, PermanentError) as exc:
+            error = exc
+        outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
+    return outcomes
+
+
+async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Behind the fault proxy (20% of requests: 502/503/504, held past the timeout, or cut, before
+    or after Foreman acted), a register try whose only faults hit GETs succeeds: the session
+    repeats them. One with a fault on a POST, PUT or DELETE fails, retryably (never repeated,
+    never a 422 from a create made twice), and step-level tries then finish it: each host once.
+    Without call-level retries (``call_tries = 1``) any fault fails the try."""
+    settings = FaultSettings(rates=FaultRates(), seed=3, slow_seconds=1.5, client_timeout=1.0)
+    with Lab(tmp_path / "lab", faults=settings) as lab:
+        peer = lab.start_foreman()
+        proxy = lab.fronts[peer.url]
+        monkeypatch.setenv(PASSWORD_VAR, lab.passwords["LAB_FOREMAN_PASSWORD"])
+
+        def config(tries: int) -> Any:
+            return ForemanRegistrar.Config.model_validate({
+                "type": "foreman", "url": proxy.url, "username": "admin", "password": {"env": PASSWORD_VAR},
+                "organization": "Governor Lab", "location": "Lab", "call_timeout": settings.client_timeout,
+                "call_tries": tries, "call_backoff": 0.1,
+            })
+
+        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        hosts: list[HostView] = []
+        for tries in (1, 3):
+            registrar = ForemanRegistrar("foreman", config(tries), state_dir=tmp_path / f"state-{tries}")
+            set_proxy_rates(proxy, FaultRates())
+            await registrar.start()
+            set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
+            batch = [make_host() for _ in range(FAULT_TRIES)]
+            hosts += batch
+            results[tries] = await _one_try_each(registrar, proxy, batch)
+            await registrar.close()
+        print(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:")
+        for tries, outcomes in results.items():
+            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
+                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
+                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+
+        # without call-level retries a try fails exactly when one of its requests is faulted
+        assert all(ok == (not faults) for ok, faults, _ in results[1]), results[1]
+        # with them: tries survived faults on reads; a faulted write always failed the try,
+        # and no failure is permanent (a create repeated would be refused as a duplicate name)
+        assert any(ok and faults for ok, faults, _ in results[3]), results[3]
+        for ok, faults, error in results[3]:
+            assert not (ok and any(f.method != "GET" for f in faults)), faults
+            assert error is None or isinstance(error, RetryableError), error
+
+        # step-level tries finish the rest; then each host is in Foreman once, marked as its own
+        registrar = ForemanRegistrar("foreman", config(3), state_dir=tmp_path / "state-3")
+        set_proxy_rates(proxy, FaultRates())
+        await registrar.start()
+        set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
+        for host in hosts:
+            for _ in range(30):
+                try:
+                    await registrar.register(host, classification(registrar, "node"))
+                    break
+                except RetryableError:
+                    continue
+            else:
+                pytest.fail(f"{host.fqdn} not registered in 30 tries")
+        await registrar.close()
+        seen = lab.foreman_hosts()
+        assert sorted(seen) == sorted(h.fqdn for h in hosts)
+        assert all(seen[h.fqdn]["comment"] == f"governord:host-id={h.id}" for h in hosts)
+        assert all(seen[h.fqdn]["puppet_classes"] == ["openshift::node", "profile::base"] for h in hosts)

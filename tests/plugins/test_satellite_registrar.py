@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import ipaddress
+import logging
 import socket
 import threading
 import time
@@ -25,8 +26,16 @@ import pytest
 from governord.errors import PermanentError, RetryableError
 from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.satellite import governord_register_registrars
-from governord.plugins.satellite.registrar import SatelliteConfig, SatelliteRegistrar, SatelliteTagMapping
+from governord.plugins.satellite.registrar import (
+    READ_ONLY_METHODS,
+    SatelliteConfig,
+    SatelliteRegistrar,
+    SatelliteTagMapping,
+)
 from governord.registrars import RegistrarRegistry
+from lab.faultproxy import FaultRates, FaultSettings, LoggedFault, logged_faults, proxy_stats, set_proxy_rates
+from lab.process import PeerProcess
+from lab.stack import Lab
 from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
 
 pytestmark = pytest.mark.integration
@@ -465,3 +474,100 @@ async def test_remove_owned_deletes_exactly_that_profile_while_it_carries_the_ma
         proxy.system.getDetails(key, sid)
     assert gone.value.faultCode == -208
     assert await registrar.remove_owned(entry) is False
+
+
+# -- call-level retries, through the fault proxy ---------------------------------------------------
+
+FAULT_RATE = 0.2
+FAULT_TRIES = 12
+
+
+async def _one_try_each(registrar: SatelliteRegistrar, proxy: PeerProcess,
+                        hosts: list[HostView]) -> list[tuple[bool, list[LoggedFault], BaseException | None]]:
+    """One register try per host (no step-level retry); with each, the faults its requests got."""
+    outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
+    for host in hosts:
+        first = proxy_stats(proxy)["requests"] + 1
+        error: BaseException | None = None
+        try:
+            await registrar.register(host, NODE)
+        except (RetryableError, PermanentError) as exc:
+            error = exc
+        outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
+    return outcomes
+
+
+async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behind the fault proxy (20% of requests: 502/503/504, held past the timeout, or cut, before
+    or after Satellite acted), a register try survives faults on its read-only calls, which are
+    repeated; a faulted create or change fails the try retryably and is not repeated (all calls
+    are POSTs to the proxy, so which ones were repeated is read from the registrar's own log).
+    Without call-level retries (``call_tries = 1``) any fault fails the try. Step-level tries
+    then finish every host: each profile exists once."""
+    settings = FaultSettings(rates=FaultRates(), seed=5, slow_seconds=1.5, client_timeout=1.0)
+    caplog.set_level(logging.INFO, logger="governord.plugins.satellite.registrar")
+    with Lab(tmp_path / "lab", faults=settings) as lab:
+        peer = lab.start_satellite()
+        proxy = lab.fronts[peer.url]
+
+        def registrar(tries: int) -> SatelliteRegistrar:
+            return make_registrar(proxy.url, monkeypatch, lab.passwords["LAB_SATELLITE_PASSWORD"],
+                                  call_timeout=settings.client_timeout, call_tries=tries, call_backoff=0.1)
+
+        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        hosts: list[HostView] = []
+        for tries in (1, 3):
+            reg = registrar(tries)
+            set_proxy_rates(proxy, FaultRates())
+            await reg.start()
+            set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
+            batch = [make_host(f"fault-{tries}-{i:02d}-{uuid.uuid4().hex[:6]}.lab.example") for i in range(FAULT_TRIES)]
+            hosts += batch
+            results[tries] = await _one_try_each(reg, proxy, batch)
+            set_proxy_rates(proxy, FaultRates())
+            await reg.close()
+        print(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:")
+        for tries, outcomes in results.items():
+            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
+                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
+                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+
+        # without call-level retries a try fails exactly when one of its requests is faulted
+        assert all(ok == (not faults) for ok, faults, _ in results[1]), results[1]
+        # with them: tries survived faults (on reads, the only calls repeated), and no failure is
+        # permanent (a create made twice would be refused: "systems exist" with that hostname)
+        assert any(ok and faults for ok, faults, _ in results[3]), results[3]
+        assert all(error is None or isinstance(error, RetryableError) for _, _, error in results[3]), results[3]
+        repeated = {r.args[1] for r in caplog.records if "failed in transit" in r.getMessage()}
+        assert repeated and repeated <= READ_ONLY_METHODS, repeated
+
+        # step-level tries finish the rest
+        reg = registrar(3)
+        await reg.start()
+        set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
+        for host in hosts:
+            for _ in range(30):
+                try:
+                    await reg.register(host, NODE)
+                    break
+                except RetryableError:
+                    continue
+            else:
+                pytest.fail(f"{host.fqdn} not registered in 30 tries")
+        set_proxy_rates(proxy, FaultRates())
+        await reg.close()
+
+        # asked past the proxy: each host's profile once, marked as its own, in its group
+        direct = xmlrpc.client.ServerProxy(peer.url)
+        key = direct.auth.login("admin", lab.passwords["LAB_SATELLITE_PASSWORD"])
+        try:
+            names = [s["name"] for s in direct.system.listSystems(key)]
+            assert sorted(names) == sorted(h.fqdn for h in hosts)
+            for host in hosts:
+                [system] = direct.system.getId(key, host.fqdn)
+                assert direct.system.getDetails(key, system["id"])["description"] == f"governord:host-id={host.id}"
+                assert subscribed((direct, key), system["id"]) == {"openshift-nodes"}
+        finally:
+            direct.auth.logout(key)

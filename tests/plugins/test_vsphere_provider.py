@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -21,9 +22,17 @@ from pyVmomi import vim
 from governord.errors import PermanentError, RetryableError
 from governord.models import OWNERSHIP_KEY, MachineSpec, NetworkAssignment, PowerState
 from governord.plugins.vsphere import governord_register_providers
-from governord.plugins.vsphere.provider import CUSTOMIZED_KEY, MARKER_KEY, VSphereProvider
+from governord.plugins.vsphere.provider import CUSTOMIZED_KEY, MARKER_KEY, READ_ONLY_METHODS, VSphereProvider
 from governord.providers import ProviderRegistry
-from lab.faultproxy import FaultRates, FaultSettings, proxy_stats, set_proxy_rates, start_faultproxy
+from lab.faultproxy import (
+    FaultRates,
+    FaultSettings,
+    LoggedFault,
+    logged_faults,
+    proxy_stats,
+    set_proxy_rates,
+    start_faultproxy,
+)
 from lab.vcsim import make_tls_files, wait_for_task
 from tests.fixtures.vcsim import VcsimLab
 
@@ -553,6 +562,84 @@ async def test_cut_and_refused_answers_are_passing_failures(
             await instance.close()
         counts = proxy_stats(proxy)["counts"]
         assert counts["drop-before"] and counts["drop-after"] and counts["error-before"] and counts["error-after"]
+    finally:
+        proxy.stop()
+
+
+async def test_one_create_try_survives_faults_on_reads_and_repeats_no_write(
+    vcsim: VcsimLab, monkeypatch: pytest.MonkeyPatch, tmp_path: Path, peer: Any,
+    spec_factory: Callable[..., MachineSpec], caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Behind the fault proxy (10% of requests: 502/503/504, held past the timeout, or cut, before
+    or after vCenter acted), a create_or_find try survives faults on its read-only SOAP calls,
+    which are repeated; a faulted clone, reconfigure or power-on fails the try retryably and is
+    not repeated (all calls are POSTs to the proxy, so which ones were repeated is read from the
+    provider's own log). Step-level tries then finish every machine: exactly one VM each."""
+    caplog.set_level(logging.INFO, logger="governord.plugins.vsphere.provider")
+    settings = FaultSettings(rates=FaultRates(), seed=9, slow_seconds=1.5, client_timeout=1.0)
+    proxy = start_faultproxy(vcsim.process, settings, seed=9, workdir=tmp_path)
+    rate, count = 0.1, 10
+    try:
+        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        specs: list[MachineSpec] = []
+        for tries in (1, 3):
+            instance = make_provider(vcsim, monkeypatch, url=proxy.url, call_timeout=settings.client_timeout,
+                                     call_tries=tries, call_backoff=0.1)
+            set_proxy_rates(proxy, FaultRates())
+            await instance.start()
+            assert await instance.find("x") is None  # logged in, inventory looked up
+            set_proxy_rates(proxy, FaultRates.spread(rate))
+            outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
+            for _ in range(count):
+                spec = spec_factory()
+                specs.append(spec)
+                first = proxy_stats(proxy)["requests"] + 1
+                error: BaseException | None = None
+                try:
+                    await instance.create_or_find(spec)
+                except (RetryableError, PermanentError) as exc:
+                    error = exc
+                outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
+            results[tries] = outcomes
+            set_proxy_rates(proxy, FaultRates())
+            await instance.close()
+        print(f"\none create_or_find try each, {count} machines, {rate:.0%} faults:")
+        for outcomes in results.values():
+            print([str(e)[:150] for _, _, e in outcomes if e])
+        for tries, outcomes in results.items():
+            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
+                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
+                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+
+        # a try without faults succeeds either way; with call-level retries some survived faults,
+        # only listed reads were repeated, and nothing failed for good
+        assert all(ok for outcomes in results.values() for ok, faults, _ in outcomes if not faults)
+        assert any(ok and faults for ok, faults, _ in results[3]), results[3]
+        assert all(error is None or isinstance(error, RetryableError) for _, _, error in results[3]), results[3]
+        repeated = {r.args[1] for r in caplog.records if "failed in transit" in r.getMessage()}
+        assert repeated and repeated <= READ_ONLY_METHODS, repeated
+
+        # step-level tries finish the rest; then each machine exists once, carrying its marker
+        instance = make_provider(vcsim, monkeypatch, url=proxy.url, call_timeout=settings.client_timeout,
+                                 call_backoff=0.1)
+        await instance.start()
+        set_proxy_rates(proxy, FaultRates.spread(rate))
+        try:
+            for spec in specs:
+                for _ in range(30):
+                    try:
+                        await instance.create_or_find(spec)
+                        break
+                    except RetryableError:
+                        continue
+                else:
+                    pytest.fail(f"{spec.hostname} not made in 30 tries")
+        finally:
+            set_proxy_rates(proxy, FaultRates())
+            await instance.close()
+        for spec in specs:
+            [vm] = marked(peer, spec.host_id)
+            assert vm.runtime.powerState == "poweredOn" and extra_config(vm)[CUSTOMIZED_KEY] == "1"
     finally:
         proxy.stop()
 
