@@ -128,6 +128,20 @@ class ProviderProfile(StrictModel):
     """Per-role settings for a provider (template, size, ...). Provider types subclass it."""
 
 
+def backoff_delay(backoff: float, attempt: int) -> float:
+    """Seconds a plugin waits before repeating a call after try ``attempt`` failed in transit:
+    none before the first repeat, then ``backoff * 2**(n-1)`` before the n-th (urllib3's
+    schedule, which the requests-based plugins get from urllib3 itself)."""
+    return 0.0 if attempt <= 1 else backoff * 2 ** (attempt - 1)
+
+
+def call_budget(timeout: float, tries: int, backoff: float) -> float:
+    """Seconds one SDK call may take in all when the plugin repeats it: every try up to
+    ``timeout``, and the waits between them. The instance's ``call_timeout`` (the thread's limit
+    in :meth:`ConfiguredInstance.call_sync`) must allow that much."""
+    return tries * timeout + sum(backoff_delay(backoff, n) for n in range(1, tries))
+
+
 class ConfiguredInstance:
     """What providers and registrars share: one instance per config section, a lazy start, and
     blocking SDK calls run in threads, at most ``max_concurrency`` at once, each under

@@ -27,6 +27,7 @@ from urllib3.util import Retry
 
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
+from governord.providers import call_budget
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 
 from .config import ForemanConfig, ForemanTagMapping, ParamValue
@@ -56,12 +57,6 @@ def call_retry(tries: int, backoff: float) -> Retry:
         # a Retry-After could ask for any wait; the engine's step backoff is the place for long ones
         raise_on_status=False, respect_retry_after_header=False,
     )
-
-
-def call_budget(timeout: float, tries: int, backoff: float) -> float:
-    """Seconds one apypie call may take in all: every try up to ``timeout``, and the backoff
-    between them (urllib3's: none before the first retry, then ``backoff * 2**(n-1)``)."""
-    return tries * timeout + sum(backoff * 2 ** (n - 1) for n in range(2, tries))
 
 
 class _TimeoutSession(requests.Session):

@@ -32,6 +32,7 @@ from typing import Any, ClassVar
 
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
+from governord.providers import backoff_delay, call_budget
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -99,17 +100,6 @@ class _SafeTransport(xmlrpc.client.SafeTransport):
         conn = super().make_connection(host)
         conn.timeout = self._timeout
         return conn
-
-
-def backoff_delay(backoff: float, attempt: int) -> float:
-    """Seconds to wait before the try after try ``attempt``: none before the first retry, then
-    ``backoff * 2**(n-1)`` before the n-th (urllib3's schedule, as the Foreman registrar has)."""
-    return 0.0 if attempt <= 1 else backoff * 2 ** (attempt - 1)
-
-
-def call_budget(timeout: float, tries: int, backoff: float) -> float:
-    """Seconds one call may take in all: every try up to ``timeout``, and the waits between them."""
-    return tries * timeout + sum(backoff_delay(backoff, n) for n in range(1, tries))
 
 
 def marker(host_id: str) -> str:

@@ -42,7 +42,7 @@ from pyVmomi.SoapAdapter import StubAdapterBase
 
 from governord.errors import PASSING_HTTP_STATUSES, PermanentError, RetryableError, StepError
 from governord.models import OWNERSHIP_KEY, Machine, MachineSpec, PowerState
-from governord.providers import Provider, ProviderConfig
+from governord.providers import Provider, ProviderConfig, backoff_delay, call_budget
 
 from .config import VSphereConfig, VSphereProfile
 
@@ -131,17 +131,6 @@ READ_ONLY_METHODS = frozenset({
 })
 #: what the reverse proxy in front of vCenter (envoy, rhttpproxy) answers when its back end fails
 RETRY_STATUSES = frozenset({502, 503, 504})
-
-
-def backoff_delay(backoff: float, attempt: int) -> float:
-    """Seconds to wait before the try after try ``attempt``: none before the first retry, then
-    ``backoff * 2**(n-1)`` before the n-th (urllib3's schedule, as the registrars have)."""
-    return 0.0 if attempt <= 1 else backoff * 2 ** (attempt - 1)
-
-
-def call_budget(timeout: float, tries: int, backoff: float) -> float:
-    """Seconds one call may take in all: every try up to ``timeout``, and the waits between them."""
-    return tries * timeout + sum(backoff_delay(backoff, n) for n in range(1, tries))
 
 
 def _in_transit(exc: BaseException) -> bool:
