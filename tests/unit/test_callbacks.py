@@ -129,7 +129,9 @@ async def test_any_other_failure_of_one_callback_is_that_callback_alone(
                 break
             await asyncio.sleep(0.05)
         assert receiver.deliveries == [good.request["id"]]
-        assert row["attempts"] >= 1 and row["gave_up_at"] is None and row["next_at"] > time.time()
+        # counted and scheduled again (not given up); when exactly depends on how long the wait above took
+        assert row["attempts"] >= 1 and row["gave_up_at"] is None and row["delivered_at"] is None
+        assert row["next_at"] > row["created_at"]
         assert row["last_error"].startswith("UnicodeError: ")
     finally:
         await runtime.stop()
