@@ -191,8 +191,7 @@ class GroupCommit:
     @staticmethod
     def _run_deferred(conn: Connection) -> None:
         for statement, rows in conn.info.pop(_DEFERRED, {}).items():
-            keys = set().union(*rows)
-            direct(conn, statement, keys).run(conn, [{key: row.get(key) for key in keys} for row in rows])
+            insert_rows(conn, statement, rows)
 
     def _commit(self, jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         if self._conn is None:
@@ -279,16 +278,14 @@ class DirectStatement:
         compiled = statement.compile(dialect=dialect, column_keys=column_keys)
         if not compiled.positional:
             raise NotImplementedError("DirectStatement needs a positional DBAPI parameter style")
-        self._compiled = compiled
         self.sql = compiled.string
-        self._order = list(compiled.positiontup or ())
         if any(bind.expanding for bind in compiled.binds.values()):
             raise NotImplementedError("DirectStatement runs no expanding (IN list) parameters")
         # per position: the parameter's name, whether the caller must give it, its value in the
         # statement otherwise, the type's processor (what construct_params does, without its
         # general machinery: a test compares the outcome with SQLAlchemy's)
         self._slots = []
-        for name in self._order:
+        for name in compiled.positiontup or ():
             bind = compiled.binds[name]
             processor = bind.type.dialect_impl(dialect).bind_processor(dialect)
             self._slots.append((name, bind.required, None if bind.required else bind.effective_value, processor))
@@ -326,11 +323,6 @@ class DirectStatement:
         rows = self.all(conn, params)
         return rows[0] if rows else None
 
-    def scalar(self, conn: Connection, params: Row) -> Any:
-        """The first column of the first row, or None."""
-        row = self.first(conn, params)
-        return next(iter(row.values())) if row else None
-
     def run(self, conn: Connection, many: Sequence[Row]) -> None:
         """Execute once per parameter set (a statement that returns nothing, e.g. an insert)."""
         cursor = conn.connection.driver_connection.cursor()
@@ -338,6 +330,12 @@ class DirectStatement:
             cursor.executemany(self.sql, [self._positional(params) for params in many])
         finally:
             cursor.close()
+
+
+def insert_rows(conn: Connection, statement: Any, rows: Sequence[Row]) -> None:
+    """Run an insert for ``rows`` as one prepared executemany; a column a row lacks is NULL."""
+    keys = set().union(*rows)
+    direct(conn, statement, keys).run(conn, [{key: row.get(key) for key in keys} for row in rows])
 
 
 _direct_statements: dict[tuple[str, int, frozenset[str] | None], DirectStatement] = {}
@@ -713,9 +711,6 @@ class Transaction:
             counts[row["provider"]] = counts.get(row["provider"], 0) + row["hosts"]
         return {provider: n for provider, n in counts.items() if n}
 
-    def live_count(self, app: str) -> int:
-        return sum(self.live_count_by_provider(app).values())
-
     # -- hosts ------------------------------------------------------------------------------
 
     def hosts(self, *, ids: Sequence[str] | None = None, app: str | None = None, role: str | None = None,
@@ -815,11 +810,8 @@ class Transaction:
         rows = [_new_host_row(dict(values)) for values in many]
         if not rows:
             return []
-        # every row has the same columns: one prepared insert for them all
-        keys = set().union(*rows)
-        rows = [{key: row.get(key) for key in keys} for row in rows]
         try:
-            direct(self.conn, _INSERT_HOST, keys).run(self.conn, rows)
+            insert_rows(self.conn, _INSERT_HOST, rows)
         except self.conn.dialect.loaded_dbapi.IntegrityError as exc:
             raise NameTaken(", ".join(r["name"] for r in rows)) from exc
         blank = {column.name: None for column in hosts.c}
