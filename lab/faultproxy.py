@@ -50,6 +50,7 @@ import ssl
 import sys
 import urllib.parse
 from collections import Counter
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -396,6 +397,38 @@ def logged_faults(proxy: PeerProcess, first: int = 1, last: int | None = None) -
             if fault.number >= first and (last is None or fault.number <= last):
                 found.append(fault)
     return found
+
+
+#: one try of a plugin call behind the proxy: whether it succeeded, the faults its requests
+#: got, the error it raised
+TryOutcome = tuple[bool, list[LoggedFault], "BaseException | None"]
+
+
+async def one_try_each(proxy: PeerProcess, tries: Iterable[Callable[[], Awaitable[object]]],
+                       errors: tuple[type[BaseException], ...]) -> list[TryOutcome]:
+    """Run each try once (no retry above it), noting the faults the proxy logged for its
+    requests; an exception of ``errors`` is the try's outcome, any other one fails the test."""
+    outcomes: list[TryOutcome] = []
+    for attempt in tries:
+        first = proxy_stats(proxy)["requests"] + 1
+        error: BaseException | None = None
+        try:
+            await attempt()
+        except errors as exc:
+            error = exc
+        outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
+    return outcomes
+
+
+def describe_tries(what: str, results: dict[int, list[TryOutcome]]) -> str:
+    """Lines for a test's output: per ``call_tries`` setting, how many tries succeeded and how
+    many of those despite faults."""
+    lines = [what]
+    for tries, outcomes in results.items():
+        lines.append(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
+                     f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
+                     f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+    return "\n".join(lines)
 
 
 def set_proxy_rates(proxy: PeerProcess, rates: FaultRates) -> None:

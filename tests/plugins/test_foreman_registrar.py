@@ -7,6 +7,7 @@ HTTP, never through the registrar itself.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
@@ -20,8 +21,7 @@ from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.foreman import governord_register_registrars
 from governord.plugins.foreman.registrar import ForemanRegistrar
 from governord.registrars import RegistrarRegistry
-from lab.faultproxy import FaultRates, FaultSettings, LoggedFault, logged_faults, proxy_stats, set_proxy_rates
-from lab.process import PeerProcess
+from lab.faultproxy import (FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates)
 from lab.stack import Lab
 from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
 
@@ -340,20 +340,6 @@ FAULT_RATE = 0.2
 FAULT_TRIES = 12
 
 
-async def _one_try_each(registrar: ForemanRegistrar, proxy: PeerProcess, hosts: list[HostView]) -> list[tuple[bool, list[LoggedFault], BaseException | None]]:
-    """One register try per host (no step-level retry); with each, the faults its requests got."""
-    outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
-    for host in hosts:
-        first = proxy_stats(proxy)["requests"] + 1
-        error: BaseException | None = None
-        try:
-            await registrar.register(host, classification(registrar, "node"))
-        except (RetryableError, PermanentError) as exc:
-            error = exc
-        outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
-    return outcomes
-
-
 async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -375,7 +361,7 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
                 "call_tries": tries, "call_backoff": 0.1,
             })
 
-        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        results: dict[int, list[TryOutcome]] = {}
         hosts: list[HostView] = []
         for tries in (1, 3):
             registrar = ForemanRegistrar("foreman", config(tries), state_dir=tmp_path / f"state-{tries}")
@@ -384,13 +370,11 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
             set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
             batch = [make_host() for _ in range(FAULT_TRIES)]
             hosts += batch
-            results[tries] = await _one_try_each(registrar, proxy, batch)
+            results[tries] = await one_try_each(
+                proxy, [functools.partial(registrar.register, host, classification(registrar, "node")) for host in batch],
+                (RetryableError, PermanentError))
             await registrar.close()
-        print(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:")
-        for tries, outcomes in results.items():
-            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
-                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
-                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+        print(describe_tries(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:", results))
 
         # without call-level retries a try fails exactly when one of its requests is faulted
         assert all(ok == (not faults) for ok, faults, _ in results[1]), results[1]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime
+import functools
 import ipaddress
 import logging
 import socket
@@ -33,8 +34,7 @@ from governord.plugins.satellite.registrar import (
     SatelliteTagMapping,
 )
 from governord.registrars import RegistrarRegistry
-from lab.faultproxy import FaultRates, FaultSettings, LoggedFault, logged_faults, proxy_stats, set_proxy_rates
-from lab.process import PeerProcess
+from lab.faultproxy import (FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates)
 from lab.stack import Lab
 from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
 
@@ -482,21 +482,6 @@ FAULT_RATE = 0.2
 FAULT_TRIES = 12
 
 
-async def _one_try_each(registrar: SatelliteRegistrar, proxy: PeerProcess,
-                        hosts: list[HostView]) -> list[tuple[bool, list[LoggedFault], BaseException | None]]:
-    """One register try per host (no step-level retry); with each, the faults its requests got."""
-    outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
-    for host in hosts:
-        first = proxy_stats(proxy)["requests"] + 1
-        error: BaseException | None = None
-        try:
-            await registrar.register(host, NODE)
-        except (RetryableError, PermanentError) as exc:
-            error = exc
-        outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
-    return outcomes
-
-
 async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -516,7 +501,7 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
             return make_registrar(proxy.url, monkeypatch, lab.passwords["LAB_SATELLITE_PASSWORD"],
                                   call_timeout=settings.client_timeout, call_tries=tries, call_backoff=0.1)
 
-        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        results: dict[int, list[TryOutcome]] = {}
         hosts: list[HostView] = []
         for tries in (1, 3):
             reg = registrar(tries)
@@ -525,14 +510,11 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
             set_proxy_rates(proxy, FaultRates.spread(FAULT_RATE))
             batch = [make_host(f"fault-{tries}-{i:02d}-{uuid.uuid4().hex[:6]}.lab.example") for i in range(FAULT_TRIES)]
             hosts += batch
-            results[tries] = await _one_try_each(reg, proxy, batch)
+            results[tries] = await one_try_each(proxy, [functools.partial(reg.register, host, NODE) for host in batch],
+                                                (RetryableError, PermanentError))
             set_proxy_rates(proxy, FaultRates())
             await reg.close()
-        print(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:")
-        for tries, outcomes in results.items():
-            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
-                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
-                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+        print(describe_tries(f"\none register try each, {FAULT_TRIES} hosts, {FAULT_RATE:.0%} faults:", results))
 
         # without call-level retries a try fails exactly when one of its requests is faulted
         assert all(ok == (not faults) for ok, faults, _ in results[1]), results[1]

@@ -8,6 +8,7 @@ hook; and it ignores the clone spec's size and notes, which the provider re-appl
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import time
@@ -27,8 +28,9 @@ from governord.providers import ProviderRegistry
 from lab.faultproxy import (
     FaultRates,
     FaultSettings,
-    LoggedFault,
-    logged_faults,
+    TryOutcome,
+    describe_tries,
+    one_try_each,
     proxy_stats,
     set_proxy_rates,
     start_faultproxy,
@@ -580,7 +582,7 @@ async def test_one_create_try_survives_faults_on_reads_and_repeats_no_write(
     proxy = start_faultproxy(vcsim.process, settings, seed=9, workdir=tmp_path)
     rate, count = 0.1, 10
     try:
-        results: dict[int, list[tuple[bool, list[LoggedFault], BaseException | None]]] = {}
+        results: dict[int, list[TryOutcome]] = {}
         specs: list[MachineSpec] = []
         for tries in (1, 3):
             instance = make_provider(vcsim, monkeypatch, url=proxy.url, call_timeout=settings.client_timeout,
@@ -589,27 +591,16 @@ async def test_one_create_try_survives_faults_on_reads_and_repeats_no_write(
             await instance.start()
             assert await instance.find("x") is None  # logged in, inventory looked up
             set_proxy_rates(proxy, FaultRates.spread(rate))
-            outcomes: list[tuple[bool, list[LoggedFault], BaseException | None]] = []
-            for _ in range(count):
-                spec = spec_factory()
-                specs.append(spec)
-                first = proxy_stats(proxy)["requests"] + 1
-                error: BaseException | None = None
-                try:
-                    await instance.create_or_find(spec)
-                except (RetryableError, PermanentError) as exc:
-                    error = exc
-                outcomes.append((error is None, logged_faults(proxy, first, proxy_stats(proxy)["requests"]), error))
-            results[tries] = outcomes
+            batch = [spec_factory() for _ in range(count)]
+            specs += batch
+            results[tries] = await one_try_each(
+                proxy, [functools.partial(instance.create_or_find, spec) for spec in batch],
+                (RetryableError, PermanentError))
             set_proxy_rates(proxy, FaultRates())
             await instance.close()
-        print(f"\none create_or_find try each, {count} machines, {rate:.0%} faults:")
         for outcomes in results.values():
             print([str(e)[:150] for _, _, e in outcomes if e])
-        for tries, outcomes in results.items():
-            print(f"  call_tries={tries}: {sum(ok for ok, _, _ in outcomes)} succeeded, "
-                  f"{sum(ok and bool(faults) for ok, faults, _ in outcomes)} of them despite faults; "
-                  f"faults per try {[len(faults) for _, faults, _ in outcomes]}")
+        print(describe_tries(f"\none create_or_find try each, {count} machines, {rate:.0%} faults:", results))
 
         # a try without faults succeeds either way; with call-level retries some survived faults,
         # only listed reads were repeated, and nothing failed for good
