@@ -9,10 +9,12 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import aiohttp
 import click
+import yarl
 from rich.console import Console
 from rich.table import Table
 
@@ -34,6 +36,21 @@ class Unreachable(CtlError):
     exit_code = 3
 
 
+def _path(*segments: str) -> str:
+    """An admin API path made of ``segments``, each percent-encoded whole, so that a host,
+    application or request name given as an argument stays one segment of the path, whatever it
+    holds: ``/``, ``?``, ``#`` and ``%`` are encoded, and ``.`` or ``..`` as a whole segment is
+    written ``%2E`` so that nothing on the way resolves it as a step up. (An unescaped
+    ``../apps/beta/rotate?`` as a host name once reached another endpoint.)"""
+    parts = []
+    for segment in segments:
+        if not segment:
+            raise click.UsageError("an empty name")
+        quoted = urllib.parse.quote(segment, safe="")
+        parts.append(quoted.replace(".", "%2E") if set(segment) == {"."} else quoted)
+    return "/" + "/".join(parts)
+
+
 class Client:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
@@ -47,9 +64,11 @@ class Client:
         connector = aiohttp.UnixConnector(path=self.socket_path)
         # aiohttp's own default (5 minutes) unless a command waits longer on purpose
         options = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
+        # the path is already encoded (see _path): taken as it is, never re-quoted nor normalised
+        url = yarl.URL.build(scheme="http", host="governord", path=path, encoded=True)
         try:
             async with aiohttp.ClientSession(connector=connector, **options) as session:
-                async with session.request(method, f"http://governord{path}", json=body, params=params) as resp:
+                async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
@@ -90,7 +109,7 @@ def _wait_hosts(client: Client, ids: list[str], timeout: float) -> list[dict[str
     last: dict[str, str] = {}
     hosts: list[dict[str, Any]] = []
     while True:
-        hosts = [client.ok("GET", f"/v1/hosts/{i}") for i in ids]
+        hosts = [client.ok("GET", _path("v1", "hosts", i)) for i in ids]
         for h in hosts:
             if last.get(h["id"]) != h["state"]:
                 last[h["id"]] = h["state"]
@@ -116,7 +135,7 @@ def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float,
         raise CtlError(f"{request['reason']}: governord-ctl requests approve {request['id']} -m '...'")
     if wait and request["hosts"]:
         hosts = _wait_hosts(client, [h["id"] for h in request["hosts"]], timeout)
-        request = client.ok("GET", f"/v1/requests/{request['id']}")
+        request = client.ok("GET", _path("v1", "requests", request["id"]))
         if any(h["state"] == "failed" for h in hosts):
             _show_request(request, as_json)
             raise CtlError("some hosts failed; see 'governord-ctl hosts show NAME', then 'retry NAME'")
@@ -221,8 +240,8 @@ def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all:
 def hosts_show(ctx: click.Context, host: str, as_json: bool) -> None:
     """One host, its registrations and its audit trail."""
     client = _client(ctx)
-    data = client.ok("GET", f"/v1/hosts/{host}")
-    events = client.ok("GET", f"/v1/hosts/{host}/events")["events"]
+    data = client.ok("GET", _path("v1", "hosts", host))
+    events = client.ok("GET", _path("v1", "hosts", host, "events"))["events"]
     if as_json:
         return _print_json({**data, "events": events})
     for key in ("fqdn", "id", "app", "role", "origin", "state", "failed_step", "error", "provider", "machine_id"):
@@ -262,7 +281,7 @@ def scale(ctx: click.Context, app: str, role: str, count: int | None, add: int |
         raise click.UsageError("give exactly one of --count and --add")
     body = {"role": role, "count": count, "add": add, "idempotency_key": idempotency_key}
     client = _client(ctx)
-    request = client.ok("POST", f"/v1/apps/{app}/scale", {k: v for k, v in body.items() if v is not None},
+    request = client.ok("POST", _path("v1", "apps", app, "scale"), {k: v for k, v in body.items() if v is not None},
                         accept=(200, 202, 409))
     _finish(client, request, wait, timeout, as_json)
 
@@ -280,7 +299,7 @@ def _tag_command(name: str, field: str, help_text: str) -> None:
         body: dict[str, Any] = {field: list(tags)}
         if address:
             body["address"] = address
-        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/tags", body), wait, timeout, as_json)
+        _finish_host(client, client.ok("POST", _path("v1", "hosts", host, "tags"), body), wait, timeout, as_json)
 
 
 _tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
@@ -294,7 +313,7 @@ def _host_action(name: str, help_text: str) -> None:
     @click.pass_context
     def command(ctx: click.Context, host: str, wait: bool, timeout: float, as_json: bool) -> None:
         client = _client(ctx)
-        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/{name}"), wait, timeout, as_json)
+        _finish_host(client, client.ok("POST", _path("v1", "hosts", host, name)), wait, timeout, as_json)
 
 
 _host_action("retire", "Retire HOST: deregister it everywhere and destroy its machine, each verified.")
@@ -330,7 +349,7 @@ def requests_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
 @click.pass_context
 def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
     """One request with its hosts."""
-    _show_request(_client(ctx).ok("GET", f"/v1/requests/{request_id}"), as_json)
+    _show_request(_client(ctx).ok("GET", _path("v1", "requests", request_id)), as_json)
 
 
 @cli.command("puppet-autosign")
@@ -356,7 +375,7 @@ def _request_decision(name: str, approve: bool) -> None:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def command(ctx: click.Context, request_id: str, comment: str, as_json: bool) -> None:
-        data = _client(ctx).ok("POST", f"/v1/requests/{request_id}/{name}", {"comment": comment})
+        data = _client(ctx).ok("POST", _path("v1", "requests", request_id, name), {"comment": comment})
         if approve and data["decision"] == "declined":
             raise CtlError(f"approved, but the rules decline it now: {data['reason']}")
         _show_request(data, as_json)
@@ -378,7 +397,7 @@ def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | 
     if (count is None) == (add is None):
         raise click.UsageError("give exactly one of --count and --add")
     body = {k: v for k, v in {"role": role, "count": count, "add": add}.items() if v is not None}
-    data = _client(ctx).ok("POST", f"/v1/apps/{app}/plan", body)
+    data = _client(ctx).ok("POST", _path("v1", "apps", app, "plan"), body)
     if as_json:
         return _print_json(data)
     console.print(f"{data['decision']} (rule: {data['rule']}): {data['reason'] or ''}", markup=False, highlight=False)
@@ -467,7 +486,7 @@ def _print_issued(data: dict[str, Any], as_json: bool) -> None:
 @click.pass_context
 def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
     """Issue a client certificate for APP (configured under [applications.APP])."""
-    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/certificate"), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "certificate")), as_json)
 
 
 @apps.command("rotate")
@@ -476,7 +495,7 @@ def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
 @click.pass_context
 def apps_rotate(ctx: click.Context, app: str, as_json: bool) -> None:
     """Issue APP a new certificate and revoke its others."""
-    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/rotate"), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "rotate")), as_json)
 
 
 @apps.command("revoke")
@@ -486,7 +505,7 @@ def apps_rotate(ctx: click.Context, app: str, as_json: bool) -> None:
 @click.pass_context
 def apps_revoke(ctx: click.Context, app: str, serial: str | None, as_json: bool) -> None:
     """Revoke APP's certificates: refused from the next request on, no restart needed."""
-    data = _client(ctx).ok("POST", f"/v1/apps/{app}/revoke", {"serial": serial} if serial else {})
+    data = _client(ctx).ok("POST", _path("v1", "apps", app, "revoke"), {"serial": serial} if serial else {})
     if as_json:
         return _print_json(data)
     console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}", markup=False)
@@ -516,7 +535,7 @@ def apps_list(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
     """One application and its certificates."""
-    data = _client(ctx).ok("GET", f"/v1/apps/{app}")
+    data = _client(ctx).ok("GET", _path("v1", "apps", app))
     if as_json:
         return _print_json(data)
     for key in ("name", "description", "common_name", "hosts", "max_hosts", "min_hosts", "approval", "roles"):
