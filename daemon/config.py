@@ -20,6 +20,7 @@ import re
 import ssl
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -134,6 +135,28 @@ def _readable_file(path: Path) -> Path:
 #: failing the first host that needs it. Plugins use it for their path keys; what the file
 #: holds is checked by the code that uses it.
 ReadableFile = Annotated[Path, BeforeValidator(_path_given), AfterValidator(_readable_file)]
+
+
+def _no_credentials(value: str) -> str:
+    """``value`` if it names no user or password: credentials inside a URL would be echoed by
+    every error and log line that shows the URL, and they are not secret references."""
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc or (not parts.netloc and "@" in value):
+        # the value itself is not repeated: it holds a password
+        raise ValueError("a URL with a user name or password in it (user:password@host): give the user "
+                         "in the section's username key and the password as a secret reference "
+                         '({ env = "NAME" } or { file = "/path" }), never inside the URL')
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError("a URL with a space or a control character in it")
+    return value
+
+
+#: A config field holding the URL of a service governord calls (a plugin's ``url``,
+#: ``auth_url``, ``endpoint_url``...): a URL with ``user:password@`` in it is refused at load,
+#: naming the key, without repeating the URL. Every URL-valued key of every plugin's config uses
+#: it (tests/meta/test_conventions.py checks); the plugin's own validator then checks the scheme
+#: and the shape.
+ServiceURL = Annotated[str, AfterValidator(_no_credentials)]
 
 
 class DaemonSection(StrictModel):

@@ -210,6 +210,43 @@ def test_broken_config_exits_2_naming_file_and_key(
     assert expected in err
 
 
+#: every plugin's URL key with credentials in it: (section, the rest of the section, key)
+URL_WITH_CREDENTIALS = [
+    ("providers.vc", "type='vsphere'\nusername='u'\npassword={env='GOVERNORD_VCENTER_PASSWORD'}\n"
+     "datacenter='DC0'\ncluster='C0'\n", "url", "https://administrator:{pw}@vcenter.example.com/sdk"),
+    ("providers.rhv", "type='ovirt'\nusername='u@internal'\npassword={env='GOVERNORD_RHV_PASSWORD'}\n"
+     "cluster='Default'\n", "url", "https://admin%40internal:{pw}@engine.example.com/ovirt-engine/api"),
+    ("providers.os", "type='openstack'\nusername='u'\npassword={env='GOVERNORD_OPENSTACK_PASSWORD'}\n"
+     "project_name='p'\n", "auth_url", "https://u:{pw}@keystone.example.com:5000/v3"),
+    ("providers.aws", "type='ec2'\nregion='eu-west-1'\n", "endpoint_url", "http://AKIA:{pw}@127.0.0.1:5000"),
+    ("registrars.fm", "type='foreman'\nusername='u'\npassword={env='GOVERNORD_FOREMAN_PASSWORD'}\n"
+     "organization='o'\nlocation='l'\n", "url", "https://admin:{pw}@foreman.example.com"),
+    ("registrars.sat", "type='satellite'\nusername='u'\npassword={env='GOVERNORD_SATELLITE_PASSWORD'}\n",
+     "url", "https://admin:{pw}@satellite.example.com/rpc/api"),
+    ("registrars.ca", "type='puppetca'\nclient_cert='/etc/hostname'\nclient_key='/etc/hostname'\n", "url",
+     "https://puppet:{pw}@puppet.example.com:8140"),
+    ("registrars.pdb", "type='puppetdb'\nclasses_from=''\n", "url", "http://{pw}@puppetdb.example.com:8080"),
+    ("registrars.pdb", "type='puppetdb'\nclasses_from=''\n", "url", "https:puppetdb:{pw}@puppetdb.example.com"),
+]
+
+
+@pytest.mark.parametrize(("section", "rest", "key", "url"), URL_WITH_CREDENTIALS,
+                         ids=[f"{c[0]}.{c[2]}-{i}" for i, c in enumerate(URL_WITH_CREDENTIALS)])
+def test_a_url_with_credentials_is_refused_and_not_repeated(
+    tmp_path: Path, secrets: None, capsys: pytest.CaptureFixture[str], section: str, rest: str, key: str, url: str
+) -> None:
+    password = "hunter2-in-the-url"
+    path = tmp_path / "governord.toml"
+    path.write_text(f"[{section}]\n{rest}{key} = '{url.format(pw=password)}'\n")
+    assert run(str(path), check_only=True) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {section}.{key}: a URL with a user name or password in it" in err, err
+    assert password not in err
+    if "//" in url:  # the same URL without the credentials is taken
+        path.write_text(f"[{section}]\n{rest}{key} = '{re.sub(r'//[^/]*@', '//', url.format(pw=password))}'\n")
+        assert run(str(path), check_only=True) == 0, capsys.readouterr().err
+
+
 def test_daemon_with_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:
     state = tmp_path / "state"
     path = tmp_path / "governord.toml"
