@@ -185,6 +185,11 @@ class TLSSection(StrictModel):
     client_ca: Path | None = None
     #: that CA's certificate revocation list(s), PEM; re-read on SIGHUP and when the file changes
     client_crl: Path | None = None
+    #: what in a client certificate names the application: "cn" (its one common name),
+    #: "san-dns" (its one DNS subject alternative name) or "san-uri" (its one URI one, e.g. a
+    #: SPIFFE ID); matched against each application's certificate_identity. A certificate with
+    #: more than one such value is refused as ambiguous.
+    identity: Literal["cn", "san-dns", "san-uri"] = "cn"
 
     @field_validator("client_crl")
     @classmethod
@@ -386,6 +391,10 @@ class ApplicationSection(StrictModel):
     deletion_policy: Literal["newest", "oldest"] = "newest"
     #: client certificate common name that identifies the application (default: its name)
     certificate_cn: str | None = None
+    #: the value of the client certificate field api.tls.identity names that identifies the
+    #: application: with "cn" its common name (default: certificate_cn, else the application's
+    #: name), with "san-dns" a DNS name, with "san-uri" a URI (both required then)
+    certificate_identity: str | None = None
     #: signed deploy-hook events (POST /v1/webhooks/openshift) and what they ask for
     webhook: WebhookSection | None = None
     roles: dict[str, RoleSection] = Field(default_factory=dict)
@@ -704,15 +713,42 @@ def _check_places(path: str, core: CoreConfig) -> None:
         raise ConfigError(path, "api.tls.client_ca", f"not a PEM CA certificate: {exc}") from None
 
 
+def identity_of(name: str, app: ApplicationSection, mode: str) -> str | None:
+    """The value that identifies application ``name`` in its client certificate's ``mode`` field
+    (``api.tls.identity``): compared as it is for a CN or URI, in lower case for a DNS name."""
+    if mode == "cn":
+        return app.certificate_identity or app.certificate_cn or name
+    if app.certificate_identity is None:
+        return None
+    return app.certificate_identity.lower() if mode == "san-dns" else app.certificate_identity
+
+
 def _check_identities(path: str, core: CoreConfig) -> None:
-    """A client certificate's common name identifies one application, never two."""
+    """A client certificate's identity (its CN, or a SAN as api.tls.identity says) identifies
+    one application, never two, and is of the field's form."""
+    mode = core.api.tls.identity
     owner: dict[str, str] = {}
     for name, app in core.applications.items():
-        cn = app.certificate_cn or name
-        if cn in owner:
-            raise ConfigError(path, f"applications.{name}.certificate_cn",
-                              f"{cn!r} already identifies application {owner[cn]}")
-        owner[cn] = name
+        key = f"applications.{name}.certificate_identity"
+        value = identity_of(name, app, mode)
+        if mode == "cn" and app.certificate_identity and app.certificate_cn \
+                and app.certificate_identity != app.certificate_cn:
+            raise ConfigError(path, key, "with api.tls.identity = \"cn\" it is the common name: give "
+                              "certificate_cn or certificate_identity, not two different ones")
+        if value is None:
+            raise ConfigError(path, key, f"required with api.tls.identity = {mode!r}: the "
+                              f"{'DNS name' if mode == 'san-dns' else 'URI'} in the application's certificate")
+        if mode == "san-dns" and not _HOSTNAME.fullmatch(value):
+            raise ConfigError(path, key, f"not a DNS name: {value!r}")
+        if mode == "san-uri":
+            parts = urllib.parse.urlsplit(value)
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme) or any(c.isspace() for c in value) \
+                    or not (parts.netloc or parts.path):
+                raise ConfigError(path, key, f"not a URI like spiffe://example.org/ns/shop: {value!r}")
+        if value in owner:
+            where = key if app.certificate_identity or mode != "cn" else f"applications.{name}.certificate_cn"
+            raise ConfigError(path, where, f"{value!r} already identifies application {owner[value]}")
+        owner[value] = name
 
 
 def redacted(value: Any) -> Any:

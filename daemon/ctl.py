@@ -471,44 +471,83 @@ def apps() -> None:
     """Applications and their certificates."""
 
 
-def _print_issued(data: dict[str, Any], as_json: bool) -> None:
+def _write_issued(data: dict[str, Any], out: str) -> dict[str, Any]:
+    """Write the certificate, its private key (0600, never over an existing file) and the CA to
+    ``out``: the reply holds the only copy of the key, governord keeps none."""
+    directory = os.path.abspath(out)
+    os.makedirs(directory, mode=0o700, exist_ok=True)
+    stem = os.path.join(directory, f"{data['app']}-{data['serial']}")
+    files = {"certificate": f"{stem}.pem", "key": f"{stem}.key", "ca": os.path.join(directory, "governord-ca.pem")}
+    try:
+        fd = os.open(files["key"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data["key_pem"])
+        with open(files["certificate"], "x") as fh:
+            fh.write(data["certificate_pem"])
+        fresh = files["ca"] + ".new"
+        with open(fresh, "w") as fh:
+            fh.write(data["ca_pem"])
+        os.replace(fresh, files["ca"])
+    except OSError as exc:
+        raise CtlError(f"certificate {data['serial']} was issued, but its files cannot be written in {directory}: "
+                       f"{exc.strerror or exc}; revoke it (apps revoke {data['app']} --serial {data['serial']}) "
+                       "and issue another") from None
+    return {"app": data["app"], "common_name": data["common_name"], "serial": data["serial"],
+            "issuer": data["issuer"], "revoked": data["revoked"], **files}
+
+
+def _print_issued(data: dict[str, Any], out: str, as_json: bool) -> None:
+    written = _write_issued(data, out)
     if as_json:
-        return _print_json(data)
-    console.print(f"certificate: {data['certificate']}\nkey:         {data['key']}\nCA:          {data['ca']}\n"
-                  f"serial:      {data['serial']}", markup=False, highlight=False)
-    if data["revoked"]:
-        console.print(f"revoked:     {', '.join(data['revoked'])}", markup=False, highlight=False)
+        return _print_json(written)
+    console.print(f"certificate: {written['certificate']}\nkey:         {written['key']}\n"
+                  f"CA:          {written['ca']}\nserial:      {written['serial']}", markup=False, highlight=False)
+    if written["revoked"]:
+        console.print(f"revoked:     {', '.join(written['revoked'])}", markup=False, highlight=False)
+    err_console.print("governord keeps no copy of the key: hand it to the application, then delete it here",
+                      markup=False, highlight=False)
+
+
+_OUT_HELP = "directory the certificate, its key (0600) and the CA are written to; governord keeps no copy of the key"
 
 
 @apps.command("register")
 @click.argument("app")
+@click.option("--out", default=".", show_default=True, help=_OUT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
+def apps_register(ctx: click.Context, app: str, out: str, as_json: bool) -> None:
     """Issue a client certificate for APP (configured under [applications.APP])."""
-    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "certificate")), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "certificate")), out, as_json)
 
 
 @apps.command("rotate")
 @click.argument("app")
+@click.option("--out", default=".", show_default=True, help=_OUT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_rotate(ctx: click.Context, app: str, as_json: bool) -> None:
+def apps_rotate(ctx: click.Context, app: str, out: str, as_json: bool) -> None:
     """Issue APP a new certificate and revoke its others."""
-    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "rotate")), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "rotate")), out, as_json)
 
 
 @apps.command("revoke")
 @click.argument("app")
-@click.option("--serial", help="one certificate (default: all of APP's)")
+@click.option("--serial", help="one certificate, in hex (default: all governord issued to APP); with a site CA "
+              "(api.tls.client_ca) also one of the site CA's")
+@click.option("--issuer", help="the site CA that issued --serial (RFC 4514 name, e.g. 'CN=Site CA,O=Example'); "
+              "needed only when client_ca holds several CAs")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_revoke(ctx: click.Context, app: str, serial: str | None, as_json: bool) -> None:
+def apps_revoke(ctx: click.Context, app: str, serial: str | None, issuer: str | None, as_json: bool) -> None:
     """Revoke APP's certificates: refused from the next request on, no restart needed."""
-    data = _client(ctx).ok("POST", _path("v1", "apps", app, "revoke"), {"serial": serial} if serial else {})
+    body = {k: v for k, v in {"serial": serial, "issuer": issuer}.items() if v is not None}
+    data = _client(ctx).ok("POST", _path("v1", "apps", app, "revoke"), body)
     if as_json:
         return _print_json(data)
-    console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}", markup=False)
+    issued_by = f" (issuer {data['issuer']})" if data.get("issuer") else ""
+    console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}{issued_by}", markup=False,
+                  highlight=False)
 
 
 @apps.command("list")
@@ -544,6 +583,10 @@ def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
         state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(c['revoked_at']))}" if c["revoked_at"] \
             else "valid"
         console.print(f"  certificate {c['serial']}: {state}", markup=False, highlight=False)
+    for r in data.get("site_revocations", []):
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["revoked_at"]))
+        console.print(f"  site CA certificate {r['serial']} of {r['issuer']}: revoked {stamp}", markup=False,
+                      highlight=False)
 
 
 def main() -> None:

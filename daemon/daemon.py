@@ -37,6 +37,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("governord")
 
 EXIT_CONFIG = 2
+#: the daemon's umask (systemd's unit sets the same, UMask=0027)
+STATE_UMASK = 0o027
 
 
 def _disabled_plugins(path: str) -> list[str]:
@@ -72,6 +74,10 @@ def run(config_path: str, *, check_only: bool = False) -> int:
         print(f"governord: {config_path}: valid")
         return 0
     setup_logging(config.daemon.log_level)
+    # whatever the daemon writes (the database and its -wal/-shm, the CA's and issued keys,
+    # api.port, a plugin's state) is for governord and its group at most: never world-readable,
+    # and group-writable never (a stricter umask from the caller stays)
+    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
     return asyncio.run(Daemon(config_path, plugins, config).run())
 
 
@@ -106,6 +112,7 @@ class Daemon:
             return str(tls.certificate), str(tls.key), client_ca
         pair = runtime.ca.issue(self.config.api.server_names[0], server_names=self.config.api.server_names,
                                 stem="server")
+        assert pair.key is not None  # the server's own key is kept
         return str(pair.certificate), str(pair.key), client_ca
 
     async def run(self) -> int:

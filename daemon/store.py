@@ -29,6 +29,7 @@ import contextlib
 import ipaddress
 import itertools
 import logging
+import os
 import re
 import string
 import time
@@ -48,7 +49,7 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement
 
 from .models import HostOrigin, HostState, HostView
-from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests
+from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests, site_revocations
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -375,6 +376,16 @@ def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement, Row]:
     return statement, params
 
 
+def _private_database(path: Path) -> None:
+    """Make the SQLite file 0600 before SQLite opens it (its -wal and -shm files are made with
+    the database's mode), and take group and other bits off files an older version made."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+
 class Store:
     """All reads and writes of governord's state."""
 
@@ -386,6 +397,7 @@ class Store:
     @classmethod
     async def open_sqlite(cls, path: Path) -> Store:
         path.parent.mkdir(parents=True, exist_ok=True)
+        _private_database(path)
         migrate(f"sqlite:///{path}")
         engine = create_async_engine(f"sqlite+aiosqlite:///{path}", **JSON_CODEC)
         event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
@@ -891,23 +903,27 @@ def _batched(items: Iterable[int], size: int) -> Iterator[tuple[int, ...]]:
 
 
 class CertificateStore:
-    """The application certificates governord issued (a mixin-free helper over the store's engine).
+    """The application certificates governord issued, and revocations of certificates a site CA
+    issued (a mixin-free helper over the store's engine). A revocation is of an issuer and a
+    serial: one CA's serial never revokes another CA's certificate.
 
-    The revoked serials are also kept in memory, read once and added to by :meth:`revoke`: every
-    request of the applications' API asks, and the daemon is the only writer of its database
-    (``governord-ctl`` revokes through it), so the set is never stale."""
+    The revoked (issuer, serial) pairs are also kept in memory, read once and added to by
+    :meth:`revoke` and :meth:`revoke_site`: every request of the applications' API asks, and the
+    daemon is the only writer of its database (``governord-ctl`` revokes through it), so the set
+    is never stale."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.engine = store.engine
-        self._revoked: set[str] | None = None
+        self._revoked: set[tuple[str, str]] | None = None
         #: bumped by every revocation: a read of the set begun before one is not kept
         self._revocations = 0
 
-    async def record(self, *, serial: str, app: str, common_name: str, not_after: float) -> None:
+    async def record(self, *, serial: str, app: str, common_name: str, not_after: float, issuer: str) -> None:
         async with self.store.transaction() as conn:
             await conn.execute(insert(app_certificates).values(
-                serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after))
+                serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after,
+                issuer=issuer))
 
     async def list(self, app: str | None = None) -> list[Row]:
         query = select(app_certificates).order_by(app_certificates.c.issued_at)
@@ -915,6 +931,19 @@ class CertificateStore:
             query = query.where(app_certificates.c.app == app)
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    async def list_site(self, app: str | None = None) -> list[Row]:
+        """Revocations of site-CA certificates, oldest first."""
+        query = select(site_revocations).order_by(site_revocations.c.revoked_at)
+        if app is not None:
+            query = query.where(site_revocations.c.app == app)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    def _changed(self) -> None:
+        # once committed (a revocation that failed refuses nothing); read afresh at next use
+        self._revocations += 1
+        self._revoked = None
 
     async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> list[str]:
         where = and_(app_certificates.c.app == app, app_certificates.c.revoked_at.is_(None))
@@ -925,19 +954,33 @@ class CertificateStore:
                 update(app_certificates).where(where).values(revoked_at=time.time(), revoked_by=actor)
                 .returning(app_certificates.c.serial))
             serials = [r[0] for r in result]
-        # once committed (a revocation that failed refuses nothing); read afresh at next use
-        self._revocations += 1
-        self._revoked = None
+        self._changed()
         return serials
 
-    async def revoked(self, serial: str) -> bool:
+    async def revoke_site(self, app: str, *, issuer: str, serial: str, actor: str) -> bool:
+        """Revoke the certificate ``serial`` of the site CA ``issuer`` (for ``app``); False if it
+        was revoked before."""
+        async with self.store.transaction() as conn:
+            known = await conn.execute(select(site_revocations.c.app).where(
+                and_(site_revocations.c.issuer == issuer, site_revocations.c.serial == serial)))
+            if known.first() is not None:
+                return False
+            await conn.execute(insert(site_revocations).values(
+                issuer=issuer, serial=serial, app=app, revoked_at=time.time(), revoked_by=actor))
+        self._changed()
+        return True
+
+    async def revoked(self, issuer: str, serial: str) -> bool:
+        """Whether the certificate ``serial`` of ``issuer`` (RFC 4514 name) is revoked."""
         known = self._revoked
         if known is None:
             revocations = self._revocations
             async with self.engine.connect() as conn:
-                rows = await conn.execute(select(app_certificates.c.serial)
-                                          .where(app_certificates.c.revoked_at.is_not(None)))
-                known = {row[0] for row in rows}
+                own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
+                                         .where(app_certificates.c.revoked_at.is_not(None)))
+                known = {(row[0], row[1]) for row in own}
+                site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
+                known |= {(row[0], row[1]) for row in site}
             if revocations == self._revocations:
                 self._revoked = known
-        return serial in known
+        return (issuer, serial) in known

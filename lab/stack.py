@@ -186,6 +186,7 @@ class Governord:
         result = subprocess.run(
             [sys.executable, "-m", "governord.ctl", "--socket", str(self.socket), *args],
             capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+            cwd=self.config.parent,  # where `apps register` writes the certificate and key it is handed
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"governord-ctl {' '.join(args)} exited {result.returncode}: {result.stderr}")

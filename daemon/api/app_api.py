@@ -18,12 +18,16 @@ import logging
 import secrets
 import ssl
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from .. import webhooks
+from ..config import identity_of
 from ..service import Decision, RequestError, host_summary
 from . import schemas
 from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body,
@@ -53,14 +57,35 @@ def application_of(request: web.Request) -> str:
     return request[app_key]  # type: ignore[no-any-return]
 
 
-def _common_name(peercert: dict[str, Any] | None) -> str | None:
-    if not peercert:
-        return None
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+@dataclass(frozen=True)
+class Presented:
+    """What identifies a client certificate: its issuer and serial, and the values of the field
+    api.tls.identity names."""
+
+    issuer: str
+    serial: str
+    common_names: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    uris: tuple[str, ...]
+
+    def identity(self, mode: str) -> tuple[str, ...]:
+        if mode == "san-dns":
+            return tuple(name.lower() for name in self.dns_names)
+        return self.uris if mode == "san-uri" else self.common_names
+
+
+@functools.lru_cache(maxsize=1024)
+def presented(der: bytes) -> Presented:
+    """The identifying parts of a (DER) client certificate, parsed once per certificate."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns, uris = tuple(san.get_values_for_type(x509.DNSName)), tuple(san.get_values_for_type(
+            x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns, uris = (), ()
+    cns = tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+    return Presented(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"), cns, dns, uris)
 
 
 def _refuse(runtime: Runtime, status: int, reason: str, description: str, message: str,
@@ -84,30 +109,39 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     runtime: Runtime = request.app[runtime_key]
     transport = request.transport
     peercert = transport.get_extra_info("peercert") if transport else None
-    cn = _common_name(peercert)
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    der = ssl_object.getpeercert(binary_form=True) if peercert and ssl_object is not None else None
     peer = request.remote
-    if cn is None:
+    if not der:
         return _refuse(runtime, 401, "no_certificate", "no client certificate",
                        "a client certificate issued to the application is required", peer=peer)
-    assert peercert is not None
-    serial = format(int(peercert.get("serialNumber", "0"), 16), "x")
+    cert = presented(der)
+    serial, issuer = cert.serial, cert.issuer
+    mode = runtime.config.api.tls.identity
+    values = cert.identity(mode)
+    # for the messages: the identity if there is one, else the first common name
+    cn = values[0] if len(values) == 1 else (cert.common_names[0] if cert.common_names else serial)
     # The handshake checked dates and the CRL; a connection kept alive since may have outlived both.
     not_after = peercert.get("notAfter")
     if not_after and _seconds(not_after) < time.time():
         return _refuse(runtime, 403, "expired", "expired", f"certificate {serial} of {cn!r} has expired",
                        cn=cn, serial=serial, peer=peer)
     tls: ApplicationTLS | None = request.app.get(tls_key)
-    ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    if tls is not None and tls.client_crl is not None and ssl_object is not None:
-        der = ssl_object.getpeercert(binary_form=True)
-        if der and tls.revoked_by_crl(der):
-            return _refuse(runtime, 403, "revoked_by_crl", "revoked by CRL",
-                           f"certificate {serial} of {cn!r} is revoked by its CA's CRL", cn=cn, serial=serial,
-                           peer=peer)
-    if await runtime.certificates.revoked(serial):
+    if tls is not None and tls.client_crl is not None and tls.revoked_by_crl(der):
+        return _refuse(runtime, 403, "revoked_by_crl", "revoked by CRL",
+                       f"certificate {serial} of {cn!r} is revoked by its CA's CRL", cn=cn, serial=serial,
+                       peer=peer)
+    if await runtime.certificates.revoked(issuer, serial):
         return _refuse(runtime, 403, "revoked", "revoked certificate", f"certificate {serial} of {cn!r} is revoked",
-                       cn=cn, serial=serial, peer=peer)
-    apps = {(section.certificate_cn or name): name for name, section in runtime.config.applications.items()}
+                       cn=cn, serial=serial, issuer=issuer, peer=peer)
+    field = {"cn": "common name", "san-dns": "DNS subject alternative name", "san-uri": "URI subject alternative name"}[mode]
+    if len(values) != 1:
+        reason = "ambiguous_identity" if values else "no_identity"
+        problem = f"{len(values)} {field}s" if values else f"no {field}"
+        return _refuse(runtime, 403, reason, f"certificate with {problem}",
+                       f"certificate {serial} has {problem}: one identifies the application (api.tls.identity)",
+                       serial=serial, issuer=issuer, identities=list(values), peer=peer)
+    apps = {identity_of(name, section, mode): name for name, section in runtime.config.applications.items()}
     if cn not in apps:
         return _refuse(runtime, 403, "unknown_application", "unknown application certificate",
                        f"certificate {cn!r} does not belong to a configured application", cn=cn, serial=serial,
