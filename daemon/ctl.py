@@ -475,10 +475,10 @@ def _write_issued(data: dict[str, Any], out: str) -> dict[str, Any]:
     """Write the certificate, its private key (0600, never over an existing file) and the CA to
     ``out``: the reply holds the only copy of the key, governord keeps none."""
     directory = os.path.abspath(out)
-    os.makedirs(directory, mode=0o700, exist_ok=True)
     stem = os.path.join(directory, f"{data['app']}-{data['serial']}")
     files = {"certificate": f"{stem}.pem", "key": f"{stem}.key", "ca": os.path.join(directory, "governord-ca.pem")}
     try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
         fd = os.open(files["key"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
         with os.fdopen(fd, "w") as fh:
             fh.write(data["key_pem"])
