@@ -135,6 +135,19 @@ BROKEN = [
     ("address outside network", "[networks.n]\ncidr = '198.51.100.0/24'\nfirst = '10.0.0.1'\n",
      "networks.n.first: 10.0.0.1 is not in 198.51.100.0/24"),
     ("not TOML", "[daemon\n", "not valid TOML"),
+    # which certificate field names an application, and its value per application
+    ("unknown identity field", "[api.tls]\nidentity = 'email'\n", "api.tls.identity: "),
+    ("san-uri without the application's URI", "[api.tls]\nidentity = 'san-uri'\n[applications.a]\n",
+     "applications.a.certificate_identity: required with api.tls.identity = 'san-uri'"),
+    ("san-uri not a URI", "[api.tls]\nidentity = 'san-uri'\n[applications.a]\ncertificate_identity = 'a b'\n",
+     "applications.a.certificate_identity: not a URI like spiffe://"),
+    ("san-dns not a DNS name", "[api.tls]\nidentity = 'san-dns'\n[applications.a]\ncertificate_identity = 'a_b'\n",
+     "applications.a.certificate_identity: not a DNS name: 'a_b'"),
+    ("two applications, one DNS name", "[api.tls]\nidentity = 'san-dns'\n[applications.a]\n"
+     "certificate_identity = 'shop.example.com'\n[applications.b]\ncertificate_identity = 'SHOP.example.com'\n",
+     "applications.b.certificate_identity: 'shop.example.com' already identifies application a"),
+    ("a CN given twice, differently", "[applications.a]\ncertificate_cn = 'a'\ncertificate_identity = 'b'\n",
+     "applications.a.certificate_identity: with api.tls.identity = \"cn\" it is the common name"),
     # a plugin's file path, checked when the config is loaded (ReadableFile)
     ("plugin file missing", "[registrars.fm]\ntype = 'foreman'\nurl = 'https://f'\nusername = 'u'\n"
      "password = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
