@@ -1,7 +1,9 @@
 """governord's own certificate authority: created on first start in the state directory, it
 issues the API server's certificate and one client certificate per application (an application
-is identified by its certificate's common name). And a site CA's revocation lists, when a site
-CA issues the applications' certificates instead (``api.tls.client_ca`` and ``client_crl``)."""
+is identified by its certificate's common name, or the SAN ``api.tls.identity`` names; the
+application's private key is handed out once and not kept). And a site CA's revocation lists,
+when a site CA issues the applications' certificates instead (``api.tls.client_ca`` and
+``client_crl``)."""
 
 from __future__ import annotations
 

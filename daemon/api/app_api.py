@@ -4,8 +4,10 @@ The TLS listener (:mod:`governord.api.tls`) asks for a client certificate and ve
 is given against the configured CA (and its CRL); a refused handshake is logged and counted
 there. ``/v1`` then refuses, before any rule sees the request, a connection that presented no
 certificate, one governord revoked, one past its dates or revoked by the CRL since the
-connection was opened, and one whose common name is no configured application; each refusal is
-logged with its reason and counted (``governord_api_refusals_total``). ``/healthz``,
+connection was opened, one with no or several identities (common names, or the subject
+alternative names ``api.tls.identity`` names) and one whose identity is no configured
+application's; each refusal is logged with its reason and counted
+(``governord_api_refusals_total``). A revocation is of an issuer and a serial. ``/healthz``,
 ``/metrics`` and ``/openapi.json`` need no certificate.
 """
 
