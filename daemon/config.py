@@ -578,7 +578,7 @@ def build_config(
     tags: dict[str, TagDefinition] = {}
     for tag, table in core.tags.items():
         description = ""
-        mappings: dict[str, TagMapping] = {}
+        tag_mappings: dict[str, TagMapping] = {}
         for key, value in table.items():
             prefix = f"tags.{tag}.{key}"
             if key == "description":
@@ -587,10 +587,10 @@ def build_config(
                 description = value
             elif key in registrar_configs:
                 registrar_type = registrars.get(registrar_configs[key].type)
-                mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
+                tag_mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
             else:
                 raise ConfigError(path, prefix, f"unknown key (not a registrar: {', '.join(registrar_configs) or 'none configured'})")
-        tags[tag] = TagDefinition(tag, description, mappings)
+        tags[tag] = TagDefinition(tag, description, tag_mappings)
 
     for name, network in core.networks.items():
         for attr in ("first", "last", "gateway"):
@@ -623,12 +623,12 @@ def build_config(
                     raise ConfigError(path, f"{where}.provider", f"no provider named {placement.provider!r}")
                 if any(p.provider == placement.provider for p in chosen):
                     raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
-                network = placement.network or role.network
-                if network is not None and network not in core.networks:
-                    raise ConfigError(path, f"{where}.network", f"no network named {network!r}")
+                network_name = placement.network or role.network
+                if network_name is not None and network_name not in core.networks:
+                    raise ConfigError(path, f"{where}.network", f"no network named {network_name!r}")
                 provider_type = providers.get(provider_configs[placement.provider].type)
                 profile = _validate(provider_type.Profile, placement.profile, path, f"{where}.profile")  # type: ignore[union-attr]
-                chosen.append(Placement(placement.provider, placement.cap, network, profile))
+                chosen.append(Placement(placement.provider, placement.cap, network_name, profile))
             placements[(app_name, role_name)] = chosen
 
     return Config(path, core, provider_configs, registrar_configs, tags, placements)

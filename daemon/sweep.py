@@ -261,15 +261,15 @@ class Sweeper:
         for row in ready:
             if row["origin"] != HostOrigin.PROVISIONED.value or not row["provider"]:
                 continue
-            listing = machines.get(row["provider"])
-            if listing is None:
+            on_provider = machines.get(row["provider"])
+            if on_provider is None:
                 report.errors.append({"where": f"provider {row['provider']}",
                                       "error": f"host {row['name']} is on provider {row['provider']}, which is not "
                                                "configured: not checked"})
                 continue
-            if not listing.complete or not self._settled(row, listed_at, now):
+            if not on_provider.complete or not self._settled(row, listed_at, now):
                 continue
-            if any(m.host_id == row["id"] for m in listing.items):
+            if any(m.host_id == row["id"] for m in on_provider.items):
                 continue
             finding = Finding("vanished", row["provider"], row["id"], row["name"], row["machine_id"] or "-",
                               row["state"], f"provider {row['provider']} has no machine with {_marker(row['id'])}")
@@ -282,18 +282,19 @@ class Sweeper:
                 if found is not None:
                     orphans.append((found, entry))
 
+        findings = [f for f, _, _ in leaked] + [f for f, _ in vanished] + [f for f, _ in orphans]
         if dry_run:
-            for finding, *_ in [*leaked, *vanished, *orphans]:
+            for finding in findings:
                 finding.action = self._intent(finding.kind, policy.model_dump()[finding.kind])
         else:
             # machines first: a PuppetDB node stays deactivated only once its machine is gone
-            for finding, machine, row in leaked:
-                await self._clean_leaked(finding, machine, row, policy.leaked, actor, report)
+            for finding, machine, owner in leaked:
+                await self._clean_leaked(finding, machine, owner, policy.leaked, actor, report)
             await self._handle_vanished(vanished, policy.vanished, actor, report)
             for finding, entry in orphans:
                 await self._clean_orphan(finding, entry, policy.orphaned, actor, report)
 
-        report.findings = [f for f, *_ in [*leaked, *vanished, *orphans]]
+        report.findings = findings
         report.finished_at = time.time()
         if not dry_run and (report.findings or report.errors or actor != "governord"):
             await self._audit("sweep", actor, None, {
