@@ -1,8 +1,7 @@
 """Configuration: one TOML file, validated strictly before anything is written.
 
-The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[networks.*]``, ``[tags.*]``
-and ``[applications.*]``; ``[sweep]`` is :class:`governord.sweep.SweepSection`, beside the code that
-uses it. Provider and registrar types own theirs: a ``[providers.NAME]`` section
+The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[networks.*]``, ``[tags.*]``
+and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
 is validated by the ``Config`` model of its ``type``, a role's ``profile`` by that provider type's
 ``Profile`` model, and a ``[tags.TAG.REGISTRAR]`` table by the registrar type's ``TagMapping``.
 
@@ -41,7 +40,6 @@ from .errors import ConfigError, FieldError
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
-from .sweep import SweepSection
 
 
 class Secret:
@@ -382,6 +380,28 @@ class ApplicationSection(StrictModel):
             if rule.role not in self.roles:
                 raise FieldError(f"webhook.rules.{index}.role", f"no role named {rule.role!r} in this application")
         return self
+
+
+class SweepPolicy(StrictModel):
+    """What a real sweep does about each kind of finding."""
+
+    #: marked machines without a live record: "report", or "clean" (destroy them, verified)
+    leaked: Literal["report", "clean"] = "report"
+    #: ready hosts whose machine is gone: "report", "fail" (failed at provision, so that
+    #: `governord-ctl retry` makes a new machine) or "retire" (deregister everywhere, then gone)
+    vanished: Literal["report", "fail", "retire"] = "report"
+    #: marked registrations of gone or unknown hosts: "report", or "clean" (remove them, verified)
+    orphaned: Literal["report", "clean"] = "report"
+
+
+class SweepSection(StrictModel):
+    """``[sweep]``: the periodic comparison of records with what exists."""
+
+    #: seconds between periodic sweeps; 0: only when asked (`governord-ctl sweep`)
+    interval: float = Field(default=3600.0, ge=0)
+    #: seconds a host must have rested in its state, and have existed, before the sweep judges it
+    grace: float = Field(default=900.0, ge=0)
+    policy: SweepPolicy = Field(default_factory=SweepPolicy)
 
 
 class CoreConfig(StrictModel):

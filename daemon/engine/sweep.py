@@ -39,47 +39,23 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import Field
 
-from .dispatch import Dispatcher, Outcome, describe_error
-from .models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
-from .providers import StrictModel
-from .registrars import Registration
-from .store import Row, Store, host_view
+from ..dispatch import Dispatcher, Outcome, describe_error
+from ..models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
+from ..registrars import Registration
+from ..store import Row, Store, host_view
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .engine import Engine
+    from ..config import Config
+    from . import Engine
 
 log = logging.getLogger(__name__)
 
 #: Rows read per query when the sweep looks up the host ids it found in markers.
 _ID_CHUNK = 500
-
-
-class SweepPolicy(StrictModel):
-    """What a real sweep does about each kind of finding."""
-
-    #: marked machines without a live record: "report", or "clean" (destroy them, verified)
-    leaked: Literal["report", "clean"] = "report"
-    #: ready hosts whose machine is gone: "report", "fail" (failed at provision, so that
-    #: `governord-ctl retry` makes a new machine) or "retire" (deregister everywhere, then gone)
-    vanished: Literal["report", "fail", "retire"] = "report"
-    #: marked registrations of gone or unknown hosts: "report", or "clean" (remove them, verified)
-    orphaned: Literal["report", "clean"] = "report"
-
-
-class SweepSection(StrictModel):
-    """``[sweep]``: the periodic comparison of records with what exists."""
-
-    #: seconds between periodic sweeps; 0: only when asked (`governord-ctl sweep`)
-    interval: float = Field(default=3600.0, ge=0)
-    #: seconds a host must have rested in its state, and have existed, before the sweep judges it
-    grace: float = Field(default=900.0, ge=0)
-    policy: SweepPolicy = Field(default_factory=SweepPolicy)
 
 
 @dataclass

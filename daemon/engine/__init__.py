@@ -31,15 +31,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, case
 from sqlalchemy.engine import Connection
 
-from .dispatch import Dispatcher, as_step_error, is_retryable
-from .errors import PermanentError, StepError
-from .models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
-from .registrars import Phase
-from .schema import hosts
-from .store import Row, Store, host_view
+from ..dispatch import Dispatcher, as_step_error, is_retryable
+from ..errors import PermanentError, StepError
+from ..models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
+from ..registrars import Phase
+from ..store import Row, Store, host_view
+from ..store.schema import hosts
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
