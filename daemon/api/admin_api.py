@@ -13,7 +13,7 @@ from cryptography import x509
 
 from .. import __version__
 from ..config import identity_of
-from ..service import RequestError, host_summary
+from ..rules import RequestError, host_summary
 from . import schemas
 from .app_api import request_reply
 from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, reply
