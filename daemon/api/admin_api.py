@@ -189,7 +189,7 @@ async def revoke_certificate(request: web.Request) -> web.Response:
     if body.serial is not None and body.issuer not in (None, own) and runtime.config.api.tls.client_ca is None:
         raise RequestError(422, f"issuer: {body.issuer!r} is not governord's CA ({own}), and no site CA "
                            "is configured (api.tls.client_ca)", field="issuer")
-    revoked = [] if body.issuer not in (None, own) else \
+    revoked: list[str] = [] if body.issuer not in (None, own) else \
         await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
     if body.serial is not None and revoked:
         issuer = own

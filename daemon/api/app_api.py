@@ -123,6 +123,7 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     # for the messages: the identity if there is one, else the first common name
     cn = values[0] if len(values) == 1 else (cert.common_names[0] if cert.common_names else serial)
     # The handshake checked dates and the CRL; a connection kept alive since may have outlived both.
+    assert peercert is not None  # a DER certificate came with it
     not_after = peercert.get("notAfter")
     if not_after and _seconds(not_after) < time.time():
         return _refuse(runtime, 403, "expired", "expired", f"certificate {serial} of {cn!r} has expired",

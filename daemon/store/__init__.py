@@ -25,6 +25,7 @@ through SQLAlchemy Core.
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ipaddress
 import itertools
@@ -932,7 +933,7 @@ class CertificateStore:
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
 
-    async def list_site(self, app: str | None = None) -> list[Row]:
+    async def list_site(self, app: str | None = None) -> builtins.list[Row]:
         """Revocations of site-CA certificates, oldest first."""
         query = select(site_revocations).order_by(site_revocations.c.revoked_at)
         if app is not None:
@@ -945,7 +946,7 @@ class CertificateStore:
         self._revocations += 1
         self._revoked = None
 
-    async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> list[str]:
+    async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> builtins.list[str]:
         where = and_(app_certificates.c.app == app, app_certificates.c.revoked_at.is_(None))
         if serial is not None:
             where = and_(where, app_certificates.c.serial == serial)

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pydantic import AfterValidator, BaseModel
 
 from governord import config as cfg
-from governord.pluginmanager import PluginManager
+from governord.dispatch.pluginmanager import PluginManager
 
 #: a key named like this holds a URL
 URLISH = re.compile(r"(^|_)(url|uri|endpoint)(_|$)")
