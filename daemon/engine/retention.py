@@ -26,9 +26,9 @@ minutes.
 
 Pruning runs in the background every ``interval`` seconds (and once at start), in batches of at
 most ``batch`` rows, each its own short transaction on the store's writer, so the engine's and
-the APIs' writes take turns with it and never wait for a whole round. The conditions are checked
-again in the transaction that deletes, so nothing that came back to life since it was read is
-deleted. A round that deleted something leaves one audit event, ``retention-pruned``, with how
+the APIs' writes take turns with it and never wait for a whole round. A batch reads its rows,
+checks the conditions and deletes in that one transaction, so nothing that changed in between
+(a host retried, a callback owed again) is deleted. A round that deleted something leaves one audit event, ``retention-pruned``, with how
 many of each kind it deleted.
 """
 
