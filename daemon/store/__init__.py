@@ -51,8 +51,17 @@ from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from ..models import HostOrigin, HostState, HostView
-from .schema import (WORKING, address_leases, app_certificates, events, hosts, live_counts, requests, site_revocations,
-                     state_counts)
+from .schema import (
+    WORKING,
+    address_leases,
+    app_certificates,
+    events,
+    hosts,
+    live_counts,
+    requests,
+    site_revocations,
+    state_counts,
+)
 
 Row = dict[str, Any]
 T = TypeVar("T")
