@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import re
 from dataclasses import dataclass, field
@@ -18,6 +19,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=397)
@@ -59,7 +62,12 @@ class CertificateAuthority:
         self.key_path = directory / "ca.key"
 
     def ensure(self) -> None:
-        """Create the CA if it does not exist yet."""
+        """Create the CA if it does not exist yet; warn about application keys an older version
+        kept in ``issued/``."""
+        kept = sorted(str(p) for p in (self.directory / "issued").glob("app-*.key"))
+        if kept:
+            log.warning("application private keys kept by an older governord: delete them once their applications "
+                        "have theirs (governord no longer keeps any)", extra={"files": kept})
         if self.cert_path.exists() and self.key_path.exists():
             return
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -46,16 +46,22 @@ def test_state_files_are_private_and_no_application_key_is_kept(lab: Lab, govern
     # a key file is never written over: the same --out twice keeps both
     assert issued["key"] != rotated["key"]
 
-    # a database an older version made world-readable is made private at the next start
+    # a database an older version made world-readable is made private at the next start, and
+    # the application keys it kept are pointed out
     assert governord.stop() == 0
     for name in ("governord.db", "governord.db-wal", "governord.db-shm"):
         if (state / name).exists():
             (state / name).chmod(0o644)
+    left = state / "pki" / "issued" / "app-demo-1700000000000.key"
+    left.write_text("an older version's copy\n")
+    left.chmod(0o600)
     again = lab.start_governord(governord.config)
     try:
         modes = _modes(state)
         assert modes["governord.db"] == 0o600 and modes["governord.db-wal"] == 0o600, modes
         assert {name: oct(mode) for name, mode in modes.items() if mode & 0o027} == {}
+        warned = [line for line in again.log.read_text().splitlines() if "application private keys kept" in line]
+        assert len(warned) == 1 and str(left) in warned[0], warned
     finally:
         again.stop()
 
