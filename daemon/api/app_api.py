@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import secrets
 import ssl
@@ -26,8 +25,8 @@ from pydantic import ValidationError
 from .. import webhooks
 from ..service import Decision, RequestError, host_summary
 from . import schemas
-from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body,
-                     reply)
+from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, load_json, max_body_key,
+                     parse_body, reply)
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -214,10 +213,7 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         return error_response(refused.status, refused.reason, refused.field)
     if hook is None:  # not reached: only an application's own secret verifies
         return error_response(401, "signature does not match", webhooks.SIGNATURE_HEADER)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    data = load_json(body)  # before anything recursive reads it (the event's validation below)
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")
     try:
