@@ -27,6 +27,7 @@ from ..service import Decision, RequestError, host_summary
 from . import schemas
 from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, load_json, max_body_key,
                      parse_body, reply)
+from .connections import ConnectionLimits, limits_key, request_deadlines
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -255,13 +256,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=await runtime.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None) -> web.Application:
+def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None,
+                   limits: ConnectionLimits | None = None) -> web.Application:
     """The application API; ``tls`` is the listener's :class:`~governord.api.tls.ApplicationTLS`,
-    whose site-CA CRL is also checked per request."""
+    whose site-CA CRL is also checked per request; ``limits`` the listener's
+    :class:`~governord.api.connections.ConnectionLimits` (by default, the configured ones)."""
     app = web.Application(
-        middlewares=[errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
+        middlewares=[request_deadlines, errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
     )
     app[runtime_key] = runtime
+    app[limits_key] = limits or ConnectionLimits.from_config(runtime.config.api, runtime.metrics.refused)
     if tls is not None:
         app[tls_key] = tls
     app[max_body_key] = runtime.config.api.max_body_bytes
