@@ -210,9 +210,9 @@ class ApiSection(StrictModel):
     #: connections open at once; one more is closed as soon as it is accepted. With the
     #: descriptors kept for the rest it must fit under the process's descriptor limit
     #: (LimitNOFILE= in the unit)
-    max_connections: int = Field(default=512, ge=1)
+    max_connections: int = Field(default=1024, ge=1)
     #: connections open at once from one address
-    max_connections_per_peer: int = Field(default=64, ge=1)
+    max_connections_per_peer: int = Field(default=256, ge=1)
     tls: TLSSection = Field(default_factory=TLSSection)
 
     @field_validator("listen")
