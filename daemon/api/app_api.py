@@ -221,6 +221,9 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         # from the JSON text, not the parsed data: strict mode must see JSON's own types
         event = webhooks.DeployEvent.model_validate_json(body)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid":
+            # JSON json.loads reads but pydantic's parser does not: a lone surrogate (\ud800)
+            raise RequestError(400, f"body is not valid JSON: {exc.errors()[0]['msg']}") from None
         message, where = first_problem(exc)
         raise RequestError(422, message, field=where) from None
     rule = hook.rule_for(event.event, event.component)
