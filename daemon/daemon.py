@@ -115,7 +115,11 @@ class Daemon:
 
         from .api.admin_api import create_admin_api
         from .api.app_api import create_app_api
-        from .api.connections import ConnectionLimits, GuardedSite, install_exception_handler
+        from .api.connections import (
+            ConnectionLimits,
+            GuardedSite,
+            install_exception_handler,
+        )
         from .api.tls import ApplicationTLS
         from .runtime import Runtime
 
@@ -146,7 +150,8 @@ class Daemon:
         install_exception_handler(loop, limits)
         app_runner = web.AppRunner(create_app_api(runtime, self.tls, limits), access_log=None,
                                    keepalive_timeout=api.keepalive_timeout)
-        admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None, keepalive_timeout=api.keepalive_timeout)
+        admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None,
+                                     keepalive_timeout=api.keepalive_timeout)
         await app_runner.setup()
         await admin_runner.setup()
         tls_site = GuardedSite(app_runner, api.listen, api.port, ssl_context=self.tls.context, limits=limits)

@@ -114,6 +114,7 @@ class ConnectionLimits:
         self.refusals = RateLimitedLog(log)
         self.timeouts = RateLimitedLog(log)
         self.resources = RateLimitedLog(log)
+        self.failures = RateLimitedLog(log)
 
     @classmethod
     def from_config(cls, api: Any, count: Callable[[str, str], None]) -> ConnectionLimits:
@@ -271,7 +272,7 @@ class _Acceptor:
                 return
             except OSError as exc:
                 if exc.errno not in OUT_OF_RESOURCES:
-                    log.error("accept failed", extra={"error": str(exc)})
+                    self.limits.failures.log(logging.ERROR, "accept failed", error=str(exc))
                     return
                 # Linux keeps reporting the socket readable: stop watching it for a moment
                 self.limits.out_of_descriptors(exc, str(sock.getsockname()))

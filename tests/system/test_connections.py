@@ -29,7 +29,6 @@ import requests
 from lab.stack import Governord, Lab
 
 from .conftest import wait_until
-
 from .test_api import refusal_counts
 
 HANDSHAKE_TIMEOUT = 3.0
@@ -144,8 +143,8 @@ def test_idle_and_slow_connections_do_not_starve_a_client(guarded: tuple[Governo
         slow_bodies = []
         for _ in range(PER_PEER):
             sock = tls_from("127.0.0.5", port, ca)
-            sock.sendall(b"POST /v1/webhooks/openshift HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: 1000\r\n\r\n{")
+            sock.sendall(b"POST /v1/webhooks/openshift HTTP/1.1\r\nHost: localhost\r\n"
+                         b"Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n{")
             slow_bodies.append(pool.submit(closed_after, sock, time.monotonic(), 20,
                                            lambda sock=sock: sock.sendall(b" ")))
         opened = time.monotonic() - start
@@ -201,7 +200,8 @@ def test_idle_and_slow_connections_do_not_starve_a_client(guarded: tuple[Governo
         return sum(int(re.search(r" suppressed=(\d+)", line).group(1)) + 1  # type: ignore[union-attr]
                    for line in found)
 
-    wait_until(lambda: logged(lines()) >= sum(counts.values()), 15, what=f"the refusals and timeouts summed up: {counts}")
+    wait_until(lambda: logged(lines()) >= sum(counts.values()), 15,
+               what=f"the refusals and timeouts summed up: {counts}")
     assert len(lines()) <= 6, "\n".join(lines())
     log = daemon.log.read_text()
     assert "Traceback" not in log and "exc=" not in log, daemon.log_tail()
@@ -261,6 +261,14 @@ def test_out_of_descriptors_logs_a_line_not_a_flood_and_recovers(guarded: tuple[
     assert counts[("out_of_descriptors", "connection")] > len(out_of_descriptors)
 
 
+def check_under(lab: Lab, config: Path, nofile: tuple[int, int]) -> subprocess.CompletedProcess[str]:
+    """``governord --check`` with this descriptor limit."""
+    return subprocess.run(
+        [sys.executable, "-m", "governord", "--check", "--config", str(config)], capture_output=True, text=True,
+        check=False, timeout=120, env={**os.environ, **lab.passwords},
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile))
+
+
 @pytest.mark.parametrize(("keys", "key"), [
     ({"max_connections": 100}, "api.max_connections"),  # 100 + 64 kept for the rest > 128
     ({"max_connections": 20, "max_connections_per_peer": 30}, "api.max_connections_per_peer"),
@@ -268,10 +276,10 @@ def test_out_of_descriptors_logs_a_line_not_a_flood_and_recovers(guarded: tuple[
     ({"handshake_timeout": '"soon"'}, "api.handshake_timeout"),
 ])
 def test_caps_that_do_not_fit_are_refused(lab: Lab, keys: dict[str, Any], key: str) -> None:
+    """Refused, not clamped: the operator asked for a number of connections the process cannot
+    hold, and LimitNOFILE= or the cap is theirs to change."""
     config = limits_config(lab, **keys)
-    result = subprocess.run(
-        [sys.executable, "-m", "governord", "--check", "--config", str(config)], capture_output=True, text=True,
-        check=False, timeout=120, env={**os.environ, **lab.passwords}, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, NOFILE))
+    result = check_under(lab, config, NOFILE)
     assert result.returncode == 2, result.stdout + result.stderr
     assert str(config) in result.stderr and key in result.stderr
     if key == "api.max_connections":
@@ -282,7 +290,5 @@ def test_the_caps_fit_at_the_default_limits(lab: Lab) -> None:
     """The lab's config (default caps) passes under the unit's LimitNOFILE=."""
     unit = (Path(__file__).resolve().parents[2] / "systemd" / "governord.service").read_text()
     limit = int(re.search(r"(?m)^LimitNOFILE=(\d+)$", unit).group(1))  # type: ignore[union-attr]
-    result = subprocess.run(
-        [sys.executable, "-m", "governord", "--check", "--config", str(lab.write_config())], capture_output=True,
-        text=True, check=False, timeout=120, env={**os.environ, **lab.passwords}, preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (limit, limit)))
+    result = check_under(lab, lab.write_config(), (limit, limit))
     assert result.returncode == 0, result.stderr
