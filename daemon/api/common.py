@@ -211,7 +211,7 @@ def load_json(raw: bytes) -> Any:
     if nests_deeper_than(text, MAX_JSON_DEPTH):
         raise RequestError(400, f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
     try:
-        return json.loads(text or "null")
+        return json.loads(text)
     except ValueError as exc:  # also an integer of more digits than int() reads
         raise RequestError(400, f"body is not valid JSON: {exc}") from None
 
@@ -221,7 +221,7 @@ async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
     naming the first bad field."""
     if request.content_type != "application/json":
         raise RequestError(415, "send Content-Type: application/json")
-    data = load_json(await request.read())
+    data = load_json(await request.read() or b"null")
     if not isinstance(data, dict):
         # not the request at all, like a body that is not JSON; a 422 is for a field
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")

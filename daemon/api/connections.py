@@ -42,6 +42,7 @@ from typing import Any
 
 from aiohttp import web
 
+from ..config import ApiSection
 from ..service import RequestError
 from .common import Handler
 
@@ -117,7 +118,7 @@ class ConnectionLimits:
         self.failures = RateLimitedLog(log)
 
     @classmethod
-    def from_config(cls, api: Any, count: Callable[[str, str], None]) -> ConnectionLimits:
+    def from_config(cls, api: ApiSection, count: Callable[[str, str], None]) -> ConnectionLimits:
         return cls(api.handshake_timeout, api.request_timeout, api.keepalive_timeout, api.max_connections,
                    api.max_connections_per_peer, count)
 
