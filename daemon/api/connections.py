@@ -43,7 +43,7 @@ from typing import Any
 from aiohttp import web
 
 from ..config import ApiSection
-from ..service import RequestError
+from ..rules import RequestError
 from .common import Handler
 
 log = logging.getLogger(__name__)

@@ -245,8 +245,8 @@ def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None
 
 #: fields a schema-valid request may still be refused on (422), because what is valid there is
 #: the state, not the document: a used idempotency key or delivery id, a host name or address
-#: to adopt
-STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address"}
+#: to adopt, a list's cursor (only one the server gave is one)
+STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor"}
 
 
 def schema_valid_requests_are_taken(ctx: Any, response: Any, case: Any) -> bool | None:

@@ -11,7 +11,6 @@ from pathlib import Path
 
 from governord.config import ApiSection
 from governord.descriptors import RESERVED_DESCRIPTORS
-
 from lab.stack import Lab
 
 from .conftest import wait_until

@@ -14,14 +14,15 @@ from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
 from governord import webhooks
 from governord.api import admin_api, app_api
 from governord.api.common import MAX_JSON_DEPTH, load_json, nests_deeper_than
 from governord.api.connections import ConnectionLimits, RateLimitedLog
+from governord.rules import RequestError
 from governord.runtime import Runtime
-from governord.service import RequestError
-from hypothesis import given
-from hypothesis import strategies as st
 
 
 def _depth(value: Any) -> int:

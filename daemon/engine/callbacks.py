@@ -27,11 +27,11 @@ import yarl
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
-from . import webhooks
-from .schema import callbacks
+from .. import webhooks
+from ..store.schema import callbacks
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 
