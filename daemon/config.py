@@ -37,6 +37,7 @@ from pydantic import (
 )
 from pydantic_core import core_schema
 
+from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, FieldError
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
@@ -225,6 +226,19 @@ class ApiSection(StrictModel):
     admin_socket_mode: str = "0660"
     #: largest request body accepted, in bytes
     max_body_bytes: int = Field(default=65536, ge=1024)
+    #: seconds a client has for its TLS handshake (and a closing connection for its TLS shutdown)
+    handshake_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: seconds a client has for its first request's head after the handshake, and for every
+    #: request body after its head; a connection that misses either is closed
+    request_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: seconds an idle connection waits for its next request (one half sent then is closed too)
+    keepalive_timeout: float = Field(default=15.0, gt=0, le=3600)
+    #: connections open at once; one more is closed as soon as it is accepted. With the
+    #: descriptors kept for the rest it must fit under the process's descriptor limit
+    #: (LimitNOFILE= in the unit)
+    max_connections: int = Field(default=1024, ge=1)
+    #: connections open at once from one address
+    max_connections_per_peer: int = Field(default=256, ge=1)
     tls: TLSSection = Field(default_factory=TLSSection)
 
     @field_validator("listen")
@@ -236,6 +250,22 @@ class ApiSection(StrictModel):
             if not _HOSTNAME.fullmatch(value):
                 raise ValueError(f"not an IP address or host name: {value!r}") from None
         return value
+
+    @field_validator("max_connections")
+    @classmethod
+    def _fits_the_descriptor_limit(cls, value: int) -> int:
+        shortfall = descriptor_shortfall(value, descriptor_limit())
+        if shortfall:
+            raise ValueError(shortfall)
+        return value
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> ApiSection:
+        if self.max_connections_per_peer > self.max_connections:
+            raise FieldError("max_connections_per_peer",
+                             f"{self.max_connections_per_peer} is more than max_connections "
+                             f"({self.max_connections})")
+        return self
 
     @field_validator("admin_socket")
     @classmethod

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import secrets
 import ssl
@@ -32,7 +31,18 @@ from .. import webhooks
 from ..config import identity_of
 from ..rules import Decision, RequestError, host_summary
 from . import paging, schemas
-from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body, reply
+from .common import (
+    Endpoints,
+    error_response,
+    errors_middleware,
+    first_problem,
+    healthz,
+    load_json,
+    max_body_key,
+    parse_body,
+    reply,
+)
+from .connections import ConnectionLimits, limits_key, request_deadlines
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -255,16 +265,16 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         return error_response(refused.status, refused.reason, refused.field)
     if hook is None:  # not reached: only an application's own secret verifies
         return error_response(401, "signature does not match", webhooks.SIGNATURE_HEADER)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    data = load_json(body)  # before anything recursive reads it (the event's validation below)
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")
     try:
         # from the JSON text, not the parsed data: strict mode must see JSON's own types
         event = webhooks.DeployEvent.model_validate_json(body)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid":
+            # JSON json.loads reads but pydantic's parser does not: a lone surrogate (\ud800)
+            raise RequestError(400, f"body is not valid JSON: {exc.errors()[0]['msg']}") from None
         message, where = first_problem(exc)
         raise RequestError(422, message, field=where) from None
     rule = hook.rule_for(event.event, event.component)
@@ -300,13 +310,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=await runtime.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None) -> web.Application:
+def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None,
+                   limits: ConnectionLimits | None = None) -> web.Application:
     """The application API; ``tls`` is the listener's :class:`~governord.api.tls.ApplicationTLS`,
-    whose site-CA CRL is also checked per request."""
+    whose site-CA CRL is also checked per request; ``limits`` the listener's
+    :class:`~governord.api.connections.ConnectionLimits` (by default, the configured ones)."""
     app = web.Application(
-        middlewares=[errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
+        middlewares=[request_deadlines, errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
     )
     app[runtime_key] = runtime
+    app[limits_key] = limits or ConnectionLimits.from_config(runtime.config.api, runtime.metrics.refused)
     if tls is not None:
         app[tls_key] = tls
     app[max_body_key] = runtime.config.api.max_body_bytes
