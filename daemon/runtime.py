@@ -35,7 +35,10 @@ class Runtime:
         self.registrars: dict[str, Registrar] = {}
         self.dispatcher = Dispatcher(plugins.pm, timeout=config.engine.hook_timeout)
         self.engine = Engine(store, self.dispatcher, config)
-        self.governor = Governor(store, self.engine, config)
+        #: TCP ports this daemon listens on (its application API), where callbacks never go:
+        #: the configured port now, the one bound added when the listener starts
+        self.listeners: set[int] = {config.api.port} - {0}
+        self.governor = Governor(store, self.engine, config, listeners=self.listeners)
         self.metrics = Metrics(self)
         self.engine.on_transition.append(self.metrics.transition)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
