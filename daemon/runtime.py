@@ -16,6 +16,7 @@ from .metrics import Metrics
 from .pki import CertificateAuthority
 from .pluginmanager import PluginManager
 from .providers import Provider
+from .ratelimit import RateLimits
 from .registrars import Registrar
 from .service import Governor
 from .store import CertificateStore, Store
@@ -41,6 +42,8 @@ class Runtime:
         self.governor = Governor(store, self.engine, config, listeners=self.listeners)
         self.metrics = Metrics(self)
         self.engine.on_transition.append(self.metrics.transition)
+        #: each application's rate limit on scale, release and webhook requests (per instance)
+        self.rate_limits = RateLimits(config, self.metrics.registry)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
         self.certificates = CertificateStore(store)
         #: closing the instances a reload replaced, once their steps are done
@@ -103,6 +106,7 @@ class Runtime:
         self.governor.config = config
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
+        self.rate_limits.configure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
         # Closing an instance ends its sessions (a vCenter logout), which would fail a clone
