@@ -347,6 +347,17 @@ class WebhookSection(StrictModel):
         return next((r for r in self.rules if r.event == event and r.component in (None, component)), None)
 
 
+def _can_take_effect(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    """An ``allow_networks`` entry that holds some address callbacks may be allowed to reach: a
+    network whose ends are never reached for the same reason lies inside one such range
+    (169.254/16, 224/4, a metadata address ...), and no entry overrides those."""
+    first, last = never_reason(network.network_address), never_reason(network.broadcast_address)
+    if first is not None and first == last:
+        raise ValueError(f"{network} holds only addresses callbacks never go to ({first}): "
+                         "no allow_networks entry overrides that")
+    return network
+
+
 class CallbackRules(StrictModel):
     """Where the application's callbacks (a scale request's ``callback_url``) may go; see
     :mod:`governord.outbound` for the whole policy. Checked when a request names the URL (422)
@@ -359,19 +370,8 @@ class CallbackRules(StrictModel):
     #: networks (CIDR) callbacks may reach although denied by default: loopback (the lab, a
     #: single-host site) and private ranges. Never metadata, link-local, multicast, reserved or
     #: unspecified addresses, nor governord's own listener
-    allow_networks: list[ipaddress.IPv4Network | ipaddress.IPv6Network] = Field(default_factory=list)
-
-    @field_validator("allow_networks")
-    @classmethod
-    def _can_take_effect(cls, value: list[ipaddress.IPv4Network | ipaddress.IPv6Network]) -> Any:
-        for network in value:
-            # a network whose ends are never reached for the same reason lies inside one such
-            # range (169.254/16, 224/4, a metadata address ...): an entry that never takes effect
-            first, last = never_reason(network.network_address), never_reason(network.broadcast_address)
-            if first is not None and first == last:
-                raise ValueError(f"{network} holds only addresses callbacks never go to ({first}): "
-                                 "no allow_networks entry overrides that")
-        return value
+    allow_networks: list[Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                   AfterValidator(_can_take_effect)]] = Field(default_factory=list)
 
 
 class RateLimitSection(StrictModel):
