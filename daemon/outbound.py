@@ -97,11 +97,11 @@ def _is_local(ip: IPAddress) -> bool:
     """Whether ``ip`` is one of this machine's addresses (binding to it works: a syscall on a
     datagram socket, no traffic and no wait)."""
     family = socket.AF_INET if ip.version == 4 else socket.AF_INET6
-    with socket.socket(family, socket.SOCK_DGRAM) as probe:
-        try:
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as probe:
             probe.bind((str(ip), 0))
-        except OSError:
-            return False
+    except OSError:  # not ours (or no IPv6 here: then no IPv6 address is ours either)
+        return False
     return True
 
 

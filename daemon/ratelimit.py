@@ -1,8 +1,9 @@
 """How fast each application may ask for changes: scale and release requests on the
 application API and webhook deliveries (counted once their signature verified), together, in
-one token bucket per application (``[applications.APP.rate_limit]``). Beyond it the request is
-answered 429 with ``Retry-After`` and counted in ``governord_rate_limited_total``; nothing of it
-is read further or written.
+one token bucket per application (``[applications.APP.rate_limit]``). Every such request of
+the application counts, valid or not, before its body is read. Beyond the limit it is answered
+429 with ``Retry-After`` and counted in ``governord_rate_limited_total``; nothing of it is read
+further or written.
 
 A repeat of an idempotency key (or of a webhook delivery id) counts like any request: it is
 answered from the store, through the same writer as a new decision, so a flood of repeats
