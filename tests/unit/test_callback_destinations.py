@@ -281,3 +281,28 @@ async def test_an_allow_networks_entry_that_cannot_work_stops_the_config(
         await make_runtime(f"\n[applications.demo.callbacks]\nallow_networks = {networks}\n")
     assert caught.value.key.startswith("applications.demo.callbacks.allow_networks"), caught.value
     assert message in caught.value.message
+
+
+@pytest.mark.parametrize(("url", "words"), [
+    ("http://app.example/cb", "plain http is not allowed for application demo"),
+    ("https://10.0.0.7/cb", "10.0.0.7 is a private address"),
+    ("https://169.254.169.254/latest/meta-data/", "169.254.169.254 is a cloud metadata address"),
+    ("https://127.0.0.1:9443/cb", "127.0.0.1 is a loopback address"),
+    ("https://127.0.0.1:8443/cb", "governord's own listener (port 8443"),  # the configured API port
+])
+async def test_the_admin_api_refuses_the_same_callback_urls(
+    make_runtime: Any, aiohttp_client: Callable[..., Any], monkeypatch: pytest.MonkeyPatch, url: str, words: str
+) -> None:
+    """An operator's scale request for an application is held to the application's rules."""
+    from governord.api import admin_api
+
+    monkeypatch.setenv("GOVERNORD_TEST_CALLBACK_SECRET", SECRET)
+    runtime: Runtime = await make_runtime(SIGNED)
+    try:
+        admin = await aiohttp_client(admin_api.create_admin_api(runtime))
+        resp = await admin.post("/v1/apps/demo/scale", json={"role": "node", "add": 1, "callback_url": url})
+        body = await resp.json()
+        assert resp.status == 422 and body["field"] == "callback_url" and words in body["error"], body
+        assert await runtime.store.list_hosts(app="demo") == []
+    finally:
+        await runtime.stop()
