@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv vcsim peers test demo clean
+.PHONY: all deps apt venv vcsim peers lint typecheck test demo clean
 
 all: test
 
@@ -41,6 +41,18 @@ vcsim: apt
 # each lab/<peer>/install.sh is idempotent and fast when nothing changed.
 peers: venv
 	@for script in lab/*/install.sh; do [ -f "$$script" ] || continue; echo "== $$script"; bash "$$script" || exit 1; done
+
+# ruff's rules and mypy's config are in pyproject.toml
+lint: venv
+	$(PY) -m ruff check daemon plugins lab tests bench
+
+# mypy on the package as it is imported: daemon/ is `governord`, plugins/ is `governord.plugins`
+# (setup.cfg's package_dir), laid out as such in a tree of links under build/typecheck
+typecheck: venv
+	@rm -rf build/typecheck && mkdir -p build/typecheck/governord
+	@for entry in daemon/*; do ln -s ../../../$$entry build/typecheck/governord/; done
+	@ln -s ../../../plugins build/typecheck/governord/plugins
+	cd build/typecheck && ../../$(PY) -m mypy --config-file ../../pyproject.toml -p governord
 
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)

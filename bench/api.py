@@ -44,7 +44,6 @@ from .common import DAEMON_CONFIG, admin, cpu_seconds, rss_mb, start_daemon
 from .record import append_row, machine_label
 
 
-
 def load_process(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
                  start_at: float, queue: Any, kind: str = "scale") -> None:
     """One load process: ``connections`` closed loops of requests; puts its results."""

@@ -35,9 +35,9 @@ from typing import Any
 from governord import testing
 from governord.config import load_config
 from governord.daemon import EXIT_CONFIG, Daemon, _disabled_plugins
+from governord.dispatch.pluginmanager import PluginLoadError, PluginManager
 from governord.errors import ConfigError
 from governord.logs import setup_logging
-from governord.pluginmanager import PluginLoadError, PluginManager
 from governord.store import Store
 
 TIMINGS: dict[str, list[float]] = {}

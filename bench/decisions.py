@@ -19,7 +19,7 @@ import tomllib
 
 from governord import testing
 from governord.config import build_config
-from governord.pluginmanager import PluginManager
+from governord.dispatch.pluginmanager import PluginManager
 from governord.runtime import Runtime
 
 from .common import DAEMON_CONFIG

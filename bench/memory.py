@@ -37,7 +37,6 @@ from .common import DAEMON_CONFIG, admin, rss_mb, start_daemon
 from .record import append_row, machine_label
 
 
-
 class Sampler(threading.Thread):
     """Samples a process's RSS every ``interval`` seconds; ``peak`` since the last ``reset``."""
 

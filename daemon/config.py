@@ -1,8 +1,7 @@
 """Configuration: one TOML file, validated strictly before anything is written.
 
-The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[networks.*]``, ``[tags.*]``
-and ``[applications.*]``; ``[sweep]`` is :class:`governord.sweep.SweepSection`, beside the code that
-uses it. Provider and registrar types own theirs: a ``[providers.NAME]`` section
+The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[networks.*]``, ``[tags.*]``
+and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
 is validated by the ``Config`` model of its ``type``, a role's ``profile`` by that provider type's
 ``Profile`` model, and a ``[tags.TAG.REGISTRAR]`` table by the registrar type's ``TagMapping``.
 
@@ -42,7 +41,6 @@ from .outbound import never_reason
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
-from .sweep import SweepSection
 
 
 class Secret:
@@ -426,6 +424,28 @@ class ApplicationSection(StrictModel):
         return self
 
 
+class SweepPolicy(StrictModel):
+    """What a real sweep does about each kind of finding."""
+
+    #: marked machines without a live record: "report", or "clean" (destroy them, verified)
+    leaked: Literal["report", "clean"] = "report"
+    #: ready hosts whose machine is gone: "report", "fail" (failed at provision, so that
+    #: `governord-ctl retry` makes a new machine) or "retire" (deregister everywhere, then gone)
+    vanished: Literal["report", "fail", "retire"] = "report"
+    #: marked registrations of gone or unknown hosts: "report", or "clean" (remove them, verified)
+    orphaned: Literal["report", "clean"] = "report"
+
+
+class SweepSection(StrictModel):
+    """``[sweep]``: the periodic comparison of records with what exists."""
+
+    #: seconds between periodic sweeps; 0: only when asked (`governord-ctl sweep`)
+    interval: float = Field(default=3600.0, ge=0)
+    #: seconds a host must have rested in its state, and have existed, before the sweep judges it
+    grace: float = Field(default=900.0, ge=0)
+    policy: SweepPolicy = Field(default_factory=SweepPolicy)
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -620,7 +640,7 @@ def build_config(
     tags: dict[str, TagDefinition] = {}
     for tag, table in core.tags.items():
         description = ""
-        mappings: dict[str, TagMapping] = {}
+        tag_mappings: dict[str, TagMapping] = {}
         for key, value in table.items():
             prefix = f"tags.{tag}.{key}"
             if key == "description":
@@ -629,10 +649,10 @@ def build_config(
                 description = value
             elif key in registrar_configs:
                 registrar_type = registrars.get(registrar_configs[key].type)
-                mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
+                tag_mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
             else:
                 raise ConfigError(path, prefix, f"unknown key (not a registrar: {', '.join(registrar_configs) or 'none configured'})")
-        tags[tag] = TagDefinition(tag, description, mappings)
+        tags[tag] = TagDefinition(tag, description, tag_mappings)
 
     for name, network in core.networks.items():
         for attr in ("first", "last", "gateway"):
@@ -665,12 +685,12 @@ def build_config(
                     raise ConfigError(path, f"{where}.provider", f"no provider named {placement.provider!r}")
                 if any(p.provider == placement.provider for p in chosen):
                     raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
-                network = placement.network or role.network
-                if network is not None and network not in core.networks:
-                    raise ConfigError(path, f"{where}.network", f"no network named {network!r}")
+                network_name = placement.network or role.network
+                if network_name is not None and network_name not in core.networks:
+                    raise ConfigError(path, f"{where}.network", f"no network named {network_name!r}")
                 provider_type = providers.get(provider_configs[placement.provider].type)
                 profile = _validate(provider_type.Profile, placement.profile, path, f"{where}.profile")  # type: ignore[union-attr]
-                chosen.append(Placement(placement.provider, placement.cap, network, profile))
+                chosen.append(Placement(placement.provider, placement.cap, network_name, profile))
             placements[(app_name, role_name)] = chosen
 
     return Config(path, core, provider_configs, registrar_configs, tags, placements)

@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config, read_toml
+from .dispatch.pluginmanager import PluginLoadError, PluginManager
 from .errors import ConfigError
 from .logs import setup_logging
 from .pki import RevocationListError
-from .pluginmanager import PluginLoadError, PluginManager
 from .systemd import keep_watchdog_alive, notify, watchdog_interval
 
 if TYPE_CHECKING:

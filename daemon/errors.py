@@ -63,10 +63,12 @@ class PermanentError(StepError):
 PASSING_HTTP_STATUSES = frozenset({408, 429})
 
 
-def http_error(status: int, message: str, *, source: str | None, also_passing: Collection[int] = ()) -> StepError:
+def http_error(
+    status: int, message: str, *, source: str | None, also_passing: Collection[int] = ()
+) -> RetryableError | PermanentError:
     """The error for a peer's HTTP answer: server errors, 408 and 429 (and a peer's own
     ``also_passing``, e.g. 409 "busy") are retryable; any other status is permanent."""
     passing = status >= 500 or status in PASSING_HTTP_STATUSES or status in also_passing
-    error: StepError = RetryableError(message, source=source) if passing else PermanentError(message, source=source)
+    error = RetryableError(message, source=source) if passing else PermanentError(message, source=source)
     error.http_status = status
     return error

@@ -32,7 +32,7 @@ import pluggy
 if TYPE_CHECKING:
     from .models import HostView, Machine, MachineSpec
     from .providers import ProviderRegistry
-    from .registrars import Registration, RegistrarRegistry
+    from .registrars import RegistrarRegistry, Registration
 
 hookspec = pluggy.HookspecMarker("governord")
 

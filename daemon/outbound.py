@@ -1,6 +1,6 @@
 """Where governord may send an application's callbacks: the address policy, checked when a
 request names a ``callback_url`` and again, on the addresses the host name resolves to, at every
-delivery (:mod:`governord.callbacks`).
+delivery (:mod:`governord.engine.callbacks`).
 
 A callback is a POST signed with the application's webhook secret, sent from inside the site: an
 application that could point it anywhere could make governord talk to services only governord's
@@ -150,7 +150,7 @@ class Policy:
         address literal that is denied, a numeric host that is no canonical IPv4 address (such
         as ``127.1`` or ``2130706433``, which resolvers read as addresses). None if a delivery
         may be tried (the resolved addresses are checked then). A URL that is no URL is not
-        refused here: :func:`governord.callbacks.unsendable` says why."""
+        refused here: :func:`governord.engine.callbacks.unsendable` says why."""
         try:
             parsed = yarl.URL(url)
             host, port = parsed.host, parsed.port

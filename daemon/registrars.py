@@ -21,6 +21,7 @@ instance in a pluggy plugin that implements ``governord_classify_host``,
 
 from __future__ import annotations
 
+import builtins
 import enum
 import re
 from abc import ABC, abstractmethod
@@ -87,7 +88,9 @@ class RegistrarConfig(StrictModel):
     #: at most this many calls to the system at once
     max_concurrency: int = Field(default=4, ge=1, le=256)
 
-    def check_peers(self, registrars: Mapping[str, RegistrarConfig], mappings: Mapping[str, type[TagMapping]]) -> None:
+    def check_peers(
+        self, registrars: Mapping[str, RegistrarConfig], mappings: Mapping[str, builtins.type[TagMapping]]
+    ) -> None:
         """Rules that reach beyond this section, checked once every section is valid on its own:
         ``registrars`` are all configured ``[registrars.NAME]`` sections by name, ``mappings``
         each one's ``TagMapping`` model. Raise :class:`~governord.errors.FieldError` naming the
@@ -96,6 +99,10 @@ class RegistrarConfig(StrictModel):
 
 class TagMapping(StrictModel):
     """What one tag means to one registrar. Registrar types subclass it."""
+
+
+#: the base class under a name no class attribute called ``TagMapping`` shadows
+AnyTagMapping = TagMapping
 
 
 class Registrar(ConfiguredInstance, ABC):
@@ -160,10 +167,10 @@ class LazyRegistrar(LazyType["type[Registrar]"]):
     :class:`~governord.providers.LazyType`)."""
 
     Config: type[RegistrarConfig]
-    TagMapping: type[TagMapping]
+    TagMapping: type[AnyTagMapping]
 
     def __init__(self, type_name: str, implementation: str, *, Config: type[RegistrarConfig],  # noqa: N803
-                 TagMapping: type[TagMapping] = TagMapping, requires: Iterable[str] = ()) -> None:  # noqa: N803
+                 TagMapping: type[AnyTagMapping] = AnyTagMapping, requires: Iterable[str] = ()) -> None:  # noqa: N803
         super().__init__(type_name, implementation, requires=requires, Config=Config, TagMapping=TagMapping)
 
 

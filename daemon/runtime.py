@@ -7,20 +7,20 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from .builtin import ProvisioningPlugin, RegistrarPlugin
-from .callbacks import Notifier
 from .config import Config
 from .dispatch import Dispatcher
+from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
+from .dispatch.pluginmanager import PluginManager
 from .engine import Engine
+from .engine.callbacks import Notifier
+from .engine.sweep import Sweeper
 from .metrics import Metrics
 from .pki import CertificateAuthority
-from .pluginmanager import PluginManager
 from .providers import Provider
 from .ratelimit import RateLimits
 from .registrars import Registrar
-from .service import Governor
+from .rules import Governor
 from .store import CertificateStore, Store
-from .sweep import Sweeper
 
 log = logging.getLogger(__name__)
 

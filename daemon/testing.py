@@ -3,7 +3,7 @@ keep their "other side" in plain dicts a test can inspect, with failures and del
 
 They are for engine tests and benchmarks; integrations are tested against their real peers
 (vcsim, the lab's Foreman and Satellite simulators). Use them by registering
-:data:`plugin` in a :class:`~governord.pluginmanager.PluginManager`::
+:data:`plugin` in a :class:`~governord.dispatch.pluginmanager.PluginManager`::
 
     plugins.register(governord.testing.plugin, "testing")
 """

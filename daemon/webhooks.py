@@ -50,11 +50,13 @@ import re
 import time
 import uuid
 from collections.abc import Mapping, Sequence
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from .errors import FieldError
+
+JsonDict = dict[str, Any]  # pydantic's JsonDict, spelt out (pydantic.config does not export it)
 
 __all__ = [
     "APPLICATION_HEADER",
@@ -272,7 +274,7 @@ _HOSTNAME = r"^[A-Za-z0-9]([A-Za-z0-9-]*[A-Za-z0-9])?(\.[A-Za-z0-9]([A-Za-z0-9-]
 _ONLY_IN: dict[str, tuple[str, ...]] = {"v2": ("gear_uuid", "app_uuid", "branch"), "v4": ("pod", "deployment")}
 
 
-def _generation_rule() -> dict[str, object]:
+def _generation_rule() -> JsonDict:
     """JSON Schema for :data:`_ONLY_IN`, so the OpenAPI document says what the validator does."""
     return {"allOf": [
         {"if": {"properties": {"openshift_version": {"const": other}}},

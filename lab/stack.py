@@ -29,9 +29,9 @@ import time
 import urllib.request
 import xmlrpc.client
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from collections.abc import Callable
 from typing import Any
 
 from . import vcsim

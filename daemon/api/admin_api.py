@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from aiohttp import web
 
 from .. import __version__
-from ..service import RequestError, host_summary
+from ..rules import RequestError, host_summary
 from . import schemas
 from .app_api import request_reply
 from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, reply

@@ -24,10 +24,9 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from .. import webhooks
-from ..service import Decision, RequestError, host_summary
+from ..rules import Decision, RequestError, host_summary
 from . import schemas
-from .common import (Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body,
-                     reply)
+from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body, reply
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:

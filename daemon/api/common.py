@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 
 from .. import __version__
 from ..errors import FieldError
-from ..service import RequestError
+from ..rules import RequestError
 from . import schemas
 
 log = logging.getLogger(__name__)

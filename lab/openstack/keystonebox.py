@@ -77,9 +77,8 @@ def _write_config(workdir: Path) -> Path:
 
 
 def _manage(config: Path, *command: str, clear: bool = True) -> None:
-    from keystone.cmd import cli
-
     import keystone.conf
+    from keystone.cmd import cli
 
     cli.main(argv=["keystone-manage", "--config-file", str(config), *command])
     if clear:
@@ -162,9 +161,8 @@ def main() -> int:
     )
     del os.environ["OS_BOOTSTRAP_PASSWORD"]
 
-    from keystone.common import provider_api
-
     import keystone.conf
+    from keystone.common import provider_api
 
     # bootstrap left its backends loaded and CONF parsed: add the lab's projects with them.
     providers = provider_api.ProviderAPIs

@@ -50,8 +50,8 @@ monkey_patch.patch()  # before anything imports eventlet
 
 import fixtures  # noqa: E402
 from nova.tests import fixtures as nova_fixtures  # noqa: E402
-from nova.tests.functional import integrated_helpers  # noqa: E402
 from nova.tests.fixtures import neutron as neutron_fixture  # noqa: E402
+from nova.tests.functional import integrated_helpers  # noqa: E402
 
 #: the project nova's neutron stand-in owns its network, subnet, ports and security group in
 PROJECT_ID: str = nova_fixtures.PROJECT_ID
@@ -145,10 +145,8 @@ class NovaBox(integrated_helpers._IntegratedTestBase):
         self.flags(compute_driver="fake.MediumFakeDriver")
         self.flags(api_paste_config=str(Path(sys.prefix) / "etc" / "nova" / "api-paste.ini"), group="wsgi")
         if self.keystone_url is not None:
-            from keystoneauth1 import loading
-
             import keystonemiddleware.auth_token  # noqa: F401 - registers [keystone_authtoken]
-
+            from keystoneauth1 import loading
             from nova import conf as nova_conf
 
             conf = nova_conf.CONF

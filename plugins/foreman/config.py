@@ -5,13 +5,11 @@ uses the type."""
 
 from __future__ import annotations
 
-
 from pydantic import Field
 
 from governord.config import ReadableFile, SecretRef
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
-
 
 ParamValue = str | int | float | bool
 

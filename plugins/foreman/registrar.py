@@ -77,7 +77,7 @@ class _TimeoutSession(requests.Session):
         tries = self._tries if verb.upper() in SAFE_METHODS and not kwargs.get("stream") else 1
         for attempt in range(1, tries + 1):
             try:
-                return super().request(method, url, *args, **kwargs)
+                return super().request(verb, url, *args, **kwargs)
             except requests.exceptions.ChunkedEncodingError:
                 # the answer was cut after its headers: urllib3's Retry ends once headers arrived
                 # (requests reads the body later), so a safe request is repeated here

@@ -11,7 +11,6 @@ from pydantic import Field, field_validator
 from governord.config import ReadableFile, SecretRef
 from governord.providers import ProviderConfig, ProviderProfile
 
-
 _MICROVERSION = re.compile(r"^2\.(\d+)$|^latest$")
 
 

@@ -14,7 +14,6 @@ from governord.config import ReadableFile
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
-
 #: Puppet's arc for site-specific certificate extensions (ppPrivCertExt): the CA signs requests
 #: for extensions in it, and Puppet shows them as trusted facts.
 PRIVATE_ARC = "1.3.6.1.4.1.34380.1.2"

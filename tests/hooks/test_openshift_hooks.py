@@ -20,6 +20,8 @@ from typing import Any
 
 import pytest
 from aiohttp import web
+from pydantic import ValidationError
+
 from governord.pki import CertificateAuthority, IssuedPair
 from governord.webhooks import (
     APPLICATION_HEADER,
@@ -31,7 +33,6 @@ from governord.webhooks import (
     sign,
     verify,
 )
-from pydantic import ValidationError
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ROOT / "hooks" / "openshift"

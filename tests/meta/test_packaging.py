@@ -23,7 +23,8 @@ def test_wheel_contains_every_subpackage_and_entry_point(tmp_path: Path) -> None
             expected.append(f"{package}/{relative}/__init__.py".replace("/./", "/"))
     missing = [e for e in expected if e not in names]
     assert missing == []
-    assert "governord/migrations/versions/0001_initial.py" in names
+    assert "governord/store/migrations/versions/0001_initial.py" in names
+    assert "governord/store/migrations/script.py.mako" in names
     assert "governord/py.typed" in names
     [entry_points] = [n for n in names if n.endswith("entry_points.txt")]
     text = zipfile.ZipFile(wheel).read(entry_points).decode()

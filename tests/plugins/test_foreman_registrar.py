@@ -21,7 +21,7 @@ from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.foreman import governord_register_registrars
 from governord.plugins.foreman.registrar import ForemanRegistrar
 from governord.registrars import RegistrarRegistry
-from lab.faultproxy import (FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates)
+from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
 from lab.stack import Lab
 from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
 

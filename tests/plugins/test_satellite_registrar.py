@@ -34,7 +34,7 @@ from governord.plugins.satellite.registrar import (
     SatelliteTagMapping,
 )
 from governord.registrars import RegistrarRegistry
-from lab.faultproxy import (FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates)
+from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
 from lab.stack import Lab
 from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
 

@@ -13,7 +13,7 @@ import pytest
 
 from governord import testing
 from governord.config import build_config
-from governord.pluginmanager import PluginManager
+from governord.dispatch.pluginmanager import PluginManager
 from governord.runtime import Runtime
 
 BASE_CONFIG = """

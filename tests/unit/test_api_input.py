@@ -16,8 +16,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from governord.api import admin_api, app_api, schemas
+from governord.rules import RequestError
 from governord.runtime import Runtime
-from governord.service import RequestError
 
 DOCS = {"app": app_api.endpoints.openapi(), "admin": admin_api.endpoints.openapi()}
 

@@ -64,7 +64,7 @@ async def test_an_expired_token_is_refused(make_runtime) -> None:  # type: ignor
     """Registrars write expires_at as ISO 8601 UTC (the Puppet CA registrar does): past is refused."""
     from sqlalchemy import update
 
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     testing.MemoryRegistrar.preauthorise["cmdb"] = True
     testing.MemoryRegistrar.readiness["cmdb"] = {"demo-node-01.lab.example": False}

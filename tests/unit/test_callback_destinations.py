@@ -1,4 +1,4 @@
-"""Where callbacks may go (governord.outbound, governord.callbacks): https unless the
+"""Where callbacks may go (governord.outbound, governord.engine.callbacks): https unless the
 application's rules allow http; no redirect followed; loopback only where ``allow_networks``
 holds it; governord's own listener never; the address a host name resolves to checked at each
 delivery, and the address of every socket the notifier opens checked again. Real sockets: the
@@ -16,14 +16,15 @@ from typing import Any
 import aiohttp
 import pytest
 from aiohttp import web
+from sqlalchemy import select
+
 from governord import webhooks
 from governord.config import build_config
 from governord.errors import ConfigError
 from governord.outbound import AddressRefused, Guard, Policy
+from governord.rules import RequestError
 from governord.runtime import Runtime
-from governord.schema import callbacks
-from governord.service import RequestError
-from sqlalchemy import select
+from governord.store.schema import callbacks
 
 from .conftest import BASE_CONFIG
 

@@ -1,4 +1,4 @@
-"""Callbacks (governord.callbacks): one stored callback_url no client can send to is given up on
+"""Callbacks (governord.engine.callbacks): one stored callback_url no client can send to is given up on
 its own, with the reason kept, audited and logged; the other requests' callbacks are still
 delivered, signed."""
 
@@ -14,11 +14,11 @@ import pytest
 from aiohttp import web
 from sqlalchemy import select
 
-from governord import callbacks as callbacks_module
 from governord import webhooks
-from governord.callbacks import unsendable
+from governord.engine import callbacks as callbacks_module
+from governord.engine.callbacks import unsendable
 from governord.runtime import Runtime
-from governord.schema import callbacks
+from governord.store.schema import callbacks
 
 from .conftest import wait_states
 
@@ -77,7 +77,7 @@ async def test_a_callback_url_no_client_can_send_to_does_not_hold_up_the_others(
     good = receiver.url
     arrived = receiver.arrived
     runtime: Runtime = await make_runtime(WEBHOOK)
-    caplog.set_level(logging.WARNING, logger="governord.callbacks")
+    caplog.set_level(logging.WARNING, logger="governord.engine.callbacks")
     try:
         # the bad one first: the notifier's rounds meet it before the others
         bad = await runtime.governor.scale("demo", "node", add=1, actor="t", callback_url=url)
@@ -105,7 +105,7 @@ async def test_a_callback_url_no_client_can_send_to_does_not_hold_up_the_others(
         events = await runtime.store.list_events(kind_prefix="callback-")
         assert [(e["kind"], e["request_id"]) for e in events] == [("callback-given-up", ids[0])]
         assert events[0]["detail"]["url"] == url and events[0]["detail"]["error"] == given_up["last_error"]
-        logged = [r for r in caplog.records if r.name == "governord.callbacks"]
+        logged = [r for r in caplog.records if r.name == "governord.engine.callbacks"]
         assert [(r.getMessage(), getattr(r, "request", None)) for r in logged] == [("callback given up", ids[0])]
     finally:
         await runtime.stop()

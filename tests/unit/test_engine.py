@@ -174,7 +174,7 @@ async def test_interrupted_step_resumes_without_duplicates(make_runtime) -> None
     from sqlalchemy import update
 
     from governord.models import MachineSpec
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     first = await make_runtime()
     testing.MemoryProvider.faults.setdefault("mem", testing.Faults()).delay = 0.3

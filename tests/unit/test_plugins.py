@@ -14,8 +14,8 @@ import pytest
 
 from governord import hookimpl
 from governord.dispatch import Dispatcher
+from governord.dispatch.pluginmanager import PluginLoadError, PluginManager
 from governord.errors import PermanentError, RetryableError
-from governord.pluginmanager import PluginLoadError, PluginManager
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -110,7 +110,7 @@ def test_registering_every_plugin_imports_no_sdk(tmp_path: Path) -> None:
     proc = _fresh(f"""
         import json, sys
         from governord.config import load_config
-        from governord.pluginmanager import PluginManager
+        from governord.dispatch.pluginmanager import PluginManager
         sdks = {SDK_MODULES!r}
         imported = lambda: sorted({{m.split(".")[0] for m in sys.modules}} & set(sdks))
         plugins = PluginManager()

@@ -10,7 +10,7 @@ from sqlalchemy import select
 from governord import testing
 from governord.errors import PermanentError, RetryableError
 from governord.runtime import Runtime
-from governord.schema import address_leases
+from governord.store.schema import address_leases
 
 from .conftest import wait_states
 

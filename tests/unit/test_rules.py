@@ -11,8 +11,8 @@ import pytest
 
 from governord import testing
 from governord.config import WebhookRule
+from governord.rules import RequestError
 from governord.runtime import Runtime
-from governord.service import RequestError
 
 from .conftest import wait_states
 

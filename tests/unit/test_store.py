@@ -8,13 +8,13 @@ from pathlib import Path
 
 from alembic import command
 from alembic.autogenerate import compare_metadata
-from alembic.script import ScriptDirectory
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import create_engine
 
 from governord import store
-from governord.schema import metadata
+from governord.store.schema import metadata
 
 MIGRATIONS = Path(store.__file__).parent / "migrations"
 
@@ -60,7 +60,7 @@ def test_the_engines_queue_index_names_exactly_the_resting_states() -> None:
     """The partial index's WHERE is written out literally (SQLite needs the query to repeat it):
     it must exclude exactly the states the engine has no work for."""
     from governord.models import ACTIVE_STATES, HostState
-    from governord.schema import WORKING
+    from governord.store.schema import WORKING
 
     resting = {state.value for state in HostState} - {state.value for state in ACTIVE_STATES}
     listed = set(str(WORKING).split("NOT IN (")[1].rstrip(")").replace("'", "").replace(" ", "").split(","))
@@ -74,7 +74,7 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) 
     from sqlalchemy import insert, update
 
     from governord.engine import READY_UNLESS_RETAGGED
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     url = f"sqlite:///{tmp_path / 'g.db'}"
     store.migrate(url)
@@ -138,7 +138,7 @@ def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
 
     from sqlalchemy import delete, insert, update
 
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     rng = random.Random(7)
     migrated = create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
@@ -201,7 +201,7 @@ def test_live_means_not_gone_in_the_literal_sql() -> None:
 def test_free_names_are_the_lowest_numbers_no_live_host_carries(tmp_path: Path) -> None:
     from sqlalchemy import insert, update
 
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     url = f"sqlite:///{tmp_path / 'g.db'}"
     store.migrate(url)

@@ -12,11 +12,11 @@ from typing import Any
 from sqlalchemy import update
 
 from governord import hookimpl, testing
+from governord.engine.sweep import SweepReport
 from governord.errors import RetryableError
 from governord.models import Machine, PowerState
 from governord.runtime import Runtime
-from governord.schema import hosts
-from governord.sweep import SweepReport
+from governord.store.schema import hosts
 
 from .conftest import wait_states
 

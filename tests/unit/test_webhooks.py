@@ -9,6 +9,9 @@ import time
 from typing import Any
 
 import pytest
+from multidict import CIMultiDict, CIMultiDictProxy
+from pydantic import ValidationError
+
 from governord.config import WebhookRule, WebhookSection
 from governord.webhooks import (
     DELIVERY_HEADER,
@@ -20,8 +23,6 @@ from governord.webhooks import (
     signature_headers,
     verify,
 )
-from multidict import CIMultiDict, CIMultiDictProxy
-from pydantic import ValidationError
 
 SECRET = b"It's a Secret to Everybody"
 BODY = b'{"event":"deploy","openshift_version":"v2","app":"shop","namespace":"acme"}'

@@ -21,13 +21,13 @@ from typing import Any
 
 from cryptography import x509
 from cryptography.x509.oid import AttributeOID, NameOID
-from . import callbacks
-from .config import Config, Placement, WebhookRule
-from .engine import STATE_OF_STEP, Engine, address_range
-from .schema import hosts
-from .models import ACTIVE_STATES, HostOrigin, HostState
-from .outbound import Policy
-from .store import NameTaken, Row, Store, Transaction
+
+from ..config import Config, Placement, WebhookRule
+from ..engine import STATE_OF_STEP, Engine, address_range, callbacks
+from ..models import ACTIVE_STATES, HostOrigin, HostState
+from ..outbound import Policy
+from ..store import NameTaken, Row, Store, Transaction
+from ..store.schema import hosts
 
 log = logging.getLogger(__name__)
 

@@ -17,10 +17,10 @@ from typing import Any
 
 import pluggy
 
-from . import hookspecs
-from .dispatch import call_startup
-from .providers import ProviderRegistry
-from .registrars import RegistrarRegistry
+from .. import hookspecs
+from ..providers import ProviderRegistry
+from ..registrars import RegistrarRegistry
+from . import call_startup
 
 log = logging.getLogger(__name__)
 

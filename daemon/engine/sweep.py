@@ -39,47 +39,23 @@ import logging
 import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge
-from pydantic import Field
 
-from .dispatch import Dispatcher, Outcome, describe_error
-from .models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
-from .providers import StrictModel
-from .registrars import Registration
-from .store import Row, Store, host_view
+from ..dispatch import Dispatcher, Outcome, describe_error
+from ..models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
+from ..registrars import Registration
+from ..store import Row, Store, host_view
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .engine import Engine
+    from ..config import Config
+    from . import Engine
 
 log = logging.getLogger(__name__)
 
 #: Rows read per query when the sweep looks up the host ids it found in markers.
 _ID_CHUNK = 500
-
-
-class SweepPolicy(StrictModel):
-    """What a real sweep does about each kind of finding."""
-
-    #: marked machines without a live record: "report", or "clean" (destroy them, verified)
-    leaked: Literal["report", "clean"] = "report"
-    #: ready hosts whose machine is gone: "report", "fail" (failed at provision, so that
-    #: `governord-ctl retry` makes a new machine) or "retire" (deregister everywhere, then gone)
-    vanished: Literal["report", "fail", "retire"] = "report"
-    #: marked registrations of gone or unknown hosts: "report", or "clean" (remove them, verified)
-    orphaned: Literal["report", "clean"] = "report"
-
-
-class SweepSection(StrictModel):
-    """``[sweep]``: the periodic comparison of records with what exists."""
-
-    #: seconds between periodic sweeps; 0: only when asked (`governord-ctl sweep`)
-    interval: float = Field(default=3600.0, ge=0)
-    #: seconds a host must have rested in its state, and have existed, before the sweep judges it
-    grace: float = Field(default=900.0, ge=0)
-    policy: SweepPolicy = Field(default_factory=SweepPolicy)
 
 
 @dataclass
@@ -261,15 +237,15 @@ class Sweeper:
         for row in ready:
             if row["origin"] != HostOrigin.PROVISIONED.value or not row["provider"]:
                 continue
-            listing = machines.get(row["provider"])
-            if listing is None:
+            on_provider = machines.get(row["provider"])
+            if on_provider is None:
                 report.errors.append({"where": f"provider {row['provider']}",
                                       "error": f"host {row['name']} is on provider {row['provider']}, which is not "
                                                "configured: not checked"})
                 continue
-            if not listing.complete or not self._settled(row, listed_at, now):
+            if not on_provider.complete or not self._settled(row, listed_at, now):
                 continue
-            if any(m.host_id == row["id"] for m in listing.items):
+            if any(m.host_id == row["id"] for m in on_provider.items):
                 continue
             finding = Finding("vanished", row["provider"], row["id"], row["name"], row["machine_id"] or "-",
                               row["state"], f"provider {row['provider']} has no machine with {_marker(row['id'])}")
@@ -282,18 +258,19 @@ class Sweeper:
                 if found is not None:
                     orphans.append((found, entry))
 
+        findings = [f for f, _, _ in leaked] + [f for f, _ in vanished] + [f for f, _ in orphans]
         if dry_run:
-            for finding, *_ in [*leaked, *vanished, *orphans]:
+            for finding in findings:
                 finding.action = self._intent(finding.kind, policy.model_dump()[finding.kind])
         else:
             # machines first: a PuppetDB node stays deactivated only once its machine is gone
-            for finding, machine, row in leaked:
-                await self._clean_leaked(finding, machine, row, policy.leaked, actor, report)
+            for finding, machine, owner in leaked:
+                await self._clean_leaked(finding, machine, owner, policy.leaked, actor, report)
             await self._handle_vanished(vanished, policy.vanished, actor, report)
             for finding, entry in orphans:
                 await self._clean_orphan(finding, entry, policy.orphaned, actor, report)
 
-        report.findings = [f for f, *_ in [*leaked, *vanished, *orphans]]
+        report.findings = findings
         report.finished_at = time.time()
         if not dry_run and (report.findings or report.errors or actor != "governord"):
             await self._audit("sweep", actor, None, {

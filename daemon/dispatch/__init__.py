@@ -18,7 +18,7 @@ from typing import Any
 
 import pluggy
 
-from .errors import PermanentError, RetryableError, StepError
+from ..errors import PermanentError, RetryableError, StepError
 
 log = logging.getLogger(__name__)
 

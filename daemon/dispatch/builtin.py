@@ -12,14 +12,14 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from . import hookimpl
-from .errors import PermanentError
+from .. import hookimpl
+from ..errors import PermanentError
 
 if TYPE_CHECKING:
-    from .config import Config
-    from .models import HostView, Machine, MachineSpec
-    from .providers import Provider
-    from .registrars import Registrar, Registration
+    from ..config import Config
+    from ..models import HostView, Machine, MachineSpec
+    from ..providers import Provider
+    from ..registrars import Registrar, Registration
 
 
 class ProvisioningPlugin:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import ipaddress
 import json
 import logging
@@ -30,15 +31,15 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, case
 from sqlalchemy.engine import Connection
 
-from .dispatch import Dispatcher, as_step_error, is_retryable
-from .errors import PermanentError, StepError
-from .models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
-from .registrars import Phase
-from .schema import hosts
-from .store import Row, Store, host_view
+from ..dispatch import Dispatcher, as_step_error, is_retryable
+from ..errors import PermanentError, StepError
+from ..models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
+from ..registrars import Phase
+from ..store import Row, Store, host_view
+from ..store.schema import hosts
 
 if TYPE_CHECKING:
-    from .config import Config
+    from ..config import Config
 
 log = logging.getLogger(__name__)
 
@@ -176,7 +177,7 @@ class Engine:
                 for row in claimed:
                     task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
                     self._tasks[row["id"]] = task
-                    task.add_done_callback(lambda _t, host_id=row["id"]: self._finished(host_id))
+                    task.add_done_callback(functools.partial(self._finished, row["id"]))
                 if len(claimed) == free:
                     continue
             timeout = 1.0
@@ -186,7 +187,7 @@ class Engine:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
 
-    def _finished(self, host_id: str) -> None:
+    def _finished(self, host_id: str, _task: object = None) -> None:
         self._tasks.pop(host_id, None)
         self._wake.set()
 
@@ -201,8 +202,9 @@ class Engine:
 
     # -- one host ---------------------------------------------------------------------------
 
-    async def _work(self, row: Row) -> None:
+    async def _work(self, claimed: Row) -> None:
         """Run steps of one host until it rests (ready, gone, failed, or waiting to retry)."""
+        row: Row | None = claimed
         try:
             while row is not None and not self._stopping:
                 row = await self._advance(row)

@@ -34,13 +34,13 @@ import yarl
 from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
-from . import webhooks
-from .config import CallbackRules
-from .outbound import Guard, Policy
-from .schema import callbacks
+from .. import webhooks
+from ..config import CallbackRules
+from ..outbound import Guard, Policy
+from ..store.schema import callbacks
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
+    from ..runtime import Runtime
 
 log = logging.getLogger(__name__)
 

@@ -47,7 +47,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement
 
-from .models import HostOrigin, HostState, HostView
+from ..models import HostOrigin, HostState, HostView
 from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests
 
 Row = dict[str, Any]
