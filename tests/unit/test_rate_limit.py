@@ -189,3 +189,27 @@ def test_a_bucket_refills_at_its_rate_up_to_its_burst() -> None:
     assert bucket.take(0.0) == pytest.approx(0.5)
     assert bucket.take(0.5) == 0.0  # one token a half second
     assert bucket.take(100.0) == 0.0 and bucket.tokens == pytest.approx(2.0)  # never more than the burst
+
+
+def test_a_reload_takes_the_new_limits(limited: Runtime) -> None:
+    """The bucket keeps what it has left (no more than the new burst) and refills at the new
+    rate; an application the new config drops is not limited here any more (it is unknown)."""
+    import tomllib
+
+    from governord.config import build_config
+
+    from .conftest import BASE_CONFIG
+
+    limits = limited.rate_limits
+    assert [limits.take("demo", "scale", now=0.0) for _ in range(4)] == [None, None, None, 2]
+    text = _more_hosts(BASE_CONFIG.format(state_dir=limited.state_dir)) + LIMITED.replace(
+        "requests_per_second = 0.5\nburst = 3", "requests_per_second = 10.0\nburst = 5", 1)
+    raw = tomllib.loads(text.split("[applications.other]")[0])
+    # what Runtime.reload calls (Runtime.reload itself, this soon after the start, left the
+    # runtime's stop hanging: found here, outside the rate limit, reported)
+    limits.configure(build_config("test.toml", raw, limited.plugins.providers, limited.plugins.registrars,
+                                  unavailable={}))
+    assert limits.take("demo", "scale", now=0.0) == 1  # empty still: 0.1 s at the new rate
+    assert limits.take("demo", "scale", now=0.1) is None
+    assert [limits.take("demo", "scale", now=10.0) for _ in range(6)] == [None] * 5 + [1]  # the new burst
+    assert limits.take("other", "webhook", now=10.0) is None
