@@ -89,13 +89,20 @@ async def scale_up(daemon: Any, hosts: int, timeout: float) -> float:
 
 
 async def operator_reads(daemon: Any) -> tuple[int, int]:
-    """What an operator and Prometheus read: every host, and the metrics."""
-    listed = await admin(daemon, "GET", "/v1/hosts")
+    """What an operator and Prometheus read: every host (page by page, as governord-ctl does), and
+    the metrics."""
+    hosts: list[Any] = []
+    cursor = None
+    while True:
+        page = await admin(daemon, "GET", "/v1/hosts?limit=1000" + (f"&cursor={cursor}" if cursor else ""))
+        hosts += page["hosts"]
+        if not (cursor := page["next_cursor"]):
+            break
     connector = aiohttp.UnixConnector(path=str(daemon.socket))
     async with aiohttp.ClientSession(connector=connector) as session:
         async with session.get("http://governord/metrics") as resp:
             metrics = await resp.read()
-    return len(listed["hosts"]), len(metrics)
+    return len(hosts), len(metrics)
 
 
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:

@@ -1,7 +1,7 @@
 """Configuration: one TOML file, validated strictly before anything is written.
 
-The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[networks.*]``, ``[tags.*]``
-and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
+The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[retention]``, ``[networks.*]``,
+``[tags.*]`` and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
 is validated by the ``Config`` model of its ``type``, a role's ``profile`` by that provider type's
 ``Profile`` model, and a ``[tags.TAG.REGISTRAR]`` table by the registrar type's ``TagMapping``.
 
@@ -446,11 +446,27 @@ class SweepSection(StrictModel):
     policy: SweepPolicy = Field(default_factory=SweepPolicy)
 
 
+class RetentionSection(StrictModel):
+    """``[retention]``: how long what governord records is kept (see :mod:`governord.engine.retention`)."""
+
+    #: days a gone host's record is kept after its last change; 0: for ever
+    gone_hosts_days: float = Field(default=30.0, ge=0)
+    #: days a finished request (and its idempotency key and callback) is kept after its last change; 0: for ever
+    requests_days: float = Field(default=30.0, ge=0)
+    #: days an audit event is kept (a live host's are kept while it lives); 0: for ever
+    events_days: float = Field(default=365.0, ge=0)
+    #: seconds between pruning rounds (the first runs at start); 0: never prune
+    interval: float = Field(default=3600.0, ge=0)
+    #: rows looked at per transaction: the longest a round holds the store's writer at a time
+    batch: int = Field(default=500, ge=1, le=10000)
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
+    retention: RetentionSection = Field(default_factory=RetentionSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -508,6 +524,10 @@ class Config:
     @property
     def sweep(self) -> SweepSection:
         return self.core.sweep
+
+    @property
+    def retention(self) -> RetentionSection:
+        return self.core.retention
 
     @property
     def networks(self) -> dict[str, NetworkSection]:

@@ -18,6 +18,8 @@ from rich.table import Table
 
 DEFAULT_SOCKET = os.environ.get("GOVERNORD_SOCKET", "/run/governord/admin.sock")
 RESTING = {"ready", "gone", "failed"}
+#: rows asked for per page of a list: the admin API's largest page (governord.api.paging.MAX_LIMIT)
+PAGE_SIZE = 1000
 
 console = Console()
 err_console = Console(stderr=True)
@@ -67,6 +69,27 @@ class Client:
 
 def _client(ctx: click.Context) -> Client:
     return ctx.obj  # type: ignore[no-any-return]
+
+
+def _all_pages(client: Client, path: str, key: str, params: dict[str, str] | None = None,
+               limit: int | None = None) -> list[Any]:
+    """Every row of a paged list (or the first ``limit``), following ``next_cursor`` page by page."""
+    rows: list[Any] = []
+    cursor: str | None = None
+    while limit is None or len(rows) < limit:
+        size = PAGE_SIZE if limit is None else min(PAGE_SIZE, limit - len(rows))
+        page = client.ok("GET", path, params={**(params or {}), "limit": str(size),
+                                              **({"cursor": cursor} if cursor else {})})
+        rows += page[key]
+        cursor = page.get("next_cursor")
+        if not cursor:
+            break
+    return rows
+
+
+def _limit_option(func: Any) -> Any:
+    return click.option("--limit", type=click.IntRange(min=1), default=None,
+                        help="show at most this many (default: all, fetched a page at a time)")(func)
 
 
 def _print_json(data: Any) -> None:
@@ -182,7 +205,7 @@ def status(ctx: click.Context, as_json: bool) -> None:
 @click.pass_context
 def plugins(ctx: click.Context, as_json: bool) -> None:
     """Plugins, whether they loaded, and the hooks they implement."""
-    data = _client(ctx).ok("GET", "/v1/plugins")["plugins"]
+    data = _all_pages(_client(ctx), "/v1/plugins", "plugins")
     if as_json:
         return _print_json(data)
     table = Table(box=None, header_style="bold")
@@ -203,12 +226,14 @@ def hosts() -> None:
 @click.option("--app")
 @click.option("--state")
 @click.option("--all", "show_all", is_flag=True, help="include gone hosts")
+@_limit_option
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all: bool, as_json: bool) -> None:
-    """All hosts (table, or --json)."""
+def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all: bool, limit: int | None,
+               as_json: bool) -> None:
+    """All hosts, oldest first (table, or --json)."""
     params = {k: v for k, v in {"app": app, "state": state, "all": "true" if show_all else None}.items() if v}
-    data = _client(ctx).ok("GET", "/v1/hosts", params=params)["hosts"]
+    data = _all_pages(_client(ctx), "/v1/hosts", "hosts", params, limit)
     if as_json:
         return _print_json(data)
     console.print(_host_table(data))
@@ -222,7 +247,7 @@ def hosts_show(ctx: click.Context, host: str, as_json: bool) -> None:
     """One host, its registrations and its audit trail."""
     client = _client(ctx)
     data = client.ok("GET", f"/v1/hosts/{host}")
-    events = client.ok("GET", f"/v1/hosts/{host}/events")["events"]
+    events = _all_pages(client, f"/v1/hosts/{host}/events", "events")
     if as_json:
         return _print_json({**data, "events": events})
     for key in ("fqdn", "id", "app", "role", "origin", "state", "failed_step", "error", "provider", "machine_id"):
@@ -308,11 +333,12 @@ def requests() -> None:
 
 @requests.command("list")
 @click.option("--app")
+@_limit_option
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def requests_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
-    """Recent requests."""
-    data = _client(ctx).ok("GET", "/v1/requests", params={"app": app} if app else None)["requests"]
+def requests_list(ctx: click.Context, app: str | None, limit: int | None, as_json: bool) -> None:
+    """Requests, newest first."""
+    data = _all_pages(_client(ctx), "/v1/requests", "requests", {"app": app} if app else None, limit)
     if as_json:
         return _print_json(data)
     table = Table(box=None, header_style="bold")
@@ -395,13 +421,14 @@ def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | 
 
 @cli.command()
 @click.option("--kind", help="only events whose kind starts with this (e.g. request-, autosign-)")
-@click.option("--limit", type=click.IntRange(min=1), default=100, show_default=True)
+@click.option("--limit", type=click.IntRange(min=1), default=None,
+              help="only the newest this many (default: all, fetched a page at a time)")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def audit(ctx: click.Context, kind: str | None, limit: int, as_json: bool) -> None:
-    """The audit log: who asked for what, which rule decided, and why."""
-    params = {"limit": str(limit), **({"kind": kind} if kind else {})}
-    events = _client(ctx).ok("GET", "/v1/audit", params=params)["events"]
+def audit(ctx: click.Context, kind: str | None, limit: int | None, as_json: bool) -> None:
+    """The audit log, oldest first: who asked for what, which rule decided, and why."""
+    # the API pages newest first; shown in the order it happened
+    events = _all_pages(_client(ctx), "/v1/audit", "events", {"kind": kind} if kind else None, limit)[::-1]
     if as_json:
         return _print_json(events)
     table = Table(box=None, header_style="bold")
@@ -493,11 +520,12 @@ def apps_revoke(ctx: click.Context, app: str, serial: str | None, as_json: bool)
 
 
 @apps.command("list")
+@_limit_option
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_list(ctx: click.Context, as_json: bool) -> None:
+def apps_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
     """Configured applications, their hosts and certificates."""
-    data = _client(ctx).ok("GET", "/v1/apps")["applications"]
+    data = _all_pages(_client(ctx), "/v1/apps", "applications", limit=limit)
     if as_json:
         return _print_json(data)
     table = Table(box=None, header_style="bold")

@@ -1,6 +1,7 @@
-"""Prometheus metrics. Host counts are read from the store at scrape time, so they are right
-after a restart; transitions, hook failures and the application API's refusals are counted as
-they happen."""
+"""Prometheus metrics. Host counts by state are read at scrape time from the counts the database
+keeps by triggers (``state_counts``: a few rows, no scan of the hosts), so they are right after a
+restart and whoever changed the hosts; transitions, hook failures and the application API's
+refusals are counted as they happen."""
 
 from __future__ import annotations
 

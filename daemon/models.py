@@ -32,7 +32,7 @@ class HostState(str, enum.Enum):
     DEPROVISIONING = "deprovisioning"
     #: the machine is gone; records it could have brought back (PuppetDB) are removed
     CLEANING = "cleaning"
-    #: everything is undone; the record stays for the audit trail
+    #: everything is undone; the record stays for the audit trail ([retention] gone_hosts_days)
     GONE = "gone"
     #: a step failed for good; ``failed_step`` names it and ``governord-ctl retry`` resumes it
     FAILED = "failed"

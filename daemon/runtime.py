@@ -13,6 +13,7 @@ from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
 from .dispatch.pluginmanager import PluginManager
 from .engine import Engine
 from .engine.callbacks import Notifier
+from .engine.retention import Pruner
 from .engine.sweep import Sweeper
 from .metrics import Metrics
 from .pki import CertificateAuthority
@@ -26,7 +27,8 @@ log = logging.getLogger(__name__)
 
 
 class Runtime:
-    """Config, plugins, store, provider and registrar instances, engine, the Governor and the sweep."""
+    """Config, plugins, store, provider and registrar instances, engine, the Governor, the sweep and the
+    retention."""
 
     def __init__(self, config: Config, plugins: PluginManager, store: Store) -> None:
         self.config = config
@@ -50,6 +52,7 @@ class Runtime:
         self._retiring: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(self)
         self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry)
+        self.pruner = Pruner(store, self.governor, config)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 
@@ -96,6 +99,7 @@ class Runtime:
         await self.engine.start()
         await self.notifier.start()
         self.sweeper.start()
+        self.pruner.start()
 
     async def reload(self, config: Config) -> None:
         """Take a new, already validated config. Instances are rebuilt; work in flight keeps
@@ -107,6 +111,7 @@ class Runtime:
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
         self.rate_limits.configure(config)
+        self.pruner.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
         # Closing an instance ends its sessions (a vCenter logout), which would fail a clone
@@ -131,6 +136,7 @@ class Runtime:
                 log.exception("closing %s failed", instance.name)
 
     async def stop(self) -> None:
+        await self.pruner.stop()
         await self.sweeper.stop()
         await self.notifier.stop()
         await self.engine.stop(self.config.daemon.shutdown_grace)

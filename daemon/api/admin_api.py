@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -11,7 +10,7 @@ from aiohttp import web
 
 from .. import __version__
 from ..rules import RequestError, host_summary
-from . import schemas
+from . import paging, schemas
 from .app_api import request_reply
 from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, reply
 
@@ -40,22 +39,29 @@ async def status(request: web.Request) -> web.Response:
                                   "version": __version__})
 
 
-@endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement",
-               responses={200: schemas.PluginList})
+@endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement, by name, a page at a time",
+               responses={200: schemas.PluginList, 422: schemas.Error}, query=paging.query("plugins"))
 async def plugins(request: web.Request) -> web.Response:
-    return reply(schemas.PluginList, {"plugins": _runtime(request).plugins.describe()})
+    page = paging.requested(request, paging.PLUGINS)
+    described = [p for p in _runtime(request).plugins.describe() if page.after is None or p["name"] > page.after[0]]
+    shown = described[:page.limit]
+    more = len(described) > page.limit
+    return reply(schemas.PluginList, {"plugins": shown, "next_cursor": paging.encode(
+        paging.PLUGINS, [shown[-1]["name"]]) if more else None})
 
 
-@endpoints.add("GET", "/v1/hosts", "All hosts", responses={200: schemas.HostList},
-               query={"app": "only this application's", "state": "only in this state",
-                      "all": "include gone hosts (true/false)"})
+@endpoints.add("GET", "/v1/hosts", "Hosts, oldest first, a page at a time (gone ones only if asked)",
+               responses={200: schemas.HostList, 422: schemas.Error},
+               query={"app": "only this application's", "state": paging.state_query("only in this state"),
+                      "all": "include gone hosts (true/false)", **paging.query("hosts")})
 async def list_hosts(request: web.Request) -> web.Response:
-    runtime = _runtime(request)
-    state = request.query.get("state")
-    rows = await runtime.store.list_hosts(app=request.query.get("app"), states=[state] if state else None)
-    if not state and request.query.get("all") != "true":
-        rows = [r for r in rows if r["state"] != "gone"]
-    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows]})
+    page = paging.requested(request, paging.HOSTS)
+    state = paging.host_state(request)
+    rows = await _runtime(request).store.page_hosts(
+        limit=page.limit, after=page.after, app=request.query.get("app"), state=state,
+        live=state is None and request.query.get("all") != "true")
+    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows.rows],
+                                    "next_cursor": paging.next_cursor(paging.HOSTS, rows)})
 
 
 @endpoints.add("GET", "/v1/hosts/{host}", "One host (by name, FQDN or id)",
@@ -64,12 +70,16 @@ async def show_host(request: web.Request) -> web.Response:
     return reply(schemas.Host, host_summary(await _runtime(request).governor.host(request.match_info["host"])))
 
 
-@endpoints.add("GET", "/v1/hosts/{host}/events", "A host's audit trail",
-               responses={200: schemas.EventList, 404: schemas.Error})
+@endpoints.add("GET", "/v1/hosts/{host}/events", "A host's audit trail, oldest first, a page at a time",
+               responses={200: schemas.EventList, 404: schemas.Error, 422: schemas.Error},
+               query=paging.query("events"))
 async def host_events(request: web.Request) -> web.Response:
     runtime = _runtime(request)
+    page = paging.requested(request, paging.TRAIL)
     row = await runtime.governor.host(request.match_info["host"])
-    return reply(schemas.EventList, {"events": await runtime.store.list_events(host_id=row["id"])})
+    events = await runtime.store.page_events(limit=page.limit, after=page.after, host_id=row["id"],
+                                             newest_first=False)
+    return reply(schemas.EventList, {"events": events.rows, "next_cursor": paging.next_cursor(paging.TRAIL, events)})
 
 
 @endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted)",
@@ -174,19 +184,24 @@ async def revoke_certificate(request: web.Request) -> web.Response:
 
 async def _describe_app(runtime: Runtime, name: str) -> dict[str, Any]:
     section = _application(runtime, name)
-    live = [h for h in await runtime.store.list_hosts(app=name) if h["state"] != "gone"]
     return {"name": name, "description": section.description, "common_name": section.certificate_cn or name,
             "max_hosts": section.max_hosts, "min_hosts": section.min_hosts, "approval": section.approval,
-            "roles": sorted(section.roles), "hosts": len(live),
+            "roles": sorted(section.roles), "hosts": await runtime.store.live_count(name),
             "certificates": await runtime.certificates.list(name)}
 
 
-@endpoints.add("GET", "/v1/apps", "Configured applications, their hosts and certificates",
-               responses={200: schemas.ApplicationList})
+@endpoints.add("GET", "/v1/apps", "Configured applications, their hosts and certificates, by name, a page at a time",
+               responses={200: schemas.ApplicationList, 422: schemas.Error},
+               query=paging.query("applications"))
 async def list_apps(request: web.Request) -> web.Response:
     runtime = _runtime(request)
-    apps = [await _describe_app(runtime, name) for name in sorted(runtime.config.applications)]
-    return reply(schemas.ApplicationList, {"applications": apps})
+    page = paging.requested(request, paging.APPS)
+    names = sorted(n for n in runtime.config.applications if page.after is None or n > page.after[0])
+    shown = names[:page.limit]
+    apps = [await _describe_app(runtime, name) for name in shown]
+    more = len(names) > page.limit
+    return reply(schemas.ApplicationList, {"applications": apps, "next_cursor": paging.encode(
+        paging.APPS, [shown[-1]]) if more else None})
 
 
 @endpoints.add("GET", "/v1/apps/{app}", "One application", responses={200: schemas.Application, 404: schemas.Error})
@@ -223,28 +238,26 @@ async def deny_request(request: web.Request) -> web.Response:
     return await _decide(request, False)
 
 
-@endpoints.add("GET", "/v1/audit", "The audit log: every decision and step, who and why",
-               responses={200: schemas.EventList, 422: schemas.Error},
-               query={"kind": "only events whose kind starts with this",
-                      "limit": ("at most this many (newest; default 200, taken as 1 to 10000)", {"type": "integer"})})
+@endpoints.add("GET", "/v1/audit", "The audit log, newest first, a page at a time: every decision and step, "
+               "who and why", responses={200: schemas.EventList, 422: schemas.Error},
+               query={"kind": "only events whose kind starts with this", **paging.query("events")})
 async def audit(request: web.Request) -> web.Response:
-    text = request.query.get("limit", "200")
-    # int() alone would also take "1_000", " 5" and non-ASCII digits, and refuse 5000 digits
-    if not re.fullmatch(r"-?[0-9]+", text):
-        raise RequestError(422, "limit: not an integer", field="limit")
-    limit = int(text) if len(text) <= 9 else (-1 if text.startswith("-") else 10**9)
-    events = await _runtime(request).store.list_events(limit=max(1, min(limit, 10000)),
-                                                      kind_prefix=request.query.get("kind"))
-    return reply(schemas.EventList, {"events": events})
+    page = paging.requested(request, paging.AUDIT)
+    events = await _runtime(request).store.page_events(limit=page.limit, after=page.after,
+                                                       kind_prefix=request.query.get("kind"))
+    return reply(schemas.EventList, {"events": events.rows, "next_cursor": paging.next_cursor(paging.AUDIT, events)})
 
 
-@endpoints.add("GET", "/v1/requests", "Recent requests", responses={200: schemas.RequestList},
-               query={"app": "only this application's"})
+@endpoints.add("GET", "/v1/requests", "Requests, newest first, a page at a time",
+               responses={200: schemas.RequestList, 422: schemas.Error},
+               query={"app": "only this application's", **paging.query("requests")})
 async def list_requests(request: web.Request) -> web.Response:
     runtime = _runtime(request)
+    page = paging.requested(request, paging.REQUESTS)
     await runtime.governor.expire_pending()
-    rows = await runtime.store.list_requests(app=request.query.get("app"))
-    return reply(schemas.RequestList, {"requests": [await runtime.governor.request_status(r) for r in rows]})
+    rows = await runtime.store.page_requests(limit=page.limit, after=page.after, app=request.query.get("app"))
+    return reply(schemas.RequestList, {"requests": [await runtime.governor.request_status(r) for r in rows.rows],
+                                       "next_cursor": paging.next_cursor(paging.REQUESTS, rows)})
 
 
 @endpoints.add("GET", "/v1/requests/{request_id}", "One request", responses={200: schemas.Request,

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 
 from .. import webhooks
 from ..rules import Decision, RequestError, host_summary
-from . import schemas
+from . import paging, schemas
 from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body, reply
 from .tls import ApplicationTLS
 
@@ -182,13 +182,18 @@ async def get_request(request: web.Request) -> web.Response:
     return reply(schemas.Request, await runtime.governor.request_status(row))
 
 
-@endpoints.add("GET", "/v1/hosts", "The application's hosts", responses={200: schemas.HostList},
-               query={"state": "only hosts in this state"})
+@endpoints.add("GET", "/v1/hosts", "The application's hosts that are not gone (or those in one state), oldest "
+               "first, a page at a time", responses={200: schemas.HostList, 422: schemas.Error},
+               query={"state": paging.state_query("only hosts in this state (default: every state but gone)"),
+                      **paging.query("hosts")})
 async def list_hosts(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
-    state = request.query.get("state")
-    rows = await runtime.store.list_hosts(app=application_of(request), states=[state] if state else None)
-    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows]})
+    page = paging.requested(request, paging.HOSTS)
+    state = paging.host_state(request)
+    rows = await runtime.store.page_hosts(limit=page.limit, after=page.after, app=application_of(request),
+                                          state=state, live=state is None)
+    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows.rows],
+                                    "next_cursor": paging.next_cursor(paging.HOSTS, rows)})
 
 
 #: verifies deliveries for applications that take none, so they are refused exactly like a bad

@@ -28,6 +28,11 @@ def _exactly_one(types: dict[str, str]) -> dict[str, Any]:
     return {"oneOf": [{"required": [name], "properties": {name: {"type": kind}}} for name, kind in types.items()]}
 
 
+def _next_cursor() -> Any:
+    """A paged list's ``next_cursor`` (see governord.api.paging): always sent, null on the last page."""
+    return Field(description="where the next page starts (pass it as cursor); null on the last page")
+
+
 class Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -112,6 +117,7 @@ class Host(BaseModel):
 
 class HostList(BaseModel):
     hosts: list[Host]
+    next_cursor: str | None = _next_cursor()
 
 
 class Request(BaseModel):
@@ -130,6 +136,7 @@ class Request(BaseModel):
 
 class RequestList(BaseModel):
     requests: list[Request]
+    next_cursor: str | None = _next_cursor()
 
 
 class Event(BaseModel):
@@ -144,6 +151,7 @@ class Event(BaseModel):
 
 class EventList(BaseModel):
     events: list[Event]
+    next_cursor: str | None = _next_cursor()
 
 
 class Error(BaseModel):
@@ -178,6 +186,7 @@ class Plugin(BaseModel):
 
 class PluginList(BaseModel):
     plugins: list[Plugin]
+    next_cursor: str | None = _next_cursor()
 
 
 class Certificate(BaseModel):
@@ -213,6 +222,7 @@ class Application(BaseModel):
 
 class ApplicationList(BaseModel):
     applications: list[Application]
+    next_cursor: str | None = _next_cursor()
 
 
 class RevokeRequest(Body):

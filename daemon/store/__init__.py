@@ -35,6 +35,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -45,10 +46,10 @@ from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.sql import Select
-from sqlalchemy.sql.elements import ClauseElement
+from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from ..models import HostOrigin, HostState, HostView
-from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests
+from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests, state_counts
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -353,6 +354,28 @@ def direct(conn: Connection, statement: Any, column_keys: Iterable[str] | None =
     return prepared
 
 
+@dataclass
+class Page:
+    """One page of a list: its rows, and the sort key of the last one if more may follow
+    (None on the last page)."""
+
+    rows: list[Row]
+    next: tuple[Any, ...] | None
+
+
+def beyond(key: Sequence[ColumnElement[Any]], after: Sequence[Any], descending: bool) -> ColumnElement[bool]:
+    """Rows strictly past ``after`` in the order of ``key`` (one or two columns): the row
+    comparison ``(a, b) > (x, y)`` written as ``a >= x AND (a > x OR b > y)``, whose first term
+    an index on (a, b) serves as a range in SQLite and PostgreSQL alike."""
+    first, value = key[0], after[0]
+    if len(key) == 1:
+        return first < value if descending else first > value
+    second, tie = key[1], after[1]
+    if descending:
+        return and_(first <= value, or_(first < value, second < tie))
+    return and_(first >= value, or_(first > value, second > tie))
+
+
 _fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatement] = {}
 
 
@@ -454,9 +477,61 @@ class Store:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
 
     async def count_by_state(self) -> dict[str, int]:
+        """Hosts per state (states with none left out), from the counts the triggers keep: a few
+        rows, however many hosts there are (every ``/metrics`` scrape asks)."""
         async with self.engine.connect() as conn:
-            rows = await conn.execute(select(hosts.c.state, func.count()).group_by(hosts.c.state))
+            rows = await conn.execute(_STATE_COUNTS)
             return {state: n for state, n in rows}
+
+    async def live_count(self, app: str) -> int:
+        """The application's live hosts (from the counts the triggers keep)."""
+        async with self.engine.connect() as conn:
+            return int((await conn.execute(_APP_LIVE_COUNT, {"app": app})).scalar_one())
+
+    async def page_hosts(self, *, limit: int, after: Sequence[Any] | None = None, app: str | None = None,
+                         state: str | None = None, live: bool = False) -> Page:
+        """Hosts in the order they were made (``created_at``, then ``id``), ``limit`` at most,
+        starting after the host whose (created_at, id) is ``after``; ``live``: not gone."""
+        query = select(hosts)
+        if app is not None:
+            query = query.where(hosts.c.app == app)
+        if state is not None:
+            query = query.where(hosts.c.state == state)
+        if live:
+            query = query.where(_LIVE)
+        return await self._page(query, (hosts.c.created_at, hosts.c.id), after, limit, descending=False)
+
+    async def page_requests(self, *, limit: int, after: Sequence[Any] | None = None,
+                            app: str | None = None) -> Page:
+        """Requests newest first (``created_at``, then ``id``, descending), ``limit`` at most,
+        starting after the request whose (created_at, id) is ``after``."""
+        query = select(requests)
+        if app is not None:
+            query = query.where(requests.c.app == app)
+        return await self._page(query, (requests.c.created_at, requests.c.id), after, limit, descending=True)
+
+    async def page_events(self, *, limit: int, after: Sequence[Any] | None = None, host_id: str | None = None,
+                          kind_prefix: str | None = None, newest_first: bool = True) -> Page:
+        """Audit events by ``id`` (newest first, or oldest first), ``limit`` at most, starting
+        after the event whose id is ``after``."""
+        query = select(events)
+        if host_id is not None:
+            query = query.where(events.c.host_id == host_id)
+        if kind_prefix:
+            query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
+        return await self._page(query, (events.c.id,), after, limit, descending=newest_first)
+
+    async def _page(self, query: Select[Any], key: Sequence[ColumnElement[Any]], after: Sequence[Any] | None,
+                    limit: int, *, descending: bool) -> Page:
+        if after is not None:
+            query = query.where(beyond(key, after, descending))
+        order = [column.desc() if descending else column.asc() for column in key]
+        async with self.engine.connect() as conn:
+            rows = [dict(r) for r in (await conn.execute(query.order_by(*order).limit(limit + 1))).mappings()]
+        if len(rows) <= limit:
+            return Page(rows, None)
+        rows = rows[:limit]
+        return Page(rows, tuple(rows[-1][column.name] for column in key))
 
     # -- hosts: the engine's leased work --------------------------------------------------
 
@@ -633,6 +708,8 @@ _FIND_REQUEST = select(requests).where(requests.c.app == bindparam("app"),
 _FIND_OPERATOR_REQUEST = select(requests).where(requests.c.app.is_(None),
                                                 requests.c.idempotency_key == bindparam("key"))
 _REQUEST_BY_ID = select(requests).where(requests.c.id == bindparam("id"))
+_STATE_COUNTS = select(state_counts.c.state, state_counts.c.hosts).where(state_counts.c.hosts != 0)
+_APP_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where(live_counts.c.app == bindparam("app"))
 _INSERT_REQUEST = insert(requests)
 _LIVE_COUNTS = select(live_counts.c.provider, live_counts.c.hosts).where(live_counts.c.app == bindparam("app"))
 _RECENT_SCALE_UPS = (

@@ -78,6 +78,10 @@ WORKING = text("state NOT IN ('ready', 'failed', 'gone')")
 # The engine's claim walks this in order and stops at its limit, however many hosts rest.
 Index("ix_hosts_due", hosts.c.next_attempt_at, hosts.c.updated_at, sqlite_where=WORKING, postgresql_where=WORKING)
 Index("ix_hosts_app", hosts.c.app, hosts.c.role)
+#: The host lists' order (keyset paging, see governord.api.paging), overall and per application;
+#: the retention's walk over old hosts uses the first too.
+Index("ix_hosts_created", hosts.c.created_at, hosts.c.id)
+Index("ix_hosts_app_created", hosts.c.app, hosts.c.created_at, hosts.c.id)
 #: The live sequence numbers of each role, in order: the next free name is found without
 #: reading the role's other hosts.
 Index("ix_hosts_live_seq", hosts.c.app, hosts.c.role, hosts.c.seq,
@@ -119,6 +123,33 @@ LIVE_COUNT_TRIGGERS = (
 for _trigger in LIVE_COUNT_TRIGGERS:
     event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
+#: How many hosts are in each state, kept by triggers on ``hosts`` (STATE_COUNT_TRIGGERS) in the
+#: same transaction as the change: ``/metrics`` and ``/v1/status`` read these few rows instead of
+#: counting every host per scrape. Kept by the database, not in the daemon's memory, so it stays
+#: right whoever writes (several instances on one database, a restore, a hand-made fix).
+state_counts = Table(
+    "state_counts",
+    metadata,
+    Column("state", String(32), primary_key=True),
+    Column("hosts", Integer, nullable=False),
+)
+
+
+def _state_count(row: str, delta: int) -> str:
+    return (f"INSERT INTO state_counts (state, hosts) VALUES ({row}.state, {delta}) "
+            "ON CONFLICT (state) DO UPDATE SET hosts = hosts + excluded.hosts;")
+
+
+#: SQLite's triggers keeping ``state_counts`` (the migration that made the table creates them too).
+STATE_COUNT_TRIGGERS = (
+    f"CREATE TRIGGER hosts_state_count_insert AFTER INSERT ON hosts BEGIN {_state_count('NEW', 1)} END",
+    f"CREATE TRIGGER hosts_state_count_delete AFTER DELETE ON hosts BEGIN {_state_count('OLD', -1)} END",
+    ("CREATE TRIGGER hosts_state_count_update AFTER UPDATE OF state ON hosts WHEN OLD.state != NEW.state "
+     f"BEGIN {_state_count('OLD', -1)} {_state_count('NEW', 1)} END"),
+)
+for _trigger in STATE_COUNT_TRIGGERS:
+    event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
+
 #: Every request an application or an operator made, with its idempotency key and outcome.
 requests = Table(
     "requests",
@@ -138,6 +169,10 @@ requests = Table(
 )
 #: An application's newest requests first (the cooldown looks at its latest scale-up).
 Index("ix_requests_app_updated", requests.c.app, requests.c.updated_at)
+#: The request lists' order (newest first, keyset paging), overall and per application; the
+#: retention walks the first from the oldest.
+Index("ix_requests_created", requests.c.created_at, requests.c.id)
+Index("ix_requests_app_created", requests.c.app, requests.c.created_at, requests.c.id)
 
 #: Append-only audit trail: transitions, step starts and failures, decisions.
 events = Table(

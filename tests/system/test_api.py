@@ -96,7 +96,18 @@ async def test_application_api_over_mtls(lab: Lab, governord: Governord, tmp_pat
         assert {h["state"] for h in done["hosts"]} == {"ready"}
         code, listed = await app.call("GET", "/v1/hosts")
         assert code == 200 and sorted(h["name"] for h in listed["hosts"]) == ["demo-node-01", "demo-node-02"]
+        assert listed["next_cursor"] is None
         assert sorted(lab.vsphere_vms()) == ["demo-node-01", "demo-node-02"]
+        # a page at a time: the cursor leads on, null on the last page; the maximum is enforced
+        code, page = await app.call("GET", "/v1/hosts", params={"limit": "1"})
+        assert code == 200 and len(page["hosts"]) == 1 and page["next_cursor"]
+        code, last = await app.call("GET", "/v1/hosts", params={"limit": "1", "cursor": page["next_cursor"]})
+        assert code == 200 and last["next_cursor"] is None
+        assert [h["name"] for h in page["hosts"] + last["hosts"]] == [h["name"] for h in listed["hosts"]]
+        for params, field in (({"limit": "1001"}, "limit"), ({"limit": "0"}, "limit"),
+                              ({"cursor": "garbage"}, "cursor"), ({"state": "sleeping"}, "state")):
+            code, error = await app.call("GET", "/v1/hosts", params=params)
+            assert code == 422 and error["field"] == field, (params, error)
 
         # a declined request says why
         code, declined = await app.call("POST", "/v1/scale", json={"role": "node", "add": 20})
@@ -133,6 +144,11 @@ async def test_application_api_over_mtls(lab: Lab, governord: Governord, tmp_pat
         assert "demo-node-01.lab.example" not in lab.foreman_hosts()
         code, error = await app.call("POST", "/v1/release", json={"hosts": ["someone-else"]})
         assert code == 404 and error["field"] == "hosts"
+        # a gone host is listed only when asked for
+        code, listed = await app.call("GET", "/v1/hosts")
+        assert [h["name"] for h in listed["hosts"]] == ["demo-node-02"]
+        code, listed = await app.call("GET", "/v1/hosts", params={"state": "gone"})
+        assert [h["name"] for h in listed["hosts"]] == ["demo-node-01"]
 
         code, doc = await app.call("GET", "/openapi.json")
         assert code == 200
@@ -192,6 +208,8 @@ async def test_admin_api_answers_as_its_openapi_document_says(lab: Lab, governor
             ("POST", "/v1/apps/demo/certificate", None),
             ("POST", "/v1/sweep", {"dry_run": True}), ("POST", "/v1/sweep", {"dry_run": "maybe"}),
             ("GET", "/metrics", None), ("GET", "/healthz", None),
+            ("GET", "/v1/audit?limit=2", None), ("GET", "/v1/apps", None), ("GET", "/v1/hosts?limit=1001", None),
+            ("GET", "/v1/requests?cursor=x", None),
         ]
         for method, path, body in calls:
             await admin.call(method, path, json=body) if body is not None else await admin.call(method, path)
@@ -203,6 +221,7 @@ async def test_admin_api_answers_as_its_openapi_document_says(lab: Lab, governor
     assert statuses[("GET", "/v1/hosts/nope")] == 404
     assert statuses[("POST", "/v1/hosts/demo-node-01/retry")] == 409
     assert statuses[("POST", "/v1/apps/nope/scale")] == 404
+    assert statuses[("GET", "/v1/hosts?limit=1001")] == 422 and statuses[("GET", "/v1/requests?cursor=x")] == 422
     sweeps = [(status, body) for m, p, status, body in SEEN if p == "/v1/sweep"]
     assert sweeps[0][0] == 200 and sweeps[0][1]["dry_run"] is True and sweeps[0][1]["findings"] == []
     assert sweeps[1][0] == 422 and sweeps[1][1]["field"] == "dry_run"

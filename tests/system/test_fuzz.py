@@ -166,8 +166,9 @@ def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None
 
 #: fields a schema-valid request may still be refused on (422), because what is valid there is
 #: the state or the configuration, not the document: a used idempotency key or delivery id, a
-#: host name or address to adopt, a callback URL the application's callback rules refuse
-STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "callback_url"}
+#: host name or address to adopt, a list's cursor (only one the server gave is one), a callback
+#: URL the application's callback rules refuse
+STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor", "callback_url"}
 #: where steered callback URLs go: loopback, a port nothing listens on (the discard service)
 CALLBACK_PLACE = "127.0.0.1:9"
 

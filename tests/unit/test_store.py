@@ -165,11 +165,85 @@ def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
                 assert _counted(conn) == _actual(conn), (change, value)
         engine.dispose()
     with migrated.connect() as a, declared.connect() as b:
-        triggers = "SELECT name, sql FROM sqlite_master WHERE type = 'trigger' ORDER BY name"
+        triggers = ("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'hosts_live_count%' "
+                    "ORDER BY name")
         assert a.exec_driver_sql(triggers).fetchall() == b.exec_driver_sql(triggers).fetchall()
         assert len(a.exec_driver_sql(triggers).fetchall()) == 3
     migrated.dispose()
     declared.dispose()
+
+
+def _counted_states(conn: object) -> dict[str, int]:
+    rows = conn.exec_driver_sql("SELECT state, hosts FROM state_counts WHERE hosts != 0")  # type: ignore[attr-defined]
+    return dict(rows.fetchall())
+
+
+def _actual_states(conn: object) -> dict[str, int]:
+    rows = conn.exec_driver_sql("SELECT state, count(*) FROM hosts GROUP BY state")  # type: ignore[attr-defined]
+    return dict(rows.fetchall())
+
+
+def test_state_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
+    """The triggers keep state_counts (what /metrics and /v1/status serve) equal to counting the
+    hosts by state, through inserts, many random transitions, other updates and deletes, in a
+    database built by the migrations and in one built from schema.py alone."""
+    import random
+
+    from sqlalchemy import delete, insert, update
+
+    from governord.models import HostState
+    from governord.store.schema import hosts
+
+    states = [s.value for s in HostState]
+    rng = random.Random(11)
+    migrated = create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
+    store.migrate(str(migrated.url))
+    declared = create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    metadata.create_all(declared)
+    for engine in (migrated, declared):
+        with engine.begin() as conn:
+            conn.execute(insert(hosts), [_host(i, state=rng.choice(states)) for i in range(80)])
+            assert _counted_states(conn) == _actual_states(conn)
+            for step in range(600):
+                i = rng.randrange(80)
+                change = rng.choice(["state", "state", "state", "many", "other", "delete"])
+                if change == "delete":
+                    conn.execute(delete(hosts).where(hosts.c.id == f"h{i}"))
+                    conn.execute(insert(hosts), [_host(i, state=rng.choice(states))])
+                elif change == "many":  # one statement moving several hosts, some already there
+                    conn.execute(update(hosts).where(hosts.c.id.in_([f"h{j}" for j in rng.sample(range(80), 5)]))
+                                 .values(state=rng.choice(states)))
+                elif change == "other":
+                    conn.execute(update(hosts).where(hosts.c.id == f"h{i}").values(error=f"e{step}"))
+                else:
+                    conn.execute(update(hosts).where(hosts.c.id == f"h{i}").values(state=rng.choice(states)))
+                assert _counted_states(conn) == _actual_states(conn), (step, change)
+        engine.dispose()
+    with migrated.connect() as a, declared.connect() as b:
+        triggers = ("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'hosts_state_count%' "
+                    "ORDER BY name")
+        assert a.exec_driver_sql(triggers).fetchall() == b.exec_driver_sql(triggers).fetchall()
+        assert len(a.exec_driver_sql(triggers).fetchall()) == 3
+    migrated.dispose()
+    declared.dispose()
+
+
+def test_the_upgrade_counts_the_states_of_the_hosts_already_there(tmp_path: Path) -> None:
+    path = tmp_path / "g.db"
+    engine = create_engine(f"sqlite:///{path}")
+    with engine.begin() as conn:
+        command.upgrade(_alembic(conn), "0007")
+    engine.dispose()
+    with sqlite3.connect(path) as db:
+        for i, state in enumerate(["ready", "ready", "gone", "failed", "requested", "gone", "gone"]):
+            db.execute(
+                "INSERT INTO hosts (id, name, fqdn, app, origin, state, tags, addresses, classification, "
+                f"registrations, profile, created_at, updated_at) VALUES ('h{i}', 'n{i}', 'x', 'shop', 'provisioned', "
+                "?, '[]', '[]', '{}', '{}', '{}', 1.0, 1.0)", (state,))
+    store.migrate(f"sqlite:///{path}")
+    with sqlite3.connect(path) as db:
+        assert dict(db.execute("SELECT state, hosts FROM state_counts").fetchall()) == {
+            "ready": 2, "gone": 3, "failed": 1, "requested": 1}
 
 
 def test_the_upgrade_counts_the_hosts_already_there(tmp_path: Path) -> None:
