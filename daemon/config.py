@@ -39,6 +39,7 @@ from pydantic_core import core_schema
 
 from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, FieldError
+from .outbound import never_reason
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
@@ -402,6 +403,43 @@ class WebhookSection(StrictModel):
         return next((r for r in self.rules if r.event == event and r.component in (None, component)), None)
 
 
+def _can_take_effect(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    """An ``allow_networks`` entry that holds some address callbacks may be allowed to reach: a
+    network whose ends are never reached for the same reason lies inside one such range
+    (169.254/16, 224/4, a metadata address ...), and no entry overrides those."""
+    first, last = never_reason(network.network_address), never_reason(network.broadcast_address)
+    if first is not None and first == last:
+        raise ValueError(f"{network} holds only addresses callbacks never go to ({first}): "
+                         "no allow_networks entry overrides that")
+    return network
+
+
+class CallbackRules(StrictModel):
+    """Where the application's callbacks (a scale request's ``callback_url``) may go; see
+    :mod:`governord.outbound` for the whole policy. Checked when a request names the URL (422)
+    and on the resolved addresses at every delivery."""
+
+    #: take http:// callback URLs (default: https only)
+    allow_http: bool = False
+    #: deliver to addresses that are not globally reachable: RFC 1918, fc00::/7, 100.64/10 ...
+    allow_private: bool = False
+    #: networks (CIDR) callbacks may reach although denied by default: loopback (the lab, a
+    #: single-host site) and private ranges. Never metadata, link-local, multicast, reserved or
+    #: unspecified addresses, nor governord's own listener
+    allow_networks: list[Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                   AfterValidator(_can_take_effect)]] = Field(default_factory=list)
+
+
+class RateLimitSection(StrictModel):
+    """Scale and release requests (application API) and webhook deliveries an application may
+    make, together: a token bucket per application, kept by each governord instance on its own."""
+
+    #: sustained rate
+    requests_per_second: float = Field(default=5.0, gt=0, le=100000)
+    #: how many may come at once after a quiet time
+    burst: int = Field(default=20, ge=1, le=100000)
+
+
 class ApplicationSection(StrictModel):
     description: str = ""
     #: most live hosts this application may have, over all roles (in flight included)
@@ -425,6 +463,10 @@ class ApplicationSection(StrictModel):
     certificate_identity: str | None = None
     #: signed deploy-hook events (POST /v1/webhooks/openshift) and what they ask for
     webhook: WebhookSection | None = None
+    #: where its callbacks may go
+    callbacks: CallbackRules = Field(default_factory=CallbackRules)
+    #: how fast it may ask for changes (scale, release, webhook deliveries); 429 beyond it
+    rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
     roles: dict[str, RoleSection] = Field(default_factory=dict)
 
     @field_validator("approval", mode="before")

@@ -164,6 +164,7 @@ class Daemon:
         tls_site = GuardedSite(app_runner, api.listen, api.port, ssl_context=self.tls.context, limits=limits)
         await tls_site.start()
         port = app_runner.addresses[0][1]
+        runtime.listeners.add(port)  # callbacks never go there
         (state_dir / "api.port").write_text(f"{port}\n")
         api.admin_socket.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):

@@ -162,12 +162,32 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
+#: the answer beyond the application's rate limit (governord.ratelimit), documented
+RETRY_AFTER = {429: {"Retry-After": ({"type": "integer", "minimum": 1},
+                                     "whole seconds until the application may ask again")}}
+
+
+def _over_limit(runtime: Runtime, app: str, endpoint: str) -> web.Response | None:
+    """429 with Retry-After if ``app`` is over its rate limit (the request is counted), else None."""
+    wait = runtime.rate_limits.take(app, endpoint)
+    if wait is None:
+        return None
+    limit = runtime.rate_limits.limit(app)
+    rate = f" ({limit.requests_per_second:g} a second, burst {limit.burst})" if limit else ""
+    return error_response(429, f"application {app} is over its rate limit{rate}: retry in {wait} s",
+                          headers={"Retry-After": str(wait)})
+
+
 @endpoints.add("POST", "/v1/scale", "Ask for more hosts of a role, or for a total",
                body=schemas.ScaleRequest,
-               responses={200: schemas.Request, 202: schemas.Request, 409: schemas.Request, 422: schemas.Error})
+               responses={200: schemas.Request, 202: schemas.Request, 409: schemas.Request, 422: schemas.Error,
+                          429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def scale(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     app = application_of(request)
+    if (over := _over_limit(runtime, app, "scale")) is not None:
+        return over
     body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
     decision = await runtime.governor.scale(
         app, body.role, add=body.add, count=body.count, actor=f"app:{app}", idempotency_key=body.idempotency_key,
@@ -178,10 +198,14 @@ async def scale(request: web.Request) -> web.Response:
 
 @endpoints.add("POST", "/v1/release", "Hand hosts back (named, or a count, newest first)",
                body=schemas.ReleaseRequest,
-               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 422: schemas.Error})
+               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 422: schemas.Error,
+                          429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def release(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     app = application_of(request)
+    if (over := _over_limit(runtime, app, "release")) is not None:
+        return over
     body: schemas.ReleaseRequest = await parse_body(request, schemas.ReleaseRequest)
     decision = await runtime.governor.release(
         app, hosts=body.hosts, role=body.role, count=body.count, actor=f"app:{app}",
@@ -244,7 +268,8 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
                body=webhooks.DeployEvent, headers=webhooks.HEADER_SCHEMAS,
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
                           401: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
-                          415: schemas.Error, 422: schemas.Error})
+                          415: schemas.Error, 422: schemas.Error, 429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def openshift_webhook(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     body = await _read_limited(request, min(webhooks.MAX_BODY_BYTES, request.app[max_body_key]))
@@ -265,6 +290,9 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         return error_response(refused.status, refused.reason, refused.field)
     if hook is None:  # not reached: only an application's own secret verifies
         return error_response(401, "signature does not match", webhooks.SIGNATURE_HEADER)
+    # counted once the signature verified: only the application itself can spend its limit
+    if (over := _over_limit(runtime, app, "webhook")) is not None:
+        return over
     data = load_json(body)  # before anything recursive reads it (the event's validation below)
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")

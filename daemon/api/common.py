@@ -40,6 +40,8 @@ class Endpoint:
     content_type: str = "application/json"
     #: request headers the operation needs: name -> (JSON Schema of the value, description)
     headers: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    #: headers of a response: status -> {name: (JSON Schema of the value, description)}
+    response_headers: dict[int, dict[str, tuple[dict[str, Any], str]]] = field(default_factory=dict)
 
 
 class Endpoints:
@@ -68,10 +70,12 @@ class Endpoints:
         query: dict[str, str | tuple[str, dict[str, Any]]] | None = None,
         content_type: str = "application/json",
         headers: dict[str, tuple[dict[str, Any], str]] | None = None,
+        response_headers: dict[int, dict[str, tuple[dict[str, Any], str]]] | None = None,
     ) -> Callable[[Handler], Handler]:
         def decorate(handler: Handler) -> Handler:
             self.items.append(
-                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type, headers or {})
+                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type, headers or {},
+                         response_headers or {})
             )
             return handler
 
@@ -134,6 +138,9 @@ class Endpoints:
                     entry["content"] = {ep.content_type: {"schema": ref(model)}}
                 elif ep.content_type != "application/json":
                     entry["content"] = {ep.content_type: {"schema": {"type": "string"}}}
+                if status in ep.response_headers:
+                    entry["headers"] = {name: {"schema": schema, "description": desc, "required": True}
+                                        for name, (schema, desc) in ep.response_headers[status].items()}
                 op["responses"][str(status)] = entry
             paths.setdefault(ep.path, {})[ep.method.lower()] = op
         doc_components: dict[str, Any] = {"schemas": components}

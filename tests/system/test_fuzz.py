@@ -119,6 +119,15 @@ secrets = [{{ env = "LAB_WEBHOOK_SECRET" }}]
 event = "deploy"
 role = "{ROLE}"
 add = 1
+
+# the fuzz's callback URLs are steered to a loopback port where nothing listens (test traffic
+# stays on loopback), and its requests are not to be held up by the rate limit
+[applications.{APP}.callbacks]
+allow_networks = ["127.0.0.0/8"]
+
+[applications.{APP}.rate_limit]
+requests_per_second = 10000.0
+burst = 10000
 """)
         daemon = lab.start_governord(config)
         issued = daemon.ctl_json("apps", "register", APP)
@@ -244,9 +253,12 @@ def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None
 
 
 #: fields a schema-valid request may still be refused on (422), because what is valid there is
-#: the state, not the document: a used idempotency key or delivery id, a host name or address
-#: to adopt, a list's cursor (only one the server gave is one)
-STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor"}
+#: the state or the configuration, not the document: a used idempotency key or delivery id, a
+#: host name or address to adopt, a list's cursor (only one the server gave is one), a callback
+#: URL the application's callback rules refuse
+STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor", "callback_url"}
+#: where steered callback URLs go: loopback, a port nothing listens on (the discard service)
+CALLBACK_PLACE = "127.0.0.1:9"
 
 
 def schema_valid_requests_are_taken(ctx: Any, response: Any, case: Any) -> bool | None:
@@ -278,6 +290,11 @@ def _steer(case: Any) -> None:
     if isinstance(case.body, dict):
         if isinstance(case.body.get("role"), str):
             case.body["role"] = ROLE
+        if isinstance(case.body.get("callback_url"), str):
+            # keep the generated scheme, path and query; send nothing off this machine
+            scheme, _, rest = case.body["callback_url"].partition("://")
+            tail = rest[len(re.match(r"[^/?#]*", rest).group()):]  # type: ignore[union-attr]
+            case.body["callback_url"] = f"{scheme}://{CALLBACK_PLACE}{tail}"
         for key in ("add", "remove"):
             if case.operation.path.endswith("/tags") and isinstance(case.body.get(key), list):
                 case.body[key] = [TAGS[i % len(TAGS)] for i, _ in enumerate(case.body[key])]
