@@ -135,7 +135,7 @@ class Governord:
         while True:
             try:
                 data = self.notify.recv(4096).decode()
-            except (BlockingIOError, TimeoutError, socket.timeout):
+            except (BlockingIOError, TimeoutError):
                 return self.notifications
             self.notifications.extend(data.split("\n"))
             self.notify.settimeout(0.001)

@@ -215,7 +215,7 @@ class GroupCommit:
                 outcomes = [(True, job(conn)) for job in jobs]
                 self._run_deferred(conn)
                 return outcomes
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - handed to the job's caller (alone), or each job retried alone
             conn.info.pop(_DEFERRED, None)
             if len(jobs) == 1:
                 return [(False, exc)]

@@ -71,7 +71,7 @@ class _TimeoutSession(requests.Session):
         self.mount("https://", adapter)
         self.mount("http://", adapter)
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
         verb = method.decode() if isinstance(method, bytes) else method
         tries = self._tries if verb.upper() in SAFE_METHODS and not kwargs.get("stream") else 1

@@ -335,7 +335,7 @@ class PuppetDBRegistrar(Registrar):
             return await self.call_sync(func, *args)
         except (RetryableError, PermanentError):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every other failure is translated, none swallowed
             raise self._translate(exc) from None
 
     def _translate(self, exc: Exception) -> RetryableError | PermanentError:
