@@ -72,7 +72,9 @@ def decide(args: list[str], stdin: Any, environ: Mapping[str, str]) -> tuple[int
     if status == 200 and isinstance(data, dict) and data.get("sign") is True:
         return EXIT_SIGN, ""
     reason = (data.get("reason") or data.get("error")) if isinstance(data, dict) else None
-    return EXIT_REFUSED, f"not signing {certname}: {reason or f'governord answered HTTP {status}'}"
+    if status == 403 and reason:  # the daemon's refusal
+        return EXIT_REFUSED, f"not signing {certname}: {reason}"
+    return EXIT_REFUSED, f"not signing {certname}: governord answered HTTP {status}: {reason or data!r}"
 
 
 def main() -> None:
