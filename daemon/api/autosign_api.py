@@ -18,7 +18,7 @@ from .common import errors_middleware, max_body_key, parse_body, reply
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-runtime_key = web.AppKey("runtime", "Runtime")
+runtime_key: web.AppKey[Runtime] = web.AppKey("runtime")
 
 #: the one path served
 PATH = "/v1/autosign"

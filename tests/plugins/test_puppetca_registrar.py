@@ -300,7 +300,7 @@ async def prepared_and_signed(lab: PuppetLab, reg: PuppetCARegistrar, prefix: st
     host = make_host(certname)
     record = await reg.prepare(host, {})
     assert record is not None
-    # what governord-ctl puppet-autosign will answer; the lab's policy reads it from this file
+    # what governord-autosign would answer; the lab's policy reads it from this file
     add_token(lab.workdir, certname, record["autosign_token"])
     code, output = lab.stack.run_agent(certname, csr_attributes=record["cloud_config"]["puppet"]["csr_attributes"])
     assert ca_state(lab, certname) == "signed", output[-2000:]
