@@ -173,8 +173,17 @@ class Daemon:
             autosign_runner = web.AppRunner(create_autosign_api(runtime), access_log=None,
                                             keepalive_timeout=api.keepalive_timeout)
             await autosign_runner.setup()
-            await _serve_unix(autosign_runner, api.autosign_socket, api.autosign_socket_mode,
-                              api.autosign_socket_group)
+            try:
+                await _serve_unix(autosign_runner, api.autosign_socket, api.autosign_socket_mode,
+                                  api.autosign_socket_group)
+            except OSError as exc:  # its directory missing or not ours, the group not ours to give
+                print(f"governord: cannot serve api.autosign_socket {api.autosign_socket}: {exc}", file=sys.stderr)
+                for runner in (app_runner, admin_runner, autosign_runner):
+                    await runner.cleanup()
+                await runtime.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    api.admin_socket.unlink()
+                return 1
 
         watchdog: asyncio.Task[None] | None = None
         interval = watchdog_interval()

@@ -98,3 +98,16 @@ async def test_the_daemon_decides_autosign_on_its_own_socket_only(lab: Lab, tmp_
         assert os.stat(plain / "autosign.sock").st_gid == group.gr_gid
     finally:
         daemon.stop()
+
+
+def test_an_autosign_socket_that_cannot_be_made_stops_the_start_saying_why(lab: Lab, tmp_path: Path) -> None:
+    not_a_directory = tmp_path / "a-file"
+    not_a_directory.write_text("")
+    config = lab.write_config()
+    _with_autosign(config, not_a_directory / "autosign.sock")
+    daemon = lab.start_governord(config, wait_ready=False)
+    assert daemon.process.wait(timeout=60) == 1
+    log = daemon.log.read_text()
+    assert f"cannot serve api.autosign_socket {not_a_directory / 'autosign.sock'}" in log
+    assert "Traceback" not in log
+    assert not daemon.socket.exists()
