@@ -176,7 +176,7 @@ def test_an_application_gets_the_failed_step_not_the_peers_words(lab: Lab) -> No
                                  "(the detail is with governord's operators)")
         for internal in (str(port), "127.0.0.1", "http", "rpc/api", "Satellite", "cannot reach"):
             assert internal not in raw.decode(), internal
-        code, listed, raw_list = app.call("GET", "/v1/hosts")
+        code, listed, raw_list = app.call("GET", "/v1/hosts?state=gone")
         assert listed["hosts"][0]["error"] == host["error"] and str(port) not in raw_list.decode()
     finally:
         daemon.stop()

@@ -172,7 +172,7 @@ async def test_only_the_extensions_governord_asked_for_are_signed(make_runtime) 
     value, is refused; a refusal does not spend the token."""
     from sqlalchemy import update
 
-    from governord.schema import hosts
+    from governord.store.schema import hosts
 
     runtime, row = await _configuring_host(make_runtime)
     try:
