@@ -3,7 +3,7 @@ that signs with it (before, the newest audit events were read, and enough refusa
 the signing)
 
 Revision ID: 0008
-Revises: 0009 (made as 0008 beside 0009; it follows it, so a database already at 0009 gets it)
+Revises: 0010 (made as 0008 beside 0009 and 0010; it follows them, so a database already at 0010 gets it)
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0008"
-down_revision = "0009"
+down_revision = "0010"
 branch_labels = None
 depends_on = None
 
