@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from governord import testing
 from governord.errors import PermanentError
-from governord.runtime import Runtime
 from governord.rules import application_error, application_host_summary
+from governord.runtime import Runtime
 
 from .conftest import wait_states
 
