@@ -66,6 +66,10 @@ secrets = [{ env = "LAB_WEBHOOK_SECRET" }]
 event = "deploy"
 role = "node"
 add = 1
+
+[applications.demo.callbacks]
+allow_http = true
+allow_networks = ["127.0.0.0/8"]
 """)
     bodies: list[bytes] = []
 
