@@ -378,22 +378,6 @@ def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
     _show_request(_client(ctx).ok("GET", _path("v1", "requests", request_id)), as_json)
 
 
-@cli.command("puppet-autosign")
-@click.argument("certname")
-@click.pass_context
-def puppet_autosign(ctx: click.Context, certname: str) -> None:
-    """Puppet's autosign policy: reads the CSR on stdin; exit 0 signs it, 1 refuses.
-
-    puppet.conf names the ``governord-autosign`` executable, which runs this (Puppet passes
-    the certificate name as the only argument); the socket comes from $GOVERNORD_SOCKET.
-    """
-    csr = sys.stdin.read()
-    status, data = _client(ctx).call("POST", "/v1/autosign", {"certname": certname, "csr": csr})
-    if status == 200 and data.get("sign"):
-        return
-    raise CtlError(f"not signing {certname}: {data.get('reason') or data.get('error')}")
-
-
 def _request_decision(name: str, approve: bool) -> None:
     @requests.command(name, help=f"{name.capitalize()} a pending request, with a comment.")
     @click.argument("request_id")
@@ -622,15 +606,6 @@ def main() -> None:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def autosign_main() -> None:
-    """``governord-autosign CERTNAME`` (CSR on stdin): the executable puppet.conf's ``autosign``
-    names, since Puppet runs it with the certificate name as its only argument."""
-    if len(sys.argv) != 2:
-        print("usage: governord-autosign CERTNAME < CSR", file=sys.stderr)
-        sys.exit(2)
-    cli(["puppet-autosign", sys.argv[1]], standalone_mode=True)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from .metrics import Metrics
 from .pki import CertificateAuthority
 from .providers import Provider
 from .ratelimit import RateLimits
-from .registrars import Registrar
+from .registrars import Registrar, declared_keys
 from .rules import Governor
 from .store import CertificateStore, Store
 
@@ -78,6 +78,8 @@ class Runtime:
             name: self.plugins.registrars.load(cfg.type)(name, cfg, state_dir=state_dir)
             for name, cfg in config.registrars.items()
         }
+        self.governor.application_keys = {name: declared_keys(type(registrar))
+                                          for name, registrar in self.registrars.items()}
         for name in self._instance_plugins:
             self.plugins.unregister(name)
         self._instance_plugins = []

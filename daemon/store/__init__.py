@@ -917,6 +917,22 @@ class Transaction:
         blank = {column.name: None for column in hosts.c}
         return [blank | row for row in rows]
 
+    def host_by_fqdn(self, fqdn: str) -> Row | None:
+        """The host of that FQDN: the live one, else the newest gone one."""
+        row = self.conn.execute(
+            select(hosts).where(hosts.c.fqdn == fqdn)
+            .order_by((hosts.c.state == HostState.GONE.value).asc(), hosts.c.created_at.desc()).limit(1)
+        ).mappings().first()
+        return dict(row) if row else None
+
+    def spend_autosign_token(self, host_id: str) -> bool:
+        """Mark the host's one-time autosign token used, unless it was: True if this call spent
+        it. One conditional UPDATE, so of two decisions only one can spend it."""
+        result = self.conn.execute(
+            update(hosts).where(hosts.c.id == host_id, hosts.c.autosign_used_at.is_(None))
+            .values(autosign_used_at=time.time()))
+        return bool(result.rowcount == 1)
+
     def retire(self, host_ids: Sequence[str]) -> dict[str, Row]:
         """Retire hosts, each according to the state it is in now (the caller's rows may be
         older): a resting one (ready, failed) moves straight on to ``retiring``; one in flight is

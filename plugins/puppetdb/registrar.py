@@ -89,6 +89,8 @@ class PuppetDBRegistrar(Registrar):
     Config: ClassVar[type[RegistrarConfig]] = PuppetDBConfig
     TagMapping: ClassVar[type[BaseTagMapping]] = PuppetDBTagMapping
     deregister_phase: ClassVar[Phase] = Phase.AFTER_MACHINE
+    #: its record is the node's certname, nothing secret
+    application_keys: ClassVar[frozenset[str]] = frozenset({"certname"})
 
     def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
         if not isinstance(config, PuppetDBConfig):
