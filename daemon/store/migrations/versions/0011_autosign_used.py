@@ -2,8 +2,8 @@
 that signs with it (before, the newest audit events were read, and enough refusals since hid
 the signing)
 
-Revision ID: 0008
-Revises: 0010 (made as 0008 beside 0009 and 0010; it follows them, so a database already at 0010 gets it)
+Revision ID: 0011
+Revises: 0010
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlalchemy as sa
 from alembic import op
 
-revision = "0008"
+revision = "0011"
 down_revision = "0010"
 branch_labels = None
 depends_on = None
