@@ -65,11 +65,11 @@ class Client:
                     params: dict[str, str] | None, timeout: float | None = None) -> tuple[int, Any]:
         connector = aiohttp.UnixConnector(path=self.socket_path)
         # aiohttp's own default (5 minutes) unless a command waits longer on purpose
-        options = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
+        client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout is not None else aiohttp.client.DEFAULT_TIMEOUT
         # the path is already encoded (see _path): taken as it is, never re-quoted nor normalised
         url = yarl.URL.build(scheme="http", host="governord", path=path, encoded=True)
         try:
-            async with aiohttp.ClientSession(connector=connector, **options) as session:
+            async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
                 async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
@@ -87,7 +87,7 @@ class Client:
 
 
 def _client(ctx: click.Context) -> Client:
-    return ctx.obj  # type: ignore[no-any-return]
+    return ctx.obj
 
 
 def _all_pages(client: Client, path: str, key: str, params: dict[str, str] | None = None,

@@ -22,7 +22,7 @@ from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_b
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-runtime_key = web.AppKey("runtime", "Runtime")
+runtime_key: web.AppKey[Runtime] = web.AppKey("runtime")
 
 endpoints = Endpoints(
     "governord admin API",
@@ -34,7 +34,7 @@ ACTOR = "operator"
 
 
 def _runtime(request: web.Request) -> Runtime:
-    return request.app[runtime_key]  # type: ignore[no-any-return]
+    return request.app[runtime_key]
 
 
 @endpoints.add("GET", "/v1/status", "Daemon status", responses={200: schemas.Status})

@@ -50,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-runtime_key = web.AppKey("runtime", "Runtime")
+runtime_key: web.AppKey[Runtime] = web.AppKey("runtime")
 tls_key = web.AppKey("tls", ApplicationTLS)
-app_key = web.AppKey("application", str)
+#: the application a request was authenticated as (set by :func:`identify`)
+app_key = web.RequestKey("application", str)
 
 endpoints = Endpoints(
     "governord application API",
@@ -65,7 +66,7 @@ endpoints = Endpoints(
 
 
 def application_of(request: web.Request) -> str:
-    return request[app_key]  # type: ignore[no-any-return]
+    return request[app_key]
 
 
 @dataclass(frozen=True)

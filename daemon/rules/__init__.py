@@ -361,11 +361,11 @@ class Governor:
                 raise RequestError(409, f"request {request_id} is {request['state']}, not pending", field="request_id")
             now = time.time()
             if not approve:
-                reason = f"denied by {actor}: {comment}"
-                tx.update_request(request_id, state="denied", reason=reason, updated_at=now)
+                denial = f"denied by {actor}: {comment}"
+                tx.update_request(request_id, state="denied", reason=denial, updated_at=now)
                 tx.add_event("request-denied", actor=actor, request_id=request_id,
                              detail={"app": request["app"], "comment": comment})
-                request.update(state="denied", reason=reason)
+                request.update(state="denied", reason=denial)
                 return request
             params = request["params"]
             plan = self.plan_scale(tx, request["app"], params["role"], add=params["add"], count=params["count"],

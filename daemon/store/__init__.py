@@ -277,6 +277,13 @@ _NEXT_DUE = (
 _RELEASE_ADDRESS = address_leases.delete().where(address_leases.c.host_id == bindparam("host_id"))
 _FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
+def _driver_connection(conn: Connection) -> Any:
+    """The DBAPI driver's own connection under a SQLAlchemy connection (open: it is in use)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "the connection is closed"
+    return driver
+
+
 class DirectStatement:
     """A statement compiled once for a dialect and run straight on the DBAPI cursor.
 
@@ -325,7 +332,7 @@ class DirectStatement:
 
     def all(self, conn: Connection, params: Row) -> list[Row]:
         """The rows, each a dict of the statement's columns."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = _driver_connection(conn).cursor()
         try:
             cursor.execute(self.sql, self._positional(params))
             return [self._row(raw) for raw in cursor.fetchall()]
@@ -338,7 +345,7 @@ class DirectStatement:
 
     def run(self, conn: Connection, many: Sequence[Row]) -> None:
         """Execute once per parameter set (a statement that returns nothing, e.g. an insert)."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = _driver_connection(conn).cursor()
         try:
             cursor.executemany(self.sql, [self._positional(params) for params in many])
         finally:
