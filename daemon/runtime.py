@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .api.ratelimit import RateLimits
 from .config import Config
 from .dispatch import Dispatcher
 from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
@@ -18,7 +19,6 @@ from .engine.sweep import Sweeper
 from .metrics import Metrics
 from .pki import CertificateAuthority
 from .providers import Provider
-from .ratelimit import RateLimits
 from .registrars import Registrar, declared_keys
 from .rules import Governor
 from .store import CertificateStore, Store

@@ -163,7 +163,7 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-#: the answer beyond the application's rate limit (governord.ratelimit), documented
+#: the answer beyond the application's rate limit (governord.api.ratelimit), documented
 RETRY_AFTER = {429: {"Retry-After": ({"type": "integer", "minimum": 1},
                                      "whole seconds until the application may ask again")}}
 
