@@ -12,13 +12,16 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 from .models import HostState
 
 if TYPE_CHECKING:
-    from .runtime import Runtime
-    from .store import Row
+    from .dispatch import Dispatcher
+    from .engine import Engine
+    from .store import Row, Store
 
 
 class Metrics:
-    def __init__(self, runtime: Runtime) -> None:
-        self.runtime = runtime
+    def __init__(self, store: Store, dispatcher: Dispatcher, engine: Engine) -> None:
+        self.store = store
+        self.dispatcher = dispatcher
+        self.engine = engine
         self.registry = CollectorRegistry()
         self.hosts = Gauge("governord_hosts", "Hosts by lifecycle state", ["state"], registry=self.registry)
         self.transitions = Counter(
@@ -50,11 +53,11 @@ class Metrics:
         self.transitions.labels(previous, row["state"]).inc()
 
     async def render(self) -> bytes:
-        counts = await self.runtime.store.count_by_state()
+        counts = await self.store.count_by_state()
         for state in HostState:
             self.hosts.labels(state.value).set(counts.get(state.value, 0))
-        for (hook, plugin), (calls, failures) in self.runtime.dispatcher.stats.items():
+        for (hook, plugin), (calls, failures) in self.dispatcher.stats.items():
             self.hook_calls.labels(hook, plugin).set(calls)
             self.hook_failures.labels(hook, plugin).set(failures)
-        self.in_flight.set(self.runtime.engine.in_flight)
+        self.in_flight.set(self.engine.in_flight)
         return generate_latest(self.registry)

@@ -42,7 +42,7 @@ class Runtime:
         #: the configured port now, the one bound added when the listener starts
         self.listeners: set[int] = {config.api.port} - {0}
         self.governor = Governor(store, self.engine, config, listeners=self.listeners)
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(store, self.dispatcher, self.engine)
         self.engine.on_transition.append(self.metrics.transition)
         #: each application's rate limit on scale, release and webhook requests (per instance)
         self.rate_limits = RateLimits(config, self.metrics.registry)
@@ -50,7 +50,7 @@ class Runtime:
         self.certificates = CertificateStore(store)
         #: closing the instances a reload replaced, once their steps are done
         self._retiring: set[asyncio.Task[None]] = set()
-        self.notifier = Notifier(self)
+        self.notifier = Notifier(store, self.governor.request_status, config, self.listeners)
         self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry)
         self.pruner = Pruner(store, self.governor, config)
         self._instance_plugins: list[str] = []
@@ -113,6 +113,7 @@ class Runtime:
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
         self.rate_limits.configure(config)
+        self.notifier.reconfigure(config)
         self.pruner.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)

@@ -27,6 +27,7 @@ import ipaddress
 import json
 import logging
 import time
+from collections.abc import Awaitable, Callable, Set
 from typing import TYPE_CHECKING, Any
 
 import aiohttp
@@ -35,12 +36,15 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from .. import webhooks
-from ..config import CallbackRules
+from ..config import CallbackRules, Config
 from ..outbound import Guard, Policy
 from ..store.schema import callbacks
 
 if TYPE_CHECKING:
-    from ..runtime import Runtime
+    from ..store import Row, Store
+
+#: what the Notifier sends: a request's status as its application sees it
+RequestStatus = Callable[["Row"], Awaitable[dict[str, Any]]]
 
 log = logging.getLogger(__name__)
 
@@ -93,8 +97,14 @@ def enqueue(conn: Connection, *, request_id: str, app: str, url: str) -> None:
 class Notifier:
     """Delivers due callbacks in the background (one task, started and stopped with the runtime)."""
 
-    def __init__(self, runtime: Runtime, *, interval: float = 1.0) -> None:
-        self.runtime = runtime
+    def __init__(self, store: Store, request_status: RequestStatus, config: Config, listeners: Set[int], *,
+                 interval: float = 1.0) -> None:
+        self.store = store
+        #: the status of a request as its application sees it (the Governor's)
+        self.request_status = request_status
+        self.config = config
+        #: governord's own TCP ports (a set the daemon adds to once it has bound them)
+        self.listeners = listeners
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
 
@@ -107,12 +117,16 @@ class Notifier:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
 
+    def reconfigure(self, config: Config) -> None:
+        """Take a reloaded config: the next delivery follows its rules and secrets."""
+        self.config = config
+
     def policy(self, app: str) -> Policy:
         """The application's callback rules as they are now, with governord's own listeners."""
-        section = self.runtime.config.applications.get(app)
+        section = self.config.applications.get(app)
         # an application removed from the config: the defaults
         rules = section.callbacks if section is not None else CallbackRules()
-        return Policy.of(app, rules, self.runtime.listeners)
+        return Policy.of(app, rules, self.listeners)
 
     async def _run(self) -> None:
         while True:
@@ -123,7 +137,7 @@ class Notifier:
             await asyncio.sleep(self.interval)
 
     async def deliver_due(self) -> None:
-        store = self.runtime.store
+        store = self.store
         async with store.engine.connect() as conn:
             due = [dict(r) for r in (await conn.execute(
                 select(callbacks).where(callbacks.c.delivered_at.is_(None), callbacks.c.gave_up_at.is_(None),
@@ -150,17 +164,17 @@ class Notifier:
         if reason is not None:
             await self._failed(row, f"callback_url {row['url']!r} cannot be sent to: {reason}", retry=False)
             return True
-        request = await self.runtime.store.get_request(row["request_id"])
+        request = await self.store.get_request(row["request_id"])
         if request is None:
             return True
-        status = await self.runtime.governor.request_status(request)
+        status = await self.request_status(request)
         if status["status"] not in TERMINAL:
             return False
         await self._attempt(row, status)
         return True
 
     async def _attempt(self, row: dict[str, Any], status: dict[str, Any]) -> None:
-        section = self.runtime.config.applications.get(row["app"])
+        section = self.config.applications.get(row["app"])
         secrets = [s.reveal().encode() for s in section.webhook.secrets] if section and section.webhook else []
         body = json.dumps({"event": f"request-{status['status']}", "request": status}, sort_keys=True).encode()
         if not secrets:
@@ -197,8 +211,8 @@ class Notifier:
     async def _refused(self, row: dict[str, Any], error: str) -> None:
         """An attempt the policy stopped before anything was sent: audited, then counted as a
         failed attempt (tried again later, as DNS or the rules may change)."""
-        async with self.runtime.store.transaction() as conn:
-            await self.runtime.store.add_event(conn, "callback-refused", actor=ACTOR, request_id=row["request_id"],
+        async with self.store.transaction() as conn:
+            await self.store.add_event(conn, "callback-refused", actor=ACTOR, request_id=row["request_id"],
                                                detail={"app": row["app"], "url": row["url"], "error": error})
         log.warning("callback refused", extra={"request": row["request_id"], "url": row["url"], "error": error})
         await self._failed(row, error, retry=True)
@@ -211,7 +225,7 @@ class Notifier:
             delay = min(FIRST_DELAY * 2 ** (attempts - 1), MAX_DELAY)
             await self._update(row, attempts=attempts, next_at=time.time() + delay, last_error=error)
             return
-        store = self.runtime.store
+        store = self.store
         async with store.transaction() as conn:
             await conn.execute(update(callbacks).where(callbacks.c.request_id == row["request_id"]).values(
                 attempts=attempts, gave_up_at=time.time(), last_error=error))
@@ -220,5 +234,5 @@ class Notifier:
         log.warning("callback given up", extra={"request": row["request_id"], "url": row["url"], "error": error})
 
     async def _update(self, row: dict[str, Any], **values: Any) -> None:
-        async with self.runtime.store.transaction() as conn:
+        async with self.store.transaction() as conn:
             await conn.execute(update(callbacks).where(callbacks.c.request_id == row["request_id"]).values(**values))
