@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    false,
     text,
 )
 
@@ -52,7 +53,7 @@ hosts = Table(
     #: the number its role's name pattern was filled with ({seq}); NULL for adopted hosts
     Column("seq", Integer),
     #: set by a retirement that arrives while a step is running; acted on after it
-    Column("retire_requested", Boolean, nullable=False, server_default=text("0")),
+    Column("retire_requested", Boolean, nullable=False, server_default=false()),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", Float, nullable=False, server_default=text("0")),
     Column("lease_owner", String(255)),
@@ -123,6 +124,57 @@ LIVE_COUNT_TRIGGERS = (
 for _trigger in LIVE_COUNT_TRIGGERS:
     event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
+#: PostgreSQL's: the same counts, by plpgsql functions. A change that moves a host from one count
+#: to another touches the two rows in the order of their keys, so two transactions moving hosts
+#: in opposite directions cannot deadlock on them. (Migration 0007 creates them too.)
+LIVE_COUNT_FUNCTIONS_PG = (
+    """CREATE FUNCTION hosts_live_count_add(k_app text, k_role text, k_provider text, delta integer)
+RETURNS void LANGUAGE sql AS $$
+INSERT INTO live_counts (app, role, provider, hosts) VALUES (k_app, coalesce(k_role, ''), coalesce(k_provider, ''), delta)
+ON CONFLICT (app, role, provider) DO UPDATE SET hosts = live_counts.hosts + excluded.hosts
+$$""",
+    """CREATE FUNCTION hosts_live_count() RETURNS trigger LANGUAGE plpgsql AS $$
+DECLARE
+  was_live boolean;
+  is_live boolean;
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    was_live = false;
+  ELSE
+    was_live = OLD.app IS NOT NULL AND OLD.state <> 'gone';
+  END IF;
+  IF TG_OP = 'DELETE' THEN
+    is_live = false;
+  ELSE
+    is_live = NEW.app IS NOT NULL AND NEW.state <> 'gone';
+  END IF;
+  IF was_live AND is_live AND (ARRAY[OLD.app, coalesce(OLD.role, ''), coalesce(OLD.provider, '')]
+                               > ARRAY[NEW.app, coalesce(NEW.role, ''), coalesce(NEW.provider, '')]) THEN
+    PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
+    PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
+  ELSE
+    IF was_live THEN
+      PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
+    END IF;
+    IF is_live THEN
+      PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
+    END IF;
+  END IF;
+  RETURN NULL;
+END
+$$""",
+)
+LIVE_COUNT_TRIGGERS_PG = (
+    "CREATE TRIGGER hosts_live_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
+    "CREATE TRIGGER hosts_live_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
+    "CREATE TRIGGER hosts_live_count_update AFTER UPDATE OF state, app, role, provider ON hosts FOR EACH ROW "
+    "WHEN ((OLD.state = 'gone') IS DISTINCT FROM (NEW.state = 'gone') OR OLD.app IS DISTINCT FROM NEW.app "
+    "OR OLD.role IS DISTINCT FROM NEW.role OR OLD.provider IS DISTINCT FROM NEW.provider) "
+    "EXECUTE FUNCTION hosts_live_count()",
+)
+for _trigger in (*LIVE_COUNT_FUNCTIONS_PG, *LIVE_COUNT_TRIGGERS_PG):
+    event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
+
 #: How many hosts are in each state, kept by triggers on ``hosts`` (STATE_COUNT_TRIGGERS) in the
 #: same transaction as the change: ``/metrics`` and ``/v1/status`` read these few rows instead of
 #: counting every host per scrape. Kept by the database, not in the daemon's memory, so it stays
@@ -149,6 +201,39 @@ STATE_COUNT_TRIGGERS = (
 )
 for _trigger in STATE_COUNT_TRIGGERS:
     event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
+
+#: PostgreSQL's (migration 0009 creates them too); the two rows of a move in the order of their
+#: keys, as for live_counts.
+STATE_COUNT_FUNCTIONS_PG = (
+    """CREATE FUNCTION hosts_state_count_add(k_state text, delta integer) RETURNS void LANGUAGE sql AS $$
+INSERT INTO state_counts (state, hosts) VALUES (k_state, delta)
+ON CONFLICT (state) DO UPDATE SET hosts = state_counts.hosts + excluded.hosts
+$$""",
+    """CREATE FUNCTION hosts_state_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM hosts_state_count_add(NEW.state, 1);
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM hosts_state_count_add(OLD.state, -1);
+  ELSIF OLD.state < NEW.state THEN
+    PERFORM hosts_state_count_add(OLD.state, -1);
+    PERFORM hosts_state_count_add(NEW.state, 1);
+  ELSE
+    PERFORM hosts_state_count_add(NEW.state, 1);
+    PERFORM hosts_state_count_add(OLD.state, -1);
+  END IF;
+  RETURN NULL;
+END
+$$""",
+)
+STATE_COUNT_TRIGGERS_PG = (
+    "CREATE TRIGGER hosts_state_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
+    "CREATE TRIGGER hosts_state_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
+    "CREATE TRIGGER hosts_state_count_update AFTER UPDATE OF state ON hosts FOR EACH ROW "
+    "WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION hosts_state_count()",
+)
+for _trigger in (*STATE_COUNT_FUNCTIONS_PG, *STATE_COUNT_TRIGGERS_PG):
+    event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
 
 #: Every request an application or an operator made, with its idempotency key and outcome.
 requests = Table(

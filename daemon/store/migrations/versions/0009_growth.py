@@ -39,24 +39,68 @@ INDEXES = {
 }
 
 
+# PostgreSQL's, as schema.STATE_COUNT_FUNCTIONS_PG and STATE_COUNT_TRIGGERS_PG have them at this
+# revision: the two rows of a move touched in the order of their keys
+FUNCTIONS_PG = {
+    "hosts_state_count_add(text, integer)": """CREATE FUNCTION hosts_state_count_add(k_state text, delta integer) RETURNS void LANGUAGE sql AS $$
+INSERT INTO state_counts (state, hosts) VALUES (k_state, delta)
+ON CONFLICT (state) DO UPDATE SET hosts = state_counts.hosts + excluded.hosts
+$$""",
+    "hosts_state_count()": """CREATE FUNCTION hosts_state_count() RETURNS trigger LANGUAGE plpgsql AS $$
+BEGIN
+  IF TG_OP = 'INSERT' THEN
+    PERFORM hosts_state_count_add(NEW.state, 1);
+  ELSIF TG_OP = 'DELETE' THEN
+    PERFORM hosts_state_count_add(OLD.state, -1);
+  ELSIF OLD.state < NEW.state THEN
+    PERFORM hosts_state_count_add(OLD.state, -1);
+    PERFORM hosts_state_count_add(NEW.state, 1);
+  ELSE
+    PERFORM hosts_state_count_add(NEW.state, 1);
+    PERFORM hosts_state_count_add(OLD.state, -1);
+  END IF;
+  RETURN NULL;
+END
+$$""",
+}
+TRIGGERS_PG = {
+    "hosts_state_count_insert":
+        "CREATE TRIGGER hosts_state_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
+    "hosts_state_count_delete":
+        "CREATE TRIGGER hosts_state_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
+    "hosts_state_count_update": (
+        "CREATE TRIGGER hosts_state_count_update AFTER UPDATE OF state ON hosts FOR EACH ROW "
+        "WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION hosts_state_count()"),
+}
+
+
+def _postgres() -> bool:
+    dialect = op.get_bind().dialect.name
+    if dialect not in ("sqlite", "postgresql"):
+        raise NotImplementedError(f"revision 0009 keeps state_counts with triggers of SQLite and PostgreSQL, not {dialect}")
+    return dialect == "postgresql"
+
+
 def upgrade() -> None:
-    if op.get_bind().dialect.name != "sqlite":
-        raise NotImplementedError("revision 0009 keeps state_counts with SQLite triggers; write them for this database")
+    postgres = _postgres()
     op.create_table(
         "state_counts",
         sa.Column("state", sa.String(32), primary_key=True),
         sa.Column("hosts", sa.Integer(), nullable=False),
     )
     op.execute("INSERT INTO state_counts (state, hosts) SELECT state, count(*) FROM hosts GROUP BY state")
-    for statement in TRIGGERS.values():
+    for statement in (*FUNCTIONS_PG.values(), *TRIGGERS_PG.values()) if postgres else TRIGGERS.values():
         op.execute(statement)
     for name, (table, columns) in INDEXES.items():
         op.create_index(name, table, columns)
 
 
 def downgrade() -> None:
+    postgres = _postgres()
     for name, (table, _columns) in INDEXES.items():
         op.drop_index(name, table)
     for name in TRIGGERS:
-        op.execute(f"DROP TRIGGER {name}")
+        op.execute(f"DROP TRIGGER {name} ON hosts" if postgres else f"DROP TRIGGER {name}")
+    for signature in FUNCTIONS_PG if postgres else ():
+        op.execute(f"DROP FUNCTION {signature}")
     op.drop_table("state_counts")
