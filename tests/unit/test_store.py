@@ -16,6 +16,11 @@ from sqlalchemy import create_engine
 from governord import store
 from governord.store.schema import metadata
 
+from .conftest import BACKENDS
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
+
 MIGRATIONS = Path(store.__file__).parent / "migrations"
 
 
