@@ -124,54 +124,45 @@ LIVE_COUNT_TRIGGERS = (
 for _trigger in LIVE_COUNT_TRIGGERS:
     event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
-#: PostgreSQL's: the same counts, by plpgsql functions. A change that moves a host from one count
-#: to another touches the two rows in the order of their keys, so two transactions moving hosts
-#: in opposite directions cannot deadlock on them. (Migration 0007 creates them too.)
-LIVE_COUNT_FUNCTIONS_PG = (
-    """CREATE FUNCTION hosts_live_count_add(k_app text, k_role text, k_provider text, delta integer)
-RETURNS void LANGUAGE sql AS $$
-INSERT INTO live_counts (app, role, provider, hosts) VALUES (k_app, coalesce(k_role, ''), coalesce(k_provider, ''), delta)
-ON CONFLICT (app, role, provider) DO UPDATE SET hosts = live_counts.hosts + excluded.hosts
-$$""",
-    """CREATE FUNCTION hosts_live_count() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-  was_live boolean;
-  is_live boolean;
-BEGIN
-  IF TG_OP = 'INSERT' THEN
-    was_live = false;
-  ELSE
-    was_live = OLD.app IS NOT NULL AND OLD.state <> 'gone';
-  END IF;
-  IF TG_OP = 'DELETE' THEN
-    is_live = false;
-  ELSE
-    is_live = NEW.app IS NOT NULL AND NEW.state <> 'gone';
-  END IF;
-  IF was_live AND is_live AND (ARRAY[OLD.app, coalesce(OLD.role, ''), coalesce(OLD.provider, '')]
-                               > ARRAY[NEW.app, coalesce(NEW.role, ''), coalesce(NEW.provider, '')]) THEN
-    PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
-    PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
-  ELSE
-    IF was_live THEN
-      PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
-    END IF;
-    IF is_live THEN
-      PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
-    END IF;
-  END IF;
-  RETURN NULL;
-END
-$$""",
-)
-LIVE_COUNT_TRIGGERS_PG = (
-    "CREATE TRIGGER hosts_live_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
-    "CREATE TRIGGER hosts_live_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
-    "CREATE TRIGGER hosts_live_count_update AFTER UPDATE OF state, app, role, provider ON hosts FOR EACH ROW "
-    "WHEN ((OLD.state = 'gone') IS DISTINCT FROM (NEW.state = 'gone') OR OLD.app IS DISTINCT FROM NEW.app "
-    "OR OLD.role IS DISTINCT FROM NEW.role OR OLD.provider IS DISTINCT FROM NEW.provider) "
-    "EXECUTE FUNCTION hosts_live_count()",
-)
+def _pg_moves(table: str, sign: int, live: bool) -> str:
+    if live:
+        return (f"SELECT app, coalesce(role, '') AS role, coalesce(provider, '') AS provider, {sign} AS delta "
+                f"FROM {table} WHERE app IS NOT NULL AND state <> 'gone'")
+    return f"SELECT state, {sign} AS delta FROM {table}"
+
+
+def _pg_function(name: str, target: str, key: str, live: bool) -> str:
+    """A statement-level trigger function: the statement's changed rows (its transition tables)
+    summed into one delta per key, applied in the order of the keys (so that two statements
+    moving hosts in opposite directions cannot deadlock on the count rows)."""
+    def apply(moves: str) -> str:
+        return (f"INSERT INTO {target} ({key}, hosts) SELECT {key}, sum(delta) FROM ({moves}) AS moves "
+                f"GROUP BY {key} HAVING sum(delta) <> 0 ORDER BY {key} "
+                f"ON CONFLICT ({key}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
+    return (f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            f"  IF TG_OP = 'INSERT' THEN\n    {apply(_pg_moves('new_rows', 1, live))}\n"
+            f"  ELSIF TG_OP = 'DELETE' THEN\n    {apply(_pg_moves('old_rows', -1, live))}\n"
+            f"  ELSE\n    {apply(_pg_moves('old_rows', -1, live) + ' UNION ALL ' + _pg_moves('new_rows', 1, live))}\n"
+            "  END IF;\n  RETURN NULL;\nEND\n$$")
+
+
+def _pg_triggers(prefix: str) -> dict[str, str]:
+    """The statement-level triggers on ``hosts`` that run function ``prefix``."""
+    return {
+        f"{prefix}_insert": f"CREATE TRIGGER {prefix}_insert AFTER INSERT ON hosts REFERENCING NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_delete": f"CREATE TRIGGER {prefix}_delete AFTER DELETE ON hosts REFERENCING OLD TABLE AS old_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_update": f"CREATE TRIGGER {prefix}_update AFTER UPDATE ON hosts "
+                            "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+    }
+
+
+#: PostgreSQL's: the same counts, kept by a plpgsql function run once per statement on
+#: ``hosts`` (see _pg_function); migration 0007 creates them too.
+LIVE_COUNT_FUNCTIONS_PG = (_pg_function("hosts_live_count", "live_counts", "app, role, provider", live=True),)
+LIVE_COUNT_TRIGGERS_PG = tuple(_pg_triggers("hosts_live_count").values())
 for _trigger in (*LIVE_COUNT_FUNCTIONS_PG, *LIVE_COUNT_TRIGGERS_PG):
     event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
 
@@ -202,38 +193,12 @@ STATE_COUNT_TRIGGERS = (
 for _trigger in STATE_COUNT_TRIGGERS:
     event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
-#: PostgreSQL's (migration 0009 creates them too); the two rows of a move in the order of their
-#: keys, as for live_counts.
-STATE_COUNT_FUNCTIONS_PG = (
-    """CREATE FUNCTION hosts_state_count_add(k_state text, delta integer) RETURNS void LANGUAGE sql AS $$
-INSERT INTO state_counts (state, hosts) VALUES (k_state, delta)
-ON CONFLICT (state) DO UPDATE SET hosts = state_counts.hosts + excluded.hosts
-$$""",
-    """CREATE FUNCTION hosts_state_count() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP = 'INSERT' THEN
-    PERFORM hosts_state_count_add(NEW.state, 1);
-  ELSIF TG_OP = 'DELETE' THEN
-    PERFORM hosts_state_count_add(OLD.state, -1);
-  ELSIF OLD.state < NEW.state THEN
-    PERFORM hosts_state_count_add(OLD.state, -1);
-    PERFORM hosts_state_count_add(NEW.state, 1);
-  ELSE
-    PERFORM hosts_state_count_add(NEW.state, 1);
-    PERFORM hosts_state_count_add(OLD.state, -1);
-  END IF;
-  RETURN NULL;
-END
-$$""",
-)
-STATE_COUNT_TRIGGERS_PG = (
-    "CREATE TRIGGER hosts_state_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
-    "CREATE TRIGGER hosts_state_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
-    "CREATE TRIGGER hosts_state_count_update AFTER UPDATE OF state ON hosts FOR EACH ROW "
-    "WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION hosts_state_count()",
-)
+#: PostgreSQL's, as for live_counts (migration 0009 creates them too).
+STATE_COUNT_FUNCTIONS_PG = (_pg_function("hosts_state_count", "state_counts", "state", live=False),)
+STATE_COUNT_TRIGGERS_PG = tuple(_pg_triggers("hosts_state_count").values())
 for _trigger in (*STATE_COUNT_FUNCTIONS_PG, *STATE_COUNT_TRIGGERS_PG):
     event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
+
 
 #: Every request an application or an operator made, with its idempotency key and outcome.
 requests = Table(

@@ -53,7 +53,7 @@ def _triggers(conn: Any, prefix: str) -> list[Any]:
                                  "WHERE tgname LIKE :like ORDER BY tgname"), like).fetchall()
     functions = conn.execute(text("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE :like ORDER BY proname"),
                              like).fetchall()
-    assert len(functions) == 2
+    assert len(functions) == 1
     return triggers + functions
 
 

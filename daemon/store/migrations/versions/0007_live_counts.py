@@ -39,56 +39,46 @@ TRIGGERS = {
 }
 
 
-# PostgreSQL's, as schema.LIVE_COUNT_FUNCTIONS_PG and LIVE_COUNT_TRIGGERS_PG have them at this
-# revision: the same counts by plpgsql, the two rows of a move touched in the order of their keys
-FUNCTIONS_PG = {
-    "hosts_live_count_add(text, text, text, integer)": """CREATE FUNCTION hosts_live_count_add(k_app text, k_role text, k_provider text, delta integer)
-RETURNS void LANGUAGE sql AS $$
-INSERT INTO live_counts (app, role, provider, hosts) VALUES (k_app, coalesce(k_role, ''), coalesce(k_provider, ''), delta)
-ON CONFLICT (app, role, provider) DO UPDATE SET hosts = live_counts.hosts + excluded.hosts
-$$""",
-    "hosts_live_count()": """CREATE FUNCTION hosts_live_count() RETURNS trigger LANGUAGE plpgsql AS $$
-DECLARE
-  was_live boolean;
-  is_live boolean;
-BEGIN
-  IF TG_OP = 'INSERT' THEN
-    was_live = false;
-  ELSE
-    was_live = OLD.app IS NOT NULL AND OLD.state <> 'gone';
-  END IF;
-  IF TG_OP = 'DELETE' THEN
-    is_live = false;
-  ELSE
-    is_live = NEW.app IS NOT NULL AND NEW.state <> 'gone';
-  END IF;
-  IF was_live AND is_live AND (ARRAY[OLD.app, coalesce(OLD.role, ''), coalesce(OLD.provider, '')]
-                               > ARRAY[NEW.app, coalesce(NEW.role, ''), coalesce(NEW.provider, '')]) THEN
-    PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
-    PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
-  ELSE
-    IF was_live THEN
-      PERFORM hosts_live_count_add(OLD.app, OLD.role, OLD.provider, -1);
-    END IF;
-    IF is_live THEN
-      PERFORM hosts_live_count_add(NEW.app, NEW.role, NEW.provider, 1);
-    END IF;
-  END IF;
-  RETURN NULL;
-END
-$$""",
-}
-TRIGGERS_PG = {
-    "hosts_live_count_insert":
-        "CREATE TRIGGER hosts_live_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
-    "hosts_live_count_delete":
-        "CREATE TRIGGER hosts_live_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_live_count()",
-    "hosts_live_count_update": (
-        "CREATE TRIGGER hosts_live_count_update AFTER UPDATE OF state, app, role, provider ON hosts FOR EACH ROW "
-        "WHEN ((OLD.state = 'gone') IS DISTINCT FROM (NEW.state = 'gone') OR OLD.app IS DISTINCT FROM NEW.app "
-        "OR OLD.role IS DISTINCT FROM NEW.role OR OLD.provider IS DISTINCT FROM NEW.provider) "
-        "EXECUTE FUNCTION hosts_live_count()"),
-}
+# PostgreSQL's, as schema.py has them at this revision: one plpgsql function run once per
+# statement on hosts, the statement's changed rows summed into one delta per key, applied in key
+# order (two statements moving hosts in opposite directions cannot deadlock on the count rows)
+def _pg_moves(table: str, sign: int, live: bool) -> str:
+    if live:
+        return (f"SELECT app, coalesce(role, '') AS role, coalesce(provider, '') AS provider, {sign} AS delta "
+                f"FROM {table} WHERE app IS NOT NULL AND state <> 'gone'")
+    return f"SELECT state, {sign} AS delta FROM {table}"
+
+
+def _pg_function(name: str, target: str, key: str, live: bool) -> str:
+    """A statement-level trigger function: the statement's changed rows (its transition tables)
+    summed into one delta per key, applied in the order of the keys (so that two statements
+    moving hosts in opposite directions cannot deadlock on the count rows)."""
+    def apply(moves: str) -> str:
+        return (f"INSERT INTO {target} ({key}, hosts) SELECT {key}, sum(delta) FROM ({moves}) AS moves "
+                f"GROUP BY {key} HAVING sum(delta) <> 0 ORDER BY {key} "
+                f"ON CONFLICT ({key}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
+    return (f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            f"  IF TG_OP = 'INSERT' THEN\n    {apply(_pg_moves('new_rows', 1, live))}\n"
+            f"  ELSIF TG_OP = 'DELETE' THEN\n    {apply(_pg_moves('old_rows', -1, live))}\n"
+            f"  ELSE\n    {apply(_pg_moves('old_rows', -1, live) + ' UNION ALL ' + _pg_moves('new_rows', 1, live))}\n"
+            "  END IF;\n  RETURN NULL;\nEND\n$$")
+
+
+def _pg_triggers(prefix: str) -> dict[str, str]:
+    """The statement-level triggers on ``hosts`` that run function ``prefix``."""
+    return {
+        f"{prefix}_insert": f"CREATE TRIGGER {prefix}_insert AFTER INSERT ON hosts REFERENCING NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_delete": f"CREATE TRIGGER {prefix}_delete AFTER DELETE ON hosts REFERENCING OLD TABLE AS old_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_update": f"CREATE TRIGGER {prefix}_update AFTER UPDATE ON hosts "
+                            "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+    }
+
+
+FUNCTIONS_PG = {"hosts_live_count()": _pg_function("hosts_live_count", "live_counts", "app, role, provider", live=True)}
+TRIGGERS_PG = _pg_triggers("hosts_live_count")
 
 
 def _postgres() -> bool:

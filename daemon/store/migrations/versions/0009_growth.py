@@ -39,39 +39,46 @@ INDEXES = {
 }
 
 
-# PostgreSQL's, as schema.STATE_COUNT_FUNCTIONS_PG and STATE_COUNT_TRIGGERS_PG have them at this
-# revision: the two rows of a move touched in the order of their keys
-FUNCTIONS_PG = {
-    "hosts_state_count_add(text, integer)": """CREATE FUNCTION hosts_state_count_add(k_state text, delta integer) RETURNS void LANGUAGE sql AS $$
-INSERT INTO state_counts (state, hosts) VALUES (k_state, delta)
-ON CONFLICT (state) DO UPDATE SET hosts = state_counts.hosts + excluded.hosts
-$$""",
-    "hosts_state_count()": """CREATE FUNCTION hosts_state_count() RETURNS trigger LANGUAGE plpgsql AS $$
-BEGIN
-  IF TG_OP = 'INSERT' THEN
-    PERFORM hosts_state_count_add(NEW.state, 1);
-  ELSIF TG_OP = 'DELETE' THEN
-    PERFORM hosts_state_count_add(OLD.state, -1);
-  ELSIF OLD.state < NEW.state THEN
-    PERFORM hosts_state_count_add(OLD.state, -1);
-    PERFORM hosts_state_count_add(NEW.state, 1);
-  ELSE
-    PERFORM hosts_state_count_add(NEW.state, 1);
-    PERFORM hosts_state_count_add(OLD.state, -1);
-  END IF;
-  RETURN NULL;
-END
-$$""",
-}
-TRIGGERS_PG = {
-    "hosts_state_count_insert":
-        "CREATE TRIGGER hosts_state_count_insert AFTER INSERT ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
-    "hosts_state_count_delete":
-        "CREATE TRIGGER hosts_state_count_delete AFTER DELETE ON hosts FOR EACH ROW EXECUTE FUNCTION hosts_state_count()",
-    "hosts_state_count_update": (
-        "CREATE TRIGGER hosts_state_count_update AFTER UPDATE OF state ON hosts FOR EACH ROW "
-        "WHEN (OLD.state IS DISTINCT FROM NEW.state) EXECUTE FUNCTION hosts_state_count()"),
-}
+# PostgreSQL's, as schema.py has them at this revision: one plpgsql function run once per
+# statement on hosts, the statement's changed rows summed into one delta per key, applied in key
+# order (two statements moving hosts in opposite directions cannot deadlock on the count rows)
+def _pg_moves(table: str, sign: int, live: bool) -> str:
+    if live:
+        return (f"SELECT app, coalesce(role, '') AS role, coalesce(provider, '') AS provider, {sign} AS delta "
+                f"FROM {table} WHERE app IS NOT NULL AND state <> 'gone'")
+    return f"SELECT state, {sign} AS delta FROM {table}"
+
+
+def _pg_function(name: str, target: str, key: str, live: bool) -> str:
+    """A statement-level trigger function: the statement's changed rows (its transition tables)
+    summed into one delta per key, applied in the order of the keys (so that two statements
+    moving hosts in opposite directions cannot deadlock on the count rows)."""
+    def apply(moves: str) -> str:
+        return (f"INSERT INTO {target} ({key}, hosts) SELECT {key}, sum(delta) FROM ({moves}) AS moves "
+                f"GROUP BY {key} HAVING sum(delta) <> 0 ORDER BY {key} "
+                f"ON CONFLICT ({key}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
+    return (f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            f"  IF TG_OP = 'INSERT' THEN\n    {apply(_pg_moves('new_rows', 1, live))}\n"
+            f"  ELSIF TG_OP = 'DELETE' THEN\n    {apply(_pg_moves('old_rows', -1, live))}\n"
+            f"  ELSE\n    {apply(_pg_moves('old_rows', -1, live) + ' UNION ALL ' + _pg_moves('new_rows', 1, live))}\n"
+            "  END IF;\n  RETURN NULL;\nEND\n$$")
+
+
+def _pg_triggers(prefix: str) -> dict[str, str]:
+    """The statement-level triggers on ``hosts`` that run function ``prefix``."""
+    return {
+        f"{prefix}_insert": f"CREATE TRIGGER {prefix}_insert AFTER INSERT ON hosts REFERENCING NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_delete": f"CREATE TRIGGER {prefix}_delete AFTER DELETE ON hosts REFERENCING OLD TABLE AS old_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_update": f"CREATE TRIGGER {prefix}_update AFTER UPDATE ON hosts "
+                            "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+    }
+
+
+FUNCTIONS_PG = {"hosts_state_count()": _pg_function("hosts_state_count", "state_counts", "state", live=False)}
+TRIGGERS_PG = _pg_triggers("hosts_state_count")
 
 
 def _postgres() -> bool:
