@@ -170,6 +170,18 @@ BROKEN = [
     ("puppetdb classes from a registrar without classes", "[registrars.pdb]\ntype = 'puppetdb'\n"
      "url = 'http://p:8080'\nclasses_from = 'pdb'\n",
      "registrars.pdb.classes_from: registrar 'pdb' (type 'puppetdb') lists no puppet_classes"),
+    # the store: a password only by reference, never in the URL
+    ("store url with a password", "[store]\nurl = 'postgresql+psycopg://governord:hunter2@db:5432/governord'\n",
+     "store.url: the URL holds a password: give it by reference as store.password"),
+    ("store password inline", "[store]\nurl = 'postgresql://governord@db/governord'\npassword = 'hunter2'\n",
+     "store.password: a secret is given by reference"),
+    ("store database unsupported", "[store]\nurl = 'mysql://governord@db/governord'\n",
+     "store.url: unsupported database 'mysql'"),
+    ("store url without a database", "[store]\nurl = 'postgresql+psycopg://governord@db'\n",
+     "store.url: a PostgreSQL URL needs a host and a database"),
+    ("store password for SQLite", "[store]\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\n",
+     "store: password: SQLite has none"),
+    ("store pool too small", "[store]\npool_size = 0\n", "store.pool_size: Input should be greater than or equal to 1"),
 ]
 
 
@@ -221,3 +233,26 @@ def test_daemon_with_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> No
     assert proc.returncode == 2
     assert f"{path}: engine.retry_limit" in proc.stderr
     assert not state.exists()
+
+
+def test_a_store_url_with_a_password_is_refused_without_showing_it(
+    tmp_path: Path, secrets: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "governord.toml"
+    path.write_text("[store]\nurl = 'postgresql://governord:hunter2@db.example.com/governord'\n")
+    assert run(str(path), check_only=True) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: store.url" in err and "hunter2" not in err
+
+
+def test_the_store_password_comes_by_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNORD_TEST_DB_PASSWORD", "s3cret/with:odd@chars")
+    section = cfg.StoreSection.model_validate({"url": "postgresql://governord@db.example.com:5433/gov",
+                                               "password": {"env": "GOVERNORD_TEST_DB_PASSWORD"}})
+    from sqlalchemy.engine import make_url
+
+    url = make_url(section.effective_url(tmp_path))
+    assert url.drivername == "postgresql+psycopg" and url.password == "s3cret/with:odd@chars"
+    assert (url.host, url.port, url.database, url.username) == ("db.example.com", 5433, "gov", "governord")
+    assert "s3cret" not in repr(section)
+    assert cfg.StoreSection().effective_url(tmp_path) == f"sqlite:///{tmp_path / 'governord.db'}"
