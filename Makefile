@@ -26,10 +26,11 @@ apt:
 	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
 
-$(VENV)/.installed: setup.cfg pyproject.toml | apt
+# constraints.txt pins every distribution to the version the tests ran with (tests/meta/test_constraints.py)
+$(VENV)/.installed: setup.cfg pyproject.toml constraints.txt | apt
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -e '.[all,test]'
+	$(PY) -m pip install -q -c constraints.txt -e '.[all,test]'
 	touch $@
 
 venv: $(VENV)/.installed

@@ -101,8 +101,15 @@ def percentile(values: list[float], fraction: float) -> float:
 
 
 async def prepare(daemon: Any) -> dict[str, str]:
+    """The bench application's certificate, key and CA, written beside the daemon's config (the
+    admin API hands the key out once; governord keeps no copy)."""
     issued = await admin(daemon, "POST", "/v1/apps/bench/certificate")
-    return {k: issued[k] for k in ("ca", "certificate", "key")}
+    files = {"ca": daemon.config.parent / "bench-ca.pem", "certificate": daemon.config.parent / "bench.pem",
+             "key": daemon.config.parent / "bench.key"}
+    for name, path in files.items():
+        path.write_text(issued[f"{name}_pem"])
+    files["key"].chmod(0o600)
+    return {name: str(path) for name, path in files.items()}
 
 
 def check_database(state_dir: Path) -> tuple[int, int]:

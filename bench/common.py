@@ -42,6 +42,11 @@ cmdb = {{ group = "nodes", classes = ["openshift::node"] }}
 [applications.bench]
 max_hosts = {max_hosts}
 
+# the benchmark measures the API's throughput, not the application's rate limit
+[applications.bench.rate_limit]
+requests_per_second = 100000.0
+burst = 100000
+
 [applications.bench.roles.node]
 tags = ["node"]
 provider = "mem"

@@ -19,6 +19,7 @@ import re
 import ssl
 import stat
 import tomllib
+import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,7 +39,9 @@ from pydantic_core import core_schema
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
+from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, FieldError
+from .outbound import never_reason
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
@@ -136,6 +139,28 @@ def _readable_file(path: Path) -> Path:
 ReadableFile = Annotated[Path, BeforeValidator(_path_given), AfterValidator(_readable_file)]
 
 
+def _no_credentials(value: str) -> str:
+    """``value`` if it names no user or password: credentials inside a URL would be echoed by
+    every error and log line that shows the URL, and they are not secret references."""
+    parts = urllib.parse.urlsplit(value)
+    if "@" in parts.netloc or (not parts.netloc and "@" in value):
+        # the value itself is not repeated: it holds a password
+        raise ValueError("a URL with a user name or password in it (user:password@host): give the user "
+                         "in the section's username key and the password as a secret reference "
+                         '({ env = "NAME" } or { file = "/path" }), never inside the URL')
+    if any(ord(c) < 0x21 or ord(c) == 0x7F for c in value):
+        raise ValueError("a URL with a space or a control character in it")
+    return value
+
+
+#: A config field holding the URL of a service governord calls (a plugin's ``url``,
+#: ``auth_url``, ``endpoint_url``...): a URL with ``user:password@`` in it is refused at load,
+#: naming the key, without repeating the URL. Every URL-valued key of every plugin's config uses
+#: it (tests/meta/test_conventions.py checks); the plugin's own validator then checks the scheme
+#: and the shape.
+ServiceURL = Annotated[str, AfterValidator(_no_credentials)]
+
+
 class DaemonSection(StrictModel):
     #: where the database, the CA and the generated certificates live
     state_dir: Path = Path("/var/lib/governord")
@@ -162,6 +187,11 @@ class TLSSection(StrictModel):
     client_ca: Path | None = None
     #: that CA's certificate revocation list(s), PEM; re-read on SIGHUP and when the file changes
     client_crl: Path | None = None
+    #: what in a client certificate names the application: "cn" (its one common name),
+    #: "san-dns" (its one DNS subject alternative name) or "san-uri" (its one URI one, e.g. a
+    #: SPIFFE ID); matched against each application's certificate_identity. A certificate with
+    #: more than one such value is refused as ambiguous.
+    identity: Literal["cn", "san-dns", "san-uri"] = "cn"
 
     @field_validator("client_crl")
     @classmethod
@@ -199,6 +229,19 @@ class ApiSection(StrictModel):
     admin_socket_mode: str = "0660"
     #: largest request body accepted, in bytes
     max_body_bytes: int = Field(default=65536, ge=1024)
+    #: seconds a client has for its TLS handshake (and a closing connection for its TLS shutdown)
+    handshake_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: seconds a client has for its first request's head after the handshake, and for every
+    #: request body after its head; a connection that misses either is closed
+    request_timeout: float = Field(default=10.0, gt=0, le=300)
+    #: seconds an idle connection waits for its next request (one half sent then is closed too)
+    keepalive_timeout: float = Field(default=15.0, gt=0, le=3600)
+    #: connections open at once; one more is closed as soon as it is accepted. With the
+    #: descriptors kept for the rest it must fit under the process's descriptor limit
+    #: (LimitNOFILE= in the unit)
+    max_connections: int = Field(default=1024, ge=1)
+    #: connections open at once from one address
+    max_connections_per_peer: int = Field(default=256, ge=1)
     tls: TLSSection = Field(default_factory=TLSSection)
 
     @field_validator("listen")
@@ -210,6 +253,22 @@ class ApiSection(StrictModel):
             if not _HOSTNAME.fullmatch(value):
                 raise ValueError(f"not an IP address or host name: {value!r}") from None
         return value
+
+    @field_validator("max_connections")
+    @classmethod
+    def _fits_the_descriptor_limit(cls, value: int) -> int:
+        shortfall = descriptor_shortfall(value, descriptor_limit())
+        if shortfall:
+            raise ValueError(shortfall)
+        return value
+
+    @model_validator(mode="after")
+    def _per_peer_within_total(self) -> ApiSection:
+        if self.max_connections_per_peer > self.max_connections:
+            raise FieldError("max_connections_per_peer",
+                             f"{self.max_connections_per_peer} is more than max_connections "
+                             f"({self.max_connections})")
+        return self
 
     @field_validator("admin_socket")
     @classmethod
@@ -346,6 +405,43 @@ class WebhookSection(StrictModel):
         return next((r for r in self.rules if r.event == event and r.component in (None, component)), None)
 
 
+def _can_take_effect(network: ipaddress.IPv4Network | ipaddress.IPv6Network) -> Any:
+    """An ``allow_networks`` entry that holds some address callbacks may be allowed to reach: a
+    network whose ends are never reached for the same reason lies inside one such range
+    (169.254/16, 224/4, a metadata address ...), and no entry overrides those."""
+    first, last = never_reason(network.network_address), never_reason(network.broadcast_address)
+    if first is not None and first == last:
+        raise ValueError(f"{network} holds only addresses callbacks never go to ({first}): "
+                         "no allow_networks entry overrides that")
+    return network
+
+
+class CallbackRules(StrictModel):
+    """Where the application's callbacks (a scale request's ``callback_url``) may go; see
+    :mod:`governord.outbound` for the whole policy. Checked when a request names the URL (422)
+    and on the resolved addresses at every delivery."""
+
+    #: take http:// callback URLs (default: https only)
+    allow_http: bool = False
+    #: deliver to addresses that are not globally reachable: RFC 1918, fc00::/7, 100.64/10 ...
+    allow_private: bool = False
+    #: networks (CIDR) callbacks may reach although denied by default: loopback (the lab, a
+    #: single-host site) and private ranges. Never metadata, link-local, multicast, reserved or
+    #: unspecified addresses, nor governord's own listener
+    allow_networks: list[Annotated[ipaddress.IPv4Network | ipaddress.IPv6Network,
+                                   AfterValidator(_can_take_effect)]] = Field(default_factory=list)
+
+
+class RateLimitSection(StrictModel):
+    """Scale and release requests (application API) and webhook deliveries an application may
+    make, together: a token bucket per application, kept by each governord instance on its own."""
+
+    #: sustained rate
+    requests_per_second: float = Field(default=5.0, gt=0, le=100000)
+    #: how many may come at once after a quiet time
+    burst: int = Field(default=20, ge=1, le=100000)
+
+
 class ApplicationSection(StrictModel):
     description: str = ""
     #: most live hosts this application may have, over all roles (in flight included)
@@ -363,8 +459,16 @@ class ApplicationSection(StrictModel):
     deletion_policy: Literal["newest", "oldest"] = "newest"
     #: client certificate common name that identifies the application (default: its name)
     certificate_cn: str | None = None
+    #: the value of the client certificate field api.tls.identity names that identifies the
+    #: application: with "cn" its common name (default: certificate_cn, else the application's
+    #: name), with "san-dns" a DNS name, with "san-uri" a URI (both required then)
+    certificate_identity: str | None = None
     #: signed deploy-hook events (POST /v1/webhooks/openshift) and what they ask for
     webhook: WebhookSection | None = None
+    #: where its callbacks may go
+    callbacks: CallbackRules = Field(default_factory=CallbackRules)
+    #: how fast it may ask for changes (scale, release, webhook deliveries); 429 beyond it
+    rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
     roles: dict[str, RoleSection] = Field(default_factory=dict)
 
     @field_validator("approval", mode="before")
@@ -778,15 +882,42 @@ def _check_places(path: str, core: CoreConfig) -> None:
         raise ConfigError(path, "api.tls.client_ca", f"not a PEM CA certificate: {exc}") from None
 
 
+def identity_of(name: str, app: ApplicationSection, mode: str) -> str | None:
+    """The value that identifies application ``name`` in its client certificate's ``mode`` field
+    (``api.tls.identity``): compared as it is for a CN or URI, in lower case for a DNS name."""
+    if mode == "cn":
+        return app.certificate_identity or app.certificate_cn or name
+    if app.certificate_identity is None:
+        return None
+    return app.certificate_identity.lower() if mode == "san-dns" else app.certificate_identity
+
+
 def _check_identities(path: str, core: CoreConfig) -> None:
-    """A client certificate's common name identifies one application, never two."""
+    """A client certificate's identity (its CN, or a SAN as api.tls.identity says) identifies
+    one application, never two, and is of the field's form."""
+    mode = core.api.tls.identity
     owner: dict[str, str] = {}
     for name, app in core.applications.items():
-        cn = app.certificate_cn or name
-        if cn in owner:
-            raise ConfigError(path, f"applications.{name}.certificate_cn",
-                              f"{cn!r} already identifies application {owner[cn]}")
-        owner[cn] = name
+        key = f"applications.{name}.certificate_identity"
+        value = identity_of(name, app, mode)
+        if mode == "cn" and app.certificate_identity and app.certificate_cn \
+                and app.certificate_identity != app.certificate_cn:
+            raise ConfigError(path, key, "with api.tls.identity = \"cn\" it is the common name: give "
+                              "certificate_cn or certificate_identity, not two different ones")
+        if value is None:
+            raise ConfigError(path, key, f"required with api.tls.identity = {mode!r}: the "
+                              f"{'DNS name' if mode == 'san-dns' else 'URI'} in the application's certificate")
+        if mode == "san-dns" and not _HOSTNAME.fullmatch(value):
+            raise ConfigError(path, key, f"not a DNS name: {value!r}")
+        if mode == "san-uri":
+            parts = urllib.parse.urlsplit(value)
+            if not re.fullmatch(r"[a-z][a-z0-9+.-]*", parts.scheme) or any(c.isspace() for c in value) \
+                    or not (parts.netloc or parts.path):
+                raise ConfigError(path, key, f"not a URI like spiffe://example.org/ns/shop: {value!r}")
+        if value in owner:
+            where = key if app.certificate_identity or mode != "cn" else f"applications.{name}.certificate_cn"
+            raise ConfigError(path, where, f"{value!r} already identifies application {owner[value]}")
+        owner[value] = name
 
 
 def redacted(value: Any) -> Any:

@@ -9,10 +9,12 @@ import json
 import os
 import sys
 import time
+import urllib.parse
 from typing import Any
 
 import aiohttp
 import click
+import yarl
 from rich.console import Console
 from rich.table import Table
 
@@ -36,6 +38,21 @@ class Unreachable(CtlError):
     exit_code = 3
 
 
+def _path(*segments: str) -> str:
+    """An admin API path made of ``segments``, each percent-encoded whole, so that a host,
+    application or request name given as an argument stays one segment of the path, whatever it
+    holds: ``/``, ``?``, ``#`` and ``%`` are encoded, and ``.`` or ``..`` as a whole segment is
+    written ``%2E`` so that nothing on the way resolves it as a step up. (An unescaped
+    ``../apps/beta/rotate?`` as a host name once reached another endpoint.)"""
+    parts = []
+    for segment in segments:
+        if not segment:
+            raise click.UsageError("an empty name")
+        quoted = urllib.parse.quote(segment, safe="")
+        parts.append(quoted.replace(".", "%2E") if set(segment) == {"."} else quoted)
+    return "/" + "/".join(parts)
+
+
 class Client:
     def __init__(self, socket_path: str) -> None:
         self.socket_path = socket_path
@@ -49,9 +66,11 @@ class Client:
         connector = aiohttp.UnixConnector(path=self.socket_path)
         # aiohttp's own default (5 minutes) unless a command waits longer on purpose
         options = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
+        # the path is already encoded (see _path): taken as it is, never re-quoted nor normalised
+        url = yarl.URL.build(scheme="http", host="governord", path=path, encoded=True)
         try:
             async with aiohttp.ClientSession(connector=connector, **options) as session:
-                async with session.request(method, f"http://governord{path}", json=body, params=params) as resp:
+                async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
@@ -113,7 +132,7 @@ def _wait_hosts(client: Client, ids: list[str], timeout: float) -> list[dict[str
     last: dict[str, str] = {}
     hosts: list[dict[str, Any]] = []
     while True:
-        hosts = [client.ok("GET", f"/v1/hosts/{i}") for i in ids]
+        hosts = [client.ok("GET", _path("v1", "hosts", i)) for i in ids]
         for h in hosts:
             if last.get(h["id"]) != h["state"]:
                 last[h["id"]] = h["state"]
@@ -139,7 +158,7 @@ def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float,
         raise CtlError(f"{request['reason']}: governord-ctl requests approve {request['id']} -m '...'")
     if wait and request["hosts"]:
         hosts = _wait_hosts(client, [h["id"] for h in request["hosts"]], timeout)
-        request = client.ok("GET", f"/v1/requests/{request['id']}")
+        request = client.ok("GET", _path("v1", "requests", request["id"]))
         if any(h["state"] == "failed" for h in hosts):
             _show_request(request, as_json)
             raise CtlError("some hosts failed; see 'governord-ctl hosts show NAME', then 'retry NAME'")
@@ -246,8 +265,8 @@ def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all:
 def hosts_show(ctx: click.Context, host: str, as_json: bool) -> None:
     """One host, its registrations and its audit trail."""
     client = _client(ctx)
-    data = client.ok("GET", f"/v1/hosts/{host}")
-    events = _all_pages(client, f"/v1/hosts/{host}/events", "events")
+    data = client.ok("GET", _path("v1", "hosts", host))
+    events = _all_pages(client, _path("v1", "hosts", host, "events"), "events")
     if as_json:
         return _print_json({**data, "events": events})
     for key in ("fqdn", "id", "app", "role", "origin", "state", "failed_step", "error", "provider", "machine_id"):
@@ -287,7 +306,7 @@ def scale(ctx: click.Context, app: str, role: str, count: int | None, add: int |
         raise click.UsageError("give exactly one of --count and --add")
     body = {"role": role, "count": count, "add": add, "idempotency_key": idempotency_key}
     client = _client(ctx)
-    request = client.ok("POST", f"/v1/apps/{app}/scale", {k: v for k, v in body.items() if v is not None},
+    request = client.ok("POST", _path("v1", "apps", app, "scale"), {k: v for k, v in body.items() if v is not None},
                         accept=(200, 202, 409))
     _finish(client, request, wait, timeout, as_json)
 
@@ -305,7 +324,7 @@ def _tag_command(name: str, field: str, help_text: str) -> None:
         body: dict[str, Any] = {field: list(tags)}
         if address:
             body["address"] = address
-        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/tags", body), wait, timeout, as_json)
+        _finish_host(client, client.ok("POST", _path("v1", "hosts", host, "tags"), body), wait, timeout, as_json)
 
 
 _tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
@@ -319,7 +338,7 @@ def _host_action(name: str, help_text: str) -> None:
     @click.pass_context
     def command(ctx: click.Context, host: str, wait: bool, timeout: float, as_json: bool) -> None:
         client = _client(ctx)
-        _finish_host(client, client.ok("POST", f"/v1/hosts/{host}/{name}"), wait, timeout, as_json)
+        _finish_host(client, client.ok("POST", _path("v1", "hosts", host, name)), wait, timeout, as_json)
 
 
 _host_action("retire", "Retire HOST: deregister it everywhere and destroy its machine, each verified.")
@@ -356,7 +375,7 @@ def requests_list(ctx: click.Context, app: str | None, limit: int | None, as_jso
 @click.pass_context
 def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
     """One request with its hosts."""
-    _show_request(_client(ctx).ok("GET", f"/v1/requests/{request_id}"), as_json)
+    _show_request(_client(ctx).ok("GET", _path("v1", "requests", request_id)), as_json)
 
 
 @cli.command("puppet-autosign")
@@ -382,7 +401,7 @@ def _request_decision(name: str, approve: bool) -> None:
     @click.option("--json", "as_json", is_flag=True)
     @click.pass_context
     def command(ctx: click.Context, request_id: str, comment: str, as_json: bool) -> None:
-        data = _client(ctx).ok("POST", f"/v1/requests/{request_id}/{name}", {"comment": comment})
+        data = _client(ctx).ok("POST", _path("v1", "requests", request_id, name), {"comment": comment})
         if approve and data["decision"] == "declined":
             raise CtlError(f"approved, but the rules decline it now: {data['reason']}")
         _show_request(data, as_json)
@@ -404,7 +423,7 @@ def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | 
     if (count is None) == (add is None):
         raise click.UsageError("give exactly one of --count and --add")
     body = {k: v for k, v in {"role": role, "count": count, "add": add}.items() if v is not None}
-    data = _client(ctx).ok("POST", f"/v1/apps/{app}/plan", body)
+    data = _client(ctx).ok("POST", _path("v1", "apps", app, "plan"), body)
     if as_json:
         return _print_json(data)
     console.print(f"{data['decision']} (rule: {data['rule']}): {data['reason'] or ''}", markup=False, highlight=False)
@@ -479,44 +498,83 @@ def apps() -> None:
     """Applications and their certificates."""
 
 
-def _print_issued(data: dict[str, Any], as_json: bool) -> None:
+def _write_issued(data: dict[str, Any], out: str) -> dict[str, Any]:
+    """Write the certificate, its private key (0600, never over an existing file) and the CA to
+    ``out``: the reply holds the only copy of the key, governord keeps none."""
+    directory = os.path.abspath(out)
+    stem = os.path.join(directory, f"{data['app']}-{data['serial']}")
+    files = {"certificate": f"{stem}.pem", "key": f"{stem}.key", "ca": os.path.join(directory, "governord-ca.pem")}
+    try:
+        os.makedirs(directory, mode=0o700, exist_ok=True)
+        fd = os.open(files["key"], os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            fh.write(data["key_pem"])
+        with open(files["certificate"], "x") as fh:
+            fh.write(data["certificate_pem"])
+        fresh = files["ca"] + ".new"
+        with open(fresh, "w") as fh:
+            fh.write(data["ca_pem"])
+        os.replace(fresh, files["ca"])
+    except OSError as exc:
+        raise CtlError(f"certificate {data['serial']} was issued, but its files cannot be written in {directory}: "
+                       f"{exc.strerror or exc}; revoke it (apps revoke {data['app']} --serial {data['serial']}) "
+                       "and issue another") from None
+    return {"app": data["app"], "common_name": data["common_name"], "serial": data["serial"],
+            "issuer": data["issuer"], "revoked": data["revoked"], **files}
+
+
+def _print_issued(data: dict[str, Any], out: str, as_json: bool) -> None:
+    written = _write_issued(data, out)
     if as_json:
-        return _print_json(data)
-    console.print(f"certificate: {data['certificate']}\nkey:         {data['key']}\nCA:          {data['ca']}\n"
-                  f"serial:      {data['serial']}", markup=False, highlight=False)
-    if data["revoked"]:
-        console.print(f"revoked:     {', '.join(data['revoked'])}", markup=False, highlight=False)
+        return _print_json(written)
+    console.print(f"certificate: {written['certificate']}\nkey:         {written['key']}\n"
+                  f"CA:          {written['ca']}\nserial:      {written['serial']}", markup=False, highlight=False)
+    if written["revoked"]:
+        console.print(f"revoked:     {', '.join(written['revoked'])}", markup=False, highlight=False)
+    err_console.print("governord keeps no copy of the key: hand it to the application, then delete it here",
+                      markup=False, highlight=False)
+
+
+_OUT_HELP = "directory the certificate, its key (0600) and the CA are written to; governord keeps no copy of the key"
 
 
 @apps.command("register")
 @click.argument("app")
+@click.option("--out", default=".", show_default=True, help=_OUT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_register(ctx: click.Context, app: str, as_json: bool) -> None:
+def apps_register(ctx: click.Context, app: str, out: str, as_json: bool) -> None:
     """Issue a client certificate for APP (configured under [applications.APP])."""
-    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/certificate"), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "certificate")), out, as_json)
 
 
 @apps.command("rotate")
 @click.argument("app")
+@click.option("--out", default=".", show_default=True, help=_OUT_HELP)
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_rotate(ctx: click.Context, app: str, as_json: bool) -> None:
+def apps_rotate(ctx: click.Context, app: str, out: str, as_json: bool) -> None:
     """Issue APP a new certificate and revoke its others."""
-    _print_issued(_client(ctx).ok("POST", f"/v1/apps/{app}/rotate"), as_json)
+    _print_issued(_client(ctx).ok("POST", _path("v1", "apps", app, "rotate")), out, as_json)
 
 
 @apps.command("revoke")
 @click.argument("app")
-@click.option("--serial", help="one certificate (default: all of APP's)")
+@click.option("--serial", help="one certificate, in hex (default: all governord issued to APP); with a site CA "
+              "(api.tls.client_ca) also one of the site CA's")
+@click.option("--issuer", help="the site CA that issued --serial (RFC 4514 name, e.g. 'CN=Site CA,O=Example'); "
+              "needed only when client_ca holds several CAs")
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
-def apps_revoke(ctx: click.Context, app: str, serial: str | None, as_json: bool) -> None:
+def apps_revoke(ctx: click.Context, app: str, serial: str | None, issuer: str | None, as_json: bool) -> None:
     """Revoke APP's certificates: refused from the next request on, no restart needed."""
-    data = _client(ctx).ok("POST", f"/v1/apps/{app}/revoke", {"serial": serial} if serial else {})
+    body = {k: v for k, v in {"serial": serial, "issuer": issuer}.items() if v is not None}
+    data = _client(ctx).ok("POST", _path("v1", "apps", app, "revoke"), body)
     if as_json:
         return _print_json(data)
-    console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}", markup=False)
+    issued_by = f" (issuer {data['issuer']})" if data.get("issuer") else ""
+    console.print(f"revoked: {', '.join(data['revoked']) or 'nothing (none unrevoked)'}{issued_by}", markup=False,
+                  highlight=False)
 
 
 @apps.command("list")
@@ -544,7 +602,7 @@ def apps_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
 @click.pass_context
 def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
     """One application and its certificates."""
-    data = _client(ctx).ok("GET", f"/v1/apps/{app}")
+    data = _client(ctx).ok("GET", _path("v1", "apps", app))
     if as_json:
         return _print_json(data)
     for key in ("name", "description", "common_name", "hosts", "max_hosts", "min_hosts", "approval", "roles"):
@@ -553,6 +611,10 @@ def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
         state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(c['revoked_at']))}" if c["revoked_at"] \
             else "valid"
         console.print(f"  certificate {c['serial']}: {state}", markup=False, highlight=False)
+    for r in data.get("site_revocations", []):
+        stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["revoked_at"]))
+        console.print(f"  site CA certificate {r['serial']} of {r['issuer']}: revoked {stamp}", markup=False,
+                      highlight=False)
 
 
 def main() -> None:

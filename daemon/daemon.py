@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, load_config, read_toml
+from .descriptors import raise_descriptor_limit
 from .dispatch.pluginmanager import PluginLoadError, PluginManager
 from .errors import ConfigError
 from .logs import setup_logging
@@ -37,6 +38,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("governord")
 
 EXIT_CONFIG = 2
+#: the daemon's umask (systemd's unit sets the same, UMask=0027)
+STATE_UMASK = 0o027
 
 
 def _disabled_plugins(path: str) -> list[str]:
@@ -72,6 +75,10 @@ def run(config_path: str, *, check_only: bool = False) -> int:
         print(f"governord: {config_path}: valid")
         return 0
     setup_logging(config.daemon.log_level)
+    # whatever the daemon writes (the database and its -wal/-shm, the CA's and issued keys,
+    # api.port, a plugin's state) is for governord and its group at most: never world-readable,
+    # and group-writable never (a stricter umask from the caller stays)
+    os.umask(os.umask(STATE_UMASK) | STATE_UMASK)
     return asyncio.run(Daemon(config_path, plugins, config).run())
 
 
@@ -106,6 +113,7 @@ class Daemon:
             return str(tls.certificate), str(tls.key), client_ca
         pair = runtime.ca.issue(self.config.api.server_names[0], server_names=self.config.api.server_names,
                                 stem="server")
+        assert pair.key is not None  # the server's own key is kept
         return str(pair.certificate), str(pair.key), client_ca
 
     async def run(self) -> int:
@@ -114,6 +122,11 @@ class Daemon:
 
         from .api.admin_api import create_admin_api
         from .api.app_api import create_app_api
+        from .api.connections import (
+            ConnectionLimits,
+            GuardedSite,
+            install_exception_handler,
+        )
         from .api.tls import ApplicationTLS
         from .runtime import Runtime
 
@@ -122,6 +135,7 @@ class Daemon:
             print(f"governord: another governord is using {state_dir}", file=sys.stderr)
             return 1
         loop = asyncio.get_running_loop()
+        descriptors = raise_descriptor_limit()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
@@ -138,13 +152,19 @@ class Daemon:
             print(f"governord: configuration error: {ConfigError(self.config_path, 'api.tls.client_crl', str(exc))}",
                   file=sys.stderr)
             return EXIT_CONFIG
-        app_runner = web.AppRunner(create_app_api(runtime, self.tls), access_log=None)
-        admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None)
+        limits = ConnectionLimits.from_config(api, runtime.metrics.refused)
+        # one rate-limited line, not a traceback per attempt, when accept() runs out of descriptors
+        install_exception_handler(loop, limits)
+        app_runner = web.AppRunner(create_app_api(runtime, self.tls, limits), access_log=None,
+                                   keepalive_timeout=api.keepalive_timeout)
+        admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None,
+                                     keepalive_timeout=api.keepalive_timeout)
         await app_runner.setup()
         await admin_runner.setup()
-        tls_site = web.TCPSite(app_runner, api.listen, api.port, ssl_context=self.tls.context)
+        tls_site = GuardedSite(app_runner, api.listen, api.port, ssl_context=self.tls.context, limits=limits)
         await tls_site.start()
         port = app_runner.addresses[0][1]
+        runtime.listeners.add(port)  # callbacks never go there
         (state_dir / "api.port").write_text(f"{port}\n")
         api.admin_socket.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
@@ -158,7 +178,8 @@ class Daemon:
         if interval:
             watchdog = asyncio.create_task(keep_watchdog_alive(interval))
         notify("READY=1", f"STATUS=serving on {api.listen}:{port} and {api.admin_socket}", f"MAINPID={os.getpid()}")
-        log.info("governord ready", extra={"listen": f"{api.listen}:{port}", "admin": str(api.admin_socket)})
+        log.info("governord ready", extra={"listen": f"{api.listen}:{port}", "admin": str(api.admin_socket),
+                                           "descriptors": descriptors, "max_connections": api.max_connections})
 
         await self.stopping.wait()
         notify("STOPPING=1", "STATUS=stopping: finishing or parking in-flight steps")

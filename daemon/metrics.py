@@ -35,8 +35,10 @@ class Metrics:
         self.in_flight = Gauge("governord_steps_in_flight", "Host steps running now", registry=self.registry)
         self.api_refusals = Counter(
             "governord_api_refusals",
-            "Connections and requests the application API refused, by reason (e.g. unknown_ca, expired, "
-            "revoked_by_crl) and stage (handshake: the TLS handshake failed; request: refused before the rules)",
+            "Connections and requests the application API refused or cut, by reason (e.g. unknown_ca, expired, "
+            "revoked_by_crl, too_many_connections, handshake_timeout, request_timeout) and stage (connection: "
+            "over a cap, no request in time or out of descriptors; handshake: the TLS handshake failed or timed "
+            "out; request: refused before the rules, or its body did not arrive in time)",
             ["reason", "stage"], registry=self.registry,
         )
 

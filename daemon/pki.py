@@ -1,21 +1,26 @@
 """governord's own certificate authority: created on first start in the state directory, it
 issues the API server's certificate and one client certificate per application (an application
-is identified by its certificate's common name). And a site CA's revocation lists, when a site
-CA issues the applications' certificates instead (``api.tls.client_ca`` and ``client_crl``)."""
+is identified by its certificate's common name, or the SAN ``api.tls.identity`` names; the
+application's private key is handed out once and not kept). And a site CA's revocation lists,
+when a site CA issues the applications' certificates instead (``api.tls.client_ca`` and
+``client_crl``)."""
 
 from __future__ import annotations
 
 import datetime
 import ipaddress
+import logging
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+log = logging.getLogger(__name__)
 
 CA_VALIDITY = datetime.timedelta(days=3650)
 LEAF_VALIDITY = datetime.timedelta(days=397)
@@ -24,10 +29,15 @@ LEAF_VALIDITY = datetime.timedelta(days=397)
 @dataclass(frozen=True)
 class IssuedPair:
     certificate: Path
-    key: Path
+    #: the private key's file; None when it was not kept (see :meth:`CertificateAuthority.issue`)
+    key: Path | None
     #: the certificate's serial number, as hex
     serial: str = ""
     not_after: float = 0.0
+    #: the issuer's name (RFC 4514): with the serial, what a revocation names
+    issuer: str = ""
+    #: the private key, PEM (PKCS#8)
+    key_pem: bytes = field(default=b"", repr=False)
 
 
 def _write_private(path: Path, data: bytes) -> None:
@@ -52,7 +62,12 @@ class CertificateAuthority:
         self.key_path = directory / "ca.key"
 
     def ensure(self) -> None:
-        """Create the CA if it does not exist yet."""
+        """Create the CA if it does not exist yet; warn about application keys an older version
+        kept in ``issued/``."""
+        kept = sorted(str(p) for p in (self.directory / "issued").glob("app-*.key"))
+        if kept:
+            log.warning("application private keys kept by an older governord: delete them once their applications "
+                        "have theirs (governord no longer keeps any)", extra={"files": kept})
         if self.cert_path.exists() and self.key_path.exists():
             return
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
@@ -88,8 +103,14 @@ class CertificateAuthority:
         assert isinstance(key, ec.EllipticCurvePrivateKey)
         return cert, key
 
-    def issue(self, common_name: str, *, server_names: list[str] | None = None, stem: str) -> IssuedPair:
-        """Issue a leaf certificate: a server one when ``server_names`` is given, else a client one."""
+    def issue(self, common_name: str, *, server_names: list[str] | None = None, stem: str,
+              keep_key: bool = True, client_names: list[x509.GeneralName] | None = None) -> IssuedPair:
+        """Issue a leaf certificate: a server one when ``server_names`` is given, else a client one
+        (with ``client_names`` as its subject alternative names, if given).
+
+        The certificate is written to ``issued/STEM.pem``; the key to ``issued/STEM.key`` (0600)
+        only with ``keep_key``: an application's key is handed out once (``key_pem``) and never
+        stored, the server's own key is kept."""
         ca_cert, ca_key = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.timezone.utc)
@@ -117,14 +138,22 @@ class CertificateAuthority:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
         else:
             builder = builder.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+            if client_names:
+                builder = builder.add_extension(x509.SubjectAlternativeName(client_names), critical=False)
         cert = builder.sign(ca_key, hashes.SHA256())
         out = self.directory / "issued"
         out.mkdir(parents=True, exist_ok=True, mode=0o700)
-        pair = IssuedPair(out / f"{stem}.pem", out / f"{stem}.key", format(cert.serial_number, "x"),
-                          cert.not_valid_after_utc.timestamp())
-        _write_private(pair.key, _key_pem(key))
+        pair = IssuedPair(out / f"{stem}.pem", out / f"{stem}.key" if keep_key else None,
+                          format(cert.serial_number, "x"), cert.not_valid_after_utc.timestamp(),
+                          cert.issuer.rfc4514_string(), _key_pem(key))
+        if pair.key is not None:
+            _write_private(pair.key, pair.key_pem)
         pair.certificate.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         return pair
+
+    def subject(self) -> str:
+        """The CA's own name (RFC 4514): the issuer of what it issues."""
+        return x509.load_pem_x509_certificate(self.cert_path.read_bytes()).subject.rfc4514_string()
 
 
 # --- a site CA's certificate revocation lists ----------------------------------------------

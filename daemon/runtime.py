@@ -18,6 +18,7 @@ from .engine.sweep import Sweeper
 from .metrics import Metrics
 from .pki import CertificateAuthority
 from .providers import Provider
+from .ratelimit import RateLimits
 from .registrars import Registrar
 from .rules import Governor
 from .store import CertificateStore, Store
@@ -37,9 +38,14 @@ class Runtime:
         self.registrars: dict[str, Registrar] = {}
         self.dispatcher = Dispatcher(plugins.pm, timeout=config.engine.hook_timeout)
         self.engine = Engine(store, self.dispatcher, config)
-        self.governor = Governor(store, self.engine, config)
+        #: TCP ports this daemon listens on (its application API), where callbacks never go:
+        #: the configured port now, the one bound added when the listener starts
+        self.listeners: set[int] = {config.api.port} - {0}
+        self.governor = Governor(store, self.engine, config, listeners=self.listeners)
         self.metrics = Metrics(self)
         self.engine.on_transition.append(self.metrics.transition)
+        #: each application's rate limit on scale, release and webhook requests (per instance)
+        self.rate_limits = RateLimits(config, self.metrics.registry)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
         self.certificates = CertificateStore(store)
         #: closing the instances a reload replaced, once their steps are done
@@ -105,6 +111,7 @@ class Runtime:
         self.governor.config = config
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
+        self.rate_limits.configure(config)
         self.pruner.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)

@@ -19,6 +19,7 @@ import base64
 import json
 import os
 import re
+import resource
 import secrets
 import signal
 import socket
@@ -186,6 +187,7 @@ class Governord:
         result = subprocess.run(
             [sys.executable, "-m", "governord.ctl", "--socket", str(self.socket), *args],
             capture_output=True, text=True, timeout=timeout, env={**os.environ, "COLUMNS": "200"},
+            cwd=self.config.parent,  # where `apps register` writes the certificate and key it is handed
         )
         if check and result.returncode != 0:
             raise RuntimeError(f"governord-ctl {' '.join(args)} exited {result.returncode}: {result.stderr}")
@@ -405,7 +407,9 @@ classes_from = "foreman"
         return secrets.token_urlsafe(12)
 
     def start_governord(self, config: Path | None = None, *, extra_env: dict[str, str] | None = None,
-                        wait_ready: bool = True) -> Governord:
+                        wait_ready: bool = True, nofile: tuple[int, int] | None = None) -> Governord:
+        """Start governord on ``config``; ``nofile`` is its (soft, hard) descriptor limit, as a
+        unit's LimitNOFILE= would set it (default: the test's own)."""
         config = config or self.write_config()
         home = config.parent
         notify_path = home / f"notify-{len(self.daemons)}.sock"
@@ -420,6 +424,7 @@ classes_from = "foreman"
             process = subprocess.Popen(
                 [sys.executable, "-m", "governord", "--config", str(config)],
                 stdout=log_file, stderr=log_file, env=env, cwd=home, start_new_session=True,
+                preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None,
             )
         daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env)
         self.daemons.append(daemon)

@@ -4,11 +4,14 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography import x509
 
 from .. import __version__
+from ..config import identity_of
 from ..rules import RequestError, host_summary
 from . import paging, schemas
 from .app_api import request_reply
@@ -141,18 +144,34 @@ def _application(runtime: Runtime, app: str) -> Any:
     return section
 
 
+def _client_names(runtime: Runtime, app: str, section: Any) -> list[x509.GeneralName]:
+    """The subject alternative name that identifies ``app`` when api.tls.identity is a SAN."""
+    mode = runtime.config.api.tls.identity
+    value = identity_of(app, section, mode)
+    if mode == "san-dns" and value:
+        return [x509.DNSName(value)]
+    if mode == "san-uri" and value:
+        return [x509.UniformResourceIdentifier(value)]
+    return []
+
+
 async def _issue(runtime: Runtime, app: str, *, rotate: bool) -> web.Response:
     section = _application(runtime, app)
     cn = section.certificate_cn or app
     earlier = [c["serial"] for c in await runtime.certificates.list(app) if c["revoked_at"] is None]
-    pair = runtime.ca.issue(cn, stem=f"app-{app}-{int(time.time() * 1000)}")
-    await runtime.certificates.record(serial=pair.serial, app=app, common_name=cn, not_after=pair.not_after)
+    # the private key is in the reply only: governord keeps no copy (whoever reads the state
+    # directory could otherwise act as every application at once)
+    pair = runtime.ca.issue(cn, stem=f"app-{app}-{int(time.time() * 1000)}", keep_key=False,
+                            client_names=_client_names(runtime, app, section))
+    await runtime.certificates.record(serial=pair.serial, app=app, common_name=cn, not_after=pair.not_after,
+                                      issuer=pair.issuer)
     revoked = []
     for serial in earlier if rotate else []:
         revoked += await runtime.certificates.revoke(app, actor=ACTOR, serial=serial)
-    return reply(schemas.Certificate, {"app": app, "common_name": cn, "certificate": str(pair.certificate),
-                                       "key": str(pair.key), "ca": str(runtime.ca.cert_path),
-                                       "serial": pair.serial, "revoked": revoked}, 201)
+    return reply(schemas.Certificate, {"app": app, "common_name": cn,
+                                       "certificate_pem": pair.certificate.read_text(),
+                                       "key_pem": pair.key_pem.decode(), "ca_pem": runtime.ca.cert_path.read_text(),
+                                       "serial": pair.serial, "issuer": pair.issuer, "revoked": revoked}, 201)
 
 
 @endpoints.add("POST", "/v1/apps/{app}/certificate", "Issue a client certificate for an application",
@@ -167,19 +186,54 @@ async def rotate_certificate(request: web.Request) -> web.Response:
     return await _issue(_runtime(request), request.match_info["app"], rotate=True)
 
 
-@endpoints.add("POST", "/v1/apps/{app}/revoke", "Revoke an application's certificate(s), refused at once",
-               body=schemas.RevokeRequest, responses={200: schemas.Revoked, 404: schemas.Error})
+@endpoints.add("POST", "/v1/apps/{app}/revoke", "Revoke an application's certificate(s), refused at once: "
+               "governord's own by serial or all of them, a site CA's by issuer and serial",
+               body=schemas.RevokeRequest, responses={200: schemas.Revoked, 404: schemas.Error, 422: schemas.Error})
 async def revoke_certificate(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     app = request.match_info["app"]
     _application(runtime, app)
     body: schemas.RevokeRequest = await parse_body(request, schemas.RevokeRequest)
-    revoked = await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
+    issuer: str | None = None
+    own = runtime.ca.subject()
+    if body.serial is not None and body.issuer not in (None, own) and runtime.config.api.tls.client_ca is None:
+        raise RequestError(422, f"issuer: {body.issuer!r} is not governord's CA ({own}), and no site CA "
+                           "is configured (api.tls.client_ca)", field="issuer")
+    revoked: list[str] = [] if body.issuer not in (None, own) else \
+        await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
+    if body.serial is not None and revoked:
+        issuer = own
+    elif body.serial is not None and runtime.config.api.tls.client_ca is not None:
+        # none of governord's: a certificate of the site CA, by issuer and serial
+        issuer = _site_issuer(runtime.config.api.tls.client_ca, body.issuer)
+        if await runtime.certificates.revoke_site(app, issuer=issuer, serial=body.serial, actor=ACTOR):
+            revoked = [body.serial]
+        else:
+            raise RequestError(404, f"certificate {body.serial} of {issuer} is revoked already", field="serial")
     if body.serial and not revoked:
         raise RequestError(404, f"application {app} has no unrevoked certificate {body.serial}", field="serial")
     async with runtime.store.transaction() as conn:
-        await runtime.store.add_event(conn, "certificate-revoked", actor=ACTOR, detail={"app": app, "serials": revoked})
-    return reply(schemas.Revoked, {"app": app, "revoked": revoked})
+        await runtime.store.add_event(conn, "certificate-revoked", actor=ACTOR,
+                                      detail={"app": app, "serials": revoked, "issuer": issuer})
+    return reply(schemas.Revoked, {"app": app, "revoked": revoked, "issuer": issuer})
+
+
+def _site_issuer(client_ca: Path, given: str | None) -> str:
+    """The name (RFC 4514) of the site CA a revocation is for: ``given`` if it is one of the
+    CAs in ``client_ca``, or the only CA there."""
+    try:
+        names = [c.subject.rfc4514_string() for c in x509.load_pem_x509_certificates(client_ca.read_bytes())]
+    except (OSError, ValueError) as exc:
+        raise RequestError(422, f"issuer: cannot read the site CAs in {client_ca}: {exc}", field="issuer") from None
+    if given is None:
+        if len(names) == 1:
+            return names[0]
+        raise RequestError(422, f"issuer: give the issuer: api.tls.client_ca holds several CAs ({'; '.join(names)})",
+                           field="issuer")
+    if given not in names:
+        raise RequestError(422, f"issuer: {given!r} is no CA of api.tls.client_ca ({'; '.join(names)})",
+                           field="issuer")
+    return given
 
 
 async def _describe_app(runtime: Runtime, name: str) -> dict[str, Any]:
@@ -187,7 +241,8 @@ async def _describe_app(runtime: Runtime, name: str) -> dict[str, Any]:
     return {"name": name, "description": section.description, "common_name": section.certificate_cn or name,
             "max_hosts": section.max_hosts, "min_hosts": section.min_hosts, "approval": section.approval,
             "roles": sorted(section.roles), "hosts": await runtime.store.live_count(name),
-            "certificates": await runtime.certificates.list(name)}
+            "certificates": await runtime.certificates.list(name),
+            "site_revocations": await runtime.certificates.list_site(name)}
 
 
 @endpoints.add("GET", "/v1/apps", "Configured applications, their hosts and certificates, by name, a page at a time",

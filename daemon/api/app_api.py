@@ -4,8 +4,10 @@ The TLS listener (:mod:`governord.api.tls`) asks for a client certificate and ve
 is given against the configured CA (and its CRL); a refused handshake is logged and counted
 there. ``/v1`` then refuses, before any rule sees the request, a connection that presented no
 certificate, one governord revoked, one past its dates or revoked by the CRL since the
-connection was opened, and one whose common name is no configured application; each refusal is
-logged with its reason and counted (``governord_api_refusals_total``). ``/healthz``,
+connection was opened, one with no or several identities (common names, or the subject
+alternative names ``api.tls.identity`` names) and one whose identity is no configured
+application's; each refusal is logged with its reason and counted
+(``governord_api_refusals_total``). A revocation is of an issuer and a serial. ``/healthz``,
 ``/metrics`` and ``/openapi.json`` need no certificate.
 """
 
@@ -13,20 +15,34 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 import logging
 import secrets
 import ssl
 import time
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
+from cryptography import x509
+from cryptography.x509.oid import NameOID
 from pydantic import ValidationError
 
 from .. import webhooks
+from ..config import identity_of
 from ..rules import Decision, RequestError, host_summary
 from . import paging, schemas
-from .common import Endpoints, error_response, errors_middleware, first_problem, healthz, max_body_key, parse_body, reply
+from .common import (
+    Endpoints,
+    error_response,
+    errors_middleware,
+    first_problem,
+    healthz,
+    load_json,
+    max_body_key,
+    parse_body,
+    reply,
+)
+from .connections import ConnectionLimits, limits_key, request_deadlines
 from .tls import ApplicationTLS
 
 if TYPE_CHECKING:
@@ -52,14 +68,35 @@ def application_of(request: web.Request) -> str:
     return request[app_key]  # type: ignore[no-any-return]
 
 
-def _common_name(peercert: dict[str, Any] | None) -> str | None:
-    if not peercert:
-        return None
-    for rdn in peercert.get("subject", ()):
-        for key, value in rdn:
-            if key == "commonName":
-                return str(value)
-    return None
+@dataclass(frozen=True)
+class Presented:
+    """What identifies a client certificate: its issuer and serial, and the values of the field
+    api.tls.identity names."""
+
+    issuer: str
+    serial: str
+    common_names: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    uris: tuple[str, ...]
+
+    def identity(self, mode: str) -> tuple[str, ...]:
+        if mode == "san-dns":
+            return tuple(name.lower() for name in self.dns_names)
+        return self.uris if mode == "san-uri" else self.common_names
+
+
+@functools.lru_cache(maxsize=1024)
+def presented(der: bytes) -> Presented:
+    """The identifying parts of a (DER) client certificate, parsed once per certificate."""
+    cert = x509.load_der_x509_certificate(der)
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns, uris = tuple(san.get_values_for_type(x509.DNSName)), tuple(san.get_values_for_type(
+            x509.UniformResourceIdentifier))
+    except x509.ExtensionNotFound:
+        dns, uris = (), ()
+    cns = tuple(str(a.value) for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME))
+    return Presented(cert.issuer.rfc4514_string(), format(cert.serial_number, "x"), cns, dns, uris)
 
 
 def _refuse(runtime: Runtime, status: int, reason: str, description: str, message: str,
@@ -83,30 +120,40 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     runtime: Runtime = request.app[runtime_key]
     transport = request.transport
     peercert = transport.get_extra_info("peercert") if transport else None
-    cn = _common_name(peercert)
+    ssl_object = transport.get_extra_info("ssl_object") if transport else None
+    der = ssl_object.getpeercert(binary_form=True) if peercert and ssl_object is not None else None
     peer = request.remote
-    if cn is None:
+    if not der:
         return _refuse(runtime, 401, "no_certificate", "no client certificate",
                        "a client certificate issued to the application is required", peer=peer)
-    assert peercert is not None
-    serial = format(int(peercert.get("serialNumber", "0"), 16), "x")
+    cert = presented(der)
+    serial, issuer = cert.serial, cert.issuer
+    mode = runtime.config.api.tls.identity
+    values = cert.identity(mode)
+    # for the messages: the identity if there is one, else the first common name
+    cn = values[0] if len(values) == 1 else (cert.common_names[0] if cert.common_names else serial)
     # The handshake checked dates and the CRL; a connection kept alive since may have outlived both.
+    assert peercert is not None  # a DER certificate came with it
     not_after = peercert.get("notAfter")
     if not_after and _seconds(not_after) < time.time():
         return _refuse(runtime, 403, "expired", "expired", f"certificate {serial} of {cn!r} has expired",
                        cn=cn, serial=serial, peer=peer)
     tls: ApplicationTLS | None = request.app.get(tls_key)
-    ssl_object = transport.get_extra_info("ssl_object") if transport else None
-    if tls is not None and tls.client_crl is not None and ssl_object is not None:
-        der = ssl_object.getpeercert(binary_form=True)
-        if der and tls.revoked_by_crl(der):
-            return _refuse(runtime, 403, "revoked_by_crl", "revoked by CRL",
-                           f"certificate {serial} of {cn!r} is revoked by its CA's CRL", cn=cn, serial=serial,
-                           peer=peer)
-    if await runtime.certificates.revoked(serial):
+    if tls is not None and tls.client_crl is not None and tls.revoked_by_crl(der):
+        return _refuse(runtime, 403, "revoked_by_crl", "revoked by CRL",
+                       f"certificate {serial} of {cn!r} is revoked by its CA's CRL", cn=cn, serial=serial,
+                       peer=peer)
+    if await runtime.certificates.revoked(issuer, serial):
         return _refuse(runtime, 403, "revoked", "revoked certificate", f"certificate {serial} of {cn!r} is revoked",
-                       cn=cn, serial=serial, peer=peer)
-    apps = {(section.certificate_cn or name): name for name, section in runtime.config.applications.items()}
+                       cn=cn, serial=serial, issuer=issuer, peer=peer)
+    field = {"cn": "common name", "san-dns": "DNS subject alternative name", "san-uri": "URI subject alternative name"}[mode]
+    if len(values) != 1:
+        reason = "ambiguous_identity" if values else "no_identity"
+        problem = f"{len(values)} {field}s" if values else f"no {field}"
+        return _refuse(runtime, 403, reason, f"certificate with {problem}",
+                       f"certificate {serial} has {problem}: one identifies the application (api.tls.identity)",
+                       serial=serial, issuer=issuer, identities=list(values), peer=peer)
+    apps = {identity_of(name, section, mode): name for name, section in runtime.config.applications.items()}
     if cn not in apps:
         return _refuse(runtime, 403, "unknown_application", "unknown application certificate",
                        f"certificate {cn!r} does not belong to a configured application", cn=cn, serial=serial,
@@ -115,12 +162,32 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
+#: the answer beyond the application's rate limit (governord.ratelimit), documented
+RETRY_AFTER = {429: {"Retry-After": ({"type": "integer", "minimum": 1},
+                                     "whole seconds until the application may ask again")}}
+
+
+def _over_limit(runtime: Runtime, app: str, endpoint: str) -> web.Response | None:
+    """429 with Retry-After if ``app`` is over its rate limit (the request is counted), else None."""
+    wait = runtime.rate_limits.take(app, endpoint)
+    if wait is None:
+        return None
+    limit = runtime.rate_limits.limit(app)
+    rate = f" ({limit.requests_per_second:g} a second, burst {limit.burst})" if limit else ""
+    return error_response(429, f"application {app} is over its rate limit{rate}: retry in {wait} s",
+                          headers={"Retry-After": str(wait)})
+
+
 @endpoints.add("POST", "/v1/scale", "Ask for more hosts of a role, or for a total",
                body=schemas.ScaleRequest,
-               responses={200: schemas.Request, 202: schemas.Request, 409: schemas.Request, 422: schemas.Error})
+               responses={200: schemas.Request, 202: schemas.Request, 409: schemas.Request, 422: schemas.Error,
+                          429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def scale(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     app = application_of(request)
+    if (over := _over_limit(runtime, app, "scale")) is not None:
+        return over
     body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
     decision = await runtime.governor.scale(
         app, body.role, add=body.add, count=body.count, actor=f"app:{app}", idempotency_key=body.idempotency_key,
@@ -131,10 +198,14 @@ async def scale(request: web.Request) -> web.Response:
 
 @endpoints.add("POST", "/v1/release", "Hand hosts back (named, or a count, newest first)",
                body=schemas.ReleaseRequest,
-               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 422: schemas.Error})
+               responses={200: schemas.Request, 202: schemas.Request, 404: schemas.Error, 422: schemas.Error,
+                          429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def release(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     app = application_of(request)
+    if (over := _over_limit(runtime, app, "release")) is not None:
+        return over
     body: schemas.ReleaseRequest = await parse_body(request, schemas.ReleaseRequest)
     decision = await runtime.governor.release(
         app, hosts=body.hosts, role=body.role, count=body.count, actor=f"app:{app}",
@@ -197,7 +268,8 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
                body=webhooks.DeployEvent, headers=webhooks.HEADER_SCHEMAS,
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
                           401: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
-                          415: schemas.Error, 422: schemas.Error})
+                          415: schemas.Error, 422: schemas.Error, 429: schemas.Error},
+               response_headers=RETRY_AFTER)
 async def openshift_webhook(request: web.Request) -> web.Response:
     runtime: Runtime = request.app[runtime_key]
     body = await _read_limited(request, min(webhooks.MAX_BODY_BYTES, request.app[max_body_key]))
@@ -218,16 +290,19 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         return error_response(refused.status, refused.reason, refused.field)
     if hook is None:  # not reached: only an application's own secret verifies
         return error_response(401, "signature does not match", webhooks.SIGNATURE_HEADER)
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    # counted once the signature verified: only the application itself can spend its limit
+    if (over := _over_limit(runtime, app, "webhook")) is not None:
+        return over
+    data = load_json(body)  # before anything recursive reads it (the event's validation below)
     if not isinstance(data, dict):
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")
     try:
         # from the JSON text, not the parsed data: strict mode must see JSON's own types
         event = webhooks.DeployEvent.model_validate_json(body)
     except ValidationError as exc:
+        if exc.errors()[0]["type"] == "json_invalid":
+            # JSON json.loads reads but pydantic's parser does not: a lone surrogate (\ud800)
+            raise RequestError(400, f"body is not valid JSON: {exc.errors()[0]['msg']}") from None
         message, where = first_problem(exc)
         raise RequestError(422, message, field=where) from None
     rule = hook.rule_for(event.event, event.component)
@@ -263,13 +338,16 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=await runtime.metrics.render(), content_type="text/plain", charset="utf-8")
 
 
-def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None) -> web.Application:
+def create_app_api(runtime: Runtime, tls: ApplicationTLS | None = None,
+                   limits: ConnectionLimits | None = None) -> web.Application:
     """The application API; ``tls`` is the listener's :class:`~governord.api.tls.ApplicationTLS`,
-    whose site-CA CRL is also checked per request."""
+    whose site-CA CRL is also checked per request; ``limits`` the listener's
+    :class:`~governord.api.connections.ConnectionLimits` (by default, the configured ones)."""
     app = web.Application(
-        middlewares=[errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
+        middlewares=[request_deadlines, errors_middleware, identify], client_max_size=runtime.config.api.max_body_bytes
     )
     app[runtime_key] = runtime
+    app[limits_key] = limits or ConnectionLimits.from_config(runtime.config.api, runtime.metrics.refused)
     if tls is not None:
         app[tls_key] = tls
     app[max_body_key] = runtime.config.api.max_body_bytes

@@ -5,8 +5,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
+from itertools import accumulate
 from typing import Any
 
 from aiohttp import web
@@ -38,6 +40,8 @@ class Endpoint:
     content_type: str = "application/json"
     #: request headers the operation needs: name -> (JSON Schema of the value, description)
     headers: dict[str, tuple[dict[str, Any], str]] = field(default_factory=dict)
+    #: headers of a response: status -> {name: (JSON Schema of the value, description)}
+    response_headers: dict[int, dict[str, tuple[dict[str, Any], str]]] = field(default_factory=dict)
 
 
 class Endpoints:
@@ -66,10 +70,12 @@ class Endpoints:
         query: dict[str, str | tuple[str, dict[str, Any]]] | None = None,
         content_type: str = "application/json",
         headers: dict[str, tuple[dict[str, Any], str]] | None = None,
+        response_headers: dict[int, dict[str, tuple[dict[str, Any], str]]] | None = None,
     ) -> Callable[[Handler], Handler]:
         def decorate(handler: Handler) -> Handler:
             self.items.append(
-                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type, headers or {})
+                Endpoint(method, path, summary, handler, body, responses, query or {}, content_type, headers or {},
+                         response_headers or {})
             )
             return handler
 
@@ -132,6 +138,9 @@ class Endpoints:
                     entry["content"] = {ep.content_type: {"schema": ref(model)}}
                 elif ep.content_type != "application/json":
                     entry["content"] = {ep.content_type: {"schema": {"type": "string"}}}
+                if status in ep.response_headers:
+                    entry["headers"] = {name: {"schema": schema, "description": desc, "required": True}
+                                        for name, (schema, desc) in ep.response_headers[status].items()}
                 op["responses"][str(status)] = entry
             paths.setdefault(ep.path, {})[ep.method.lower()] = op
         doc_components: dict[str, Any] = {"schemas": components}
@@ -176,16 +185,50 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return error_response(500, "internal error (logged)")
 
 
+#: deepest nesting of arrays and objects a request body may have: every body either API takes
+#: is a few levels deep, and Python's json module (like any recursive parser) recurses once per
+#: level, so 30,000 levels raised RecursionError before this bound
+MAX_JSON_DEPTH = 64
+
+#: a JSON string (escapes included; an unterminated one runs to the end of the text)
+_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"?', re.DOTALL)
+_NOT_BRACKET = re.compile(r"[^\[\]{}]+")
+_STEP = {"[": 1, "{": 1, "]": -1, "}": -1}
+
+
+def nests_deeper_than(text: str, limit: int) -> bool:
+    """Whether the arrays and objects of a JSON text nest more than ``limit`` levels deep,
+    counted without recursion and without parsing (brackets inside strings do not count), in
+    C-speed passes over the text. The answer for text that is not JSON does not matter: the
+    parser refuses it next."""
+    if text.count("[") + text.count("{") <= limit:
+        return False  # nearly every body: not enough brackets to go deeper
+    brackets = _NOT_BRACKET.sub("", _STRING.sub("", text))
+    return max(accumulate(map(_STEP.__getitem__, brackets)), default=0) > limit
+
+
+def load_json(raw: bytes) -> Any:
+    """A request body's JSON, as :func:`json.loads` reads it, refused (400) if it is not JSON or
+    nests deeper than :data:`MAX_JSON_DEPTH`: checked before anything recursive reads it."""
+    try:
+        # json.loads' own decoding (UTF-8, -16 or -32), so the text checked is the text parsed
+        text = raw.decode(json.detect_encoding(raw), "surrogatepass")
+    except UnicodeDecodeError as exc:
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    if nests_deeper_than(text, MAX_JSON_DEPTH):
+        raise RequestError(400, f"body nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except ValueError as exc:  # also an integer of more digits than int() reads
+        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+
+
 async def parse_body(request: web.Request, model: type[BaseModel]) -> Any:
-    """Read and validate a JSON body; 400 if it is not a JSON object, 422 naming the first bad
-    field."""
+    """Read and validate a JSON body; 400 if it is not a JSON object (or nests too deep), 422
+    naming the first bad field."""
     if request.content_type != "application/json":
         raise RequestError(415, "send Content-Type: application/json")
-    raw = await request.read()
-    try:
-        data = json.loads(raw or b"null")
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise RequestError(400, f"body is not valid JSON: {exc}") from None
+    data = load_json(await request.read() or b"null")
     if not isinstance(data, dict):
         # not the request at all, like a body that is not JSON; a 422 is for a field
         raise RequestError(400, f"body must be a JSON object, not {type(data).__name__}")

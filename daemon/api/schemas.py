@@ -190,22 +190,36 @@ class PluginList(BaseModel):
 
 
 class Certificate(BaseModel):
+    """A client certificate just issued, with its private key: the only copy of the key (governord
+    keeps none), for governord-ctl to write to a file the operator hands to the application."""
+
     app: str
     common_name: str
-    certificate: str
-    key: str
-    ca: str
+    certificate_pem: str
+    key_pem: str
+    ca_pem: str
     serial: str
+    issuer: str
     revoked: list[str] = Field(default_factory=list, description="serials revoked by a rotation")
 
 
 class IssuedCertificate(BaseModel):
     serial: str
+    issuer: str
     common_name: str
     issued_at: float
     not_after: float
     revoked_at: float | None
     revoked_by: str | None
+
+
+class SiteRevocation(BaseModel):
+    """A certificate of a site CA (api.tls.client_ca) revoked by `apps revoke --serial`."""
+
+    serial: str
+    issuer: str
+    revoked_at: float
+    revoked_by: str
 
 
 class Application(BaseModel):
@@ -218,6 +232,7 @@ class Application(BaseModel):
     roles: list[str]
     hosts: int
     certificates: list[IssuedCertificate]
+    site_revocations: list[SiteRevocation] = Field(default_factory=list)
 
 
 class ApplicationList(BaseModel):
@@ -226,14 +241,30 @@ class ApplicationList(BaseModel):
 
 
 class RevokeRequest(Body):
-    """Revoke one certificate (by serial) or, without one, every certificate of the application."""
+    """Revoke one certificate (by serial) or, without one, every certificate governord issued
+    the application. A serial that is none of governord's names a site CA's certificate (with
+    ``api.tls.client_ca``): of ``issuer`` (RFC 4514, e.g. ``CN=Site CA,O=Example``), which may be
+    left out when client_ca holds one CA."""
 
-    serial: str | None = Field(default=None, pattern=r"^[0-9a-f]{1,40}$")
+    serial: str | None = Field(default=None, pattern=r"^(0x)?[0-9A-Fa-f]{1,40}$|^[0-9A-Fa-f]{2}(:[0-9A-Fa-f]{2}){0,19}$",
+                               description="hex, as governord and `openssl x509 -serial` print it (colons allowed)")
+    issuer: str | None = Field(default=None, min_length=1, max_length=1024, pattern=KEY_TEXT)
+
+    @model_validator(mode="after")
+    def _normalise(self) -> RevokeRequest:
+        if self.serial is not None:
+            digits = self.serial.lower().removeprefix("0x").replace(":", "").lstrip("0") or "0"
+            object.__setattr__(self, "serial", digits)
+        if self.issuer is not None and self.serial is None:
+            raise FieldError("issuer", "an issuer goes with a serial")
+        return self
 
 
 class Revoked(BaseModel):
     app: str
     revoked: list[str]
+    #: the issuer of the certificate revoked by serial
+    issuer: str | None = None
 
 
 class AutosignRequest(Body):

@@ -6,6 +6,13 @@ and retries with backoff until the application answers 2xx or the attempts run o
 The outbox is a table, so a restart never loses a notification; a repeat carries the same
 delivery id (the request id), so the application can de-duplicate.
 
+Where a callback may go is the application's ``[applications.APP.callbacks]`` rules with the
+policy of :mod:`governord.outbound`: https unless http is allowed, no redirect followed (a 3xx
+is a failed attempt), and every address the host resolves to checked at each attempt, the
+connection made only to a checked address. A refused destination is a failed attempt that was
+never sent: its reason in ``last_error``, a ``callback-refused`` audit event, tried again with
+backoff (the application may fix its DNS, an operator its rules) until the attempts run out.
+
 One callback never holds up the others: a URL no client could ever send to (one stored before
 the API checked URLs as strictly as it does now, or written into the table by hand) is given up
 at its first round, with the reason in ``last_error``, a ``callback-given-up`` audit event and a
@@ -28,6 +35,8 @@ from sqlalchemy import insert, select, update
 from sqlalchemy.engine import Connection
 
 from .. import webhooks
+from ..config import CallbackRules
+from ..outbound import Guard, Policy
 from ..store.schema import callbacks
 
 if TYPE_CHECKING:
@@ -88,10 +97,8 @@ class Notifier:
         self.runtime = runtime
         self.interval = interval
         self._task: asyncio.Task[None] | None = None
-        self._session: aiohttp.ClientSession | None = None
 
     async def start(self) -> None:
-        self._session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self._task = asyncio.create_task(self._run(), name="callbacks")
 
     async def stop(self) -> None:
@@ -99,8 +106,13 @@ class Notifier:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
-        if self._session:
-            await self._session.close()
+
+    def policy(self, app: str) -> Policy:
+        """The application's callback rules as they are now, with governord's own listeners."""
+        section = self.runtime.config.applications.get(app)
+        # an application removed from the config: the defaults
+        rules = section.callbacks if section is not None else CallbackRules()
+        return Policy.of(app, rules, self.runtime.listeners)
 
     async def _run(self) -> None:
         while True:
@@ -156,16 +168,39 @@ class Notifier:
             return
         headers = {**webhooks.signature_headers(secrets[0], body, delivery=row["request_id"]),
                    "Content-Type": "application/json"}
-        assert self._session is not None
-        try:
-            async with self._session.post(row["url"], data=body, headers=headers) as resp:
-                if 200 <= resp.status < 300:
-                    await self._update(row, delivered_at=time.time(), attempts=row["attempts"] + 1, last_error=None)
-                    log.info("callback delivered", extra={"request": row["request_id"], "url": row["url"]})
+        policy = self.policy(row["app"])
+        if (refusal := policy.url_refusal(row["url"])) is not None:  # the rules changed since the request
+            await self._refused(row, f"callback_url {row['url']!r} refused: {refusal}")
+            return
+        guard = Guard(policy)
+        # a session per attempt: its connector's resolver and sockets check this application's
+        # rules, and nothing (no DNS cache, no kept connection) is shared with another
+        # application's callbacks; no proxy from the environment (trust_env is off)
+        async with aiohttp.ClientSession(connector=guard.connector(), timeout=aiohttp.ClientTimeout(total=30)) as session:
+            try:
+                async with session.post(row["url"], data=body, headers=headers, allow_redirects=False) as resp:
+                    if 200 <= resp.status < 300:
+                        await self._update(row, delivered_at=time.time(), attempts=row["attempts"] + 1,
+                                           last_error=None)
+                        log.info("callback delivered", extra={"request": row["request_id"], "url": row["url"]})
+                        return
+                    error = f"HTTP {resp.status}"
+                    if 300 <= resp.status < 400:
+                        error += f" (a redirect, not followed; Location: {resp.headers.get('Location', '')[:200]!r})"
+            except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+                if guard.refused is not None:
+                    await self._refused(row, guard.refused)
                     return
-                error = f"HTTP {resp.status}"
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            error = f"{type(exc).__name__}: {exc}"
+                error = f"{type(exc).__name__}: {exc}"
+        await self._failed(row, error, retry=True)
+
+    async def _refused(self, row: dict[str, Any], error: str) -> None:
+        """An attempt the policy stopped before anything was sent: audited, then counted as a
+        failed attempt (tried again later, as DNS or the rules may change)."""
+        async with self.runtime.store.transaction() as conn:
+            await self.runtime.store.add_event(conn, "callback-refused", actor=ACTOR, request_id=row["request_id"],
+                                               detail={"app": row["app"], "url": row["url"], "error": error})
+        log.warning("callback refused", extra={"request": row["request_id"], "url": row["url"], "error": error})
         await self._failed(row, error, retry=True)
 
     async def _failed(self, row: dict[str, Any], error: str, *, retry: bool) -> None:

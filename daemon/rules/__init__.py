@@ -25,6 +25,7 @@ from cryptography.x509.oid import AttributeOID, NameOID
 from ..config import Config, Placement, WebhookRule
 from ..engine import STATE_OF_STEP, Engine, address_range, callbacks
 from ..models import ACTIVE_STATES, HostOrigin, HostState
+from ..outbound import Policy
 from ..store import NameTaken, Row, Store, Transaction, app_lock, network_lock
 from ..store.schema import hosts
 
@@ -84,10 +85,12 @@ class Governor:
     turns, so a count read under a cap still holds when the hosts are written, and a whole
     decision is one hop to the writer thread."""
 
-    def __init__(self, store: Store, engine: Engine, config: Config) -> None:
+    def __init__(self, store: Store, engine: Engine, config: Config, *, listeners: set[int] | None = None) -> None:
         self.store = store
         self.engine = engine
         self.config = config
+        #: TCP ports governord listens on (the runtime's set): no callback_url may name them
+        self.listeners = listeners if listeners is not None else set()
 
     def _app(self, app: str) -> Any:
         section = self.config.applications.get(app)
@@ -179,6 +182,10 @@ class Governor:
         if section.webhook is None:
             raise RequestError(422, f"callback_url: application {app} has no webhook secret to sign "
                                "notifications with ([applications.APP.webhook] secrets)", field="callback_url")
+        # what the rules refuse without a lookup (http, a denied address literal); the
+        # addresses a host name resolves to are checked at each delivery
+        if (refusal := Policy.of(app, section.callbacks, self.listeners).url_refusal(url)) is not None:
+            raise RequestError(422, f"callback_url: {refusal}", field="callback_url")
 
     def _check_scale(self, app: str, role: str, add: int | None, count: int | None) -> None:
         section = self._app(app)

@@ -29,6 +29,7 @@ PostgreSQL psycopg prepares repeated statements itself, and they run through SQL
 from __future__ import annotations
 
 import asyncio
+import builtins
 import contextlib
 import ipaddress
 import itertools
@@ -54,7 +55,17 @@ from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from ..models import HostOrigin, HostState, HostView
 from . import postgresql, sqlite
-from .schema import WORKING, address_leases, app_certificates, events, hosts, live_counts, requests, state_counts
+from .schema import (
+    WORKING,
+    address_leases,
+    app_certificates,
+    events,
+    hosts,
+    live_counts,
+    requests,
+    site_revocations,
+    state_counts,
+)
 
 Row = dict[str, Any]
 T = TypeVar("T")
@@ -967,23 +978,27 @@ def _batched(items: Iterable[int], size: int) -> Iterator[tuple[int, ...]]:
 
 
 class CertificateStore:
-    """The application certificates governord issued (a mixin-free helper over the store's engine).
+    """The application certificates governord issued, and revocations of certificates a site CA
+    issued (a mixin-free helper over the store's engine). A revocation is of an issuer and a
+    serial: one CA's serial never revokes another CA's certificate.
 
-    The revoked serials are also kept in memory, read once and added to by :meth:`revoke`: every
-    request of the applications' API asks, and the daemon is the only writer of its database
-    (``governord-ctl`` revokes through it), so the set is never stale."""
+    The revoked (issuer, serial) pairs are also kept in memory, read once and added to by
+    :meth:`revoke` and :meth:`revoke_site`: every request of the applications' API asks, and the
+    daemon is the only writer of its database (``governord-ctl`` revokes through it), so the set
+    is never stale."""
 
     def __init__(self, store: Store) -> None:
         self.store = store
         self.engine = store.engine
-        self._revoked: set[str] | None = None
+        self._revoked: set[tuple[str, str]] | None = None
         #: bumped by every revocation: a read of the set begun before one is not kept
         self._revocations = 0
 
-    async def record(self, *, serial: str, app: str, common_name: str, not_after: float) -> None:
+    async def record(self, *, serial: str, app: str, common_name: str, not_after: float, issuer: str) -> None:
         async with self.store.transaction() as conn:
             await conn.execute(insert(app_certificates).values(
-                serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after))
+                serial=serial, app=app, common_name=common_name, issued_at=time.time(), not_after=not_after,
+                issuer=issuer))
 
     async def list(self, app: str | None = None) -> list[Row]:
         query = select(app_certificates).order_by(app_certificates.c.issued_at)
@@ -992,7 +1007,20 @@ class CertificateStore:
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
 
-    async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> list[str]:
+    async def list_site(self, app: str | None = None) -> builtins.list[Row]:
+        """Revocations of site-CA certificates, oldest first."""
+        query = select(site_revocations).order_by(site_revocations.c.revoked_at)
+        if app is not None:
+            query = query.where(site_revocations.c.app == app)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query)).mappings()]
+
+    def _changed(self) -> None:
+        # once committed (a revocation that failed refuses nothing); read afresh at next use
+        self._revocations += 1
+        self._revoked = None
+
+    async def revoke(self, app: str, *, actor: str, serial: str | None = None) -> builtins.list[str]:
         where = and_(app_certificates.c.app == app, app_certificates.c.revoked_at.is_(None))
         if serial is not None:
             where = and_(where, app_certificates.c.serial == serial)
@@ -1001,19 +1029,33 @@ class CertificateStore:
                 update(app_certificates).where(where).values(revoked_at=time.time(), revoked_by=actor)
                 .returning(app_certificates.c.serial))
             serials = [r[0] for r in result]
-        # once committed (a revocation that failed refuses nothing); read afresh at next use
-        self._revocations += 1
-        self._revoked = None
+        self._changed()
         return serials
 
-    async def revoked(self, serial: str) -> bool:
+    async def revoke_site(self, app: str, *, issuer: str, serial: str, actor: str) -> bool:
+        """Revoke the certificate ``serial`` of the site CA ``issuer`` (for ``app``); False if it
+        was revoked before."""
+        async with self.store.transaction() as conn:
+            known = await conn.execute(select(site_revocations.c.app).where(
+                and_(site_revocations.c.issuer == issuer, site_revocations.c.serial == serial)))
+            if known.first() is not None:
+                return False
+            await conn.execute(insert(site_revocations).values(
+                issuer=issuer, serial=serial, app=app, revoked_at=time.time(), revoked_by=actor))
+        self._changed()
+        return True
+
+    async def revoked(self, issuer: str, serial: str) -> bool:
+        """Whether the certificate ``serial`` of ``issuer`` (RFC 4514 name) is revoked."""
         known = self._revoked
         if known is None:
             revocations = self._revocations
             async with self.engine.connect() as conn:
-                rows = await conn.execute(select(app_certificates.c.serial)
-                                          .where(app_certificates.c.revoked_at.is_not(None)))
-                known = {row[0] for row in rows}
+                own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
+                                         .where(app_certificates.c.revoked_at.is_not(None)))
+                known = {(row[0], row[1]) for row in own}
+                site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
+                known |= {(row[0], row[1]) for row in site}
             if revocations == self._revocations:
                 self._revoked = known
-        return serial in known
+        return (issuer, serial) in known

@@ -258,8 +258,22 @@ app_certificates = Table(
     Column("not_after", Float, nullable=False),
     Column("revoked_at", Float),
     Column("revoked_by", String(255)),
+    #: the issuing CA's name (RFC 4514): a revocation is of an issuer and a serial
+    Column("issuer", Text, nullable=False, server_default=text("'CN=governord CA'")),
 )
 Index("ix_app_certificates_app", app_certificates.c.app)
+
+#: Certificates a site CA issued (api.tls.client_ca) that an operator revoked with
+#: `governord-ctl apps revoke APP --serial S`: refused like governord's own revoked ones.
+site_revocations = Table(
+    "site_revocations",
+    metadata,
+    Column("issuer", Text, primary_key=True),
+    Column("serial", String(64), primary_key=True),
+    Column("app", String(255), nullable=False),
+    Column("revoked_at", Float, nullable=False),
+    Column("revoked_by", String(255), nullable=False),
+)
 
 #: Signed notifications owed to applications (their request's callback_url): a durable outbox.
 callbacks = Table(

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -36,10 +37,23 @@ def pragmas(dbapi_connection: Any, _record: Any) -> None:
     cursor.close()
 
 
+def private_database(path: Path) -> None:
+    """Make the SQLite file 0600 before SQLite opens it (its -wal and -shm files are made with
+    the database's mode), and take group and other bits off files an older version made."""
+    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
+        with contextlib.suppress(FileNotFoundError):
+            if file.stat().st_mode & 0o077:
+                file.chmod(0o600)
+
+
 def sync_engine(url: str, codec: dict[str, Any]) -> Engine:
+    """The engine of the SQLite file at ``url``, made (0600, see :func:`private_database`) with
+    its directory if need be."""
     path = make_url(url).database
     if path and path != ":memory:":
         Path(path).parent.mkdir(parents=True, exist_ok=True)
+        private_database(Path(path))
     engine = create_engine(url, **codec)
     event.listen(engine, "connect", pragmas)
     return engine

@@ -8,7 +8,7 @@ import urllib.parse
 
 from pydantic import Field, field_validator, model_validator
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.errors import FieldError
 from governord.providers import ProviderConfig, ProviderProfile
 
@@ -19,7 +19,7 @@ class EC2Config(ProviderConfig):
     #: the AWS region the instances run in (``eu-west-1``)
     region: str = Field(min_length=1)
     #: EC2 endpoint; empty: AWS's own for ``region`` (set it for a private endpoint or a simulator)
-    endpoint_url: str | None = None
+    endpoint_url: ServiceURL | None = None
     #: access key id; empty (with ``secret_access_key`` empty): boto3's standard credential chain
     access_key_id: str | None = Field(default=None, min_length=16)
     #: the secret access key, a secret reference ``{ env = "NAME" }`` or ``{ file = "/path" }``

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -19,7 +19,7 @@ class ForemanConfig(RegistrarConfig):
 
 
     #: Foreman's base URL, e.g. ``https://foreman.example.com``
-    url: str
+    url: ServiceURL
     #: API user
     username: str
     #: its password, as a secret reference

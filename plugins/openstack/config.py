@@ -8,7 +8,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.providers import ProviderConfig, ProviderProfile
 
 _MICROVERSION = re.compile(r"^2\.(\d+)$|^latest$")
@@ -18,7 +18,7 @@ class OpenStackConfig(ProviderConfig):
     """A ``[providers.NAME]`` section of ``type = "openstack"``."""
 
     #: keystone's URL, ``https://keystone.example.com:5000/v3``
-    auth_url: str = Field(min_length=1)
+    auth_url: ServiceURL = Field(min_length=1)
     username: str = Field(min_length=1)
     #: a secret reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``
     password: SecretRef

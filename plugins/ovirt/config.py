@@ -8,7 +8,7 @@ import urllib.parse
 
 from pydantic import Field, field_validator
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -16,7 +16,7 @@ class OVirtConfig(ProviderConfig):
     """A ``[providers.NAME]`` section of ``type = "ovirt"``."""
 
     #: the engine's API endpoint, ``https://engine.example.com/ovirt-engine/api``
-    url: str
+    url: ServiceURL
     #: the API user with its profile, ``governord@internal``
     username: str = Field(min_length=1)
     #: a secret reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from governord.config import ReadableFile
+from governord.config import ReadableFile, ServiceURL
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -23,7 +23,7 @@ class PuppetCAConfig(RegistrarConfig):
     """A ``[registrars.NAME]`` section with ``type = "puppetca"``."""
 
     #: puppetserver's CA base URL
-    url: str = "https://puppet:8140"
+    url: ServiceURL = "https://puppet:8140"
     #: CA bundle to verify the server with (default: the system's)
     ca_file: ReadableFile | None = None
     #: client certificate (PEM) with the ``pp_cli_auth`` extension

@@ -10,7 +10,7 @@ from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator, model_validator
 
-from governord.config import ReadableFile
+from governord.config import ReadableFile, ServiceURL
 from governord.errors import FieldError
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
@@ -20,7 +20,7 @@ class PuppetDBConfig(RegistrarConfig):
     """A ``[registrars.NAME]`` section with ``type = "puppetdb"``."""
 
     #: PuppetDB's base URL: ``https://HOST:8081`` (client certificate) or ``http://HOST:8080``
-    url: str = "https://puppetdb:8081"
+    url: ServiceURL = "https://puppetdb:8081"
     #: CA bundle to verify PuppetDB with (default: the system's)
     ca_file: ReadableFile | None = None
     #: client certificate (PEM) for https; PuppetDB's certificate-allowlist must admit it

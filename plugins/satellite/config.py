@@ -8,7 +8,7 @@ import re
 
 from pydantic import Field, field_validator
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.registrars import RegistrarConfig
 from governord.registrars import TagMapping as BaseTagMapping
 
@@ -18,7 +18,7 @@ class SatelliteConfig(RegistrarConfig):
 
 
     #: the XML-RPC endpoint, ``https://HOST/rpc/api``
-    url: str
+    url: ServiceURL
     #: API user (needs the system group admin role, or org admin)
     username: str
     #: its password, by reference: ``{ env = "NAME" }`` or ``{ file = "/path" }``

@@ -8,7 +8,7 @@ import urllib.parse
 
 from pydantic import Field, field_validator
 
-from governord.config import ReadableFile, SecretRef
+from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.providers import ProviderConfig, ProviderProfile
 
 
@@ -16,7 +16,7 @@ class VSphereConfig(ProviderConfig):
     """A ``[providers.NAME]`` section of ``type = "vsphere"``."""
 
     #: the SDK endpoint, ``https://vcenter.example.com/sdk``
-    url: str
+    url: ServiceURL
     username: str = Field(min_length=1)
     #: a secret reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``
     password: SecretRef

@@ -336,6 +336,36 @@ async def test_an_untrusted_server_certificate_is_not_retried(governor: Governor
     assert "after 1 attempt(s)" in result.stderr and "certificate" in result.stderr
 
 
+async def test_a_curlrc_cannot_switch_verification_off(governor: Governor, pki: Pki, tmp_path: Path) -> None:
+    """curl runs with -q: the HOME's .curlrc (here `insecure`) is not read, so a server whose
+    certificate is not trusted is still refused (it was delivered to before)."""
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / ".curlrc").write_text("insecure\n")
+    env = base_env(tmp_path, governor, pki, **V4_ENV, HOME=str(home), CURL_HOME=str(home))
+    del env["GOVERNORD_CA_FILE"]  # the throw-away CA is not in the system trust store
+    result = await run([HOOKS / "deploy"], env)
+    assert result.returncode == 1, result.stderr
+    assert governor.deliveries == []
+    assert "after 1 attempt(s)" in result.stderr and "certificate" in result.stderr
+
+
+async def test_the_secret_from_a_mounted_kubernetes_secret(governor: Governor, pki: Pki, tmp_path: Path) -> None:
+    """A Secret mounted as a volume, as the kubelet lays it out (each key a symlink through
+    ..data to a timestamped directory), read through GOVERNORD_SECRET_FILE."""
+    mount = tmp_path / "etc-governord-secret"
+    payload = mount / "..2026_12_03_18_00_00.000000001"
+    payload.mkdir(parents=True)
+    (payload / "secret").write_text(SECRET)  # the kubelet writes the value as it is, no newline
+    (mount / "..data").symlink_to(payload.name)
+    (mount / "secret").symlink_to("..data/secret")
+    env = base_env(tmp_path, governor, pki, **V4_ENV, GOVERNORD_SECRET_FILE=str(mount / "secret"))
+    result = await run([HOOKS / "teardown"], env)
+    assert result.returncode == 0, result.stderr
+    got = only(governor)
+    assert got.refused is None and got.event is not None and got.event.event == "teardown"
+
+
 async def test_client_certificate(governor: Governor, pki: Pki, tmp_path: Path) -> None:
     env = base_env(tmp_path, governor, pki, **V4_ENV, GOVERNORD_CERT_FILE=str(pki.client.certificate),
                    GOVERNORD_KEY_FILE=str(pki.client.key))
@@ -400,6 +430,8 @@ async def test_the_secret_is_never_traced_nor_on_a_command_line(
     assert "+ governord_hook deploy" in result.stderr  # xtrace was on
     argv = log.read_text()
     assert "openssl dgst -sha256 -binary" in argv and "curl " in argv
+    # and curl is told first not to read a ~/.curlrc
+    assert all(line.startswith("curl -q ") for line in argv.splitlines() if line.startswith("curl"))
     assert SECRET not in argv and "-hmac" not in argv
 
 

@@ -243,9 +243,21 @@ def test_every_route_is_documented() -> None:
         assert routes == documented
 
 
-async def test_a_cap_holds_under_500_concurrent_https_requests(lab: Lab, governord: Governord) -> None:
+async def test_a_cap_holds_under_500_concurrent_https_requests(lab: Lab) -> None:
     """500 applications' requests for one host each, all at once over mTLS, against a cap of 10:
-    exactly 10 are accepted, 490 declined with the reason, and exactly 10 machines appear."""
+    exactly 10 are accepted, 490 declined with the reason, and exactly 10 machines appear.
+    (The application's rate limit is raised above the burst: the cap is under test here.)"""
+    config = lab.write_config()
+    config.write_text(config.read_text() + "\n[applications.demo.rate_limit]\nrequests_per_second = 1000.0\n"
+                      "burst = 1000\n")
+    governord = lab.start_governord(config)
+    try:
+        await _five_hundred_at_once(lab, governord)
+    finally:
+        governord.stop()
+
+
+async def _five_hundred_at_once(lab: Lab, governord: Governord) -> None:
     issued = governord.ctl_json("apps", "register", "demo")
     context = _ssl(issued["ca"], issued["certificate"], issued["key"])
     base = f"https://127.0.0.1:{governord.api_port}"
@@ -333,13 +345,18 @@ class MadeCA:
         return cls(x509.load_pem_x509_certificate((pki / "ca.pem").read_bytes()), key, directory)
 
     def issue(self, cn: str, stem: str, *, not_before: datetime.datetime = NOW - DAY,
-              not_after: datetime.datetime = NOW + 10 * DAY) -> dict[str, Any]:
+              not_after: datetime.datetime = NOW + 10 * DAY, more_cns: tuple[str, ...] = (),
+              sans: list[x509.GeneralName] | None = None, serial: int | None = None) -> dict[str, Any]:
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
-                .issuer_name(self.cert.subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(not_before).not_valid_after(not_after)
-                .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-                .sign(self.key, hashes.SHA256()))
+        subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name) for name in (cn, *more_cns)])
+        builder = (x509.CertificateBuilder().subject_name(subject)
+                   .issuer_name(self.cert.subject).public_key(key.public_key())
+                   .serial_number(serial or x509.random_serial_number()).not_valid_before(not_before)
+                   .not_valid_after(not_after)
+                   .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        cert = builder.sign(self.key, hashes.SHA256())
         cert_path, key_path = self.directory / f"{stem}.pem", self.directory / f"{stem}.key"
         cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
         key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -539,3 +556,118 @@ def test_a_bad_crl_stops_the_start_naming_file_and_key(lab: Lab, tmp_path: Path,
                 "missing": f"cannot read CRL file {crl}", "no client_ca": "needs the site CA"}[problem]
     assert expected in message, message
     assert not (daemon.state_dir / "governord.db").exists()  # nothing written
+
+
+# --- which certificate field names the application, and revoking a site CA's certificates ---------
+
+
+def _identity_config(lab: Lab, site: MadeCA, crl: Path, identity: str, demo_identity: str | None) -> Path:
+    config = _site_config(lab, site, crl)
+    text = config.read_text().replace("[api.tls]\n", f'[api.tls]\nidentity = "{identity}"\n')
+    if demo_identity is not None:
+        text = text.replace("[applications.demo]\n", f'[applications.demo]\ncertificate_identity = "{demo_identity}"\n')
+    config.write_text(text)
+    return config
+
+
+async def _status(base: str, ca: str, cert: dict[str, Any]) -> tuple[int, Any]:
+    return await _get(base, "/v1/hosts", _ssl(ca, cert["certificate"], cert["key"]))
+
+
+async def test_the_identity_is_one_cn_never_the_first_of_several(lab: Lab, tmp_path: Path) -> None:
+    site = MadeCA.new("Site CA", tmp_path / "site")
+    crl = tmp_path / "site" / "site.crl"
+    site.write_crl(crl, [])
+    one = site.issue("demo", "one")
+    two = site.issue("demo", "two-cns", more_cns=("admin",))  # the first CN is demo's
+    daemon = lab.start_governord(_identity_config(lab, site, crl, "cn", None))
+    try:
+        ca, base = str(daemon.state_dir / "pki" / "ca.pem"), f"https://127.0.0.1:{daemon.api_port}"
+        assert (await _status(base, ca, one))[0] == 200
+        code, error = await _status(base, ca, two)
+        assert code == 403 and "has 2 common names" in error["error"], error
+        [refusal] = refusals(daemon, reason="ambiguous_identity")
+        assert refusal["serial"] == format(two["serial"], "x")
+    finally:
+        daemon.stop()
+
+
+async def test_a_san_uri_identifies_the_application(lab: Lab, tmp_path: Path) -> None:
+    """api.tls.identity = "san-uri": the application is the one URI SAN (a SPIFFE ID), whatever
+    the CN says; none, two, or another application's URI are refused."""
+    spiffe = "spiffe://lab.example/ns/demo/sa/autoscaler"
+    site = MadeCA.new("Site CA", tmp_path / "site")
+    crl = tmp_path / "site" / "site.crl"
+    site.write_crl(crl, [])
+    uri = x509.UniformResourceIdentifier
+    good = site.issue("anything", "good", sans=[uri(spiffe), x509.DNSName("demo.lab.example")])
+    cn_only = site.issue("demo", "cn-only")
+    two = site.issue("demo", "two", sans=[uri(spiffe), uri("spiffe://lab.example/ns/other/sa/x")])
+    other = site.issue("demo", "other", sans=[uri("spiffe://lab.example/ns/demo/sa/someone-else")])
+    daemon = lab.start_governord(_identity_config(lab, site, crl, "san-uri", spiffe))
+    try:
+        ca, base = str(daemon.state_dir / "pki" / "ca.pem"), f"https://127.0.0.1:{daemon.api_port}"
+        assert (await _status(base, ca, good))[0] == 200
+        code, error = await _status(base, ca, cn_only)
+        assert code == 403 and "has no URI subject alternative name" in error["error"], error
+        code, error = await _status(base, ca, two)
+        assert code == 403 and "has 2 URI subject alternative names" in error["error"], error
+        code, error = await _status(base, ca, other)
+        assert code == 403 and "does not belong to a configured application" in error["error"], error
+        assert len(refusals(daemon, reason="no_identity")) == len(refusals(daemon, reason="ambiguous_identity")) == 1
+        # governord's own CA puts the URI in what it issues (here not trusted: a site CA is)
+        issued = daemon.ctl_json("apps", "register", "demo")
+        cert = x509.load_pem_x509_certificate(Path(issued["certificate"]).read_bytes())
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        assert san.get_values_for_type(x509.UniformResourceIdentifier) == [spiffe]
+    finally:
+        daemon.stop()
+
+
+async def test_revoking_a_site_ca_certificate_by_issuer_and_serial(lab: Lab, tmp_path: Path) -> None:
+    """`apps revoke demo --serial S` denies a site CA's certificate at once (new connections and
+    open ones), and only that CA's: a certificate of governord's CA with the same serial, revoked
+    before, does not make the site's refused, nor the other way round."""
+    site = MadeCA.new("Site CA", tmp_path / "site")
+    crl = tmp_path / "site" / "site.crl"
+    site.write_crl(crl, [])
+    daemon = lab.start_governord(_identity_config(lab, site, crl, "cn", None))
+    try:
+        ca, base = str(daemon.state_dir / "pki" / "ca.pem"), f"https://127.0.0.1:{daemon.api_port}"
+        # governord's own certificate, revoked; a site certificate with the very same serial
+        own = daemon.ctl_json("apps", "register", "demo")
+        assert daemon.ctl_json("apps", "revoke", "demo", "--serial", own["serial"]) == {
+            "app": "demo", "revoked": [own["serial"]], "issuer": "CN=governord CA"}
+        twin = site.issue("demo", "twin", serial=int(own["serial"], 16))
+        keep, revoke = site.issue("demo", "keep"), site.issue("demo", "revoke")
+        assert (await _status(base, ca, twin))[0] == 200  # another issuer's serial
+
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(
+                ssl=_ssl(ca, revoke["certificate"], revoke["key"]))) as open_session:
+            held = Client(open_session, base)
+            assert (await held.call("GET", "/v1/hosts"))[0] == 200
+            serial = format(revoke["serial"], "X")
+            colons = ":".join(serial.rjust(len(serial) + len(serial) % 2, "0")[i:i + 2]
+                              for i in range(0, len(serial) + len(serial) % 2, 2))
+            done = daemon.ctl_json("apps", "revoke", "demo", "--serial", colons)  # as openssl prints it
+            assert done == {"app": "demo", "revoked": [format(revoke["serial"], "x")], "issuer": "CN=Site CA"}
+            code, error = await held.call("GET", "/v1/hosts")  # the open connection, at its next request
+            assert code == 403 and "is revoked" in error["error"]
+        code, error = await _status(base, ca, revoke)  # a new one
+        assert code == 403 and "is revoked" in error["error"]
+        assert (await _status(base, ca, keep))[0] == 200 and (await _status(base, ca, twin))[0] == 200
+        [refusal] = [r for r in refusals(daemon, reason="revoked") if r["serial"] == format(revoke["serial"], "x")][:1]
+        assert refusal["issuer"] == "CN=Site CA"
+
+        # shown, refused twice, and a wrong issuer is named
+        shown = daemon.ctl_json("apps", "show", "demo")
+        assert [(r["serial"], r["issuer"]) for r in shown["site_revocations"]] == [
+            (format(revoke["serial"], "x"), "CN=Site CA")]
+        again = daemon.ctl("apps", "revoke", "demo", "--serial", format(revoke["serial"], "x"), check=False)
+        assert again.returncode == 1 and "revoked already" in again.stderr
+        wrong = daemon.ctl("apps", "revoke", "demo", "--serial", "1234", "--issuer", "CN=Nobody", check=False)
+        assert wrong.returncode == 1 and "'CN=Nobody' is no CA of api.tls.client_ca (CN=Site CA)" in wrong.stderr
+        events = [e for e in daemon.ctl_json("audit", "--kind", "certificate-revoked")]
+        assert {e["detail"]["issuer"] for e in events} == {"CN=governord CA", "CN=Site CA"}
+    finally:
+        daemon.stop()

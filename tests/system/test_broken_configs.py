@@ -5,7 +5,8 @@ with it), print no traceback, and write nothing: not the state directory, not th
 not anything else beside the file.
 
 Each data file says in its header what is broken, the key the message must name (``-`` for the
-file as a whole) and words the message must hold. ``@DIR@`` (a directory of the file's own),
+file as a whole), words the message must hold and, optionally, text it must never repeat
+(``# never:``, e.g. a password in a URL). ``@DIR@`` (a directory of the file's own),
 ``@STATE_DIR@`` and ``@SOCKET@`` (inside it) are filled in before the run. The runs are made
 in parallel (each one is a fresh interpreter loading every plugin), then checked one by one.
 """
@@ -40,6 +41,8 @@ pytestmark = pytest.mark.timeout(1800)
 class Expectation:
     key: str
     message: str
+    #: text the output must not hold (a password written where it does not belong)
+    never: list[str]
 
 
 def expectation(path: Path) -> Expectation:
@@ -47,7 +50,8 @@ def expectation(path: Path) -> Expectation:
     key = re.search(r"^# key: (.+)$", header, re.MULTILINE)
     message = re.search(r"^# message: (.+)$", header, re.MULTILINE)
     assert key and message, f"{path.name}: the header must give '# key:' and '# message:'"
-    return Expectation(key.group(1).strip(), message.group(1).strip())
+    never = [text.strip() for text in re.findall(r"^# never: (.+)$", header, re.MULTILINE)]
+    return Expectation(key.group(1).strip(), message.group(1).strip(), never)
 
 
 @dataclass
@@ -119,6 +123,8 @@ def test_a_broken_config_stops_the_daemon_naming_file_and_key(
         where = f"{outcome.config}: " if expected.key == "-" else f"{outcome.config}: {expected.key}: "
         assert where in outcome.stderr, f"{what} does not name {where!r}: {outcome.stderr}"
         assert expected.message in outcome.stderr, f"{what} does not say {expected.message!r}: {outcome.stderr}"
+        for text in expected.never:
+            assert text not in outcome.stderr + outcome.stdout, f"{what} repeats {text!r}: {outcome.stderr}"
         assert outcome.after == outcome.before, f"{what} wrote {set(outcome.after) ^ set(outcome.before)}"
 
 

@@ -119,6 +119,15 @@ secrets = [{{ env = "LAB_WEBHOOK_SECRET" }}]
 event = "deploy"
 role = "{ROLE}"
 add = 1
+
+# the fuzz's callback URLs are steered to a loopback port where nothing listens (test traffic
+# stays on loopback), and its requests are not to be held up by the rate limit
+[applications.{APP}.callbacks]
+allow_networks = ["127.0.0.0/8"]
+
+[applications.{APP}.rate_limit]
+requests_per_second = 10000.0
+burst = 10000
 """)
         daemon = lab.start_governord(config)
         issued = daemon.ctl_json("apps", "register", APP)
@@ -142,6 +151,94 @@ def test_the_served_documents_are_the_fuzzed_ones(target: Target) -> None:
     assert target.admin_session.get(f"{target.admin_url}/openapi.json", timeout=30).json() == ADMIN_DOC
 
 
+#: a valid body per operation, for this deployment: a hostile value put in one field of it
+#: reaches that field's validation and, where the field takes it, the handler behind
+BASES: dict[str, dict[str, Any]] = {
+    "/v1/scale": {"role": ROLE, "count": 0},
+    "/v1/release": {"role": ROLE, "count": 1},
+    WEBHOOK_PATH: {"event": "post_deploy", "openshift_version": "v4", "app": "web", "namespace": "ns"},
+    "/v1/hosts/{host}/tags": {"add": [TAGS[0]]},
+    "/v1/apps/{app}/scale": {"role": ROLE, "count": 0},
+    "/v1/apps/{app}/plan": {"role": ROLE, "count": 0},
+    "/v1/apps/{app}/release": {"role": ROLE, "count": 1},
+    "/v1/apps/{app}/revoke": {"serial": "ab"},
+    "/v1/requests/{request_id}/approve": {"comment": "ok"},
+    "/v1/requests/{request_id}/deny": {"comment": "ok"},
+    "/v1/sweep": {"dry_run": True},
+    "/v1/autosign": {"certname": "fuzz.lab.example", "csr": "x" * 64},
+}
+#: path parameters: none of them names the application the fuzz's certificate belongs to
+PATH_VALUES = {"host": "fuzz-hostile.lab.example", "app": "nosuchapp", "request_id": "nosuch"}
+#: JSON texts of hostile values: strings with lone surrogates (escaped), NUL, non-ASCII in and
+#: out of the BMP, a BOM; numbers past a float's range and integers past int()'s 4300 digits
+HOSTILE_STRINGS = [json.dumps(v) for v in ("\ud800", "\udfff\ud800x", "\u0000", "a\u0000b", "\ufeff",
+                                           "\u00e9\u65e5\u672c\U0001f642", "\U0001d518" * 2000)]
+HOSTILE_STRINGS.append(json.dumps("\u00e9\u65e5\u672c\U0001f642", ensure_ascii=False))  # as raw UTF-8
+HOSTILE_NUMBERS = ["1e400", "-1e400", "1e-400", "1" + "0" * 5000, "-" + "9" * 4300, "1" + "0" * 400,
+                   "123456789012345678901234567890.5"]
+
+
+def _deep(levels: int) -> str:
+    return "[" * levels + "]" * levels
+
+
+def _hostile_bodies(doc: dict[str, Any], path: str) -> Iterator[tuple[str, bytes]]:
+    """(what, body) for every top-level field of the operation's body: each string value, each
+    number, and nesting past the limit; for a list of strings, each string as its item; and
+    the whole body nested 30,000 deep (4,000 for the webhook's 8 KiB)."""
+    name = doc["paths"][path]["post"]["requestBody"]["content"]["application/json"]["schema"]["$ref"].split("/")[-1]
+    properties = doc["components"]["schemas"][name]["properties"]
+    levels = 4000 if path == WEBHOOK_PATH else 30_000
+    yield "the whole body nested", _deep(levels).encode()
+    base = BASES.get(path, {})
+    for field in properties:
+        def body(value: str, field: str = field) -> bytes:
+            text = json.dumps({**base, field: "\0HOSTILE\0"})
+            return text.replace(json.dumps("\0HOSTILE\0"), value).encode()
+        for value in [*HOSTILE_STRINGS, *HOSTILE_NUMBERS, _deep(levels)]:
+            yield f"{field} = {value[:40]}", body(value)
+            yield f"{field} = [{value[:40]}]", body(f"[{value}]")
+
+
+def _state(daemon: Governord) -> list[dict[str, Any]]:
+    return daemon.db_query(
+        "SELECT (SELECT count(*) FROM hosts) AS hosts, (SELECT count(*) FROM requests) AS requests, "
+        "(SELECT count(*) FROM events) AS events, (SELECT count(*) FROM callbacks) AS callbacks, "
+        "(SELECT count(*) FROM app_certificates) AS certificates, (SELECT count(*) FROM address_leases) AS leases")
+
+
+@pytest.mark.parametrize(("api", "path"), [
+    (api, path) for api, module in (("app", app_api_module), ("admin", admin_api_module))
+    for path, ops in module.endpoints.openapi()["paths"].items()
+    if "requestBody" in ops.get("post", {})])
+def test_hostile_values_in_every_field(target: Target, api: str, path: str) -> None:
+    """Runs before the fuzz, on an idle daemon: every field of every body with deep nesting, huge
+    numbers and hostile strings. Never a 5xx; a refusal says why (a 422 names its field) and
+    leaves the database as it was."""
+    doc = APP_DOC if api == "app" else ADMIN_DOC
+    url = (target.app_url if api == "app" else target.admin_url) + path.format(**PATH_VALUES)
+    session = target.app_session if api == "app" else target.admin_session
+    for what, body in _hostile_bodies(doc, path):
+        headers = {"Content-Type": "application/json"}
+        if path == WEBHOOK_PATH:
+            headers |= {webhooks.APPLICATION_HEADER: APP, **webhooks.signature_headers(target.secret.encode(), body)}
+        before = _state(target.daemon)
+        response = session.post(url, data=body, headers=headers, timeout=30)
+        target.responses.append((f"POST {path}", response.status_code, response.text[:200]))
+        assert response.status_code < 500, f"{what}: {response.status_code} {response.text[:300]}"
+        if response.status_code >= 400:
+            refusal = response.json()
+            if "error" in refusal:  # else a documented refusal of another shape (an autosign decision)
+                assert isinstance(refusal["error"], str) and refusal["error"], (what, refusal)
+            if response.status_code == 422:
+                assert isinstance(refusal.get("field"), str), (what, refusal)
+            after = _state(target.daemon)
+            if path == "/v1/autosign":  # a refused certificate request is audited
+                for state in (before, after):
+                    state[0].pop("events")
+            assert after == before, f"{what}: refused ({response.status_code}) but written"
+
+
 def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None:
     """A refusal says why (``{"error": "...", "field": ...}``), and a 422 names the field."""
     if response.status_code < 400 or "json" not in response.headers.get("content-type", [""])[0]:
@@ -156,9 +253,12 @@ def refusals_name_their_field(ctx: Any, response: Any, case: Any) -> bool | None
 
 
 #: fields a schema-valid request may still be refused on (422), because what is valid there is
-#: the state, not the document: a used idempotency key or delivery id, a host name or address
-#: to adopt, a list's cursor (only one the server gave is one)
-STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor"}
+#: the state or the configuration, not the document: a used idempotency key or delivery id, a
+#: host name or address to adopt, a list's cursor (only one the server gave is one), a callback
+#: URL the application's callback rules refuse
+STATE_FIELDS = {"idempotency_key", webhooks.DELIVERY_HEADER, "host", "address", "cursor", "callback_url"}
+#: where steered callback URLs go: loopback, a port nothing listens on (the discard service)
+CALLBACK_PLACE = "127.0.0.1:9"
 
 
 def schema_valid_requests_are_taken(ctx: Any, response: Any, case: Any) -> bool | None:
@@ -190,6 +290,11 @@ def _steer(case: Any) -> None:
     if isinstance(case.body, dict):
         if isinstance(case.body.get("role"), str):
             case.body["role"] = ROLE
+        if isinstance(case.body.get("callback_url"), str):
+            # keep the generated scheme, path and query; send nothing off this machine
+            scheme, _, rest = case.body["callback_url"].partition("://")
+            tail = rest[len(re.match(r"[^/?#]*", rest).group()):]  # type: ignore[union-attr]
+            case.body["callback_url"] = f"{scheme}://{CALLBACK_PLACE}{tail}"
         for key in ("add", "remove"):
             if case.operation.path.endswith("/tags") and isinstance(case.body.get(key), list):
                 case.body[key] = [TAGS[i % len(TAGS)] for i, _ in enumerate(case.body[key])]

@@ -9,6 +9,8 @@ import socket
 import time
 from pathlib import Path
 
+from governord.config import ApiSection
+from governord.descriptors import RESERVED_DESCRIPTORS
 from lab.stack import Lab
 
 from .conftest import wait_until
@@ -83,5 +85,7 @@ def test_unit_file() -> None:
     assert unit["RestartPreventExitStatus"] == ["2"]
     # the daemon's shutdown grace must end before systemd's stop timeout
     assert int(unit["TimeoutStopSec"][0].rstrip("s")) > 20
+    # every connection is a descriptor: the default caps fit under the unit's limit
+    assert int(unit["LimitNOFILE"][0]) >= ApiSection().max_connections + RESERVED_DESCRIPTORS
     assert (ROOT / "systemd" / "governord.sysusers.conf").read_text().strip()
     assert (ROOT / "systemd" / "governord.tmpfiles.conf").read_text().strip()

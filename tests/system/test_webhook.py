@@ -9,6 +9,7 @@ import json
 import os
 import ssl
 import subprocess
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .conftest import wait_until
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ROOT / "hooks" / "openshift"
 HOOK = HOOKS / "deploy"
+#: the test receivers are plain http on loopback, which an application's rules must allow
+LOOPBACK_CALLBACKS = '\n[applications.demo.callbacks]\nallow_http = true\nallow_networks = ["127.0.0.0/8", "::1/128"]\n'
 
 
 def _hook(daemon_port: int, ca: Path, secret: str, **extra: str) -> subprocess.CompletedProcess[str]:
@@ -91,7 +94,8 @@ async def test_the_application_is_called_back_signed_with_retries(lab: Lab) -> N
 
     secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
     config = lab.write_config()
-    config.write_text(config.read_text() + '\n[applications.demo.webhook]\nsecrets = [{ env = "LAB_WEBHOOK_SECRET" }]\n')
+    config.write_text(config.read_text() + '\n[applications.demo.webhook]\nsecrets = [{ env = "LAB_WEBHOOK_SECRET" }]\n'
+                      + LOOPBACK_CALLBACKS)
     arrived: list[tuple[int, str, dict]] = []  # type: ignore[type-arg]
 
     async def receive(request: web.Request) -> web.Response:
@@ -130,6 +134,56 @@ async def test_the_application_is_called_back_signed_with_retries(lab: Lab) -> N
     finally:
         daemon.stop()
         await runner.cleanup()
+
+
+def test_a_callback_never_reaches_governords_own_api(lab: Lab) -> None:
+    """Loopback is allowed for callbacks, but not the port the daemon's application API is
+    bound to (a port it picked: the daemon registers it once it listens): a literal address
+    is refused when asked (422 naming callback_url), a name resolving to it at delivery
+    (audited, never sent: the API sees no connection)."""
+    lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+    config = lab.write_config(max_hosts=1)
+    config.write_text(config.read_text() + '\n[applications.demo.webhook]\nsecrets = [{ env = "LAB_WEBHOOK_SECRET" }]\n'
+                      + LOOPBACK_CALLBACKS)
+    daemon = lab.start_governord(config)
+    try:
+        issued = daemon.ctl_json("apps", "register", "demo")
+        context = ssl.create_default_context(cafile=issued["ca"])
+        context.load_cert_chain(issued["certificate"], issued["key"])
+        port = daemon.api_port
+
+        def scale(url: str) -> tuple[int, dict]:  # type: ignore[type-arg]
+            # add 5 over a cap of 1: declined at once, so the callback is due at once
+            body = json.dumps({"role": "node", "add": 5, "callback_url": url}).encode()
+            request = urllib.request.Request(f"https://127.0.0.1:{port}/v1/scale", data=body, method="POST",
+                                             headers={"Content-Type": "application/json"})
+            try:
+                with urllib.request.urlopen(request, context=context, timeout=30) as resp:  # noqa: S310 - loopback
+                    return resp.status, json.loads(resp.read())
+            except urllib.error.HTTPError as refused:
+                return refused.code, json.loads(refused.read())
+
+        status, body = scale(f"https://127.0.0.1:{port}/v1/scale")
+        assert status == 422 and body["field"] == "callback_url", body
+        assert f"port {port} on this machine" in body["error"]
+
+        status, body = scale(f"https://localhost:{port}/v1/scale")
+        assert status == 409, body
+        [row] = wait_until(lambda: [r for r in daemon.db_rows("callbacks") if r["attempts"]], 30,
+                           what="the callback's first attempt")
+        assert row["request_id"] == body["id"] and row["delivered_at"] is None
+        assert row["last_error"].startswith("refused to connect: localhost resolves to ")
+        assert f"governord's own listener (port {port} on this machine)" in row["last_error"]
+        [event] = [e for e in daemon.db_rows("events") if e["kind"] == "callback-refused"][:1]
+        assert event["request_id"] == body["id"]
+        with urllib.request.urlopen(f"https://127.0.0.1:{port}/metrics", context=context,  # noqa: S310 - loopback
+                                    timeout=30) as resp:
+            metrics = resp.read().decode()
+        # no connection without a certificate or with a failed handshake came in
+        assert not [line for line in metrics.splitlines()
+                    if line.startswith("governord_api_refusals_total{") and not line.endswith(" 0.0")]
+    finally:
+        daemon.stop()
 
 
 def _v4_hook(script: str, daemon_port: int, ca: Path, secret: str, deployment: str,

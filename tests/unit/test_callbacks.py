@@ -23,7 +23,10 @@ from governord.store.schema import callbacks
 from .conftest import wait_states
 
 SECRET = "callback-test-secret"
-WEBHOOK = '\n[applications.demo.webhook]\nsecrets = [{ env = "GOVERNORD_TEST_CALLBACK_SECRET" }]\n'
+SIGNED = '\n[applications.demo.webhook]\nsecrets = [{ env = "GOVERNORD_TEST_CALLBACK_SECRET" }]\n'
+#: the receivers here are plain http on loopback, which the application's rules must allow
+LOOPBACK = '\n[applications.demo.callbacks]\nallow_http = true\nallow_networks = ["127.0.0.0/8", "::1/128"]\n'
+WEBHOOK = SIGNED + LOOPBACK
 
 
 class Receiver:

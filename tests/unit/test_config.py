@@ -135,6 +135,19 @@ BROKEN = [
     ("address outside network", "[networks.n]\ncidr = '198.51.100.0/24'\nfirst = '10.0.0.1'\n",
      "networks.n.first: 10.0.0.1 is not in 198.51.100.0/24"),
     ("not TOML", "[daemon\n", "not valid TOML"),
+    # which certificate field names an application, and its value per application
+    ("unknown identity field", "[api.tls]\nidentity = 'email'\n", "api.tls.identity: "),
+    ("san-uri without the application's URI", "[api.tls]\nidentity = 'san-uri'\n[applications.a]\n",
+     "applications.a.certificate_identity: required with api.tls.identity = 'san-uri'"),
+    ("san-uri not a URI", "[api.tls]\nidentity = 'san-uri'\n[applications.a]\ncertificate_identity = 'a b'\n",
+     "applications.a.certificate_identity: not a URI like spiffe://"),
+    ("san-dns not a DNS name", "[api.tls]\nidentity = 'san-dns'\n[applications.a]\ncertificate_identity = 'a_b'\n",
+     "applications.a.certificate_identity: not a DNS name: 'a_b'"),
+    ("two applications, one DNS name", "[api.tls]\nidentity = 'san-dns'\n[applications.a]\n"
+     "certificate_identity = 'shop.example.com'\n[applications.b]\ncertificate_identity = 'SHOP.example.com'\n",
+     "applications.b.certificate_identity: 'shop.example.com' already identifies application a"),
+    ("a CN given twice, differently", "[applications.a]\ncertificate_cn = 'a'\ncertificate_identity = 'b'\n",
+     "applications.a.certificate_identity: with api.tls.identity = \"cn\" it is the common name"),
     # a plugin's file path, checked when the config is loaded (ReadableFile)
     ("plugin file missing", "[registrars.fm]\ntype = 'foreman'\nurl = 'https://f'\nusername = 'u'\n"
      "password = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\norganization = 'o'\nlocation = 'l'\n"
@@ -220,6 +233,43 @@ def test_broken_config_exits_2_naming_file_and_key(
     err = capsys.readouterr().err
     assert f"{path}: " in err
     assert expected in err
+
+
+#: every plugin's URL key with credentials in it: (section, the rest of the section, key)
+URL_WITH_CREDENTIALS = [
+    ("providers.vc", "type='vsphere'\nusername='u'\npassword={env='GOVERNORD_VCENTER_PASSWORD'}\n"
+     "datacenter='DC0'\ncluster='C0'\n", "url", "https://administrator:{pw}@vcenter.example.com/sdk"),
+    ("providers.rhv", "type='ovirt'\nusername='u@internal'\npassword={env='GOVERNORD_RHV_PASSWORD'}\n"
+     "cluster='Default'\n", "url", "https://admin%40internal:{pw}@engine.example.com/ovirt-engine/api"),
+    ("providers.os", "type='openstack'\nusername='u'\npassword={env='GOVERNORD_OPENSTACK_PASSWORD'}\n"
+     "project_name='p'\n", "auth_url", "https://u:{pw}@keystone.example.com:5000/v3"),
+    ("providers.aws", "type='ec2'\nregion='eu-west-1'\n", "endpoint_url", "http://AKIA:{pw}@127.0.0.1:5000"),
+    ("registrars.fm", "type='foreman'\nusername='u'\npassword={env='GOVERNORD_FOREMAN_PASSWORD'}\n"
+     "organization='o'\nlocation='l'\n", "url", "https://admin:{pw}@foreman.example.com"),
+    ("registrars.sat", "type='satellite'\nusername='u'\npassword={env='GOVERNORD_SATELLITE_PASSWORD'}\n",
+     "url", "https://admin:{pw}@satellite.example.com/rpc/api"),
+    ("registrars.ca", "type='puppetca'\nclient_cert='/etc/hostname'\nclient_key='/etc/hostname'\n", "url",
+     "https://puppet:{pw}@puppet.example.com:8140"),
+    ("registrars.pdb", "type='puppetdb'\nclasses_from=''\n", "url", "http://{pw}@puppetdb.example.com:8080"),
+    ("registrars.pdb", "type='puppetdb'\nclasses_from=''\n", "url", "https:puppetdb:{pw}@puppetdb.example.com"),
+]
+
+
+@pytest.mark.parametrize(("section", "rest", "key", "url"), URL_WITH_CREDENTIALS,
+                         ids=[f"{c[0]}.{c[2]}-{i}" for i, c in enumerate(URL_WITH_CREDENTIALS)])
+def test_a_url_with_credentials_is_refused_and_not_repeated(
+    tmp_path: Path, secrets: None, capsys: pytest.CaptureFixture[str], section: str, rest: str, key: str, url: str
+) -> None:
+    password = "hunter2-in-the-url"
+    path = tmp_path / "governord.toml"
+    path.write_text(f"[{section}]\n{rest}{key} = '{url.format(pw=password)}'\n")
+    assert run(str(path), check_only=True) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: {section}.{key}: a URL with a user name or password in it" in err, err
+    assert password not in err
+    if "//" in url:  # the same URL without the credentials is taken
+        path.write_text(f"[{section}]\n{rest}{key} = '{re.sub(r'//[^/]*@', '//', url.format(pw=password))}'\n")
+        assert run(str(path), check_only=True) == 0, capsys.readouterr().err
 
 
 def test_daemon_with_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> None:

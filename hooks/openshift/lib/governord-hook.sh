@@ -225,7 +225,9 @@ governord_run() (
         delivery=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
     fi
 
-    set -- --silent --show-error --proto =https --request POST --data-binary "@$tmp/body" \
+    # -q first: curl reads no ~/.curlrc, so a curlrc saying `insecure` (or naming a proxy, or
+    # another CA) cannot weaken or redirect the delivery
+    set -- -q --silent --show-error --proto =https --request POST --data-binary "@$tmp/body" \
         --output "$tmp/response" --write-out '%{http_code}' \
         --connect-timeout 10 --max-time "$timeout" \
         --header 'Content-Type: application/json' --header 'Expect:' \
