@@ -533,10 +533,13 @@ STORE_SCHEMES = ("sqlite", "postgresql+psycopg")
 class StoreSection(StrictModel):
     """``[store]``: where governord keeps its state (see :mod:`governord.store`)."""
 
-    #: SQLAlchemy URL: ``sqlite:////path/governord.db`` or ``postgresql+psycopg://USER@HOST:PORT/DB``
-    #: (``postgresql://`` means the same); empty: ``governord.db`` in the state directory
-    url: str | None = None
-    #: the database password, by reference (never in the URL); PostgreSQL only
+    #: SQLAlchemy URL: ``sqlite:////path/governord.db`` or ``postgresql+psycopg://HOST:PORT/DB``
+    #: (``postgresql://`` means the same); empty: ``governord.db`` in the state directory. No user
+    #: or password in it (ServiceURL): they are the keys below
+    url: ServiceURL | None = None
+    #: the database user (PostgreSQL only; default: libpq's, the name of the user governord runs as)
+    username: str | None = Field(default=None, min_length=1)
+    #: the database password, by reference; PostgreSQL only
     password: SecretRef | None = None
     #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's writes
     pool_size: int = Field(default=10, ge=1, le=500)
@@ -554,19 +557,17 @@ class StoreSection(StrictModel):
             url = url.set(drivername="postgresql+psycopg")
         if url.drivername not in STORE_SCHEMES:
             raise ValueError(f"unsupported database {url.drivername!r}: use sqlite:///PATH or postgresql+psycopg://...")
-        if url.password is not None:
-            raise ValueError("the URL holds a password: give it by reference as store.password "
-                             '(e.g. password = { env = "GOVERNORD_DB_PASSWORD" }), never in the file')
         if url.drivername == "sqlite" and not url.database:
             raise ValueError("a SQLite URL needs a file: sqlite:////path/governord.db")
         if url.drivername != "sqlite" and (not url.host or not url.database):
-            raise ValueError("a PostgreSQL URL needs a host and a database: postgresql+psycopg://USER@HOST:PORT/DB")
+            raise ValueError("a PostgreSQL URL needs a host and a database: postgresql+psycopg://HOST:PORT/DB")
         return url.render_as_string(hide_password=False)
 
     @model_validator(mode="after")
-    def _password_where_used(self) -> StoreSection:
-        if self.password is not None and (self.url is None or self.url.startswith("sqlite")):
-            raise ValueError("password: SQLite has none; set url to a PostgreSQL database")
+    def _credentials_where_used(self) -> StoreSection:
+        for key in ("username", "password"):
+            if getattr(self, key) is not None and (self.url is None or self.url.startswith("sqlite")):
+                raise ValueError(f"{key}: SQLite has none; set url to a PostgreSQL database")
         return self
 
     def effective_url(self, state_dir: Path) -> str:
@@ -574,6 +575,8 @@ class StoreSection(StrictModel):
         if self.url is None:
             return f"sqlite:///{state_dir / 'governord.db'}"
         url = make_url(self.url)
+        if self.username is not None:
+            url = url.set(username=self.username)
         if self.password is not None:
             url = url.set(password=self.password.reveal())
         return url.render_as_string(hide_password=False)

@@ -14,9 +14,9 @@ from lab.stack import Lab
 def test_scale_up_and_retire_with_the_store_on_postgresql(lab: Lab, new_postgres_database: Callable[[], str]) -> None:
     url = make_url(new_postgres_database())
     config = lab.write_config()
-    bare = url._replace(password=None).render_as_string(hide_password=False)
-    config.write_text(f'[store]\nurl = "{bare}"\npassword = {{ env = "GOVERNORD_DB_PASSWORD" }}\npool_size = 4\n'
-                      + config.read_text())
+    bare = url._replace(username=None, password=None).render_as_string(hide_password=False)
+    config.write_text(f'[store]\nurl = "{bare}"\nusername = "{url.username}"\n'
+                      'password = { env = "GOVERNORD_DB_PASSWORD" }\npool_size = 4\n' + config.read_text())
     assert url.password and url.password not in config.read_text()
     daemon = lab.start_governord(config, extra_env={"GOVERNORD_DB_PASSWORD": url.password})
     try:

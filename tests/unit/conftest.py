@@ -59,8 +59,9 @@ PASSWORD_ENV = "GOVERNORD_TEST_DB_PASSWORD"
 
 
 def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
-    if "store_backend" in metafunc.fixturenames:
-        backends = getattr(metafunc.module, "STORE_BACKENDS", ("sqlite",))
+    # elsewhere, no parameter (test ids unchanged): store_backend is SQLite
+    backends = getattr(metafunc.module, "STORE_BACKENDS", None)
+    if backends is not None and "store_backend" in metafunc.fixturenames:
         metafunc.parametrize("store_backend", backends, indirect=True)
 
 
@@ -84,8 +85,9 @@ def store_config(store_backend: str, request: pytest.FixtureRequest,
         if not made:
             url = make_url(request.getfixturevalue("new_postgres_database")())
             monkeypatch.setenv(PASSWORD_ENV, url.password or "")
-            bare = url._replace(password=None).render_as_string(hide_password=False)
-            made.append(f'[store]\nurl = "{bare}"\npassword = {{ env = "{PASSWORD_ENV}" }}\n')
+            bare = url._replace(username=None, password=None).render_as_string(hide_password=False)
+            made.append(f'[store]\nurl = "{bare}"\nusername = "{url.username}"\n'
+                        f'password = {{ env = "{PASSWORD_ENV}" }}\n')
         return made[0]
 
     return section

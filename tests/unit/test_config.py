@@ -185,13 +185,14 @@ BROKEN = [
      "registrars.pdb.classes_from: registrar 'pdb' (type 'puppetdb') lists no puppet_classes"),
     # the store: a password only by reference, never in the URL
     ("store url with a password", "[store]\nurl = 'postgresql+psycopg://governord:hunter2@db:5432/governord'\n",
-     "store.url: the URL holds a password: give it by reference as store.password"),
-    ("store password inline", "[store]\nurl = 'postgresql://governord@db/governord'\npassword = 'hunter2'\n",
+     "store.url: a URL with a user name or password in it"),
+    ("store password inline", "[store]\nurl = 'postgresql://db/governord'\npassword = 'hunter2'\n",
      "store.password: a secret is given by reference"),
-    ("store database unsupported", "[store]\nurl = 'mysql://governord@db/governord'\n",
+    ("store database unsupported", "[store]\nurl = 'mysql://db/governord'\n",
      "store.url: unsupported database 'mysql'"),
-    ("store url without a database", "[store]\nurl = 'postgresql+psycopg://governord@db'\n",
+    ("store url without a database", "[store]\nurl = 'postgresql+psycopg://db'\n",
      "store.url: a PostgreSQL URL needs a host and a database"),
+    ("store user for SQLite", "[store]\nusername = 'governord'\n", "store: username: SQLite has none"),
     ("store password for SQLite", "[store]\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\n",
      "store: password: SQLite has none"),
     ("store pool too small", "[store]\npool_size = 0\n", "store.pool_size: Input should be greater than or equal to 1"),
@@ -297,7 +298,7 @@ def test_a_store_url_with_a_password_is_refused_without_showing_it(
 
 def test_the_store_password_comes_by_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("GOVERNORD_TEST_DB_PASSWORD", "s3cret/with:odd@chars")
-    section = cfg.StoreSection.model_validate({"url": "postgresql://governord@db.example.com:5433/gov",
+    section = cfg.StoreSection.model_validate({"url": "postgresql://db.example.com:5433/gov", "username": "governord",
                                                "password": {"env": "GOVERNORD_TEST_DB_PASSWORD"}})
     from sqlalchemy.engine import make_url
 
