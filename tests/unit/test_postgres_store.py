@@ -123,3 +123,55 @@ def test_counts_stay_right_under_concurrent_transactions(postgres_url: str) -> N
         assert _counted(conn) == _actual(conn)
         assert sum(_counted_states(conn).values()) == 80
     engine.dispose()
+
+
+def test_the_upgrade_counts_the_hosts_already_there(postgres_url: str) -> None:
+    """Revisions 0007 and 0009 on PostgreSQL count the hosts a database already has, as on SQLite."""
+    from alembic import command
+
+    from .test_store import _alembic
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        command.upgrade(_alembic(conn), "0006")
+    with engine.begin() as conn:
+        for i, (app, state) in enumerate([("shop", "ready"), ("shop", "requested"), ("shop", "gone"), (None, "ready"),
+                                          ("shop", "failed")]):
+            conn.execute(text(
+                "INSERT INTO hosts (id, name, fqdn, app, role, provider, origin, state, tags, addresses, "
+                "classification, registrations, profile, created_at, updated_at) VALUES "
+                "(:id, :name, 'x', :app, 'node', 'mem', 'provisioned', :state, '[]', '[]', '{}', '{}', '{}', 1.0, 1.0)"),
+                {"id": f"h{i}", "name": f"shop-node-0{i}", "app": app, "state": state})
+    store.migrate(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT app, role, provider, hosts FROM live_counts")).all() == [("shop", "node", "mem", 3)]
+        assert dict(conn.execute(text("SELECT state, hosts FROM state_counts")).all()) == {
+            "ready": 2, "requested": 1, "gone": 1, "failed": 1}
+        # and the retire_requested default the first revision gave is PostgreSQL's false
+        assert conn.execute(text("SELECT bool_and(NOT retire_requested) FROM hosts")).scalar() is True
+    engine.dispose()
+
+
+async def test_a_transaction_postgresql_aborts_for_a_deadlock_is_run_again(postgres_url: str) -> None:
+    """Two writes that lock the same two things in opposite orders: PostgreSQL aborts one
+    (deadlock detected), the writer runs it again, and both callers get their result."""
+    opened = await store.Store.open(postgres_url, pool_size=2)
+    both_hold_one = threading.Barrier(2, timeout=10)
+    runs = {"a": 0, "b": 0}
+
+    def job(name: str, first: int, second: int) -> Callable[[Any], str]:
+        def run(conn: Any) -> str:
+            runs[name] += 1
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": first})
+            if runs[name] == 1:
+                both_hold_one.wait()  # the first time only: each holds one lock and wants the other
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": second})
+            return name
+        return run
+
+    try:
+        results = await asyncio.gather(opened.writer.run(job("a", 1, 2)), opened.writer.run(job("b", 2, 1)))
+    finally:
+        await opened.close()
+    assert results == ["a", "b"]
+    assert sorted(runs.values()) == [1, 2]  # the deadlock's victim ran again
