@@ -307,3 +307,20 @@ def test_the_store_password_comes_by_reference(tmp_path: Path, monkeypatch: pyte
     assert (url.host, url.port, url.database, url.username) == ("db.example.com", 5433, "gov", "governord")
     assert "s3cret" not in repr(section)
     assert cfg.StoreSection().effective_url(tmp_path) == f"sqlite:///{tmp_path / 'governord.db'}"
+
+
+def test_a_changed_store_takes_effect_at_the_next_restart(tmp_path: Path) -> None:
+    import tomllib
+
+    from governord.daemon import _restart_only
+    from governord.providers import ProviderRegistry
+    from governord.registrars import RegistrarRegistry
+
+    def config(extra: str) -> cfg.Config:
+        raw = tomllib.loads(f"[daemon]\nstate_dir = '{tmp_path}'\n" + extra)
+        return cfg.build_config("g.toml", raw, ProviderRegistry(), RegistrarRegistry(), unavailable={})
+
+    sqlite = config("")
+    postgres = config("[store]\nurl = 'postgresql://db.example.com/governord'\n")
+    assert _restart_only(sqlite, postgres) == ["store"]
+    assert _restart_only(sqlite, config("")) == []
