@@ -55,7 +55,7 @@ typecheck: venv
 	@ln -s ../../../plugins build/typecheck/governord/plugins
 	cd build/typecheck && ../../$(PY) -m mypy --config-file ../../pyproject.toml -p governord
 
-test: deps
+test: deps lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: deps

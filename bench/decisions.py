@@ -41,7 +41,7 @@ async def run(requests: int, concurrency: int, chunk: int) -> list[tuple[int, fl
                 todo = list(range(done, min(requests, done + chunk)))
                 size = len(todo)
 
-                async def client() -> None:
+                async def client(todo: list[int] = todo) -> None:
                     while todo:
                         key = f"bench-{todo.pop()}"
                         decision = await runtime.governor.scale("bench", "node", add=1, actor="bench",

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import sqlite3
 import statistics
@@ -97,7 +98,7 @@ def intervals(daemon: Governord) -> dict[str, float]:
         by_host.setdefault(host_id, []).append((ts, label))
     sums: dict[str, float] = {}
     for timeline in by_host.values():
-        for (t0, a), (t1, b) in zip(timeline, timeline[1:]):
+        for (t0, a), (t1, b) in itertools.pairwise(timeline):
             sums[f"{a} -> {b}"] = sums.get(f"{a} -> {b}", 0.0) + (t1 - t0)
     return {label: total / len(by_host) for label, total in sums.items()}
 
@@ -204,7 +205,7 @@ async def run_floor(lab: Lab, hosts: int, concurrency: int) -> dict[str, float]:
     steps: dict[str, float] = {}
     for host in batch:
         marks = sorted(host.timings.items(), key=lambda kv: kv[1])
-        for (a, t0), (b, t1) in zip(marks, marks[1:]):
+        for (a, t0), (b, t1) in itertools.pairwise(marks):
             steps[f"{a} -> {b}"] = steps.get(f"{a} -> {b}", 0.0) + (t1 - t0) / len(batch)
     return {"up": up, "down": down, "steps": steps}
 

@@ -13,6 +13,7 @@ is a reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``, resolved at load
 from __future__ import annotations
 
 import errno
+import grp
 import ipaddress
 import os
 import re
@@ -216,6 +217,16 @@ class TLSSection(StrictModel):
         return self
 
 
+def group_id(group: str) -> int:
+    """The id of a group given by name or number. :raises ValueError: no such group."""
+    try:
+        return grp.getgrnam(group).gr_gid
+    except KeyError:
+        if group.isdigit():
+            return int(group)
+        raise ValueError(f"no group named {group!r} on this host") from None
+
+
 class ApiSection(StrictModel):
     #: address of the application API (HTTPS with client certificates)
     listen: str = "0.0.0.0"
@@ -227,6 +238,15 @@ class ApiSection(StrictModel):
     admin_socket: Path = Path("/run/governord/admin.sock")
     #: its permissions (octal string); whoever can open it is an administrator
     admin_socket_mode: str = "0660"
+    #: Unix socket of Puppet's autosign policy (``governord-autosign``): it decides certificate
+    #: signing requests and answers nothing else. None: no such socket, nothing is autosigned
+    autosign_socket: Path | None = None
+    #: its permissions (octal string): whoever can open it may ask whether a CSR is signed
+    autosign_socket_mode: str = "0660"
+    #: the group (name or number) the socket is given when set, e.g. ``puppet``; the daemon
+    #: must be allowed to give it (root, or a member). None: the group the directory gives it
+    #: (the packaged layout: /run/governord-autosign is setgid puppet, see governord.tmpfiles.conf)
+    autosign_socket_group: str | None = None
     #: largest request body accepted, in bytes
     max_body_bytes: int = Field(default=65536, ge=1024)
     #: seconds a client has for its TLS handshake (and a closing connection for its TLS shutdown)
@@ -270,21 +290,36 @@ class ApiSection(StrictModel):
                              f"({self.max_connections})")
         return self
 
-    @field_validator("admin_socket")
+    @field_validator("admin_socket", "autosign_socket")
     @classmethod
-    def _socket_path(cls, value: Path) -> Path:
-        if len(os.fsencode(value)) > _MAX_SOCKET_PATH:
+    def _socket_path(cls, value: Path | None) -> Path | None:
+        if value is not None and len(os.fsencode(value)) > _MAX_SOCKET_PATH:
             raise ValueError(f"longer than a Unix socket path may be ({_MAX_SOCKET_PATH} bytes)")
         return value
 
-    @field_validator("admin_socket_mode")
+    @field_validator("admin_socket_mode", "autosign_socket_mode")
     @classmethod
     def _octal(cls, value: str) -> str:
         try:
-            int(value, 8)
+            mode = int(value, 8)
         except ValueError:
             raise ValueError(f"not an octal mode: {value!r}") from None
+        if not 0 <= mode <= 0o7777:
+            raise ValueError(f"not a file mode: {value!r}")
         return value
+
+    @field_validator("autosign_socket_group")
+    @classmethod
+    def _group(cls, value: str | None) -> str | None:
+        if value is not None:
+            group_id(value)
+        return value
+
+    @model_validator(mode="after")
+    def _two_sockets(self) -> ApiSection:
+        if self.autosign_socket is not None and self.autosign_socket == self.admin_socket:
+            raise FieldError("autosign_socket", "must not be the admin socket: each answers only its own")
+        return self
 
 
 class EngineSection(StrictModel):

@@ -65,11 +65,11 @@ class Client:
                     params: dict[str, str] | None, timeout: float | None = None) -> tuple[int, Any]:
         connector = aiohttp.UnixConnector(path=self.socket_path)
         # aiohttp's own default (5 minutes) unless a command waits longer on purpose
-        options = {"timeout": aiohttp.ClientTimeout(total=timeout)} if timeout is not None else {}
+        client_timeout = aiohttp.ClientTimeout(total=timeout) if timeout is not None else aiohttp.client.DEFAULT_TIMEOUT
         # the path is already encoded (see _path): taken as it is, never re-quoted nor normalised
         url = yarl.URL.build(scheme="http", host="governord", path=path, encoded=True)
         try:
-            async with aiohttp.ClientSession(connector=connector, **options) as session:
+            async with aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session:
                 async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
@@ -87,7 +87,7 @@ class Client:
 
 
 def _client(ctx: click.Context) -> Client:
-    return ctx.obj  # type: ignore[no-any-return]
+    return ctx.obj
 
 
 def _all_pages(client: Client, path: str, key: str, params: dict[str, str] | None = None,
@@ -378,22 +378,6 @@ def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
     _show_request(_client(ctx).ok("GET", _path("v1", "requests", request_id)), as_json)
 
 
-@cli.command("puppet-autosign")
-@click.argument("certname")
-@click.pass_context
-def puppet_autosign(ctx: click.Context, certname: str) -> None:
-    """Puppet's autosign policy: reads the CSR on stdin; exit 0 signs it, 1 refuses.
-
-    puppet.conf names the ``governord-autosign`` executable, which runs this (Puppet passes
-    the certificate name as the only argument); the socket comes from $GOVERNORD_SOCKET.
-    """
-    csr = sys.stdin.read()
-    status, data = _client(ctx).call("POST", "/v1/autosign", {"certname": certname, "csr": csr})
-    if status == 200 and data.get("sign"):
-        return
-    raise CtlError(f"not signing {certname}: {data.get('reason') or data.get('error')}")
-
-
 def _request_decision(name: str, approve: bool) -> None:
     @requests.command(name, help=f"{name.capitalize()} a pending request, with a comment.")
     @click.argument("request_id")
@@ -622,15 +606,6 @@ def main() -> None:
         cli(standalone_mode=True)
     except KeyboardInterrupt:
         sys.exit(130)
-
-
-def autosign_main() -> None:
-    """``governord-autosign CERTNAME`` (CSR on stdin): the executable puppet.conf's ``autosign``
-    names, since Puppet runs it with the certificate name as its only argument."""
-    if len(sys.argv) != 2:
-        print("usage: governord-autosign CERTNAME < CSR", file=sys.stderr)
-        sys.exit(2)
-    cli(["puppet-autosign", sys.argv[1]], standalone_mode=True)
 
 
 if __name__ == "__main__":

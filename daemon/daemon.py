@@ -23,7 +23,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import Config, load_config, read_toml
+from .config import Config, group_id, load_config, read_toml
 from .descriptors import raise_descriptor_limit
 from .dispatch.pluginmanager import PluginLoadError, PluginManager
 from .errors import ConfigError
@@ -122,6 +122,7 @@ class Daemon:
 
         from .api.admin_api import create_admin_api
         from .api.app_api import create_app_api
+        from .api.autosign_api import create_autosign_api
         from .api.connections import (
             ConnectionLimits,
             GuardedSite,
@@ -166,12 +167,23 @@ class Daemon:
         port = app_runner.addresses[0][1]
         runtime.listeners.add(port)  # callbacks never go there
         (state_dir / "api.port").write_text(f"{port}\n")
-        api.admin_socket.parent.mkdir(parents=True, exist_ok=True)
-        with contextlib.suppress(FileNotFoundError):
-            api.admin_socket.unlink()
-        admin_site = web.UnixSite(admin_runner, str(api.admin_socket))
-        await admin_site.start()
-        os.chmod(api.admin_socket, int(api.admin_socket_mode, 8))
+        await _serve_unix(admin_runner, api.admin_socket, api.admin_socket_mode)
+        autosign_runner = None
+        if api.autosign_socket is not None:
+            autosign_runner = web.AppRunner(create_autosign_api(runtime), access_log=None,
+                                            keepalive_timeout=api.keepalive_timeout)
+            await autosign_runner.setup()
+            try:
+                await _serve_unix(autosign_runner, api.autosign_socket, api.autosign_socket_mode,
+                                  api.autosign_socket_group)
+            except OSError as exc:  # its directory missing or not ours, the group not ours to give
+                print(f"governord: cannot serve api.autosign_socket {api.autosign_socket}: {exc}", file=sys.stderr)
+                for runner in (app_runner, admin_runner, autosign_runner):
+                    await runner.cleanup()
+                await runtime.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    api.admin_socket.unlink()
+                return 1
 
         watchdog: asyncio.Task[None] | None = None
         interval = watchdog_interval()
@@ -179,7 +191,8 @@ class Daemon:
             watchdog = asyncio.create_task(keep_watchdog_alive(interval))
         notify("READY=1", f"STATUS=serving on {api.listen}:{port} and {api.admin_socket}", f"MAINPID={os.getpid()}")
         log.info("governord ready", extra={"listen": f"{api.listen}:{port}", "admin": str(api.admin_socket),
-                                           "descriptors": descriptors, "max_connections": api.max_connections})
+                                           "descriptors": descriptors, "max_connections": api.max_connections,
+                                           "autosign": str(api.autosign_socket) if api.autosign_socket else None})
 
         await self.stopping.wait()
         notify("STOPPING=1", "STATUS=stopping: finishing or parking in-flight steps")
@@ -187,11 +200,15 @@ class Daemon:
         # stop taking requests first, then let the engine finish or park its steps
         await app_runner.cleanup()
         await admin_runner.cleanup()
+        if autosign_runner is not None:
+            await autosign_runner.cleanup()
         await runtime.stop()
         if watchdog:
             watchdog.cancel()
-        with contextlib.suppress(FileNotFoundError):
-            api.admin_socket.unlink()
+        for path in (api.admin_socket, api.autosign_socket):
+            if path is not None:
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
         log.info("stopped")
         return 0
 
@@ -221,6 +238,27 @@ class Daemon:
         setup_logging(config.daemon.log_level)
         log.info("configuration reloaded", extra={"config": self.config_path})
         notify("READY=1", "STATUS=configuration reloaded")
+
+
+async def _serve_unix(runner: Any, path: Path, mode: str, group: str | None = None) -> None:
+    """Listen on the Unix socket ``path`` (a stale one is replaced) with ``mode``, and give it
+    ``group`` when set. The directory is made if missing, but never re-permissioned: who may
+    reach the socket is its directory's business as much as the socket's."""
+    from aiohttp import web
+
+    _clear_socket_path(path)
+    site = web.UnixSite(runner, str(path))
+    await site.start()
+    os.chmod(path, int(mode, 8))
+    if group is not None:
+        os.chown(path, -1, group_id(group))
+
+
+def _clear_socket_path(path: Path) -> None:
+    """Make the socket's directory if missing (its mode is left alone) and remove a stale socket."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with contextlib.suppress(FileNotFoundError):
+        path.unlink()
 
 
 def _restart_only(old: Config, new: Config) -> list[str]:

@@ -73,7 +73,7 @@ class CertificateAuthority:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "governord CA")])
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         cert = (
             x509.CertificateBuilder()
             .subject_name(name)
@@ -113,7 +113,7 @@ class CertificateAuthority:
         stored, the server's own key is kept."""
         ca_cert, ca_key = self._load()
         key = ec.generate_private_key(ec.SECP256R1())
-        now = datetime.datetime.now(datetime.timezone.utc)
+        now = datetime.datetime.now(datetime.UTC)
         builder = (
             x509.CertificateBuilder()
             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
@@ -187,7 +187,7 @@ class RevocationLists:
 
     def stale(self, now: datetime.datetime | None = None) -> list[str]:
         """Issuers whose CRL is past its next update (OpenSSL then refuses their clients)."""
-        now = now or datetime.datetime.now(datetime.timezone.utc)
+        now = now or datetime.datetime.now(datetime.UTC)
         return [crl.issuer.rfc4514_string() for crl in self.crls
                 if crl.next_update_utc is not None and crl.next_update_utc < now]
 

@@ -113,7 +113,21 @@ class Registrar(ConfiguredInstance, ABC):
     TagMapping: ClassVar[type[TagMapping]] = TagMapping
     #: when :meth:`deregister` runs on retirement
     deregister_phase: ClassVar[Phase] = Phase.BEFORE_MACHINE
+    #: The keys of this registrar's records (what :meth:`prepare` and :meth:`register` return)
+    #: and of its classification that an application may see in the views of its hosts (host
+    #: lists, request status, callbacks). Every other key is for operators (the admin API) and
+    #: the machine only: one-time tokens, activation keys, cloud-config. Each registrar type
+    #: declares it itself (tests/meta checks every entry-point plugin's); the base class
+    #: declares nothing on purpose, and the records of a type that declares nothing are
+    #: withheld from applications entirely (see :meth:`application_view`).
+    application_keys: ClassVar[frozenset[str]]
     config: RegistrarConfig
+
+    @classmethod
+    def application_view(cls, record: Any) -> dict[str, Any]:
+        """What an application may see of one of this type's records (or classifications):
+        the declared :attr:`application_keys`, nothing else."""
+        return application_view(record, declared_keys(cls))
 
     @abstractmethod
     def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -160,6 +174,20 @@ class Registrar(ConfiguredInstance, ABC):
         marker of ``entry.host_id``. Returns False when there was nothing to remove: already gone,
         or the entry now belongs to another host (then it is left alone). Idempotent."""
         raise NotImplementedError(f"{type(self).__name__} cannot remove entries it listed")
+
+
+def declared_keys(registrar_type: type[Registrar]) -> frozenset[str]:
+    """The :attr:`Registrar.application_keys` a registrar type declares (none if it does not)."""
+    keys = getattr(registrar_type, "application_keys", None)
+    return frozenset(keys) if isinstance(keys, (frozenset, set)) else frozenset()
+
+
+def application_view(record: Any, keys: frozenset[str] | None) -> dict[str, Any]:
+    """Only the ``keys`` of ``record``: what an application may see of it. A record that is not
+    a mapping, or a system that declared no keys (``None``), shows nothing."""
+    if not keys or not isinstance(record, Mapping):
+        return {}
+    return {key: value for key, value in record.items() if key in keys}
 
 
 class LazyRegistrar(LazyType["type[Registrar]"]):

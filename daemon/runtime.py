@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+from .api.ratelimit import RateLimits
 from .config import Config
 from .dispatch import Dispatcher
 from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
@@ -18,8 +19,7 @@ from .engine.sweep import Sweeper
 from .metrics import Metrics
 from .pki import CertificateAuthority
 from .providers import Provider
-from .ratelimit import RateLimits
-from .registrars import Registrar
+from .registrars import Registrar, declared_keys
 from .rules import Governor
 from .store import CertificateStore, Store
 
@@ -79,6 +79,8 @@ class Runtime:
             name: self.plugins.registrars.load(cfg.type)(name, cfg, state_dir=state_dir)
             for name, cfg in config.registrars.items()
         }
+        self.governor.application_keys = {name: declared_keys(type(registrar))
+                                          for name, registrar in self.registrars.items()}
         for name in self._instance_plugins:
             self.plugins.unregister(name)
         self._instance_plugins = []

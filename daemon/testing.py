@@ -133,6 +133,8 @@ class MemoryRegistrar(Registrar):
     type_name = "memory"
     Config = RegistrarConfig
     TagMapping = MemoryTagMapping
+    #: the registration's name and the classification; not the token nor its cloud-config
+    application_keys: ClassVar[frozenset[str]] = frozenset({"name", "group", "classes"})
     worlds: ClassVar[dict[str, dict[str, dict[str, Any]]]] = {}
     faults: ClassVar[dict[str, Faults]] = {}
     #: per instance: fqdn -> whether check_ready says ready (absent: no opinion)

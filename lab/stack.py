@@ -55,6 +55,8 @@ port = 0
 server_names = ["localhost", "127.0.0.1"]
 admin_socket = "{socket}"
 admin_socket_mode = "0600"
+autosign_socket = "{autosign_socket}"
+autosign_socket_mode = "0600"
 
 [engine]
 workers = {workers}
@@ -135,7 +137,7 @@ class Governord:
         while True:
             try:
                 data = self.notify.recv(4096).decode()
-            except (BlockingIOError, TimeoutError, socket.timeout):
+            except (BlockingIOError, TimeoutError):
                 return self.notifications
             self.notifications.extend(data.split("\n"))
             self.notify.settimeout(0.001)
@@ -347,7 +349,8 @@ class Lab:
             registrar_extra = timeout + "\n"
         engine_extra = f'on_permanent_failure = "{on_permanent_failure}"\n' if on_permanent_failure else ""
         path.write_text(CONFIG_TEMPLATE.format(
-            state_dir=home / "state", socket=home / "admin.sock", workers=workers, retry_limit=retry_limit,
+            state_dir=home / "state", socket=home / "admin.sock", autosign_socket=home / "autosign.sock",
+            workers=workers, retry_limit=retry_limit,
             retry_backoff=retry_backoff, retry_backoff_max=retry_backoff_max,
             provider=platform.provider, provider_section=provider_section,
             network_line=f'network = "{platform.network}"\n' if platform.network else "",
@@ -366,15 +369,20 @@ class Lab:
 
         assert self.foreman, "start the Foreman simulator first: it is the ENC"
         policy = self.workdir / "autosign"
-        # Puppet runs the policy with the certname as $1 and the CSR on stdin
-        policy.write_text(f'#!/bin/sh\nGOVERNORD_SOCKET={self.workdir / "governord" / "admin.sock"} '
-                          f'exec {Path(sys.executable).parent / "governord-autosign"} "$1"\n')
+        # Puppet runs the policy with the certname as $1 and the CSR on stdin; it asks on the
+        # autosign socket (the default instance's), which answers nothing else
+        policy.write_text(f'#!/bin/sh\nGOVERNORD_AUTOSIGN_SOCKET={self.autosign_socket()} '
+                          f'exec {Path(sys.executable).parent / "governord-autosign"} -- "$1"\n')
         policy.chmod(0o755)
         enc = write_enc_config(self.workdir / "enc.conf", self.foreman.url, "admin",
                                self.passwords["LAB_FOREMAN_PASSWORD"])
         self.puppet = start_puppet_stack(self.workdir / "puppet", autosign_command=str(policy), enc_command=enc)
         self.stoppers.append(self.puppet.stop)
         return self.puppet
+
+    def autosign_socket(self, instance: str = "governord") -> Path:
+        """The autosign socket of the governord ``instance`` configs written by :meth:`write_config` name."""
+        return self.workdir / instance / "autosign.sock"
 
     def _puppet_registrars(self) -> str:
         stack = self.puppet

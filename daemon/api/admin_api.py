@@ -1,5 +1,7 @@
 """The operators' API on a Unix socket: whoever may open the socket is an administrator.
-``governord-ctl`` is its client."""
+``governord-ctl`` is its client. Host views here are whole (registration records with their
+tokens and keys, errors with their detail); Puppet's autosign policy has its own socket
+(:mod:`.autosign_api`), not this one."""
 
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_b
 if TYPE_CHECKING:
     from ..runtime import Runtime
 
-runtime_key = web.AppKey("runtime", "Runtime")
+runtime_key: web.AppKey[Runtime] = web.AppKey("runtime")
 
 endpoints = Endpoints(
     "governord admin API",
@@ -32,7 +34,7 @@ ACTOR = "operator"
 
 
 def _runtime(request: web.Request) -> Runtime:
-    return request.app[runtime_key]  # type: ignore[no-any-return]
+    return request.app[runtime_key]
 
 
 @endpoints.add("GET", "/v1/status", "Daemon status", responses={200: schemas.Status})
@@ -121,7 +123,7 @@ async def scale_app(request: web.Request) -> web.Response:
         request.match_info["app"], body.role, add=body.add, count=body.count, actor=ACTOR,
         idempotency_key=body.idempotency_key, callback_url=body.callback_url,
     )
-    return await request_reply(runtime, decision)
+    return await request_reply(runtime, decision, operator=True)
 
 
 @endpoints.add("POST", "/v1/apps/{app}/release", "Release an application's hosts, as an operator",
@@ -134,7 +136,7 @@ async def release_app(request: web.Request) -> web.Response:
         request.match_info["app"], hosts=body.hosts, role=body.role, count=body.count, actor=ACTOR,
         idempotency_key=body.idempotency_key,
     )
-    return await request_reply(runtime, decision)
+    return await request_reply(runtime, decision, operator=True)
 
 
 def _application(runtime: Runtime, app: str) -> Any:
@@ -278,7 +280,7 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     body: schemas.DecisionRequest = await parse_body(request, schemas.DecisionRequest)
     row = await runtime.governor.decide_pending(request.match_info["request_id"], approve=approve,
                                                 comment=body.comment, actor=ACTOR)
-    return reply(schemas.Request, await runtime.governor.request_status(row))
+    return reply(schemas.Request, await runtime.governor.request_status(row, operator=True))
 
 
 @endpoints.add("POST", "/v1/requests/{request_id}/approve", "Approve a pending request (the rules apply again)",
@@ -311,8 +313,9 @@ async def list_requests(request: web.Request) -> web.Response:
     page = paging.requested(request, paging.REQUESTS)
     await runtime.governor.expire_pending()
     rows = await runtime.store.page_requests(limit=page.limit, after=page.after, app=request.query.get("app"))
-    return reply(schemas.RequestList, {"requests": [await runtime.governor.request_status(r) for r in rows.rows],
-                                       "next_cursor": paging.next_cursor(paging.REQUESTS, rows)})
+    return reply(schemas.RequestList,
+                 {"requests": [await runtime.governor.request_status(r, operator=True) for r in rows.rows],
+                  "next_cursor": paging.next_cursor(paging.REQUESTS, rows)})
 
 
 @endpoints.add("GET", "/v1/requests/{request_id}", "One request", responses={200: schemas.Request,
@@ -322,7 +325,7 @@ async def show_request(request: web.Request) -> web.Response:
     row = await runtime.store.get_request(request.match_info["request_id"])
     if row is None:
         raise RequestError(404, "no such request", field="request_id")
-    return reply(schemas.Request, await runtime.governor.request_status(row))
+    return reply(schemas.Request, await runtime.governor.request_status(row, operator=True))
 
 
 @endpoints.add("POST", "/v1/sweep", "Compare the records with what exists (leaked machines, vanished machines, "
@@ -332,16 +335,6 @@ async def sweep(request: web.Request) -> web.Response:
     body: schemas.SweepRequest = await parse_body(request, schemas.SweepRequest)
     report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=ACTOR)
     return reply(schemas.SweepReport, report.as_dict())
-
-
-@endpoints.add("POST", "/v1/autosign", "Decide a Puppet certificate request (the autosign policy)",
-               body=schemas.AutosignRequest, responses={200: schemas.AutosignDecision, 403: schemas.AutosignDecision})
-async def autosign(request: web.Request) -> web.Response:
-    body: schemas.AutosignRequest = await parse_body(request, schemas.AutosignRequest)
-    sign, reason, row = await _runtime(request).governor.verify_autosign(body.certname, body.csr,
-                                                                         actor="puppet-autosign")
-    return reply(schemas.AutosignDecision, {"sign": sign, "reason": reason, "host": row["name"] if row else None},
-                 200 if sign else 403)
 
 
 @endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})

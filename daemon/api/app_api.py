@@ -29,7 +29,7 @@ from pydantic import ValidationError
 
 from .. import webhooks
 from ..config import identity_of
-from ..rules import Decision, RequestError, host_summary
+from ..rules import Decision, RequestError
 from . import paging, schemas
 from .common import (
     Endpoints,
@@ -50,9 +50,10 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-runtime_key = web.AppKey("runtime", "Runtime")
+runtime_key: web.AppKey[Runtime] = web.AppKey("runtime")
 tls_key = web.AppKey("tls", ApplicationTLS)
-app_key = web.AppKey("application", str)
+#: the application a request was authenticated as (set by :func:`identify`)
+app_key = web.RequestKey("application", str)
 
 endpoints = Endpoints(
     "governord application API",
@@ -65,7 +66,7 @@ endpoints = Endpoints(
 
 
 def application_of(request: web.Request) -> str:
-    return request[app_key]  # type: ignore[no-any-return]
+    return request[app_key]
 
 
 @dataclass(frozen=True)
@@ -162,7 +163,7 @@ async def identify(request: web.Request, handler: Any) -> web.StreamResponse:
     return await handler(request)
 
 
-#: the answer beyond the application's rate limit (governord.ratelimit), documented
+#: the answer beyond the application's rate limit (governord.api.ratelimit), documented
 RETRY_AFTER = {429: {"Retry-After": ({"type": "integer", "minimum": 1},
                                      "whole seconds until the application may ask again")}}
 
@@ -214,9 +215,11 @@ async def release(request: web.Request) -> web.Response:
     return await request_reply(runtime, decision)
 
 
-async def request_reply(runtime: Runtime, decision: Decision) -> web.Response:
+async def request_reply(runtime: Runtime, decision: Decision, *, operator: bool = False) -> web.Response:
+    """A decision's answer: its hosts as an application may see them, or whole for an ``operator``."""
     status = 409 if decision.request["state"] == "declined" else (200 if decision.replayed else 202)
-    return reply(schemas.Request, await runtime.governor.request_status(decision.request, decision.hosts), status)
+    answer = await runtime.governor.request_status(decision.request, decision.hosts, operator=operator)
+    return reply(schemas.Request, answer, status)
 
 
 @endpoints.add("GET", "/v1/requests/{request_id}", "A request's decision, status and hosts",
@@ -239,7 +242,7 @@ async def list_hosts(request: web.Request) -> web.Response:
     state = paging.host_state(request)
     rows = await runtime.store.page_hosts(limit=page.limit, after=page.after, app=application_of(request),
                                           state=state, live=state is None)
-    return reply(schemas.HostList, {"hosts": [host_summary(r) for r in rows.rows],
+    return reply(schemas.HostList, {"hosts": [runtime.governor.application_host(r) for r in rows.rows],
                                     "next_cursor": paging.next_cursor(paging.HOSTS, rows)})
 
 

@@ -192,7 +192,7 @@ class ApplicationTLS:
         # Only this hook sees the client's Certificate message of a handshake that then fails
         # (OpenSSL keeps no peer certificate after a failed verification). Every context needs
         # it: a connection moved to a newer one reports to that one's.
-        context._msg_callback = _keep_client_certificate  # noqa: SLF001
+        context._msg_callback = _keep_client_certificate  # type: ignore[attr-defined]  # noqa: SLF001
         if crl is not None:
             # OpenSSL reads CRLs only from files: load exactly the bytes that were checked
             with tempfile.NamedTemporaryFile(prefix="governord-crl-", suffix=".pem") as copy:
@@ -263,7 +263,7 @@ class ApplicationTLS:
         )
         connection.client_certificate_message = None
         self.count(refusal.reason, "handshake")
-        fields = {"reason": refusal.reason, "stage": "handshake", "peer": refusal.peer or "unknown",
+        fields: dict[str, Any] = {"reason": refusal.reason, "stage": "handshake", "peer": refusal.peer or "unknown",
                   "error": refusal.error}
         if refusal.verify_code is not None:
             fields.update(verify_code=refusal.verify_code, verify_message=refusal.verify_message)

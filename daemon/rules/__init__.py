@@ -10,7 +10,6 @@ overshoot a cap.
 from __future__ import annotations
 
 import datetime
-import hmac
 import ipaddress
 import logging
 import re
@@ -20,12 +19,13 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography import x509
-from cryptography.x509.oid import AttributeOID, NameOID
 
+from .. import autosign
 from ..config import Config, Placement, WebhookRule
-from ..engine import STATE_OF_STEP, Engine, address_range, callbacks
+from ..engine import STATE_OF_STEP, STEP_OF_STATE, Engine, address_range, callbacks
 from ..models import ACTIVE_STATES, HostOrigin, HostState
 from ..outbound import Policy
+from ..registrars import application_view
 from ..store import NameTaken, Row, Store, Transaction, app_lock, network_lock
 from ..store.schema import hosts
 
@@ -91,6 +91,10 @@ class Governor:
         self.config = config
         #: TCP ports governord listens on (the runtime's set): no callback_url may name them
         self.listeners = listeners if listeners is not None else set()
+        #: by registrar instance (``[registrars.NAME]``), the keys of its records an application
+        #: may see (its type's ``application_keys``); the runtime sets it whenever it builds the
+        #: registrars. A system not in it shows applications nothing of its records.
+        self.application_keys: dict[str, frozenset[str]] = {}
 
     def _app(self, app: str) -> Any:
         section = self.config.applications.get(app)
@@ -357,11 +361,11 @@ class Governor:
                 raise RequestError(409, f"request {request_id} is {request['state']}, not pending", field="request_id")
             now = time.time()
             if not approve:
-                reason = f"denied by {actor}: {comment}"
-                tx.update_request(request_id, state="denied", reason=reason, updated_at=now)
+                denial = f"denied by {actor}: {comment}"
+                tx.update_request(request_id, state="denied", reason=denial, updated_at=now)
                 tx.add_event("request-denied", actor=actor, request_id=request_id,
                              detail={"app": request["app"], "comment": comment})
-                request.update(state="denied", reason=reason)
+                request.update(state="denied", reason=denial)
                 return request
             params = request["params"]
             plan = self.plan_scale(tx, request["app"], params["role"], add=params["add"], count=params["count"],
@@ -561,24 +565,35 @@ class Governor:
     async def verify_autosign(self, certname: str, csr_pem: str, *, actor: str) -> tuple[bool, str, Row | None]:
         """Decide a certificate signing request, as Puppet's autosign policy: sign only a CSR for
         a live host governord is bringing up, carrying (as challengePassword) the one-time token
-        a registrar's ``prepare`` made for it, and only once. Every decision is audited."""
-        row = await self.store.get_host(certname)
-        sign, reason = await self._autosign_decision(row, certname, csr_pem)
-        await self.store.decide(lambda tx: tx.add_event(
-            "autosign-signed" if sign else "autosign-refused", actor=actor, host_id=row["id"] if row else None,
-            detail={"certname": certname, "reason": reason}))
-        return sign, reason, row
-
-    async def _autosign_decision(self, row: Row | None, certname: str, csr_pem: str) -> tuple[bool, str]:
+        a registrar's ``prepare`` made for it, asking for no certificate extension but those
+        governord put into the host's cloud-config (see :mod:`governord.autosign`), and only
+        once. The token is spent by the transaction that decides (a mark on the host, set only
+        if it was not set), so two requests at once cannot both be signed, and no number of
+        refusals since can hide that it was. Every decision is audited."""
+        csr: x509.CertificateSigningRequest | None = None
         try:
-            csr = x509.load_pem_x509_csr(csr_pem.encode())
+            csr = autosign.load_request(csr_pem)
         except ValueError as exc:
-            return False, f"not a PEM certificate request: {exc}"
-        if not csr.is_signature_valid:
-            return False, "the request's signature is not valid"
-        names = [a.value for a in csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        if names != [certname]:
-            return False, f"the request is for {names}, not {certname}"
+            early: str | None = f"not a PEM certificate request: {exc}"
+        else:
+            early = _request_refusal(csr, certname)
+
+        def decide(tx: Transaction) -> tuple[bool, str, Row | None]:
+            row = tx.host_by_fqdn(certname)
+            if early is not None or csr is None:
+                sign, reason = False, early or "no request"
+            else:
+                sign, reason = self._autosign_decision(tx, row, certname, csr)
+            tx.add_event("autosign-signed" if sign else "autosign-refused", actor=actor,
+                         host_id=row["id"] if row else None, detail={"certname": certname, "reason": reason})
+            return sign, reason, row
+
+        return await self.store.decide(decide)
+
+    @staticmethod
+    def _autosign_decision(tx: Transaction, row: Row | None, certname: str,
+                           csr: x509.CertificateSigningRequest) -> tuple[bool, str]:
+        """The host's part of the decision, in the deciding transaction (spends the token)."""
         if row is None or row["fqdn"] != certname:
             return False, f"governord is bringing up no host {certname}"
         if row["state"] not in _BRINGING_UP:
@@ -586,26 +601,32 @@ class Governor:
         records = [r for r in row["registrations"].values() if isinstance(r, dict) and r.get("autosign_token")]
         if not records:
             return False, f"no registrar pre-authorised {certname}"
-        try:
-            password = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
-        except x509.AttributeNotFound:
+        given = autosign.challenge_password(csr)
+        if given is None:
             return False, "the request carries no challengePassword"
-        given = password.decode() if isinstance(password, bytes) else str(password)
         record = records[0]
-        if not hmac.compare_digest(given, str(record["autosign_token"])):
+        if not autosign.token_matches(given, record["autosign_token"]):
             return False, "the challengePassword is not the token issued for this host"
         if record.get("expires_at") and _timestamp(record["expires_at"]) < time.time():
             return False, "the token has expired"
-        used = [e for e in await self.store.list_events(host_id=row["id"]) if e["kind"] == "autosign-signed"]
-        if used:
+        refusal = autosign.extension_refusal(csr, autosign.allowed_extensions(record))
+        if refusal is not None:
+            return False, refusal
+        if not tx.spend_autosign_token(row["id"]):
             return False, "the token was used already"
         return True, "pre-authorised by governord"
 
     # -- views ------------------------------------------------------------------------------------
 
-    async def request_status(self, request: Row, rows: list[Row] | None = None) -> dict[str, Any]:
+    def application_host(self, row: Row) -> dict[str, Any]:
+        """The view of a host an application is given (see :func:`application_host_summary`)."""
+        return application_host_summary(row, self.application_keys)
+
+    async def request_status(self, request: Row, rows: list[Row] | None = None, *,
+                             operator: bool = False) -> dict[str, Any]:
         """The request with its hosts (``rows``: as just read; else read now) and an overall
-        status the application can act on."""
+        status the application can act on. Its hosts as an application may see them, unless
+        ``operator``: then whole (the admin API)."""
         if rows is None:
             rows = await self.store.list_hosts(ids=request["host_ids"]) if request["host_ids"] else []
         if request["state"] in ("declined", "denied", "expired"):
@@ -626,7 +647,7 @@ class Governor:
                                        "created_at")},
             "decision": request["state"],
             "status": status,
-            "hosts": [host_summary(h) for h in rows],
+            "hosts": [host_summary(h) if operator else self.application_host(h) for h in rows],
         }
 
 
@@ -660,8 +681,18 @@ def _timestamp(value: Any) -> float:
     return datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00")).timestamp()
 
 
+def _request_refusal(csr: x509.CertificateSigningRequest, certname: str) -> str | None:
+    """Why a request must be refused whatever host it names (None: the host decides)."""
+    if not csr.is_signature_valid:
+        return "the request's signature is not valid"
+    names = autosign.common_names(csr)
+    if names != [certname]:
+        return f"the request is for {names}, not {certname}"
+    return None
+
+
 def host_summary(row: Row) -> dict[str, Any]:
-    """The public view of a host row."""
+    """The whole view of a host row: the operators' (admin API, governord-ctl)."""
     return {
         "id": row["id"],
         "name": row["name"],
@@ -687,3 +718,34 @@ def host_summary(row: Row) -> dict[str, Any]:
 
 def is_active(row: Row) -> bool:
     return HostState(row["state"]) in ACTIVE_STATES
+
+
+def application_host_summary(row: Row, application_keys: dict[str, frozenset[str]]) -> dict[str, Any]:
+    """The view of a host row an application may see: of each system's registration record and
+    classification only the keys its registrar declares (``application_keys`` by system; a
+    system not in it shows nothing), and for the error only :func:`application_error`."""
+    summary = host_summary(row)
+    for column in ("registrations", "classification"):
+        summary[column] = {system: application_view(value, application_keys.get(system))
+                           for system, value in (row[column] or {}).items()}
+    summary["error"] = application_error(row)
+    return summary
+
+
+def application_error(row: Row) -> str | None:
+    """What an application is told of a host's error: the step and what became of the host,
+    never the message itself (a peer's own words, with its URLs, host names and ids: the
+    operators' view has it)."""
+    if not row["error"]:
+        return None
+    state = row["state"]
+    step = row["failed_step"] or STEP_OF_STATE.get(HostState(state), state)
+    if state == HostState.FAILED.value:
+        outcome = "failed for good; the host is kept as it is until an operator retries or retires it"
+    elif state == HostState.GONE.value:
+        outcome = "failed for good; the host was rolled back"
+    elif row["failed_step"]:
+        outcome = "failed for good; the host is being rolled back"
+    else:
+        outcome = "failed for a passing reason; it is being tried again"
+    return f"step {step} {outcome} (the detail is with governord's operators)"

@@ -221,6 +221,13 @@ _NEXT_DUE = (
 _RELEASE_ADDRESS = address_leases.delete().where(address_leases.c.host_id == bindparam("host_id"))
 _FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
+def _driver_connection(conn: Connection) -> Any:
+    """The DBAPI driver's own connection under a SQLAlchemy connection (open: it is in use)."""
+    driver = conn.connection.driver_connection
+    assert driver is not None, "the connection is closed"
+    return driver
+
+
 class DirectStatement:
     """A statement compiled once for a dialect and run straight on the DBAPI cursor.
 
@@ -269,7 +276,7 @@ class DirectStatement:
 
     def all(self, conn: Connection, params: Row) -> list[Row]:
         """The rows, each a dict of the statement's columns."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = _driver_connection(conn).cursor()
         try:
             cursor.execute(self.sql, self._positional(params))
             return [self._row(raw) for raw in cursor.fetchall()]
@@ -282,7 +289,7 @@ class DirectStatement:
 
     def run(self, conn: Connection, many: Sequence[Row]) -> None:
         """Execute once per parameter set (a statement that returns nothing, e.g. an insert)."""
-        cursor = conn.connection.driver_connection.cursor()
+        cursor = _driver_connection(conn).cursor()
         try:
             cursor.executemany(self.sql, [self._positional(params) for params in many])
         finally:
@@ -903,6 +910,22 @@ class Transaction:
             raise NameTaken(", ".join(r["name"] for r in rows)) from exc
         blank = {column.name: None for column in hosts.c}
         return [blank | row for row in rows]
+
+    def host_by_fqdn(self, fqdn: str) -> Row | None:
+        """The host of that FQDN: the live one, else the newest gone one."""
+        row = self.conn.execute(
+            select(hosts).where(hosts.c.fqdn == fqdn)
+            .order_by((hosts.c.state == HostState.GONE.value).asc(), hosts.c.created_at.desc()).limit(1)
+        ).mappings().first()
+        return dict(row) if row else None
+
+    def spend_autosign_token(self, host_id: str) -> bool:
+        """Mark the host's one-time autosign token used, unless it was: True if this call spent
+        it. One conditional UPDATE, so of two decisions only one can spend it."""
+        result = self.conn.execute(
+            update(hosts).where(hosts.c.id == host_id, hosts.c.autosign_used_at.is_(None))
+            .values(autosign_used_at=time.time()))
+        return bool(result.rowcount == 1)
 
     def retire(self, host_ids: Sequence[str]) -> dict[str, Row]:
         """Retire hosts, each according to the state it is in now (the caller's rows may be

@@ -54,6 +54,8 @@ hosts = Table(
     Column("seq", Integer),
     #: set by a retirement that arrives while a step is running; acted on after it
     Column("retire_requested", Boolean, nullable=False, server_default=false()),
+    #: when the host's one-time Puppet autosign token was spent (a CSR signed with it); NULL: not yet
+    Column("autosign_used_at", Float),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", Float, nullable=False, server_default=text("0")),
     Column("lease_owner", String(255)),

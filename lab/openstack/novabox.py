@@ -173,7 +173,7 @@ class _ThreadingServer(socketserver.ThreadingMixIn, WSGIServer):
 
 class _QuietHandler(WSGIRequestHandler):
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
-        sys.stderr.write("novabox %s %s\n" % (self.address_string(), format % args))
+        sys.stderr.write(f"novabox {self.address_string()} {format % args}\n")
 
 
 def _lab_facts(box: NovaBox) -> dict[str, Any]:

@@ -63,7 +63,7 @@ def entity_not_found(what: str) -> EngineFault:
 
 def utcnow() -> datetime.datetime:
     """Now, in UTC, as the engine writes dates."""
-    return datetime.datetime.now(datetime.timezone.utc)
+    return datetime.datetime.now(datetime.UTC)
 
 
 @dataclass

@@ -171,11 +171,11 @@ def dispatch(state: State, method: str, params: tuple[Any, ...]) -> Any:
         if not candidates:
             raise _no_method(namespace, bean, args)
         chosen = next(
-            (m for m in candidates if all(_matches(k, v) for k, v in zip(m.params, args))), None
+            (m for m in candidates if all(_matches(k, v) for k, v in zip(m.params, args, strict=False))), None
         )
         if chosen is None:
             chosen = candidates[0]
-            args = [v if _matches(k, v) else _translate(k, v) for k, v in zip(chosen.params, args)]
+            args = [v if _matches(k, v) else _translate(k, v) for k, v in zip(chosen.params, args, strict=False)]
     except ApiFault as fault:
         raise fault.to_fault() from None
     except JavaException as exc:

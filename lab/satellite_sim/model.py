@@ -31,7 +31,7 @@ DEFAULT_SEED = Path(__file__).with_name("seed.json")
 
 def now() -> dt.datetime:
     """Server time (UTC, whole seconds), as stored for check-ins and creation dates."""
-    return dt.datetime.now(dt.timezone.utc).replace(tzinfo=None, microsecond=0)
+    return dt.datetime.now(dt.UTC).replace(tzinfo=None, microsecond=0)
 
 
 @dataclass

@@ -18,7 +18,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import requests
 from apypie import ForemanApi
@@ -71,7 +71,7 @@ class _TimeoutSession(requests.Session):
         self.mount("https://", adapter)
         self.mount("http://", adapter)
 
-    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:  # type: ignore[override]
+    def request(self, method: str | bytes, url: str | bytes, *args: Any, **kwargs: Any) -> requests.Response:
         kwargs.setdefault("timeout", self._timeout)
         verb = method.decode() if isinstance(method, bytes) else method
         tries = self._tries if verb.upper() in SAFE_METHODS and not kwargs.get("stream") else 1
@@ -135,6 +135,9 @@ class ForemanRegistrar(Registrar):
     type_name = "foreman"
     Config = ForemanConfig
     TagMapping = ForemanTagMapping
+    #: an application sees where its host is classified; parameter values (the classification's
+    #: ``parameters``) are the operators' business and stay with them
+    application_keys: ClassVar[frozenset[str]] = frozenset({"id", "hostgroup", "puppet_classes"})
 
     config: ForemanConfig
 

@@ -17,7 +17,8 @@ imported only when a config uses the type). Configured by a ``[registrars.NAME]`
 Before a machine exists, the registrar makes a one-time autosign token for exactly its
 certificate name and hands cloud-init the ``puppet`` module settings that put the token into the
 agent's CSR (``challengePassword``). The puppetserver's autosign policy executable,
-``governord-ctl puppet-autosign CERTNAME``, asks governord whether that token is right.
+``governord-autosign CERTNAME``, asks governord on its autosign socket (``[api]
+autosign_socket``) whether that token is right, and the request asks for nothing else.
 
 There are no ``[tags.TAG.NAME]`` keys: the certificate does not depend on the host's tags.
 """

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import datetime
-import hmac
 import logging
 import re
 import secrets
@@ -30,8 +29,16 @@ from urllib.parse import quote
 
 import requests
 from cryptography import x509
-from cryptography.x509.oid import AttributeOID, NameOID
 
+from governord.autosign import (
+    allowed_extensions,
+    challenge_password,
+    common_names,
+    der_string,
+    extension_refusal,
+    load_request,
+    token_matches,
+)
 from governord.errors import PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostOrigin, HostView
 from governord.registrars import Phase, Registrar, RegistrarConfig, Registration, marker_of
@@ -48,9 +55,9 @@ CHALLENGE_PASSWORD_OID = "1.2.840.113549.1.9.7"
 _CERTNAME = re.compile(r"^[a-z0-9._-]+$")
 
 
-#: DER tags of the ASN.1 string types an extension value may be written as (UTF8String is what
-#: Puppet writes; PrintableString and IA5String are read too).
-_DER_STRINGS = {0x0C, 0x13, 0x16}
+#: the text of a DER-encoded ASN.1 string (an extension's value), or None (shared with the
+#: autosign checks, which compare the extensions a CSR asks for with the cloud-config's)
+_der_string = der_string
 
 
 def certname_of(host: HostView) -> str:
@@ -61,37 +68,6 @@ def certname_of(host: HostView) -> str:
 def _utc(value: str) -> datetime.datetime:
     parsed = datetime.datetime.fromisoformat(value)
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=datetime.UTC)
-
-
-def challenge_password(csr_pem: bytes | str) -> tuple[str, str | None]:
-    """The subject CN and the ``challengePassword`` of a PEM CSR (None if it has none)."""
-    data = csr_pem.encode("ascii") if isinstance(csr_pem, str) else csr_pem
-    csr = x509.load_pem_x509_csr(data)
-    names = csr.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
-    common_name = str(names[0].value) if names else ""
-    try:
-        raw = csr.attributes.get_attribute_for_oid(AttributeOID.CHALLENGE_PASSWORD).value
-    except x509.AttributeNotFound:
-        return common_name, None
-    return common_name, raw.decode("utf-8", "replace") if isinstance(raw, bytes) else str(raw)
-
-
-def _der_string(data: bytes) -> str | None:
-    """The text of a DER-encoded ASN.1 string (an extension's value), or None if it is not one."""
-    if len(data) < 2 or data[0] not in _DER_STRINGS:
-        return None
-    length, start = data[1], 2
-    if length & 0x80:  # long form: the next (length & 0x7f) bytes hold the length
-        count = length & 0x7F
-        if count == 0 or count > 4 or len(data) < 2 + count:
-            return None
-        length, start = int.from_bytes(data[2:2 + count], "big"), 2 + count
-    if len(data) != start + length:
-        return None
-    try:
-        return data[start:].decode("utf-8")
-    except UnicodeDecodeError:
-        return None
 
 
 def marker_in(extensions: x509.Extensions) -> str | None:
@@ -110,8 +86,9 @@ def autosign_refusal(
     record: dict[str, Any] | None, certname: str, csr_pem: bytes | str, *, now: datetime.datetime | None = None
 ) -> str | None:
     """Why a CSR must not be autosigned for ``record`` (a :meth:`PuppetCARegistrar.prepare`
-    record), or None if its token is right. Single use is the caller's business: it must
-    consume the token once it said yes."""
+    record), or None if its token is right and it asks for no certificate extension but those
+    the record's cloud-config asks for (the ownership marker). Single use is the caller's
+    business: it must consume the token once it said yes."""
     if not record or not record.get("autosign_token"):
         return f"no autosign token was issued for {certname}"
     if record.get("certname") != certname:
@@ -121,16 +98,18 @@ def autosign_refusal(
     if expires and _utc(expires) <= moment:
         return f"the autosign token for {certname} expired at {expires}"
     try:
-        subject, given = challenge_password(csr_pem)
+        csr = load_request(csr_pem)
     except ValueError as exc:
         return f"not a PEM certificate request: {exc}"
+    subject = (common_names(csr) or [""])[0]
     if subject != certname:
         return f"the CSR is for {subject!r}, not {certname}"
+    given = challenge_password(csr)
     if given is None:
         return f"the CSR for {certname} has no challengePassword"
-    if not hmac.compare_digest(given.encode(), str(record["autosign_token"]).encode()):
+    if not token_matches(given, record["autosign_token"]):
         return f"the CSR for {certname} carries a wrong challengePassword"
-    return None
+    return extension_refusal(csr, allowed_extensions(record))
 
 
 class PuppetCARegistrar(Registrar):
@@ -140,6 +119,10 @@ class PuppetCARegistrar(Registrar):
     Config: ClassVar[type[RegistrarConfig]] = PuppetCAConfig
     TagMapping: ClassVar[type[BaseTagMapping]] = PuppetCATagMapping
     deregister_phase: ClassVar[Phase] = Phase.BEFORE_MACHINE
+    #: the certificate's name, state and the token's validity; never the token itself nor the
+    #: cloud-config that carries it (whoever holds it can have a CSR signed)
+    application_keys: ClassVar[frozenset[str]] = frozenset({"certname", "certificate_state", "issued_at",
+                                                            "expires_at"})
 
     def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
         if not isinstance(config, PuppetCAConfig):

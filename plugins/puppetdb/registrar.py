@@ -89,6 +89,8 @@ class PuppetDBRegistrar(Registrar):
     Config: ClassVar[type[RegistrarConfig]] = PuppetDBConfig
     TagMapping: ClassVar[type[BaseTagMapping]] = PuppetDBTagMapping
     deregister_phase: ClassVar[Phase] = Phase.AFTER_MACHINE
+    #: its record is the node's certname, nothing secret
+    application_keys: ClassVar[frozenset[str]] = frozenset({"certname"})
 
     def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
         if not isinstance(config, PuppetDBConfig):
@@ -335,7 +337,7 @@ class PuppetDBRegistrar(Registrar):
             return await self.call_sync(func, *args)
         except (RetryableError, PermanentError):
             raise
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - every other failure is translated, none swallowed
             raise self._translate(exc) from None
 
     def _translate(self, exc: Exception) -> RetryableError | PermanentError:

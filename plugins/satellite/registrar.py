@@ -121,6 +121,9 @@ class SatelliteRegistrar(Registrar):
     type_name: ClassVar[str] = "satellite"
     Config: ClassVar[type[RegistrarConfig]] = SatelliteConfig
     TagMapping: ClassVar[type[BaseTagMapping]] = SatelliteTagMapping
+    #: the profile and its groups; the activation key (record and classification) registers any
+    #: machine with the site's entitlements: operators and the machine only
+    application_keys: ClassVar[frozenset[str]] = frozenset({"id", "groups"})
 
     def __init__(self, name: str, config: RegistrarConfig, *, state_dir: Path | None = None) -> None:
         if not isinstance(config, SatelliteConfig):

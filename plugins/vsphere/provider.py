@@ -146,7 +146,7 @@ def _in_transit(exc: BaseException) -> bool:
     return isinstance(exc, (OSError, EOFError, xml.parsers.expat.ExpatError))
 
 
-class _ReadRetryStub(StubAdapterBase):  # type: ignore[misc]
+class _ReadRetryStub(StubAdapterBase):
     """A stub in front of pyVmomi's SOAP stub (as pyVmomi's SessionOrientedStub is) that repeats
     a read-only call (:data:`READ_ONLY_METHODS`) which failed in transit, up to ``tries`` tries;
     any other call goes through once. Managed objects in the answers are bound to this stub, so

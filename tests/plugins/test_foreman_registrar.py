@@ -140,6 +140,21 @@ async def test_register_creates_the_host(registrar: ForemanRegistrar, foreman_si
     }
 
 
+async def test_an_application_sees_where_its_host_is_classified_and_no_parameter_values(
+        registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    """The declared split: hostgroup, classes and the Foreman id; the parameters (values in the
+    classification, names in the record) stay with the operators."""
+    host = make_host()
+    wanted = classification(registrar, "base", "node")
+    record = await registrar.register(host, wanted)
+    assert read_host(foreman_sim, host.fqdn).json()["id"] == record["id"]
+    assert ForemanRegistrar.application_view(record) == {
+        "id": record["id"], "hostgroup": "openshift/node", "puppet_classes": record["puppet_classes"]}
+    assert ForemanRegistrar.application_view(wanted) == {
+        "hostgroup": "openshift/node", "puppet_classes": wanted["puppet_classes"]}
+    assert "parameters" in record and "parameters" in wanted  # there to withhold
+
+
 async def test_register_again_changes_nothing(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
     host = make_host()
     wanted = classification(registrar, "node")

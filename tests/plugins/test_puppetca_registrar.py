@@ -187,6 +187,46 @@ def test_autosign_refusal_checks_name_token_and_expiry() -> None:
     assert "not a PEM" in str(autosign_refusal(record, "n1.lab.example", b"garbage"))
 
 
+def _extension(oid: str, text: str) -> x509.UnrecognizedExtension:
+    """An extension request as Puppet writes one: the value a DER UTF8String."""
+    data = text.encode()
+    return x509.UnrecognizedExtension(x509.ObjectIdentifier(oid), bytes([0x0C, len(data)]) + data)
+
+
+def _csr_asking(certname: str, challenge: str, *extensions: x509.ExtensionType) -> bytes:
+    key = ec.generate_private_key(ec.SECP256R1())
+    builder = (x509.CertificateSigningRequestBuilder()
+               .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, certname)]))
+               .add_attribute(AttributeOID.CHALLENGE_PASSWORD, challenge.encode()))
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+
+
+async def test_autosign_refusal_takes_only_the_extensions_the_cloud_config_asks_for(tmp_path: Path) -> None:
+    """The prepared record's own cloud-config asks for the ownership marker: that CSR passes; one
+    that also asks for a trusted fact (pp_role), or for the marker of another host, does not."""
+    files(tmp_path, "c", "k")
+    reg = PuppetCARegistrar(NAME, make_config(
+        url=f"https://127.0.0.1:{closed_port()}", client_cert=str(tmp_path / "c"), client_key=str(tmp_path / "k"),
+    ))
+    host = make_host("n1.lab.example", origin=HostOrigin.ADOPTED)
+    record = await reg.prepare(host, {})
+    assert record is not None
+    token, marker_oid = record["autosign_token"], reg.settings.marker_oid
+    [(oid, marker)] = record["cloud_config"]["puppet"]["csr_attributes"]["extension_requests"].items()
+    assert (oid, marker) == (marker_oid, f"governord:host-id={host.id}")
+    ours = _extension(marker_oid, marker)
+    assert autosign_refusal(record, host.fqdn, _csr_asking(host.fqdn, token, ours)) is None
+    role = _extension("1.3.6.1.4.1.34380.1.1.13", "puppetserver")
+    assert "1.3.6.1.4.1.34380.1.1.13" in str(autosign_refusal(record, host.fqdn, _csr_asking(host.fqdn, token, ours, role)))
+    theirs = _extension(marker_oid, "governord:host-id=another")
+    assert "another value" in str(autosign_refusal(record, host.fqdn, _csr_asking(host.fqdn, token, theirs)))
+    # a password that is no ASCII is a wrong one, not a TypeError
+    assert "wrong challengePassword" in str(autosign_refusal(record, host.fqdn, _csr_asking(host.fqdn, "tökén", ours)))
+    await reg.close()
+
+
 async def test_unreachable_ca_is_retryable(tmp_path: Path) -> None:
     files(tmp_path, "c", "k")
     reg = PuppetCARegistrar(NAME, make_config(
@@ -260,7 +300,7 @@ async def prepared_and_signed(lab: PuppetLab, reg: PuppetCARegistrar, prefix: st
     host = make_host(certname)
     record = await reg.prepare(host, {})
     assert record is not None
-    # what governord-ctl puppet-autosign will answer; the lab's policy reads it from this file
+    # what governord-autosign would answer; the lab's policy reads it from this file
     add_token(lab.workdir, certname, record["autosign_token"])
     code, output = lab.stack.run_agent(certname, csr_attributes=record["cloud_config"]["puppet"]["csr_attributes"])
     assert ca_state(lab, certname) == "signed", output[-2000:]
@@ -287,6 +327,12 @@ async def test_prepared_token_gets_the_agent_signed(puppet_stack: PuppetLab, reg
     registered = await registrar.register(host, {})
     assert registered["certificate_state"] == "signed"
     assert registered["autosign_token"] == record["autosign_token"]
+    # an application sees the certificate's name and state and the token's validity: never the
+    # token, nor the cloud-config that carries it (whoever holds it can have a CSR signed)
+    assert PuppetCARegistrar.application_view(registered) == {
+        "certname": certname, "certificate_state": "signed", "issued_at": record["issued_at"],
+        "expires_at": record["expires_at"]}
+    assert record["autosign_token"] not in repr(PuppetCARegistrar.application_view(record))
     found = await registrar.lookup(host)
     assert found is not None and found["state"] == "signed" and found["fingerprint"] == body["fingerprint"]
 

@@ -199,7 +199,11 @@ def configured_node(puppet_stack: PuppetLab) -> Iterator[str]:
 @pytest.mark.integration
 async def test_not_ready_before_the_agent_ran(puppet_stack: PuppetLab, registrar: PuppetDBRegistrar) -> None:
     host = make_host(puppet_stack.certname("fresh"), classes=NODE_CLASSES)
-    assert await registrar.register(host, {}) == {"certname": host.fqdn}
+    record = await registrar.register(host, {})
+    assert record == {"certname": host.fqdn}
+    # nothing secret in the record: an application sees all of it (the declared split)
+    assert PuppetDBRegistrar.application_view(record) == record
+    assert PuppetDBRegistrar.application_view(registrar.classify([])) == {}
     assert await registrar.check_ready(host, 5.0) is False
     assert await registrar.lookup(host) is None
 

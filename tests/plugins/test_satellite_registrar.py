@@ -156,6 +156,20 @@ async def test_register_creates_the_system_in_the_classified_groups(
     assert proxy.system.getDetails(key, record["id"])["description"] == f"governord:host-id={host.id}"
 
 
+async def test_an_application_never_sees_the_activation_key(
+    registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
+) -> None:
+    """Whoever holds the activation key can register any machine with the site's entitlements:
+    neither the record nor the classification shows it to an application."""
+    host = make_host(satellite_name)
+    record = await registrar.register(host, NODE)
+    proxy, key = observer
+    assert [s["id"] for s in proxy.system.getId(key, host.fqdn)] == [record["id"]]
+    assert record["activation_key"] == NODE["activation_key"]  # there to withhold
+    assert SatelliteRegistrar.application_view(record) == {"id": record["id"], "groups": ["openshift-nodes"]}
+    assert SatelliteRegistrar.application_view(NODE) == {"groups": ["openshift-nodes"]}
+
+
 async def test_register_again_is_idempotent(
     registrar: SatelliteRegistrar, observer: Api, satellite_name: str,
 ) -> None:
@@ -385,7 +399,7 @@ def self_signed_cert(directory: Path) -> tuple[Path, Path]:
 
     key = ec.generate_private_key(ec.SECP256R1())
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "satellite-sim")])
-    now = datetime.datetime.now(datetime.timezone.utc)
+    now = datetime.datetime.now(datetime.UTC)
     cert = (
         x509.CertificateBuilder()
         .subject_name(name).issuer_name(name).public_key(key.public_key())

@@ -308,7 +308,7 @@ async def test_a_revoked_certificate_is_refused_at_once(lab: Lab, governord: Gov
 
 # --- refusals in the TLS handshake, and a site CA with its CRL ------------------------------------
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
+NOW = datetime.datetime.now(datetime.UTC)
 DAY = datetime.timedelta(days=1)
 
 

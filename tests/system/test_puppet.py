@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import ssl
 import tempfile
 import time
 import urllib.error
@@ -55,6 +56,23 @@ def _pdb(stack: PuppetStack, endpoint: str, query: list[Any]) -> Any:
     return body
 
 
+def _delete(stack: PuppetStack, url: str) -> None:
+    request = urllib.request.Request(url, method="DELETE")
+    with urllib.request.urlopen(request, context=stack.ssl_context(), timeout=20) as resp:  # noqa: S310
+        assert resp.status in (200, 204)
+
+
+def _as_application(daemon: Governord, method: str, path: str) -> bytes:
+    """The raw answer of the application API to the application ``demo`` (its own certificate)."""
+    issued = daemon.ctl_json("apps", "register", "demo")
+    context = ssl.create_default_context(cafile=issued["ca"])
+    context.load_cert_chain(issued["certificate"], issued["key"])
+    request = urllib.request.Request(f"https://127.0.0.1:{daemon.api_port}{path}", method=method)
+    with urllib.request.urlopen(request, context=context, timeout=20) as resp:  # noqa: S310 - loopback
+        assert resp.status == 200
+        return bytes(resp.read())
+
+
 def _host(daemon: Governord, name: str) -> dict[str, Any]:
     return daemon.ctl_json("hosts", "show", name)  # type: ignore[no-any-return]
 
@@ -78,12 +96,33 @@ def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         time.sleep(3)
         assert _host(daemon, fqdn)["state"] == "configuring"
 
+        # the application sees the certificate's name, never the token nor its cloud-config
+        seen = _as_application(daemon, "GET", "/v1/hosts")
+        [mine] = [h for h in json.loads(seen)["hosts"] if h["fqdn"] == fqdn]
+        assert mine["registrations"]["puppetca"]["certname"] == fqdn
+        assert puppet["autosign_token"] not in seen.decode() and "cloud_config" not in seen.decode()
+        # the decision is asked on the autosign socket, which only puppetserver's policy may open
+        assert lab.autosign_socket().stat().st_mode & 0o777 == 0o600
+
         # someone else with a guessed token is not signed
         code, output = stack.run_agent("intruder.lab.example",
                                        csr_attributes={"custom_attributes": {"1.2.840.113549.1.9.7": "guess"}})
         assert code == 1
         assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/intruder.lab.example")[1][
             "state"] == "requested"
+
+        # whoever got hold of the token (before, an application could read it) asks, with it, for
+        # a trusted fact of its choosing: refused, and the token is not spent by the refusal
+        pp_role = "1.3.6.1.4.1.34380.1.1.13"
+        forged = {**csr_attributes, "extension_requests": {**csr_attributes["extension_requests"],
+                                                            pp_role: "puppetserver"}}
+        code, output = stack.run_agent(fqdn, csr_attributes=forged)
+        assert code == 1, output
+        assert _get(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{fqdn}")[1]["state"] == "requested"
+        [refusal] = [e for e in _host(daemon, fqdn)["events"] if e["kind"] == "autosign-refused"]
+        assert pp_role in refusal["detail"]["reason"] and refusal["actor"] == "puppet-autosign"
+        _delete(stack, f"{stack.server_url}/puppet-ca/v1/certificate_status/{fqdn}")  # its pending request
+        stack.forget_agent(fqdn)
 
         # the machine's first agent run: signed, classified by Foreman, configured
         code, output = stack.run_agent(fqdn, csr_attributes=csr_attributes)

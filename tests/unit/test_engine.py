@@ -240,7 +240,7 @@ async def test_prepare_runs_before_the_machine_and_feeds_its_user_data(make_runt
         token = row["registrations"]["cmdb"]["autosign_token"]
         assert token == f"token-{row['id'][:8]}"
         assert runtime.engine.machine_spec(row).user_data == (
-            '#cloud-config\n{"cmdb": {"token": "%s"}}' % token)
+            '#cloud-config\n{"cmdb": {"token": "' + token + '"}}')
         assert [j[0] for j in testing.journal] == ["prepare", "register"]
         # register's own record is laid over what prepare made
         assert row["registrations"]["cmdb"] == {"autosign_token": token, "cloud_config": {"cmdb": {"token": token}},

@@ -1,4 +1,4 @@
-"""Per-application rate limit (governord.ratelimit) on the application API's scale and release
+"""Per-application rate limit (governord.api.ratelimit) on the application API's scale and release
 requests and on webhook deliveries: beyond it 429 with Retry-After (whole seconds) and the
 usual JSON error body, nothing written; after waiting that long the application is served
 again. The application API is served over real TLS on loopback with a client certificate from
@@ -18,8 +18,8 @@ from aiohttp import web
 
 from governord import webhooks
 from governord.api import app_api
+from governord.api.ratelimit import TokenBucket
 from governord.api.tls import ApplicationTLS
-from governord.ratelimit import TokenBucket
 from governord.runtime import Runtime
 
 SECRETS = {"demo": "rate-demo-secret", "other": "rate-other-secret"}

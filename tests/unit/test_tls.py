@@ -18,7 +18,7 @@ from cryptography.x509.oid import NameOID
 from governord.api.tls import classify, leaf_from_certificate_message
 from governord.pki import RevocationListError, load_revocation_lists
 
-NOW = datetime.datetime.now(datetime.timezone.utc)
+NOW = datetime.datetime.now(datetime.UTC)
 
 
 def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:

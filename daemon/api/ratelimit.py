@@ -30,7 +30,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter
 
 if TYPE_CHECKING:
-    from .config import Config, RateLimitSection
+    from ..config import Config, RateLimitSection
 
 
 @dataclass
