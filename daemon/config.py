@@ -1,6 +1,6 @@
 """Configuration: one TOML file, validated strictly before anything is written.
 
-The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[retention]``, ``[networks.*]``,
+The core owns the schema of ``[daemon]``, ``[api]``, ``[engine]``, ``[sweep]``, ``[retention]``, ``[store]``, ``[networks.*]``,
 ``[tags.*]`` and ``[applications.*]``. Provider and registrar types own theirs: a ``[providers.NAME]`` section
 is validated by the ``Config`` model of its ``type``, a role's ``profile`` by that provider type's
 ``Profile`` model, and a ``[tags.TAG.REGISTRAR]`` table by the registrar type's ``TagMapping``.
@@ -37,6 +37,8 @@ from pydantic import (
     model_validator,
 )
 from pydantic_core import core_schema
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
 
 from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, FieldError
@@ -558,12 +560,70 @@ class RetentionSection(StrictModel):
     batch: int = Field(default=500, ge=1, le=10000)
 
 
+#: the drivers a ``[store] url`` may name: SQLite (the default, one process) and PostgreSQL through
+#: psycopg 3, which serves SQLAlchemy's async engine and the decisions' synchronous connections alike
+STORE_SCHEMES = ("sqlite", "postgresql+psycopg")
+
+
+class StoreSection(StrictModel):
+    """``[store]``: where governord keeps its state (see :mod:`governord.store`)."""
+
+    #: SQLAlchemy URL: ``sqlite:////path/governord.db`` or ``postgresql+psycopg://HOST:PORT/DB``
+    #: (``postgresql://`` means the same); empty: ``governord.db`` in the state directory. No user
+    #: or password in it (ServiceURL): they are the keys below
+    url: ServiceURL | None = None
+    #: the database user (PostgreSQL only; default: libpq's, the name of the user governord runs as)
+    username: str | None = Field(default=None, min_length=1)
+    #: the database password, by reference; PostgreSQL only
+    password: SecretRef | None = None
+    #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's writes
+    pool_size: int = Field(default=10, ge=1, le=500)
+
+    @field_validator("url")
+    @classmethod
+    def _usable_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        try:
+            url = make_url(value)
+        except ArgumentError:
+            raise ValueError(f"not a database URL: {value!r}") from None
+        if url.drivername == "postgresql":
+            url = url.set(drivername="postgresql+psycopg")
+        if url.drivername not in STORE_SCHEMES:
+            raise ValueError(f"unsupported database {url.drivername!r}: use sqlite:///PATH or postgresql+psycopg://...")
+        if url.drivername == "sqlite" and not url.database:
+            raise ValueError("a SQLite URL needs a file: sqlite:////path/governord.db")
+        if url.drivername != "sqlite" and (not url.host or not url.database):
+            raise ValueError("a PostgreSQL URL needs a host and a database: postgresql+psycopg://HOST:PORT/DB")
+        return url.render_as_string(hide_password=False)
+
+    @model_validator(mode="after")
+    def _credentials_where_used(self) -> StoreSection:
+        for key in ("username", "password"):
+            if getattr(self, key) is not None and (self.url is None or self.url.startswith("sqlite")):
+                raise ValueError(f"{key}: SQLite has none; set url to a PostgreSQL database")
+        return self
+
+    def effective_url(self, state_dir: Path) -> str:
+        """The URL the store opens (synchronous driver form), with the password resolved in."""
+        if self.url is None:
+            return f"sqlite:///{state_dir / 'governord.db'}"
+        url = make_url(self.url)
+        if self.username is not None:
+            url = url.set(username=self.username)
+        if self.password is not None:
+            url = url.set(password=self.password.reveal())
+        return url.render_as_string(hide_password=False)
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
     engine: EngineSection = Field(default_factory=EngineSection)
     sweep: SweepSection = Field(default_factory=SweepSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
+    store: StoreSection = Field(default_factory=StoreSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)

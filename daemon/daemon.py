@@ -268,6 +268,8 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
         ("api", old.api, new.api),
         ("daemon.disabled_plugins", old.daemon.disabled_plugins, new.daemon.disabled_plugins),
+        # the open store (its engines, pools and writer) stays: a new database needs a restart
+        ("store", old.core.store, new.core.store),
     ]
     for name, a, b in pairs:
         if a != b:

@@ -62,7 +62,8 @@ class Runtime:
 
     @classmethod
     async def open(cls, config: Config, plugins: PluginManager) -> Runtime:
-        store = await Store.open_sqlite(config.daemon.state_dir / "governord.db")
+        section = config.core.store
+        store = await Store.open(section.effective_url(config.daemon.state_dir), pool_size=section.pool_size)
         runtime = cls(config, plugins, store)
         runtime.ca.ensure()
         return runtime

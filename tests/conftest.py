@@ -9,4 +9,5 @@ pytest_plugins = [
     "tests.fixtures.foreman",
     "tests.fixtures.satellite",
     "tests.fixtures.puppet",
+    "tests.fixtures.postgres",
 ]

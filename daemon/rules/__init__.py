@@ -26,7 +26,7 @@ from ..engine import STATE_OF_STEP, STEP_OF_STATE, Engine, address_range, callba
 from ..models import ACTIVE_STATES, HostOrigin, HostState
 from ..outbound import Policy
 from ..registrars import application_view
-from ..store import NameTaken, Row, Store, Transaction
+from ..store import NameTaken, Row, Store, Transaction, app_lock, network_lock
 from ..store.schema import hosts
 
 log = logging.getLogger(__name__)
@@ -111,7 +111,7 @@ class Governor:
         def number(tx: Transaction) -> int:
             return sum(tx.number_unnumbered_hosts(pattern, app, role) for app, role, pattern in roles)
 
-        if numbered := await self.store.decide(number):
+        if numbered := await self.store.decide(number, locks=[app_lock(app) for app, _role, _pattern in roles]):
             log.info("numbered %d hosts made before their numbers were kept", numbered)
 
     # -- scaling ----------------------------------------------------------------------------
@@ -157,7 +157,7 @@ class Governor:
                 callbacks.enqueue(tx.conn, request_id=request["id"], app=app, url=callback_url)
             return Decision(request, hosts=rows)
 
-        decision = await self.store.decide(decide)
+        decision = await self.store.decide(decide, locks=[app_lock(app)])
         if not decision.replayed:
             self.engine.wake()
         return decision
@@ -313,7 +313,7 @@ class Governor:
             plan = self.plan_scale(tx, app, role, add=add, count=count)
             return plan, tx.free_sequence_numbers(role_cfg.name_pattern, app, role, len(plan.add))
 
-        plan, seqs = await self.store.decide(decide)
+        plan, seqs = await self.store.decide(decide, locks=[app_lock(app)])
         planned = []
         for seq, placement in zip(seqs, plan.add, strict=True):
             name = role_cfg.name_pattern.format(app=app, role=role, seq=seq)
@@ -344,7 +344,7 @@ class Governor:
                              detail={"app": request["app"], "after": expiry})
 
     async def expire_pending(self) -> None:
-        await self.store.decide(self._expire_pending)
+        await self.store.decide(self._expire_pending, locks=[app_lock(app) for app in self.config.applications])
 
     async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
         """Approve (the rules are applied again, approval aside) or deny a pending request."""
@@ -352,7 +352,7 @@ class Governor:
         if row is None:
             raise RequestError(404, "no such request", field="request_id")
         # its own transaction: an expiry stands even when this decision is refused
-        await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]))
+        await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]), locks=[app_lock(row["app"])])
 
         def decide(tx: Transaction) -> Row:
             request = tx.request(request_id)
@@ -379,7 +379,7 @@ class Governor:
                               host_ids=request["host_ids"])
             return request
 
-        request = await self.store.decide(decide)
+        request = await self.store.decide(decide, locks=[app_lock(row["app"])])
         self.engine.wake()
         return request
 
@@ -397,7 +397,10 @@ class Governor:
         """Insert hosts (each spec: the host's columns, ``network`` naming a configured network
         or None), leasing each an address of its network, with their ``requested`` events."""
         specs = [{**spec, "id": str(uuid.uuid4()), "address": None} for spec in specs]
-        for network in dict.fromkeys(spec["network"] for spec in specs if spec["network"] is not None):
+        networks = sorted({spec["network"] for spec in specs if spec["network"] is not None})
+        # shared by applications: leasing its addresses waits for any other decision leasing them
+        tx.lock(*(network_lock(network) for network in networks))
+        for network in networks:
             on_network = [spec for spec in specs if spec["network"] == network]
             net = self.config.networks[network]
             lo, hi = address_range(net.cidr, net.first, net.last)
@@ -448,7 +451,7 @@ class Governor:
                          detail={"app": app, "release": [v["name"] for v in victims]})
             return Decision(request, hosts=rows)
 
-        decision = await self.store.decide(decide)
+        decision = await self.store.decide(decide, locks=[app_lock(app)])
         if not decision.replayed:
             self.engine.wake()
         return decision
@@ -486,7 +489,7 @@ class Governor:
             [now] = self._retire(tx, [current], actor, None)
             return now
 
-        now = await self.store.decide(decide)
+        now = await self.store.decide(decide, locks=[app_lock(row["app"])] if row["app"] is not None else [])
         self.engine.wake()
         return now
 

@@ -1,25 +1,29 @@
-"""The durable store: SQLite (WAL) in the state directory by default, through SQLAlchemy Core
-so that PostgreSQL can serve several governord instances later.
+"""The durable store, through SQLAlchemy Core: SQLite (WAL) in the state directory by default,
+or PostgreSQL (``[store] url``), where several governord processes can share it.
+
+One store with two backends: this module holds the tables' reads and writes (:class:`Store`,
+:class:`Transaction`), the same queries for both; what differs lives in a small module per
+dialect, :mod:`governord.store.sqlite` and :mod:`governord.store.postgresql`: how engines are
+made, how writes are committed and how a decision is kept exact.
 
 Work is claimed with leases: a host row being worked on carries ``lease_owner`` and
 ``lease_expires``; the engine's writes are fenced on the lease (``WHERE lease_owner = me``), so a
 process that lost its lease can never overwrite the work of the one that took over.
 
-Two write paths, one writer at a time (SQLite has one; taking turns in-process means no
-connection ever sleeps in SQLite's busy handler):
+Two write paths:
 
 - the engine's many small writes (claims, fenced updates, lease renewals) and the decisions
   (scale, release, approve, retire, adopt: :meth:`Store.decide`, synchronous functions of a
-  :class:`Transaction`) go through :class:`GroupCommit`: one connection in one thread, and every
-  write submitted while a batch is being committed is committed together in the next one. Each
-  caller still gets its own result only once its write is durable, so "commit before and after
-  every external call" holds, but a thousand hosts moving at once cost tens of commits, not
-  thousands, and a decision is one hop to that thread, not one per statement;
+  :class:`Transaction`) go through the backend's writer, a thread that runs them on a
+  synchronous connection: on SQLite the group commit (one connection; the writes submitted while
+  a batch commits are committed together in the next one, and decisions take turns), on
+  PostgreSQL a pool (each its own transaction; decisions serialised per application by advisory
+  locks the database holds). Either way a decision is one hop to a thread, not one per statement;
 - the rest (operator updates, the sweep's and the callbacks' writes) keep async transactions,
-  taken with :meth:`Store.transaction`, which waits for its turn.
+  taken with :meth:`Store.transaction`.
 
-The hottest statements run prepared on the DBAPI cursor (:class:`DirectStatement`); the rest
-through SQLAlchemy Core.
+On SQLite the hottest statements run prepared on the DBAPI cursor (:class:`DirectStatement`); on
+PostgreSQL psycopg prepares repeated statements itself, and they run through SQLAlchemy Core.
 """
 
 from __future__ import annotations
@@ -30,13 +34,11 @@ import contextlib
 import ipaddress
 import itertools
 import logging
-import os
 import re
 import string
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -44,13 +46,15 @@ from typing import Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
-from sqlalchemy import and_, bindparam, case, create_engine, event, func, insert, or_, select, text, update
+from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
 from ..models import HostOrigin, HostState, HostView
+from . import postgresql, sqlite
 from .schema import (
     WORKING,
     address_leases,
@@ -70,17 +74,6 @@ log = logging.getLogger(__name__)
 
 
 
-def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
-    cursor = dbapi_connection.cursor()
-    # WAL lets readers (the API) run while the engine writes; NORMAL sync is durable in WAL
-    # mode except for the last transactions on power loss, never corrupting.
-    cursor.execute("PRAGMA journal_mode=WAL")
-    cursor.execute("PRAGMA synchronous=NORMAL")
-    cursor.execute("PRAGMA busy_timeout=10000")
-    cursor.execute("PRAGMA foreign_keys=ON")
-    cursor.close()
-
-
 def _json_text(value: Any) -> str:
     # orjson: the store encodes and decodes JSON columns on every transition; the json module
     # was a tenth of the engine's CPU time (bench/RESULTS.md). Text, as SQLite's JSON type is.
@@ -92,16 +85,26 @@ JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
 def migrate(url: str) -> None:
-    """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema."""
-    engine = create_engine(url, **JSON_CODEC)
-    if url.startswith("sqlite"):
-        event.listen(engine, "connect", _sqlite_pragmas)
+    """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema. On
+    PostgreSQL, processes starting at once upgrade one after the other (an advisory lock), and
+    the later ones find the work done."""
     cfg = AlembicConfig()
     cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
-    with engine.begin() as conn:
-        cfg.attributes["connection"] = conn
-        command.upgrade(cfg, "head")
-    engine.dispose()
+    postgres = not url.startswith("sqlite")
+    engine = postgresql.migration_engine(url, JSON_CODEC) if postgres else sqlite.sync_engine(url, JSON_CODEC)
+    try:
+        with engine.connect() as conn:
+            if postgres:
+                postgresql.take_migration_lock(conn)
+            try:
+                with conn.begin():
+                    cfg.attributes["connection"] = conn
+                    command.upgrade(cfg, "head")
+            finally:
+                if postgres:
+                    postgresql.release_migration_lock(conn)
+    finally:
+        engine.dispose()
 
 
 def host_view(row: Row | RowMapping) -> HostView:
@@ -146,102 +149,40 @@ class NameTaken(Exception):
     """A live host already has this name."""
 
 
+def app_lock(app: str) -> str:
+    """The lock a decision about ``app`` holds (its hosts, counts, names, requests)."""
+    return f"app:{app}"
+
+
+def network_lock(network: str) -> str:
+    """The lock a decision leasing addresses of ``network`` holds (networks are shared by applications)."""
+    return f"network:{network}"
+
+
 _DEFERRED = "governord.deferred"
 
 
-class GroupCommit:
-    """Writes from many coroutines, committed together: one connection, used only by one thread.
+def defer(conn: Connection, statement: Any, params: Row) -> None:
+    """Have ``statement`` run with ``params`` at the end of this job's transaction, together
+    with every other job's rows for it (one executemany: audit events are most writes)."""
+    conn.info.setdefault(_DEFERRED, {}).setdefault(statement, []).append(params)
 
-    :meth:`run` queues a job (a plain function of a synchronous connection) and waits for the
-    commit that contains it. A batch starts as soon as the first job arrives; jobs that come
-    while it runs form the next batch. If one job of a batch fails, the batch is rolled back and
-    its jobs are run again one transaction each, so a bad write sinks only itself.
 
-    A job, once queued, is committed (or rolled back) even if its caller is cancelled: like the
-    engine's shielded writes, a shutdown never leaves half an outcome.
-    """
+def run_deferred(conn: Connection) -> None:
+    """The writers' last act in every transaction: the writes :func:`defer` put off."""
+    for statement, rows in conn.info.pop(_DEFERRED, {}).items():
+        insert_rows(conn, statement, rows)
 
-    def __init__(self, engine: Engine, turn: asyncio.Lock) -> None:
-        self._engine = engine
-        self._turn = turn
-        self._thread = ThreadPoolExecutor(1, thread_name_prefix="governord-writer")
-        self._conn: Connection | None = None
-        self._queue: list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]] = []
-        self._flusher: asyncio.Task[None] | None = None
 
-    async def run(self, job: Callable[[Connection], T]) -> T:
-        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
-        self._queue.append((job, future))
-        if self._flusher is None or self._flusher.done():
-            self._flusher = asyncio.create_task(self._flush(), name="governord-group-commit")
-        return await future
+def discard_deferred(conn: Connection) -> None:
+    """A transaction failed: what it put off goes with it."""
+    conn.info.pop(_DEFERRED, None)
 
-    async def _flush(self) -> None:
-        loop = asyncio.get_running_loop()
-        while self._queue:
-            batch, self._queue = self._queue, []
-            try:
-                async with self._turn:
-                    outcomes = await loop.run_in_executor(self._thread, self._commit, [job for job, _ in batch])
-            except BaseException as exc:  # the thread itself failed: every caller hears it
-                outcomes = [(False, exc)] * len(batch)
-                if not isinstance(exc, Exception):
-                    raise
-            for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write stands all the same
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
 
-    @staticmethod
-    def defer(conn: Connection, statement: Any, params: Row) -> None:
-        """Have ``statement`` run with ``params`` at the end of this job's transaction, together
-        with every other job's rows for it (one executemany: audit events are most writes)."""
-        conn.info.setdefault(_DEFERRED, {}).setdefault(statement, []).append(params)
+class GroupCommit(sqlite.GroupCommit):
+    """SQLite's writer (see :mod:`governord.store.sqlite`); ``GroupCommit.defer`` is :func:`defer`."""
 
-    @staticmethod
-    def _run_deferred(conn: Connection) -> None:
-        for statement, rows in conn.info.pop(_DEFERRED, {}).items():
-            insert_rows(conn, statement, rows)
-
-    def _commit(self, jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
-        if self._conn is None:
-            self._conn = self._engine.connect()
-        conn = self._conn
-        try:
-            with conn.begin():
-                outcomes = [(True, job(conn)) for job in jobs]
-                self._run_deferred(conn)
-                return outcomes
-        except Exception as exc:  # noqa: BLE001 - handed to the job's caller (alone), or each job retried alone
-            conn.info.pop(_DEFERRED, None)
-            if len(jobs) == 1:
-                return [(False, exc)]
-        outcomes = []
-        for job in jobs:
-            try:
-                with conn.begin():
-                    outcomes.append((True, job(conn)))
-                    self._run_deferred(conn)
-            except Exception as exc:  # noqa: BLE001 - handed to the job's caller
-                conn.info.pop(_DEFERRED, None)
-                outcomes.append((False, exc))
-        return outcomes
-
-    async def close(self) -> None:
-        if self._flusher is not None:
-            with contextlib.suppress(Exception):
-                await self._flusher
-
-        def _close() -> None:
-            if self._conn is not None:
-                self._conn.close()
-            self._engine.dispose()
-
-        await asyncio.get_running_loop().run_in_executor(self._thread, _close)
-        self._thread.shutdown(wait=True)
+    defer = staticmethod(defer)
 
 
 # The engine's statements, built once: building a statement (and its cache key) costs more than
@@ -258,6 +199,9 @@ _CLAIM = (
         )
         .order_by(hosts.c.next_attempt_at, hosts.c.updated_at)
         .limit(bindparam("limit"))
+        # PostgreSQL: rows another instance is claiming right now are skipped, not waited for;
+        # SQLite compiles no locking clause (its one writer claims alone)
+        .with_for_update(skip_locked=True)
         .scalar_subquery()
     ))
     .values(lease_owner=bindparam("owner"), lease_expires=bindparam("expires"))
@@ -361,9 +305,31 @@ def insert_rows(conn: Connection, statement: Any, rows: Sequence[Row]) -> None:
 _direct_statements: dict[tuple[str, int, frozenset[str] | None], DirectStatement] = {}
 
 
-def direct(conn: Connection, statement: Any, column_keys: Iterable[str] | None = None) -> DirectStatement:
+class CoreStatement:
+    """A statement run through SQLAlchemy Core, with :class:`DirectStatement`'s interface: what
+    :func:`direct` gives on PostgreSQL, where psycopg prepares the statements it sees repeated
+    and SQLAlchemy's overhead is small beside a round trip to the server."""
+
+    def __init__(self, statement: Any) -> None:
+        self.statement = statement
+
+    def all(self, conn: Connection, params: Row) -> list[Row]:
+        return [dict(row) for row in conn.execute(self.statement, params).mappings()]
+
+    def first(self, conn: Connection, params: Row) -> Row | None:
+        row = conn.execute(self.statement, params).mappings().first()
+        return dict(row) if row is not None else None
+
+    def run(self, conn: Connection, many: Sequence[Row]) -> None:
+        conn.execute(self.statement, list(many))
+
+
+def direct(conn: Connection, statement: Any, column_keys: Iterable[str] | None = None) -> DirectStatement | CoreStatement:
     """The :class:`DirectStatement` of ``statement`` (a module-level constant: it is kept by its
-    identity) for the connection's dialect; an insert is compiled for ``column_keys``."""
+    identity) for the connection's dialect; an insert is compiled for ``column_keys``. On
+    PostgreSQL, the statement as it is (:class:`CoreStatement`)."""
+    if conn.dialect.name != "sqlite":
+        return CoreStatement(statement)
     keys = frozenset(column_keys) if column_keys is not None else None
     key = (conn.dialect.name, id(statement), keys)
     prepared = _direct_statements.get(key)
@@ -395,78 +361,91 @@ def beyond(key: Sequence[ColumnElement[Any]], after: Sequence[Any], descending: 
     return and_(first >= value, or_(first > value, second > tie))
 
 
-_fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatement] = {}
+_fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatement | CoreStatement] = {}
 
 
-def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement, Row]:
+def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement | CoreStatement, Row]:
     """The prepared ``UPDATE hosts ... WHERE id AND lease_owner RETURNING *`` for this set of
     columns, and its parameters. A value may be an SQL expression (a module-level constant, so
     the statement can be kept); its own bind parameters come in through ``binds``."""
     shape = tuple(sorted((name, id(value) if isinstance(value, ClauseElement) else 0) for name, value in values.items()))
     statement = _fenced_statements.get((dialect.name, shape))
     if statement is None:
-        statement = DirectStatement(
-            update(hosts).where(_FENCE)
-            .values({name: value if isinstance(value, ClauseElement) else bindparam(f"v_{name}")
-                     for name, value in values.items()})
-            .returning(*hosts.c),
-            dialect,
-        )
+        fenced = (update(hosts).where(_FENCE)
+                  .values({name: value if isinstance(value, ClauseElement) else bindparam(f"v_{name}")
+                           for name, value in values.items()})
+                  .returning(*hosts.c))
+        statement = DirectStatement(fenced, dialect) if dialect.name == "sqlite" else CoreStatement(fenced)
         _fenced_statements[(dialect.name, shape)] = statement
     params = {f"v_{name}": value for name, value in values.items() if not isinstance(value, ClauseElement)}
     return statement, params
 
 
-def _private_database(path: Path) -> None:
-    """Make the SQLite file 0600 before SQLite opens it (its -wal and -shm files are made with
-    the database's mode), and take group and other bits off files an older version made."""
-    os.close(os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
-    for file in (path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")):
-        with contextlib.suppress(FileNotFoundError):
-            if file.stat().st_mode & 0o077:
-                file.chmod(0o600)
-
-
 class Store:
     """All reads and writes of governord's state."""
 
-    def __init__(self, engine: AsyncEngine, writer_engine: Engine) -> None:
+    def __init__(self, engine: AsyncEngine, writer_engine: Engine, *, pool_size: int = 10) -> None:
         self.engine = engine
-        self._turn = asyncio.Lock()
-        self.writer = GroupCommit(writer_engine, self._turn)
+        self.dialect = writer_engine.dialect.name
+        self.writer: sqlite.GroupCommit | postgresql.PooledWriter
+        if self.dialect == "sqlite":
+            #: SQLite's one writer, taken in turns by the group commit and the async transactions
+            self._turn: asyncio.Lock | None = asyncio.Lock()
+            self.writer = GroupCommit(writer_engine, self._turn, run_deferred, discard_deferred)
+            self._lock: Callable[[Connection, list[str]], None] = sqlite.lock
+        else:
+            self._turn = None  # PostgreSQL: row locks and advisory locks, held by the database
+            self.writer = postgresql.PooledWriter(writer_engine, pool_size, run_deferred, discard_deferred)
+            self._lock = postgresql.lock
+
+    @classmethod
+    async def open(cls, url: str, *, pool_size: int = 10) -> Store:
+        """The store at ``url`` (``sqlite:///PATH`` or ``postgresql+psycopg://...``), its schema
+        brought up to date first."""
+        await asyncio.get_running_loop().run_in_executor(None, migrate, url)
+        if url.startswith("sqlite"):
+            return cls(sqlite.async_engine(url, JSON_CODEC), sqlite.sync_engine(url, JSON_CODEC))
+        return cls(postgresql.async_engine(url, JSON_CODEC, pool_size),
+                   postgresql.sync_engine(url, JSON_CODEC, pool_size), pool_size=pool_size)
 
     @classmethod
     async def open_sqlite(cls, path: Path) -> Store:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        _private_database(path)
-        migrate(f"sqlite:///{path}")
-        engine = create_async_engine(f"sqlite+aiosqlite:///{path}", **JSON_CODEC)
-        event.listen(engine.sync_engine, "connect", _sqlite_pragmas)
-        writer = create_engine(f"sqlite:///{path}", **JSON_CODEC)
-        event.listen(writer, "connect", _sqlite_pragmas)
-        return cls(engine, writer)
+        return await cls.open(f"sqlite:///{path}")
 
     async def close(self) -> None:
         await self.writer.close()
         await self.engine.dispose()
 
-    async def decide(self, decision: Callable[[Transaction], T]) -> T:
-        """Run ``decision`` (a synchronous function of a :class:`Transaction`) on the writer
-        connection, in its own transaction or committed together with the writes queued with it,
-        and return what it returned once that is durable. If it raises, nothing it wrote stays.
+    async def decide(self, decision: Callable[[Transaction], T], *, locks: Iterable[str] = ()) -> T:
+        """Run ``decision`` (a synchronous function of a :class:`Transaction`) on a writer
+        connection, in a transaction, and return what it returned once that is durable. If it
+        raises, nothing it wrote stays.
 
-        Decisions run one at a time, after and before the engine's writes, so what one reads
-        (a count under a cap, a free name) cannot change before it has written: no lock per
-        application is needed. The whole decision is one hop to the writer thread, not one
-        round trip per statement."""
-        return await self.writer.run(lambda conn: decision(Transaction(conn)))
+        What a decision reads (a count under a cap, a free name, an idempotency key) cannot
+        change before it has written: on SQLite, decisions run one at a time, after and before
+        the engine's writes (committed together with the writes queued with them); on
+        PostgreSQL, the decision first takes the advisory locks named by ``locks`` (see
+        :func:`app_lock`), held by the database until it commits, so concurrent decisions about
+        one application wait for each other in every process that shares the database. The
+        whole decision is one hop to a writer thread, not one round trip per statement."""
+        keys = list(locks)
+
+        def job(conn: Connection) -> T:
+            tx = Transaction(conn, self._lock)
+            tx.lock(*keys)
+            return decision(tx)
+
+        return await self.writer.run(job)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:
         """An asynchronous read-write transaction (for writes outside the decisions, e.g. the
-        sweep's and the callbacks'), committed at the end of the block. It waits for its turn
-        with the writer's batches, so neither waits inside SQLite."""
-        async with self._turn, self.engine.begin() as conn:
+        sweep's and the callbacks'), committed at the end of the block. On SQLite it waits for
+        its turn with the writer's batches, so neither waits inside SQLite."""
+        async with contextlib.AsyncExitStack() as stack:
+            if self._turn is not None:
+                await stack.enter_async_context(self._turn)
+            conn = await stack.enter_async_context(self.engine.begin())
             yield conn
 
     # -- hosts: reads ---------------------------------------------------------------------
@@ -629,11 +608,11 @@ class Store:
             if row is None:
                 return None
             if event_kind:
-                GroupCommit.defer(conn, _EVENT_INSERT, {
+                defer(conn, _EVENT_INSERT, {
                     "ts": now, "host_id": host_id, "request_id": row["request_id"], "kind": event_kind,
                     "actor": "engine", "detail": detail or {}})
             if start_step is not None and not row["retire_requested"]:
-                GroupCommit.defer(conn, _EVENT_INSERT, {
+                defer(conn, _EVENT_INSERT, {
                     "ts": now, "host_id": host_id, "request_id": row["request_id"], "kind": "step-started",
                     "actor": "engine", "detail": {"step": start_step, "attempt": 1}})
             if after is not None:
@@ -768,8 +747,16 @@ class Transaction:
     (see :meth:`Store.decide`). Audit events are written at the end of the transaction,
     together with those of every other write committed with it."""
 
-    def __init__(self, conn: Connection) -> None:
+    def __init__(self, conn: Connection, lock: Callable[[Connection, list[str]], None] = sqlite.lock) -> None:
         self.conn = conn
+        self._lock = lock
+
+    def lock(self, *keys: str) -> None:
+        """Hold these locks (see :func:`app_lock`, :func:`network_lock`) until the transaction
+        ends: advisory locks on PostgreSQL, nothing on SQLite (decisions take turns there).
+        Take them before reading what they guard, and several at once in one call."""
+        if keys:
+            self._lock(self.conn, list(keys))
 
     # -- requests ---------------------------------------------------------------------------
 
@@ -919,7 +906,7 @@ class Transaction:
             return []
         try:
             insert_rows(self.conn, _INSERT_HOST, rows)
-        except self.conn.dialect.loaded_dbapi.IntegrityError as exc:
+        except (self.conn.dialect.loaded_dbapi.IntegrityError, IntegrityError) as exc:
             raise NameTaken(", ".join(r["name"] for r in rows)) from exc
         blank = {column.name: None for column in hosts.c}
         return [blank | row for row in rows]
@@ -952,7 +939,7 @@ class Transaction:
 
     def add_event(self, kind: str, *, actor: str, detail: Row, host_id: str | None = None,
                   request_id: str | None = None) -> None:
-        GroupCommit.defer(self.conn, _EVENT_INSERT, {"ts": time.time(), "host_id": host_id,
+        defer(self.conn, _EVENT_INSERT, {"ts": time.time(), "host_id": host_id,
                                                       "request_id": request_id, "kind": kind, "actor": actor,
                                                       "detail": detail})
 
@@ -961,7 +948,7 @@ class Transaction:
         request_id."""
         now = time.time()
         for row in rows:
-            GroupCommit.defer(self.conn, _EVENT_INSERT, {"ts": now, "host_id": None, "request_id": None, **row})
+            defer(self.conn, _EVENT_INSERT, {"ts": now, "host_id": None, "request_id": None, **row})
 
 
 _RESTING = hosts.c.state.in_([HostState.READY.value, HostState.FAILED.value])

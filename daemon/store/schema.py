@@ -17,6 +17,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     event,
+    false,
     text,
 )
 
@@ -52,7 +53,7 @@ hosts = Table(
     #: the number its role's name pattern was filled with ({seq}); NULL for adopted hosts
     Column("seq", Integer),
     #: set by a retirement that arrives while a step is running; acted on after it
-    Column("retire_requested", Boolean, nullable=False, server_default=text("0")),
+    Column("retire_requested", Boolean, nullable=False, server_default=false()),
     #: when the host's one-time Puppet autosign token was spent (a CSR signed with it); NULL: not yet
     Column("autosign_used_at", Float),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
@@ -125,6 +126,48 @@ LIVE_COUNT_TRIGGERS = (
 for _trigger in LIVE_COUNT_TRIGGERS:
     event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
 
+def _pg_moves(table: str, sign: int, live: bool) -> str:
+    if live:
+        return (f"SELECT app, coalesce(role, '') AS role, coalesce(provider, '') AS provider, {sign} AS delta "
+                f"FROM {table} WHERE app IS NOT NULL AND state <> 'gone'")
+    return f"SELECT state, {sign} AS delta FROM {table}"
+
+
+def _pg_function(name: str, target: str, key: str, live: bool) -> str:
+    """A statement-level trigger function: the statement's changed rows (its transition tables)
+    summed into one delta per key, applied in the order of the keys (so that two statements
+    moving hosts in opposite directions cannot deadlock on the count rows)."""
+    def apply(moves: str) -> str:
+        return (f"INSERT INTO {target} ({key}, hosts) SELECT {key}, sum(delta) FROM ({moves}) AS moves "
+                f"GROUP BY {key} HAVING sum(delta) <> 0 ORDER BY {key} "
+                f"ON CONFLICT ({key}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
+    return (f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
+            f"  IF TG_OP = 'INSERT' THEN\n    {apply(_pg_moves('new_rows', 1, live))}\n"
+            f"  ELSIF TG_OP = 'DELETE' THEN\n    {apply(_pg_moves('old_rows', -1, live))}\n"
+            f"  ELSE\n    {apply(_pg_moves('old_rows', -1, live) + ' UNION ALL ' + _pg_moves('new_rows', 1, live))}\n"
+            "  END IF;\n  RETURN NULL;\nEND\n$$")
+
+
+def _pg_triggers(prefix: str) -> dict[str, str]:
+    """The statement-level triggers on ``hosts`` that run function ``prefix``."""
+    return {
+        f"{prefix}_insert": f"CREATE TRIGGER {prefix}_insert AFTER INSERT ON hosts REFERENCING NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_delete": f"CREATE TRIGGER {prefix}_delete AFTER DELETE ON hosts REFERENCING OLD TABLE AS old_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+        f"{prefix}_update": f"CREATE TRIGGER {prefix}_update AFTER UPDATE ON hosts "
+                            "REFERENCING OLD TABLE AS old_rows NEW TABLE AS new_rows "
+                            f"FOR EACH STATEMENT EXECUTE FUNCTION {prefix}()",
+    }
+
+
+#: PostgreSQL's: the same counts, kept by a plpgsql function run once per statement on
+#: ``hosts`` (see _pg_function); migration 0007 creates them too.
+LIVE_COUNT_FUNCTIONS_PG = (_pg_function("hosts_live_count", "live_counts", "app, role, provider", live=True),)
+LIVE_COUNT_TRIGGERS_PG = tuple(_pg_triggers("hosts_live_count").values())
+for _trigger in (*LIVE_COUNT_FUNCTIONS_PG, *LIVE_COUNT_TRIGGERS_PG):
+    event.listen(live_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
+
 #: How many hosts are in each state, kept by triggers on ``hosts`` (STATE_COUNT_TRIGGERS) in the
 #: same transaction as the change: ``/metrics`` and ``/v1/status`` read these few rows instead of
 #: counting every host per scrape. Kept by the database, not in the daemon's memory, so it stays
@@ -151,6 +194,13 @@ STATE_COUNT_TRIGGERS = (
 )
 for _trigger in STATE_COUNT_TRIGGERS:
     event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="sqlite"))
+
+#: PostgreSQL's, as for live_counts (migration 0009 creates them too).
+STATE_COUNT_FUNCTIONS_PG = (_pg_function("hosts_state_count", "state_counts", "state", live=False),)
+STATE_COUNT_TRIGGERS_PG = tuple(_pg_triggers("hosts_state_count").values())
+for _trigger in (*STATE_COUNT_FUNCTIONS_PG, *STATE_COUNT_TRIGGERS_PG):
+    event.listen(state_counts, "after_create", DDL(_trigger).execute_if(dialect="postgresql"))
+
 
 #: Every request an application or an operator made, with its idempotency key and outcome.
 requests = Table(

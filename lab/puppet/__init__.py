@@ -26,7 +26,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pwd
 import secrets
 import shutil
 import signal
@@ -43,6 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..postgres import PostgresError, postgres_bin, start_cluster
 from .config import (
     JRUBY_LIB,
     PUPPETDB_BOOTSTRAP,
@@ -98,13 +98,6 @@ def _free_ports(count: int) -> list[int]:
             sock.close()
 
 
-def _postgres_bin() -> Path:
-    versions = sorted(Path("/usr/lib/postgresql").glob("*/bin/postgres"), key=lambda p: int(p.parent.parent.name))
-    if not versions:
-        raise PuppetStackError("PostgreSQL is not installed: run lab/puppet/install.sh")
-    return versions[-1].parent
-
-
 def check_installed() -> None:
     """Raise :class:`PuppetStackError` naming what lab/puppet/install.sh must install first."""
     missing = [str(p) for p in (PUPPETSERVER_JAR, PUPPETDB_JAR, PUPPETSERVER_SERVICES_D, PUPPETDB_BOOTSTRAP)
@@ -112,7 +105,10 @@ def check_installed() -> None:
     missing += [tool for tool in ("java", "puppet", "puppetserver", "openssl") if shutil.which(tool) is None]
     if missing:
         raise PuppetStackError(f"the Puppet lab is not installed (missing {', '.join(missing)}): run lab/puppet/install.sh")
-    _postgres_bin()
+    try:
+        postgres_bin()
+    except PostgresError as exc:
+        raise PuppetStackError(str(exc)) from None
 
 
 def challenge_attributes(token: str) -> dict[str, Any]:
@@ -378,72 +374,19 @@ def _run(argv: list[str], what: str, *, env: Mapping[str, str] | None = None, us
     return result.stdout
 
 
-def _postgres_user(layout: Layout) -> str | None:
-    """The user PostgreSQL runs as: ``postgres`` when we are root (it refuses root), else ourselves."""
-    if os.geteuid() != 0:
-        return None
-    try:
-        pwd.getpwnam("postgres")
-    except KeyError:
-        raise PuppetStackError("user postgres does not exist: run lab/puppet/install.sh") from None
-    probe = subprocess.run(["test", "-x", str(layout.root)], user="postgres", group="postgres", extra_groups=[],
-                           check=False)
-    if probe.returncode != 0:
-        raise PuppetStackError(
-            f"user postgres cannot reach {layout.root}: the state directory and its parents must be "
-            "searchable by others (e.g. a directory made with tempfile.mkdtemp() and chmod 0711)"
-        )
-    return "postgres"
-
-
 def _start_postgres(layout: Layout, ports: Ports, db_password: str) -> _Child:
-    bindir = _postgres_bin()
-    user = _postgres_user(layout)
-    pg = layout.postgres_dir
-    pg.mkdir(parents=True, exist_ok=True)
-    superuser_password = secrets.token_urlsafe(16)
-    pwfile = pg / "pwfile"
-    pwfile.write_text(superuser_password + "\n", encoding="utf-8")
-    pwfile.chmod(0o600)
-    if user:
-        entry = pwd.getpwnam(user)
-        os.chown(pg, entry.pw_uid, entry.pw_gid)
-        os.chown(pwfile, entry.pw_uid, entry.pw_gid)
-    data = pg / "data"
-    _run([str(bindir / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256", f"--pwfile={pwfile}",
-          "-E", "UTF8", "--no-locale", "--no-sync"], "initdb", user=user)
-    pwfile.unlink()
-    child = _spawn(
-        "postgres",
-        [str(bindir / "postgres"), "-D", str(data), "-p", str(ports.postgres),
-         "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
-         # a throw-away lab database: durability only costs time
-         "-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "full_page_writes=off",
-         "-c", "max_connections=40", "-c", "shared_buffers=32MB"],
-        layout.logs / "postgres.log",
-        user=user,
-    )
-    env = {"PGPASSWORD": superuser_password, "PGCONNECT_TIMEOUT": "2"}
-    psql = [str(bindir / "psql"), "-h", "127.0.0.1", "-p", str(ports.postgres), "-U", "postgres",
-            "-v", "ON_ERROR_STOP=1", "-qAt"]
-    deadline = time.monotonic() + 30
-    while True:
-        if child.process.poll() is not None:
-            raise PuppetStackError(f"postgres exited ({child.process.returncode}):\n{_tail(child.log)}")
-        ready = subprocess.run([*psql, "-d", "postgres", "-c", "select 1"], capture_output=True, text=True,
-                               env={**os.environ, **env}, check=False)
-        if ready.returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            child.stop(signal.SIGINT)
-            raise PuppetStackError(f"postgres did not accept connections:\n{_tail(child.log)}")
-        time.sleep(0.2)
-    _run([*psql, "-d", "postgres",
-          "-c", f"CREATE ROLE puppetdb LOGIN PASSWORD '{db_password}'",
-          "-c", "CREATE DATABASE puppetdb OWNER puppetdb TEMPLATE template0"], "creating the puppetdb database", env=env)
-    # PuppetDB's schema needs pg_trgm, and only a superuser may create it
-    _run([*psql, "-d", "puppetdb", "-c", "CREATE EXTENSION pg_trgm"], "creating pg_trgm", env=env)
-    return child
+    """PuppetDB's database, on a private cluster of its own (lab/postgres.py)."""
+    try:
+        cluster = start_cluster(layout.postgres_dir, port=ports.postgres, log=layout.logs / "postgres.log")
+    except PostgresError as exc:
+        raise PuppetStackError(str(exc)) from None
+    try:
+        # PuppetDB's schema needs pg_trgm, and only a superuser may create it
+        cluster.create_database("puppetdb", owner="puppetdb", password=db_password, extensions=["pg_trgm"])
+    except PostgresError as exc:
+        cluster.stop()
+        raise PuppetStackError(str(exc)) from None
+    return _Child("postgres", cluster.process, cluster.log)
 
 
 def _setup_ca(layout: Layout, server_certname: str, client_certname: str) -> None:

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.engine import make_url
 
 from governord import testing
 from governord.config import build_config
@@ -49,15 +50,58 @@ profile = {{ size = "large" }}
 """
 
 
+#: the store's backends; a test module that sets ``STORE_BACKENDS = BACKENDS`` runs each of its
+#: tests that makes a runtime (or asks for ``store_backend``) once on each
+BACKENDS = ("sqlite", "postgresql")
+#: where the store's password comes from when the runtime is on PostgreSQL (by reference, as
+#: the daemon's config must give it)
+PASSWORD_ENV = "GOVERNORD_TEST_DB_PASSWORD"
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    # elsewhere, no parameter (test ids unchanged): store_backend is SQLite
+    backends = getattr(metafunc.module, "STORE_BACKENDS", None)
+    if backends is not None and "store_backend" in metafunc.fixturenames:
+        metafunc.parametrize("store_backend", backends, indirect=True)
+
+
 @pytest.fixture
-def make_runtime(tmp_path: Path) -> Callable[..., Any]:
+def store_backend(request: pytest.FixtureRequest) -> str:
+    return str(getattr(request, "param", "sqlite"))
+
+
+@pytest.fixture
+def store_config(store_backend: str, request: pytest.FixtureRequest,
+                 monkeypatch: pytest.MonkeyPatch) -> Callable[[], str]:
+    """The ``[store]`` section for a new runtime: none on SQLite (the file in the state
+    directory); on PostgreSQL a fresh database of the test cluster, its password by reference."""
+
+    made: list[str] = []
+
+    def section() -> str:
+        """The same database for every runtime of the test (a restart finds its state)."""
+        if store_backend == "sqlite":
+            return ""
+        if not made:
+            url = make_url(request.getfixturevalue("new_postgres_database")())
+            monkeypatch.setenv(PASSWORD_ENV, url.password or "")
+            bare = url._replace(username=None, password=None).render_as_string(hide_password=False)
+            made.append(f'[store]\nurl = "{bare}"\nusername = "{url.username}"\n'
+                        f'password = {{ env = "{PASSWORD_ENV}" }}\n')
+        return made[0]
+
+    return section
+
+
+@pytest.fixture
+def make_runtime(tmp_path: Path, store_config: Callable[[], str]) -> Callable[..., Any]:
     runtimes: list[Runtime] = []
 
     async def make(extra: str = "", patch: Callable[[str], str] = lambda text: text) -> Runtime:
         plugins = PluginManager()
         plugins.register(testing.plugin, "testing")
         plugins.collect_types()
-        raw = tomllib.loads(patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
+        raw = tomllib.loads(store_config() + patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
         config = build_config("test.toml", raw, plugins.providers, plugins.registrars, unavailable={})
         runtime = await Runtime.open(config, plugins)
         await runtime.start()

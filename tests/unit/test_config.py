@@ -183,6 +183,19 @@ BROKEN = [
     ("puppetdb classes from a registrar without classes", "[registrars.pdb]\ntype = 'puppetdb'\n"
      "url = 'http://p:8080'\nclasses_from = 'pdb'\n",
      "registrars.pdb.classes_from: registrar 'pdb' (type 'puppetdb') lists no puppet_classes"),
+    # the store: a password only by reference, never in the URL
+    ("store url with a password", "[store]\nurl = 'postgresql+psycopg://governord:hunter2@db:5432/governord'\n",
+     "store.url: a URL with a user name or password in it"),
+    ("store password inline", "[store]\nurl = 'postgresql://db/governord'\npassword = 'hunter2'\n",
+     "store.password: a secret is given by reference"),
+    ("store database unsupported", "[store]\nurl = 'mysql://db/governord'\n",
+     "store.url: unsupported database 'mysql'"),
+    ("store url without a database", "[store]\nurl = 'postgresql+psycopg://db'\n",
+     "store.url: a PostgreSQL URL needs a host and a database"),
+    ("store user for SQLite", "[store]\nusername = 'governord'\n", "store: username: SQLite has none"),
+    ("store password for SQLite", "[store]\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\n",
+     "store: password: SQLite has none"),
+    ("store pool too small", "[store]\npool_size = 0\n", "store.pool_size: Input should be greater than or equal to 1"),
 ]
 
 
@@ -271,3 +284,43 @@ def test_daemon_with_bad_config_exits_2_and_writes_nothing(tmp_path: Path) -> No
     assert proc.returncode == 2
     assert f"{path}: engine.retry_limit" in proc.stderr
     assert not state.exists()
+
+
+def test_a_store_url_with_a_password_is_refused_without_showing_it(
+    tmp_path: Path, secrets: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "governord.toml"
+    path.write_text("[store]\nurl = 'postgresql://governord:hunter2@db.example.com/governord'\n")
+    assert run(str(path), check_only=True) == 2
+    err = capsys.readouterr().err
+    assert f"{path}: store.url" in err and "hunter2" not in err
+
+
+def test_the_store_password_comes_by_reference(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GOVERNORD_TEST_DB_PASSWORD", "s3cret/with:odd@chars")
+    section = cfg.StoreSection.model_validate({"url": "postgresql://db.example.com:5433/gov", "username": "governord",
+                                               "password": {"env": "GOVERNORD_TEST_DB_PASSWORD"}})
+    from sqlalchemy.engine import make_url
+
+    url = make_url(section.effective_url(tmp_path))
+    assert url.drivername == "postgresql+psycopg" and url.password == "s3cret/with:odd@chars"
+    assert (url.host, url.port, url.database, url.username) == ("db.example.com", 5433, "gov", "governord")
+    assert "s3cret" not in repr(section)
+    assert cfg.StoreSection().effective_url(tmp_path) == f"sqlite:///{tmp_path / 'governord.db'}"
+
+
+def test_a_changed_store_takes_effect_at_the_next_restart(tmp_path: Path) -> None:
+    import tomllib
+
+    from governord.daemon import _restart_only
+    from governord.providers import ProviderRegistry
+    from governord.registrars import RegistrarRegistry
+
+    def config(extra: str) -> cfg.Config:
+        raw = tomllib.loads(f"[daemon]\nstate_dir = '{tmp_path}'\n" + extra)
+        return cfg.build_config("g.toml", raw, ProviderRegistry(), RegistrarRegistry(), unavailable={})
+
+    sqlite = config("")
+    postgres = config("[store]\nurl = 'postgresql://db.example.com/governord'\n")
+    assert _restart_only(sqlite, postgres) == ["store"]
+    assert _restart_only(sqlite, config("")) == []

@@ -14,7 +14,10 @@ from governord import testing
 from governord.errors import PermanentError, RetryableError
 from governord.runtime import Runtime
 
-from .conftest import wait_states
+from .conftest import BACKENDS, wait_states
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
 
 
 def keep_failed(text: str) -> str:

@@ -14,7 +14,10 @@ from governord.api import admin_api, app_api
 from governord.models import HostState
 from governord.runtime import Runtime
 
-from .conftest import wait_states
+from .conftest import BACKENDS, wait_states
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
 
 #: a statement that reads or writes the hosts table (not state_counts' "hosts" column)
 TOUCHES_HOSTS = re.compile(r"\b(FROM|JOIN|UPDATE|INTO)\s+\"?hosts\"?(\s|$|,|\))", re.IGNORECASE)

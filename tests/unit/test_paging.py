@@ -23,6 +23,11 @@ from governord.api import admin_api, app_api, paging
 from governord.runtime import Runtime
 from governord.store.schema import events, hosts, requests
 
+from .conftest import BACKENDS
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
+
 DOCS = {"app": app_api.endpoints.openapi(), "admin": admin_api.endpoints.openapi()}
 #: every list of the admin API, with the key its rows are under
 ADMIN_LISTS = {"/v1/hosts": "hosts", "/v1/requests": "requests", "/v1/audit": "events", "/v1/apps": "applications",

@@ -26,7 +26,10 @@ from governord.store.schema import (
     state_counts,
 )
 
-from .conftest import BASE_CONFIG, wait_states
+from .conftest import BACKENDS, BASE_CONFIG, wait_states
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
 
 DAY = 86400.0
 #: an application whose requests wait for an operator (for weeks: they must not expire here)

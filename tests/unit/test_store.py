@@ -1,22 +1,60 @@
 """The store's schema: the Alembic migrations build exactly the tables schema.py declares, and
-an upgrade keeps existing rows."""
+an upgrade keeps existing rows.
+
+The tests that take ``new_url`` run on SQLite and on PostgreSQL; those that read a SQLite file
+with the sqlite3 module (an upgrade from an old revision) are SQLite's own: the same migrations
+serve PostgreSQL, where no database has an old revision to upgrade from yet."""
 
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+import pytest
 from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.config import Config as AlembicConfig
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine
+from sqlalchemy import create_engine, text
 
 from governord import store
 from governord.store.schema import metadata
 
+from .conftest import BACKENDS
+
+#: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
+STORE_BACKENDS = BACKENDS
+
 MIGRATIONS = Path(store.__file__).parent / "migrations"
+
+
+@pytest.fixture
+def new_url(store_backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> Callable[[str], str]:
+    """Makes new empty databases of the backend; each one's synchronous URL."""
+
+    def make(name: str) -> str:
+        if store_backend == "sqlite":
+            return f"sqlite:///{tmp_path / name}.db"
+        return str(request.getfixturevalue("new_postgres_database")())
+
+    return make
+
+
+def _triggers(conn: Any, prefix: str) -> list[Any]:
+    """The definitions of the triggers named ``prefix...`` (and on PostgreSQL of their functions)."""
+    if conn.dialect.name == "sqlite":
+        return conn.exec_driver_sql("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' "
+                                    f"AND name LIKE '{prefix}%' ORDER BY name").fetchall()
+    like = {"like": prefix + "%"}
+    triggers = conn.execute(text("SELECT tgname, pg_get_triggerdef(oid) FROM pg_trigger "
+                                 "WHERE tgname LIKE :like ORDER BY tgname"), like).fetchall()
+    functions = conn.execute(text("SELECT proname, prosrc FROM pg_proc WHERE proname LIKE :like ORDER BY proname"),
+                             like).fetchall()
+    assert len(functions) == 1
+    return triggers + functions
 
 
 def _alembic(conn: object) -> AlembicConfig:
@@ -26,8 +64,8 @@ def _alembic(conn: object) -> AlembicConfig:
     return cfg
 
 
-def test_migrations_match_the_declared_schema(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'g.db'}"
+def test_migrations_match_the_declared_schema(new_url: Callable[[str], str]) -> None:
+    url = new_url("g")
     store.migrate(url)
     engine = create_engine(url)
     with engine.connect() as conn:
@@ -67,16 +105,17 @@ def test_the_engines_queue_index_names_exactly_the_resting_states() -> None:
     assert listed == resting
 
 
-def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(tmp_path: Path) -> None:
-    """The engine's fenced update skips SQLAlchemy's execution layer: the row it returns (JSON
-    columns decoded, booleans as booleans, SQL expressions evaluated) must be the very row
-    SQLAlchemy returns for the same update, and the fence must hold."""
+def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(new_url: Callable[[str], str]) -> None:
+    """The engine's fenced update skips SQLAlchemy's execution layer on SQLite: the row it
+    returns (JSON columns decoded, booleans as booleans, SQL expressions evaluated) must be the
+    very row SQLAlchemy returns for the same update, and the fence must hold. (On PostgreSQL the
+    statement runs through SQLAlchemy itself; the fence is checked all the same.)"""
     from sqlalchemy import insert, update
 
     from governord.engine import READY_UNLESS_RETAGGED
     from governord.store.schema import hosts
 
-    url = f"sqlite:///{tmp_path / 'g.db'}"
+    url = new_url("g")
     store.migrate(url)
     engine = create_engine(url)
     base = {"fqdn": "x.example", "app": "a", "role": "r", "origin": "provisioned", "state": "configuring",
@@ -130,7 +169,7 @@ def _actual(conn: object) -> dict[tuple[str, str, str], int]:
     return {(a, r, p): n for a, r, p, n in rows}
 
 
-def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
+def test_live_counts_follow_every_change_of_the_hosts(new_url: Callable[[str], str]) -> None:
     """The triggers keep live_counts equal to counting the hosts, through inserts, transitions,
     moves between applications, roles and providers, adoption (no application) and deletes, in
     a database built by the migrations and in one built from schema.py alone."""
@@ -141,9 +180,10 @@ def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
     from governord.store.schema import hosts
 
     rng = random.Random(7)
-    migrated = create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
-    store.migrate(str(migrated.url))
-    declared = create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    migrated_url = new_url("migrated")
+    store.migrate(migrated_url)
+    migrated = create_engine(migrated_url)
+    declared = create_engine(new_url("declared"))
     metadata.create_all(declared)
     for engine in (migrated, declared):
         with engine.begin() as conn:
@@ -165,10 +205,8 @@ def test_live_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
                 assert _counted(conn) == _actual(conn), (change, value)
         engine.dispose()
     with migrated.connect() as a, declared.connect() as b:
-        triggers = ("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'hosts_live_count%' "
-                    "ORDER BY name")
-        assert a.exec_driver_sql(triggers).fetchall() == b.exec_driver_sql(triggers).fetchall()
-        assert len(a.exec_driver_sql(triggers).fetchall()) == 3
+        assert _triggers(a, "hosts_live_count") == _triggers(b, "hosts_live_count")
+        assert len([t for t in _triggers(a, "hosts_live_count") if t[0].endswith(("_insert", "_update", "_delete"))]) == 3
     migrated.dispose()
     declared.dispose()
 
@@ -183,7 +221,7 @@ def _actual_states(conn: object) -> dict[str, int]:
     return dict(rows.fetchall())
 
 
-def test_state_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
+def test_state_counts_follow_every_change_of_the_hosts(new_url: Callable[[str], str]) -> None:
     """The triggers keep state_counts (what /metrics and /v1/status serve) equal to counting the
     hosts by state, through inserts, many random transitions, other updates and deletes, in a
     database built by the migrations and in one built from schema.py alone."""
@@ -196,9 +234,10 @@ def test_state_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
 
     states = [s.value for s in HostState]
     rng = random.Random(11)
-    migrated = create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
-    store.migrate(str(migrated.url))
-    declared = create_engine(f"sqlite:///{tmp_path / 'declared.db'}")
+    migrated_url = new_url("migrated")
+    store.migrate(migrated_url)
+    migrated = create_engine(migrated_url)
+    declared = create_engine(new_url("declared"))
     metadata.create_all(declared)
     for engine in (migrated, declared):
         with engine.begin() as conn:
@@ -220,10 +259,8 @@ def test_state_counts_follow_every_change_of_the_hosts(tmp_path: Path) -> None:
                 assert _counted_states(conn) == _actual_states(conn), (step, change)
         engine.dispose()
     with migrated.connect() as a, declared.connect() as b:
-        triggers = ("SELECT name, sql FROM sqlite_master WHERE type = 'trigger' AND name LIKE 'hosts_state_count%' "
-                    "ORDER BY name")
-        assert a.exec_driver_sql(triggers).fetchall() == b.exec_driver_sql(triggers).fetchall()
-        assert len(a.exec_driver_sql(triggers).fetchall()) == 3
+        assert _triggers(a, "hosts_state_count") == _triggers(b, "hosts_state_count")
+        assert len([t for t in _triggers(a, "hosts_state_count") if t[0].endswith(("_insert", "_update", "_delete"))]) == 3
     migrated.dispose()
     declared.dispose()
 
@@ -272,12 +309,12 @@ def test_live_means_not_gone_in_the_literal_sql() -> None:
     assert {s.value for s in HostState} - {s.value for s in LIVE_STATES} == {"gone"}
 
 
-def test_free_names_are_the_lowest_numbers_no_live_host_carries(tmp_path: Path) -> None:
+def test_free_names_are_the_lowest_numbers_no_live_host_carries(new_url: Callable[[str], str]) -> None:
     from sqlalchemy import insert, update
 
     from governord.store.schema import hosts
 
-    url = f"sqlite:///{tmp_path / 'g.db'}"
+    url = new_url("g")
     store.migrate(url)
     engine = create_engine(url)
     pattern = "{app}-{role}-{seq:02d}"

@@ -38,7 +38,8 @@ def upgrade() -> None:
         sa.Column("address", sa.String(64)),
         sa.Column("profile", sa.JSON, nullable=False),
         sa.Column("request_id", sa.String(36)),
-        sa.Column("retire_requested", sa.Boolean, nullable=False, server_default=sa.text("0")),
+        # false(): DEFAULT 0 on SQLite as before, DEFAULT false on PostgreSQL (which refuses 0)
+        sa.Column("retire_requested", sa.Boolean, nullable=False, server_default=sa.false()),
         sa.Column("attempts", sa.Integer, nullable=False, server_default=sa.text("0")),
         sa.Column("next_attempt_at", sa.Float, nullable=False, server_default=sa.text("0")),
         sa.Column("lease_owner", sa.String(255)),

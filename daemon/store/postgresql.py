@@ -1,0 +1,119 @@
+"""The store on PostgreSQL: what PostgreSQL does well instead of SQLite's one writer.
+
+- A pool of connections for reads (SQLAlchemy's async engine on psycopg 3) and another for the
+  writes: each decision and each of the engine's writes is its own transaction on a pooled
+  synchronous connection in a thread (:class:`PooledWriter`), committed alone, so writes of
+  different applications run side by side.
+- Decisions that read and then write (a count under a cap, a free name, an idempotency key) are
+  made exact by transaction-scoped advisory locks (:func:`lock`: ``pg_advisory_xact_lock`` on
+  the application, on a network whose addresses are leased), which the database holds until the
+  commit: exact across every process on the database, not only within this one.
+- The engine's claim locks the rows it takes with ``FOR UPDATE SKIP LOCKED`` (the same statement
+  as on SQLite, where the clause compiles to nothing) and returns them with ``RETURNING``.
+- Migrations are serialised by a session advisory lock (:data:`MIGRATION_LOCK`), so instances
+  starting at once never race each other's upgrade.
+
+A transaction that PostgreSQL aborts for a deadlock or a serialisation failure is run again (a
+job is a plain function of its connection, and runs again from the start).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
+
+from sqlalchemy import create_engine, text
+from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+T = TypeVar("T")
+log = logging.getLogger(__name__)
+
+#: the session advisory lock every instance takes around its schema upgrade (an arbitrary
+#: constant: "governor" in ASCII)
+MIGRATION_LOCK = 0x676F7665726E6F72
+#: SQLSTATEs after which a transaction may simply be run again
+_RETRYABLE = {"40P01", "40001"}  # deadlock_detected, serialization_failure
+_ATTEMPTS = 5
+
+
+def sync_engine(url: str, codec: dict[str, Any], pool_size: int) -> Engine:
+    return create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **codec)
+
+
+def async_engine(url: str, codec: dict[str, Any], pool_size: int) -> AsyncEngine:
+    return create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **codec)
+
+
+def migration_engine(url: str, codec: dict[str, Any]) -> Engine:
+    # no pool: the session lock must go with the connection, never stay on a pooled one
+    return create_engine(url, poolclass=NullPool, **codec)
+
+
+def take_migration_lock(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_lock(:key)"), {"key": MIGRATION_LOCK})
+    conn.commit()
+
+
+def release_migration_lock(conn: Connection) -> None:
+    conn.execute(text("SELECT pg_advisory_unlock(:key)"), {"key": MIGRATION_LOCK})
+    conn.commit()
+
+
+_LOCK = text("SELECT pg_advisory_xact_lock(hashtextextended(:key, 0))")
+
+
+def lock(conn: Connection, keys: list[str]) -> None:
+    """Hold the advisory locks named by ``keys`` until this transaction ends (taken in sorted
+    order, so two decisions that need the same ones cannot deadlock)."""
+    for key in sorted(set(keys)):
+        conn.execute(_LOCK, {"key": key})
+
+
+class PooledWriter:
+    """Each job in its own transaction on a pooled connection, in a thread of a pool as large as
+    the connection pool. ``finish`` runs at the end of every transaction (the store's deferred
+    writes), ``discard`` when one fails.
+
+    A job, once started, is committed (or rolled back) even if its caller is cancelled, as with
+    SQLite's group commit: a shutdown never leaves half an outcome."""
+
+    def __init__(self, engine: Engine, pool_size: int, finish: Callable[[Connection], None],
+                 discard: Callable[[Connection], None]) -> None:
+        self._engine = engine
+        self._finish = finish
+        self._discard = discard
+        self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="governord-writer")
+
+    async def run(self, job: Callable[[Connection], T]) -> T:
+        future = asyncio.get_running_loop().run_in_executor(self._threads, self._commit, job)
+        return await asyncio.shield(future)
+
+    def _commit(self, job: Callable[[Connection], T]) -> T:
+        for attempt in range(1, _ATTEMPTS + 1):
+            with self._engine.connect() as conn:
+                try:
+                    with conn.begin():
+                        result = job(conn)
+                        self._finish(conn)
+                    return result
+                except DBAPIError as exc:
+                    self._discard(conn)
+                    state = getattr(exc.orig, "sqlstate", None)
+                    if state not in _RETRYABLE or attempt == _ATTEMPTS:
+                        raise
+                    log.debug("transaction aborted (%s), running it again: %s", state, exc.orig)
+                except BaseException:
+                    self._discard(conn)
+                    raise
+        raise AssertionError("unreachable")
+
+    async def close(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(None, self._threads.shutdown, True)
+        await loop.run_in_executor(None, self._engine.dispose)

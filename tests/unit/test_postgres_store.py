@@ -1,0 +1,177 @@
+"""PostgreSQL only: what several governord processes sharing one database rely on. Each
+"instance" here is a runtime with a Store of its own (its own engines and connection pools) on
+one database, as separate processes would have; the in-process writer turn plays no part on
+PostgreSQL, so only what the database guarantees (advisory locks, row locks) keeps them exact."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+from alembic.script import ScriptDirectory
+from sqlalchemy import create_engine, insert, text, update
+
+from governord import store
+from governord.rules import RequestError
+from governord.runtime import Runtime
+from governord.store.schema import hosts
+
+from .test_store import MIGRATIONS, _actual, _actual_states, _counted, _counted_states, _host
+
+STORE_BACKENDS = ("postgresql",)
+
+
+async def _instances(make_runtime: Callable[..., Any], count: int, patch: Callable[[str], str]) -> list[Runtime]:
+    runtimes = [await make_runtime(patch=patch) for _ in range(count)]
+    for runtime in runtimes:
+        # decisions only: the engines (and their lease clean-up at start) are the fleet's part
+        await runtime.engine.stop(5.0)
+    return runtimes
+
+
+def _cap(limit: int) -> Callable[[str], str]:
+    return lambda config: config.replace("max_hosts = 5", f"max_hosts = {limit}")
+
+
+async def test_concurrent_decisions_through_three_instances_hold_the_cap(
+        store_backend: str, make_runtime: Callable[..., Any]) -> None:
+    runtimes = await _instances(make_runtime, 3, _cap(10))
+    assert len({id(r.store.engine) for r in runtimes}) == 3 and all(r.store.dialect == "postgresql" for r in runtimes)
+
+    async def ask(i: int) -> str:
+        try:
+            decision = await runtimes[i % 3].governor.scale("demo", "node", add=1, actor=f"app-{i}")
+        except RequestError as exc:
+            return f"refused {exc.status}"
+        return str(decision.request["state"])
+
+    outcomes = await asyncio.gather(*(ask(i) for i in range(200)))
+    assert outcomes.count("accepted") == 10, sorted(set(outcomes))
+    rows = await runtimes[0].store.list_hosts(app="demo")
+    assert len(rows) == 10
+    assert len({r["name"] for r in rows}) == 10 and len({r["address"] for r in rows}) == 10
+    assert await runtimes[1].store.live_count("demo") == 10
+    for runtime in runtimes:
+        await runtime.stop()
+
+
+async def test_one_idempotency_key_is_one_request_across_instances(
+        store_backend: str, make_runtime: Callable[..., Any]) -> None:
+    runtimes = await _instances(make_runtime, 3, _cap(10))
+    decisions = await asyncio.gather(*(
+        runtimes[i % 3].governor.scale("demo", "node", add=2, actor="app", idempotency_key="same")
+        for i in range(30)))
+    assert len({d.request["id"] for d in decisions}) == 1
+    assert sum(not d.replayed for d in decisions) == 1
+    assert len(await runtimes[2].store.list_hosts(app="demo")) == 2
+    for runtime in runtimes:
+        await runtime.stop()
+
+
+def test_instances_starting_at_once_migrate_one_after_the_other(postgres_url: str) -> None:
+    """Six processes' worth of migrations on one empty database at once: each waits for the
+    advisory lock, the first builds the schema, the others find it built."""
+    barrier = threading.Barrier(6)
+
+    def start() -> None:
+        barrier.wait()
+        store.migrate(postgres_url)
+
+    with ThreadPoolExecutor(6) as pool:
+        for future in [pool.submit(start) for _ in range(6)]:
+            future.result()
+    engine = create_engine(postgres_url)
+    with engine.connect() as conn:
+        head = ScriptDirectory(str(MIGRATIONS)).get_current_head()
+        assert conn.execute(text("SELECT version_num FROM alembic_version")).scalars().all() == [head]
+        # one set of count triggers, not one per migrating process
+        assert conn.execute(text("SELECT count(*) FROM pg_trigger WHERE tgname LIKE 'hosts_%_count_%'")).scalar() == 6
+        # and no migration lock left behind
+        assert conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'")).scalar() == 0
+    engine.dispose()
+
+
+def test_counts_stay_right_under_concurrent_transactions(postgres_url: str) -> None:
+    """Eight connections moving hosts between states, applications and providers at once, each
+    change its own transaction (as the engine's writes are): the counts the triggers keep equal
+    a real count afterwards, and no transaction deadlocks on the count rows."""
+    store.migrate(postgres_url)
+    engine = create_engine(postgres_url, pool_size=8)
+    with engine.begin() as conn:
+        conn.execute(insert(hosts), [_host(i, state="requested") for i in range(80)])
+    states = ["requested", "provisioning", "registering", "ready", "failed", "retiring", "gone"]
+
+    def work(worker: int) -> None:
+        rng = random.Random(worker)
+        for _ in range(150):
+            ids = [f"h{i}" for i in rng.sample(range(80), rng.choice([1, 1, 3]))]
+            change = rng.choice(["state", "state", "app", "provider"])
+            value = {"state": rng.choice(states), "app": rng.choice(["shop", "blog", None]),
+                     "provider": rng.choice(["mem", "vs"])}[change]
+            with engine.begin() as conn:
+                conn.execute(update(hosts).where(hosts.c.id.in_(ids)).values({change: value}))
+
+    with ThreadPoolExecutor(8) as pool:
+        for future in [pool.submit(work, w) for w in range(8)]:
+            future.result()
+    with engine.connect() as conn:
+        assert _counted_states(conn) == _actual_states(conn)
+        assert _counted(conn) == _actual(conn)
+        assert sum(_counted_states(conn).values()) == 80
+    engine.dispose()
+
+
+def test_the_upgrade_counts_the_hosts_already_there(postgres_url: str) -> None:
+    """Revisions 0007 and 0009 on PostgreSQL count the hosts a database already has, as on SQLite."""
+    from alembic import command
+
+    from .test_store import _alembic
+
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        command.upgrade(_alembic(conn), "0006")
+    with engine.begin() as conn:
+        for i, (app, state) in enumerate([("shop", "ready"), ("shop", "requested"), ("shop", "gone"), (None, "ready"),
+                                          ("shop", "failed")]):
+            conn.execute(text(
+                "INSERT INTO hosts (id, name, fqdn, app, role, provider, origin, state, tags, addresses, "
+                "classification, registrations, profile, created_at, updated_at) VALUES "
+                "(:id, :name, 'x', :app, 'node', 'mem', 'provisioned', :state, '[]', '[]', '{}', '{}', '{}', 1.0, 1.0)"),
+                {"id": f"h{i}", "name": f"shop-node-0{i}", "app": app, "state": state})
+    store.migrate(postgres_url)
+    with engine.connect() as conn:
+        assert conn.execute(text("SELECT app, role, provider, hosts FROM live_counts")).all() == [("shop", "node", "mem", 3)]
+        assert dict(conn.execute(text("SELECT state, hosts FROM state_counts")).all()) == {
+            "ready": 2, "requested": 1, "gone": 1, "failed": 1}
+        # and the retire_requested default the first revision gave is PostgreSQL's false
+        assert conn.execute(text("SELECT bool_and(NOT retire_requested) FROM hosts")).scalar() is True
+    engine.dispose()
+
+
+async def test_a_transaction_postgresql_aborts_for_a_deadlock_is_run_again(postgres_url: str) -> None:
+    """Two writes that lock the same two things in opposite orders: PostgreSQL aborts one
+    (deadlock detected), the writer runs it again, and both callers get their result."""
+    opened = await store.Store.open(postgres_url, pool_size=2)
+    both_hold_one = threading.Barrier(2, timeout=10)
+    runs = {"a": 0, "b": 0}
+
+    def job(name: str, first: int, second: int) -> Callable[[Any], str]:
+        def run(conn: Any) -> str:
+            runs[name] += 1
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": first})
+            if runs[name] == 1:
+                both_hold_one.wait()  # the first time only: each holds one lock and wants the other
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": second})
+            return name
+        return run
+
+    try:
+        results = await asyncio.gather(opened.writer.run(job("a", 1, 2)), opened.writer.run(job("b", 2, 1)))
+    finally:
+        await opened.close()
+    assert results == ["a", "b"]
+    assert sorted(runs.values()) == [1, 2]  # the deadlock's victim ran again
