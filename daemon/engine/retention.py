@@ -216,29 +216,13 @@ class Pruner:
             if retention.requests_days > 0:
                 cooldown = max((a.cooldown for a in self.config.applications.values()), default=0.0)
                 cutoff = min(now - retention.requests_days * DAY, now - cooldown)
-                key: Any = None
-                while not self._stopping:
-                    key, gone, callbacks_gone = await self._write(_prune_requests, cutoff, key, retention.batch)
-                    report.requests += gone
-                    report.callbacks += callbacks_gone
-                    if key is None:
-                        break
+                report.requests, report.callbacks = await self._batches(_prune_requests, cutoff, retention.batch, 2)
             if retention.gone_hosts_days > 0:
                 cutoff = now - retention.gone_hosts_days * DAY
-                key = None
-                while not self._stopping:
-                    key, gone = await self._write(_prune_hosts, cutoff, key, retention.batch)
-                    report.hosts += gone
-                    if key is None:
-                        break
+                [report.hosts] = await self._batches(_prune_hosts, cutoff, retention.batch, 1)
             if retention.events_days > 0:
                 cutoff = now - retention.events_days * DAY
-                key = None
-                while not self._stopping:
-                    key, gone = await self._write(_prune_events, cutoff, key, retention.batch)
-                    report.events += gone
-                    if key is None:
-                        break
+                [report.events] = await self._batches(_prune_events, cutoff, retention.batch, 1)
             if report.total:
                 counts = asdict(report)
                 await self.store.decide(lambda tx: tx.add_event("retention-pruned", actor=ACTOR, detail={
@@ -247,6 +231,19 @@ class Pruner:
                 log.info("retention: deleted %d gone hosts, %d requests, %d callbacks, %d events",
                          report.hosts, report.requests, report.callbacks, report.events, extra=counts)
             return report
+
+    async def _batches(self, prune: Any, cutoff: float, batch: int, counts: int) -> list[int]:
+        """Run ``prune`` batch after batch, each from where the one before ended, until it says
+        there is no more (or the pruner is stopping); the sums of the ``counts`` numbers each
+        batch returns after its key."""
+        totals = [0] * counts
+        key: Any = None
+        while not self._stopping:
+            key, *deleted = await self._write(prune, cutoff, key, batch)
+            totals = [total + n for total, n in zip(totals, deleted, strict=True)]
+            if key is None:
+                break
+        return totals
 
     async def _write(self, job: Any, *args: Any) -> Any:
         """One batch, its own transaction on the writer; then the others' writes get their turn."""
