@@ -12,7 +12,6 @@ The packages come from ``lab/puppet/install.sh`` (``postgresql``), which ``make 
 
 from __future__ import annotations
 
-import contextlib
 import os
 import pwd
 import re
@@ -24,6 +23,8 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from .process import stop_group
 
 _NAME = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 
@@ -128,16 +129,7 @@ class PostgresCluster:
 
     def stop(self, sig: int = signal.SIGINT, timeout: float = 30.0) -> None:
         """Shut the server down (SIGINT: PostgreSQL's fast shutdown, clients are disconnected)."""
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        stop_group(self.process, sig, timeout)
 
     def __enter__(self) -> PostgresCluster:
         return self

@@ -7,6 +7,7 @@ own session so that stopping one also stops anything it started.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import select
@@ -20,6 +21,21 @@ from pathlib import Path
 LISTENING = re.compile(r"LISTENING (\S+)")
 
 
+def stop_group(process: subprocess.Popen[bytes], sig: int = signal.SIGTERM, timeout: float = 10.0) -> None:
+    """Stop a child started in its own session, and whatever it started: ``sig`` to its process
+    group, then SIGKILL if it has not ended within ``timeout`` seconds."""
+    if process.poll() is not None:
+        return
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, sig)
+    try:
+        process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout)
+
+
 @dataclass
 class PeerProcess:
     """A running peer: its URL, its process, and where its output goes."""
@@ -31,17 +47,7 @@ class PeerProcess:
     extra: dict[str, str] = field(default_factory=dict)
 
     def stop(self, timeout: float = 10.0) -> None:
-        if self.process.poll() is not None:
-            return
-        try:
-            os.killpg(self.process.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        stop_group(self.process, signal.SIGTERM, timeout)
 
     def __enter__(self) -> PeerProcess:
         return self

@@ -23,7 +23,6 @@ project's reference notes (shared/reference/puppet.md).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import secrets
@@ -43,6 +42,7 @@ from pathlib import Path
 from typing import Any
 
 from ..postgres import PostgresError, postgres_bin, start_cluster
+from ..process import stop_group
 from .config import (
     JRUBY_LIB,
     PUPPETDB_BOOTSTRAP,
@@ -174,16 +174,7 @@ class _Child:
     log: Path
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> None:
-        if self.process.poll() is not None:
-            return
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(self.process.pid, sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError):
-                os.killpg(self.process.pid, signal.SIGKILL)
-            self.process.wait(timeout)
+        stop_group(self.process, sig, timeout)
 
 
 def _spawn(name: str, argv: list[str], log: Path, *, user: str | None = None, cwd: Path | None = None) -> _Child:
