@@ -2,9 +2,10 @@
 
 Both APIs (the applications' HTTPS API and the operators' admin socket) call these methods;
 they hold no HTTP. Every request is persisted with its idempotency key before anything else
-happens; a repeat of the key returns the original request. Decisions are made one at a time
-(on the store's writer) and count hosts still in flight, so concurrent requests cannot
-overshoot a cap.
+happens; a repeat of the key returns the original request. Decisions about one application are
+made one at a time (on SQLite by the store's single writer, on PostgreSQL under an advisory lock
+per application that every process sharing the database respects) and count hosts still in
+flight, so concurrent requests cannot overshoot a cap.
 """
 
 from __future__ import annotations
@@ -81,9 +82,10 @@ class Governor:
     """The decisions: scale, release, tag, retire, retry.
 
     Each decision that reads and then writes (scale, release, approve, retire, adopt) is one
-    synchronous function run by :meth:`Store.decide` on the store's writer: decisions take
-    turns, so a count read under a cap still holds when the hosts are written, and a whole
-    decision is one hop to the writer thread."""
+    synchronous function run by :meth:`Store.decide` on the store's writer, with the locks it
+    names (its application's): decisions about one application take turns, so a count read
+    under a cap still holds when the hosts are written, and a whole decision is one hop to the
+    writer thread."""
 
     def __init__(self, store: Store, engine: Engine, config: Config, *, listeners: set[int] | None = None) -> None:
         self.store = store
