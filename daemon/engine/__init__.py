@@ -118,6 +118,9 @@ class Engine:
         self.taken_over = 0
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
+        #: the fencing token each host in ``_tasks`` was claimed with, while its lease is held
+        #: (a task that released its host's lease is ending: nothing of it is renewed)
+        self._tokens: dict[str, int] = {}
         #: hosts whose current step was started by the commit that ended the step before
         self._started: set[str] = set()
         self._stopping = False
@@ -186,6 +189,7 @@ class Engine:
                         stale.cancel()
                     task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
                     self._tasks[row["id"]] = task
+                    self._tokens[row["id"]] = row["lease_token"]
                     task.add_done_callback(functools.partial(self._finished, row["id"]))
                 if len(claimed) == free:
                     continue
@@ -199,6 +203,7 @@ class Engine:
     def _finished(self, host_id: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(host_id) is task:
             del self._tasks[host_id]
+            self._tokens.pop(host_id, None)
         self._wake.set()
 
     async def _renew_leases(self) -> None:
@@ -206,17 +211,21 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             try:
-                lost = await self.store.renew_leases(self.owner, list(self._tasks), self.config.engine.lease_seconds)
+                tokens = dict(self._tokens)
+                lost = await self.store.renew_leases(self.owner, tokens, self.config.engine.lease_seconds)
             except Exception:  # noqa: BLE001
                 log.exception("renewing leases failed")
                 continue
             for host_id, holder in lost.items():
                 # the lease ran out (this instance was paused or cut off) and another instance
-                # claimed the host: stop working on it; its writes would be refused anyway
+                # claimed the host (and may be done with it already): stop working on it; its
+                # writes would be refused anyway, but its calls outside would still be made
                 task = self._tasks.get(host_id)
-                if task is not None and not task.done():
+                # (unless this instance has claimed it again meanwhile: a new task, a new token)
+                if task is not None and not task.done() and self._tokens.get(host_id) == tokens[host_id]:
                     self.taken_over += 1
-                    log.warning("host %s is worked on by %s now: its step here is stopped", host_id, holder,
+                    log.warning("host %s was taken over by %s: its step here is stopped", host_id,
+                                holder or "another instance (which has released it since)",
                                 extra={"host_id": host_id, "holder": holder})
                     task.cancel()
 
@@ -227,6 +236,8 @@ class Engine:
         claimed the host with (owner and fencing token): the new row, or None if the lease
         is lost (the write changed nothing)."""
         new = await self.store.fenced_update(row["id"], self.owner, values, token=row["lease_token"], **kwargs)
+        if new is not None and kwargs.get("release") and self._tokens.get(row["id"]) == row["lease_token"]:
+            del self._tokens[row["id"]]
         if new is None:
             self.fenced_out += 1
             log.warning("host %s: lease lost, the write of a stale claim was refused", row["name"],

@@ -41,7 +41,7 @@ import re
 import string
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -216,11 +216,8 @@ _RENEW = (
     .values(lease_expires=bindparam("expires"))
     .returning(hosts.c.id)
 )
-_LEASED_ELSEWHERE = (
-    select(hosts.c.id, hosts.c.lease_owner)
-    .where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.lease_owner.is_not(None),
-           hosts.c.lease_owner != bindparam("owner"))
-)
+_LEASES_OF = select(hosts.c.id, hosts.c.lease_owner, hosts.c.lease_token).where(
+    hosts.c.id.in_(bindparam("ids", expanding=True)))
 _NEXT_DUE = (
     select(hosts.c.next_attempt_at)
     .where(WORKING, or_(hosts.c.lease_owner.is_(None), hosts.c.lease_expires < bindparam("now")))
@@ -567,19 +564,24 @@ class Store:
             value = (await conn.execute(_NEXT_DUE, {"now": time.time()})).scalar_one_or_none()
             return float(value) if value is not None else None
 
-    async def renew_leases(self, owner: str, ids: Sequence[str], lease_seconds: float) -> dict[str, str]:
-        """Extend the leases ``owner`` holds on ``ids``. Returns the hosts among them that another
-        instance holds now (their leases ran out and were claimed again), with its name."""
-        if not ids:
+    async def renew_leases(self, owner: str, tokens: Mapping[str, int],
+                           lease_seconds: float) -> dict[str, str | None]:
+        """Extend the leases ``owner`` holds on the hosts of ``tokens`` (host id -> the fencing
+        token it claimed the host with). Returns the hosts among them that were claimed again
+        since (their leases ran out): the holder now, or None when the one that took the host
+        over has released it already (the host rests, or waits for its next try). A host
+        ``owner`` released itself (same token, no holder) is not lost."""
+        if not tokens:
             return {}
-        params = {"ids": list(ids), "owner": owner, "expires": time.time() + lease_seconds}
+        params = {"ids": list(tokens), "owner": owner, "expires": time.time() + lease_seconds}
 
-        def job(conn: Connection) -> dict[str, str]:
+        def job(conn: Connection) -> dict[str, str | None]:
             renewed = {row[0] for row in conn.execute(_RENEW, params)}
-            missing = [host_id for host_id in ids if host_id not in renewed]
+            missing = [host_id for host_id in tokens if host_id not in renewed]
             if not missing:
                 return {}
-            return {row[0]: row[1] for row in conn.execute(_LEASED_ELSEWHERE, {"ids": missing, "owner": owner})}
+            return {row[0]: row[1] for row in conn.execute(_LEASES_OF, {"ids": missing})
+                    if row[2] != tokens[row[0]]}
 
         return await self.writer.run(job)
 

@@ -342,3 +342,42 @@ def test_free_names_are_the_lowest_numbers_no_live_host_carries(new_url: Callabl
         assert conn.exec_driver_sql("SELECT count(*) FROM hosts WHERE seq IS NULL AND state != 'gone'").scalar() == 0
         assert tx.free_sequence_numbers(pattern, "shop", "node", 2) == [8, 9]
     engine.dispose()
+
+
+async def test_a_renewal_names_the_hosts_claimed_again_since_even_once_released(
+        new_url: Callable[[str], str]) -> None:
+    """The engine's lease renewal tells an instance which of its hosts it lost: those claimed
+    again since its own claim (a larger fencing token), whether the instance that took one over
+    still holds it or has released it already (it finished the step while this one was
+    paused). A host the instance released itself (its own token, no holder) is not lost, and
+    the leases it still holds are extended."""
+    from sqlalchemy import insert, select, update
+
+    from governord.store.schema import hosts
+
+    url = new_url("g")
+    opened = await store.Store.open(url)
+    try:
+        async with opened.transaction() as conn:
+            await conn.execute(insert(hosts), [_host(i, state="provisioning") for i in (1, 2, 3, 4)])
+        mine = {row["id"]: row["lease_token"] for row in await opened.claim_due("a/1", 4, 30.0)}
+        assert sorted(mine) == ["h1", "h2", "h3", "h4"]
+        # h1: released by its owner (a step waits for its next try); h2 and h3: their leases ran
+        # out and another instance claimed them, h3 then released by it; h4 still a/1's
+        await opened.fenced_update("h1", "a/1", {"next_attempt_at": 0.0}, token=mine["h1"], release=True)
+        async with opened.transaction() as conn:
+            await conn.execute(update(hosts).where(hosts.c.id.in_(["h2", "h3"])).values(lease_expires=0.0))
+        taken = {row["id"]: row["lease_token"] for row in await opened.claim_due("b/1", 4, 30.0)}
+        assert sorted(taken) == ["h1", "h2", "h3"]  # h1 was free: b/1 claims it too
+        await opened.fenced_update("h3", "b/1", {"state": "registering"}, token=taken["h3"], release=True)
+
+        lost = await opened.renew_leases("a/1", {"h2": mine["h2"], "h3": mine["h3"], "h4": mine["h4"]}, 60.0)
+        assert lost == {"h2": "b/1", "h3": None}
+        async with opened.engine.connect() as conn:
+            expires = dict((await conn.execute(select(hosts.c.id, hosts.c.lease_expires))).all())
+        assert expires["h4"] > expires["h2"]  # renewed for 60 s, b/1's for 30
+        # a host the renewing owner released itself, and nobody claimed since, is not lost
+        await opened.fenced_update("h4", "a/1", {}, token=mine["h4"], release=True)
+        assert await opened.renew_leases("a/1", {"h4": mine["h4"]}, 60.0) == {}
+    finally:
+        await opened.close()
