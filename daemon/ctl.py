@@ -207,7 +207,8 @@ def cli(ctx: click.Context, socket_path: str) -> None:
 @click.option("--json", "as_json", is_flag=True)
 @click.pass_context
 def status(ctx: click.Context, as_json: bool) -> None:
-    """Daemon status and host counts."""
+    """Daemon status, host counts, and the instances sharing the store (the one answering is
+    marked *)."""
     data = _client(ctx).ok("GET", "/v1/status")
     if as_json:
         return _print_json(data)
@@ -217,6 +218,20 @@ def status(ctx: click.Context, as_json: bool) -> None:
                   markup=False)
     console.print("providers: " + ", ".join(f"{k} ({v})" for k, v in data["providers"].items()), markup=False)
     console.print("registrars: " + ", ".join(f"{k} ({v})" for k, v in data["registrars"].items()), markup=False)
+    console.print(_instance_table(data["instances"]))
+
+
+def _instance_table(instances: list[dict[str, Any]]) -> Table:
+    """The fleet's instances: one row each, the answering one marked *; a stopped or lost
+    instance's in-flight count is its last heartbeat's."""
+    table = Table(box=None, header_style="bold", title="instances", title_justify="left")
+    for column in ("NAME", "STATUS", "LEADER", "HEARTBEAT", "VERSION", "IN FLIGHT", "HOST/PID"):
+        table.add_column(column)
+    for i in instances:
+        table.add_row(("* " if i["this"] else "") + i["name"], i["status"], "yes" if i["leader"] else "-",
+                      f"{i['heartbeat_age']:.1f}s ago", i["version"], str(i["in_flight"]),
+                      f"{i['hostname']}/{i['pid']}")
+    return table
 
 
 @cli.command()

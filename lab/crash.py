@@ -2,6 +2,7 @@
 hosts, restart it each time, and check after every phase that everything converged.
 
     python -m lab.crash --hosts 100 --rounds 20 --seed 1
+    python -m lab.crash --hosts 100 --rounds 20 --seed 1 --instances 3 --store postgresql
 
 Each round has two phases, a scale-up of ``--hosts`` hosts and their retirement, each asked for by
 one request with an idempotency key. A phase kills the daemon 1 to ``--max-kills`` times: first
@@ -20,6 +21,14 @@ and Satellite simulators, and governord's own database) and counts:
 ``failed``     hosts that ended failed, or (up) not ready / (down) not gone
 ``redone``     steps that were interrupted (a step-started with no outcome before the next start)
 ``resent``     requests sent again because a kill cut governord-ctl off (same key)
+``taken``      (a fleet) hosts a killed instance held that another instance claimed before it came back
+
+With ``--instances N --store postgresql`` the harness starts a private PostgreSQL cluster
+(lab/postgres.py) and N governord instances on one database of it (lab/fleet.py: their own names,
+state directories and sockets, the first one's CA). Each request goes to a random instance, each
+kill hits a random instance, which is restarted at once or, every other time at random, only
+after its leases ran out (``--lease-seconds``), so that the others take its steps over; the
+counts are the same.
 
 and, per phase, the states hosts were in at the moments of the kills (summed over the kills;
 ``request``: governord-ctl was still running, starting up, sending or awaiting the answer;
@@ -33,8 +42,10 @@ The random choices come from ``--seed``; when the kills land still depends on ti
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import random
+import secrets
 import shutil
 import subprocess
 import sys
@@ -45,6 +56,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .fleet import GovernordFleet
+from .postgres import start_cluster
 from .stack import Governord, Lab
 
 #: host states in which nothing more happens without an operator or a request
@@ -76,6 +89,8 @@ class PhaseResult:
     redone: int = 0
     #: times the request had to be sent again (a kill cut it off; the key made that safe)
     resent: int = 0
+    #: hosts a killed instance held that another instance of the fleet claimed before it came back
+    taken: int = 0
     seconds: float = 0.0
     #: host states seen at the moments of the kills (how many hosts were where)
     killed_during: Counter[str] = field(default_factory=Counter)
@@ -85,7 +100,7 @@ class PhaseResult:
         return all(getattr(self, name) == 0 for name in MUST_BE_ZERO)
 
 
-COLUMNS = ("kills", "hosts", "ready", "gone", *MUST_BE_ZERO, "redone", "resent")
+COLUMNS = ("kills", "hosts", "ready", "gone", *MUST_BE_ZERO, "redone", "resent", "taken")
 
 
 def header() -> str:
@@ -105,10 +120,12 @@ def total_line(results: list[PhaseResult]) -> str:
 
 
 class CrashHarness:
-    """Runs the rounds against one lab (vcsim and both simulators) and one governord config."""
+    """Runs the rounds against one lab (vcsim and both simulators) and one governord config, or
+    a fleet of governord instances on one PostgreSQL database (``store_url``, ``instances``)."""
 
     def __init__(self, lab: Lab, *, hosts: int, seed: int, max_kills: int = 3, window: float | None = None,
-                 workers: int = 16, settle_timeout: float = 900.0, echo: bool = True) -> None:
+                 workers: int = 16, settle_timeout: float = 900.0, echo: bool = True,
+                 store_url: str | None = None, instances: int = 1, lease_seconds: float = 6.0) -> None:
         self.lab = lab
         self.hosts = hosts
         self.rng = random.Random(seed)
@@ -118,23 +135,47 @@ class CrashHarness:
         self.window = window if window is not None else 2.0 + 0.15 * hosts
         self.settle_timeout = settle_timeout
         self.echo = echo
-        self.config = lab.write_config(workers=workers, max_hosts=hosts, retry_limit=10)
-        self.daemon: Governord | None = None
+        #: the fleet on PostgreSQL, or None: one daemon on its SQLite file
+        self.fleet: GovernordFleet | None = None
+        if store_url is not None:
+            self.fleet = GovernordFleet(lab, store_url, instances=instances, workers=workers, max_hosts=hosts,
+                                        retry_limit=10, lease_seconds=lease_seconds)
+            self.names = self.fleet.names
+        else:
+            if instances != 1:
+                raise ValueError("several instances share a PostgreSQL store: give store_url")
+            self.config = lab.write_config(workers=workers, max_hosts=hosts, retry_limit=10)
+            self.names = ["governord"]
+        self.lease_seconds = lease_seconds
+        self.daemons: dict[str, Governord] = {}
         self.results: list[PhaseResult] = []
 
-    # -- the daemon ------------------------------------------------------------------------
+    # -- the daemons -----------------------------------------------------------------------
 
-    def _start(self, *, wait_ready: bool) -> Governord:
-        self.daemon = self.lab.start_governord(self.config, wait_ready=wait_ready)
-        return self.daemon
+    def _start(self, name: str, *, wait_ready: bool) -> Governord:
+        if self.fleet is not None:
+            daemon = self.fleet.start(name, wait_ready=wait_ready)
+        else:
+            daemon = self.lab.start_governord(self.config, wait_ready=wait_ready)
+        self.daemons[name] = daemon
+        return daemon
 
-    def _ready(self) -> Governord:
-        """The running daemon, started (or waited for) until it is ready."""
-        daemon = self.daemon
+    def _ready(self, name: str) -> Governord:
+        """The instance's running daemon, started (or waited for) until it is ready."""
+        daemon = self.daemons.get(name)
         if daemon is None or daemon.process.poll() is not None:
-            return self._start(wait_ready=True)
+            return self._start(name, wait_ready=True)
         daemon.wait_notification("READY=1", timeout=120)
         return daemon
+
+    def _all_ready(self) -> None:
+        for name in self.names:  # the first one first: it makes the CA the others copy
+            self._ready(name)
+
+    @property
+    def _db(self) -> Governord:
+        """Any of the daemons, to read the store with (dead or alive: the store is the same)."""
+        return self.daemons[self.names[0]]
 
     def _send(self, daemon: Governord, args: tuple[str, ...]) -> subprocess.Popen[str]:
         """governord-ctl in the background, so that a kill can land while it talks."""
@@ -156,8 +197,10 @@ class CrashHarness:
                     if self.echo:
                         print(line(result), flush=True)
         finally:
-            if self.daemon is not None:
-                self.daemon.stop()
+            if self.fleet is not None:
+                self.fleet.stop()
+            for daemon in self.daemons.values():
+                daemon.stop()
         if self.echo:
             print(total_line(self.results), flush=True)
         return self.results
@@ -168,84 +211,104 @@ class CrashHarness:
         args = ("scale", "demo", "node", "--key", key) + (
             ("--add", str(self.hosts)) if phase == "up" else ("--count", "0"))
         started = time.monotonic()
-        first_event = self._last_event(self.daemon) if self.daemon else 0
-        daemon = self._ready()
-        sender: subprocess.Popen[str] | None = self._send(daemon, args)
+        first_event = self._last_event(self._db) if self.daemons else 0
+        self._all_ready()
+        target = self.rng.choice(self.names)
+        sender: subprocess.Popen[str] | None = self._send(self.daemons[target], args)
         # The first kill is placed by progress, so that it always lands while the phase works:
         # after a random number of its steps have started (-1: at once, while the request is being
         # sent), among the first half of them. Later ones come at random times after a restart.
+        # In a fleet each kill hits a random instance, restarted at once or (every other time,
+        # at random) only once its leases ran out, so that the others take its steps over.
         steps = self.hosts * (len(UP_STEPS) if phase == "up" else len(DOWN_STEPS))
         after_steps: int | None = self.rng.randrange(-1, max(steps // 2, 1))
         for _ in range(self.rng.randint(1, self.max_kills)):
             deadline = time.monotonic() + (self.settle_timeout if after_steps is not None
                                            else self.rng.uniform(0.0, self.window))
-            while time.monotonic() < deadline and not self._done(daemon, key, phase):
-                if after_steps is not None and self._started_steps(daemon, first_event) > after_steps:
+            while time.monotonic() < deadline and not self._done(key, phase):
+                if after_steps is not None and self._started_steps(first_event) > after_steps:
                     break
                 time.sleep(0.01)
             after_steps = None
-            if self._done(daemon, key, phase):
+            if self._done(key, phase):
                 break
-            result.killed_during.update(r["state"] for r in daemon.db_rows("hosts") if r["state"] not in RESTING)
+            victim = self.rng.choice(self.names)
+            daemon = self.daemons[victim]
+            result.killed_during.update(r["state"] for r in self._db.db_rows("hosts") if r["state"] not in RESTING)
             if daemon.process.poll() is None and not daemon.is_ready():
                 result.killed_during["start-up"] += 1
+            held = self._held_by(victim)
             daemon.kill()
             result.kills += 1
-            if sender is not None and sender.poll() is None:
+            if sender is not None and sender.poll() is None and victim == target:
                 result.killed_during["request"] += 1
-            daemon = self._start(wait_ready=False)
-            if sender is not None:
+            if self.fleet is not None and self.rng.random() < 0.5:
+                # the others take its steps over once its leases run out; then it comes back
+                time.sleep(self.lease_seconds + 1.0)
+                result.taken += self._taken(victim, held)
+            self._start(victim, wait_ready=False)
+            if sender is not None and victim == target:
                 sender.wait(60)
                 if sender.returncode != 0:
-                    sender = None  # it did not get through: sent again once the daemon is up
+                    sender = None  # it did not get through: sent again once an instance is up
             if sender is None:
-                daemon = self._ready()
-                sender = self._send(daemon, args)
+                target = self.rng.choice(self.names)
+                sender = self._send(self._ready(target), args)
                 result.resent += 1
-        daemon = self._ready()
+        self._all_ready()
         if sender is not None:
             sender.wait(60)
             if sender.returncode != 0:
-                daemon.ctl(*args)  # the key makes a repeat safe
+                self.daemons[target].ctl(*args)  # the key makes a repeat safe
                 result.resent += 1
         deadline = time.monotonic() + self.settle_timeout
-        while not self._done(daemon, key, phase):
-            if daemon.process.poll() is not None:
-                raise RuntimeError(f"governord exited {daemon.process.returncode}; log:\n{daemon.log_tail()}")
+        while not self._done(key, phase):
+            for daemon in self.daemons.values():
+                if daemon.process.poll() is not None:
+                    raise RuntimeError(f"governord exited {daemon.process.returncode}; log:\n{daemon.log_tail()}")
             if time.monotonic() > deadline:
                 break  # counted below as not converged
             time.sleep(0.2)
         result.seconds = time.monotonic() - started
-        self._count(result, daemon, key, phase, first_event)
+        self._count(result, key, phase, first_event)
         return result
 
-    @staticmethod
-    def _last_event(daemon: Governord) -> int:
-        rows = daemon.db_query("SELECT MAX(id) AS last FROM events")
+    def _held_by(self, name: str) -> dict[str, int]:
+        """The hosts the instance ``name`` holds a lease on now, with their fencing tokens."""
+        return {r["id"]: r["lease_token"] for r in self._db.db_rows("hosts")
+                if (r["lease_owner"] or "").rsplit("/", 1)[0] == name}
+
+    def _taken(self, name: str, held: dict[str, int]) -> int:
+        """How many of ``held`` another instance has claimed since (a larger fencing token)."""
+        rows = {r["id"]: r for r in self._db.db_rows("hosts")}
+        return sum(1 for host_id, token in held.items() if rows[host_id]["lease_token"] > token)
+
+    def _last_event(self, daemon: Governord) -> int:
+        rows = daemon.db_query("SELECT MAX(id) AS last FROM events", {})
         return int(rows[0]["last"] or 0) if rows else 0
 
-    @staticmethod
-    def _started_steps(daemon: Governord, after_event: int) -> int:
-        rows = daemon.db_query("SELECT COUNT(*) AS n FROM events WHERE id > ? AND kind = 'step-started'",
-                               (after_event,))
+    def _started_steps(self, after_event: int) -> int:
+        rows = self._db.db_query("SELECT COUNT(*) AS n FROM events WHERE id > :after AND kind = 'step-started'",
+                                 {"after": after_event})
         return int(rows[0]["n"]) if rows else 0
 
-    def _request(self, daemon: Governord, key: str) -> list[dict[str, Any]]:
-        return [r for r in daemon.db_rows("requests") if r["idempotency_key"] == key]
+    def _request(self, key: str) -> list[dict[str, Any]]:
+        return [r for r in self._db.db_rows("requests") if r["idempotency_key"] == key]
 
-    def _done(self, daemon: Governord, key: str, phase: str) -> bool:
+    def _done(self, key: str, phase: str) -> bool:
         """The phase's request is recorded and every host it named rests."""
-        requests = self._request(daemon, key)
+        requests = self._request(key)
         if len(requests) != 1:
             return False
         ids = set(json.loads(requests[0]["host_ids"]))
-        rows = [r for r in daemon.db_rows("hosts") if r["id"] in ids]
+        rows = [r for r in self._db.db_rows("hosts") if r["id"] in ids]
         return len(rows) == len(ids) and all(r["state"] in RESTING and not r["retire_requested"] for r in rows)
 
     # -- counting ----------------------------------------------------------------------------
 
-    def _count(self, result: PhaseResult, daemon: Governord, key: str, phase: str, first_event: int) -> None:
-        requests = self._request(daemon, key)
+    def _count(self, result: PhaseResult, key: str, phase: str, first_event: int) -> None:
+        daemon = self._db
+        requests = self._request(key)
         result.lost = 0 if len(requests) == 1 and requests[0]["state"] == "accepted" else 1
         ids = set(json.loads(requests[0]["host_ids"])) if requests else set()
         result.hosts = len(ids)
@@ -258,7 +321,8 @@ class CrashHarness:
         live = {r["id"]: r for r in rows if r["state"] != "gone"}
         ready = {r["id"]: r for r in rows if r["state"] == "ready"}
 
-        markers = Counter(vm["host_id"] for vm in self.lab.vsphere_vms().values())
+        # one by one: two VMs may carry the same name as well as the same marker
+        markers = Counter(vm["host_id"] for vm in self.lab.vsphere_vm_list())
         result.dup = sum(n - 1 for n in markers.values() if n > 1)
         result.leaked = sum(n for host_id, n in markers.items() if host_id not in live)
         result.missing = sum(host_id not in markers for host_id in ready)
@@ -270,7 +334,8 @@ class CrashHarness:
         result.missing += sum(r["fqdn"] not in foreman for r in ready.values())
         result.missing += sum(r["fqdn"] not in satellite for r in ready.values())
 
-        result.redone = _interrupted_steps(daemon.db_query("SELECT * FROM events WHERE id > ?", (first_event,)))
+        result.redone = _interrupted_steps(daemon.db_query("SELECT * FROM events WHERE id > :after",
+                                                           {"after": first_event}))
 
 
 def _interrupted_steps(events: list[dict[str, Any]]) -> int:
@@ -310,7 +375,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="seconds after a restart in which a further kill lands (default: 2 + 0.15 a host)")
     parser.add_argument("--vcsim-delay-ms", type=int, default=0,
                         help="slow every vCenter call down (longer steps: more kills land mid-call)")
-    parser.add_argument("--workers", type=int, default=16, help="[engine] workers of the daemon")
+    parser.add_argument("--workers", type=int, default=16, help="[engine] workers of each daemon")
+    parser.add_argument("--store", choices=("sqlite", "postgresql"), default="sqlite",
+                        help="the daemons' store: SQLite (one daemon) or a private PostgreSQL cluster")
+    parser.add_argument("--instances", type=int, default=1,
+                        help="governord instances sharing the store (more than one needs --store postgresql)")
+    parser.add_argument("--lease-seconds", type=float, default=6.0,
+                        help="[engine] lease_seconds of a fleet's instances (how soon the others take over)")
     parser.add_argument("--workdir", type=Path, help="where the lab lives (default: a temporary directory)")
     parser.add_argument("--keep", action="store_true", help="keep the workdir (logs, database) afterwards")
     return parser.parse_args(argv)
@@ -318,17 +389,30 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    if args.hosts < 1 or args.rounds < 1 or args.max_kills < 1:
-        print("lab.crash: --hosts, --rounds and --max-kills must be at least 1", file=sys.stderr)
+    if args.hosts < 1 or args.rounds < 1 or args.max_kills < 1 or args.instances < 1:
+        print("lab.crash: --hosts, --rounds, --max-kills and --instances must be at least 1", file=sys.stderr)
+        return 2
+    if args.instances > 1 and args.store != "postgresql":
+        print("lab.crash: --instances above 1 needs --store postgresql (instances share a PostgreSQL store)",
+              file=sys.stderr)
         return 2
     workdir = args.workdir or Path(tempfile.mkdtemp(prefix="governord-crash-"))
+    fleet = f", {args.instances} instances" if args.store == "postgresql" else ""
     print(f"crash harness: {args.rounds} rounds of {args.hosts} hosts up and down, seed {args.seed}, "
-          f"lab in {workdir}", flush=True)
+          f"store {args.store}{fleet}, lab in {workdir}", flush=True)
     try:
-        with Lab(workdir) as lab:
+        with contextlib.ExitStack() as stack:
+            store_url = None
+            if args.store == "postgresql":
+                # PostgreSQL runs as user postgres, which must reach its directory
+                workdir.chmod(0o711)
+                cluster = stack.enter_context(start_cluster(workdir / "postgres", max_connections=40 * args.instances))
+                store_url = cluster.create_database("governord", owner="governord", password=secrets.token_urlsafe(16))
+            lab = stack.enter_context(Lab(workdir / "lab"))
             start_lab(lab, vcsim_delay_ms=args.vcsim_delay_ms)
             results = CrashHarness(lab, hosts=args.hosts, seed=args.seed, max_kills=args.max_kills,
-                                   window=args.window, workers=args.workers).run(args.rounds)
+                                   window=args.window, workers=args.workers, store_url=store_url,
+                                   instances=args.instances, lease_seconds=args.lease_seconds).run(args.rounds)
     finally:
         if not args.keep and args.workdir is None:
             shutil.rmtree(workdir, ignore_errors=True)

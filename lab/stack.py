@@ -16,6 +16,7 @@ side (``vsphere_vms``, ``foreman_hosts``, ``satellite_systems``) still ask the p
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import os
 import re
@@ -30,7 +31,7 @@ import time
 import urllib.request
 import xmlrpc.client
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +61,7 @@ autosign_socket_mode = "0600"
 
 [engine]
 workers = {workers}
-lease_seconds = 30.0
+lease_seconds = {lease_seconds}
 retry_backoff = {retry_backoff}
 retry_backoff_max = {retry_backoff_max}
 retry_limit = {retry_limit}
@@ -129,6 +130,8 @@ class Governord:
     notify: socket.socket
     env: dict[str, str]
     notifications: list[str] = field(default_factory=list)
+    #: its store when that is PostgreSQL (``[store] url``); None: the SQLite file in its state dir
+    store: PostgresView | None = None
 
     def read_notifications(self, timeout: float = 0.0) -> list[str]:
         if self.notify.fileno() == -1:
@@ -198,15 +201,33 @@ class Governord:
     def ctl_json(self, *args: str) -> Any:
         return json.loads(self.ctl(*args, "--json").stdout)
 
+    def admin_get(self, path: str, timeout: float = 30.0) -> tuple[int, str]:
+        """GET ``path`` on the admin socket (e.g. ``/metrics``): the status and the body."""
+        connection = _UnixHTTPConnection(str(self.socket), timeout)
+        try:
+            connection.request("GET", path)
+            response = connection.getresponse()
+            return response.status, response.read().decode()
+        finally:
+            connection.close()
+
     def db_rows(self, table: str) -> list[dict[str, Any]]:
         """Rows of one of governord's tables (see :meth:`db_query`)."""
         if not re.fullmatch(r"[a-z_]+", table):
             raise ValueError(f"not a table name: {table!r}")
         return self.db_query(f"SELECT * FROM {table}")  # noqa: S608 - checked name
 
-    def db_query(self, sql: str, params: tuple[Any, ...] = ()) -> list[dict[str, Any]]:
-        """Run a query on governord's SQLite file, read-only and WAL-aware: works while the daemon
-        runs, after it died, and before it made the file (no rows then)."""
+    def db_query(self, sql: str, params: Mapping[str, Any] | tuple[Any, ...] = ()) -> list[dict[str, Any]]:
+        """Run a query on governord's database, read-only: works while the daemon runs, after it
+        died, and before it made its tables (no rows then). On SQLite (the file in its state
+        dir, WAL-aware) parameters are ``?`` or ``:name``; on PostgreSQL (:class:`PostgresView`)
+        ``:name`` only. Either way JSON columns come back as their text."""
+        if self.store is not None:
+            if not isinstance(params, Mapping):
+                if params:
+                    raise TypeError("on PostgreSQL, pass the query's parameters by name (:name and a mapping)")
+                params = {}
+            return self.store.query(sql, params)
         path = self.state_dir / "governord.db"
         if not path.exists():
             return []
@@ -218,6 +239,57 @@ class Governord:
             return []  # not migrated yet
         finally:
             conn.close()
+
+
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a Unix socket (the admin API's)."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class PostgresView:
+    """governord's tables in a PostgreSQL database, read through SQLAlchemy the way
+    :meth:`Governord.db_query` reads the SQLite file: rows as dicts, JSON columns as their text
+    (as SQLite returns them), no rows from a table not made yet. One per database, shared by the
+    instances on it; :meth:`close` ends its connections."""
+
+    def __init__(self, url: str) -> None:
+        from sqlalchemy import create_engine, event
+
+        self.url = url
+        self.engine = create_engine(url, pool_size=2, max_overflow=4, pool_pre_ping=True)
+        event.listen(self.engine, "connect", _json_as_text)
+
+    def query(self, sql: str, params: Mapping[str, Any] | None = None) -> list[dict[str, Any]]:
+        from sqlalchemy import text
+        from sqlalchemy.exc import ProgrammingError
+
+        try:
+            with self.engine.connect() as conn:
+                return [dict(row) for row in conn.execute(text(sql), dict(params or {})).mappings()]
+        except ProgrammingError as exc:
+            if "UndefinedTable" in type(exc.orig).__name__:
+                return []  # not migrated yet
+            raise
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _json_as_text(dbapi_connection: Any, _record: Any) -> None:
+    """psycopg decodes json and jsonb; the lab's readers expect the text, as SQLite gives it."""
+    from psycopg.types.string import TextLoader
+
+    for name in ("json", "jsonb"):
+        dbapi_connection.adapters.register_loader(name, TextLoader)
 
 
 class Lab:
@@ -247,6 +319,10 @@ class Lab:
         #: extra clean-ups (platform labs that are not single peers)
         self.stoppers: list[Callable[[], None]] = []
         self.repo_root = REPO_ROOT
+        #: configs written with a PostgreSQL store: the view of that database and the daemon's
+        #: environment for it (the password)
+        self._stores: dict[Path, tuple[PostgresView, dict[str, str]]] = {}
+        self._views: dict[str, PostgresView] = {}
 
     def __enter__(self) -> Lab:
         return self
@@ -262,6 +338,8 @@ class Lab:
             stop()
         for peer in reversed(self.peers):
             peer.stop()
+        for view in self._views.values():
+            view.close()
 
     # -- peers --------------------------------------------------------------------------------
 
@@ -271,12 +349,17 @@ class Lab:
         self.start_satellite()
         self.start_platform(platform)
 
-    def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0) -> PeerProcess:
+    def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0,
+                    method_delays: dict[str, int] | None = None) -> PeerProcess:
         """Start a vcsim with the lab inventory; the first one is the lab's own. ``delay_ms``
-        slows every SOAP call (to land a kill in the middle of one)."""
+        slows every SOAP call (to land a kill in the middle of one); ``method_delays`` slows the
+        calls of single methods, e.g. ``{"CloneVM_Task": 8000}``: vcsim waits that long before it
+        runs the call (the clone is made only then)."""
+        extra_args = [f"-delay={delay_ms}"] if delay_ms else []
+        extra_args += [f"-method-delay={method}={ms}" for method, ms in (method_delays or {}).items()]
         peer = vcsim.start_vcsim(
             username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log",
-            extra_args=[f"-delay={delay_ms}"] if delay_ms else None,
+            extra_args=extra_args or None,
         )
         self.peers.append(peer)
         inventory = vcsim.prepare_lab(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
@@ -328,10 +411,18 @@ class Lab:
 
     def write_config(self, instance: str = "governord", *, workers: int = 8, max_hosts: int = 10,
                      retry_limit: int = 5, retry_backoff: float = 0.5, retry_backoff_max: float = 5.0,
-                     platform: Platform | None = None, on_permanent_failure: str | None = None) -> Path:
+                     platform: Platform | None = None, on_permanent_failure: str | None = None,
+                     lease_seconds: float = 30.0, store_url: str | None = None, heartbeat: float = 1.0,
+                     leader_lease: float = 4.0, extra: str = "") -> Path:
         """Write a config for a governord instance whose files live in ``workdir/instance``,
         provisioning on ``platform`` (default: the lab's vcsim). Behind fault proxies, every
-        provider and registrar call times out after the fault settings' ``client_timeout``."""
+        provider and registrar call times out after the fault settings' ``client_timeout``.
+
+        ``store_url`` (a PostgreSQL URL with its credentials, as tests/fixtures/postgres.py makes
+        them): the store is that database, the password passed by reference (the daemon's
+        environment, which :meth:`start_governord` sets), and the instance joins the fleet on it
+        as ``[fleet] instance = instance`` with the given ``heartbeat`` and ``leader_lease``.
+        ``extra``: TOML appended as it is (more tables)."""
         assert self.foreman and self.satellite
         platform = platform or self.platform or self.start_platform("vsphere")
         home = self.workdir / instance
@@ -356,9 +447,39 @@ class Lab:
             network_line=f'network = "{platform.network}"\n' if platform.network else "",
             profile=platform.profile, foreman_url=self.url_for(self.foreman),
             satellite_url=self.url_for(self.satellite), max_hosts=max_hosts, engine_extra=engine_extra,
-            registrar_extra=registrar_extra,
-        ) + (self._puppet_registrars() if self.puppet is not None else ""))
+            registrar_extra=registrar_extra, lease_seconds=lease_seconds,
+        ) + (self._puppet_registrars() if self.puppet is not None else "")
+          + (self._fleet_sections(path, instance, store_url, heartbeat, leader_lease) if store_url else "")
+          + extra)
         return path
+
+    def postgres_view(self, url: str) -> PostgresView:
+        """The lab's view of a PostgreSQL database (one per URL, closed with the lab)."""
+        if url not in self._views:
+            self._views[url] = PostgresView(url)
+        return self._views[url]
+
+    def _fleet_sections(self, config: Path, instance: str, store_url: str, heartbeat: float,
+                        leader_lease: float) -> str:
+        """``[store]`` on PostgreSQL and ``[fleet]``; remembers the database for the daemon's
+        environment and for :attr:`Governord.store`."""
+        from sqlalchemy.engine import make_url
+
+        url = make_url(store_url)
+        self._stores[config] = (self.postgres_view(store_url), {"GOVERNORD_DB_PASSWORD": url.password or ""})
+        bare = url._replace(username=None, password=None).render_as_string(hide_password=False)
+        return f"""
+[store]
+url = "{bare}"
+username = "{url.username}"
+password = {{ env = "GOVERNORD_DB_PASSWORD" }}
+pool_size = 4
+
+[fleet]
+instance = "{instance}"
+heartbeat = {heartbeat}
+leader_lease = {leader_lease}
+"""
 
     def start_puppet(self) -> Any:
         """Start Debian's puppetserver and PuppetDB (lab.puppet) with Foreman (the lab's simulator)
@@ -426,15 +547,16 @@ classes_from = "foreman"
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(notify_path))
         log = home / "governord.log"
+        view, store_env = self._stores.get(config, (None, {}))
         env = {**os.environ, **self.passwords, "NOTIFY_SOCKET": str(notify_path),
-               "XDG_CACHE_HOME": str(self.workdir / "cache"), **(extra_env or {})}
+               "XDG_CACHE_HOME": str(self.workdir / "cache"), **store_env, **(extra_env or {})}
         with open(log, "ab") as log_file:
             process = subprocess.Popen(
                 [sys.executable, "-m", "governord", "--config", str(config)],
                 stdout=log_file, stderr=log_file, env=env, cwd=home, start_new_session=True,
                 preexec_fn=(lambda: resource.setrlimit(resource.RLIMIT_NOFILE, nofile)) if nofile else None,
             )
-        daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env)
+        daemon = Governord(process, config, home / "admin.sock", home / "state", log, notify, env, store=view)
         self.daemons.append(daemon)
         if wait_ready:
             daemon.wait_notification("READY=1", timeout=60)
@@ -443,7 +565,13 @@ classes_from = "foreman"
     # -- the other side ---------------------------------------------------------------------------
 
     def vsphere_vms(self, peer: PeerProcess | None = None) -> dict[str, dict[str, Any]]:
-        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker."""
+        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker, by name
+        (vcsim lets two VMs share a name: count them with :meth:`vsphere_vm_list`)."""
+        return {vm["name"]: {k: v for k, v in vm.items() if k != "name"} for vm in self.vsphere_vm_list(peer)}
+
+    def vsphere_vm_list(self, peer: PeerProcess | None = None) -> list[dict[str, Any]]:
+        """Every VM in vcsim (the lab's, or ``peer``) that carries governord's ownership marker:
+        name, host_id (the marker), power, ip, moid; one entry per VM, duplicates included."""
         peer = peer or self.vcsim
         assert peer
         from pyVmomi import vim
@@ -452,13 +580,13 @@ classes_from = "foreman"
         try:
             content = si.RetrieveContent()
             view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-            vms: dict[str, dict[str, Any]] = {}
+            vms: list[dict[str, Any]] = []
             for vm in view.view:
                 extra = {o.key: o.value for o in (vm.config.extraConfig if vm.config else [])}
                 host_id = extra.get("guestinfo.governord.host-id")
                 if host_id:
-                    vms[vm.name] = {"host_id": host_id, "power": str(vm.runtime.powerState),
-                                    "ip": vm.guest.ipAddress if vm.guest else None, "moid": vm._moId}
+                    vms.append({"name": vm.name, "host_id": host_id, "power": str(vm.runtime.powerState),
+                                "ip": vm.guest.ipAddress if vm.guest else None, "moid": vm._moId})
             view.Destroy()
             return vms
         finally:

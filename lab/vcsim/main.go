@@ -18,6 +18,8 @@ import (
 	"net/url"
 	"os"
 	"os/signal"
+	"strconv"
+	"strings"
 	"syscall"
 
 	"github.com/vmware/govmomi/simulator"
@@ -54,7 +56,13 @@ func main() {
 	flag.IntVar(&model.Pod, "pod", model.Pod, "number of storage pods per cluster")
 	flag.BoolVar(&model.Autostart, "autostart", model.Autostart, "power on the model's virtual machines")
 	flag.IntVar(&model.DelayConfig.Delay, "delay", 0, "milliseconds to delay every SOAP call")
+	methodDelays := methodDelayFlag{}
+	flag.Var(methodDelays, "method-delay",
+		"METHOD=MS: delay every call of one SOAP method (e.g. CloneVM_Task=8000) before it runs; repeatable")
 	flag.Parse()
+	if len(methodDelays) > 0 {
+		model.DelayConfig.MethodDelay = methodDelays
+	}
 
 	if *esx {
 		// The ESX model has no datacenter inventory of its own; keep its storage and VMs only.
@@ -106,4 +114,25 @@ func main() {
 	signals := make(chan os.Signal, 1)
 	signal.Notify(signals, syscall.SIGTERM, syscall.SIGINT)
 	<-signals
+}
+
+// methodDelayFlag collects -method-delay METHOD=MS flags into the simulator's MethodDelay map.
+type methodDelayFlag map[string]int
+
+func (m methodDelayFlag) String() string {
+	parts := make([]string, 0, len(m))
+	for method, ms := range m {
+		parts = append(parts, fmt.Sprintf("%s=%d", method, ms))
+	}
+	return strings.Join(parts, ",")
+}
+
+func (m methodDelayFlag) Set(value string) error {
+	method, ms, found := strings.Cut(value, "=")
+	delay, err := strconv.Atoi(ms)
+	if !found || method == "" || err != nil || delay < 0 {
+		return fmt.Errorf("want METHOD=MILLISECONDS, not %q", value)
+	}
+	m[method] = delay
+	return nil
 }
