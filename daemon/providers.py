@@ -205,16 +205,17 @@ class ConfiguredInstance:
         """Run a blocking call in a thread, under the concurrency limit and the call timeout.
 
         A timeout is a :class:`RetryableError`; the thread itself cannot be killed and finishes
-        in the background, which is why every step must be idempotent.
+        in the background, which is why every step must be idempotent. A cancellation (the
+        step's lease was lost, or shutdown) always propagates, even when the call has just
+        finished: Python 3.11's ``asyncio.wait_for`` returned the result then and swallowed
+        the cancellation, and the step went on making calls.
         """
         async with self._limit:
             context = contextvars.copy_context()
             call = functools.partial(context.run, func, *args, **kwargs)
             try:
-                return await asyncio.wait_for(
-                    asyncio.get_running_loop().run_in_executor(self._threads(), call),
-                    timeout=self._call_timeout,
-                )
+                async with asyncio.timeout(self._call_timeout):
+                    return await asyncio.get_running_loop().run_in_executor(self._threads(), call)
             except TimeoutError as exc:
                 raise RetryableError(
                     f"{getattr(func, '__name__', func)} took longer than {self._call_timeout}s",

@@ -75,3 +75,26 @@ async def test_a_call_over_its_timeout_is_a_retryable_error() -> None:
     with pytest.raises(RetryableError, match="took longer than 0.1s"):
         await slow.call_sync(release.wait, 30)
     release.set()
+
+
+async def test_a_cancellation_that_meets_the_call_s_end_is_not_lost() -> None:
+    """The engine cancels a step whose host another instance took over; the step is then
+    often in a call that has just finished (the process was paused, its threads' answers came
+    in with the cancellation). The cancellation must still stop the step: a call that swallowed
+    it returned its result, and the step went on making calls outside (Python 3.11's
+    asyncio.wait_for did that when the call was done by the time the cancellation arrived)."""
+    vcenter = instance("vcenter", 2)
+    done = threading.Event()
+
+    def quick() -> str:
+        done.set()
+        return "made"
+
+    call = asyncio.create_task(vcenter.call_sync(quick))
+    await asyncio.sleep(0)  # the call starts: its thread returns at once
+    assert done.wait(5)
+    # the loop does not run meanwhile: the answer is queued, then the cancellation comes
+    threading.Event().wait(0.2)
+    call.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await call
