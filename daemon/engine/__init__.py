@@ -332,7 +332,14 @@ class Engine:
             "governord_host_event", host=host_view(new), event=new["state"], detail={"from": row["state"]}
         )
         if HostState(new["state"]) == HostState.READY and new["retire_requested"]:
-            return await self._commit(new, self._begin_retirement(new))
+            # asked to retire during its last step: that commit released the host (a resting
+            # host is not claimed by anyone), so lease it again to begin the retirement now
+            again = await self.store.reclaim(new["id"], self.owner, new["lease_token"],
+                                             self.config.engine.lease_seconds)
+            if again is None:
+                return None  # changed meanwhile (an operator): left as it is now
+            self._tokens[again["id"]] = again["lease_token"]
+            return await self._commit(again, self._begin_retirement(again))
         return None if rests else new
 
     async def _step_failed(self, row: Row, step: str, exc: BaseException) -> Row | None:

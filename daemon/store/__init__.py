@@ -216,6 +216,12 @@ _RENEW = (
     .values(lease_expires=bindparam("expires"))
     .returning(hosts.c.id)
 )
+_RECLAIM = (
+    update(hosts)
+    .where(hosts.c.id == bindparam("host_id"), hosts.c.lease_owner.is_(None), hosts.c.lease_token == bindparam("token"))
+    .values(lease_owner=bindparam("owner"), lease_expires=bindparam("expires"), lease_token=hosts.c.lease_token + 1)
+    .returning(*hosts.c)
+)
 _LEASES_OF = select(hosts.c.id, hosts.c.lease_owner, hosts.c.lease_token).where(
     hosts.c.id.in_(bindparam("ids", expanding=True)))
 _NEXT_DUE = (
@@ -584,6 +590,12 @@ class Store:
                     if row[2] != tokens[row[0]]}
 
         return await self.writer.run(job)
+
+    async def reclaim(self, host_id: str, owner: str, token: int, lease_seconds: float) -> Row | None:
+        """Lease again a host ``owner`` released itself (it was claimed with ``token``), unless
+        it was claimed since: the new row (its token incremented, as by every claim), or None."""
+        params = {"host_id": host_id, "owner": owner, "token": token, "expires": time.time() + lease_seconds}
+        return await self.writer.run(lambda conn: direct(conn, _RECLAIM).first(conn, params))
 
     async def release_leases_of(self, owner: str) -> int:
         """Free the leases ``owner`` holds (its parked steps, at a clean stop)."""

@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from governord import testing
+from governord import hookimpl, testing
 from governord.errors import PermanentError, RetryableError
 from governord.runtime import Runtime
 
@@ -284,3 +284,38 @@ async def test_after_machine_records_go_after_the_machine(make_runtime) -> None:
         ]
     finally:
         await runtime.stop()
+
+
+class _ReadyGate:
+    """A readiness check that answers only when the test lets it (``go``), having said when
+    it was asked (``asked``)."""
+
+    def __init__(self) -> None:
+        self.asked = asyncio.Event()
+        self.go = asyncio.Event()
+
+    @hookimpl
+    async def governord_check_host_ready(self, host: Any, waited: float) -> dict[str, bool]:
+        self.asked.set()
+        await self.go.wait()
+        return {"gate": True}
+
+
+async def test_a_retirement_asked_for_during_the_last_readiness_check_goes_on(runtime: Runtime) -> None:
+    """Retiring a host whose readiness check is running flags it; the check then says ready,
+    and the commit that makes the host ready releases its lease. The retirement must still
+    begin at once: before, its commit was refused for want of the lease, and the host stayed
+    ready and flagged, with nothing left to retire it."""
+    gate = _ReadyGate()
+    runtime.plugins.register(gate, "ready-gate")
+    decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+    host_id = decision.request["host_ids"][0]
+    await asyncio.wait_for(gate.asked.wait(), 10)
+    await runtime.governor.retire(host_id, actor="t")
+    gate.go.set()
+    [row] = await wait_states(runtime, [host_id], {"gone"})
+    assert row["lease_owner"] is None and not row["retire_requested"]
+    kinds = [e["kind"] for e in await runtime.store.list_events(host_id=host_id)]
+    assert kinds.index("ready") < kinds.index("retiring") < kinds.index("gone")
+    assert runtime.engine.fenced_out == 0
+    assert testing.MemoryProvider.worlds["mem"] == {}
