@@ -269,7 +269,9 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         ("api", old.api, new.api),
         ("daemon.disabled_plugins", old.daemon.disabled_plugins, new.daemon.disabled_plugins),
         # the open store (its engines, pools and writer) stays: a new database needs a restart
-        ("store", old.core.store, new.core.store),
+        # (how long revocations are kept in memory is taken on reload)
+        ("store", old.core.store.model_copy(update={"revocation_refresh": 0.0}),
+         new.core.store.model_copy(update={"revocation_refresh": 0.0})),
     ]
     for name, a, b in pairs:
         if a != b:

@@ -1,7 +1,9 @@
 """Prometheus metrics. Host counts by state are read at scrape time from the counts the database
 keeps by triggers (``state_counts``: a few rows, no scan of the hosts), so they are right after a
 restart and whoever changed the hosts; transitions, hook failures and the application API's
-refusals are counted as they happen."""
+refusals are counted as they happen. ``governord_store_up`` says whether the store answers (the
+health check's, see :meth:`Store.health <governord.store.Store.health>`); while it does not,
+``/metrics`` still answers, with the host counts as last read."""
 
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from .models import HostState
+from .store import unavailable
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -36,6 +39,8 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge("governord_steps_in_flight", "Host steps running now", registry=self.registry)
+        self.store_up = Gauge("governord_store_up", "1 while the store (the database) answers, 0 while it cannot be "
+                              "reached", registry=self.registry)
         self.api_refusals = Counter(
             "governord_api_refusals",
             "Connections and requests the application API refused or cut, by reason (e.g. unknown_ca, expired, "
@@ -53,9 +58,18 @@ class Metrics:
         self.transitions.labels(previous, row["state"]).inc()
 
     async def render(self) -> bytes:
-        counts = await self.store.count_by_state()
-        for state in HostState:
-            self.hosts.labels(state.value).set(counts.get(state.value, 0))
+        up = await self.store.health() is None
+        if up:
+            try:
+                counts = await self.store.count_by_state()
+            except Exception as exc:
+                if unavailable(exc) is None:
+                    raise
+                up = False  # gone since the health check: the counts stay as last read
+            else:
+                for state in HostState:
+                    self.hosts.labels(state.value).set(counts.get(state.value, 0))
+        self.store_up.set(1 if up else 0)
         for (hook, plugin), (calls, failures) in self.dispatcher.stats.items():
             self.hook_calls.labels(hook, plugin).set(calls)
             self.hook_failures.labels(hook, plugin).set(failures)

@@ -3,7 +3,7 @@ unknown or wrong field is a 422 naming it); the OpenAPI documents are generated 
 
 from __future__ import annotations
 
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, model_validator
 
@@ -160,7 +160,12 @@ class Error(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    """Whether this instance can serve: ``ok``, or ``unhealthy`` (HTTP 503) while its store
+    cannot be reached."""
+
+    status: Literal["ok", "unhealthy"]
+    #: ``ok``, or why the store cannot be reached
+    store: str
 
 
 class Status(BaseModel):

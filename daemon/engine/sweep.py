@@ -46,7 +46,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge
 from ..dispatch import Dispatcher, Outcome, describe_error
 from ..models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
 from ..registrars import Registration
-from ..store import Row, Store, host_view
+from ..store import Row, Store, host_view, log_failed
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -183,8 +183,8 @@ class Sweeper:
                 pass
             try:
                 report = await self.run(dry_run=False, actor="governord")
-            except Exception:  # noqa: BLE001 - a failed sweep must not end the periodic ones
-                log.exception("sweep failed")
+            except Exception as exc:  # noqa: BLE001 - a failed sweep must not end the periodic ones
+                log_failed(log, "sweep", exc)
                 continue
             if report.findings or report.errors:
                 log.warning("sweep: %d findings, %d errors", len(report.findings), len(report.errors),
