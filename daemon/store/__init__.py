@@ -1127,6 +1127,8 @@ class CertificateStore:
         #: bumped by every revocation through this instance: a read begun before one is not kept
         self._revocations = 0
         self._reading = asyncio.Lock()
+        #: the last read, if it failed: when it ended (monotonic) and why
+        self._failure: tuple[float, Exception] | None = None
 
     async def record(self, *, serial: str, app: str, common_name: str, not_after: float, issuer: str) -> None:
         async with self.store.transaction() as conn:
@@ -1188,19 +1190,27 @@ class CertificateStore:
         return (issuer, serial) in known
 
     async def _read(self, arrived: float) -> set[tuple[str, str]]:
-        """The revocations as read after ``arrived - refresh``: one read at a time, and a
-        caller that waited for another's read uses it if it began late enough."""
+        """The revocations as read after ``arrived - refresh``: one read at a time; a caller
+        that waited for another's read uses it if it began late enough, and shares its failure
+        (the database unreachable: callers do not queue up to fail one after the other)."""
         async with self._reading:
             known = self._revoked
             if known is not None and arrived - self._read_at < self.refresh:
                 return known
+            if self._failure is not None and self._failure[0] > arrived:
+                raise self._failure[1].with_traceback(None)
             revocations, began = self._revocations, time.monotonic()
-            async with self.engine.connect() as conn:
-                own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
-                                         .where(app_certificates.c.revoked_at.is_not(None)))
-                known = {(row[0], row[1]) for row in own}
-                site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
-                known |= {(row[0], row[1]) for row in site}
+            try:
+                async with self.engine.connect() as conn:
+                    own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
+                                             .where(app_certificates.c.revoked_at.is_not(None)))
+                    known = {(row[0], row[1]) for row in own}
+                    site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
+                    known |= {(row[0], row[1]) for row in site}
+            except Exception as exc:
+                self._failure = (time.monotonic(), exc)
+                raise
+            self._failure = None
             if revocations == self._revocations:
                 self._revoked, self._read_at = known, began
             return known
