@@ -637,7 +637,7 @@ class FleetSection(StrictModel):
     #: seconds the leader's lease lasts without renewal (it renews every third of it): the
     #: fleet-wide jobs (sweep, callbacks, approval expiry, retention, the fleet's metrics) move to
     #: another instance at most this long, plus one heartbeat, after the leader dies
-    leader_lease: float = Field(default=30.0, ge=3, le=3600)
+    leader_lease: float = Field(default=30.0, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _beats_within_lease(self) -> FleetSection:
