@@ -728,7 +728,7 @@ def store_move(config_path: str | None, source: str | None, target: str | None, 
         how = "copied"
         if entry.derived:
             how = "counted by the triggers" + (
-                f": {entry.differing} rows differ from the source's, whose counts were off" if entry.differing else
+                f": {entry.differing} counts differ from the source's, which were off" if entry.differing else
                 ": as the source's")
         table.add_row(entry.name, str(entry.rows), how)
     console.print(table)

@@ -82,7 +82,8 @@ class TableMoved:
     rows: int
     #: kept by the target's triggers, not copied (see the module's docstring)
     derived: bool = False
-    #: for a derived table: its rows (zero rows aside) that differ from the source's
+    #: for a derived table: the keys whose counts differ from the source's (rows whose counts
+    #: are all zero count as absent)
     differing: int = 0
 
 
@@ -310,11 +311,14 @@ def _count(conn: Connection, table: Table) -> int:
     return int(conn.execute(select(func.count()).select_from(table)).scalar_one())
 
 
-def _derived_rows(conn: Connection, table: Table) -> set[tuple[Any, ...]]:
-    query = select(table)
+def _derived_rows(conn: Connection, table: Table) -> dict[tuple[Any, ...], tuple[Any, ...]]:
+    """A table the triggers keep: its counts by key, rows whose counts are all zero left out."""
+    keys = list(table.primary_key.columns)
+    values = [column for column in table.c if not column.primary_key]
+    query = select(*keys, *values)
     if (where := _counted(table)) is not None:
         query = query.where(where)
-    return {tuple(row) for row in conn.execute(query)}
+    return {tuple(row[:len(keys)]): tuple(row[len(keys):]) for row in conn.execute(query)}
 
 
 def _move_table(source: Connection, target: Connection, table: Table, batch: int,
@@ -323,10 +327,10 @@ def _move_table(source: Connection, target: Connection, table: Table, batch: int
     if table.info.get(KEPT_BY_TRIGGERS):
         # made by the target's triggers as the hosts went in: compared, not copied
         ours, theirs = _derived_rows(source, table), _derived_rows(target, table)
-        counted = len(theirs)
+        differing = sum(ours.get(key) != theirs.get(key) for key in ours.keys() | theirs.keys())
         if progress is not None:
-            progress(table.name, counted, counted)
-        return TableMoved(table.name, counted, derived=True, differing=len(ours ^ theirs))
+            progress(table.name, len(theirs), len(theirs))
+        return TableMoved(table.name, len(theirs), derived=True, differing=differing)
     if progress is not None:
         progress(table.name, 0, total)
     order = list(table.primary_key.columns) or list(table.c)

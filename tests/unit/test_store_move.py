@@ -311,6 +311,22 @@ def test_the_counts_come_from_the_targets_triggers_and_the_sequence_moves_on(
     engine.dispose()
 
 
+def test_counts_that_drifted_in_the_source_are_made_right_and_reported(tmp_path: Path, postgres_url: str) -> None:
+    """The count tables derive from the hosts: the target's triggers count what arrives, so a
+    source whose counts were off (a bug, a hand-made fix) yields right ones, and says so."""
+    path = _small_source(tmp_path)
+    engine = _sqlite(path)
+    with engine.begin() as conn:
+        conn.execute(text("UPDATE live_counts SET hosts = 7"))
+    engine.dispose()
+    by_name = {table.name: table for table in move(path, postgres_url).tables}
+    assert by_name["live_counts"].differing == 1 and by_name["state_counts"].differing == 0
+    target = _postgres(postgres_url)
+    with target.connect() as conn:
+        assert _counted(conn) == _actual(conn) == {("shop", "node", "mem"): 2}
+    target.dispose()
+
+
 def test_a_store_left_by_a_killed_daemon_moves_with_what_its_log_holds(tmp_path: Path, postgres_url: str) -> None:
     """Transactions a killed process committed to the write-ahead log but never checkpointed
     into the file are part of the store: they move too."""
@@ -450,6 +466,9 @@ async def test_the_command_line_by_url_and_password_reference(
     for args, message in refusals.items():
         result = await _ctl("store", "move", "--from", str(path), *args)
         assert result.exit_code == 2 and message in result.output, (args, result.output)
+
+    unreachable = await _ctl("store", "move", "--from", str(path), "--to", "postgresql://127.0.0.1:1/governord")
+    assert unreachable.exit_code == 1 and "nothing was written: OperationalError" in unreachable.output
 
     sqlite_config = tmp_path / "old.toml"
     sqlite_config.write_text(f'[daemon]\nstate_dir = "{tmp_path / "state"}"\n')
