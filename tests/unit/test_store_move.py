@@ -1,6 +1,7 @@
 """Moving a store from SQLite to PostgreSQL (governord.store.move, ``governord-ctl store move``):
 a state made by the real runtime (hosts in every state, one leased mid-step, requests pending
-and keyed, callbacks, certificates revoked and not, site revocations, address leases) arrives
+and keyed, callbacks, certificates revoked and not, site revocations, address leases, the
+instance's row and the fleet's leases with their fencing tokens) arrives
 row for row in a real PostgreSQL database, and a runtime on it carries on: idempotency keys
 replay, the counts the triggers keep equal a recount, new events get fresh ids, caps hold,
 revocations stand. Refused (exit 2, nothing written, source and target unchanged): a target that
@@ -192,7 +193,10 @@ async def test_a_site_moves_with_everything_and_carries_on(
     assert [r["lease_owner"] for r in before["hosts"] if r["id"] == facts["slow"]] == ["node-b:1"]
     assert {r["state"] for r in before["requests"]} >= {"accepted", "pending"}
     assert all(before[name] for name in ("events", "callbacks", "address_leases", "app_certificates",
-                                         "site_revocations", "live_counts", "state_counts"))
+                                         "site_revocations", "live_counts", "state_counts", "instances",
+                                         "fleet_leases"))
+    # every table of the schema is one this test fills: a table added later is seen here
+    assert all(before.values()), [name for name, rows in before.items() if not rows]
     digest = _digest(facts["path"])
 
     url = new_postgres_database()
