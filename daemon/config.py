@@ -796,6 +796,21 @@ def load_config(
     return build_config(path, raw, providers, registrars, unavailable=unavailable or {})
 
 
+def load_store_section(path: str | os.PathLike[str]) -> tuple[Path, StoreSection]:
+    """The state directory and the ``[store]`` section of the config at ``path``, validated as
+    the daemon validates them, and nothing else of the file: no plugin is loaded and no other
+    section's secret is read (the operator's shell need not have the daemon's environment). For
+    commands that work on the store without the daemon (``governord-ctl store move``).
+
+    :raises ConfigError: naming the file and the key.
+    """
+    path = str(path)
+    raw = read_toml(path)
+    daemon: DaemonSection = _validate(DaemonSection, raw.get("daemon", {}), path, "daemon")
+    store: StoreSection = _validate(StoreSection, raw.get("store", {}), path, "store")
+    return daemon.state_dir, store
+
+
 def _type_of(path: str, prefix: str, section: dict[str, Any], known: list[str], unavailable: dict[str, str]) -> str:
     kind = section.get("type")
     if not isinstance(kind, str):

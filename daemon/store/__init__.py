@@ -49,6 +49,7 @@ from typing import Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import IntegrityError
@@ -87,12 +88,29 @@ def _json_text(value: Any) -> str:
 JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this governord knows (what :func:`migrate` brings a database to)."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the migrations have one head"
+    return head
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this governord has a migration for."""
+    return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
 def migrate(url: str) -> None:
     """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema. On
     PostgreSQL, processes starting at once upgrade one after the other (an advisory lock), and
     the later ones find the work done."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg = _alembic_config()
     postgres = not url.startswith("sqlite")
     engine = postgresql.migration_engine(url, JSON_CODEC) if postgres else sqlite.sync_engine(url, JSON_CODEC)
     try:
