@@ -71,12 +71,12 @@ def shared_executor() -> None:
 
 
 def park_engine() -> None:
-    """The engine frees leases at start and stops as usual, but claims no work: what the API
-    accepts stays ``requested``. For measuring the API path alone."""
+    """The engine starts and stops as usual, but claims no work: what the API accepts stays
+    ``requested``. For measuring the API path alone."""
     from governord.engine import Engine
 
     async def start(self: Engine) -> None:
-        await self.store.release_leases_of(self.node + "/")
+        return None
 
     Engine.start = start  # type: ignore[method-assign]
 

@@ -17,6 +17,7 @@ import grp
 import ipaddress
 import os
 import re
+import socket
 import ssl
 import stat
 import tomllib
@@ -325,8 +326,9 @@ class ApiSection(StrictModel):
 class EngineSection(StrictModel):
     #: hosts worked on at once
     workers: int = Field(default=16, ge=1, le=1024)
-    #: seconds a claimed step stays leased to this process without renewal
-    lease_seconds: float = Field(default=120.0, gt=1)
+    #: seconds a claimed step stays leased to this instance without renewal (renewed every third
+    #: of it): another instance takes over the steps of one that died after this, plus one poll
+    lease_seconds: float = Field(default=60.0, gt=1)
     #: tries of a step that fails with a retryable error before the host is failed
     retry_limit: int = Field(default=5, ge=0)
     #: first delay between tries, doubled each time
@@ -624,6 +626,34 @@ class StoreSection(StrictModel):
         return url.render_as_string(hide_password=False)
 
 
+def _default_instance() -> str:
+    return os.environ.get("GOVERNORD_NODE_ID") or socket.gethostname()
+
+
+class FleetSection(StrictModel):
+    """``[fleet]``: this instance among the instances sharing one store (see :mod:`governord.fleet`).
+    Nothing to set for one instance on SQLite."""
+
+    #: this instance's name, unique in the fleet: its leases are ``NAME/<incarnation>``, and a
+    #: restart under the same name takes over what the previous incarnation held at once.
+    #: Default: the host name (GOVERNORD_NODE_ID overrides it)
+    instance: str = Field(default_factory=_default_instance, min_length=1, max_length=128,
+                          pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    #: seconds between this instance's heartbeats (``governord-ctl status`` shows the last one)
+    heartbeat: float = Field(default=5.0, gt=0, le=300)
+    #: seconds the leader's lease lasts without renewal (it renews every third of it): the
+    #: fleet-wide jobs (sweep, callbacks, approval expiry, retention, the fleet's metrics) move to
+    #: another instance at most this long, plus one heartbeat, after the leader dies
+    leader_lease: float = Field(default=30.0, ge=1, le=3600)
+
+    @model_validator(mode="after")
+    def _beats_within_lease(self) -> FleetSection:
+        if self.heartbeat > self.leader_lease / 3:
+            raise FieldError("heartbeat", f"must be at most a third of leader_lease ({self.leader_lease / 3:g}s): "
+                             "the leader renews its lease at each heartbeat")
+        return self
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -631,6 +661,7 @@ class CoreConfig(StrictModel):
     sweep: SweepSection = Field(default_factory=SweepSection)
     retention: RetentionSection = Field(default_factory=RetentionSection)
     store: StoreSection = Field(default_factory=StoreSection)
+    fleet: FleetSection = Field(default_factory=FleetSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -692,6 +723,10 @@ class Config:
     @property
     def retention(self) -> RetentionSection:
         return self.core.retention
+
+    @property
+    def fleet(self) -> FleetSection:
+        return self.core.fleet
 
     @property
     def networks(self) -> dict[str, NetworkSection]:
@@ -766,6 +801,21 @@ def load_config(
     path = str(path)
     raw = read_toml(path)
     return build_config(path, raw, providers, registrars, unavailable=unavailable or {})
+
+
+def load_store_section(path: str | os.PathLike[str]) -> tuple[Path, StoreSection]:
+    """The state directory and the ``[store]`` section of the config at ``path``, validated as
+    the daemon validates them, and nothing else of the file: no plugin is loaded and no other
+    section's secret is read (the operator's shell need not have the daemon's environment). For
+    commands that work on the store without the daemon (``governord-ctl store move``).
+
+    :raises ConfigError: naming the file and the key.
+    """
+    path = str(path)
+    raw = read_toml(path)
+    daemon: DaemonSection = _validate(DaemonSection, raw.get("daemon", {}), path, "daemon")
+    store: StoreSection = _validate(StoreSection, raw.get("store", {}), path, "store")
+    return daemon.state_dir, store
 
 
 def _type_of(path: str, prefix: str, section: dict[str, Any], known: list[str], unavailable: dict[str, str]) -> str:

@@ -129,6 +129,7 @@ class Daemon:
             install_exception_handler,
         )
         from .api.tls import ApplicationTLS
+        from .fleet import DuplicateInstance
         from .runtime import Runtime
 
         state_dir = self.config.daemon.state_dir
@@ -141,7 +142,12 @@ class Daemon:
             loop.add_signal_handler(sig, self.stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._schedule_reload)
 
-        runtime = self.runtime = await Runtime.open(self.config, self.plugins)
+        try:
+            runtime = self.runtime = await Runtime.open(self.config, self.plugins)
+        except DuplicateInstance as exc:
+            print(f"governord: configuration error: {ConfigError(self.config_path, 'fleet.instance', str(exc))}",
+                  file=sys.stderr)
+            return EXIT_CONFIG
         await runtime.start()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)

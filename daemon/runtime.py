@@ -16,6 +16,7 @@ from .engine import Engine
 from .engine.callbacks import Notifier
 from .engine.retention import Pruner
 from .engine.sweep import Sweeper
+from .fleet import Fleet
 from .metrics import Metrics
 from .pki import CertificateAuthority
 from .providers import Provider
@@ -37,12 +38,15 @@ class Runtime:
         self.providers: dict[str, Provider] = {}
         self.registrars: dict[str, Registrar] = {}
         self.dispatcher = Dispatcher(plugins.pm, timeout=config.engine.hook_timeout)
-        self.engine = Engine(store, self.dispatcher, config)
+        #: this instance among those sharing the store: heartbeat, leader lease, job leases
+        self.fleet = Fleet(store, config)
+        self.engine = Engine(store, self.dispatcher, config, owner=self.fleet.owner)
+        self.fleet.in_flight = lambda: self.engine.in_flight
         #: TCP ports this daemon listens on (its application API), where callbacks never go:
         #: the configured port now, the one bound added when the listener starts
         self.listeners: set[int] = {config.api.port} - {0}
         self.governor = Governor(store, self.engine, config, listeners=self.listeners)
-        self.metrics = Metrics(store, self.dispatcher, self.engine)
+        self.metrics = Metrics(store, self.dispatcher, self.engine, self.fleet)
         self.engine.on_transition.append(self.metrics.transition)
         #: each application's rate limit on scale, release and webhook requests (per instance)
         self.rate_limits = RateLimits(config, self.metrics.registry)
@@ -50,9 +54,9 @@ class Runtime:
         self.certificates = CertificateStore(store, refresh=config.core.store.revocation_refresh)
         #: closing the instances a reload replaced, once their steps are done
         self._retiring: set[asyncio.Task[None]] = set()
-        self.notifier = Notifier(store, self.governor.request_status, config, self.listeners)
-        self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry)
-        self.pruner = Pruner(store, self.governor, config)
+        self.notifier = Notifier(store, self.governor.request_status, config, self.listeners, self.fleet)
+        self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry, self.fleet)
+        self.pruner = Pruner(store, self.governor, config, self.fleet)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 
@@ -65,6 +69,11 @@ class Runtime:
         section = config.core.store
         store = await Store.open(section.effective_url(config.daemon.state_dir), pool_size=section.pool_size)
         runtime = cls(config, plugins, store)
+        try:
+            await runtime.fleet.join()
+        except BaseException:
+            await store.close()
+            raise
         runtime.ca.ensure()
         return runtime
 
@@ -99,6 +108,11 @@ class Runtime:
             except Exception as exc:  # noqa: BLE001 - a peer down at boot is retried on first use
                 log.warning("could not connect %s at start: %s", instance.name, exc)
         await self.governor.number_hosts()
+        try:
+            await self.fleet.beat()  # the leader lease first, if free: the periodic jobs need it
+        except Exception as exc:  # noqa: BLE001 - the heartbeat goes on trying
+            log.warning("first heartbeat failed: %s", exc)
+        self.fleet.start()
         await self.engine.start()
         await self.notifier.start()
         self.sweeper.start()
@@ -117,6 +131,7 @@ class Runtime:
         self.notifier.reconfigure(config)
         self.pruner.reconfigure(config)
         self.certificates.refresh = config.core.store.revocation_refresh
+        self.fleet.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
         # Closing an instance ends its sessions (a vCenter logout), which would fail a clone
@@ -145,6 +160,7 @@ class Runtime:
         await self.sweeper.stop()
         await self.notifier.stop()
         await self.engine.stop(self.config.daemon.shutdown_grace)
+        await self.fleet.stop()
         if self._retiring:  # instances of an earlier config: their steps have ended with the engine
             await asyncio.wait(self._retiring)
         await self._close([*self.providers.values(), *self.registrars.values()])
@@ -153,6 +169,7 @@ class Runtime:
     def status(self) -> dict[str, Any]:
         return {
             "node": self.engine.node,
+            "leader": self.fleet.is_leader,
             "in_flight": self.engine.in_flight,
             "providers": {n: p.config.type for n, p in self.providers.items()},
             "registrars": {n: r.config.type for n, r in self.registrars.items()},

@@ -14,6 +14,7 @@ from cryptography import x509
 
 from .. import __version__
 from ..config import identity_of
+from ..fleet import Busy
 from ..rules import RequestError, host_summary
 from . import paging, schemas
 from .app_api import request_reply
@@ -41,7 +42,7 @@ def _runtime(request: web.Request) -> Runtime:
 async def status(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     return reply(schemas.Status, {**runtime.status(), "hosts": await runtime.store.count_by_state(),
-                                  "version": __version__})
+                                  "instances": await runtime.fleet.members(), "version": __version__})
 
 
 @endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement, by name, a page at a time",
@@ -330,10 +331,13 @@ async def show_request(request: web.Request) -> web.Response:
 
 @endpoints.add("POST", "/v1/sweep", "Compare the records with what exists (leaked machines, vanished machines, "
                "orphaned registrations); act as [sweep.policy] says, or with dry_run only list",
-               body=schemas.SweepRequest, responses={200: schemas.SweepReport})
+               body=schemas.SweepRequest, responses={200: schemas.SweepReport, 409: schemas.Error})
 async def sweep(request: web.Request) -> web.Response:
     body: schemas.SweepRequest = await parse_body(request, schemas.SweepRequest)
-    report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=ACTOR)
+    try:
+        report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=ACTOR)
+    except Busy as busy:  # one sweep at a time in the fleet
+        raise RequestError(409, f"{busy}: try again when it is done") from None
     return reply(schemas.SweepReport, report.as_dict())
 
 

@@ -168,8 +168,34 @@ class Health(BaseModel):
     store: str
 
 
+class Instance(BaseModel):
+    """One instance of the fleet sharing the store."""
+
+    name: str
+    #: its running incarnation (the owner of its host leases)
+    owner: str
+    hostname: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_at: float
+    #: seconds since its last heartbeat
+    heartbeat_age: float
+    stopped_at: float | None
+    #: up; lost (no heartbeat for three heartbeats); stopped (cleanly)
+    status: Literal["up", "lost", "stopped"]
+    leader: bool
+    #: host steps it was running at its last heartbeat
+    in_flight: int
+    #: the instance that answered
+    this: bool
+
+
 class Status(BaseModel):
     node: str
+    #: the instance that answered holds the fleet's leader lease (it runs the periodic jobs)
+    leader: bool
+    instances: list[Instance]
     in_flight: int
     providers: dict[str, str]
     registrars: dict[str, str]

@@ -7,14 +7,20 @@
 
 Every external call is preceded and followed by a committed write: the try counter and a
 ``step-started`` event are committed before the call, the result and the next state after it.
-After ``kill -9`` the next process finds the host in the same state with its lease from the dead
-process, frees it (same node), and runs the step again; the step is idempotent (providers find
-the machine by its ownership marker, registrars upsert), so nothing is made twice.
+After ``kill -9`` the host stays in the same state, leased to the dead instance: the instance's
+next start frees its leases at once (same instance name), or another instance of the fleet
+claims the host when the lease runs out; either way the step runs again, and it is idempotent
+(providers find the machine by its ownership marker, registrars upsert), so nothing is made twice.
 
-While the store cannot be reached the engine keeps running: a claim that fails claims nothing
-(the loop tries again each second), and a host whose write failed stays as last committed; its
-lease is given back as soon as the store answers again (or expires), and its step runs again,
-as after ``kill -9``.
+Every claim increments the host's fencing token and every write names the token it claimed
+with: an instance paused or cut off past its lease gets its late writes refused, and the lease
+renewal tells it which hosts another instance took, so it stops working on them (see
+:mod:`governord.store`).
+
+While the store cannot be reached the engine keeps running: a round that cannot claim claims
+nothing (the loop tries again each second), and a host whose write failed stays as last
+committed; its lease is given back as soon as the store answers again (or runs out), and its
+step runs again, as after ``kill -9``.
 """
 
 from __future__ import annotations
@@ -25,8 +31,6 @@ import functools
 import ipaddress
 import json
 import logging
-import os
-import socket
 import time
 import uuid
 from collections.abc import Callable
@@ -79,11 +83,6 @@ def rolling_back(row: Row) -> bool:
     return row["failed_step"] is not None and row["state"] in _TEARDOWN_STATES
 
 
-def node_identity() -> str:
-    """Stable name of this node: leases are ``<node>/<process token>``."""
-    return os.environ.get("GOVERNORD_NODE_ID") or socket.gethostname()
-
-
 class NotReady(Exception):
     """The host is not configured yet: ask again after ``delay`` seconds (not a failure)."""
 
@@ -110,12 +109,18 @@ class StepResult:
 class Engine:
     """Claims hosts with due work, runs their steps, commits every transition."""
 
-    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, *, node: str | None = None) -> None:
+    def __init__(self, store: Store, dispatcher: Dispatcher, config: Config, *, owner: str | None = None) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.config = config
-        self.node = node or node_identity()
-        self.owner = f"{self.node}/{uuid.uuid4().hex[:12]}"
+        #: the lease owner of this instance's steps: ``INSTANCE/<incarnation>``
+        self.owner = owner or f"{config.fleet.instance}/{uuid.uuid4().hex[:12]}"
+        #: the instance's name (the fleet's ``[fleet] instance``)
+        self.node = self.owner.rsplit("/", 1)[0]
+        #: writes refused because the lease they were made under was lost (stale fencing token)
+        self.fenced_out = 0
+        #: steps stopped because the lease renewal found another instance holding their host
+        self.taken_over = 0
         self._wake = asyncio.Event()
         self._tasks: dict[str, asyncio.Task[None]] = {}
         #: hosts whose current step was started by the commit that ended the step before
@@ -131,9 +136,8 @@ class Engine:
     # -- running --------------------------------------------------------------------------
 
     async def start(self) -> None:
-        freed = await self.store.release_leases_of(self.node + "/")
-        if freed:
-            log.info("resuming interrupted steps", extra={"hosts": freed})
+        """Start claiming work. (The fleet membership, joined before, has freed the leases of
+        this instance's earlier incarnation.)"""
         self._runner = asyncio.create_task(self._run(), name="engine")
         self._renewer = asyncio.create_task(self._renew_leases(), name="engine-leases")
 
@@ -192,8 +196,8 @@ class Engine:
 
     async def _claim(self) -> bool:
         """Give back the leases of hosts whose tasks ended while the store was away (only those
-        still ours: their steps run again now, not when the leases expire), then claim due hosts
-        for the free workers and start them. True if it filled every free worker."""
+        still ours: their steps run again now, not when the leases run out), then claim due
+        hosts for the free workers and start them. True if it filled every free worker."""
         if self._unreleased:
             ids = sorted(self._unreleased)
             await self.store.release_leases(self.owner, ids)
@@ -204,13 +208,19 @@ class Engine:
             return False
         claimed = await self.store.claim_due(self.owner, free, self.config.engine.lease_seconds)
         for row in claimed:
+            stale = self._tasks.get(row["id"])
+            if stale is not None:
+                # its lease ran out while this instance was paused: the step started
+                # under the old token can write nothing more; the new claim goes on
+                stale.cancel()
             task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
             self._tasks[row["id"]] = task
             task.add_done_callback(functools.partial(self._finished, row["id"]))
         return len(claimed) == free
 
-    def _finished(self, host_id: str, _task: object = None) -> None:
-        self._tasks.pop(host_id, None)
+    def _finished(self, host_id: str, task: asyncio.Task[None]) -> None:
+        if self._tasks.get(host_id) is task:
+            del self._tasks[host_id]
         self._wake.set()
 
     async def _renew_leases(self) -> None:
@@ -218,11 +228,33 @@ class Engine:
         while True:
             await asyncio.sleep(interval)
             try:
-                await self.store.renew_leases(self.owner, list(self._tasks), self.config.engine.lease_seconds)
+                lost = await self.store.renew_leases(self.owner, list(self._tasks), self.config.engine.lease_seconds)
             except Exception as exc:  # noqa: BLE001
                 log_failed(log, "renewing leases", exc)
+                continue
+            for host_id, holder in lost.items():
+                # the lease ran out (this instance was paused or cut off) and another instance
+                # claimed the host: stop working on it; its writes would be refused anyway
+                task = self._tasks.get(host_id)
+                if task is not None and not task.done():
+                    self.taken_over += 1
+                    log.warning("host %s is worked on by %s now: its step here is stopped", host_id, holder,
+                                extra={"host_id": host_id, "holder": holder})
+                    task.cancel()
 
     # -- one host ---------------------------------------------------------------------------
+
+    async def _fence(self, row: Row, values: dict[str, Any], **kwargs: Any) -> Row | None:
+        """Write ``values`` to the host of ``row`` if this instance still holds the lease it
+        claimed the host with (owner and fencing token): the new row, or None if the lease
+        is lost (the write changed nothing)."""
+        new = await self.store.fenced_update(row["id"], self.owner, values, token=row["lease_token"], **kwargs)
+        if new is None:
+            self.fenced_out += 1
+            log.warning("host %s: lease lost, the write of a stale claim was refused", row["name"],
+                        extra={"host": row["name"], "token": row["lease_token"]})
+        return new
+
 
     async def _work(self, claimed: Row) -> None:
         """Run steps of one host until it rests (ready, gone, failed, or waiting to retry)."""
@@ -231,7 +263,7 @@ class Engine:
             while row is not None and not self._stopping:
                 row = await self._advance(row)
         except asyncio.CancelledError:
-            log.info("step parked by shutdown", extra={"host": row["name"] if row else None})
+            log.info("step stopped (shutdown, or its lease was lost)", extra={"host": row["name"] if row else None})
             raise
         except Exception as exc:  # noqa: BLE001 - a bug must not leave the host leased forever
             if row is not None and (reason := unavailable(exc)) is not None:
@@ -243,9 +275,7 @@ class Engine:
             log.exception("engine error", extra={"host": row["name"] if row else None})
             if row is not None:
                 try:
-                    await self.store.fenced_update(
-                        row["id"], self.owner, {"next_attempt_at": time.time() + 30}, release=True
-                    )
+                    await self._fence(row, {"next_attempt_at": time.time() + 30}, release=True)
                 except Exception as again:  # noqa: BLE001
                     log_failed(log, f"putting host {row['name']} aside", again)
                     self._unreleased.add(row["id"])
@@ -262,7 +292,7 @@ class Engine:
             return await self._commit(row, self._begin_retirement(row))
         step = STEP_OF_STATE.get(state)
         if step is None:
-            await self.store.fenced_update(row["id"], self.owner, {}, release=True)
+            await self._fence(row, {}, release=True)
             return None
         if step in READ_ONLY_STEPS:
             started: Row | None = row  # asking is not acting: no try counted, no event per poll
@@ -270,8 +300,8 @@ class Engine:
             started = row  # the transition into this state counted the try and logged the start
         else:
             attempt = row["attempts"] + 1
-            started = await self.store.fenced_update(
-                row["id"], self.owner, {"attempts": attempt},
+            started = await self._fence(
+                row, {"attempts": attempt},
                 event_kind="step-started", detail={"step": step, "attempt": attempt},
             )
         if started is None:
@@ -280,8 +310,8 @@ class Engine:
             result = await getattr(self, f"_step_{step}")(started)
         except NotReady as waiting:
             # polling is not trying: no event per poll, and the try counter starts again
-            await self.store.fenced_update(
-                started["id"], self.owner, {"attempts": 0, "next_attempt_at": time.time() + waiting.delay},
+            await self._fence(
+                started, {"attempts": 0, "next_attempt_at": time.time() + waiting.delay},
                 release=True,
             )
             return None
@@ -306,8 +336,8 @@ class Engine:
         # writes of a lifecycle). It is still committed before that step's external call.
         next_step = STEP_OF_STATE.get(result.state)
         start_next = not rests and next_step is not None and next_step not in READ_ONLY_STEPS
-        new = await self.store.fenced_update(
-            row["id"], self.owner, values, event_kind=result.event, detail=detail,
+        new = await self._fence(
+            row, values, event_kind=result.event, detail=detail,
             release=rests, binds=result.binds, after=result.after, start_step=next_step if start_next else None,
         )
         if new is None:
@@ -332,8 +362,8 @@ class Engine:
             values: dict[str, Any] = {"next_attempt_at": time.time() + delay}
             if not rolling_back(row):  # a rollback's error stays the reason it rolls back
                 values["error"] = message
-            await self.store.fenced_update(
-                row["id"], self.owner, values,
+            await self._fence(
+                row, values,
                 event_kind="step-retry", detail={"step": step, "error": message, "delay": delay},
                 release=True,
             )
@@ -342,8 +372,8 @@ class Engine:
         if (self.config.engine.on_permanent_failure == "rollback" and step in BRING_UP_STEPS
                 and not await self._was_ready(row)):
             return await self._roll_back(row, step, message)
-        new = await self.store.fenced_update(
-            row["id"], self.owner,
+        new = await self._fence(
+            row,
             {"state": HostState.FAILED.value, "failed_step": step, "error": message, "next_attempt_at": 0.0},
             event_kind="step-failed", detail={"step": step, "error": message, "from": row["state"]},
             release=True,

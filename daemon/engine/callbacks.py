@@ -4,7 +4,9 @@ there, signed with the application's webhook secret (the scheme of :mod:`governo
 and retries with backoff until the application answers 2xx or the attempts run out.
 
 The outbox is a table, so a restart never loses a notification; a repeat carries the same
-delivery id (the request id), so the application can de-duplicate.
+delivery id (the request id), so the application can de-duplicate. In a fleet the leader alone
+delivers (see :mod:`governord.fleet`); a leader that dies between sending and recording a
+delivery makes the next leader send it again: at least once, never lost.
 
 Where a callback may go is the application's ``[applications.APP.callbacks]`` rules with the
 policy of :mod:`governord.outbound`: https unless http is allowed, no redirect followed (a 3xx
@@ -42,6 +44,7 @@ from ..store import log_failed, unavailable
 from ..store.schema import callbacks
 
 if TYPE_CHECKING:
+    from ..fleet import Fleet
     from ..store import Row, Store
 
 #: what the Notifier sends: a request's status as its application sees it
@@ -98,9 +101,11 @@ def enqueue(conn: Connection, *, request_id: str, app: str, url: str) -> None:
 class Notifier:
     """Delivers due callbacks in the background (one task, started and stopped with the runtime)."""
 
-    def __init__(self, store: Store, request_status: RequestStatus, config: Config, listeners: Set[int], *,
-                 interval: float = 1.0) -> None:
+    def __init__(self, store: Store, request_status: RequestStatus, config: Config, listeners: Set[int],
+                 fleet: Fleet, *, interval: float = 1.0) -> None:
         self.store = store
+        #: callbacks are delivered by the fleet's leader alone
+        self.fleet = fleet
         #: the status of a request as its application sees it (the Governor's)
         self.request_status = request_status
         self.config = config
@@ -132,7 +137,8 @@ class Notifier:
     async def _run(self) -> None:
         while True:
             try:
-                await self.deliver_due()
+                if self.fleet.is_leader:
+                    await self.deliver_due()
             except Exception as exc:  # noqa: BLE001 - one bad round must not stop notifications
                 log_failed(log, "delivering callbacks", exc)
             await asyncio.sleep(self.interval)
@@ -146,6 +152,8 @@ class Notifier:
                 .order_by(callbacks.c.next_at).limit(BATCH))).mappings()]
         unfinished = []
         for row in due:
+            if not self.fleet.is_leader:
+                break  # paused or cut off past the leader lease: another instance delivers now
             try:
                 if not await self._deliver(row):
                     unfinished.append(row["request_id"])

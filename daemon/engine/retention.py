@@ -45,6 +45,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import delete, exists, select
 from sqlalchemy.engine import Connection
 
+from ..fleet import RETENTION, Busy, Fleet
 from ..models import HostState
 from ..store import Store, beyond, log_failed
 from ..store.schema import address_leases, callbacks, events, hosts, requests
@@ -162,8 +163,10 @@ class Pruner:
     """Deletes what ``[retention]`` no longer keeps, in the background (one task, started and
     stopped with the runtime) or when asked (:meth:`prune`)."""
 
-    def __init__(self, store: Store, governor: Governor, config: Config) -> None:
+    def __init__(self, store: Store, governor: Governor, config: Config, fleet: Fleet) -> None:
         self.store = store
+        #: periodic rounds run on the fleet's leader; every round holds the retention lease
+        self.fleet = fleet
         self.governor = governor
         self.config = config
         self._lock = asyncio.Lock()
@@ -195,9 +198,11 @@ class Pruner:
     async def _periodic(self) -> None:
         while not self._stopping:
             self._wake.clear()
-            if self.config.retention.interval > 0:
+            if self.config.retention.interval > 0 and self.fleet.is_leader:
                 try:
                     await self.prune()
+                except Busy as busy:
+                    log.info("pruning skipped: %s", busy)
                 except Exception as exc:  # noqa: BLE001 - a failed round must not end the later ones
                     log_failed(log, "pruning", exc)
             interval = self.config.retention.interval
@@ -207,7 +212,7 @@ class Pruner:
     async def prune(self, now: float | None = None) -> PruneReport:
         """One round: delete what is older than the retention and not needed by live work, in
         batches; audit it. ``now``: the time the ages are counted from (tests)."""
-        async with self._lock:
+        async with self._lock, self.fleet.exclusive(RETENTION):
             now = time.time() if now is None else now
             retention = self.config.retention
             report = PruneReport()

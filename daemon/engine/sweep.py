@@ -44,6 +44,7 @@ from typing import TYPE_CHECKING, Any
 from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from ..dispatch import Dispatcher, Outcome, describe_error
+from ..fleet import SWEEP, Busy, Fleet, Lease
 from ..models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
 from ..registrars import Registration
 from ..store import Row, Store, host_view, log_failed
@@ -138,11 +139,14 @@ class Sweeper:
     """Runs sweeps on demand and every ``[sweep] interval`` seconds; one at a time."""
 
     def __init__(self, store: Store, dispatcher: Dispatcher, engine: Engine, config: Config,
-                 registry: CollectorRegistry) -> None:
+                 registry: CollectorRegistry, fleet: Fleet) -> None:
         self.store = store
         self.dispatcher = dispatcher
         self.engine = engine
         self.config = config
+        #: periodic sweeps run on the fleet's leader; every sweep holds the fleet's sweep lease
+        self.fleet = fleet
+        self._lease: Lease | None = None
         self.metrics = SweepMetrics(registry)
         self._lock = asyncio.Lock()
         self._reconfigured = asyncio.Event()
@@ -181,8 +185,13 @@ class Sweeper:
                 continue  # reloaded: wait the (new) interval afresh
             except TimeoutError:
                 pass
+            if not self.fleet.is_leader:
+                continue  # the leader sweeps for the fleet
             try:
                 report = await self.run(dry_run=False, actor="governord")
+            except Busy as busy:
+                log.info("periodic sweep skipped: %s", busy)
+                continue
             except Exception as exc:  # noqa: BLE001 - a failed sweep must not end the periodic ones
                 log_failed(log, "sweep", exc)
                 continue
@@ -193,9 +202,14 @@ class Sweeper:
     # -- one sweep ------------------------------------------------------------------------
 
     async def run(self, *, dry_run: bool, actor: str) -> SweepReport:
-        """Compare, and unless ``dry_run`` act as the policy says. Returns what was found and done."""
-        async with self._lock:
-            report = await self._sweep(dry_run=dry_run, actor=actor)
+        """Compare, and unless ``dry_run`` act as the policy says. Returns what was found and done.
+        Raises Busy if a sweep runs on another instance of the fleet now."""
+        async with self._lock, self.fleet.exclusive(SWEEP) as lease:
+            self._lease = lease
+            try:
+                report = await self._sweep(dry_run=dry_run, actor=actor)
+            finally:
+                self._lease = None
         self.metrics.record(report)
         return report
 
@@ -346,6 +360,8 @@ class Sweeper:
 
     async def _clean_leaked(self, finding: Finding, machine: Machine, row: Row | None, policy: str, actor: str,
                             report: SweepReport) -> None:
+        if self._lost_lease(finding):
+            return
         if policy != "clean":
             finding.action = "reported"
             return
@@ -384,6 +400,8 @@ class Sweeper:
             await self._act_on_vanished(finding, row, policy, actor)
 
     async def _act_on_vanished(self, finding: Finding, row: Row, policy: str, actor: str) -> None:
+        if self._lost_lease(finding):
+            return
         reason = f"machine vanished: {finding.reason} (found by the sweep)"
         if policy == "fail":
             values: Row = {"state": HostState.FAILED.value, "failed_step": "provision", "error": reason,
@@ -409,6 +427,8 @@ class Sweeper:
 
     async def _clean_orphan(self, finding: Finding, entry: Registration, policy: str, actor: str,
                             report: SweepReport) -> None:
+        if self._lost_lease(finding):
+            return
         if policy != "clean":
             finding.action = "reported"
             return
@@ -424,6 +444,15 @@ class Sweeper:
         else:
             finding.action = "skipped: already gone, or another host's now"
             self.metrics.actions.labels(finding.kind, "skipped").inc()
+
+    def _lost_lease(self, finding: Finding) -> bool:
+        """Has this sweep lost the fleet's sweep lease (this instance was paused or cut off
+        past it)? Then another may sweep now: act on nothing more."""
+        if self._lease is None or self._lease.held:
+            return False
+        finding.action = "skipped: the sweep lease was lost"
+        self.metrics.actions.labels(finding.kind, "skipped").inc()
+        return True
 
     async def _failed(self, finding: Finding, exc: BaseException, actor: str, report: SweepReport) -> None:
         finding.action = f"failed: {exc}"

@@ -6,9 +6,12 @@ One store with two backends: this module holds the tables' reads and writes (:cl
 dialect, :mod:`governord.store.sqlite` and :mod:`governord.store.postgresql`: how engines are
 made, how writes are committed and how a decision is kept exact.
 
-Work is claimed with leases: a host row being worked on carries ``lease_owner`` and
-``lease_expires``; the engine's writes are fenced on the lease (``WHERE lease_owner = me``), so a
-process that lost its lease can never overwrite the work of the one that took over.
+Work is claimed with leases: a host row being worked on carries ``lease_owner`` (the instance's
+incarnation), ``lease_expires`` and ``lease_token``, a fencing token that every claim increments.
+The engine's writes are fenced on both (``WHERE lease_owner = me AND lease_token = mine``), so an
+instance that lost its lease (it died, was paused or cut off past the expiry, and another claimed
+the host) can never overwrite or redo the work of the one that took over, not even after it
+claimed the same host again itself.
 
 Two write paths:
 
@@ -47,6 +50,7 @@ from typing import Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.script import ScriptDirectory
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
 from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
@@ -122,12 +126,29 @@ def _json_text(value: Any) -> str:
 JSON_CODEC = {"json_serializer": _json_text, "json_deserializer": orjson.loads}
 
 
+def _alembic_config() -> AlembicConfig:
+    cfg = AlembicConfig()
+    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    return cfg
+
+
+def head_revision() -> str:
+    """The newest schema revision this governord knows (what :func:`migrate` brings a database to)."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None, "the migrations have one head"
+    return head
+
+
+def known_revisions() -> set[str]:
+    """Every schema revision this governord has a migration for."""
+    return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
+
+
 def migrate(url: str) -> None:
     """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema. On
     PostgreSQL, processes starting at once upgrade one after the other (an advisory lock), and
     the later ones find the work done."""
-    cfg = AlembicConfig()
-    cfg.set_main_option("script_location", str(Path(__file__).parent / "migrations"))
+    cfg = _alembic_config()
     postgres = not url.startswith("sqlite")
     engine = postgresql.migration_engine(url, JSON_CODEC) if postgres else sqlite.sync_engine(url, JSON_CODEC)
     try:
@@ -242,13 +263,19 @@ _CLAIM = (
         .with_for_update(skip_locked=True)
         .scalar_subquery()
     ))
-    .values(lease_owner=bindparam("owner"), lease_expires=bindparam("expires"))
+    .values(lease_owner=bindparam("owner"), lease_expires=bindparam("expires"), lease_token=hosts.c.lease_token + 1)
     .returning(*hosts.c)
 )
 _RENEW = (
     update(hosts)
     .where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.lease_owner == bindparam("owner"))
     .values(lease_expires=bindparam("expires"))
+    .returning(hosts.c.id)
+)
+_LEASED_ELSEWHERE = (
+    select(hosts.c.id, hosts.c.lease_owner)
+    .where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.lease_owner.is_not(None),
+           hosts.c.lease_owner != bindparam("owner"))
 )
 _NEXT_DUE = (
     select(hosts.c.next_attempt_at)
@@ -257,7 +284,8 @@ _NEXT_DUE = (
     .limit(1)
 )
 _RELEASE_ADDRESS = address_leases.delete().where(address_leases.c.host_id == bindparam("host_id"))
-_FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"))
+_FENCE = and_(hosts.c.id == bindparam("fence_id"), hosts.c.lease_owner == bindparam("fence_owner"),
+              hosts.c.lease_token == bindparam("fence_token"))
 _FIRST_TRY_UNLESS_RETIRING = case((hosts.c.retire_requested, 0), else_=1)
 def _driver_connection(conn: Connection) -> Any:
     """The DBAPI driver's own connection under a SQLAlchemy connection (open: it is in use)."""
@@ -403,7 +431,7 @@ _fenced_statements: dict[tuple[Any, tuple[tuple[str, int], ...]], DirectStatemen
 
 
 def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement | CoreStatement, Row]:
-    """The prepared ``UPDATE hosts ... WHERE id AND lease_owner RETURNING *`` for this set of
+    """The prepared ``UPDATE hosts ... WHERE id AND lease_owner AND lease_token RETURNING *`` for this set of
     columns, and its parameters. A value may be an SQL expression (a module-level constant, so
     the statement can be kept); its own bind parameters come in through ``binds``."""
     shape = tuple(sorted((name, id(value) if isinstance(value, ClauseElement) else 0) for name, value in values.items()))
@@ -644,24 +672,40 @@ class Store:
             value = (await conn.execute(_NEXT_DUE, {"now": time.time()})).scalar_one_or_none()
             return float(value) if value is not None else None
 
-    async def renew_leases(self, owner: str, ids: Sequence[str], lease_seconds: float) -> None:
+    async def renew_leases(self, owner: str, ids: Sequence[str], lease_seconds: float) -> dict[str, str]:
+        """Extend the leases ``owner`` holds on ``ids``. Returns the hosts among them that another
+        instance holds now (their leases ran out and were claimed again), with its name."""
         if not ids:
-            return
+            return {}
         params = {"ids": list(ids), "owner": owner, "expires": time.time() + lease_seconds}
-        await self.writer.run(lambda conn: conn.execute(_RENEW, params))
+
+        def job(conn: Connection) -> dict[str, str]:
+            renewed = {row[0] for row in conn.execute(_RENEW, params)}
+            missing = [host_id for host_id in ids if host_id not in renewed]
+            if not missing:
+                return {}
+            return {row[0]: row[1] for row in conn.execute(_LEASED_ELSEWHERE, {"ids": missing, "owner": owner})}
+
+        return await self.writer.run(job)
+
+    async def release_leases_of(self, owner: str) -> int:
+        """Free the leases ``owner`` holds (its parked steps, at a clean stop)."""
+        statement = update(hosts).where(hosts.c.lease_owner == owner).values(lease_owner=None, lease_expires=None)
+        return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
+
+    async def release_earlier_leases(self, instance: str, *, keep: str) -> int:
+        """Free the leases held by earlier incarnations of the instance ``instance`` (owners
+        ``instance/...`` but ``keep``, the running one): their steps resume at once."""
+        where = and_(hosts.c.lease_owner.startswith(instance + "/", autoescape=True), hosts.c.lease_owner != keep)
+        statement = update(hosts).where(where).values(lease_owner=None, lease_expires=None)
+        return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
 
     async def release_leases(self, owner: str, ids: Sequence[str]) -> int:
         """Give back the leases ``owner`` still holds on hosts ``ids`` (fenced: a lease another
-        process took meanwhile stays its own); how many were given back."""
+        instance took meanwhile stays its own); how many were given back."""
         if not ids:
             return 0
         statement = (update(hosts).where(hosts.c.id.in_(list(ids)), hosts.c.lease_owner == owner)
-                     .values(lease_owner=None, lease_expires=None))
-        return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
-
-    async def release_leases_of(self, owner_prefix: str) -> int:
-        """Free the leases a previous, dead process of this node held (its steps resume)."""
-        statement = (update(hosts).where(hosts.c.lease_owner.like(owner_prefix + "%"))
                      .values(lease_owner=None, lease_expires=None))
         return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
 
@@ -671,6 +715,7 @@ class Store:
         owner: str,
         values: Row,
         *,
+        token: int,
         event_kind: str | None = None,
         detail: Row | None = None,
         release: bool = False,
@@ -678,9 +723,10 @@ class Store:
         after: Callable[[Connection, Row], None] | None = None,
         start_step: str | None = None,
     ) -> Row | None:
-        """Update a host this process holds the lease of, with an audit event, in one
-        transaction (shared with whatever else is committed in the same batch). Returns the new
-        row, or None when the lease was lost. ``after`` runs in the same transaction, given the
+        """Update a host this instance holds the lease of, claimed with fencing token ``token``,
+        with an audit event, in one transaction (shared with whatever else is committed in the
+        same batch). Returns the new row, or None when the lease was lost: held by another owner,
+        or claimed again since (a larger token), so a write from a stale claim changes nothing. ``after`` runs in the same transaction, given the
         new row (e.g. to free the host's address once it is gone).
 
         ``start_step``: the same commit also starts the host's next step (its first try counted,
@@ -699,7 +745,7 @@ class Store:
             values["attempts"] = _FIRST_TRY_UNLESS_RETIRING
         def job(conn: Connection) -> Row | None:
             statement, params = _fenced_statement(conn.dialect, values)
-            params.update(binds or {}, fence_id=host_id, fence_owner=owner)
+            params.update(binds or {}, fence_id=host_id, fence_owner=owner, fence_token=token)
             row = statement.first(conn, params)
             if row is None:
                 return None

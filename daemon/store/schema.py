@@ -6,6 +6,7 @@ from __future__ import annotations
 from sqlalchemy import (
     DDL,
     JSON,
+    BigInteger,
     Boolean,
     Column,
     Float,
@@ -22,6 +23,11 @@ from sqlalchemy import (
 )
 
 metadata = MetaData()
+
+#: ``Table.info`` key of a table whose rows triggers on another table keep (counts of ``hosts``):
+#: derived, never written by the code, so a copy of the store (governord.store.move) leaves them
+#: to the target's own triggers instead of copying them.
+KEPT_BY_TRIGGERS = "kept_by_triggers"
 
 #: One row per host governord manages or managed: the persisted state machine.
 hosts = Table(
@@ -58,8 +64,13 @@ hosts = Table(
     Column("autosign_used_at", Float),
     Column("attempts", Integer, nullable=False, server_default=text("0")),
     Column("next_attempt_at", Float, nullable=False, server_default=text("0")),
+    #: the instance working on the host now (``INSTANCE/<incarnation>``) and until when
     Column("lease_owner", String(255)),
     Column("lease_expires", Float),
+    #: the fencing token: grows by one with every claim of the host and is kept when the lease
+    #: is released; every write of a step names the token it claimed with, so a write from an
+    #: earlier claim (an instance paused past its lease) changes nothing
+    Column("lease_token", BigInteger, nullable=False, server_default=text("0")),
     #: when the host entered its current state (readiness timeouts count from here)
     Column("state_since", Float),
     Column("created_at", Float, nullable=False),
@@ -100,6 +111,7 @@ live_counts = Table(
     Column("role", String(255), primary_key=True),
     Column("provider", String(255), primary_key=True),
     Column("hosts", Integer, nullable=False),
+    info={KEPT_BY_TRIGGERS: True},
 )
 
 _COUNT_KEY = "app, role, provider"
@@ -177,6 +189,7 @@ state_counts = Table(
     metadata,
     Column("state", String(32), primary_key=True),
     Column("hosts", Integer, nullable=False),
+    info={KEPT_BY_TRIGGERS: True},
 )
 
 
@@ -290,4 +303,35 @@ callbacks = Table(
     Column("gave_up_at", Float),
     Column("last_error", Text),
     Column("created_at", Float, nullable=False),
+)
+
+#: The instances sharing this store (see governord.fleet): one row per instance name, written
+#: by the instance itself at start, at each heartbeat and at a clean stop.
+instances = Table(
+    "instances",
+    metadata,
+    Column("name", String(128), primary_key=True),
+    #: the running incarnation (``NAME/<random>``): the lease owner of its steps
+    Column("owner", String(255), nullable=False),
+    Column("hostname", String(255), nullable=False),
+    Column("pid", Integer, nullable=False),
+    Column("version", String(64), nullable=False),
+    Column("started_at", Float, nullable=False),
+    Column("heartbeat_at", Float, nullable=False),
+    #: when it stopped cleanly; NULL while it runs (or since it died)
+    Column("stopped_at", Float),
+    #: host steps running on it at its last heartbeat
+    Column("in_flight", Integer, nullable=False, server_default=text("0")),
+)
+
+#: Named leases of the fleet-wide jobs (``leader``: the periodic jobs; ``sweep`` and
+#: ``retention``: one run at a time, whoever asked). The token grows with every new holder.
+fleet_leases = Table(
+    "fleet_leases",
+    metadata,
+    Column("name", String(64), primary_key=True),
+    Column("holder", String(255)),
+    Column("token", BigInteger, nullable=False, server_default=text("0")),
+    Column("expires_at", Float),
+    Column("acquired_at", Float),
 )

@@ -97,11 +97,15 @@ def store_config(store_backend: str, request: pytest.FixtureRequest,
 def make_runtime(tmp_path: Path, store_config: Callable[[], str]) -> Callable[..., Any]:
     runtimes: list[Runtime] = []
 
-    async def make(extra: str = "", patch: Callable[[str], str] = lambda text: text) -> Runtime:
+    async def make(extra: str = "", patch: Callable[[str], str] = lambda text: text, *,
+                   instance: str = "test", fleet_options: str = "") -> Runtime:
+        """A started runtime; ``instance``: its fleet name (two running at once need two);
+        ``fleet_options``: more lines of its ``[fleet]`` section."""
         plugins = PluginManager()
         plugins.register(testing.plugin, "testing")
         plugins.collect_types()
-        raw = tomllib.loads(store_config() + patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
+        fleet = f'[fleet]\ninstance = "{instance}"\n{fleet_options}\n'
+        raw = tomllib.loads(store_config() + fleet + patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
         config = build_config("test.toml", raw, plugins.providers, plugins.registrars, unavailable={})
         runtime = await Runtime.open(config, plugins)
         await runtime.start()

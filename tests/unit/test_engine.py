@@ -185,6 +185,7 @@ async def test_interrupted_step_resumes_without_duplicates(make_runtime) -> None
     ids = decision.request["host_ids"]
     await wait_states(first, ids, {"provisioning"})
     await first.engine.stop(grace=0)
+    await first.fleet.stop()
     # the residue of a kill -9: leases held by a dead process, one machine already made
     async with first.store.transaction() as conn:
         await conn.execute(update(hosts).where(hosts.c.id.in_(ids)).values(

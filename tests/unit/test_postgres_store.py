@@ -32,7 +32,7 @@ STORE_BACKENDS = ("postgresql",)
 
 
 async def _instances(make_runtime: Callable[..., Any], count: int, patch: Callable[[str], str]) -> list[Runtime]:
-    runtimes = [await make_runtime(patch=patch) for _ in range(count)]
+    runtimes = [await make_runtime(patch=patch, instance=f"i{n}") for n in range(count)]
     for runtime in runtimes:
         # decisions only: the engines (and their lease clean-up at start) are the fleet's part
         await runtime.engine.stop(5.0)

@@ -127,9 +127,10 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(new_url: Callabl
     with engine.begin() as conn:
         conn.execute(insert(hosts), [{**base, "id": "direct", "name": "d"}, {**base, "id": "plain", "name": "p"}])
         direct, params = store._fenced_statement(conn.dialect, values)  # noqa: SLF001
-        got = direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct", "fence_owner": "me"})
+        got = direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct", "fence_owner": "me",
+                                  "fence_token": 0})
         expected = conn.execute(
-            update(hosts).where(hosts.c.id == "plain", hosts.c.lease_owner == "me")
+            update(hosts).where(hosts.c.id == "plain", hosts.c.lease_owner == "me", hosts.c.lease_token == 0)
             .values({**values, "state": READY_UNLESS_RETAGGED}).returning(*hosts.c),
             {"configured_tags_rev": 3},
         ).mappings().one()
@@ -137,9 +138,11 @@ def test_a_direct_fenced_update_returns_what_sqlalchemy_returns(new_url: Callabl
         assert {**got, "id": "plain", "name": "p"} == dict(expected)
         assert got["state"] == "ready" and got["retire_requested"] is True and got["attempts"] == 0
         assert got["registrations"] == {"cmdb": {"id": 8, "token": None}}
-        # the fence: another owner changes nothing and gets nothing back
+        # the fence: another owner changes nothing and gets nothing back, nor does a stale token
         assert direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct",
-                                   "fence_owner": "someone else"}) is None
+                                   "fence_owner": "someone else", "fence_token": 0}) is None
+        assert direct.first(conn, {**params, "configured_tags_rev": 3, "fence_id": "direct",
+                                   "fence_owner": "me", "fence_token": -1}) is None
     engine.dispose()
 
 

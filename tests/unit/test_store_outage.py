@@ -61,7 +61,7 @@ async def _until(predicate: Callable[[], Any], timeout: float, what: str) -> flo
 
 def _tasks(runtime: Runtime) -> dict[str, asyncio.Task[None] | None]:
     return {"engine": runtime.engine._runner, "leases": runtime.engine._renewer, "callbacks": runtime.notifier._task,
-            "sweep": runtime.sweeper._task, "retention": runtime.pruner._task}
+            "sweep": runtime.sweeper._task, "retention": runtime.pruner._task, "heartbeat": runtime.fleet._task}
 
 
 async def test_the_daemon_survives_postgresql_stopping_and_resumes_when_it_is_back(
