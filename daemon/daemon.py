@@ -119,6 +119,7 @@ class Daemon:
     async def run(self) -> int:
         # imported here, not at the top: `governord --check` and a refused config need none of it
         from aiohttp import web
+        from sqlalchemy.exc import DBAPIError
 
         from .api.admin_api import create_admin_api
         from .api.app_api import create_app_api
@@ -148,6 +149,10 @@ class Daemon:
             print(f"governord: configuration error: {ConfigError(self.config_path, 'fleet.instance', str(exc))}",
                   file=sys.stderr)
             return EXIT_CONFIG
+        except DBAPIError as exc:  # the database is down or refuses us: systemd starts us again
+            print(f"governord: cannot open the store: {type(exc.orig).__name__}: {str(exc.orig).strip()}",
+                  file=sys.stderr)
+            return 1
         await runtime.start()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)
