@@ -578,8 +578,15 @@ class StoreSection(StrictModel):
     username: str | None = Field(default=None, min_length=1)
     #: the database password, by reference; PostgreSQL only
     password: SecretRef | None = None
-    #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's writes
+    #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's
+    #: writes (and one more, for the health check)
     pool_size: int = Field(default=10, ge=1, le=500)
+    #: seconds the revoked certificates are kept in memory before they are read again. The
+    #: bound it sets: a certificate revoked through any instance sharing the database is refused
+    #: by every instance for each request checked more than this many seconds after the
+    #: revocation was committed (by the instance that revoked it, at once). 0: read on every
+    #: request. Takes effect on reload.
+    revocation_refresh: float = Field(default=2.0, ge=0, le=3600)
 
     @field_validator("url")
     @classmethod
@@ -637,7 +644,7 @@ class FleetSection(StrictModel):
     #: seconds the leader's lease lasts without renewal (it renews every third of it): the
     #: fleet-wide jobs (sweep, callbacks, approval expiry, retention, the fleet's metrics) move to
     #: another instance at most this long, plus one heartbeat, after the leader dies
-    leader_lease: float = Field(default=30.0, ge=3, le=3600)
+    leader_lease: float = Field(default=30.0, ge=1, le=3600)
 
     @model_validator(mode="after")
     def _beats_within_lease(self) -> FleetSection:
@@ -794,6 +801,21 @@ def load_config(
     path = str(path)
     raw = read_toml(path)
     return build_config(path, raw, providers, registrars, unavailable=unavailable or {})
+
+
+def load_store_section(path: str | os.PathLike[str]) -> tuple[Path, StoreSection]:
+    """The state directory and the ``[store]`` section of the config at ``path``, validated as
+    the daemon validates them, and nothing else of the file: no plugin is loaded and no other
+    section's secret is read (the operator's shell need not have the daemon's environment). For
+    commands that work on the store without the daemon (``governord-ctl store move``).
+
+    :raises ConfigError: naming the file and the key.
+    """
+    path = str(path)
+    raw = read_toml(path)
+    daemon: DaemonSection = _validate(DaemonSection, raw.get("daemon", {}), path, "daemon")
+    store: StoreSection = _validate(StoreSection, raw.get("store", {}), path, "store")
+    return daemon.state_dir, store
 
 
 def _type_of(path: str, prefix: str, section: dict[str, Any], known: list[str], unavailable: dict[str, str]) -> str:

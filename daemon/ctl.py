@@ -1,6 +1,9 @@
 """``governord-ctl``: the operator's command line, a thin client of the admin API on the Unix
 socket. It never imports plugins or SDKs. Errors are one line on stderr and a non-zero exit:
-1 for a refused or failed action, 2 for a usage error, 3 when the daemon cannot be reached."""
+1 for a refused or failed action, 2 for a usage error, 3 when the daemon cannot be reached.
+
+``store move`` alone runs here rather than through the daemon, which must be stopped for it: it
+exits 2 when it refuses to start (nothing written), 1 when it failed and was rolled back."""
 
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ import os
 import sys
 import time
 import urllib.parse
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -31,7 +35,8 @@ class CtlError(click.ClickException):
     exit_code = 1
 
     def show(self, file: Any = None) -> None:
-        err_console.print(f"governord-ctl: {self.message}", markup=False, highlight=False)
+        # one line, however long: rich would break it at the terminal's width
+        err_console.print(f"governord-ctl: {self.message}", markup=False, highlight=False, soft_wrap=True)
 
 
 class Unreachable(CtlError):
@@ -614,6 +619,137 @@ def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["revoked_at"]))
         console.print(f"  site CA certificate {r['serial']} of {r['issuer']}: revoked {stamp}", markup=False,
                       highlight=False)
+
+
+class Refused(CtlError):
+    """A command that works here, not through the daemon, refused before it changed anything."""
+
+    exit_code = 2
+
+
+@cli.group()
+def store() -> None:
+    """The store itself: run here, on its databases, without the daemon (which must be stopped)."""
+
+
+#: a [store] key -> the option of `store move` that gives it
+_STORE_OPTIONS = {"url": "--to", "username": "--username", "password": "--password-file/--password-env"}
+
+
+def _target_of_options(target: str, username: str | None, password_file: str | None,
+                       password_env: str | None) -> str:
+    """The target's URL from --to, --username and the password by reference, validated as a
+    ``[store]`` section with these keys would be (the same refusals, e.g. of a password in the URL)."""
+    from pydantic import ValidationError
+
+    from .config import StoreSection
+
+    if password_file is not None and password_env is not None:
+        raise click.UsageError("give at most one of --password-file and --password-env")
+    section: dict[str, Any] = {"url": target, "username": username}
+    if password_file is not None:
+        section["password"] = {"file": password_file}
+    elif password_env is not None:
+        section["password"] = {"env": password_env}
+    try:
+        parsed = StoreSection.model_validate({k: v for k, v in section.items() if v is not None})
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        option = _STORE_OPTIONS.get(str(error["loc"][0]) if error["loc"] else "url", "--to")
+        raise Refused(f"{option}: {error['msg'].removeprefix('Value error, ')}") from None
+    if parsed.url is None or parsed.url.startswith("sqlite"):
+        raise Refused("--to: the target must be a PostgreSQL database (postgresql+psycopg://HOST:PORT/DB)")
+    return parsed.effective_url(Path("/"))
+
+
+def _target_of_config(config_path: str) -> tuple[str, Path]:
+    """The target's URL (the config's ``[store]``, which must name PostgreSQL) and the state
+    directory, from the daemon's config."""
+    from .config import load_store_section
+    from .errors import ConfigError
+
+    try:
+        state_dir, section = load_store_section(config_path)
+    except ConfigError as exc:
+        raise Refused(f"configuration error: {exc}") from None
+    if section.url is None or section.url.startswith("sqlite"):
+        raise Refused(f"{config_path}: store.url: names no PostgreSQL database; point [store] at the new "
+                      "database first (url, username, password by reference), then move")
+    return section.effective_url(state_dir), state_dir
+
+
+class _Progress:
+    """One line per table, and for a long one a line every tenth of it."""
+
+    def __init__(self) -> None:
+        self._shown: dict[str, int] = {}
+
+    def __call__(self, table: str, copied: int, total: int) -> None:
+        tenth = copied * 10 // total if total else 10
+        if copied == total or (copied and tenth > self._shown.get(table, 0)):
+            self._shown[table] = tenth
+            click.echo(f"  {table}: {copied}/{total} rows")
+
+
+@store.command("move")
+@click.option("--config", "config_path", type=click.Path(dir_okay=False),
+              help="the daemon's config: its [store] (already pointed at PostgreSQL) is the target, "
+                   "governord.db in its state directory the source")
+@click.option("--from", "source", help="the SQLite store (a path or sqlite:///PATH); default with --config: "
+              "governord.db in the state directory")
+@click.option("--to", "target", help="instead of --config: the PostgreSQL database, postgresql+psycopg://HOST:PORT/DB "
+              "(no user or password in it)")
+@click.option("--username", help="with --to: the database user")
+@click.option("--password-file", type=click.Path(dir_okay=False), help="with --to: a file holding the password")
+@click.option("--password-env", metavar="NAME", help="with --to: the environment variable holding the password")
+@click.option("--batch", type=click.IntRange(min=1, max=100_000), default=1000, show_default=True,
+              help="rows copied at a time")
+def store_move(config_path: str | None, source: str | None, target: str | None, username: str | None,
+               password_file: str | None, password_env: str | None, batch: int) -> None:
+    """Move a SQLite store into an empty PostgreSQL database: hosts, requests, events,
+    callbacks, certificates and revocations, in one transaction. The daemon must be stopped;
+    the source is never changed. Exit 0: moved; 2: refused, nothing written (the source in use or
+    on an older schema, the target not empty, a bad URL or config); 1: failed and rolled back."""
+    from sqlalchemy.engine import make_url
+
+    from .store.move import MoveFailed, MoveRefused, move
+
+    if (config_path is None) == (target is None):
+        raise click.UsageError("give either --config (the daemon's config) or --to (the PostgreSQL URL)")
+    state_dir: Path | None = None
+    if config_path is not None:
+        if username is not None or password_file is not None or password_env is not None:
+            raise click.UsageError("--username, --password-file and --password-env go with --to; with --config "
+                                   "they come from its [store] section")
+        url, state_dir = _target_of_config(config_path)
+        source = source or str(state_dir / "governord.db")
+    else:
+        assert target is not None
+        if source is None:
+            raise click.UsageError("--to needs --from (the SQLite store to move)")
+        url = _target_of_options(target, username, password_file, password_env)
+    assert source is not None
+    click.echo(f"moving {source} into {make_url(url).render_as_string(hide_password=True)}")
+    try:
+        moved = move(source, url, state_dir=state_dir, batch=batch, progress=_Progress())
+    except MoveRefused as exc:
+        raise Refused(str(exc)) from None
+    except MoveFailed as exc:
+        raise CtlError(str(exc)) from None
+    table = Table(box=None, header_style="bold")
+    for column in ("TABLE", "ROWS", "HOW"):
+        table.add_column(column)
+    for entry in moved.tables:
+        how = "copied"
+        if entry.derived:
+            how = "counted by the triggers" + (
+                f": {entry.differing} counts differ from the source's, which were off" if entry.differing else
+                ": as the source's")
+        table.add_row(entry.name, str(entry.rows), how)
+    console.print(table)
+    console.print(f"moved {moved.rows} rows (schema {moved.revision}) into {moved.target}; the source is "
+                  f"unchanged. Start governord with [store] pointing there.", markup=False, highlight=False,
+                  soft_wrap=True)
 
 
 def main() -> None:

@@ -565,13 +565,11 @@ classes_from = "foreman"
     # -- the other side ---------------------------------------------------------------------------
 
     def vsphere_vms(self, peer: PeerProcess | None = None) -> dict[str, dict[str, Any]]:
-        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker, by name
-        (vcsim lets two VMs share a name: count them with :meth:`vsphere_vm_list`)."""
-        return {vm["name"]: {k: v for k, v in vm.items() if k != "name"} for vm in self.vsphere_vm_list(peer)}
+        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker, by name."""
+        return {vm["name"]: vm for vm in self.vsphere_vm_list(peer)}
 
     def vsphere_vm_list(self, peer: PeerProcess | None = None) -> list[dict[str, Any]]:
-        """Every VM in vcsim (the lab's, or ``peer``) that carries governord's ownership marker:
-        name, host_id (the marker), power, ip, moid; one entry per VM, duplicates included."""
+        """The same VMs, each one entry (two VMs of one name are two entries: a duplicate shows)."""
         peer = peer or self.vcsim
         assert peer
         from pyVmomi import vim

@@ -170,8 +170,6 @@ class Fleet:
         self.in_flight = in_flight
         self.leader = Lease(store, LEADER, self.owner, config.fleet.leader_lease)
         self._task: asyncio.Task[None] | None = None
-        #: called with True when this instance becomes the leader, False when it stops being it
-        self.on_leadership: list[Callable[[bool], None]] = []
 
     @property
     def is_leader(self) -> bool:
@@ -226,11 +224,7 @@ class Fleet:
                      .values(heartbeat_at=time.time(), in_flight=self.in_flight(), version=__version__,
                              stopped_at=None))
         await self.store.writer.run(lambda conn: conn.execute(statement))
-        was = self.leader.held
-        now = await self.leader.acquire()
-        if now != was:
-            for callback in self.on_leadership:
-                callback(now)
+        await self.leader.acquire()
 
     def start(self) -> None:
         if self._task is None:

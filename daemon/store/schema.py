@@ -24,6 +24,11 @@ from sqlalchemy import (
 
 metadata = MetaData()
 
+#: ``Table.info`` key of a table whose rows triggers on another table keep (counts of ``hosts``):
+#: derived, never written by the code, so a copy of the store (governord.store.move) leaves them
+#: to the target's own triggers instead of copying them.
+KEPT_BY_TRIGGERS = "kept_by_triggers"
+
 #: One row per host governord manages or managed: the persisted state machine.
 hosts = Table(
     "hosts",
@@ -106,6 +111,7 @@ live_counts = Table(
     Column("role", String(255), primary_key=True),
     Column("provider", String(255), primary_key=True),
     Column("hosts", Integer, nullable=False),
+    info={KEPT_BY_TRIGGERS: True},
 )
 
 _COUNT_KEY = "app, role, provider"
@@ -183,6 +189,7 @@ state_counts = Table(
     metadata,
     Column("state", String(32), primary_key=True),
     Column("hosts", Integer, nullable=False),
+    info={KEPT_BY_TRIGGERS: True},
 )
 
 

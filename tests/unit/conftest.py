@@ -98,12 +98,13 @@ def make_runtime(tmp_path: Path, store_config: Callable[[], str]) -> Callable[..
     runtimes: list[Runtime] = []
 
     async def make(extra: str = "", patch: Callable[[str], str] = lambda text: text, *,
-                   instance: str = "test") -> Runtime:
-        """A started runtime; ``instance``: its fleet name (two running at once need two)."""
+                   instance: str = "test", fleet_options: str = "") -> Runtime:
+        """A started runtime; ``instance``: its fleet name (two running at once need two);
+        ``fleet_options``: more lines of its ``[fleet]`` section."""
         plugins = PluginManager()
         plugins.register(testing.plugin, "testing")
         plugins.collect_types()
-        fleet = f'[fleet]\ninstance = "{instance}"\n'
+        fleet = f'[fleet]\ninstance = "{instance}"\n{fleet_options}\n'
         raw = tomllib.loads(store_config() + fleet + patch(BASE_CONFIG.format(state_dir=tmp_path / "state")) + extra)
         config = build_config("test.toml", raw, plugins.providers, plugins.registrars, unavailable={})
         runtime = await Runtime.open(config, plugins)

@@ -166,7 +166,10 @@ async def by_rule(runtime: Runtime, rule: WebhookRule, component: str, key: str)
 
 async def hosts_of(runtime: Runtime, component: str | None = None) -> list[dict[str, Any]]:
     rows = await runtime.store.list_hosts(app="rules")
-    return [r for r in rows if r["state"] != "gone" and not r["retire_requested"] and r["state"] != "retiring"
+    # kept: neither asked to retire nor anywhere in the teardown (a busy machine may have taken a
+    # released host past "retiring" by the time this reads)
+    leaving = {"retiring", "deregistering", "deprovisioning", "cleaning", "gone"}
+    return [r for r in rows if r["state"] not in leaving and not r["retire_requested"]
             and (component is None or r["component"] == component)]
 
 
