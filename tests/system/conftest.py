@@ -1,9 +1,9 @@
 """A fresh lab per test (vcsim and both simulators start in under a second) and helpers to
-read governord's own database the way an outside observer would (read-only)."""
+read governord's own database the way an outside observer would (read-only), on SQLite or
+PostgreSQL."""
 
 from __future__ import annotations
 
-import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -29,15 +29,9 @@ def governord(lab: Lab) -> Iterator[Governord]:
 
 
 def db_hosts(daemon: Governord) -> list[dict[str, Any]]:
-    """Host rows straight from the SQLite file (read-only, WAL-aware)."""
-    conn = sqlite3.connect(f"file:{daemon.state_dir / 'governord.db'}?mode=ro", uri=True, timeout=5)
-    conn.row_factory = sqlite3.Row
-    try:
-        return [dict(r) for r in conn.execute("SELECT * FROM hosts")]
-    except sqlite3.OperationalError:
-        return []
-    finally:
-        conn.close()
+    """Host rows straight from the daemon's database (read-only: the SQLite file, WAL-aware, or
+    its PostgreSQL database through SQLAlchemy; see Governord.db_query)."""
+    return daemon.db_rows("hosts")
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 60.0, interval: float = 0.2, what: str = "") -> Any:
