@@ -465,7 +465,7 @@ classes_from = "foreman"
             vcsim.disconnect(si)
 
     def foreman_hosts(self) -> dict[str, dict[str, Any]]:
-        """Hosts in the Foreman simulator: name -> hostgroup, puppet classes, ip."""
+        """Hosts in the Foreman simulator: name -> hostgroup, puppet classes, ip, host parameters."""
         assert self.foreman
         token = base64.b64encode(f"admin:{self.passwords['LAB_FOREMAN_PASSWORD']}".encode()).decode()
 
@@ -480,7 +480,8 @@ classes_from = "foreman"
             full = get(f"/api/hosts/{summary['id']}")
             classes = sorted(c["name"] for c in full.get("puppetclasses", []))
             hosts[full["name"]] = {"id": full["id"], "hostgroup": full.get("hostgroup_title"), "ip": full.get("ip"),
-                                   "puppet_classes": classes, "comment": full.get("comment")}
+                                   "puppet_classes": classes, "comment": full.get("comment"),
+                                   "parameters": {p["name"]: p.get("value") for p in full.get("parameters", [])}}
         return hosts
 
     def satellite_systems(self) -> dict[str, dict[str, Any]]:

@@ -40,7 +40,7 @@ from google.protobuf import any_pb2
 from ..api.app_api import presented
 from ..config import AutoscalerSection, identity_of
 from ..engine import BRING_UP_STEPS
-from ..models import LIVE_STATES, HostState
+from ..models import LIVE_STATES, PROVIDER_ID_PREFIX, HostState, provider_id
 from ..rules import RequestError
 from . import externalgrpc_pb2 as pb
 from . import externalgrpc_pb2_grpc as pb_grpc
@@ -51,8 +51,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-#: what every governord host's providerID starts with; the host's id follows
-PROVIDER_ID_PREFIX = "governord://"
 #: the actor the audit trail names for the autoscaler's requests
 ACTOR = "autoscaler"
 #: the autoscaler's cloudprovider.OtherErrorClass (its InstanceErrorClass for "not out of resources")
@@ -66,11 +64,6 @@ _LIVE = sorted(state.value for state in LIVE_STATES)
 #: a RequestError's HTTP status -> the gRPC status the autoscaler gets
 _CODES = {404: grpc.StatusCode.NOT_FOUND, 409: grpc.StatusCode.FAILED_PRECONDITION,
           422: grpc.StatusCode.INVALID_ARGUMENT, 429: grpc.StatusCode.RESOURCE_EXHAUSTED}
-
-
-def provider_id(host_id: str) -> str:
-    """The providerID of the host ``host_id``: what its Kubernetes node's spec.providerID is set to."""
-    return f"{PROVIDER_ID_PREFIX}{host_id}"
 
 
 def host_id_of(value: str) -> str | None:

@@ -6,6 +6,9 @@ own database)."""
 
 from __future__ import annotations
 
+import base64
+import json
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -59,6 +62,16 @@ def node(provider_id: str, name: str = "a-node") -> pb.ExternalGrpcNode:
     return pb.ExternalGrpcNode(providerID=provider_id, name=name)
 
 
+def foreman_enc(lab: Lab, host_id: int) -> dict[str, Any]:
+    """What Foreman's ENC gives Puppet for the host (its classes and parameters)."""
+    assert lab.foreman is not None
+    token = base64.b64encode(f"admin:{lab.passwords['LAB_FOREMAN_PASSWORD']}".encode()).decode()
+    request = urllib.request.Request(f"{lab.foreman.url}/api/hosts/{host_id}/enc", headers={
+        "Authorization": f"Basic {token}", "Accept": "application/json;version=2"})
+    with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback lab peer
+        return dict(json.loads(resp.read())["data"])
+
+
 def instances(stub: pb_grpc.CloudProviderStub) -> dict[str, Any]:
     answer = call(stub, "NodeGroupNodes", pb.NodeGroupNodesRequest(id=GROUP))
     return {i.id: i.status for i in answer.instances}
@@ -98,6 +111,13 @@ def test_the_autoscalers_loop_over_mtls(lab: Lab) -> None:
         assert sorted(lab.vsphere_vms()) == sorted(h["name"] for h in hosts.values())
         assert sorted(lab.foreman_hosts()) == sorted(h["fqdn"] for h in hosts.values())
         assert sorted(lab.satellite_systems()) == sorted(h["fqdn"] for h in hosts.values())
+        # the providerID reaches the machine's configuration: a Foreman host parameter, which
+        # Foreman's ENC hands Puppet as a parameter of the node
+        foreman = lab.foreman_hosts()
+        for pid, host in hosts.items():
+            assert foreman[host["fqdn"]]["parameters"]["governord_provider_id"] == pid
+            enc = foreman_enc(lab, foreman[host["fqdn"]]["id"])
+            assert enc["parameters"]["governord_provider_id"] == pid
         events = daemon.db_query("SELECT actor, kind FROM events WHERE kind = 'request-accepted'")
         assert [e["actor"] for e in events] == ["autoscaler"]
 
