@@ -583,8 +583,15 @@ class StoreSection(StrictModel):
     username: str | None = Field(default=None, min_length=1)
     #: the database password, by reference; PostgreSQL only
     password: SecretRef | None = None
-    #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's writes
+    #: PostgreSQL: connections kept open for reads, and as many for the decisions and the engine's
+    #: writes (and one more, for the health check)
     pool_size: int = Field(default=10, ge=1, le=500)
+    #: seconds the revoked certificates are kept in memory before they are read again. The
+    #: bound it sets: a certificate revoked through any instance sharing the database is refused
+    #: by every instance for each request checked more than this many seconds after the
+    #: revocation was committed (by the instance that revoked it, at once). 0: read on every
+    #: request. Takes effect on reload.
+    revocation_refresh: float = Field(default=2.0, ge=0, le=3600)
 
     @field_validator("url")
     @classmethod

@@ -120,6 +120,7 @@ class Daemon:
     async def run(self) -> int:
         # imported here, not at the top: `governord --check` and a refused config need none of it
         from aiohttp import web
+        from sqlalchemy.exc import DBAPIError
 
         from .api.admin_api import create_admin_api
         from .api.app_api import create_app_api
@@ -149,6 +150,10 @@ class Daemon:
             print(f"governord: configuration error: {ConfigError(self.config_path, 'fleet.instance', str(exc))}",
                   file=sys.stderr)
             return EXIT_CONFIG
+        except DBAPIError as exc:  # the database is down or refuses us: systemd starts us again
+            print(f"governord: cannot open the store: {type(exc.orig).__name__}: {str(exc.orig).strip()}",
+                  file=sys.stderr)
+            return 1
         await runtime.start()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)
@@ -305,7 +310,9 @@ def _restart_only(old: Config, new: Config) -> list[str]:
         ("api", old.api, new.api),
         ("daemon.disabled_plugins", old.daemon.disabled_plugins, new.daemon.disabled_plugins),
         # the open store (its engines, pools and writer) stays: a new database needs a restart
-        ("store", old.core.store, new.core.store),
+        # (how long revocations are kept in memory is taken on reload)
+        ("store", old.core.store.model_copy(update={"revocation_refresh": 0.0}),
+         new.core.store.model_copy(update={"revocation_refresh": 0.0})),
     ]
     for name, a, b in pairs:
         if a != b:

@@ -7,7 +7,11 @@ In a fleet every instance is scraped. What each instance does (its transitions, 
 calls, refusals, fenced writes) is its own series, summed across instances by Prometheus as
 usual. What describes the whole fleet (hosts by state, instances by status) is the same read on
 every instance, so only the leader reports it: a ``sum`` over the fleet counts it once, and a
-failover moves it with the leader lease."""
+failover moves it with the leader lease.
+
+``governord_store_up`` (every instance) says whether the store answers this instance (the
+health check's, see :meth:`Store.health <governord.store.Store.health>`); while it does not,
+``/metrics`` still answers, the fleet-wide series as last read."""
 
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
 
 from .models import HostState
+from .store import unavailable
 
 if TYPE_CHECKING:
     from .dispatch import Dispatcher
@@ -56,6 +61,8 @@ class Metrics:
             registry=self.registry,
         )
         self.in_flight = Gauge("governord_steps_in_flight", "Host steps running now", registry=self.registry)
+        self.store_up = Gauge("governord_store_up", "1 while the store (the database) answers, 0 while it cannot be "
+                              "reached", registry=self.registry)
         self.api_refusals = Counter(
             "governord_api_refusals",
             "Connections and requests the application API refused or cut, by reason (e.g. unknown_ca, expired, "
@@ -73,16 +80,24 @@ class Metrics:
         self.transitions.labels(previous, row["state"]).inc()
 
     async def render(self) -> bytes:
-        if self.fleet.is_leader:
-            counts = await self.store.count_by_state()
-            for state in HostState:
-                self.hosts.labels(state.value).set(counts.get(state.value, 0))
-            members = await self.fleet.members()
-            for status in ("up", "lost", "stopped"):
-                self.instances.labels(status).set(sum(1 for m in members if m["status"] == status))
-        else:
+        up = await self.store.health() is None
+        if not self.fleet.is_leader:
             self.hosts.clear()
             self.instances.clear()
+        elif up:
+            try:
+                counts = await self.store.count_by_state()
+                members = await self.fleet.members()
+            except Exception as exc:
+                if unavailable(exc) is None:
+                    raise
+                up = False  # gone since the health check: the series stay as last read
+            else:
+                for state in HostState:
+                    self.hosts.labels(state.value).set(counts.get(state.value, 0))
+                for status in ("up", "lost", "stopped"):
+                    self.instances.labels(status).set(sum(1 for m in members if m["status"] == status))
+        self.store_up.set(1 if up else 0)
         self.leader.set(1 if self.fleet.is_leader else 0)
         self.fenced_out.set(self.engine.fenced_out)
         self.taken_over.set(self.engine.taken_over)

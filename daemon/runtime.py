@@ -51,7 +51,7 @@ class Runtime:
         #: each application's rate limit on scale, release and webhook requests (per instance)
         self.rate_limits = RateLimits(config, self.metrics.registry)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
-        self.certificates = CertificateStore(store)
+        self.certificates = CertificateStore(store, refresh=config.core.store.revocation_refresh)
         #: closing the instances a reload replaced, once their steps are done
         self._retiring: set[asyncio.Task[None]] = set()
         self.notifier = Notifier(store, self.governor.request_status, config, self.listeners, self.fleet)
@@ -130,6 +130,7 @@ class Runtime:
         self.rate_limits.configure(config)
         self.notifier.reconfigure(config)
         self.pruner.reconfigure(config)
+        self.certificates.refresh = config.core.store.revocation_refresh
         self.fleet.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)

@@ -4,7 +4,8 @@
 127.0.0.1 port (no Unix socket, ``fsync=off``: a throw-away lab database), as user ``postgres``
 when started by root (PostgreSQL refuses to run as root). :class:`PostgresCluster` is the handle:
 :meth:`PostgresCluster.create_database` makes a role and a database and returns their URL,
-:meth:`PostgresCluster.stop` shuts the server down. The Puppet lab (lab/puppet) runs PuppetDB's
+:meth:`PostgresCluster.stop` shuts the server down and :meth:`PostgresCluster.start` starts it
+again on the same data and port (an outage, for the store's tests). The Puppet lab (lab/puppet) runs PuppetDB's
 database on one; the store's tests run governord on one (tests/fixtures/postgres.py).
 
 The packages come from ``lab/puppet/install.sh`` (``postgresql``), which ``make deps`` runs.
@@ -92,6 +93,9 @@ class PostgresCluster:
     process: subprocess.Popen[bytes]
     log: Path
     bindir: Path = field(default_factory=postgres_bin)
+    max_connections: int = 40
+    #: the user the server runs as (see :func:`postgres_user`)
+    user: str | None = None
 
     def url(self, database: str, user: str, password: str, *, driver: str = "postgresql+psycopg") -> str:
         return f"{driver}://{user}:{password}@127.0.0.1:{self.port}/{database}"
@@ -131,6 +135,29 @@ class PostgresCluster:
         """Shut the server down (SIGINT: PostgreSQL's fast shutdown, clients are disconnected)."""
         stop_group(self.process, sig, timeout)
 
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the stopped server again, on the same data directory and port; returns once it
+        accepts connections. Its databases, roles and passwords are as they were."""
+        if self.running():
+            raise PostgresError(f"postgres is still running (pid {self.process.pid})")
+        self.process = _launch(self.bindir, self.directory / "data", self.port, self.log, self.max_connections,
+                               self.user)
+        self._wait_accepting(timeout)
+
+    def _wait_accepting(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise PostgresError(f"postgres exited ({self.process.returncode}):\n{_tail(self.log)}")
+            try:
+                self.psql("postgres", "select 1")
+                return
+            except PostgresError:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise PostgresError(f"postgres did not accept connections:\n{_tail(self.log)}") from None
+            time.sleep(0.2)
+
     def __enter__(self) -> PostgresCluster:
         return self
 
@@ -163,9 +190,18 @@ def start_cluster(directory: str | os.PathLike[str], *, port: int | None = None,
         pwfile.unlink(missing_ok=True)
     log = log or pg / "postgres.log"
     port = port or free_port()
+    process = _launch(bindir, data, port, log, max_connections, user)
+    cluster = PostgresCluster(pg, port, superuser_password, process, log, bindir, max_connections, user)
+    cluster._wait_accepting(timeout)
+    return cluster
+
+
+def _launch(bindir: Path, data: Path, port: int, log: Path, max_connections: int,
+            user: str | None) -> subprocess.Popen[bytes]:
+    """Start ``postgres`` on ``data``, listening on ``port`` of 127.0.0.1, its output appended to ``log``."""
     with open(log, "ab") as out:
         # its own session, so stop() signals the server and nothing else
-        process = subprocess.Popen(
+        return subprocess.Popen(
             [str(bindir / "postgres"), "-D", str(data), "-p", str(port),
              "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories=",
              # a throw-away lab database: durability only costs time
@@ -174,19 +210,6 @@ def start_cluster(directory: str | os.PathLike[str], *, port: int | None = None,
             stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
             user=user, group=user, extra_groups=[] if user else None,
         )
-    cluster = PostgresCluster(pg, port, superuser_password, process, log, bindir)
-    deadline = time.monotonic() + timeout
-    while True:
-        if process.poll() is not None:
-            raise PostgresError(f"postgres exited ({process.returncode}):\n{_tail(log)}")
-        try:
-            cluster.psql("postgres", "select 1")
-            return cluster
-        except PostgresError:
-            if time.monotonic() > deadline:
-                cluster.stop()
-                raise PostgresError(f"postgres did not accept connections:\n{_tail(log)}") from None
-        time.sleep(0.2)
 
 
 __all__ = ["PostgresCluster", "PostgresError", "free_port", "postgres_bin", "postgres_user", "start_cluster"]

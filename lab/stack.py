@@ -443,7 +443,11 @@ classes_from = "foreman"
     # -- the other side ---------------------------------------------------------------------------
 
     def vsphere_vms(self, peer: PeerProcess | None = None) -> dict[str, dict[str, Any]]:
-        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker."""
+        """VMs in vcsim (the lab's, or ``peer``) that carry governord's ownership marker, by name."""
+        return {vm["name"]: vm for vm in self.vsphere_vm_list(peer)}
+
+    def vsphere_vm_list(self, peer: PeerProcess | None = None) -> list[dict[str, Any]]:
+        """The same VMs, each one entry (two VMs of one name are two entries: a duplicate shows)."""
         peer = peer or self.vcsim
         assert peer
         from pyVmomi import vim
@@ -452,13 +456,13 @@ classes_from = "foreman"
         try:
             content = si.RetrieveContent()
             view = content.viewManager.CreateContainerView(content.rootFolder, [vim.VirtualMachine], True)
-            vms: dict[str, dict[str, Any]] = {}
+            vms: list[dict[str, Any]] = []
             for vm in view.view:
                 extra = {o.key: o.value for o in (vm.config.extraConfig if vm.config else [])}
                 host_id = extra.get("guestinfo.governord.host-id")
                 if host_id:
-                    vms[vm.name] = {"host_id": host_id, "power": str(vm.runtime.powerState),
-                                    "ip": vm.guest.ipAddress if vm.guest else None, "moid": vm._moId}
+                    vms.append({"name": vm.name, "host_id": host_id, "power": str(vm.runtime.powerState),
+                                "ip": vm.guest.ipAddress if vm.guest else None, "moid": vm._moId})
             view.Destroy()
             return vms
         finally:

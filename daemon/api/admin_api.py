@@ -341,9 +341,10 @@ async def sweep(request: web.Request) -> web.Response:
     return reply(schemas.SweepReport, report.as_dict())
 
 
-@endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})
+@endpoints.add("GET", "/healthz", "Whether this instance can serve: its store answers (503 while it cannot)",
+               responses={200: schemas.Health, 503: schemas.Health})
 async def health(request: web.Request) -> web.Response:
-    return await healthz(request)
+    return await healthz(_runtime(request).store, detail=True)
 
 
 @endpoints.add("GET", "/metrics", "Prometheus metrics", responses={200: None}, content_type="text/plain")

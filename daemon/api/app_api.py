@@ -330,9 +330,10 @@ async def openshift_webhook(request: web.Request) -> web.Response:
                                         "reason": status["reason"], "request": status}, code)
 
 
-@endpoints.add("GET", "/healthz", "Liveness", responses={200: schemas.Health})
+@endpoints.add("GET", "/healthz", "Whether this instance can serve: its store answers (503 while it cannot)",
+               responses={200: schemas.Health, 503: schemas.Health})
 async def health(request: web.Request) -> web.Response:
-    return await healthz(request)
+    return await healthz(request.app[runtime_key].store, detail=False)
 
 
 @endpoints.add("GET", "/metrics", "Prometheus metrics", responses={200: None}, content_type="text/plain")

@@ -1,11 +1,17 @@
 """Plumbing shared by both APIs: declared endpoints (which also make the OpenAPI document),
-body validation, and error responses that name the offending field."""
+body validation, error responses that name the offending field, and ``/healthz``.
+
+While the store cannot be reached (the database stopped or unreachable), a request that needs
+it is answered 503 with ``Retry-After`` (:data:`STORE_UNAVAILABLE`), never 500, and nothing of
+it is half-written: each decision is one transaction. ``/healthz`` says so too (503,
+``{"status": "unhealthy", "store": ...}``)."""
 
 from __future__ import annotations
 
 import json
 import logging
 import re
+import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from itertools import accumulate
@@ -17,6 +23,7 @@ from pydantic import BaseModel, ValidationError
 from .. import __version__
 from ..errors import FieldError
 from ..rules import RequestError
+from ..store import Store, unavailable
 from . import schemas
 
 log = logging.getLogger(__name__)
@@ -132,6 +139,8 @@ class Endpoints:
                 op["security"] = [{"applicationCertificate": []}]
                 responses.setdefault(401, schemas.Error)
                 responses.setdefault(403, schemas.Error)
+            if ep.content_type == "application/json" and ep.handler != self._serve_openapi:
+                responses.setdefault(503, schemas.Error)  # the store unreachable (errors_middleware)
             for status, model in sorted(responses.items()):
                 entry: dict[str, Any] = {"description": str(status)}
                 if model is not None:
@@ -165,9 +174,40 @@ def error_response(
 max_body_key = web.AppKey("max_body", int)
 
 
+#: the answer to a request that needed the store while it could not be reached
+STORE_UNAVAILABLE = ("governord cannot reach its database: try again shortly (a request repeated with its "
+                     "idempotency_key is never taken twice)")
+#: whole seconds a client is asked to wait before trying again then
+STORE_RETRY_AFTER = 2
+
+
+class _OutageLog:
+    """One log line per :data:`INTERVAL` seconds about requests refused for the store, not one
+    per request (a busy API would write hundreds a second while the database is away)."""
+
+    INTERVAL = 5.0
+
+    def __init__(self) -> None:
+        self._last = 0.0
+        self._quiet = 0
+
+    def refused(self, path: str, reason: str) -> None:
+        now = time.monotonic()
+        if now - self._last < self.INTERVAL:
+            self._quiet += 1
+            return
+        log.warning("the store is unreachable, answering 503: %s", reason,
+                    extra={"path": path, "refused_since_last_line": self._quiet})
+        self._last, self._quiet = now, 0
+
+
+_outages = _OutageLog()
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn refusals into ``{"error", "field"}`` bodies; never leak a traceback."""
+    """Turn refusals into ``{"error", "field"}`` bodies; never leak a traceback. A request that
+    failed because the store could not be reached is a 503 with ``Retry-After``."""
     try:
         return await handler(request)
     except RequestError as exc:
@@ -180,7 +220,11 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             kept = {k: v for k, v in exc.headers.items() if k.lower() not in _BODY_HEADERS}
             return error_response(exc.status, exc.reason, headers=kept)
         raise
-    except Exception:
+    except Exception as exc:
+        reason = unavailable(exc)
+        if reason is not None:
+            _outages.refused(request.path, reason)
+            return error_response(503, STORE_UNAVAILABLE, headers={"Retry-After": str(STORE_RETRY_AFTER)})
         log.exception("API handler failed", extra={"path": request.path})
         return error_response(500, "internal error (logged)")
 
@@ -265,5 +309,14 @@ def reply(model: type[BaseModel], data: Any, status: int = 200) -> web.Response:
     return web.Response(body=body, status=status, content_type="application/json")
 
 
-async def healthz(request: web.Request) -> web.Response:
-    return reply(schemas.Health, {"status": "ok"})
+async def healthz(store: Store, *, detail: bool) -> web.Response:
+    """200 ``{"status": "ok", "store": "ok"}`` while the store answers (see :meth:`Store.health
+    <governord.store.Store.health>`: at most one ``SELECT 1`` a second), else 503
+    ``{"status": "unhealthy", "store": why}``. ``detail``: the driver's own words (the
+    operators' socket); otherwise only the kind of failure, as the database's address is
+    nobody else's business."""
+    problem = await store.health()
+    if problem is None:
+        return reply(schemas.Health, {"status": "ok", "store": "ok"})
+    why = problem if detail else f"unreachable ({problem.split(':', 1)[0]})"
+    return reply(schemas.Health, {"status": "unhealthy", "store": why}, 503)

@@ -160,7 +160,12 @@ class Error(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
+    """Whether this instance can serve: ``ok``, or ``unhealthy`` (HTTP 503) while its store
+    cannot be reached."""
+
+    status: Literal["ok", "unhealthy"]
+    #: ``ok``, or why the store cannot be reached
+    store: str
 
 
 class Instance(BaseModel):

@@ -16,6 +16,11 @@ Every claim increments the host's fencing token and every write names the token 
 with: an instance paused or cut off past its lease gets its late writes refused, and the lease
 renewal tells it which hosts another instance took, so it stops working on them (see
 :mod:`governord.store`).
+
+While the store cannot be reached the engine keeps running: a round that cannot claim claims
+nothing (the loop tries again each second), and a host whose write failed stays as last
+committed; its lease is given back as soon as the store answers again (or runs out), and its
+step runs again, as after ``kill -9``.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ from ..models import (
     provider_id,
 )
 from ..registrars import Phase
-from ..store import Row, Store, host_view
+from ..store import Row, Store, host_view, log_failed, unavailable
 from ..store.schema import hosts
 
 if TYPE_CHECKING:
@@ -133,6 +138,9 @@ class Engine:
         self._runner: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self.on_transition: list[Callable[[Row, str], None]] = []
+        #: hosts whose task ended without giving its lease back (the store could not be
+        #: reached): given back, fenced on the lease, once it can
+        self._unreleased: set[str] = set()
 
     # -- running --------------------------------------------------------------------------
 
@@ -174,36 +182,50 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._renewer
         # leases of parked steps: free them so a restart need not wait for expiry
-        await self.store.release_leases_of(self.owner)
+        try:
+            await self.store.release_leases_of(self.owner)
+        except Exception as exc:  # noqa: BLE001 - the store away: the leases expire, the next start frees them
+            log_failed(log, "freeing the leases at stop", exc)
 
     async def _run(self) -> None:
-        workers = self.config.engine.workers
         while not self._stopping:
             self._wake.clear()
-            free = workers - len(self._tasks)
-            if free > 0:
-                try:
-                    claimed = await self.store.claim_due(self.owner, free, self.config.engine.lease_seconds)
-                except Exception:  # noqa: BLE001 - a store hiccup must not kill the engine
-                    log.exception("claiming work failed")
-                    claimed = []
-                for row in claimed:
-                    stale = self._tasks.get(row["id"])
-                    if stale is not None:
-                        # its lease ran out while this instance was paused: the step started
-                        # under the old token can write nothing more; the new claim goes on
-                        stale.cancel()
-                    task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
-                    self._tasks[row["id"]] = task
-                    task.add_done_callback(functools.partial(self._finished, row["id"]))
-                if len(claimed) == free:
-                    continue
+            try:
+                if await self._claim():
+                    continue  # every free worker got a host: there may be more due
+                next_due = await self.store.next_due_at()
+            except Exception as exc:  # noqa: BLE001 - a store hiccup must not kill the engine
+                log_failed(log, "claiming work", exc)  # once a round: the store away, once a second
+                next_due = None
             timeout = 1.0
-            next_due = await self.store.next_due_at()
             if next_due is not None:
                 timeout = max(0.05, min(timeout, next_due - time.time()))
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=timeout)
+
+    async def _claim(self) -> bool:
+        """Give back the leases of hosts whose tasks ended while the store was away (only those
+        still ours: their steps run again now, not when the leases run out), then claim due
+        hosts for the free workers and start them. True if it filled every free worker."""
+        if self._unreleased:
+            ids = sorted(self._unreleased)
+            await self.store.release_leases(self.owner, ids)
+            self._unreleased.difference_update(ids)
+            log.info("gave back the leases of hosts interrupted while the store was away", extra={"hosts": len(ids)})
+        free = self.config.engine.workers - len(self._tasks)
+        if free <= 0:
+            return False
+        claimed = await self.store.claim_due(self.owner, free, self.config.engine.lease_seconds)
+        for row in claimed:
+            stale = self._tasks.get(row["id"])
+            if stale is not None:
+                # its lease ran out while this instance was paused: the step started
+                # under the old token can write nothing more; the new claim goes on
+                stale.cancel()
+            task = asyncio.create_task(self._work(row), name=f"host-{row['name']}")
+            self._tasks[row["id"]] = task
+            task.add_done_callback(functools.partial(self._finished, row["id"]))
+        return len(claimed) == free
 
     def _finished(self, host_id: str, task: asyncio.Task[None]) -> None:
         if self._tasks.get(host_id) is task:
@@ -216,8 +238,8 @@ class Engine:
             await asyncio.sleep(interval)
             try:
                 lost = await self.store.renew_leases(self.owner, list(self._tasks), self.config.engine.lease_seconds)
-            except Exception:  # noqa: BLE001
-                log.exception("renewing leases failed")
+            except Exception as exc:  # noqa: BLE001
+                log_failed(log, "renewing leases", exc)
                 continue
             for host_id, holder in lost.items():
                 # the lease ran out (this instance was paused or cut off) and another instance
@@ -252,12 +274,20 @@ class Engine:
         except asyncio.CancelledError:
             log.info("step stopped (shutdown, or its lease was lost)", extra={"host": row["name"] if row else None})
             raise
-        except Exception:  # noqa: BLE001 - a bug must not leave the host leased forever
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the host leased forever
+            if row is not None and (reason := unavailable(exc)) is not None:
+                # as last committed; the step runs again once the store is back
+                log.warning("host %s: the store is unreachable, its step runs again once it is back: %s",
+                            row["name"], reason, extra={"host": row["name"]})
+                self._unreleased.add(row["id"])
+                return
             log.exception("engine error", extra={"host": row["name"] if row else None})
             if row is not None:
-                await self._fence(
-                    row, {"next_attempt_at": time.time() + 30}, release=True
-                )
+                try:
+                    await self._fence(row, {"next_attempt_at": time.time() + 30}, release=True)
+                except Exception as again:  # noqa: BLE001
+                    log_failed(log, f"putting host {row['name']} aside", again)
+                    self._unreleased.add(row["id"])
         finally:
             if row is not None:
                 self._started.discard(row["id"])

@@ -40,6 +40,7 @@ from sqlalchemy.engine import Connection
 from .. import webhooks
 from ..config import CallbackRules, Config
 from ..outbound import Guard, Policy
+from ..store import log_failed, unavailable
 from ..store.schema import callbacks
 
 if TYPE_CHECKING:
@@ -138,8 +139,8 @@ class Notifier:
             try:
                 if self.fleet.is_leader:
                     await self.deliver_due()
-            except Exception:  # noqa: BLE001 - one bad round must not stop notifications
-                log.exception("delivering callbacks failed")
+            except Exception as exc:  # noqa: BLE001 - one bad round must not stop notifications
+                log_failed(log, "delivering callbacks", exc)
             await asyncio.sleep(self.interval)
 
     async def deliver_due(self) -> None:
@@ -157,6 +158,8 @@ class Notifier:
                 if not await self._deliver(row):
                     unfinished.append(row["request_id"])
             except Exception as exc:  # noqa: BLE001 - one callback's failure is that callback's alone
+                if unavailable(exc) is not None:
+                    raise  # the store's, not the callback's: no attempt counted, the round ends
                 log.exception("callback failed", extra={"request": row["request_id"]})
                 await self._failed(row, f"{type(exc).__name__}: {exc}", retry=True)
         if unfinished:

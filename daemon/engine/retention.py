@@ -47,7 +47,7 @@ from sqlalchemy.engine import Connection
 
 from ..fleet import RETENTION, Busy, Fleet
 from ..models import HostState
-from ..store import Store, beyond
+from ..store import Store, beyond, log_failed
 from ..store.schema import address_leases, callbacks, events, hosts, requests
 
 if TYPE_CHECKING:
@@ -203,8 +203,8 @@ class Pruner:
                     await self.prune()
                 except Busy as busy:
                     log.info("pruning skipped: %s", busy)
-                except Exception:  # a failed round must not end the later ones
-                    log.exception("pruning failed")
+                except Exception as exc:  # noqa: BLE001 - a failed round must not end the later ones
+                    log_failed(log, "pruning", exc)
             interval = self.config.retention.interval
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wake.wait(), timeout=interval if interval > 0 else None)

@@ -47,7 +47,7 @@ from ..dispatch import Dispatcher, Outcome, describe_error
 from ..fleet import SWEEP, Busy, Fleet, Lease
 from ..models import OWNERSHIP_KEY, HostOrigin, HostState, HostView, Machine
 from ..registrars import Registration
-from ..store import Row, Store, host_view
+from ..store import Row, Store, host_view, log_failed
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -192,8 +192,8 @@ class Sweeper:
             except Busy as busy:
                 log.info("periodic sweep skipped: %s", busy)
                 continue
-            except Exception:  # noqa: BLE001 - a failed sweep must not end the periodic ones
-                log.exception("sweep failed")
+            except Exception as exc:  # noqa: BLE001 - a failed sweep must not end the periodic ones
+                log_failed(log, "sweep", exc)
                 continue
             if report.findings or report.errors:
                 log.warning("sweep: %d findings, %d errors", len(report.findings), len(report.errors),

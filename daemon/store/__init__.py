@@ -38,6 +38,7 @@ import ipaddress
 import itertools
 import logging
 import re
+import sqlite3
 import string
 import time
 import uuid
@@ -52,7 +53,8 @@ from alembic.config import Config as AlembicConfig
 from alembic.script import ScriptDirectory
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import DBAPIError, IntegrityError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
@@ -76,6 +78,42 @@ T = TypeVar("T")
 
 log = logging.getLogger(__name__)
 
+#: seconds the health check waits for the database's answer to ``SELECT 1``
+HEALTH_TIMEOUT = 2.0
+#: seconds a health check's answer is kept: a storm of ``/healthz`` and ``/metrics`` requests
+#: asks the database once in this time
+HEALTH_KEPT = 1.0
+
+
+def unavailable(exc: BaseException) -> str | None:
+    """Why the store could not be used, when ``exc`` says it could not be reached (the server
+    stopped or unreachable, a connection lost in the middle, no pooled connection free in time,
+    SQLite's file locked past its busy timeout): one line. None for every other error (a bug, a
+    constraint), which is not the store's state but the caller's."""
+    if isinstance(exc, PoolTimeout):
+        return f"no database connection free in time: {exc}".splitlines()[0]
+    if isinstance(exc, OperationalError) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        orig = exc.orig if isinstance(exc, DBAPIError) else None
+        return _first_line(orig if orig is not None else exc)
+    if isinstance(exc, sqlite3.OperationalError):  # SQLite's prepared statements run on the DBAPI cursor
+        return _first_line(exc)
+    return None
+
+
+def log_failed(logger: logging.Logger, what: str, exc: BaseException) -> None:
+    """Log that ``what`` failed with ``exc``, for the background loops that go on after it: one
+    line when the store could not be reached (they say so every round until it is back), the
+    traceback for anything else."""
+    reason = unavailable(exc)
+    if reason is None:
+        logger.error("%s failed", what, exc_info=exc)
+    else:
+        logger.warning("%s failed, the store is unreachable: %s", what, reason)
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0] if lines else 'no detail'}"
 
 
 def _json_text(value: Any) -> str:
@@ -412,9 +450,15 @@ def _fenced_statement(dialect: Any, values: Row) -> tuple[DirectStatement | Core
 class Store:
     """All reads and writes of governord's state."""
 
-    def __init__(self, engine: AsyncEngine, writer_engine: Engine, *, pool_size: int = 10) -> None:
+    def __init__(self, engine: AsyncEngine, writer_engine: Engine, *, pool_size: int = 10,
+                 probe: AsyncEngine | None = None) -> None:
         self.engine = engine
         self.dialect = writer_engine.dialect.name
+        #: what the health check asks on (PostgreSQL: a connection of its own; SQLite: the readers')
+        self._probe = probe or engine
+        #: the last health check: when it began (monotonic) and its answer
+        self._health: tuple[float, str | None] | None = None
+        self._checking = asyncio.Lock()
         self.writer: sqlite.GroupCommit | postgresql.PooledWriter
         if self.dialect == "sqlite":
             #: SQLite's one writer, taken in turns by the group commit and the async transactions
@@ -434,7 +478,8 @@ class Store:
         if url.startswith("sqlite"):
             return cls(sqlite.async_engine(url, JSON_CODEC), sqlite.sync_engine(url, JSON_CODEC))
         return cls(postgresql.async_engine(url, JSON_CODEC, pool_size),
-                   postgresql.sync_engine(url, JSON_CODEC, pool_size), pool_size=pool_size)
+                   postgresql.sync_engine(url, JSON_CODEC, pool_size), pool_size=pool_size,
+                   probe=postgresql.probe_engine(url, HEALTH_TIMEOUT))
 
     @classmethod
     async def open_sqlite(cls, path: Path) -> Store:
@@ -443,6 +488,48 @@ class Store:
     async def close(self) -> None:
         await self.writer.close()
         await self.engine.dispose()
+        if self._probe is not self.engine:
+            await self._probe.dispose()
+
+    async def health(self) -> str | None:
+        """None when the database answers ``SELECT 1`` within :data:`HEALTH_TIMEOUT` seconds,
+        else why not (one line). The answer is kept :data:`HEALTH_KEPT` seconds, and callers
+        that ask while a check runs share it: ``/healthz`` and ``/metrics`` may be asked as often
+        as anyone likes, the database is asked at most about once a second."""
+        kept = self._health
+        if kept is not None and time.monotonic() - kept[0] < HEALTH_KEPT:
+            return kept[1]
+        arrived = time.monotonic()
+        async with self._checking:
+            kept = self._health
+            if kept is not None and kept[0] >= arrived - HEALTH_KEPT:
+                return kept[1]  # checked while this caller waited for its turn
+            began = time.monotonic()
+            problem = await self._check()
+            was_up = kept is None or kept[1] is None
+            self._health = (began, problem)
+            if problem is not None and was_up:
+                log.warning("the store is unreachable: %s", problem)
+            elif problem is None and not was_up:
+                log.info("the store is reachable again")
+            return problem
+
+    async def _check(self) -> str | None:
+        async def select_one() -> None:
+            async with self._probe.connect() as conn:
+                await conn.execute(text("SELECT 1"))
+
+        try:
+            await asyncio.wait_for(select_one(), HEALTH_TIMEOUT)
+        except TimeoutError:
+            if self._probe is not self.engine:
+                # its one connection may be left mid-way: the next check starts on a new one
+                with contextlib.suppress(Exception):
+                    await self._probe.dispose()
+            return f"no answer to SELECT 1 within {HEALTH_TIMEOUT:g} s"
+        except Exception as exc:  # noqa: BLE001 - reported as the store's state, whatever it is
+            return unavailable(exc) or _first_line(exc)
+        return None
 
     async def decide(self, decision: Callable[[Transaction], T], *, locks: Iterable[str] = ()) -> T:
         """Run ``decision`` (a synchronous function of a :class:`Transaction`) on a writer
@@ -611,6 +698,15 @@ class Store:
         ``instance/...`` but ``keep``, the running one): their steps resume at once."""
         where = and_(hosts.c.lease_owner.startswith(instance + "/", autoescape=True), hosts.c.lease_owner != keep)
         statement = update(hosts).where(where).values(lease_owner=None, lease_expires=None)
+        return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
+
+    async def release_leases(self, owner: str, ids: Sequence[str]) -> int:
+        """Give back the leases ``owner`` still holds on hosts ``ids`` (fenced: a lease another
+        instance took meanwhile stays its own); how many were given back."""
+        if not ids:
+            return 0
+        statement = (update(hosts).where(hosts.c.id.in_(list(ids)), hosts.c.lease_owner == owner)
+                     .values(lease_owner=None, lease_expires=None))
         return await self.writer.run(lambda conn: conn.execute(statement).rowcount or 0)
 
     async def fenced_update(
@@ -1059,17 +1155,34 @@ class CertificateStore:
     issued (a mixin-free helper over the store's engine). A revocation is of an issuer and a
     serial: one CA's serial never revokes another CA's certificate.
 
-    The revoked (issuer, serial) pairs are also kept in memory, read once and added to by
-    :meth:`revoke` and :meth:`revoke_site`: every request of the applications' API asks, and the
-    daemon is the only writer of its database (``governord-ctl`` revokes through it), so the set
-    is never stale."""
+    Every request of the applications' API asks whether its certificate is revoked, so the
+    revoked (issuer, serial) pairs are kept in memory, and read again from the database once the
+    copy is ``refresh`` seconds old: several instances may share the database, and any of them
+    may revoke. The bound: a certificate revoked through any instance is refused by every
+    instance for each request checked more than ``refresh`` seconds after the revocation was
+    committed (a check uses a copy whose read began less than ``refresh`` seconds before it,
+    and a read sees every revocation committed before it began), and by the instance that
+    revoked it at once (:meth:`revoke` and :meth:`revoke_site` drop the copy). A request that
+    finds the copy too old waits for the next read; requests arriving meanwhile share it.
 
-    def __init__(self, store: Store) -> None:
+    The check costs a clock reading and a set lookup; the read, once per ``refresh`` seconds,
+    is two small queries (bench/RESULTS.md, "Revocations": a plain re-read costs about what a
+    query for a version of the set would, for the sets a site has). When the read fails (the
+    database unreachable) the check raises: an unverifiable certificate is never let through."""
+
+    def __init__(self, store: Store, *, refresh: float = 2.0) -> None:
         self.store = store
         self.engine = store.engine
+        #: seconds a read of the revocations is used for (``[store] revocation_refresh``)
+        self.refresh = refresh
         self._revoked: set[tuple[str, str]] | None = None
-        #: bumped by every revocation: a read of the set begun before one is not kept
+        #: when the read of ``_revoked`` began (monotonic)
+        self._read_at = 0.0
+        #: bumped by every revocation through this instance: a read begun before one is not kept
         self._revocations = 0
+        self._reading = asyncio.Lock()
+        #: the last read, if it failed: when it ended (monotonic) and why
+        self._failure: tuple[float, Exception] | None = None
 
     async def record(self, *, serial: str, app: str, common_name: str, not_after: float, issuer: str) -> None:
         async with self.store.transaction() as conn:
@@ -1124,15 +1237,34 @@ class CertificateStore:
 
     async def revoked(self, issuer: str, serial: str) -> bool:
         """Whether the certificate ``serial`` of ``issuer`` (RFC 4514 name) is revoked."""
+        now = time.monotonic()
         known = self._revoked
-        if known is None:
-            revocations = self._revocations
-            async with self.engine.connect() as conn:
-                own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
-                                         .where(app_certificates.c.revoked_at.is_not(None)))
-                known = {(row[0], row[1]) for row in own}
-                site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
-                known |= {(row[0], row[1]) for row in site}
-            if revocations == self._revocations:
-                self._revoked = known
+        if known is None or now - self._read_at >= self.refresh:
+            known = await self._read(now)
         return (issuer, serial) in known
+
+    async def _read(self, arrived: float) -> set[tuple[str, str]]:
+        """The revocations as read after ``arrived - refresh``: one read at a time; a caller
+        that waited for another's read uses it if it began late enough, and shares its failure
+        (the database unreachable: callers do not queue up to fail one after the other)."""
+        async with self._reading:
+            known = self._revoked
+            if known is not None and arrived - self._read_at < self.refresh:
+                return known
+            if self._failure is not None and self._failure[0] > arrived:
+                raise self._failure[1].with_traceback(None)
+            revocations, began = self._revocations, time.monotonic()
+            try:
+                async with self.engine.connect() as conn:
+                    own = await conn.execute(select(app_certificates.c.issuer, app_certificates.c.serial)
+                                             .where(app_certificates.c.revoked_at.is_not(None)))
+                    known = {(row[0], row[1]) for row in own}
+                    site = await conn.execute(select(site_revocations.c.issuer, site_revocations.c.serial))
+                    known |= {(row[0], row[1]) for row in site}
+            except Exception as exc:
+                self._failure = (time.monotonic(), exc)
+                raise
+            self._failure = None
+            if revocations == self._revocations:
+                self._revoked, self._read_at = known, began
+            return known

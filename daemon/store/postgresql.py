@@ -42,17 +42,34 @@ _RETRYABLE = {"40P01", "40001"}  # deadlock_detected, serialization_failure
 _ATTEMPTS = 5
 
 
+#: seconds a new connection may take (libpq's connect_timeout): a server that cannot be reached
+#: (a host down, packets dropped) fails the operation in this time, not in TCP's minutes
+CONNECT_TIMEOUT = 10
+
+
 def sync_engine(url: str, codec: dict[str, Any], pool_size: int) -> Engine:
-    return create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **codec)
+    # pool_pre_ping: a pooled connection the server closed (a restart, an outage) is replaced at
+    # checkout instead of failing the first statement after the server is back
+    return create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
+                         connect_args={"connect_timeout": CONNECT_TIMEOUT}, **codec)
 
 
 def async_engine(url: str, codec: dict[str, Any], pool_size: int) -> AsyncEngine:
-    return create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True, **codec)
+    return create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
+                               connect_args={"connect_timeout": CONNECT_TIMEOUT}, **codec)
+
+
+def probe_engine(url: str, timeout: float) -> AsyncEngine:
+    """One connection of its own for the health check (:meth:`Store.health
+    <governord.store.Store.health>`): a busy pool must not make a reachable database look
+    unreachable, nor the check wait behind the API's queries."""
+    return create_async_engine(url, pool_size=1, max_overflow=0, pool_pre_ping=True, pool_timeout=timeout,
+                               connect_args={"connect_timeout": max(2, round(timeout))})
 
 
 def migration_engine(url: str, codec: dict[str, Any]) -> Engine:
     # no pool: the session lock must go with the connection, never stay on a pooled one
-    return create_engine(url, poolclass=NullPool, **codec)
+    return create_engine(url, poolclass=NullPool, connect_args={"connect_timeout": CONNECT_TIMEOUT}, **codec)
 
 
 def take_migration_lock(conn: Connection) -> None:

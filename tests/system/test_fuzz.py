@@ -366,7 +366,7 @@ def test_the_daemon_is_whole_after_the_fuzz(target: Target) -> None:
     assert target.responses, "the fuzz tests did not run before this one"
     assert all(status < 500 for _, status, _ in target.responses)
     assert daemon.process.poll() is None, daemon.log_tail()
-    assert target.app_session.get(f"{target.app_url}/healthz", timeout=30).json() == {"status": "ok"}
+    assert target.app_session.get(f"{target.app_url}/healthz", timeout=30).json() == {"status": "ok", "store": "ok"}
     assert target.admin_session.get(f"{target.admin_url}/v1/status", timeout=30).status_code == 200
     # what bad input could set off: a handler's failure, aiohttp's own "Error handling request",
     # a callback to a URL the API took and no client can send to

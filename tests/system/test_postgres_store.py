@@ -3,7 +3,14 @@ against the lab: a scale-up and a retirement, checked at the peers and in the da
 
 from __future__ import annotations
 
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tomllib
 from collections.abc import Callable
+from pathlib import Path
 
 from sqlalchemy import create_engine, text
 from sqlalchemy.engine import make_url
@@ -47,3 +54,21 @@ def test_scale_up_and_retire_with_the_store_on_postgresql(lab: Lab, new_postgres
         assert kinds.count("gone") == 1 and "registered" in kinds
     engine.dispose()
     assert not (daemon.state_dir / "governord.db").exists()
+
+
+def test_a_store_that_cannot_be_reached_at_start_is_one_line_and_exit_1(lab: Lab, tmp_path: Path) -> None:
+    """PostgreSQL down when the daemon starts: one line naming the failure, exit 1 (the unit's
+    Restart= starts it again), no traceback, no SQLite file made instead."""
+    with socket.socket() as probe:  # a loopback port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    config = lab.write_config()
+    config.write_text(f'[store]\nurl = "postgresql+psycopg://127.0.0.1:{port}/governord"\nusername = "g"\n'
+                      + config.read_text())
+    governord = shutil.which("governord", path=str(Path(sys.executable).parent)) or "governord"
+    result = subprocess.run([governord, "--config", str(config)], capture_output=True, text=True, timeout=120,
+                            check=False, env={**os.environ, **lab.passwords})
+    assert result.returncode == 1, result.stderr
+    assert "cannot open the store: OperationalError" in result.stderr and "Traceback" not in result.stderr
+    state_dir = Path(tomllib.loads(config.read_text())["daemon"]["state_dir"])
+    assert not (state_dir / "governord.db").exists()

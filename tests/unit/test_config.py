@@ -196,6 +196,8 @@ BROKEN = [
     ("store password for SQLite", "[store]\npassword = { env = 'GOVERNORD_FOREMAN_PASSWORD' }\n",
      "store: password: SQLite has none"),
     ("store pool too small", "[store]\npool_size = 0\n", "store.pool_size: Input should be greater than or equal to 1"),
+    ("revocations refreshed in the past", "[store]\nrevocation_refresh = -1\n",
+     "store.revocation_refresh: Input should be greater than or equal to 0"),
 ]
 
 
@@ -324,3 +326,6 @@ def test_a_changed_store_takes_effect_at_the_next_restart(tmp_path: Path) -> Non
     postgres = config("[store]\nurl = 'postgresql://db.example.com/governord'\n")
     assert _restart_only(sqlite, postgres) == ["store"]
     assert _restart_only(sqlite, config("")) == []
+    # how long revocations are kept in memory is taken on reload (Runtime.reload)
+    assert _restart_only(sqlite, config("[store]\nrevocation_refresh = 0.5\n")) == []
+    assert config("").core.store.revocation_refresh == 2.0

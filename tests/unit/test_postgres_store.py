@@ -7,15 +7,21 @@ from __future__ import annotations
 
 import asyncio
 import random
+import ssl
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
+import aiohttp
+from aiohttp import web
 from alembic.script import ScriptDirectory
-from sqlalchemy import create_engine, insert, text, update
+from sqlalchemy import create_engine, event, insert, text, update
 
 from governord import store
+from governord.api import admin_api, app_api
+from governord.api.tls import ApplicationTLS
 from governord.rules import RequestError
 from governord.runtime import Runtime
 from governord.store.schema import hosts
@@ -175,3 +181,123 @@ async def test_a_transaction_postgresql_aborts_for_a_deadlock_is_run_again(postg
         await opened.close()
     assert results == ["a", "b"]
     assert sorted(runs.values()) == [1, 2]  # the deadlock's victim ran again
+
+
+# -- revocations across instances -------------------------------------------------------------
+
+ISSUER = "CN=governord CA"
+
+
+def _reads_of_revocations(store_: store.Store) -> list[str]:
+    """A list that grows by each statement ``store_``'s readers send about revocations."""
+    seen: list[str] = []
+
+    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if "app_certificates" in statement or "site_revocations" in statement:
+            seen.append(statement)
+
+    event.listen(store_.engine.sync_engine, "before_cursor_execute", count)
+    return seen
+
+
+async def test_a_revocation_through_one_instance_is_refused_by_another_within_the_bound(postgres_url: str) -> None:
+    """Two stores on one database, as two instances have: what one revokes, the other refuses
+    for every check made more than ``refresh`` seconds after the revocation committed; the one
+    it was revoked through refuses at once. Both kinds: governord's own certificates and a site
+    CA's (by issuer and serial)."""
+    one, other = await store.Store.open(postgres_url, pool_size=2), await store.Store.open(postgres_url, pool_size=2)
+    refresh = 0.5
+    revoking, checking = store.CertificateStore(one, refresh=refresh), store.CertificateStore(other, refresh=refresh)
+    try:
+        await revoking.record(serial="a1", app="demo", common_name="demo", not_after=time.time() + 3600, issuer=ISSUER)
+        assert not await checking.revoked(ISSUER, "a1")  # accepted: and now in the other's copy
+        assert await revoking.revoke("demo", actor="test", serial="a1") == ["a1"]
+        assert await revoking.revoked(ISSUER, "a1")  # at once where it was revoked
+        await asyncio.sleep(refresh)
+        assert await checking.revoked(ISSUER, "a1")  # past the bound: everywhere
+
+        assert not await checking.revoked("CN=Site CA", "5e")
+        assert await revoking.revoke_site("demo", issuer="CN=Site CA", serial="5e", actor="test")
+        assert await revoking.revoked("CN=Site CA", "5e")
+        await asyncio.sleep(refresh)
+        assert await checking.revoked("CN=Site CA", "5e")
+        assert not await checking.revoked("CN=Other CA", "5e")  # one CA's serial only
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_within_the_bound_a_check_asks_the_database_nothing(postgres_url: str) -> None:
+    """The check every request makes is a set lookup while the copy is fresh (no statement at
+    all), checks that find it stale share one read, and a shorter refresh (a reload) applies
+    to the next check."""
+    one, other = await store.Store.open(postgres_url, pool_size=2), await store.Store.open(postgres_url, pool_size=4)
+    revoking, checking = store.CertificateStore(one, refresh=30), store.CertificateStore(other, refresh=30)
+    reads = _reads_of_revocations(other)
+    try:
+        await revoking.record(serial="b2", app="demo", common_name="demo", not_after=time.time() + 3600, issuer=ISSUER)
+        assert not await checking.revoked(ISSUER, "b2")
+        assert len(reads) == 2  # one read: governord's revoked certificates and the site CA's
+        await revoking.revoke("demo", actor="test", serial="b2")
+        for _ in range(200):
+            assert not await checking.revoked(ISSUER, "b2")  # within the 30 s: the copy, stale as allowed
+        assert len(reads) == 2
+
+        checking.refresh = 0.2
+        await asyncio.sleep(0.2)
+        answers = await asyncio.gather(*(checking.revoked(ISSUER, "b2") for _ in range(50)))
+        assert all(answers)
+        assert len(reads) == 4  # fifty stale checks at once: one read between them
+    finally:
+        await one.close()
+        await other.close()
+
+
+async def test_two_application_api_listeners_refuse_a_certificate_revoked_through_one(
+        store_backend: str, make_runtime: Callable[..., Any], aiohttp_client: Callable[..., Any]) -> None:
+    """Two instances on one database, each with its own HTTPS listener of the applications' API
+    (same CA: the same state directory), one application certificate: both serve it; it is
+    revoked through the first instance's admin API; the first refuses it at once, the second
+    for every request made ``revocation_refresh`` seconds later."""
+    runtimes = await _instances(make_runtime, 2, _cap(10))
+    refresh = 0.5
+    for runtime in runtimes:
+        runtime.certificates.refresh = refresh  # as [store] revocation_refresh (reloaded) sets it
+    admin = await aiohttp_client(admin_api.create_admin_api(runtimes[0]))
+    resp = await admin.post("/v1/apps/demo/certificate")
+    assert resp.status == 201
+    issued = await resp.json()
+    home = runtimes[0].state_dir
+    (home / "demo.pem").write_text(issued["certificate_pem"])
+    (home / "demo.key").write_text(issued["key_pem"])
+    client_tls = ssl.create_default_context(cafile=str(runtimes[0].ca.cert_path))
+    client_tls.load_cert_chain(home / "demo.pem", home / "demo.key")
+    runners, bases = [], []
+    for n, runtime in enumerate(runtimes):
+        server = runtime.ca.issue("127.0.0.1", server_names=["127.0.0.1"], stem=f"server-{n}")
+        tls = ApplicationTLS(certificate=server.certificate, key=str(server.key), client_ca=runtime.ca.cert_path,
+                             client_crl=None, count=runtime.metrics.refused)
+        runner = web.AppRunner(app_api.create_app_api(runtime, tls), access_log=None)
+        await runner.setup()
+        await web.TCPSite(runner, "127.0.0.1", 0, ssl_context=tls.context).start()
+        runners.append(runner)
+        bases.append(f"https://127.0.0.1:{runner.addresses[0][1]}")
+    try:
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(ssl=client_tls)) as session:
+            async def status(base: str) -> int:
+                async with session.get(f"{base}/v1/hosts") as reply:
+                    return reply.status
+
+            assert [await status(base) for base in bases] == [200, 200]
+            resp = await admin.post("/v1/apps/demo/revoke", json={"serial": issued["serial"]})
+            assert resp.status == 200 and (await resp.json())["revoked"] == [issued["serial"]]
+            assert await status(bases[0]) == 403
+            await asyncio.sleep(refresh)
+            assert [await status(bases[1]) for _ in range(5)] == [403] * 5
+            async with session.get(f"{bases[1]}/v1/hosts") as reply:
+                assert "revoked" in (await reply.json())["error"]
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+        for runtime in runtimes:
+            await runtime.stop()
