@@ -28,6 +28,7 @@ import functools
 import logging
 import os
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -42,6 +43,7 @@ from ..config import AutoscalerSection, identity_of
 from ..engine import BRING_UP_STEPS
 from ..models import LIVE_STATES, PROVIDER_ID_PREFIX, HostState, provider_id
 from ..rules import RequestError
+from ..store import unavailable
 from . import externalgrpc_pb2 as pb
 from . import externalgrpc_pb2_grpc as pb_grpc
 
@@ -332,6 +334,34 @@ class CloudProvider(pb_grpc.CloudProviderServicer):
         # Answering with zeroes where the autoscaler has defaults would make it act on them (a
         # provisioning time of 0 deletes the nodes it just asked for): its own defaults apply.
         await _abort(context, grpc.StatusCode.UNIMPLEMENTED, "the autoscaler's own options apply to every group")
+
+
+def _guarded(method: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """A call's errors as the autoscaler should get them: a refusal of the rules with its own
+    code and words, UNAVAILABLE while the store cannot be reached (the autoscaler tries again
+    next loop), and anything else INTERNAL, logged here, never a traceback on the wire."""
+
+    @functools.wraps(method)
+    async def call(self: CloudProvider, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except RequestError as exc:
+            await _abort(context, _CODES.get(exc.status, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
+        except Exception as exc:  # noqa: BLE001 - the wire gets a status, the log the traceback
+            reason = unavailable(exc)
+            if reason is not None:
+                log.warning("autoscaler call %s failed, the store is unreachable: %s", method.__name__, reason)
+                await _abort(context, grpc.StatusCode.UNAVAILABLE, "governord cannot reach its database: try again shortly")
+            log.exception("autoscaler call %s failed", method.__name__)
+            await _abort(context, grpc.StatusCode.INTERNAL, "internal error (logged)")
+
+    return call
+
+
+for _name in [name for name in vars(CloudProvider) if name[:1].isupper()]:
+    setattr(CloudProvider, _name, _guarded(getattr(CloudProvider, _name)))
 
 
 async def _abort(context: grpc.aio.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
