@@ -116,6 +116,15 @@ name_pattern = "demo-node-{{seq:02d}}"
 profile = {profile}
 """
 
+#: the Cluster Autoscaler's provider on a free loopback port (STATE_DIR/autoscaler.port)
+AUTOSCALER = """
+[autoscaler]
+listen = "127.0.0.1"
+port = 0
+node_groups = ["demo/node"]
+gpu_types = ["nvidia-tesla-t4"]
+"""
+
 
 @dataclass
 class Governord:
@@ -158,6 +167,10 @@ class Governord:
     @property
     def api_port(self) -> int:
         return int((self.state_dir / "api.port").read_text())
+
+    @property
+    def autoscaler_port(self) -> int:
+        return int((self.state_dir / "autoscaler.port").read_text())
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -328,9 +341,11 @@ class Lab:
 
     def write_config(self, instance: str = "governord", *, workers: int = 8, max_hosts: int = 10,
                      retry_limit: int = 5, retry_backoff: float = 0.5, retry_backoff_max: float = 5.0,
-                     platform: Platform | None = None, on_permanent_failure: str | None = None) -> Path:
+                     platform: Platform | None = None, on_permanent_failure: str | None = None,
+                     autoscaler: bool = False) -> Path:
         """Write a config for a governord instance whose files live in ``workdir/instance``,
-        provisioning on ``platform`` (default: the lab's vcsim). Behind fault proxies, every
+        provisioning on ``platform`` (default: the lab's vcsim); with ``autoscaler``, the Cluster
+        Autoscaler's gRPC provider too, for the node group demo/node. Behind fault proxies, every
         provider and registrar call times out after the fault settings' ``client_timeout``."""
         assert self.foreman and self.satellite
         platform = platform or self.platform or self.start_platform("vsphere")
@@ -357,7 +372,7 @@ class Lab:
             profile=platform.profile, foreman_url=self.url_for(self.foreman),
             satellite_url=self.url_for(self.satellite), max_hosts=max_hosts, engine_extra=engine_extra,
             registrar_extra=registrar_extra,
-        ) + (self._puppet_registrars() if self.puppet is not None else ""))
+        ) + (self._puppet_registrars() if self.puppet is not None else "") + (AUTOSCALER if autoscaler else ""))
         return path
 
     def start_puppet(self) -> Any:

@@ -27,15 +27,7 @@ STATE = pb.InstanceStatus
 
 
 def start_with_autoscaler(lab: Lab, *, max_hosts: int = 3) -> Governord:
-    config = lab.write_config(max_hosts=max_hosts)
-    with open(config, "a") as fh:
-        fh.write('\n[autoscaler]\nlisten = "127.0.0.1"\nport = 0\nnode_groups = ["demo/node"]\n'
-                 'gpu_types = ["nvidia-tesla-t4"]\n')
-    return lab.start_governord(config)
-
-
-def port_of(daemon: Governord) -> int:
-    return int((daemon.state_dir / "autoscaler.port").read_text())
+    return lab.start_governord(lab.write_config(max_hosts=max_hosts, autoscaler=True))
 
 
 def channel(daemon: Governord, issued: dict[str, str] | None) -> grpc.Channel:
@@ -45,7 +37,7 @@ def channel(daemon: Governord, issued: dict[str, str] | None) -> grpc.Channel:
     else:
         credentials = grpc.ssl_channel_credentials(root_certificates=ca, private_key=Path(issued["key"]).read_bytes(),
                                                    certificate_chain=Path(issued["certificate"]).read_bytes())
-    return grpc.secure_channel(f"localhost:{port_of(daemon)}", credentials)
+    return grpc.secure_channel(f"localhost:{daemon.autoscaler_port}", credentials)
 
 
 def call(stub: pb_grpc.CloudProviderStub, method: str, request: Any) -> Any:
