@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import AsyncIterator, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,6 +18,7 @@ from governord.autoscaler import externalgrpc_pb2 as pb
 from governord.autoscaler import externalgrpc_pb2_grpc as pb_grpc
 from governord.autoscaler.service import AutoscalerListener, host_id_of, instance_status
 from governord.engine import cloud_config
+from governord.pki import CertificateAuthority
 from governord.runtime import Runtime
 
 from .conftest import wait_states
@@ -149,3 +151,39 @@ async def test_a_node_group_host_carries_its_provider_id(provider: tuple[Runtime
     assert spec.user_data is not None and f"governord://{row['id']}" in spec.user_data
     [instance] = (await stub.NodeGroupNodes(pb.NodeGroupNodesRequest(id=GROUP))).instances
     assert instance.id == f"governord://{row['id']}"
+
+
+async def test_a_site_ca_and_who_it_names(make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    """With [api.tls] on a site CA the listener takes that CA's clients (the identity naming the
+    application) and refuses governord's own CA's and one that names no application."""
+    site = CertificateAuthority(tmp_path / "site")
+    site.ensure()
+    server = site.issue("localhost", server_names=["localhost"], stem="server")
+    assert server.key is not None
+    tls = (f'\n[api.tls]\ncertificate = "{server.certificate}"\nkey = "{server.key}"\n'
+           f'client_ca = "{site.cert_path}"\n')
+    runtime: Runtime = await make_runtime(AUTOSCALER, lambda text: text.replace("[engine]", tls + "[engine]", 1))
+    listener = AutoscalerListener(runtime, None, certificate=str(server.certificate), key=str(server.key),
+                                  client_ca=str(site.cert_path))
+    port = await listener.start()
+
+    async def groups(pair: Any) -> list[str]:
+        credentials = grpc.ssl_channel_credentials(root_certificates=site.cert_path.read_bytes(),
+                                                   private_key=pair.key.read_bytes(),
+                                                   certificate_chain=pair.certificate.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            answer = await pb_grpc.CloudProviderStub(channel).NodeGroups(pb.NodeGroupsRequest(), timeout=10)
+            return [g.id for g in answer.nodeGroups]
+
+    try:
+        assert await groups(site.issue("demo", stem="demo")) == [GROUP]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await groups(site.issue("shop", stem="shop"))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "does not belong to a configured application" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await groups(runtime.ca.issue("demo", stem="own-demo"))  # governord's own CA: not trusted now
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await listener.stop()
+        await runtime.stop()
