@@ -138,6 +138,9 @@ class CloudProvider(pb_grpc.CloudProviderServicer):
     # -- who is calling, and about what ---------------------------------------------------------
 
     async def _caller(self, context: grpc.aio.ServicerContext) -> Caller:
+        if self.runtime.config.core.autoscaler is None:  # taken out of the config by a reload
+            await _abort(context, grpc.StatusCode.UNAVAILABLE, "[autoscaler] is no longer configured: "
+                         "the listener closes at the next restart")
         pems = (context.auth_context() or {}).get("x509_pem_cert") or []
         if not pems:  # the handshake requires one; never reached over TLS
             await _abort(context, grpc.StatusCode.UNAUTHENTICATED, "a client certificate is required")
