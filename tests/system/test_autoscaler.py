@@ -176,3 +176,27 @@ def test_a_client_without_a_valid_certificate_is_refused(lab: Lab, tmp_path: Pat
         assert daemon.db_rows("hosts") == []
     finally:
         daemon.stop()
+
+
+def test_the_provider_id_reaches_cloud_init_on_ec2(tmp_path: Path) -> None:
+    """On a platform that starts machines with user data (EC2, here moto), the node group's
+    machine gets its providerID in its cloud-init document, read back through EC2's API."""
+    with Lab(tmp_path / "lab") as lab:
+        lab.start_peers("ec2")
+        assert lab.platform is not None and lab.platform.user_data is not None
+        daemon = start_with_autoscaler(lab)
+        try:
+            issued = daemon.ctl_json("apps", "register", "demo")
+            stub = pb_grpc.CloudProviderStub(channel(daemon, issued))
+            call(stub, "NodeGroupIncreaseSize", pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=1))
+            wait_until(lambda: {s.instanceState for s in instances(stub).values()} == {STATE.instanceRunning},
+                       timeout=180, what="the instance running")
+            [host] = daemon.ctl_json("hosts", "list")
+            document = lab.platform.user_data(host["machine_id"])
+            assert document is not None and document.startswith("#cloud-config\n")
+            files = json.loads(document.split("\n", 1)[1])["write_files"]
+            assert {"path": "/etc/governord/provider-id", "content": f"governord://{host['id']}\n",
+                    "permissions": "0644", "owner": "root:root"} in files
+            assert list(instances(stub)) == [f"governord://{host['id']}"]
+        finally:
+            assert daemon.stop() == 0
