@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl
 PYTEST_ARGS ?=
 
-.PHONY: all deps apt venv vcsim peers lint typecheck test demo clean
+.PHONY: all deps apt venv vcsim peers lint typecheck protos test demo clean
 
 all: test
 
@@ -54,6 +54,11 @@ typecheck: venv
 	@for entry in daemon/*; do ln -s ../../../$$entry build/typecheck/governord/; done
 	@ln -s ../../../plugins build/typecheck/governord/plugins
 	cd build/typecheck && ../../$(PY) -m mypy --config-file ../../pyproject.toml -p governord
+
+# the gRPC code of the Cluster Autoscaler's cloud provider, from daemon/autoscaler/externalgrpc.proto
+# (tests/meta/test_protos.py fails when the committed code is not what the proto generates)
+protos: venv
+	$(PY) -m tests.meta.test_protos
 
 test: deps lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)

@@ -218,6 +218,16 @@ class TLSSection(StrictModel):
         return self
 
 
+def listen_address(value: str) -> str:
+    """An address to listen on: an IP address or a host name."""
+    try:
+        ipaddress.ip_address(value)
+    except ValueError:
+        if not _HOSTNAME.fullmatch(value):
+            raise ValueError(f"not an IP address or host name: {value!r}") from None
+    return value
+
+
 def group_id(group: str) -> int:
     """The id of a group given by name or number. :raises ValueError: no such group."""
     try:
@@ -268,12 +278,7 @@ class ApiSection(StrictModel):
     @field_validator("listen")
     @classmethod
     def _address(cls, value: str) -> str:
-        try:
-            ipaddress.ip_address(value)
-        except ValueError:
-            if not _HOSTNAME.fullmatch(value):
-                raise ValueError(f"not an IP address or host name: {value!r}") from None
-        return value
+        return listen_address(value)
 
     @field_validator("max_connections")
     @classmethod
@@ -654,6 +659,48 @@ class FleetSection(StrictModel):
         return self
 
 
+_NODE_GROUP = re.compile(r"([^/\s]+)/([^/\s]+)")
+
+
+class AutoscalerSection(StrictModel):
+    """The Kubernetes Cluster Autoscaler's ``externalgrpc`` cloud provider (gRPC, mutual TLS with
+    the server certificate and client CA of [api.tls]): which application roles it may scale.
+    Absent: no such listener."""
+
+    #: address of the gRPC listener
+    listen: str = "0.0.0.0"
+    #: its port; 0 picks a free one (written to STATE_DIR/autoscaler.port)
+    port: int = Field(default=8086, ge=0, le=65535)
+    #: the node groups, each an application's role as ``APP/ROLE``; a client certificate
+    #: identifying APP (as on the HTTPS API) sees and scales only its application's groups
+    node_groups: list[str] = Field(min_length=1)
+    #: the node label the autoscaler reads as "this node has a GPU" (GPULabel)
+    gpu_label: str = "nvidia.com/gpu"
+    #: GPU types the sites' machines can have (GetAvailableGPUTypes); empty: none
+    gpu_types: list[str] = Field(default_factory=list)
+    #: calls a client may have in flight at once (further ones wait)
+    max_concurrent_calls: int = Field(default=64, ge=1, le=10000)
+
+    @field_validator("listen")
+    @classmethod
+    def _address(cls, value: str) -> str:
+        return listen_address(value)
+
+    @field_validator("node_groups")
+    @classmethod
+    def _groups(cls, value: list[str]) -> list[str]:
+        for index, group in enumerate(value):
+            if not _NODE_GROUP.fullmatch(group):
+                raise FieldError(str(index), f"not APP/ROLE: {group!r}")
+            if value.index(group) != index:
+                raise FieldError(str(index), f"{group!r} is listed twice")
+        return value
+
+    def groups(self) -> list[tuple[str, str]]:
+        """The node groups as (application, role)."""
+        return [tuple(g.split("/", 1)) for g in self.node_groups]  # type: ignore[misc]
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -662,6 +709,7 @@ class CoreConfig(StrictModel):
     retention: RetentionSection = Field(default_factory=RetentionSection)
     store: StoreSection = Field(default_factory=StoreSection)
     fleet: FleetSection = Field(default_factory=FleetSection)
+    autoscaler: AutoscalerSection | None = None
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -850,6 +898,7 @@ def build_config(
     core: CoreConfig = _validate(CoreConfig, raw, path, "")
     _check_places(path, core)
     _check_identities(path, core)
+    _check_node_groups(path, core)
 
     provider_configs: dict[str, ProviderConfig] = {}
     for name, section in core.providers.items():
@@ -975,6 +1024,18 @@ def _check_places(path: str, core: CoreConfig) -> None:
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH, cafile=str(tls.client_ca))
     except (ssl.SSLError, ValueError) as exc:
         raise ConfigError(path, "api.tls.client_ca", f"not a PEM CA certificate: {exc}") from None
+
+
+def _check_node_groups(path: str, core: CoreConfig) -> None:
+    """Each of [autoscaler] node_groups is a configured application's configured role."""
+    if core.autoscaler is None:
+        return
+    for index, (app, role) in enumerate(core.autoscaler.groups()):
+        key = f"autoscaler.node_groups.{index}"
+        if app not in core.applications:
+            raise ConfigError(path, key, f"no application named {app!r}")
+        if role not in core.applications[app].roles:
+            raise ConfigError(path, key, f"application {app!r} has no role {role!r}")
 
 
 def identity_of(name: str, app: ApplicationSection, mode: str) -> str | None:

@@ -2,8 +2,9 @@
 
 Order of start-up: plugins are loaded and the config is validated before anything is written
 (a bad config exits 2 naming the file and key, leaving the state directory untouched); then
-the state directory is locked, the store opened and migrated, the engine started, both
-listeners opened, and only then READY=1 is sent.
+the state directory is locked, the store opened and migrated, the engine started, the
+listeners opened (the Cluster Autoscaler's gRPC one too when [autoscaler] is set), and only then
+READY=1 is sent.
 
 SIGHUP reloads the config (an invalid one is refused and the old one stays) and the site CA's
 CRL (a bad one is logged and the old one stays). SIGTERM stops
@@ -196,6 +197,26 @@ class Daemon:
                     api.admin_socket.unlink()
                 return 1
 
+        autoscaler = None
+        if self.config.core.autoscaler is not None:
+            from .autoscaler.service import AutoscalerListener
+
+            autoscaler = AutoscalerListener(runtime, self.tls, certificate=certificate, key=key, client_ca=client_ca)
+            try:
+                autoscaler_port = await autoscaler.start()
+            except OSError as exc:
+                print(f"governord: cannot serve autoscaler.port: {exc}", file=sys.stderr)
+                for started in (app_runner, admin_runner, autosign_runner):
+                    if started is not None:
+                        await started.cleanup()
+                await runtime.stop()
+                with contextlib.suppress(FileNotFoundError):
+                    api.admin_socket.unlink()
+                return 1
+            runtime.listeners.add(autoscaler_port)  # callbacks never go there either
+            log.info("autoscaler provider listening", extra={"listen": f"{self.config.core.autoscaler.listen}:{autoscaler_port}",
+                                                              "node_groups": self.config.core.autoscaler.node_groups})
+
         watchdog: asyncio.Task[None] | None = None
         interval = watchdog_interval()
         if interval:
@@ -209,6 +230,8 @@ class Daemon:
         notify("STOPPING=1", "STATUS=stopping: finishing or parking in-flight steps")
         log.info("stopping")
         # stop taking requests first, then let the engine finish or park its steps
+        if autoscaler is not None:
+            await autoscaler.stop()
         await app_runner.cleanup()
         await admin_runner.cleanup()
         if autosign_runner is not None:
@@ -272,11 +295,18 @@ def _clear_socket_path(path: Path) -> None:
         path.unlink()
 
 
+def _listener(config: Config) -> tuple[Any, ...] | None:
+    section = config.core.autoscaler
+    return None if section is None else (section.listen, section.port, section.max_concurrent_calls)
+
+
 def _restart_only(old: Config, new: Config) -> list[str]:
     """Settings a reload cannot apply to a running process."""
     changed: list[str] = []
     pairs: list[tuple[str, Any, Any]] = [
         ("daemon.state_dir", old.daemon.state_dir, new.daemon.state_dir),
+        # the gRPC listener's address and limits; its node groups and GPU answers change at once
+        ("autoscaler", _listener(old), _listener(new)),
         ("api", old.api, new.api),
         ("daemon.disabled_plugins", old.daemon.disabled_plugins, new.daemon.disabled_plugins),
         # the open store (its engines, pools and writer) stays: a new database needs a restart

@@ -77,6 +77,20 @@ class PowerState(str, enum.Enum):
 #: The ownership marker every provider stores on the machine it creates.
 OWNERSHIP_KEY = "governord:host-id"
 
+#: What a governord host's providerID starts with (its id follows): the Kubernetes node's
+#: spec.providerID, by which the Cluster Autoscaler matches the node with governord's instance.
+PROVIDER_ID_PREFIX = "governord://"
+#: Where the providerID reaches the machine besides its cloud-init file: the Foreman host
+#: parameter (and so the top-scope Puppet variable of Foreman's ENC) that carries it.
+PROVIDER_ID_PARAMETER = "governord_provider_id"
+#: The file cloud-init writes it to on the machine.
+PROVIDER_ID_FILE = "/etc/governord/provider-id"
+
+
+def provider_id(host_id: str) -> str:
+    """The providerID of the host ``host_id``."""
+    return f"{PROVIDER_ID_PREFIX}{host_id}"
+
 
 @dataclass(frozen=True)
 class NetworkAssignment:

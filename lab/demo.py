@@ -6,6 +6,8 @@
 3. the demo application asks for 3 nodes over HTTPS with its own client certificate
 4. an operator tags one of them `broker` with governord-ctl
 5. an operator retires another with governord-ctl
+With ``--autoscaler``, instead: the Kubernetes Cluster Autoscaler's loop over gRPC (NodeGroups,
+IncreaseSize, NodeGroupNodes as the instances move, DeleteNodes).
 After each step it shows the hosts as governord, vSphere, Foreman and Satellite see them, and
 checks that they agree; it exits non-zero if they do not.
 """
@@ -21,10 +23,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from .platforms import PLATFORMS
@@ -196,6 +200,99 @@ def run(workdir: Path, platform: str, puppet: bool) -> None:
         console.print(f"governord's log: {daemon.log}")
 
 
+def run_autoscaler(workdir: Path, platform: str) -> None:
+    """``--autoscaler``: one scale-up and one scale-down as the Kubernetes Cluster Autoscaler makes
+    them, over gRPC with the application's client certificate (a client generated from
+    daemon/autoscaler/externalgrpc.proto), with governord's, the platform's, Foreman's and
+    Satellite's tables after each."""
+    import grpc
+
+    from governord.autoscaler import externalgrpc_pb2 as pb
+    from governord.autoscaler import externalgrpc_pb2_grpc as pb_grpc
+
+    group = "demo/node"
+    with Lab(workdir) as lab:
+        console.rule(f"1. the lab ({platform})")
+        lab.start_peers(platform)
+        for peer in lab.peers:
+            console.print(f"{peer.name:14} {peer.url}")
+
+        console.rule(escape('2. governord with [autoscaler] node_groups = ["demo/node"]'))
+        daemon = lab.start_governord(lab.write_config(max_hosts=3, autoscaler=True))
+        cert = daemon.ctl_json("apps", "register", "demo")
+        credentials = grpc.ssl_channel_credentials(
+            root_certificates=Path(cert["ca"]).read_bytes(), private_key=Path(cert["key"]).read_bytes(),
+            certificate_chain=Path(cert["certificate"]).read_bytes())
+        address = f"localhost:{daemon.autoscaler_port}"
+        console.print(f"the autoscaler's cloud-config: address {address}, cert/key {cert['certificate']}, "
+                      f"cacert {cert['ca']}")
+        stub = pb_grpc.CloudProviderStub(grpc.secure_channel(address, credentials))
+
+        def instances(title: str) -> dict[str, int]:
+            answer = stub.NodeGroupNodes(pb.NodeGroupNodesRequest(id=group), timeout=30)
+            size = stub.NodeGroupTargetSize(pb.NodeGroupTargetSizeRequest(id=group), timeout=30).targetSize
+            table = Table(title=f"{title}: NodeGroupNodes({group}), target size {size}", title_justify="left",
+                          header_style="bold")
+            table.add_column("instance (providerID)")
+            table.add_column("state")
+            table.add_column("error")
+            states = {}
+            for instance in answer.instances:
+                states[instance.id] = instance.status.instanceState
+                table.add_row(instance.id, pb.InstanceStatus.InstanceState.Name(instance.status.instanceState),
+                              instance.status.errorInfo.errorCode or "-")
+            console.print(table)
+            return states
+
+        console.rule("3. the autoscaler's loop: Refresh, NodeGroups, NodeGroupIncreaseSize(demo/node, 2)")
+        stub.Refresh(pb.RefreshRequest(), timeout=30)
+        for g in stub.NodeGroups(pb.NodeGroupsRequest(), timeout=30).nodeGroups:
+            console.print(f"node group {g.id}: min {g.minSize}, max {g.maxSize} ({g.debug})")
+        stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=group, delta=2), timeout=30)
+        instances("just after IncreaseSize")
+        def states() -> dict[str, int]:
+            found = stub.NodeGroupNodes(pb.NodeGroupNodesRequest(id=group), timeout=30).instances
+            return {i.id: i.status.instanceState for i in found}
+
+        def wait_for(done: Callable[[], bool], what: str) -> None:
+            deadline = time.monotonic() + 300
+            while not done():
+                if time.monotonic() > deadline:
+                    expect(False, f"{what} within 300 s")
+                time.sleep(0.5)
+            expect(True, what)
+
+        wait_for(lambda: set(states().values()) == {pb.InstanceStatus.instanceRunning}, "both instances running")
+        running = instances("once made and registered")
+        seen = show(lab, daemon, "after the scale-up")
+        expect(len(running) == 2 and len(seen["vms"]) == 2 and len(seen["foreman"]) == 2 and len(seen["satellite"]) == 2,
+               f"2 instances running, 2 machines on {platform}, 2 hosts in Foreman, 2 systems in Satellite")
+        for fqdn, host in seen["hosts"].items():
+            expect(seen["foreman"][fqdn]["parameters"].get("governord_provider_id") == f"governord://{host['id']}",
+                   f"{fqdn}: Foreman parameter governord_provider_id = governord://{host['id']}")
+        try:
+            stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=group, delta=2), timeout=30)
+            expect(False, "a scale-up past max_hosts is refused")
+        except grpc.RpcError as exc:
+            console.print(f"NodeGroupIncreaseSize(demo/node, 2): {exc.code().name}: {exc.details()}")
+            expect(exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, "a scale-up past max_hosts is refused with the reason")
+
+        victim = sorted(running)[0]
+        console.rule(escape(f"4. scale-down: NodeGroupDeleteNodes(demo/node, [{victim}])"))
+        stub.NodeGroupDeleteNodes(pb.NodeGroupDeleteNodesRequest(
+            id=group, nodes=[pb.ExternalGrpcNode(providerID=victim)]), timeout=30)
+        instances("just after DeleteNodes")
+        wait_for(lambda: victim not in states(), "the deleted instance gone")
+        instances("once torn down")
+        seen = show(lab, daemon, "after the scale-down")
+        expect(len(seen["vms"]) == 1 and len(seen["foreman"]) == 1 and len(seen["satellite"]) == 1,
+               f"1 machine left on {platform}, in Foreman and in Satellite")
+
+        console.rule("5. stop")
+        expect(daemon.stop() == 0, "governord stopped cleanly on SIGTERM")
+        console.print(f"governord's log: {daemon.log}")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,13 +301,22 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the machines are made (default: vsphere on vcsim)")
     parser.add_argument("--puppet", action="store_true",
                         help="add Debian's puppetserver and PuppetDB: autosign, Foreman as the ENC, the ready gate")
+    parser.add_argument("--autoscaler", action="store_true",
+                        help="instead, one scale-up and one scale-down as the Kubernetes Cluster Autoscaler makes them")
     args = parser.parse_args(argv)
+
+    def play(workdir: Path) -> None:
+        if args.autoscaler:
+            run_autoscaler(workdir, args.platform)
+        else:
+            run(workdir, args.platform, args.puppet)
+
     if args.workdir:
-        run(args.workdir, args.platform, args.puppet)
+        play(args.workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="governord-demo-") as tmp:
             Path(tmp).chmod(0o711)  # the Puppet stack's PostgreSQL runs as user postgres
-            run(Path(tmp), args.platform, args.puppet)
+            play(Path(tmp))
     return 0
 
 

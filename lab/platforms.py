@@ -7,6 +7,7 @@ tests use the same code. A platform's provider instance is named after its kind.
 
 from __future__ import annotations
 
+import base64
 import json
 import sys
 from collections.abc import Callable
@@ -36,6 +37,9 @@ class Platform:
     #: the machines governord owns there, read through the platform's own API
     machines: Callable[[], MachineView]
     peers: list[PeerProcess] = field(default_factory=list)
+    #: the user data (cloud-init) a machine (by id) was started with, read through the
+    #: platform's own API; None where the lab cannot read it back
+    user_data: Callable[[str], str | None] | None = None
 
     @property
     def provider(self) -> str:
@@ -142,7 +146,12 @@ ready_timeout = 120.0
                     "address": instance.get("PrivateIpAddress")}
         return found
 
-    return Platform("ec2", section, profile, None, machines, peers=[peer])
+    def user_data(machine_id: str) -> str | None:
+        client = ec2.client(peer.url, resources.region)
+        value = client.describe_instance_attribute(InstanceId=machine_id, Attribute="userData")["UserData"].get("Value")
+        return base64.b64decode(value).decode() if value else None
+
+    return Platform("ec2", section, profile, None, machines, peers=[peer], user_data=user_data)
 
 
 def start_openstack(lab: Lab) -> Platform:

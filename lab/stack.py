@@ -117,6 +117,15 @@ name_pattern = "demo-node-{{seq:02d}}"
 profile = {profile}
 """
 
+#: the Cluster Autoscaler's provider on a free loopback port (STATE_DIR/autoscaler.port)
+AUTOSCALER = """
+[autoscaler]
+listen = "127.0.0.1"
+port = 0
+node_groups = ["demo/node"]
+gpu_types = ["nvidia-tesla-t4"]
+"""
+
 
 @dataclass
 class Governord:
@@ -161,6 +170,10 @@ class Governord:
     @property
     def api_port(self) -> int:
         return int((self.state_dir / "api.port").read_text())
+
+    @property
+    def autoscaler_port(self) -> int:
+        return int((self.state_dir / "autoscaler.port").read_text())
 
     def log_tail(self, lines: int = 40) -> str:
         return "\n".join(self.log.read_text(errors="replace").splitlines()[-lines:])
@@ -413,9 +426,10 @@ class Lab:
                      retry_limit: int = 5, retry_backoff: float = 0.5, retry_backoff_max: float = 5.0,
                      platform: Platform | None = None, on_permanent_failure: str | None = None,
                      lease_seconds: float = 30.0, store_url: str | None = None, heartbeat: float = 1.0,
-                     leader_lease: float = 4.0, extra: str = "") -> Path:
+                     leader_lease: float = 4.0, extra: str = "", autoscaler: bool = False) -> Path:
         """Write a config for a governord instance whose files live in ``workdir/instance``,
-        provisioning on ``platform`` (default: the lab's vcsim). Behind fault proxies, every
+        provisioning on ``platform`` (default: the lab's vcsim); with ``autoscaler``, the Cluster
+        Autoscaler's gRPC provider too, for the node group demo/node. Behind fault proxies, every
         provider and registrar call times out after the fault settings' ``client_timeout``.
 
         ``store_url`` (a PostgreSQL URL with its credentials, as tests/fixtures/postgres.py makes
@@ -448,7 +462,7 @@ class Lab:
             profile=platform.profile, foreman_url=self.url_for(self.foreman),
             satellite_url=self.url_for(self.satellite), max_hosts=max_hosts, engine_extra=engine_extra,
             registrar_extra=registrar_extra, lease_seconds=lease_seconds,
-        ) + (self._puppet_registrars() if self.puppet is not None else "")
+        ) + (self._puppet_registrars() if self.puppet is not None else "") + (AUTOSCALER if autoscaler else "")
           + (self._fleet_sections(path, instance, store_url, heartbeat, leader_lease) if store_url else "")
           + extra)
         return path
@@ -591,7 +605,7 @@ classes_from = "foreman"
             vcsim.disconnect(si)
 
     def foreman_hosts(self) -> dict[str, dict[str, Any]]:
-        """Hosts in the Foreman simulator: name -> hostgroup, puppet classes, ip."""
+        """Hosts in the Foreman simulator: name -> hostgroup, puppet classes, ip, host parameters."""
         assert self.foreman
         token = base64.b64encode(f"admin:{self.passwords['LAB_FOREMAN_PASSWORD']}".encode()).decode()
 
@@ -606,7 +620,8 @@ classes_from = "foreman"
             full = get(f"/api/hosts/{summary['id']}")
             classes = sorted(c["name"] for c in full.get("puppetclasses", []))
             hosts[full["name"]] = {"id": full["id"], "hostgroup": full.get("hostgroup_title"), "ip": full.get("ip"),
-                                   "puppet_classes": classes, "comment": full.get("comment")}
+                                   "puppet_classes": classes, "comment": full.get("comment"),
+                                   "parameters": {p["name"]: p.get("value") for p in full.get("parameters", [])}}
         return hosts
 
     def satellite_systems(self) -> dict[str, dict[str, Any]]:

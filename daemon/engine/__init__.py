@@ -42,7 +42,16 @@ from sqlalchemy.engine import Connection
 
 from ..dispatch import Dispatcher, as_step_error, is_retryable
 from ..errors import PermanentError, StepError
-from ..models import HostOrigin, HostState, Machine, MachineSpec, NetworkAssignment
+from ..models import (
+    PROVIDER_ID_FILE,
+    PROVIDER_ID_PARAMETER,
+    HostOrigin,
+    HostState,
+    Machine,
+    MachineSpec,
+    NetworkAssignment,
+    provider_id,
+)
 from ..registrars import Phase
 from ..store import Row, Store, host_view, log_failed, unavailable
 from ..store.schema import hosts
@@ -457,7 +466,20 @@ class Engine:
                 if system in classification:
                     raise PermanentError(f"two plugins classify for {system!r}")
                 classification[system] = value
+        if (pid := self.provider_id(row)) is not None:
+            # a registrar whose classification carries host parameters (Foreman's) sets this one too
+            for value in classification.values():
+                if isinstance(value, dict) and isinstance(value.get("parameters"), dict):
+                    value["parameters"] = {**value["parameters"], PROVIDER_ID_PARAMETER: pid}
         return classification
+
+    def provider_id(self, row: Row) -> str | None:
+        """The providerID the host's Kubernetes node must carry, for a host of a Cluster
+        Autoscaler node group ([autoscaler] node_groups); None for any other host."""
+        section = self.config.core.autoscaler
+        if section is None or (row["app"], row["role"]) not in section.groups():
+            return None
+        return provider_id(row["id"])
 
     async def _step_classify(self, row: Row) -> StepResult:
         classification = await self.classify(row)
@@ -487,7 +509,8 @@ class Engine:
             network = NetworkAssignment(domain=domain)
         return MachineSpec(
             host_id=row["id"], hostname=row["name"], fqdn=row["fqdn"], profile=dict(row["profile"]),
-            network=network, tags=tuple(row["tags"]), user_data=cloud_config(row["registrations"]),
+            network=network, tags=tuple(row["tags"]),
+            user_data=cloud_config(row["registrations"], provider_id=self.provider_id(row)),
         )
 
     async def _step_provision(self, row: Row) -> StepResult:
@@ -571,13 +594,20 @@ class Engine:
         self.store.release_address(conn, row["id"])
 
 
-def cloud_config(registrations: dict[str, Any]) -> str | None:
+def cloud_config(registrations: dict[str, Any], *, provider_id: str | None = None) -> str | None:
     """The cloud-init user data the registrars asked for in ``prepare`` (their ``cloud_config``
-    fragments merged), or None. JSON is YAML, so the document is written as JSON."""
+    fragments merged), or None. JSON is YAML, so the document is written as JSON. With
+    ``provider_id`` (a node group's host) the machine also gets it in PROVIDER_ID_FILE, for its
+    configuration to give the kubelet (``--provider-id``)."""
     merged: dict[str, Any] = {}
     for record in registrations.values():
         if isinstance(record, dict) and isinstance(record.get("cloud_config"), dict):
             merged.update(record["cloud_config"])
+    if provider_id is not None:
+        found = merged.get("write_files")
+        written: list[Any] = found if isinstance(found, list) else []
+        merged["write_files"] = [*written, {"path": PROVIDER_ID_FILE, "content": provider_id + "\n",
+                                            "permissions": "0644", "owner": "root:root"}]
     return "#cloud-config\n" + json.dumps(merged, sort_keys=True) if merged else None
 
 

@@ -458,6 +458,33 @@ class Governor:
             self.engine.wake()
         return decision
 
+    async def cancel_unmade(self, app: str, role: str, count: int, *, actor: str) -> Decision:
+        """Cancel ``count`` hosts of ``role`` that nothing outside has been asked for yet (state
+        ``requested``, newest first), and never a host whose machine is being made or exists:
+        declined (409) when the role has fewer such hosts. Decided on the hosts' states inside
+        the application's decision, so a host the engine moved on meanwhile is not taken; one
+        the engine is classifying retires before its provider is called (Engine._advance)."""
+        self._app(app)
+        params = {"role": role, "cancel": count}
+
+        def decide(tx: Transaction) -> Decision:
+            unmade = [h for h in self._kept_hosts(tx, app, role) if h["state"] == HostState.REQUESTED.value]
+            if count > len(unmade):
+                raise RequestError(409, f"{app}/{role} has {len(unmade)} hosts not made yet, asked to cancel {count}: "
+                                   "hosts that exist are released by name", field="count")
+            victims = self._victims(unmade, count, "newest")
+            request = tx.insert_request(tx.new_request(
+                app=app, actor=actor, idempotency_key=None, kind="release", params=params,
+                state="accepted", reason="cancelled before they were made", host_ids=[h["id"] for h in victims]))
+            rows = self._retire(tx, victims, actor, request["id"])
+            tx.add_event("request-accepted", actor=actor, request_id=request["id"],
+                         detail={"app": app, "cancel": [v["name"] for v in victims]})
+            return Decision(request, hosts=rows)
+
+        decision = await self.store.decide(decide, locks=[app_lock(app)])
+        self.engine.wake()
+        return decision
+
     # -- operator actions on one host -----------------------------------------------------------
 
     @staticmethod

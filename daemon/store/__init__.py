@@ -813,6 +813,14 @@ class Store:
         async with self.engine.connect() as conn:
             return [dict(r) for r in (await conn.execute(query)).mappings()]
 
+    async def pending_requests(self, app: str, *, actor: str | None = None) -> list[Row]:
+        """The application's requests waiting for an operator's approval (made by ``actor``)."""
+        query = select(requests).where(requests.c.state == "pending", requests.c.app == app)
+        if actor is not None:
+            query = query.where(requests.c.actor == actor)
+        async with self.engine.connect() as conn:
+            return [dict(r) for r in (await conn.execute(query.order_by(requests.c.created_at))).mappings()]
+
     async def add_event(
         self,
         conn: AsyncConnection,

@@ -102,7 +102,7 @@ def test_there_is_a_broken_file_for_every_section() -> None:
     are all there."""
     names = {path.stem for path in FILES}
     for section in ("syntax", "top", "daemon", "api", "api-tls", "engine", "network", "provider", "secret",
-                    "registrar", "tag", "app", "webhook", "role"):
+                    "registrar", "tag", "app", "webhook", "role", "autoscaler"):
         assert any(name.startswith(f"{section}-") for name in names), section
     for kind in ("unknown-key", "missing-required", "missing-type", "unknown-type", "out-of-range", "wrong-type",
                  "unreadable", "missing-provider", "missing-network", "duplicate", "not-utf8", "env-unset"):

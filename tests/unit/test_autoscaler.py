@@ -1,0 +1,189 @@
+"""The Cluster Autoscaler's provider in-process, over real gRPC and mutual TLS, on the in-memory
+provider and registrar: what the lab test cannot time (hosts not made yet, a request held for
+approval) and the instance states of every host state. Against the lab:
+tests/system/test_autoscaler.py."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from governord import testing
+from governord.autoscaler import externalgrpc_pb2 as pb
+from governord.autoscaler import externalgrpc_pb2_grpc as pb_grpc
+from governord.autoscaler.service import AutoscalerListener, host_id_of, instance_status
+from governord.engine import cloud_config
+from governord.pki import CertificateAuthority
+from governord.runtime import Runtime
+
+from .conftest import wait_states
+
+GROUP = "demo/node"
+AUTOSCALER = '\n[autoscaler]\nlisten = "127.0.0.1"\nport = 0\nnode_groups = ["demo/node"]\n'
+
+
+@pytest.fixture
+async def provider(make_runtime: Callable[..., Any], request: pytest.FixtureRequest) -> AsyncIterator[
+        tuple[Runtime, pb_grpc.CloudProviderStub]]:
+    approval = getattr(request, "param", "never")
+    runtime: Runtime = await make_runtime(AUTOSCALER, lambda text: text.replace(
+        "max_hosts = 5", f'max_hosts = 5\napproval = "{approval}"'))
+    server = runtime.ca.issue("localhost", server_names=["localhost"], stem="server")
+    client = runtime.ca.issue("demo", stem="demo")
+    assert server.key is not None and client.key is not None
+    listener = AutoscalerListener(runtime, None, certificate=str(server.certificate), key=str(server.key),
+                                  client_ca=str(runtime.ca.cert_path))
+    port = await listener.start()
+    credentials = grpc.ssl_channel_credentials(root_certificates=runtime.ca.cert_path.read_bytes(),
+                                               private_key=client.key.read_bytes(),
+                                               certificate_chain=client.certificate.read_bytes())
+    channel = grpc.aio.secure_channel(f"localhost:{port}", credentials)
+    try:
+        yield runtime, pb_grpc.CloudProviderStub(channel)
+    finally:
+        await channel.close()
+        await listener.stop()
+        await runtime.stop()
+
+
+async def target(stub: pb_grpc.CloudProviderStub) -> int:
+    return int((await stub.NodeGroupTargetSize(pb.NodeGroupTargetSizeRequest(id=GROUP))).targetSize)
+
+
+async def test_decrease_cancels_only_hosts_not_made_yet(provider: tuple[Runtime, pb_grpc.CloudProviderStub]) -> None:
+    runtime, stub = provider
+    await runtime.engine.stop(0)  # nothing moves on: the hosts stay requested
+    await stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=2))
+    assert await target(stub) == 2
+    nodes = (await stub.NodeGroupNodes(pb.NodeGroupNodesRequest(id=GROUP))).instances
+    assert [n.status.instanceState for n in nodes] == [pb.InstanceStatus.instanceCreating] * 2
+
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.NodeGroupDecreaseTargetSize(pb.NodeGroupDecreaseTargetSizeRequest(id=GROUP, delta=-3))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "2 hosts not made yet, asked to cancel 3" in (caught.value.details() or "")
+    assert await target(stub) == 2
+    await stub.NodeGroupDecreaseTargetSize(pb.NodeGroupDecreaseTargetSizeRequest(id=GROUP, delta=-1))
+    assert await target(stub) == 1
+    rows = await runtime.store.list_hosts(app="demo")
+    cancelled = [r for r in rows if r["retire_requested"]]
+    kept = [r for r in rows if not r["retire_requested"]]
+    assert len(cancelled) == 1 and len(kept) == 1 and cancelled[0]["created_at"] >= kept[0]["created_at"]
+
+    # the engine again: the cancelled host retires without a machine ever being made
+    runtime.engine._stopping = False  # noqa: SLF001 - the test stopped it above
+    await runtime.engine.start()
+    await wait_states(runtime, [cancelled[0]["id"]], {"gone"})
+    [made] = await wait_states(runtime, [kept[0]["id"]], {"ready"})
+    assert [m.host_id for m in testing.MemoryProvider.worlds["mem"].values()] == [made["id"]]
+    # a host that exists is never cancelled by lowering the target
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.NodeGroupDecreaseTargetSize(pb.NodeGroupDecreaseTargetSizeRequest(id=GROUP, delta=-1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert (await runtime.store.get_host(made["id"]) or {})["state"] == "ready"
+
+
+@pytest.mark.parametrize("provider", ["always"], indirect=True)
+async def test_an_increase_held_for_approval(provider: tuple[Runtime, pb_grpc.CloudProviderStub]) -> None:
+    runtime, stub = provider
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=1))
+    assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "pending approval" in (caught.value.details() or "")
+    assert await target(stub) == 0
+    # the autoscaler asks again after its backoff: the request that waits is named, no second one
+    with pytest.raises(grpc.aio.AioRpcError) as caught:
+        await stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=1))
+    [waiting] = await runtime.store.pending_requests("demo")
+    assert waiting["id"] in (caught.value.details() or "") and waiting["actor"] == "autoscaler"
+    # approved, its host counts in the target and is made
+    approved = await runtime.governor.decide_pending(waiting["id"], approve=True, comment="ok", actor="op")
+    assert approved["state"] == "accepted"
+    assert await target(stub) == 1
+    await wait_states(runtime, approved["host_ids"], {"ready"})
+
+
+def test_instance_states() -> None:
+    def row(state: str, **values: Any) -> dict[str, Any]:
+        return {"state": state, "retire_requested": False, "failed_step": None, "error": None, **values}
+
+    assert instance_status(row("requested")).instanceState == pb.InstanceStatus.instanceCreating
+    assert instance_status(row("configuring")).instanceState == pb.InstanceStatus.instanceCreating
+    assert instance_status(row("ready")).instanceState == pb.InstanceStatus.instanceRunning
+    assert instance_status(row("ready", retire_requested=True)).instanceState == pb.InstanceStatus.instanceDeleting
+    assert instance_status(row("deprovisioning")).instanceState == pb.InstanceStatus.instanceDeleting
+    failed = instance_status(row("failed", failed_step="provision", error="vSphere: no datastore space"))
+    assert failed.instanceState == pb.InstanceStatus.instanceCreating
+    assert failed.errorInfo.errorCode == "governord-provision-failed"
+    assert failed.errorInfo.errorMessage == "vSphere: no datastore space"
+    assert instance_status(row("failed", failed_step="deregister")).instanceState == pb.InstanceStatus.instanceDeleting
+    assert instance_status(row("ready")).errorInfo.errorCode == ""
+
+
+def test_provider_ids() -> None:
+    assert host_id_of("governord://0b6f") == "0b6f"
+    for other in ("aws:///eu-west-1a/i-0abc", "governord://", "governord://a/b", "", "vsphere://4201"):
+        assert host_id_of(other) is None
+
+
+def test_the_provider_id_reaches_cloud_init() -> None:
+    registrations = {"cmdb": {"cloud_config": {"write_files": [{"path": "/etc/x", "content": "x"}], "puppet": {}}}}
+    document = cloud_config(registrations, provider_id="governord://h-1")
+    assert document is not None and document.startswith("#cloud-config\n")
+    data = json.loads(document.split("\n", 1)[1])
+    assert data["write_files"] == [{"path": "/etc/x", "content": "x"}, {
+        "path": "/etc/governord/provider-id", "content": "governord://h-1\n", "permissions": "0644", "owner": "root:root"}]
+    assert data["puppet"] == {}
+    assert cloud_config({}, provider_id=None) is None
+
+
+async def test_a_node_group_host_carries_its_provider_id(provider: tuple[Runtime, pb_grpc.CloudProviderStub]) -> None:
+    runtime, stub = provider
+    await stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=1))
+    [row] = await runtime.store.list_hosts(app="demo")
+    [row] = await wait_states(runtime, [row["id"]], {"ready"})
+    spec = runtime.engine.machine_spec(row)
+    assert spec.user_data is not None and f"governord://{row['id']}" in spec.user_data
+    [instance] = (await stub.NodeGroupNodes(pb.NodeGroupNodesRequest(id=GROUP))).instances
+    assert instance.id == f"governord://{row['id']}"
+
+
+async def test_a_site_ca_and_who_it_names(make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    """With [api.tls] on a site CA the listener takes that CA's clients (the identity naming the
+    application) and refuses governord's own CA's and one that names no application."""
+    site = CertificateAuthority(tmp_path / "site")
+    site.ensure()
+    server = site.issue("localhost", server_names=["localhost"], stem="server")
+    assert server.key is not None
+    tls = (f'\n[api.tls]\ncertificate = "{server.certificate}"\nkey = "{server.key}"\n'
+           f'client_ca = "{site.cert_path}"\n')
+    runtime: Runtime = await make_runtime(AUTOSCALER, lambda text: text.replace("[engine]", tls + "[engine]", 1))
+    listener = AutoscalerListener(runtime, None, certificate=str(server.certificate), key=str(server.key),
+                                  client_ca=str(site.cert_path))
+    port = await listener.start()
+
+    async def groups(pair: Any) -> list[str]:
+        credentials = grpc.ssl_channel_credentials(root_certificates=site.cert_path.read_bytes(),
+                                                   private_key=pair.key.read_bytes(),
+                                                   certificate_chain=pair.certificate.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            answer = await pb_grpc.CloudProviderStub(channel).NodeGroups(pb.NodeGroupsRequest(), timeout=10)
+            return [g.id for g in answer.nodeGroups]
+
+    try:
+        assert await groups(site.issue("demo", stem="demo")) == [GROUP]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await groups(site.issue("shop", stem="shop"))
+        assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert "does not belong to a configured application" in (caught.value.details() or "")
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await groups(runtime.ca.issue("demo", stem="own-demo"))  # governord's own CA: not trusted now
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await listener.stop()
+        await runtime.stop()
