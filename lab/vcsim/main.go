@@ -54,6 +54,9 @@ func main() {
 	flag.IntVar(&model.Pod, "pod", model.Pod, "number of storage pods per cluster")
 	flag.BoolVar(&model.Autostart, "autostart", model.Autostart, "power on the model's virtual machines")
 	flag.IntVar(&model.DelayConfig.Delay, "delay", 0, "milliseconds to delay every SOAP call")
+	taskDelays := taskDelayFlag{}
+	flag.Var(taskDelays, "task-delay",
+		"METHOD_Task=MS: answer at once with a task that ends MS later (e.g. CloneVM_Task=20000); repeatable")
 	flag.Parse()
 
 	if *esx {
@@ -94,6 +97,10 @@ func main() {
 
 	server := model.Service.NewServer()
 	defer server.Close()
+	if len(taskDelays) > 0 {
+		// set before the port is announced, so before any request
+		server.Config.Handler = delayTasks(server.Config.Handler, taskDelays)
+	}
 
 	u := *server.URL
 	u.User = nil
