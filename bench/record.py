@@ -13,6 +13,7 @@ SECTIONS = {
     "e2e": "## End to end on the lab",
     "api": "## API: authenticated scale requests over mTLS",
     "memory": "## Memory: daemon RSS at 10,000 hosts",
+    "takeover": "## Takeover after kill -9",
 }
 
 
