@@ -39,6 +39,7 @@ from governord.dispatch.pluginmanager import PluginManager
 from governord.runtime import Runtime
 
 from .common import DAEMON_CONFIG, PrivatePostgres, process_tree_cpu_seconds, query
+from .record import append_row, machine_label
 
 
 def cpu_seconds() -> float:
@@ -257,7 +258,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1,
                         help="instances (processes) on the one database (PostgreSQL only)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each phase may take")
+    parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
+    parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args()
+    load = os.getloadavg()[0]
     if args.store == "sqlite":
         if args.instances != 1:
             parser.error("--instances: SQLite has one instance; use --store postgres")
@@ -266,6 +270,14 @@ def main() -> None:
         result = run_fleet(args.hosts, args.workers, args.batch, args.instances, args.timeout)
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={json.dumps(v, separators=(',', ':'))}"
                    for k, v in result.items()))
+    if args.record:
+        cpu = " + ".join(f"{c:.1f}" for c in result.get("cpu_s_per_instance", [result["cpu_s"]]))
+        append_row("engine-fleet", [
+            time.strftime("%Y-%m-%d"), machine_label(), args.store, str(args.instances), f"{args.hosts:,}",
+            f"{result['accept_s']:.2f}", f"{result['up_s']:.1f}", f"{result['down_s']:.1f}", f"{result['total_s']:.1f}",
+            f"{result['lifecycles_per_s']:.0f}", cpu, f"{result.get('postgres_cpu_s', 0.0):.1f}", f"{load:.1f}",
+            args.note,
+        ])
 
 
 if __name__ == "__main__":

@@ -271,12 +271,17 @@ class Lab:
         self.start_satellite()
         self.start_platform(platform)
 
-    def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0) -> PeerProcess:
+    def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0,
+                    task_delays: dict[str, int] | None = None) -> PeerProcess:
         """Start a vcsim with the lab inventory; the first one is the lab's own. ``delay_ms``
-        slows every SOAP call (to land a kill in the middle of one)."""
+        slows every SOAP call (to land a kill in the middle of one); ``task_delays`` makes
+        tasks take time, e.g. ``{"CloneVM_Task": 20000}``: the call answers at once and its task
+        stays queued that many milliseconds (lab/vcsim/taskdelay.go)."""
+        extra_args = [f"-delay={delay_ms}"] if delay_ms else []
+        extra_args += [f"-task-delay={method}={ms}" for method, ms in (task_delays or {}).items()]
         peer = vcsim.start_vcsim(
             username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log",
-            extra_args=[f"-delay={delay_ms}"] if delay_ms else None,
+            extra_args=extra_args or None,
         )
         self.peers.append(peer)
         inventory = vcsim.prepare_lab(peer.url, "governord", self.passwords["LAB_VCSIM_PASSWORD"])
