@@ -20,6 +20,9 @@ as soon as the previous answer arrived (closed loop). The numbers are taken over
 ``--duration`` seconds after ``--warmup`` seconds. Afterwards the daemon's own database is
 checked: as many requests as answered 202 were recorded, each with one host.
 
+``--apps N``: N applications send, each with its own certificate, over the connections in turn
+(their decisions need not take turns with each other's).
+
 ``--store postgres --instances N``: N daemons (``[fleet] instance`` bench-1 ... bench-N, each its
 own process, state directory and port) on one private PostgreSQL database (lab/postgres.py).
 The first makes the CA and issues the application's certificate; its ``pki`` directory is
@@ -49,32 +52,48 @@ from typing import Any
 
 import aiohttp
 
-from .common import DAEMON_CONFIG, PrivatePostgres, admin, cpu_seconds, process_tree_cpu_seconds, query, rss_mb, start_daemon
+from .common import (
+    DAEMON_CONFIG,
+    PrivatePostgres,
+    admin,
+    cpu_seconds,
+    drop_state_count_triggers,
+    process_tree_cpu_seconds,
+    query,
+    rss_mb,
+    start_daemon,
+)
 from .record import append_row, machine_label
 
 
-def load_process(url: list[str], cert: dict[str, str], connections: int, warmup: float, duration: float,
+def load_process(url: list[str], cert: list[dict[str, str]], connections: int, warmup: float, duration: float,
                  start_at: float, queue: Any, kind: str = "scale") -> None:
     """One load process: ``connections`` closed loops of requests; puts its results."""
     asyncio.run(_load(url, cert, connections, warmup, duration, start_at, queue, kind))
 
 
-async def _load(urls: list[str], cert: dict[str, str], connections: int, warmup: float, duration: float,
+async def _load(urls: list[str], certs: list[dict[str, str]], connections: int, warmup: float, duration: float,
                 start_at: float, queue: Any, kind: str) -> None:
-    context = ssl.create_default_context(cafile=cert["ca"])
-    context.load_cert_chain(cert["certificate"], cert["key"])
-    connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
+    """Connection ``i`` goes to instance ``i mod instances`` as application ``(i div instances)
+    mod applications``: every instance gets every application's requests."""
+    sessions = []
+    for cert in certs:
+        context = ssl.create_default_context(cafile=cert["ca"])
+        context.load_cert_chain(cert["certificate"], cert["key"])
+        connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
+        sessions.append(aiohttp.ClientSession(connector=connector))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors: list[str] = []
     measure_from = start_at + warmup
     measure_to = measure_from + duration
     prefix = uuid.uuid4().hex[:12]
-    async with aiohttp.ClientSession(connector=connector) as session:
+    try:
         await asyncio.sleep(max(0.0, start_at - time.time()))
 
         async def loop(index: int) -> None:
             url = urls[index % len(urls)]
+            session = sessions[(index // len(urls)) % len(sessions)]
             seq = 0
             while True:
                 now = time.time()
@@ -102,6 +121,9 @@ async def _load(urls: list[str], cert: dict[str, str], connections: int, warmup:
             return time.process_time() - before
 
         *_, cpu = await asyncio.gather(*(loop(i) for i in range(connections)), cpu_while_measured())
+    finally:
+        for session in sessions:
+            await session.close()
     queue.put({"latencies": latencies, "statuses": statuses, "errors": errors[:5], "cpu_s": cpu})
 
 
@@ -110,16 +132,38 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-async def prepare(daemon: Any) -> dict[str, str]:
-    """The bench application's certificate, key and CA, written beside the daemon's config (the
+async def prepare(daemon: Any, app: str = "bench") -> dict[str, str]:
+    """An application's certificate, key and CA, written beside the daemon's config (the
     admin API hands the key out once; governord keeps no copy)."""
-    issued = await admin(daemon, "POST", "/v1/apps/bench/certificate")
-    files = {"ca": daemon.config.parent / "bench-ca.pem", "certificate": daemon.config.parent / "bench.pem",
-             "key": daemon.config.parent / "bench.key"}
+    issued = await admin(daemon, "POST", f"/v1/apps/{app}/certificate")
+    files = {"ca": daemon.config.parent / f"{app}-ca.pem", "certificate": daemon.config.parent / f"{app}.pem",
+             "key": daemon.config.parent / f"{app}.key"}
     for name, path in files.items():
         path.write_text(issued[f"{name}_pem"])
     files["key"].chmod(0o600)
     return {name: str(path) for name, path in files.items()}
+
+
+#: the further applications of --apps, like ``bench`` in DAEMON_CONFIG
+MORE_APPS = """
+[applications.{app}]
+max_hosts = 1000000
+
+[applications.{app}.rate_limit]
+requests_per_second = 100000.0
+burst = 100000
+
+[applications.{app}.roles.node]
+tags = ["node"]
+provider = "mem"
+name_pattern = "{app}-{{seq:07d}}"
+domain = "bench.example"
+profile = {{ size = "small" }}
+"""
+
+
+def apps(count: int) -> list[str]:
+    return ["bench", *(f"bench{number}" for number in range(2, count + 1))]
 
 
 def check_database(database: str | Path) -> tuple[int, int]:
@@ -150,7 +194,8 @@ def run_on(args: argparse.Namespace, home: Path, url: str | None, postgres_pid: 
             directory.mkdir(parents=True, exist_ok=True)
             config = directory / "governord.toml"
             text = DAEMON_CONFIG.format(home=directory, workers=args.workers, log_level=args.log_level,
-                                        max_hosts=1000000)
+                                        max_hosts=1000000) + "".join(
+                MORE_APPS.format(app=f"bench{number}") for number in range(2, args.apps + 1))
             env: dict[str, str] = {}
             if url is not None:
                 sections, env = PrivatePostgres.store_sections(url, f"bench-{index + 1}")
@@ -159,8 +204,10 @@ def run_on(args: argparse.Namespace, home: Path, url: str | None, postgres_pid: 
             if index > 0:  # the first instance's CA, shared
                 shutil.copytree(daemons[0].state_dir / "pki", directory / "state" / "pki")
             daemons.append(start_daemon(config, module="bench.daemon", args=daemon_args, env=env))
+            if index == 0 and url is not None and args.drop_state_count_triggers:
+                drop_state_count_triggers(url)
             if index == 0:
-                cert = asyncio.run(prepare(daemons[0]))
+                certs = [asyncio.run(prepare(daemons[0], app)) for app in apps(args.apps)]
         daemon = daemons[0]
         path = {"scale": "/v1/scale", "health": "/healthz"}[args.request]
         urls = [f"https://localhost:{d.api_port}{path}" for d in daemons]
@@ -169,7 +216,7 @@ def run_on(args: argparse.Namespace, home: Path, url: str | None, postgres_pid: 
         start_at = time.time() + 3.0  # the load processes start (imports) meanwhile
         workers = [
             context.Process(target=load_process,
-                            args=(urls, cert, args.connections, args.warmup, args.duration, start_at, queue,
+                            args=(urls, certs, args.connections, args.warmup, args.duration, start_at, queue,
                                   args.request))
             for _ in range(args.processes)
         ]
@@ -247,12 +294,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=16, help="the daemon's [engine] workers")
     parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     parser.add_argument("--instances", type=int, default=1, help="daemons on the one database (PostgreSQL only)")
+    parser.add_argument("--apps", type=int, default=1,
+                        help="applications sending (each its own certificate and connections): one application's "
+                             "decisions take turns, different applications' need not")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (a site runs info)")
     parser.add_argument("--workdir", type=Path, help="keep the daemon's files here")
     parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring, sampling the thread that holds the GIL (raw stacks to this file)")
     parser.add_argument("--trace-store", type=Path, help="time every store call in the daemon (JSON to this file)")
     parser.add_argument("--daemon-arg", action="append", default=[],
                         help="pass an option to bench.daemon (e.g. --daemon-arg=--park-engine)")
+    parser.add_argument("--drop-state-count-triggers", action="store_true",
+                        help="experiment (PostgreSQL): drop the triggers that keep state_counts (see bench.common)")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args(argv)
@@ -269,7 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     if args.record and args.store == "postgres":
         append_row("api-fleet", [
-            time.strftime("%Y-%m-%d"), machine_label(), str(args.instances), f"{args.processes} x {args.connections}",
+            time.strftime("%Y-%m-%d"), machine_label(), str(args.instances), str(args.apps), f"{args.processes} x {args.connections}",
             f"{args.duration:.0f}", f"{result['accepted_per_s']:.0f}", f"{result['p50_ms']:.1f}",
             f"{result['p99_ms']:.1f}", " + ".join(str(c) for c in result["daemon_cpu_percent_each"]),
             f"{result['postgres_cpu_percent']:.0f}", f"{result['load_cpu_percent']:.0f}",

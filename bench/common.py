@@ -205,3 +205,19 @@ def query(database: str | Path, sql: str, params: dict[str, Any] | None = None) 
 
 
 _engines: dict[str, Any] = {}
+
+
+def drop_state_count_triggers(url: str) -> None:
+    """An experiment, never a setting: drop the triggers that keep ``state_counts`` (one row per
+    state, changed in the same transaction as every host's change of state), to measure what
+    those few rows cost when every writer of every instance updates them. The counts are then
+    wrong (the metrics read them); the engine and the decisions do not."""
+    from sqlalchemy import create_engine, text
+
+    owner = create_engine(url)
+    try:
+        with owner.begin() as conn:
+            for event in ("insert", "update", "delete"):
+                conn.execute(text(f"DROP TRIGGER hosts_state_count_{event} ON hosts"))
+    finally:
+        owner.dispose()

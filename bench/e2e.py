@@ -60,16 +60,16 @@ REALISTIC = {"clone_seconds": 20.0, "power_on_seconds": 15.0, "power_off_seconds
              "call_ms": 20}
 
 def configure(lab: Lab, instance: str, hosts: int, concurrency: int, *, lab_limits: bool = False,
-              shipped: bool = False) -> Path:
+              shipped: bool = False, workers: int | None = None) -> Path:
     """The lab's own config, with the engine's workers and every instance's concurrency limit
     set to ``concurrency`` (the floor runs that many hosts at once, one thread each); with
     ``lab_limits`` the instances keep the lab's limits (vSphere 8, registrars 4 by default);
     with ``shipped`` the engine's workers and every instance's limit are left to governord's
-    shipped defaults."""
+    shipped defaults; ``workers`` sets the engine's workers alone."""
     from governord.config import EngineSection
 
-    workers = EngineSection().workers if shipped else concurrency
-    path = lab.write_config(instance, workers=workers, max_hosts=hosts)
+    path = lab.write_config(instance, workers=workers or (EngineSection().workers if shipped else concurrency),
+                            max_hosts=hosts)
     if lab_limits:
         return path
     text = path.read_text()
@@ -162,8 +162,8 @@ def start_lab_daemon(lab: Lab, config: Path, daemon_args: list[str], env: dict[s
 
 async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, timeout: float,
                         profile: Path | None, daemon_args: list[str], lab_limits: bool = False, *,
-                        shipped: bool = False, instances: int = 1, postgres: PrivatePostgres | None = None
-                        ) -> dict[str, Any]:
+                        shipped: bool = False, instances: int = 1, postgres: PrivatePostgres | None = None,
+                        workers: int | None = None) -> dict[str, Any]:
     args = [a.replace("{round}", str(round_no)) for a in daemon_args]
     daemons: list[Governord] = []
     url = postgres.new_database() if postgres is not None else None
@@ -171,7 +171,7 @@ async def run_governord(lab: Lab, round_no: int, hosts: int, concurrency: int, t
     try:
         for index in range(instances):
             name = f"governord-{round_no}" if url is None else f"governord-{round_no}-{index + 1}"
-            config = configure(lab, name, hosts, concurrency, lab_limits=lab_limits, shipped=shipped)
+            config = configure(lab, name, hosts, concurrency, lab_limits=lab_limits, shipped=shipped, workers=workers)
             env: dict[str, str] = {}
             if url is not None:
                 sections, env = PrivatePostgres.store_sections(url, name)
@@ -268,7 +268,7 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                           flush=True)
                 gov = await run_governord(lab, round_no, args.hosts, args.concurrency, args.timeout, args.profile,
                                           daemon_args(args), args.lab_limits, shipped=args.shipped_limits,
-                                          instances=args.instances, postgres=postgres)
+                                          instances=args.instances, postgres=postgres, workers=args.workers)
                 gov["load"] = load
                 results["governord"].append(gov)
                 if args.steps:
@@ -344,6 +344,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shipped-limits", action="store_true",
                         help="governord's shipped [engine] workers and max_concurrency, not --concurrency")
     parser.add_argument("--no-floor", action="store_true", help="governord only")
+    parser.add_argument("--workers", type=int, help="governord's [engine] workers alone (after the other limits)")
     parser.add_argument("--realistic", action="store_true",
                         help="vCenter's pace: " + ", ".join(f"{k.replace('_', '-')} {v}" for k, v in REALISTIC.items())
                         + " (each overridden by its own option)")
@@ -375,7 +376,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.record and args.no_floor:
         append_row("e2e-fleet", [
             time.strftime("%Y-%m-%d"), machine_label(), str(args.hosts), str(args.instances), args.store,
-            "shipped" if args.shipped_limits else str(args.concurrency),
+            (f"{args.workers} workers" if args.workers else "") + (
+                ("; " if args.workers else "") + "shipped limits" if args.shipped_limits else str(args.concurrency)),
             ", ".join(f"{m.removesuffix('VM_Task').removesuffix('_Task')} {ms / 1000:g}"
                       for m, ms in summary["task_delays_ms"].items()) + f"; {args.call_ms} ms/call",
             str(args.rounds), f"{summary['governord_up_s']:.1f}", f"{summary['governord_down_s']:.1f}",

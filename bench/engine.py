@@ -38,7 +38,7 @@ from governord.config import build_config
 from governord.dispatch.pluginmanager import PluginManager
 from governord.runtime import Runtime
 
-from .common import DAEMON_CONFIG, PrivatePostgres, process_tree_cpu_seconds, query
+from .common import DAEMON_CONFIG, PrivatePostgres, drop_state_count_triggers, process_tree_cpu_seconds, query
 from .record import append_row, machine_label
 
 
@@ -182,7 +182,40 @@ def wait_for(url: str, state: str, hosts: int, timeout: float) -> None:
         time.sleep(0.2)
 
 
-def run_fleet(hosts: int, workers: int, batch: int, instances: int, timeout: float) -> dict[str, Any]:
+class LockWaits:
+    """Samples, every 0.25 s while the benchmark runs, the database's sessions that wait for a
+    lock and the lock they wait for (a row lock queues behind the holder's transaction, further
+    waiters on the row's tuple lock, which names the table). What the instances wait for when
+    they wait in PostgreSQL rather than on the CPU."""
+
+    SQL = ("SELECT coalesce(c.relname, l.locktype), count(*) FROM pg_locks l "
+           "LEFT JOIN pg_class c ON c.oid = l.relation WHERE NOT l.granted GROUP BY 1")
+
+    def __init__(self, url: str) -> None:
+        import threading
+
+        self.url = url
+        self.samples = 0
+        self.waiting: dict[str, int] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(0.25):
+            self.samples += 1
+            for what, count in query(self.url, self.SQL):
+                self.waiting[what] = self.waiting.get(what, 0) + int(count)
+
+    def stop(self) -> dict[str, float]:
+        """Mean sessions waiting, per lock kind or table."""
+        self._stop.set()
+        self._thread.join()
+        return {what: round(count / max(1, self.samples), 2) for what, count in sorted(self.waiting.items())}
+
+
+def run_fleet(hosts: int, workers: int, batch: int, instances: int, timeout: float,
+              drop_state_count_trigger: bool = False) -> dict[str, Any]:
     """The lifecycles on PostgreSQL, ``instances`` processes sharing one database."""
     context = multiprocessing.get_context("spawn")
     with PrivatePostgres() as pg, tempfile.TemporaryDirectory(prefix="governord-bench-engine-") as tmp:
@@ -202,7 +235,12 @@ def run_fleet(hosts: int, workers: int, batch: int, instances: int, timeout: flo
                     assert reply(replies, processes, 120)[0] == "ready"
             for _ in range(instances - 1):
                 assert reply(replies, processes, 120)[0] == "ready"
+            if drop_state_count_trigger:
+                drop_state_count_triggers(url)
             pg_cpu_before = process_tree_cpu_seconds(pg.cluster.process.pid)
+            waits = LockWaits(url)
+            commits_sql = "SELECT xact_commit + xact_rollback FROM pg_stat_database WHERE datname = current_database()"
+            commits_before = int(query(url, commits_sql)[0][0])
             started = time.time()
             commands[0].put("scale-up")
             kind, _, accepted = reply(replies, processes, timeout)
@@ -215,6 +253,9 @@ def run_fleet(hosts: int, workers: int, batch: int, instances: int, timeout: flo
             wait_for(url, "gone", hosts, timeout)
             gone = float(query(url, "SELECT max(ts) FROM events WHERE kind = 'gone'")[0][0])
             pg_cpu = process_tree_cpu_seconds(pg.cluster.process.pid) - pg_cpu_before
+            lock_waits = waits.stop()
+            time.sleep(0.6)  # the statistics collector's reports arrive after at most 0.5 s
+            transactions = int(query(url, commits_sql)[0][0]) - commits_before
             counts = dict(query(url, "SELECT state, count(*) FROM hosts GROUP BY state"))
             assert counts == {"gone": hosts}, counts  # every host really went the whole way
         finally:
@@ -244,6 +285,9 @@ def run_fleet(hosts: int, workers: int, batch: int, instances: int, timeout: flo
         "cpu_s": sum(d["cpu_s"] for d in stopped.values()),
         "cpu_s_per_instance": [round(stopped[i]["cpu_s"], 1) for i in sorted(stopped)],
         "postgres_cpu_s": pg_cpu,
+        "sessions_waiting_for_locks": lock_waits,
+        # every transaction of the database meanwhile (this process's polls included, about 5/s)
+        "transactions_per_lifecycle": transactions / hosts,
         "transitions_by_instance": [stopped[i]["transitions"] for i in sorted(stopped)],
         "peak_rss_mb": max(d["peak_rss_mb"] for d in stopped.values()),
     }
@@ -258,6 +302,10 @@ def main() -> None:
     parser.add_argument("--instances", type=int, default=1,
                         help="instances (processes) on the one database (PostgreSQL only)")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds each phase may take")
+    parser.add_argument("--drop-state-count-triggers", "--drop-state-count-trigger", action="store_true",
+                        dest="drop_state_count_trigger",
+                        help="experiment (PostgreSQL): drop the triggers that keep state_counts on every state "
+                             "change, to measure what their hot rows cost (metrics then count wrong)")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args()
@@ -267,7 +315,8 @@ def main() -> None:
             parser.error("--instances: SQLite has one instance; use --store postgres")
         result: dict[str, Any] = asyncio.run(run(args.hosts, args.workers, args.batch))
     else:
-        result = run_fleet(args.hosts, args.workers, args.batch, args.instances, args.timeout)
+        result = run_fleet(args.hosts, args.workers, args.batch, args.instances, args.timeout,
+                           args.drop_state_count_trigger)
     print(" ".join(f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={json.dumps(v, separators=(',', ':'))}"
                    for k, v in result.items()))
     if args.record:
