@@ -19,6 +19,17 @@ Each load process keeps ``--connections`` TLS connections open (keep-alive) and 
 as soon as the previous answer arrived (closed loop). The numbers are taken over
 ``--duration`` seconds after ``--warmup`` seconds. Afterwards the daemon's own database is
 checked: as many requests as answered 202 were recorded, each with one host.
+
+``--apps N``: N applications send, each with its own certificate, over the connections in turn
+(their decisions need not take turns with each other's).
+
+``--store postgres --instances N``: N daemons (``[fleet] instance`` bench-1 ... bench-N, each its
+own process, state directory and port) on one private PostgreSQL database (lab/postgres.py).
+The first makes the CA and issues the application's certificate; its ``pki`` directory is
+copied to the others before they start (how an operator shares the CA among instances). Each
+load process spreads its connections over the instances in turn, as a load balancer in front
+of them would. CPU is reported per daemon, for PostgreSQL (postmaster and backends) and for the
+load processes, all over the measured seconds.
 """
 
 from __future__ import annotations
@@ -27,7 +38,8 @@ import argparse
 import asyncio
 import json
 import multiprocessing
-import sqlite3
+import os
+import shutil
 import ssl
 import statistics
 import subprocess
@@ -40,31 +52,48 @@ from typing import Any
 
 import aiohttp
 
-from .common import DAEMON_CONFIG, admin, cpu_seconds, rss_mb, start_daemon
+from .common import (
+    DAEMON_CONFIG,
+    PrivatePostgres,
+    admin,
+    cpu_seconds,
+    drop_state_count_triggers,
+    process_tree_cpu_seconds,
+    query,
+    rss_mb,
+    start_daemon,
+)
 from .record import append_row, machine_label
 
 
-def load_process(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
+def load_process(url: list[str], cert: list[dict[str, str]], connections: int, warmup: float, duration: float,
                  start_at: float, queue: Any, kind: str = "scale") -> None:
     """One load process: ``connections`` closed loops of requests; puts its results."""
     asyncio.run(_load(url, cert, connections, warmup, duration, start_at, queue, kind))
 
 
-async def _load(url: str, cert: dict[str, str], connections: int, warmup: float, duration: float,
+async def _load(urls: list[str], certs: list[dict[str, str]], connections: int, warmup: float, duration: float,
                 start_at: float, queue: Any, kind: str) -> None:
-    context = ssl.create_default_context(cafile=cert["ca"])
-    context.load_cert_chain(cert["certificate"], cert["key"])
-    connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
+    """Connection ``i`` goes to instance ``i mod instances`` as application ``(i div instances)
+    mod applications``: every instance gets every application's requests."""
+    sessions = []
+    for cert in certs:
+        context = ssl.create_default_context(cafile=cert["ca"])
+        context.load_cert_chain(cert["certificate"], cert["key"])
+        connector = aiohttp.TCPConnector(ssl=context, limit=connections, force_close=False)
+        sessions.append(aiohttp.ClientSession(connector=connector))
     latencies: list[float] = []
     statuses: dict[int, int] = {}
     errors: list[str] = []
     measure_from = start_at + warmup
     measure_to = measure_from + duration
     prefix = uuid.uuid4().hex[:12]
-    async with aiohttp.ClientSession(connector=connector) as session:
+    try:
         await asyncio.sleep(max(0.0, start_at - time.time()))
 
         async def loop(index: int) -> None:
+            url = urls[index % len(urls)]
+            session = sessions[(index // len(urls)) % len(sessions)]
             seq = 0
             while True:
                 now = time.time()
@@ -92,6 +121,9 @@ async def _load(url: str, cert: dict[str, str], connections: int, warmup: float,
             return time.process_time() - before
 
         *_, cpu = await asyncio.gather(*(loop(i) for i in range(connections)), cpu_while_measured())
+    finally:
+        for session in sessions:
+            await session.close()
     queue.put({"latencies": latencies, "statuses": statuses, "errors": errors[:5], "cpu_s": cpu})
 
 
@@ -100,56 +132,100 @@ def percentile(values: list[float], fraction: float) -> float:
     return ordered[min(len(ordered) - 1, int(len(ordered) * fraction))]
 
 
-async def prepare(daemon: Any) -> dict[str, str]:
-    """The bench application's certificate, key and CA, written beside the daemon's config (the
+async def prepare(daemon: Any, app: str = "bench") -> dict[str, str]:
+    """An application's certificate, key and CA, written beside the daemon's config (the
     admin API hands the key out once; governord keeps no copy)."""
-    issued = await admin(daemon, "POST", "/v1/apps/bench/certificate")
-    files = {"ca": daemon.config.parent / "bench-ca.pem", "certificate": daemon.config.parent / "bench.pem",
-             "key": daemon.config.parent / "bench.key"}
+    issued = await admin(daemon, "POST", f"/v1/apps/{app}/certificate")
+    files = {"ca": daemon.config.parent / f"{app}-ca.pem", "certificate": daemon.config.parent / f"{app}.pem",
+             "key": daemon.config.parent / f"{app}.key"}
     for name, path in files.items():
         path.write_text(issued[f"{name}_pem"])
     files["key"].chmod(0o600)
     return {name: str(path) for name, path in files.items()}
 
 
-def check_database(state_dir: Path) -> tuple[int, int]:
-    """(scale requests recorded, hosts recorded) in the daemon's own database."""
-    conn = sqlite3.connect(f"file:{state_dir / 'governord.db'}?mode=ro", uri=True, timeout=30)
-    try:
-        requests = conn.execute("SELECT count(*) FROM requests WHERE kind = 'scale' AND state = 'accepted'").fetchone()[0]
-        hosts = conn.execute("SELECT count(*) FROM hosts").fetchone()[0]
-        return int(requests), int(hosts)
-    finally:
-        conn.close()
+#: the further applications of --apps, like ``bench`` in DAEMON_CONFIG
+MORE_APPS = """
+[applications.{app}]
+max_hosts = 1000000
+
+[applications.{app}.rate_limit]
+requests_per_second = 100000.0
+burst = 100000
+
+[applications.{app}.roles.node]
+tags = ["node"]
+provider = "mem"
+name_pattern = "{app}-{{seq:07d}}"
+domain = "bench.example"
+profile = {{ size = "small" }}
+"""
+
+
+def apps(count: int) -> list[str]:
+    return ["bench", *(f"bench{number}" for number in range(2, count + 1))]
+
+
+def check_database(database: str | Path) -> tuple[int, int]:
+    """(scale requests recorded, hosts recorded) in the daemons' database."""
+    requests = query(database, "SELECT count(*) FROM requests WHERE kind = 'scale' AND state = 'accepted'")[0][0]
+    hosts = query(database, "SELECT count(*) FROM hosts")[0][0]
+    return int(requests), int(hosts)
 
 
 def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
-    home.mkdir(parents=True, exist_ok=True)
-    config = home / "governord.toml"
-    config.write_text(DAEMON_CONFIG.format(home=home, workers=args.workers, log_level=args.log_level,
-                                            max_hosts=1000000))
+    if args.store == "postgres":
+        with PrivatePostgres() as pg:
+            return run_on(args, home, pg.new_database(), pg.cluster.process.pid)
+    return run_on(args, home, None, None)
+
+
+def run_on(args: argparse.Namespace, home: Path, url: str | None, postgres_pid: int | None) -> dict[str, Any]:
+    """The benchmark against ``args.instances`` daemons on the database of ``url`` (None: one
+    daemon on SQLite in its state directory)."""
     daemon_args = ["--memory-plugin"]
     if args.trace_store:
         daemon_args.append(f"--trace-store={args.trace_store}")
     daemon_args += args.daemon_arg
-    daemon = start_daemon(config, module="bench.daemon", args=daemon_args)
+    daemons: list[Any] = []
     try:
-        cert = asyncio.run(prepare(daemon))
+        for index in range(args.instances):
+            directory = home if url is None else home / f"bench-{index + 1}"
+            directory.mkdir(parents=True, exist_ok=True)
+            config = directory / "governord.toml"
+            text = DAEMON_CONFIG.format(home=directory, workers=args.workers, log_level=args.log_level,
+                                        max_hosts=1000000) + "".join(
+                MORE_APPS.format(app=f"bench{number}") for number in range(2, args.apps + 1))
+            env: dict[str, str] = {}
+            if url is not None:
+                sections, env = PrivatePostgres.store_sections(url, f"bench-{index + 1}")
+                text += sections
+            config.write_text(text)
+            if index > 0:  # the first instance's CA, shared
+                shutil.copytree(daemons[0].state_dir / "pki", directory / "state" / "pki")
+            daemons.append(start_daemon(config, module="bench.daemon", args=daemon_args, env=env))
+            if index == 0 and url is not None and args.drop_state_count_triggers:
+                drop_state_count_triggers(url)
+            if index == 0:
+                certs = [asyncio.run(prepare(daemons[0], app)) for app in apps(args.apps)]
+        daemon = daemons[0]
         path = {"scale": "/v1/scale", "health": "/healthz"}[args.request]
-        url = f"https://localhost:{daemon.api_port}{path}"
+        urls = [f"https://localhost:{d.api_port}{path}" for d in daemons]
         context = multiprocessing.get_context("spawn")
         queue = context.Queue()
         start_at = time.time() + 3.0  # the load processes start (imports) meanwhile
         workers = [
             context.Process(target=load_process,
-                            args=(url, cert, args.connections, args.warmup, args.duration, start_at, queue,
+                            args=(urls, certs, args.connections, args.warmup, args.duration, start_at, queue,
                                   args.request))
             for _ in range(args.processes)
         ]
         for worker in workers:
             worker.start()
         time.sleep(max(0.0, start_at + args.warmup - time.time()))
-        cpu_before = cpu_seconds(daemon.process.pid)
+        load_before = os.getloadavg()[0]
+        cpu_before = [cpu_seconds(d.process.pid) for d in daemons]
+        pg_before = process_tree_cpu_seconds(postgres_pid) if postgres_pid else 0.0
         spy = None
         if args.profile:
             spy = subprocess.Popen(
@@ -158,22 +234,23 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
                  "--output", str(args.profile)],
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(args.duration)
-        cpu_used = cpu_seconds(daemon.process.pid) - cpu_before
+        cpu_used = [cpu_seconds(d.process.pid) - before for d, before in zip(daemons, cpu_before, strict=True)]
+        pg_used = process_tree_cpu_seconds(postgres_pid) - pg_before if postgres_pid else 0.0
         results = [queue.get(timeout=120) for _ in workers]
         for worker in workers:
             worker.join(30)
         if spy is not None:
             spy.wait(60)
         rss_now, rss_peak = rss_mb(daemon.process.pid)
+        recorded_requests, recorded_hosts = check_database(url or home / "state" / "governord.db")
     finally:
-        code = daemon.stop(timeout=120)
+        codes = [d.stop(timeout=120) for d in daemons]
     latencies = [x for r in results for x in r["latencies"]]
     statuses: dict[int, int] = {}
     for r in results:
         for status, count in r["statuses"].items():
             statuses[status] = statuses.get(status, 0) + count
     errors = [e for r in results for e in r["errors"]]
-    recorded_requests, recorded_hosts = check_database(home / "state")
     accepted = statuses.get(202 if args.request == "scale" else 200, 0)
     return {
         "duration_s": args.duration,
@@ -187,14 +264,19 @@ def run(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         "p90_ms": 1000 * percentile(latencies, 0.90) if latencies else None,
         "p99_ms": 1000 * percentile(latencies, 0.99) if latencies else None,
         "mean_ms": 1000 * statistics.fmean(latencies) if latencies else None,
-        "daemon_cpu_percent": 100 * cpu_used / args.duration,
+        "store": args.store,
+        "instances": args.instances,
+        "daemon_cpu_percent": 100 * sum(cpu_used) / args.duration,
+        "daemon_cpu_percent_each": [round(100 * c / args.duration) for c in cpu_used],
+        "postgres_cpu_percent": 100 * pg_used / args.duration,
+        "load_average_before": load_before,
         # the load processes share the machine: what they take, the daemon cannot have
         "load_cpu_percent": 100 * sum(r["cpu_s"] for r in results) / args.duration,
         "daemon_rss_mb": rss_now,
         "daemon_peak_rss_mb": rss_peak,
         "recorded_requests": recorded_requests,
         "recorded_hosts": recorded_hosts,
-        "daemon_exit": code,
+        "daemon_exit": codes,
         "errors": errors[:5],
     }
 
@@ -210,15 +292,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--processes", type=int, default=2, help="load processes")
     parser.add_argument("--connections", type=int, default=16, help="keep-alive connections per load process")
     parser.add_argument("--workers", type=int, default=16, help="the daemon's [engine] workers")
+    parser.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    parser.add_argument("--instances", type=int, default=1, help="daemons on the one database (PostgreSQL only)")
+    parser.add_argument("--apps", type=int, default=1,
+                        help="applications sending (each its own certificate and connections): one application's "
+                             "decisions take turns, different applications' need not")
     parser.add_argument("--log-level", default="info", help="the daemon's log level (a site runs info)")
     parser.add_argument("--workdir", type=Path, help="keep the daemon's files here")
     parser.add_argument("--profile", type=Path, help="py-spy the daemon while measuring, sampling the thread that holds the GIL (raw stacks to this file)")
     parser.add_argument("--trace-store", type=Path, help="time every store call in the daemon (JSON to this file)")
     parser.add_argument("--daemon-arg", action="append", default=[],
                         help="pass an option to bench.daemon (e.g. --daemon-arg=--park-engine)")
+    parser.add_argument("--drop-state-count-triggers", action="store_true",
+                        help="experiment (PostgreSQL): drop the triggers that keep state_counts (see bench.common)")
     parser.add_argument("--record", action="store_true", help="append a row to bench/RESULTS.md")
     parser.add_argument("--note", default="", help="a note for the recorded row")
     args = parser.parse_args(argv)
+    if args.store == "sqlite" and args.instances != 1:
+        parser.error("--instances: SQLite has one instance; use --store postgres")
     if args.workdir:
         result = run(args, args.workdir)
     else:
@@ -228,7 +319,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.request == "scale" and result["recorded_requests"] < result["accepted"]:
         print("FAILED: fewer requests recorded than accepted", file=sys.stderr)
         return 1
-    if args.record:
+    if args.record and args.store == "postgres":
+        append_row("api-fleet", [
+            time.strftime("%Y-%m-%d"), machine_label(), str(args.instances), str(args.apps), f"{args.processes} x {args.connections}",
+            f"{args.duration:.0f}", f"{result['accepted_per_s']:.0f}", f"{result['p50_ms']:.1f}",
+            f"{result['p99_ms']:.1f}", " + ".join(str(c) for c in result["daemon_cpu_percent_each"]),
+            f"{result['postgres_cpu_percent']:.0f}", f"{result['load_cpu_percent']:.0f}",
+            f"{result['load_average_before']:.1f}", args.note,
+        ])
+    elif args.record:
         append_row("api", [
             time.strftime("%Y-%m-%d"), machine_label(), args.request, f"{args.processes} x {args.connections}",
             f"{args.duration:.0f}", f"{result['accepted_per_s']:.0f}", f"{result['p50_ms']:.1f}",

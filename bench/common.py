@@ -108,3 +108,116 @@ def rss_mb(pid: int) -> tuple[float, float]:
         elif line.startswith("VmHWM:"):
             peak = int(line.split()[1]) / 1024
     return now, peak
+
+
+class PrivatePostgres:
+    """A private PostgreSQL cluster for a benchmark (lab/postgres.py, as the tests' fixture
+    starts it), in a directory of its own under the system temp dir (user postgres must be able
+    to enter it), removed by :meth:`stop`. :meth:`new_database` makes a fresh database each
+    time and returns its URL with the role's password in it, for the benchmark's own reads;
+    :meth:`store_sections` turns such a URL into the daemon's ``[store]`` and ``[fleet]``."""
+
+    ROLE = "governord"
+
+    def __init__(self, max_connections: int = 300) -> None:
+        import itertools
+        import secrets
+        import shutil
+        import tempfile
+
+        from lab.postgres import start_cluster
+
+        self.directory = Path(tempfile.mkdtemp(prefix="governord-bench-pg-"))
+        self.directory.chmod(0o711)
+        self._rmtree = shutil.rmtree
+        self.password = secrets.token_urlsafe(16)
+        self._numbers = itertools.count(1)
+        try:
+            self.cluster = start_cluster(self.directory / "cluster", max_connections=max_connections)
+        except Exception:
+            shutil.rmtree(self.directory, ignore_errors=True)
+            raise
+
+    def new_database(self) -> str:
+        return self.cluster.create_database(f"bench_{os.getpid()}_{next(self._numbers)}", owner=self.ROLE,
+                                            password=self.password)
+
+    def stop(self) -> None:
+        self.cluster.stop()
+        self._rmtree(self.directory, ignore_errors=True)
+
+    def __enter__(self) -> PrivatePostgres:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    #: the daemon's environment variable its config names for the database password
+    PASSWORD_ENV = "BENCH_DB_PASSWORD"
+
+    @classmethod
+    def store_sections(cls, url: str, instance: str, *, heartbeat: float = 5.0, leader_lease: float = 30.0,
+                       pool_size: int = 10) -> tuple[str, dict[str, str]]:
+        """``[store]`` on the database of ``url`` and ``[fleet]`` as ``instance``, as TOML, and
+        the environment the daemon needs for it (the password, passed by reference)."""
+        from sqlalchemy.engine import make_url
+
+        parsed = make_url(url)
+        bare = parsed._replace(username=None, password=None).render_as_string(hide_password=False)
+        text = (f'\n[store]\nurl = "{bare}"\nusername = "{parsed.username}"\n'
+                f'password = {{ env = "{cls.PASSWORD_ENV}" }}\npool_size = {pool_size}\n'
+                f'\n[fleet]\ninstance = "{instance}"\nheartbeat = {heartbeat}\nleader_lease = {leader_lease}\n')
+        return text, {cls.PASSWORD_ENV: parsed.password or ""}
+
+
+def process_tree_cpu_seconds(pid: int) -> float:
+    """CPU time so far of a process and its live children (PostgreSQL's postmaster and its
+    backends: what the database spent)."""
+    total = 0.0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(stat.parent.name) == pid or int(fields[1]) == pid:
+            total += (int(fields[11]) + int(fields[12])) / TICKS
+    return total
+
+
+def query(database: str | Path, sql: str, params: dict[str, Any] | None = None) -> list[tuple[Any, ...]]:
+    """Rows of one read-only query on a daemon's database: a SQLite file (its path) or a
+    PostgreSQL URL (with its password). Parameters by name (``:name``) on both."""
+    if isinstance(database, Path):
+        import sqlite3
+
+        conn = sqlite3.connect(f"file:{database}?mode=ro", uri=True, timeout=30)
+        try:
+            return conn.execute(sql, params or {}).fetchall()
+        finally:
+            conn.close()
+    from sqlalchemy import create_engine, text
+
+    engine = _engines.get(database)
+    if engine is None:
+        engine = _engines[database] = create_engine(database, pool_size=1, max_overflow=2)
+    with engine.connect() as conn:
+        return [tuple(row) for row in conn.execute(text(sql), params or {})]
+
+
+_engines: dict[str, Any] = {}
+
+
+def drop_state_count_triggers(url: str) -> None:
+    """An experiment, never a setting: drop the triggers that keep ``state_counts`` (one row per
+    state, changed in the same transaction as every host's change of state), to measure what
+    those few rows cost when every writer of every instance updates them. The counts are then
+    wrong (the metrics read them); the engine and the decisions do not."""
+    from sqlalchemy import create_engine, text
+
+    owner = create_engine(url)
+    try:
+        with owner.begin() as conn:
+            for event in ("insert", "update", "delete"):
+                conn.execute(text(f"DROP TRIGGER hosts_state_count_{event} ON hosts"))
+    finally:
+        owner.dispose()

@@ -12,7 +12,9 @@ it, with what the benchmarks need and nothing in the product changed:
 - ``--census FILE``: on SIGUSR2, a memory census (SQLite's allocations, the simulated peers'
   worlds, Python objects by type) to FILE;
 - ``--park-engine``: the engine claims no work (the API measured alone);
-- ``--switch-interval S``: the interpreter's GIL switch interval (an experiment knob).
+- ``--switch-interval S``: the interpreter's GIL switch interval (an experiment knob);
+- ``--memory-delay S``: every call of the memory provider and registrars waits S seconds first
+  (steps that take time, for the takeover benchmark).
 
 (The experiments ``--one-hop-writes`` and ``--serialize-writes`` of the first measurements are
 gone: the store now commits the engine's writes from one writer thread, in groups, and decisions
@@ -120,6 +122,19 @@ def census(path: Path) -> None:
     signal.signal(signal.SIGUSR2, lambda *_: write())
 
 
+def memory_delay(seconds: float) -> None:
+    """Every instance of the memory provider and registrars waits ``seconds`` in each call."""
+    for kind in (testing.MemoryProvider, testing.MemoryRegistrar):
+        original = kind.fault.fget  # type: ignore[attr-defined]
+
+        def fault(self: Any, original: Any = original) -> testing.Faults:
+            faults: testing.Faults = original(self)
+            faults.delay = seconds
+            return faults
+
+        kind.fault = property(fault)  # type: ignore[assignment,method-assign]
+
+
 LAGS: list[float] = []
 
 
@@ -160,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--census", type=Path, help="on SIGUSR2, write a memory census (JSON) here")
     parser.add_argument("--park-engine", action="store_true",
                         help="start no engine loop: accepted hosts stay requested (measures the API alone)")
+    parser.add_argument("--memory-delay", type=float,
+                        help="the memory provider's and registrars' calls each wait this many seconds first")
     parser.add_argument("--slow-callback", type=float,
                         help="asyncio debug mode: log every callback that holds the loop longer than this")
     args = parser.parse_args(argv)
@@ -173,6 +190,8 @@ def main(argv: list[str] | None = None) -> int:
         park_engine()
     if args.trace_store:
         trace_store()
+    if args.memory_delay:
+        memory_delay(args.memory_delay)
     setup_logging("info")
     try:
         plugins = PluginManager(disabled=_disabled_plugins(args.config))

@@ -11,8 +11,12 @@ RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 #: the heading of each benchmark's section in RESULTS.md
 SECTIONS = {
     "e2e": "## End to end on the lab",
+    "engine-fleet": "## Engine on PostgreSQL, one and three instances",
     "api": "## API: authenticated scale requests over mTLS",
     "memory": "## Memory: daemon RSS at 10,000 hosts",
+    "takeover": "## Takeover after kill -9",
+    "api-fleet": "## API through one to three instances on PostgreSQL",
+    "e2e-fleet": "## End to end at a vCenter's pace",
 }
 
 

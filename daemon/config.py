@@ -329,8 +329,11 @@ class ApiSection(StrictModel):
 
 
 class EngineSection(StrictModel):
-    #: hosts worked on at once
-    workers: int = Field(default=16, ge=1, le=1024)
+    #: hosts whose steps run at once, in this instance. A step mostly waits on its peer (a clone,
+    #: a boot), so this, not the instances' max_concurrency (SDK calls at once), is what bounds
+    #: how many machines are made at a time: 200 slow clones take ceil(200 / workers) waves
+    #: (bench/RESULTS.md, "End to end at a vCenter's pace")
+    workers: int = Field(default=64, ge=1, le=1024)
     #: seconds a claimed step stays leased to this instance without renewal (renewed every third
     #: of it): another instance takes over the steps of one that died after this, plus one poll
     lease_seconds: float = Field(default=60.0, gt=1)

@@ -363,13 +363,17 @@ class Lab:
         self.start_platform(platform)
 
     def start_vcsim(self, name: str = "vcsim", *, delay_ms: int = 0,
-                    method_delays: dict[str, int] | None = None) -> PeerProcess:
+                    method_delays: dict[str, int] | None = None,
+                    task_delays: dict[str, int] | None = None) -> PeerProcess:
         """Start a vcsim with the lab inventory; the first one is the lab's own. ``delay_ms``
         slows every SOAP call (to land a kill in the middle of one); ``method_delays`` slows the
         calls of single methods, e.g. ``{"CloneVM_Task": 8000}``: vcsim waits that long before it
-        runs the call (the clone is made only then)."""
+        runs the call (the clone is made only then); ``task_delays`` makes tasks take time, e.g.
+        ``{"CloneVM_Task": 20000}``: the call answers at once and its task stays queued that many
+        milliseconds (lab/vcsim/taskdelay.go)."""
         extra_args = [f"-delay={delay_ms}"] if delay_ms else []
         extra_args += [f"-method-delay={method}={ms}" for method, ms in (method_delays or {}).items()]
+        extra_args += [f"-task-delay={method}={ms}" for method, ms in (task_delays or {}).items()]
         peer = vcsim.start_vcsim(
             username="governord", password=self.passwords["LAB_VCSIM_PASSWORD"], log_path=self.workdir / f"{name}.log",
             extra_args=extra_args or None,

@@ -3,7 +3,7 @@
 Debian ships govmomi's ``simulator`` library but no vcsim command, so ``main.go`` here is the
 project's own small main package, built offline by ``build.sh`` into ``lab/.build/vcsim``.
 
-- :func:`build_vcsim` builds it (once; skipped while the binary is newer than main.go),
+- :func:`build_vcsim` builds it (once; skipped while the binary is newer than every .go file here),
 - :func:`start_vcsim` runs one instance on a free port of 127.0.0.1,
 - :func:`prepare_lab` gives a fresh instance the inventory governord's lab config expects:
   the VM template ``rhel9-template``, the VM folder ``governord`` and the resource pool

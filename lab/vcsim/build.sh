@@ -6,7 +6,7 @@ set -eu
 here=$(cd "$(dirname "$0")" && pwd)
 out_dir=$(cd "$here/.." && pwd)/.build
 binary=$out_dir/vcsim
-if [ -x "$binary" ] && [ "$binary" -nt "$here/main.go" ]; then
+if [ -x "$binary" ] && [ -z "$(find "$here" -name "*.go" -newer "$binary")" ]; then
     echo "$binary"
     exit 0
 fi

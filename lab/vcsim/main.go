@@ -59,6 +59,9 @@ func main() {
 	methodDelays := methodDelayFlag{}
 	flag.Var(methodDelays, "method-delay",
 		"METHOD=MS: delay every call of one SOAP method (e.g. CloneVM_Task=8000) before it runs; repeatable")
+	taskDelays := taskDelayFlag{}
+	flag.Var(taskDelays, "task-delay",
+		"METHOD_Task=MS: answer at once with a task that ends MS later (e.g. CloneVM_Task=20000); repeatable")
 	flag.Parse()
 	if len(methodDelays) > 0 {
 		model.DelayConfig.MethodDelay = methodDelays
@@ -102,6 +105,10 @@ func main() {
 
 	server := model.Service.NewServer()
 	defer server.Close()
+	if len(taskDelays) > 0 {
+		// set before the port is announced, so before any request
+		server.Config.Handler = delayTasks(server.Config.Handler, taskDelays)
+	}
 
 	u := *server.URL
 	u.User = nil
