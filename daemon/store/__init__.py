@@ -542,18 +542,16 @@ class Store:
         What a decision reads (a count under a cap, a free name, an idempotency key) cannot
         change before it has written: on SQLite, decisions run one at a time, after and before
         the engine's writes (committed together with the writes queued with them); on
-        PostgreSQL, the decision first takes the advisory locks named by ``locks`` (see
+        PostgreSQL, the decision runs holding the advisory locks named by ``locks`` (see
         :func:`app_lock`), held by the database until it commits, so concurrent decisions about
-        one application wait for each other in every process that shares the database. The
-        whole decision is one hop to a writer thread, not one round trip per statement."""
-        keys = list(locks)
-
+        one application wait for each other in every process that shares the database; the
+        decisions queued for the same locks meanwhile are committed together, under one taking
+        of the locks (see :class:`~governord.store.postgresql.PooledWriter`). The whole decision
+        is one hop to a writer thread, not one round trip per statement."""
         def job(conn: Connection) -> T:
-            tx = Transaction(conn, self._lock)
-            tx.lock(*keys)
-            return decision(tx)
+            return decision(Transaction(conn, self._lock))
 
-        return await self.writer.run(job)
+        return await self.writer.run(job, locks=locks)
 
     @contextlib.asynccontextmanager
     async def transaction(self) -> AsyncIterator[AsyncConnection]:

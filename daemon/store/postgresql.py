@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, TypeVar
 
@@ -93,12 +93,28 @@ def lock(conn: Connection, keys: list[str]) -> None:
 
 
 class PooledWriter:
-    """Each job in its own transaction on a pooled connection, in a thread of a pool as large as
-    the connection pool. ``finish`` runs at the end of every transaction (the store's deferred
+    """Each write in a transaction on a pooled connection, in a thread of a pool as large as the
+    connection pool. ``finish`` runs at the end of every transaction (the store's deferred
     writes), ``discard`` when one fails.
 
-    A job, once started, is committed (or rolled back) even if its caller is cancelled, as with
-    SQLite's group commit: a shutdown never leaves half an outcome."""
+    A write without locks (the engine's: a claim, a fenced update, a lease) is its own
+    transaction, and such writes run side by side. Writes that name advisory locks (the
+    decisions: :meth:`Store.decide <governord.store.Store.decide>`) are committed in groups,
+    as SQLite's group commit does (:class:`governord.store.sqlite.GroupCommit`): the decisions
+    queued for the same locks while a group is being committed form the next group, one
+    transaction that takes the locks once and runs them one after the other, each seeing what
+    the ones before it wrote. Every process on the database still waits for the locks, so the
+    decisions stay exact across the fleet; but one application's decisions no longer pay a lock
+    hand-over, a hop to a thread and a commit each (the order of a few milliseconds under load,
+    which bounded an application to about a hundred decisions a second). If one decision of a
+    group fails, the group is rolled back and each of its decisions runs again alone, so a bad
+    one sinks only itself.
+
+    A write, once submitted, is committed (or rolled back) even if its caller is cancelled, as
+    with SQLite's group commit: a shutdown never leaves half an outcome."""
+
+    #: the most decisions committed in one transaction (bounds how long a group holds its locks)
+    MAX_GROUP = 200
 
     def __init__(self, engine: Engine, pool_size: int, finish: Callable[[Connection], None],
                  discard: Callable[[Connection], None]) -> None:
@@ -106,19 +122,72 @@ class PooledWriter:
         self._finish = finish
         self._discard = discard
         self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="governord-writer")
+        #: decisions waiting for their group, by the locks they need (sorted)
+        self._queues: dict[tuple[str, ...], list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]] = {}
+        self._flushers: dict[tuple[str, ...], asyncio.Task[None]] = {}
 
-    async def run(self, job: Callable[[Connection], T]) -> T:
-        future = asyncio.get_running_loop().run_in_executor(self._threads, self._commit, job)
-        return await asyncio.shield(future)
+    async def run(self, job: Callable[[Connection], T], *, locks: Iterable[str] = ()) -> T:
+        """Commit ``job`` (a plain function of a connection), holding the advisory locks
+        ``locks`` (see :func:`lock`) while it runs, and return what it returned."""
+        keys = tuple(sorted(set(locks)))
+        loop = asyncio.get_running_loop()
+        if not keys:
+            results = await asyncio.shield(loop.run_in_executor(self._threads, self._commit, (), [job]))
+            return results[0]
+        future: asyncio.Future[T] = loop.create_future()
+        self._queues.setdefault(keys, []).append((job, future))
+        flusher = self._flushers.get(keys)
+        if flusher is None or flusher.done():
+            self._flushers[keys] = asyncio.create_task(self._flush(keys), name="governord-decisions")
+        return await future
 
-    def _commit(self, job: Callable[[Connection], T]) -> T:
+    async def _flush(self, keys: tuple[str, ...]) -> None:
+        loop = asyncio.get_running_loop()
+        while queue := self._queues.get(keys):
+            batch = queue[:self.MAX_GROUP]
+            del queue[:self.MAX_GROUP]
+            try:
+                outcomes = await loop.run_in_executor(self._threads, self._commit_group, keys,
+                                                      [job for job, _ in batch])
+            except BaseException as exc:  # the thread itself failed: every caller hears it
+                outcomes = [(False, exc)] * len(batch)
+                if not isinstance(exc, Exception):
+                    raise
+            for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
+                if future.done():
+                    continue  # its caller was cancelled; the write stands all the same
+                if ok:
+                    future.set_result(value)
+                else:
+                    future.set_exception(value)
+        self._queues.pop(keys, None)
+        self._flushers.pop(keys, None)
+
+    def _commit_group(self, keys: tuple[str, ...], jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+        if len(jobs) > 1:
+            try:
+                return [(True, value) for value in self._commit(keys, jobs)]
+            except Exception:  # noqa: BLE001 - each job runs again alone, below
+                log.debug("a group of %d decisions failed; running each alone", len(jobs))
+        outcomes: list[tuple[bool, Any]] = []
+        for job in jobs:
+            try:
+                outcomes.append((True, self._commit(keys, [job])[0]))
+            except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+                outcomes.append((False, exc))
+        return outcomes
+
+    def _commit(self, keys: tuple[str, ...], jobs: list[Callable[[Connection], Any]]) -> list[Any]:
+        """``jobs`` in one transaction under the locks ``keys``, run again from the start after a
+        deadlock or a serialisation failure; what each returned."""
         for attempt in range(1, _ATTEMPTS + 1):
             with self._engine.connect() as conn:
                 try:
                     with conn.begin():
-                        result = job(conn)
+                        lock(conn, list(keys))
+                        results = [job(conn) for job in jobs]
                         self._finish(conn)
-                    return result
+                    return results
                 except DBAPIError as exc:
                     self._discard(conn)
                     state = getattr(exc.orig, "sqlstate", None)

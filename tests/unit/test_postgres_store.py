@@ -301,3 +301,43 @@ async def test_two_application_api_listeners_refuse_a_certificate_revoked_throug
             await runner.cleanup()
         for runtime in runtimes:
             await runtime.stop()
+
+
+async def test_decisions_under_the_same_locks_are_committed_together_and_a_bad_one_sinks_alone(
+        postgres_url: str) -> None:
+    """The decisions queued for one application while a group commits form the next group: one
+    transaction, one taking of the locks, each decision seeing the ones before it. One that
+    raises is rolled back with its group, and the others run again without it and stand."""
+    opened = await store.Store.open(postgres_url, pool_size=4)
+    commits: list[int] = []
+    event.listen(opened.writer._engine, "commit", lambda _conn: commits.append(1))  # noqa: SLF001
+    runs: dict[int, int] = {}
+
+    def job(n: int, bad: int | None = None) -> Callable[[Any], int]:
+        def run(conn: Any) -> int:
+            runs[n] = runs.get(n, 0) + 1
+            held = conn.execute(text("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                                     "AND pid = pg_backend_pid()")).scalar_one()
+            assert held == 1, "the group's lock is held while each of its decisions runs"
+            conn.execute(insert(hosts).values(_host(1000 + n, name=f"group-{n}", seq=None)))
+            if n == bad:
+                raise RequestError(409, "refused", field="n")
+            # every decision before it in the group is visible to it
+            return int(conn.execute(text("SELECT count(*) FROM hosts WHERE name LIKE 'group-%'")).scalar_one())
+        return run
+
+    try:
+        good = await asyncio.gather(*(opened.writer.run(job(n), locks=["app:group"]) for n in range(40)))
+        grouped = len(commits)
+        mixed = await asyncio.gather(*(opened.writer.run(job(n, bad=53), locks=["app:group"])
+                                       for n in range(40, 80)), return_exceptions=True)
+        names = {r["name"] for r in await opened.list_hosts()}
+    finally:
+        await opened.close()
+    assert sorted(good) == list(range(1, 41))
+    assert grouped < 10, f"{grouped} commits for 40 decisions: not grouped"
+    failed = [40 + n for n, outcome in enumerate(mixed) if isinstance(outcome, Exception)]
+    assert failed == [53] and isinstance(mixed[13], RequestError)
+    assert names == {f"group-{n}" for n in range(80) if n != 53}
+    assert sorted(o for o in mixed if not isinstance(o, Exception)) == list(range(41, 80))
+    assert max(runs.values()) <= 2  # a decision runs at most twice: in its group, and alone after it failed
