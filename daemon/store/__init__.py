@@ -879,10 +879,13 @@ _FIND_REQUEST = select(requests).where(requests.c.app == bindparam("app"),
 _FIND_OPERATOR_REQUEST = select(requests).where(requests.c.app.is_(None),
                                                 requests.c.idempotency_key == bindparam("key"))
 _REQUEST_BY_ID = select(requests).where(requests.c.id == bindparam("id"))
-_STATE_COUNTS = select(state_counts.c.state, state_counts.c.hosts).where(state_counts.c.hosts != 0)
+#: (the counts are kept in slots: see schema.SLOT)
+_STATE_COUNTS = (select(state_counts.c.state, func.sum(state_counts.c.hosts).label("hosts")).group_by(state_counts.c.state)
+                 .having(func.sum(state_counts.c.hosts) != 0))
 _APP_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where(live_counts.c.app == bindparam("app"))
 _INSERT_REQUEST = insert(requests)
-_LIVE_COUNTS = select(live_counts.c.provider, live_counts.c.hosts).where(live_counts.c.app == bindparam("app"))
+_LIVE_COUNTS = (select(live_counts.c.provider, func.sum(live_counts.c.hosts).label("hosts")).where(live_counts.c.app == bindparam("app"))
+                .group_by(live_counts.c.provider))
 _RECENT_SCALE_UPS = (
     select(requests.c.updated_at, requests.c.params, requests.c.host_ids)
     .where(requests.c.app == bindparam("app"), requests.c.kind == "scale", requests.c.state == "accepted")

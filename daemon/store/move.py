@@ -51,7 +51,7 @@ from sqlalchemy.pool import NullPool
 from sqlalchemy.sql.elements import ColumnElement
 
 from . import JSON_CODEC, head_revision, known_revisions, migrate
-from .schema import KEPT_BY_TRIGGERS, metadata
+from .schema import KEPT_BY_TRIGGERS, SLOT, metadata
 
 #: rows read from the source and inserted into the target at a time
 BATCH = 1000
@@ -312,12 +312,11 @@ def _count(conn: Connection, table: Table) -> int:
 
 
 def _derived_rows(conn: Connection, table: Table) -> dict[tuple[Any, ...], tuple[Any, ...]]:
-    """A table the triggers keep: its counts by key, rows whose counts are all zero left out."""
-    keys = list(table.primary_key.columns)
-    values = [column for column in table.c if not column.primary_key]
-    query = select(*keys, *values)
-    if (where := _counted(table)) is not None:
-        query = query.where(where)
+    """A table the triggers keep: its counts by key (summed over the slots a count is kept in,
+    see :data:`~governord.store.schema.SLOT`), keys whose counts are all zero left out."""
+    keys = [column for column in table.primary_key.columns if column.name != SLOT]
+    sums = [func.sum(column) for column in table.c if not column.primary_key]
+    query = select(*keys, *sums).group_by(*keys).having(or_(*(total != 0 for total in sums)))
     return {tuple(row[:len(keys)]): tuple(row[len(keys):]) for row in conn.execute(query)}
 
 

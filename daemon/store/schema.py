@@ -29,6 +29,15 @@ metadata = MetaData()
 #: to the target's own triggers instead of copying them.
 KEPT_BY_TRIGGERS = "kept_by_triggers"
 
+#: The count tables' ``slot`` column: part of their key, so that one count is kept in several
+#: rows whose sum is the count. On PostgreSQL each connection adds to the rows of its own slot
+#: (its backend's pid modulo :data:`COUNT_SLOTS`), so transactions that move hosts at once, in
+#: one instance or several, do not wait for each other's commit on one row per state (a row
+#: lock every change of state took, which made every writer of the fleet take turns). SQLite
+#: has one writer and keeps every count in slot 0. Readers sum over the slots.
+SLOT = "slot"
+COUNT_SLOTS = 16
+
 #: One row per host governord manages or managed: the persisted state machine.
 hosts = Table(
     "hosts",
@@ -110,6 +119,7 @@ live_counts = Table(
     Column("app", String(255), primary_key=True),
     Column("role", String(255), primary_key=True),
     Column("provider", String(255), primary_key=True),
+    Column(SLOT, Integer, primary_key=True, server_default=text("0")),
     Column("hosts", Integer, nullable=False),
     info={KEPT_BY_TRIGGERS: True},
 )
@@ -122,7 +132,7 @@ def _count(row: str, delta: int) -> str:
     key = f"{row}.app, coalesce({row}.role, ''), coalesce({row}.provider, '')"
     return (f"INSERT INTO live_counts ({_COUNT_KEY}, hosts) SELECT {key}, {delta} "
             f"WHERE {row}.app IS NOT NULL AND {row}.state != 'gone' "
-            f"ON CONFLICT ({_COUNT_KEY}) DO UPDATE SET hosts = hosts + excluded.hosts;")
+            f"ON CONFLICT ({_COUNT_KEY}, {SLOT}) DO UPDATE SET hosts = hosts + excluded.hosts;")
 
 
 #: SQLite's triggers keeping ``live_counts``; the migration that made the table creates them
@@ -147,12 +157,14 @@ def _pg_moves(table: str, sign: int, live: bool) -> str:
 
 def _pg_function(name: str, target: str, key: str, live: bool) -> str:
     """A statement-level trigger function: the statement's changed rows (its transition tables)
-    summed into one delta per key, applied in the order of the keys (so that two statements
-    moving hosts in opposite directions cannot deadlock on the count rows)."""
+    summed into one delta per key, added to the rows of this connection's slot (see
+    :data:`SLOT`) in the order of the keys (so that two statements moving hosts in opposite
+    directions cannot deadlock on the count rows)."""
     def apply(moves: str) -> str:
-        return (f"INSERT INTO {target} ({key}, hosts) SELECT {key}, sum(delta) FROM ({moves}) AS moves "
+        return (f"INSERT INTO {target} ({key}, {SLOT}, hosts) "
+                f"SELECT {key}, mod(pg_backend_pid(), {COUNT_SLOTS}), sum(delta) FROM ({moves}) AS moves "
                 f"GROUP BY {key} HAVING sum(delta) <> 0 ORDER BY {key} "
-                f"ON CONFLICT ({key}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
+                f"ON CONFLICT ({key}, {SLOT}) DO UPDATE SET hosts = {target}.hosts + excluded.hosts;")
     return (f"CREATE FUNCTION {name}() RETURNS trigger LANGUAGE plpgsql AS $$\nBEGIN\n"
             f"  IF TG_OP = 'INSERT' THEN\n    {apply(_pg_moves('new_rows', 1, live))}\n"
             f"  ELSIF TG_OP = 'DELETE' THEN\n    {apply(_pg_moves('old_rows', -1, live))}\n"
@@ -188,6 +200,7 @@ state_counts = Table(
     "state_counts",
     metadata,
     Column("state", String(32), primary_key=True),
+    Column(SLOT, Integer, primary_key=True, server_default=text("0")),
     Column("hosts", Integer, nullable=False),
     info={KEPT_BY_TRIGGERS: True},
 )
@@ -195,7 +208,7 @@ state_counts = Table(
 
 def _state_count(row: str, delta: int) -> str:
     return (f"INSERT INTO state_counts (state, hosts) VALUES ({row}.state, {delta}) "
-            "ON CONFLICT (state) DO UPDATE SET hosts = hosts + excluded.hosts;")
+            f"ON CONFLICT (state, {SLOT}) DO UPDATE SET hosts = hosts + excluded.hosts;")
 
 
 #: SQLite's triggers keeping ``state_counts`` (the migration that made the table creates them too).

@@ -150,8 +150,9 @@ def test_the_upgrade_counts_the_hosts_already_there(postgres_url: str) -> None:
                 {"id": f"h{i}", "name": f"shop-node-0{i}", "app": app, "state": state})
     store.migrate(postgres_url)
     with engine.connect() as conn:
-        assert conn.execute(text("SELECT app, role, provider, hosts FROM live_counts")).all() == [("shop", "node", "mem", 3)]
-        assert dict(conn.execute(text("SELECT state, hosts FROM state_counts")).all()) == {
+        live = "SELECT app, role, provider, sum(hosts) FROM live_counts GROUP BY app, role, provider"
+        assert conn.execute(text(live)).all() == [("shop", "node", "mem", 3)]
+        assert dict(conn.execute(text("SELECT state, sum(hosts) FROM state_counts GROUP BY state")).all()) == {
             "ready": 2, "requested": 1, "gone": 1, "failed": 1}
         # and the retire_requested default the first revision gave is PostgreSQL's false
         assert conn.execute(text("SELECT bool_and(NOT retire_requested) FROM hosts")).scalar() is True
@@ -341,3 +342,61 @@ async def test_decisions_under_the_same_locks_are_committed_together_and_a_bad_o
     assert names == {f"group-{n}" for n in range(80) if n != 53}
     assert sorted(o for o in mixed if not isinstance(o, Exception)) == list(range(41, 80))
     assert max(runs.values()) <= 2  # a decision runs at most twice: in its group, and alone after it failed
+
+
+def test_writers_moving_hosts_at_once_do_not_wait_on_the_counts(postgres_url: str) -> None:
+    """Two transactions that each move a host from one state to the same other state: each adds
+    to the count rows of its own slot, so the second does not wait for the first to commit (on
+    one row per state it would, and every writer of the fleet would take turns)."""
+    store.migrate(postgres_url)
+    engine = create_engine(postgres_url, pool_size=20)
+    with engine.begin() as conn:
+        conn.execute(insert(hosts), [_host(i, state="ready") for i in (1, 2)])
+    held = []
+    try:
+        first = engine.connect()
+        held.append(first)
+        slot = first.execute(text("SELECT mod(pg_backend_pid(), 16)")).scalar_one()
+        second = engine.connect()
+        held.append(second)
+        while second.execute(text("SELECT mod(pg_backend_pid(), 16)")).scalar_one() == slot:
+            second = engine.connect()  # another backend, in another slot
+            held.append(second)
+        first.execute(update(hosts).where(hosts.c.id == "h1").values(state="retiring"))
+        second.execute(text("SET LOCAL lock_timeout = '2s'"))
+        second.execute(update(hosts).where(hosts.c.id == "h2").values(state="retiring"))  # no wait
+        second.commit()
+        first.commit()
+    finally:
+        for conn in held:
+            conn.close()
+    with engine.connect() as conn:
+        assert _counted_states(conn) == _actual_states(conn) == {"retiring": 2}
+        assert conn.execute(text("SELECT count(DISTINCT slot) FROM state_counts WHERE state = 'retiring' "
+                                 "AND hosts <> 0")).scalar_one() == 2
+    engine.dispose()
+
+
+def test_the_count_slots_downgrade_and_upgrade_keep_the_counts(postgres_url: str) -> None:
+    """Revision 0013 and back: the counts summed into one row per key, and spread again."""
+    from alembic import command
+
+    from .test_store import _alembic
+
+    store.migrate(postgres_url)
+    engine = create_engine(postgres_url)
+    with engine.begin() as conn:
+        conn.execute(insert(hosts), [_host(i, state=s) for i, s in enumerate(["ready", "ready", "gone", "failed"])])
+    with engine.connect() as conn:  # another connection, most likely another slot
+        conn.execute(update(hosts).where(hosts.c.id == "h0").values(state="retiring"))
+        conn.commit()
+    with engine.begin() as conn:
+        command.downgrade(_alembic(conn), "0012")
+    with engine.connect() as conn:
+        assert dict(conn.execute(text("SELECT state, hosts FROM state_counts WHERE hosts <> 0")).all()) == {
+            "retiring": 1, "ready": 1, "gone": 1, "failed": 1}
+        assert conn.execute(text("SELECT hosts FROM live_counts")).scalars().all() == [3]
+    store.migrate(postgres_url)
+    with engine.connect() as conn:
+        assert _counted_states(conn) == _actual_states(conn) and _counted(conn) == _actual(conn)
+    engine.dispose()

@@ -22,7 +22,7 @@ from typing import Any
 
 import pytest
 from click.testing import CliRunner, Result
-from sqlalchemy import create_engine, insert, inspect, select, text, update
+from sqlalchemy import create_engine, func, insert, inspect, select, text, update
 from sqlalchemy.engine import Engine, make_url
 
 from governord import ctl, testing
@@ -32,7 +32,7 @@ from governord.errors import PermanentError
 from governord.runtime import Runtime
 from governord.store import CertificateStore, Store
 from governord.store.move import MoveFailed, MoveRefused, move
-from governord.store.schema import KEPT_BY_TRIGGERS, events, hosts, metadata, site_revocations
+from governord.store.schema import KEPT_BY_TRIGGERS, SLOT, events, hosts, metadata, site_revocations
 
 from .conftest import PASSWORD_ENV, wait_states
 from .test_store import _actual, _actual_states, _counted, _counted_states, _host
@@ -133,14 +133,21 @@ async def _sqlite_state(make_runtime: Callable[..., Any], monkeypatch: pytest.Mo
 
 
 def _rows(engine: Engine) -> dict[str, list[dict[str, Any]]]:
-    """Every table's rows in primary-key order; a table the triggers keep without its rows whose
-    counts are all zero (SQLite keeps those, PostgreSQL's triggers need not make them)."""
+    """Every table's rows in primary-key order; a table the triggers keep summed over its slots
+    (PostgreSQL keeps a count in several), without its counts that are all zero (SQLite keeps
+    those, PostgreSQL's triggers need not make them)."""
     found = {}
     with engine.connect() as conn:
         for table in metadata.sorted_tables:
-            rows = [dict(r) for r in conn.execute(select(table)).mappings()]
             if table.info.get(KEPT_BY_TRIGGERS):
-                rows = [r for r in rows if any(r[c.name] for c in table.c if not c.primary_key)]
+                keys = [c for c in table.primary_key.columns if c.name != SLOT]
+                counts = [func.sum(c).label(c.name) for c in table.c if not c.primary_key]
+                query = select(*keys, *counts).group_by(*keys)
+                rows = [dict(r) for r in conn.execute(query).mappings()]
+                rows = [r for r in rows if any(r[c.name] for c in counts)]
+                found[table.name] = sorted(rows, key=lambda r: tuple(r[c.name] for c in keys))
+                continue
+            rows = [dict(r) for r in conn.execute(select(table)).mappings()]
             # sorted here: the databases' collations may order strings differently
             found[table.name] = sorted(rows, key=lambda r: tuple(r[c.name] for c in table.primary_key.columns))
     return found
