@@ -46,17 +46,33 @@ _ATTEMPTS = 5
 #: (a host down, packets dropped) fails the operation in this time, not in TCP's minutes
 CONNECT_TIMEOUT = 10
 
+#: seconds one of governord's transactions may sit idle before the server ends its session
+#: (``idle_in_transaction_session_timeout``). governord never waits on anything but the database
+#: inside a transaction, so a transaction idle this long belongs to a process that was paused
+#: (SIGSTOP, a VM frozen), hung, or cut off from the database: what it holds (an application's
+#: decision lock, claimed rows, the leader row) is then freed for the rest of the fleet in this
+#: time, instead of blocking every other instance until that process comes back. Well under the
+#: leases (``[engine] lease_seconds``, ``[fleet] leader_lease``), so takeover is never held up
+#: by it; the paused process, when it resumes, finds its session gone and its writes undone.
+IDLE_TRANSACTION_TIMEOUT = 10
+
+#: what every connection of the writers and readers is opened with
+_CONNECT_ARGS = {
+    "connect_timeout": CONNECT_TIMEOUT,
+    "options": f"-c idle_in_transaction_session_timeout={IDLE_TRANSACTION_TIMEOUT * 1000}",
+}
+
 
 def sync_engine(url: str, codec: dict[str, Any], pool_size: int) -> Engine:
     # pool_pre_ping: a pooled connection the server closed (a restart, an outage) is replaced at
     # checkout instead of failing the first statement after the server is back
     return create_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
-                         connect_args={"connect_timeout": CONNECT_TIMEOUT}, **codec)
+                         connect_args=dict(_CONNECT_ARGS), **codec)
 
 
 def async_engine(url: str, codec: dict[str, Any], pool_size: int) -> AsyncEngine:
     return create_async_engine(url, pool_size=pool_size, max_overflow=0, pool_pre_ping=True,
-                               connect_args={"connect_timeout": CONNECT_TIMEOUT}, **codec)
+                               connect_args=dict(_CONNECT_ARGS), **codec)
 
 
 def probe_engine(url: str, timeout: float) -> AsyncEngine:

@@ -6,6 +6,7 @@ PostgreSQL, so only what the database guarantees (advisory locks, row locks) kee
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import random
 import ssl
 import threading
@@ -400,3 +401,60 @@ def test_the_count_slots_downgrade_and_upgrade_keep_the_counts(postgres_url: str
     with engine.connect() as conn:
         assert _counted_states(conn) == _actual_states(conn) and _counted(conn) == _actual(conn)
     engine.dispose()
+
+
+_HOLDER = """
+import sys, time
+from sqlalchemy import text
+from governord.store import app_lock, postgresql
+engine = postgresql.sync_engine(sys.argv[1], {}, 1)
+with engine.connect() as conn:
+    conn.begin()
+    postgresql.lock(conn, [app_lock("demo")])
+    print("held", flush=True)
+    time.sleep(float(sys.argv[2]))
+    try:
+        conn.execute(text("SELECT 1"))
+        print("still in its transaction", flush=True)
+    except Exception as exc:
+        print("session ended:", type(exc).__name__, flush=True)
+"""
+
+
+async def test_a_paused_process_holding_an_applications_lock_holds_the_fleet_up_only_so_long(
+        postgres_url: str) -> None:
+    """A process that holds an application's decision lock and is then stopped (SIGSTOP) would
+    keep every other instance from deciding for that application until it came back. Its
+    session is ended by the server after IDLE_TRANSACTION_TIMEOUT idle seconds: another
+    instance's decision goes through, and the paused process, resumed, finds its session gone."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from governord.store import postgresql
+
+    store.migrate(postgres_url)
+    holder = subprocess.Popen([sys.executable, "-c", _HOLDER, postgres_url, "1"], stdout=subprocess.PIPE, text=True)
+    opened = await store.Store.open(postgres_url, pool_size=2)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline().strip() == "held"
+        os.kill(holder.pid, signal.SIGSTOP)
+
+        def decision(tx: Any) -> int:
+            return int(tx.conn.execute(text("SELECT 42")).scalar_one())
+
+        started = time.monotonic()
+        blocked = asyncio.ensure_future(opened.decide(decision, locks=[store.app_lock("demo")]))
+        await asyncio.sleep(2)
+        assert not blocked.done(), "the paused process's lock held the decision up"
+        assert await asyncio.wait_for(blocked, postgresql.IDLE_TRANSACTION_TIMEOUT + 15) == 42
+        assert time.monotonic() - started >= postgresql.IDLE_TRANSACTION_TIMEOUT - 1
+        os.kill(holder.pid, signal.SIGCONT)
+        out, _ = holder.communicate(timeout=30)
+        assert out.startswith("session ended:"), out
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(holder.pid, signal.SIGCONT)
+        holder.kill()
+        await opened.close()
