@@ -6,6 +6,7 @@ tests/system/test_autoscaler.py."""
 from __future__ import annotations
 
 import json
+import subprocess
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
@@ -304,3 +305,61 @@ def test_a_template_from_the_profiles() -> None:
     with pytest.raises(TemplateUnknown, match=r"allocatable.memory \(20000Mi\) is more than the capacity its machines "
                                               r"have \(16384Mi\)"):
         template_node(config(node_template={"allocatable": {"memory": "20000Mi"}}), "app", "node")
+
+
+def _openssl(*args: str, cwd: Path) -> None:
+    subprocess.run(["openssl", *args], cwd=cwd, check=True, capture_output=True)
+
+
+def _openssl_ca(home: Path, name: str) -> Path:
+    """A CA as a site makes one with openssl (RSA, not governord's code); returns its directory."""
+    home.mkdir(parents=True)
+    _openssl("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", f"/O=Site/CN={name}",
+             "-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign",
+             "-keyout", "ca.key", "-out", "ca.pem", cwd=home)
+    return home
+
+
+def _openssl_leaf(ca: Path, stem: str, cn: str, usage: str, san: str | None = None) -> tuple[Path, Path]:
+    """A certificate the CA in ``ca`` signs (``usage``: serverAuth or clientAuth); (cert, key)."""
+    _openssl("req", "-newkey", "rsa:2048", "-nodes", "-subj", f"/O=Site/CN={cn}", "-keyout", f"{stem}.key",
+             "-out", f"{stem}.csr", cwd=ca)
+    extensions = ["basicConstraints=critical,CA:FALSE", f"extendedKeyUsage={usage}"] + ([f"subjectAltName={san}"] if san else [])
+    (ca / f"{stem}.ext").write_text("\n".join(extensions) + "\n")
+    _openssl("x509", "-req", "-in", f"{stem}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+             "-days", "1", "-extfile", f"{stem}.ext", "-out", f"{stem}.pem", cwd=ca)
+    return ca / f"{stem}.pem", ca / f"{stem}.key"
+
+
+async def test_a_site_ca_made_with_openssl(make_runtime: Callable[..., Any], tmp_path: Path) -> None:
+    """[api.tls] on a site's own CA (made with openssl, as a site makes one): the autoscaler's
+    client certificate from that CA naming the application is served; one naming the same
+    application from a CA the listener does not trust is refused in the TLS handshake."""
+    site = _openssl_ca(tmp_path / "site", "Site Root CA")
+    server_cert, server_key = _openssl_leaf(site, "server", "localhost", "serverAuth", "DNS:localhost")
+    client_cert, client_key = _openssl_leaf(site, "demo", "demo", "clientAuth")
+    elsewhere = _openssl_ca(tmp_path / "elsewhere", "Another CA")
+    stranger_cert, stranger_key = _openssl_leaf(elsewhere, "demo", "demo", "clientAuth")
+    tls = (f'\n[api.tls]\ncertificate = "{server_cert}"\nkey = "{server_key}"\nclient_ca = "{site / "ca.pem"}"\n')
+    runtime: Runtime = await make_runtime(AUTOSCALER, lambda text: text.replace("[engine]", tls + "[engine]", 1))
+    tls_section = runtime.config.api.tls
+    listener = AutoscalerListener(runtime, None, certificate=str(tls_section.certificate), key=str(tls_section.key),
+                                  client_ca=str(tls_section.client_ca))
+    port = await listener.start()
+
+    async def groups(cert: Path, key: Path) -> list[str]:
+        credentials = grpc.ssl_channel_credentials(root_certificates=(site / "ca.pem").read_bytes(),
+                                                   private_key=key.read_bytes(), certificate_chain=cert.read_bytes())
+        async with grpc.aio.secure_channel(f"localhost:{port}", credentials) as channel:
+            answer = await pb_grpc.CloudProviderStub(channel).NodeGroups(pb.NodeGroupsRequest(), timeout=10)
+            return [g.id for g in answer.nodeGroups]
+
+    try:
+        assert await groups(client_cert, client_key) == [GROUP]
+        with pytest.raises(grpc.aio.AioRpcError) as caught:
+            await groups(stranger_cert, stranger_key)
+        # the same client's certificate, only its CA differs: the handshake failed, no call was made
+        assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await listener.stop()
+        await runtime.stop()
