@@ -184,13 +184,16 @@ def test_a_node_groups_agent_gets_its_provider_id_as_a_class_parameter(puppet_la
     providerID as openshift::node's provider_id (a smart class parameter override), the catalog
     compiles with it (a class without the parameter would not), and the agent applies it."""
     lab, stack = puppet_lab
-    daemon = lab.start_governord(lab.write_config(instance="node-group", autoscaler=True))
+    daemon = lab.start_governord(lab.write_config(autoscaler=True))
     try:
         daemon.ctl("scale", "demo", "node", "--add", "1")
-        host = wait_until(lambda: (h := daemon.ctl_json("hosts", "list")) and h[0]["state"] == "configuring" and h[0],
-                          timeout=120, what="configuring")
+        # the lab's puppetserver asks the default instance's autosign socket: this daemon's state
+        # may hold an earlier test's hosts (gone), so the new one is the live one
+        host = wait_until(lambda: [h for h in daemon.ctl_json("hosts", "list") if h["state"] == "configuring"],
+                          timeout=120, what="configuring")[0]
         fqdn = host["fqdn"]
         csr_attributes = _host(daemon, fqdn)["registrations"]["puppetca"]["cloud_config"]["puppet"]["csr_attributes"]
+        stack.forget_agent(fqdn)  # a new machine: no ssldir of an earlier host of that name (another test's)
         code, output = stack.run_agent(fqdn, csr_attributes=csr_attributes)
         assert code == 2, output
         wait_until(lambda: _host(daemon, fqdn)["state"] == "ready", timeout=120, what="ready after the report")
