@@ -43,6 +43,7 @@ from sqlalchemy.exc import ArgumentError
 
 from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, FieldError
+from .nodetemplate import NodeTemplateSection
 from .outbound import never_reason
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
@@ -392,6 +393,9 @@ class RoleSection(StrictModel):
     name_pattern: str = "{app}-{role}-{seq:02d}"
     #: DNS domain of the role's hosts (default: the network's)
     domain: str | None = None
+    #: what a node of the role looks like in Kubernetes, for the Cluster Autoscaler's scale-up
+    #: from zero ([autoscaler] node_groups; README, "Kubernetes Cluster Autoscaler")
+    node_template: NodeTemplateSection | None = None
 
     @model_validator(mode="after")
     def _one_way(self) -> RoleSection:

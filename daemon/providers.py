@@ -30,6 +30,7 @@ import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -124,8 +125,24 @@ class ProviderConfig(StrictModel):
     retry_backoff_max: float | None = Field(default=None, ge=0)
 
 
+@dataclass(frozen=True)
+class NodeShape:
+    """What a role's profile says of the machines it makes: for the Kubernetes node template
+    (the Cluster Autoscaler's scale-up from zero). None where the profile does not say (a
+    template's own size, a flavor known only to the cloud)."""
+
+    cpus: int | None = None
+    memory_mb: int | None = None
+    #: the instance type or flavor name, for the node.kubernetes.io/instance-type label
+    instance_type: str | None = None
+
+
 class ProviderProfile(StrictModel):
     """Per-role settings for a provider (template, size, ...). Provider types subclass it."""
+
+    def node_shape(self) -> NodeShape:
+        """What this profile says of its machines' size; a type whose profile sets one overrides it."""
+        return NodeShape()
 
 
 def backoff_delay(backoff: float, attempt: int) -> float:

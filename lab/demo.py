@@ -209,6 +209,7 @@ def run_autoscaler(workdir: Path, platform: str) -> None:
 
     from governord.autoscaler import externalgrpc_pb2 as pb
     from governord.autoscaler import externalgrpc_pb2_grpc as pb_grpc
+    from governord.autoscaler import kubenode_pb2 as kube
 
     group = "demo/node"
     with Lab(workdir) as lab:
@@ -248,6 +249,19 @@ def run_autoscaler(workdir: Path, platform: str) -> None:
         stub.Refresh(pb.RefreshRequest(), timeout=30)
         for g in stub.NodeGroups(pb.NodeGroupsRequest(), timeout=30).nodeGroups:
             console.print(f"node group {g.id}: min {g.minSize}, max {g.maxSize} ({g.debug})")
+        # the group has no node yet: the autoscaler simulates the scale-up on the group's template
+        try:
+            template = kube.Node.FromString(stub.NodeGroupTemplateNodeInfo(
+                pb.NodeGroupTemplateNodeInfoRequest(id=group), timeout=30).nodeBytes)
+        except grpc.RpcError as exc:  # a profile that gives no size (EC2, OpenStack) and no node_template
+            console.print(escape(f"NodeGroupTemplateNodeInfo(demo/node): {exc.code().name}: {exc.details()}"))
+            expect(exc.code() == grpc.StatusCode.UNIMPLEMENTED, "no template node without a size, and why")
+        else:
+            capacity = {k: v.string for k, v in template.status.capacity.items()}
+            console.print(escape(f"NodeGroupTemplateNodeInfo(demo/node): {template.metadata.name}, capacity {capacity}, "
+                                 f"labels {dict(template.metadata.labels)}"))
+            expect(bool(capacity.get("cpu")) and bool(capacity.get("memory")),
+                   "the group's template node has the profile's CPUs and memory (a scale-up from zero)")
         stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=group, delta=2), timeout=30)
         instances("just after IncreaseSize")
         def states() -> dict[str, int]:

@@ -87,7 +87,7 @@ verify_tls = false
 organization = "Governor Lab"
 location = "Lab"
 puppet_environment = "production"
-{registrar_extra}
+{registrar_extra}{foreman_extra}
 [registrars.satellite]
 type = "satellite"
 url = "{satellite_url}"
@@ -116,6 +116,10 @@ provider = "{provider}"
 name_pattern = "demo-node-{{seq:02d}}"
 profile = {profile}
 """
+
+#: the Puppet class parameter a node group's host gets its providerID in (the lab's openshift::node
+#: declares it, and the Foreman simulator's seed has it as a smart class parameter)
+PROVIDER_ID_CLASS_PARAMETER = "openshift::node::provider_id"
 
 #: the Cluster Autoscaler's provider on a free loopback port (STATE_DIR/autoscaler.port)
 AUTOSCALER = """
@@ -466,6 +470,8 @@ class Lab:
             profile=platform.profile, foreman_url=self.url_for(self.foreman),
             satellite_url=self.url_for(self.satellite), max_hosts=max_hosts, engine_extra=engine_extra,
             registrar_extra=registrar_extra, lease_seconds=lease_seconds,
+            # a node group's host also gets its providerID as openshift::node's class parameter
+            foreman_extra=f'provider_id_parameter = "{PROVIDER_ID_CLASS_PARAMETER}"\n' if autoscaler else "",
         ) + (self._puppet_registrars() if self.puppet is not None else "") + (AUTOSCALER if autoscaler else "")
           + (self._fleet_sections(path, instance, store_url, heartbeat, leader_lease) if store_url else "")
           + extra)

@@ -250,10 +250,12 @@ class NodeGroupTemplateNodeInfoRequest(_message.Message):
     def __init__(self, id: _Optional[str] = ...) -> None: ...
 
 class NodeGroupTemplateNodeInfoResponse(_message.Message):
-    __slots__ = ("nodeBytes",)
+    __slots__ = ("nodeInfo", "nodeBytes")
+    NODEINFO_FIELD_NUMBER: _ClassVar[int]
     NODEBYTES_FIELD_NUMBER: _ClassVar[int]
+    nodeInfo: bytes
     nodeBytes: bytes
-    def __init__(self, nodeBytes: _Optional[bytes] = ...) -> None: ...
+    def __init__(self, nodeInfo: _Optional[bytes] = ..., nodeBytes: _Optional[bytes] = ...) -> None: ...
 
 class NodeGroupAutoscalingOptions(_message.Message):
     __slots__ = ("scaleDownUtilizationThreshold", "scaleDownGpuUtilizationThreshold", "zeroOrMaxNodeScaling", "ignoreDaemonSetsUtilization", "scaleDownUnneededDuration", "scaleDownUnreadyDuration", "MaxNodeProvisionDuration")

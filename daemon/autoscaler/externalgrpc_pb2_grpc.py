@@ -212,7 +212,8 @@ class CloudProviderServicer:
         raise NotImplementedError('Method not implemented!')
 
     def NodeGroupTemplateNodeInfo(self, request, context):
-        """Optional: a serialized v1.Node for scale-up simulation (nodeBytes, autoscaler 1.35 on).
+        """Optional: the node a scale-up would add (labels, taints, capacity), as a v1.Node, for the
+        autoscaler's simulation; lets a group with no node scale up from zero.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

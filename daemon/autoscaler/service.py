@@ -19,6 +19,9 @@ are the role's live hosts, each known to Kubernetes by the providerID ``governor
   them is not a live host of the group. A host already on its way out is left as it is.
 - ``NodeGroupDecreaseTargetSize``: cancels hosts not made yet (state ``requested``); never a host
   whose machine is being made or exists.
+- ``NodeGroupTemplateNodeInfo``: the node the group adds (:mod:`.template`), so that a group with
+  no node can scale up from zero; UNIMPLEMENTED when the config does not give its size.
+- ``NodeGroupGetOptions``: UNIMPLEMENTED, so the autoscaler's own options apply to every group.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from ..rules import RequestError
 from ..store import unavailable
 from . import externalgrpc_pb2 as pb
 from . import externalgrpc_pb2_grpc as pb_grpc
+from .template import TemplateUnknown, template_node
 
 if TYPE_CHECKING:
     from ..api.tls import ApplicationTLS
@@ -326,10 +330,17 @@ class CloudProvider(pb_grpc.CloudProviderServicer):
             pb.Instance(id=provider_id(row["id"]), status=instance_status(row)) for row in await self._live(app, role)])
 
     async def NodeGroupTemplateNodeInfo(self, request: pb.NodeGroupTemplateNodeInfoRequest,
-                                        context: grpc.aio.ServicerContext) -> Any:
-        await self._caller(context)
-        await _abort(context, grpc.StatusCode.UNIMPLEMENTED,
-                     "governord describes no template node: a group scales up from a node it has")
+                                        context: grpc.aio.ServicerContext) -> pb.NodeGroupTemplateNodeInfoResponse:
+        caller = await self._caller(context)
+        app, role = await self._group(context, caller, request.id)
+        try:
+            node = template_node(self.runtime.config, app, role)
+        except TemplateUnknown as exc:
+            # the autoscaler's "not implemented": the group scales up only from a node it has
+            await _abort(context, grpc.StatusCode.UNIMPLEMENTED, str(exc))
+        data = node.SerializeToString(deterministic=True)
+        # field 1 for releases up to 1.34 (a structured Node there: the same bytes on the wire), 2 for 1.35 on
+        return pb.NodeGroupTemplateNodeInfoResponse(nodeInfo=data, nodeBytes=data)
 
     async def NodeGroupGetOptions(self, request: pb.NodeGroupAutoscalingOptionsRequest,
                                   context: grpc.aio.ServicerContext) -> Any:

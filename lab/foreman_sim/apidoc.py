@@ -155,7 +155,12 @@ SEARCH_FIELDS: dict[str, list[dict[str, Any]]] = {
     "domains": _fields(("id", "integer"), ("name", "string"), ("fullname", "string")),
     "environments": _fields(("name", "string")),
     "puppetclasses": _fields(("name", "string"), ("environment", "string")),
+    "smart_class_parameters": _fields(("key", "string"), ("parameter", "string"), ("puppetclass", "string"),
+                                      ("puppetclass_name", "string"))
+    + [{"name": "override", "values": ["true", "false"]}],
 }
+_ANY_TYPE = ("Must be one of types: <code>string</code>, <code>boolean</code>, <code>integer</code>, <code>real</code>, "
+             "<code>array</code>, <code>hash</code>, <code>yaml</code>, <code>json</code>")
 
 
 def _host_attributes(create: bool) -> list[dict[str, Any]]:
@@ -292,6 +297,59 @@ def build_apidoc() -> dict[str, Any]:
                    [param("host_id", required=True), param("id", required=True)]),
         ],
     )
+    smart_parameter_id = param("smart_class_parameter_id", validator=_IDENT)
+    smart_class_parameters = resource(
+        "smart_class_parameters",
+        puppet,
+        [
+            method(
+                "smart_class_parameters",
+                "index",
+                [("GET", f"{puppet}/smart_class_parameters", "List all smart class parameters")],
+                [param("show_hidden", "boolean", description="Display hidden values"), *_search_and_pagination()],
+                search=SEARCH_FIELDS["smart_class_parameters"],
+            ),
+            method(
+                "smart_class_parameters",
+                "show",
+                [("GET", f"{puppet}/smart_class_parameters/:id", "Show a smart class parameter")],
+                [_id_param(), param("show_hidden", "boolean", description="Display hidden values")],
+            ),
+        ],
+    )
+
+    def override_value(create: bool) -> dict[str, Any]:
+        return param("override_value", "hash", required=True, params=[
+            param("match", required=create, description="Override match"),
+            param("value", "any_type", allow_nil=True, validator=_ANY_TYPE,
+                  description="Override value, required if omit is false"),
+            param("omit", "boolean", allow_nil=True,
+                  description="Foreman will not send this parameter in classification output"),
+        ])
+
+    values_url = f"{puppet}/smart_class_parameters/:smart_class_parameter_id/override_values"
+    override_values = resource(
+        "override_values",
+        puppet,
+        [
+            method("override_values", "index",
+                   [("GET", values_url, "List of override values for a specific smart class parameter")],
+                   [smart_parameter_id, param("show_hidden", "boolean"), param("page", "numeric"),
+                    param("per_page", validator=_PER_PAGE)]),
+            method("override_values", "show",
+                   [("GET", f"{values_url}/:id", "Show an override value for a specific smart class parameter")],
+                   [smart_parameter_id, _id_param()]),
+            method("override_values", "create",
+                   [("POST", values_url, "Create an override value for a specific smart class parameter")],
+                   [smart_parameter_id, override_value(True)]),
+            method("override_values", "update",
+                   [("PUT", f"{values_url}/:id", "Update an override value for a specific smart class parameter")],
+                   [smart_parameter_id, _id_param(), override_value(False)]),
+            method("override_values", "destroy",
+                   [("DELETE", f"{values_url}/:id", "Delete an override value for a specific smart class parameter")],
+                   [smart_parameter_id, _id_param()]),
+        ],
+    )
     resources = {
         "home": resource("home", "/api", [method("home", "status", [("GET", "/api/status", "Show status")], [])]),
         "ping": resource(
@@ -307,6 +365,8 @@ def build_apidoc() -> dict[str, Any]:
         "environments": _lookup_resource("environments", "environment", puppet),
         "puppetclasses": puppetclasses,
         "host_classes": host_classes,
+        "smart_class_parameters": smart_class_parameters,
+        "override_values": override_values,
     }
     return {
         "docs": {

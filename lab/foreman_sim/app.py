@@ -11,6 +11,7 @@ import base64
 import binascii
 import html
 import json
+import re
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -493,6 +494,9 @@ async def hosts_destroy(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     host = _find_host(state, request.match_info["id"])
     del state.objects["hosts"][host["id"]]
+    # HostCommon: has_many :lookup_values (match "fqdn=NAME"), dependent: :destroy
+    for value in [v for v in state.all("override_values") if v["match"] == f"fqdn={host['name']}"]:
+        del state.objects["override_values"][value["id"]]
     return json_response(views.host_raw_row(host))
 
 
@@ -657,6 +661,178 @@ async def host_classes_destroy(request: web.Request) -> web.Response:
     return json_response([])
 
 
+# -- smart class parameters and their override values (foreman_puppet) ---------------------------
+
+
+def _smart_parameter_fields(state: State) -> dict[str, tuple[str, Getter]]:
+    def class_name(parameter: dict[str, Any]) -> str:
+        return str(state.objects["puppetclasses"][parameter["puppetclass_id"]]["name"])
+
+    return _fields("smart_class_parameters", {
+        "key": lambda p: p["parameter"],
+        "parameter": lambda p: p["parameter"],
+        "puppetclass": class_name,
+        "puppetclass_name": class_name,
+        "override": lambda p: p["override"],
+    })
+
+
+async def smart_class_parameters_index(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    records = sorted(state.all("smart_class_parameters"), key=lambda p: p["parameter"])
+    matches = select(records, _param(request, "search"), _smart_parameter_fields(state), "parameter")
+    return _index(request, len(records), matches, lambda page: [views.smart_class_parameter_view(state, p) for p in page])
+
+
+def _smart_parameter(state: State, ident: Any, *, nested: bool = True) -> dict[str, Any]:
+    """PuppetLookupsCommonController#find_smart_class_parameter: by id, then by parameter name;
+    a miss is the controller's unwrapped not_found, whose message (with its stray quote) names
+    the id it read: none on the nested routes, where Foreman reads ``smart_variable_id``."""
+    number = _int(ident)
+    found = state.get("smart_class_parameters", number) if number and number > 0 else None
+    if found is None:
+        found = next((p for p in state.all("smart_class_parameters") if p["parameter"] == str(ident)), None)
+    if found is None:
+        raise FError(404, {"message": f"Smart class parameter not found by id '{'' if nested else ident}''"})
+    return found
+
+
+async def smart_class_parameters_show(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["id"], nested=False)
+    return json_response(views.smart_class_parameter_view(state, parameter))
+
+
+async def override_values_index(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["smart_class_parameter_id"])
+    values = sorted(state.overrides_of(parameter), key=lambda v: v["id"])
+    return _index(request, len(values), values, lambda page: [views.override_value_view(v) for v in page])
+
+
+def _override_value(state: State, parameter: dict[str, Any], ident: str) -> dict[str, Any]:
+    """By id, then by match (friendly_id), and only one of this parameter's."""
+    number = _int(ident)
+    found = state.get("override_values", number) if number is not None else None
+    if found is None:
+        found = next((v for v in state.overrides_of(parameter) if v["match"] == ident), None)
+    if found is None or found["lookup_key_id"] != parameter["id"]:
+        raise FError(404, {"message": f"Override value not found by id '{ident}'"})
+    return found
+
+
+async def override_values_show(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["smart_class_parameter_id"])
+    return json_response(views.override_value_view(_override_value(state, parameter, request.match_info["id"])))
+
+
+_KEY_DELM, _EQ_DELM = ",", "="
+#: LookupKey::VALUE_REGEX: matcher=value pairs joined by commas
+_MATCH_FORMAT = re.compile(r"\A[^,]+=[^,]+(,[^,]+=[^,]+)*\Z")
+
+
+def _sanitize_match(match: str) -> str:
+    """LookupValue#sanitize_match: each matcher lower-cased and stripped, each value stripped."""
+    parts = []
+    for element in match.split(_KEY_DELM):
+        pieces = element.split(_EQ_DELM)
+        parts.append(_EQ_DELM.join([pieces[0].lower().strip(), pieces[-1].strip() if len(pieces) > 1 else ""]))
+    return _KEY_DELM.join(parts)
+
+
+def _cast_value(value: Any) -> Any:
+    """The controller's cast_value: any value but a hash becomes its text (Ruby's to_s)."""
+    if isinstance(value, dict) or value is None:
+        return value
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return json.dumps(value)
+    return str(value)
+
+
+def _save_override_value(state: State, parameter: dict[str, Any], value: dict[str, Any]) -> None:
+    """LookupValue's validations (with foreman_puppet's), as ``create!``/``update!`` run them:
+    a refusal is RecordInvalid, which only Api::BaseController's catch-all rescues, so the client
+    gets a 500 whose message is "Validation failed: " and the full messages. A match left blank
+    passes them and is then refused by the before_save callback (RecordNotSaved)."""
+    errors: list[str] = []
+    match = value["match"]
+    omit = bool(value["omit"])
+    # in the order Rails runs them: the core model's, then foreman_puppet's value_present?
+    if match not in (None, ""):
+        taken = any(v["match"] == match and v["id"] != value["id"] for v in state.overrides_of(parameter))
+        if taken:
+            # ensure_match_uniqueness and the uniqueness validation each add it
+            errors += ["Match has already been taken", "Match has already been taken"]
+        if not _MATCH_FORMAT.match(match):
+            errors.append("Match is invalid")
+        fqdn = re.search(r"fqdn=(.*)", match)
+        if fqdn and not any(h["name"] == fqdn[1].split(_KEY_DELM)[0] for h in state.all("hosts")):
+            errors.append(f"Match fqdn={fqdn[1].split(_KEY_DELM)[0]} does not match an existing host")
+        group = re.search(r"hostgroup=(.*)", match)
+        if group and not any(group[1].split(_KEY_DELM)[0] in (g["name"], g["title"]) for g in state.all("hostgroups")):
+            errors.append(f"Match hostgroup={group[1].split(_KEY_DELM)[0]} does not match an existing host group")
+        elements = [element.split(_EQ_DELM)[0] for element in match.split(_KEY_DELM)]
+        if elements not in [line.split(_KEY_DELM) for line in state.lookup_path(parameter).split()]:
+            errors.append(f"Match {','.join(elements)} does not exist in order field")
+    if not omit and isinstance(value["value"], str) and not _check_parameter_value(parameter["parameter_type"], value["value"]):
+        errors.append(f"Value is invalid {parameter['parameter_type']}")
+    if not omit and (value["value"] is None or str(value["value"]) == ""):
+        errors.append("Value can't be blank")
+    if errors:
+        raise _error(500, "Validation failed: " + ", ".join(errors))
+    if match in (None, ""):
+        raise _error(500, "Failed to save the record")
+
+
+async def override_values_create(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["smart_class_parameter_id"])
+    given = request[BODY_KEY].get("override_value")
+    if not isinstance(given, dict):
+        raise _error(500, "param is missing or the value is empty: override_value")
+    value = {"id": None, "lookup_key_id": parameter["id"],
+             "match": _sanitize_match(str(given["match"])) if given.get("match") not in (None, "") else given.get("match"),
+             "value": _cast_value(given.get("value")), "omit": bool(_bool(given.get("omit")))}
+    _save_override_value(state, parameter, value)
+    value.pop("id")
+    record = state.add("override_values", value)
+    # OverrideValuesController#create: a parameter with an override value is overridden from now on
+    parameter["override"] = True
+    parameter["updated_at"] = now()
+    return json_response(views.override_value_view(record), 201)
+
+
+async def override_values_update(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["smart_class_parameter_id"])
+    record = _override_value(state, parameter, request.match_info["id"])
+    given = request[BODY_KEY].get("override_value")
+    if not isinstance(given, dict):
+        raise _error(500, "param is missing or the value is empty: override_value")
+    changed = dict(record)
+    if "match" in given:
+        changed["match"] = _sanitize_match(str(given["match"])) if given["match"] not in (None, "") else given["match"]
+    if "value" in given:
+        changed["value"] = _cast_value(given["value"])
+    if "omit" in given:
+        changed["omit"] = bool(_bool(given["omit"]))
+    _save_override_value(state, parameter, changed)
+    changed["updated_at"] = now()
+    state.objects["override_values"][record["id"]] = changed
+    return json_response(views.override_value_view(changed))
+
+
+async def override_values_destroy(request: web.Request) -> web.Response:
+    state = request.app[STATE_KEY]
+    parameter = _smart_parameter(state, request.match_info["smart_class_parameter_id"])
+    record = _override_value(state, parameter, request.match_info["id"])
+    del state.objects["override_values"][record["id"]]
+    return json_response(views.override_value_view(record))
+
+
 # -- application -------------------------------------------------------------------------------
 
 
@@ -702,6 +878,16 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
             web.get(f"{puppet}/hosts/{{host_id}}/puppetclass_ids", host_classes_index),
             web.post(f"{puppet}/hosts/{{host_id}}/puppetclass_ids", host_classes_create),
             web.delete(f"{puppet}/hosts/{{host_id}}/puppetclass_ids/{{id}}", host_classes_destroy),
+            web.get(f"{puppet}/smart_class_parameters", smart_class_parameters_index),
+            web.get(f"{puppet}/smart_class_parameters/{{id}}", smart_class_parameters_show),
+            web.get(f"{puppet}/smart_class_parameters/{{smart_class_parameter_id}}/override_values", override_values_index),
+            web.post(f"{puppet}/smart_class_parameters/{{smart_class_parameter_id}}/override_values", override_values_create),
+            web.get(f"{puppet}/smart_class_parameters/{{smart_class_parameter_id}}/override_values/{{id}}",
+                    override_values_show),
+            web.put(f"{puppet}/smart_class_parameters/{{smart_class_parameter_id}}/override_values/{{id}}",
+                    override_values_update),
+            web.delete(f"{puppet}/smart_class_parameters/{{smart_class_parameter_id}}/override_values/{{id}}",
+                       override_values_destroy),
         ]
     )
     return app

@@ -23,8 +23,11 @@ class State:
 
     KINDS = (
         "organizations", "locations", "domains", "environments", "architectures",
-        "operatingsystems", "puppetclasses", "hostgroups", "hosts",
+        "operatingsystems", "puppetclasses", "hostgroups", "hosts", "smart_class_parameters", "override_values",
     )
+    #: Foreman's Default_parameters_Lookup_Path setting: the order smart class parameter
+    #: overrides are matched in when a parameter has no order of its own
+    DEFAULT_LOOKUP_PATH = "fqdn\nhostgroup\nos\ndomain"
 
     def __init__(self, seed: dict[str, Any]) -> None:
         seed = copy.deepcopy(seed)
@@ -48,7 +51,9 @@ class State:
         for item in seed.get("puppetclasses", []):
             names = item.get("environments", [e["name"] for e in self.objects["environments"].values()])
             env_ids = [self.find("environments", n)["id"] for n in names]
-            self.add("puppetclasses", {"name": item["name"], "environment_ids": env_ids})
+            klass = self.add("puppetclasses", {"name": item["name"], "environment_ids": env_ids})
+            for parameter in item.get("parameters", []):
+                self.add_smart_class_parameter(klass, parameter)
         for item in seed.get("hostgroups", []):
             self.add_hostgroup(item)
 
@@ -86,6 +91,36 @@ class State:
 
     def new_interface_id(self) -> int:
         return next(self._interface_ids)
+
+    # -- smart class parameters (foreman_puppet's PuppetclassLookupKey) ----------------------
+
+    def add_smart_class_parameter(self, klass: dict[str, Any], item: dict[str, Any]) -> dict[str, Any]:
+        """A class parameter as Foreman's class import makes it: not overridden until an operator
+        (or an override value's creation) turns ``override`` on."""
+        return self.add("smart_class_parameters", {
+            "parameter": item["name"],
+            "puppetclass_id": klass["id"],
+            "description": item.get("description", ""),
+            "override": bool(item.get("override", False)),
+            "parameter_type": item.get("parameter_type", "string"),
+            "default_value": item.get("default_value"),
+            "hidden_value": False,
+            "omit": bool(item.get("omit", False)),
+            "required": bool(item.get("required", False)),
+            "validator_type": item.get("validator_type"),
+            "validator_rule": item.get("validator_rule"),
+            "merge_overrides": False,
+            "merge_default": False,
+            "avoid_duplicates": False,
+            # None: the Default_parameters_Lookup_Path setting's order
+            "path": item.get("override_value_order"),
+        })
+
+    def lookup_path(self, parameter: dict[str, Any]) -> str:
+        return str(parameter["path"] or self.DEFAULT_LOOKUP_PATH)
+
+    def overrides_of(self, parameter: dict[str, Any]) -> list[dict[str, Any]]:
+        return [v for v in self.all("override_values") if v["lookup_key_id"] == parameter["id"]]
 
     # -- hostgroups -------------------------------------------------------------------------
 

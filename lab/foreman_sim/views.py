@@ -333,6 +333,63 @@ def classes_by_module(records: list[dict[str, Any]]) -> dict[str, list[dict[str,
     return grouped
 
 
+def smart_class_parameter_view(state: State, parameter: dict[str, Any]) -> dict[str, Any]:
+    """foreman_puppet's ``smart_class_parameters/main`` view (index and show)."""
+    klass = state.objects["puppetclasses"][parameter["puppetclass_id"]]
+    return {
+        "parameter": parameter["parameter"],
+        "id": parameter["id"],
+        "puppetclass_id": klass["id"],
+        "override_values_count": len(state.overrides_of(parameter)),
+        "description": parameter["description"],
+        "override": parameter["override"],
+        "parameter_type": parameter["parameter_type"],
+        "hidden_value?": parameter["hidden_value"],
+        "omit": parameter["omit"],
+        "required": parameter["required"],
+        "validator_type": parameter["validator_type"],
+        "validator_rule": parameter["validator_rule"],
+        "merge_overrides": parameter["merge_overrides"],
+        "merge_default": parameter["merge_default"],
+        "avoid_duplicates": parameter["avoid_duplicates"],
+        "override_value_order": state.lookup_path(parameter),
+        "created_at": parameter["created_at"],
+        "updated_at": parameter["updated_at"],
+        "default_value": parameter["default_value"],
+        "puppetclass_name": klass["name"],
+    }
+
+
+def override_value_view(value: dict[str, Any]) -> dict[str, Any]:
+    """Foreman's ``override_values/main`` view."""
+    return {"id": value["id"], "match": value["match"], "value": value["value"], "omit": value["omit"],
+            "created_at": value["created_at"], "updated_at": value["updated_at"]}
+
+
+def class_parameters(state: State, host: dict[str, Any], class_id: int) -> dict[str, Any] | None:
+    """The values the ENC gives one of the host's classes: each overridden smart class parameter
+    with the value of its first matcher in its lookup order that matches the host, else its
+    default (none when omitted); None when there is none (foreman_puppet's ``PuppetInfo``)."""
+    group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
+    facts = {"fqdn": host["name"], "hostgroup": group["title"] if group else None}
+    values: dict[str, Any] = {}
+    for parameter in state.all("smart_class_parameters"):
+        if parameter["puppetclass_id"] != class_id or not parameter["override"]:
+            continue
+        overrides = {v["match"]: v for v in state.overrides_of(parameter)}
+        chosen: Any = None if parameter["omit"] else parameter["default_value"]
+        for element in state.lookup_path(parameter).split():
+            if "," in element or facts.get(element) is None:
+                continue  # combined matchers and other facts are beyond the simulator
+            found = overrides.get(f"{element}={facts[element]}")
+            if found is not None:
+                chosen = None if found["omit"] else found["value"]
+                break
+        if chosen is not None:
+            values[parameter["parameter"]] = chosen
+    return values or None
+
+
 def enc_info(state: State, host: dict[str, Any]) -> dict[str, Any]:
     """``Host#info``: the classification Foreman gives Puppet (parameters, classes, environment)."""
     group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
@@ -357,8 +414,10 @@ def enc_info(state: State, host: dict[str, Any]) -> dict[str, Any]:
         parameters[param["name"]] = typed_value(param["parameter_type"], param["value"])
     data: dict[str, Any] = {
         "parameters": parameters,
-        # foreman_puppet: classes only when the host has an environment; no smart class parameters here
-        "classes": {state.objects["puppetclasses"][i]["name"]: None for i in state.all_puppetclass_ids(host)} if env else [],
+        # foreman_puppet: classes only when the host has an environment, each with its overridden
+        # smart class parameters' values
+        "classes": {state.objects["puppetclasses"][i]["name"]: class_parameters(state, host, i)
+                    for i in state.all_puppetclass_ids(host)} if env else [],
     }
     if env:
         data["environment"] = env["name"]

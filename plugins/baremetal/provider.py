@@ -49,7 +49,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from governord.config import ReadableFile, SecretRef
 from governord.errors import PermanentError, RetryableError, StepError
 from governord.models import Machine, MachineSpec, PowerState
-from governord.providers import Provider, ProviderConfig, ProviderProfile, StrictModel
+from governord.providers import NodeShape, Provider, ProviderConfig, ProviderProfile, StrictModel
 
 from .bmc import Bmc, BmcError
 from .state import Allocation, AllocationStore, PoolState, StateFileError
@@ -182,6 +182,10 @@ class BareMetalProfile(ProviderProfile):
     rack: str | None = None
     #: only machines carrying every one of these labels
     labels: list[str] = Field(default_factory=list)
+
+    def node_shape(self) -> NodeShape:
+        # the least a machine of the role has: any admitted machine has at least this much
+        return NodeShape(cpus=self.min_cpus, memory_mb=self.min_memory_mb or None)
 
     def admits(self, machine: MachineConfig) -> bool:
         return (

@@ -10,7 +10,7 @@ from pydantic import Field, field_validator, model_validator
 
 from governord.config import ReadableFile, SecretRef, ServiceURL
 from governord.errors import FieldError
-from governord.providers import ProviderConfig, ProviderProfile
+from governord.providers import NodeShape, ProviderConfig, ProviderProfile
 
 
 class EC2Config(ProviderConfig):
@@ -68,6 +68,10 @@ class EC2Profile(ProviderProfile):
     tags: dict[str, str] = Field(default_factory=dict)
     #: instance profile, by name or ARN, whose role the instance gets
     iam_instance_profile: str | None = None
+
+    def node_shape(self) -> NodeShape:
+        # the type's CPUs and memory are AWS's to say (DescribeInstanceTypes), not the config's
+        return NodeShape(instance_type=self.instance_type)
 
     @field_validator("tags")
     @classmethod

@@ -26,7 +26,7 @@ from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
 from governord.errors import PermanentError, RetryableError, http_error
-from governord.models import OWNERSHIP_KEY, HostView
+from governord.models import OWNERSHIP_KEY, PROVIDER_ID_PARAMETER, HostView
 from governord.providers import call_budget
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
 
@@ -43,6 +43,8 @@ PER_PAGE = 2 << 31
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 #: what the reverse proxy in front of Foreman answers when Foreman (Passenger/Puma) fails
 RETRY_STATUSES = frozenset({502, 503, 504})
+#: how Foreman's 500 for a record its model refused begins (ActiveRecord::RecordInvalid)
+VALIDATION_FAILED = "Validation failed: "
 
 
 def call_retry(tries: int, backoff: float) -> Retry:
@@ -211,7 +213,14 @@ class ForemanRegistrar(Registrar):
         where = f"Foreman at {self.config.url}"
         if isinstance(cause, requests.HTTPError) and cause.response is not None:
             response = cause.response
-            message = f"{where}: HTTP {response.status_code} on {response.request.method} {response.url}: {_foreman_message(response)}"
+            said = _foreman_message(response)
+            message = f"{where}: HTTP {response.status_code} on {response.request.method} {response.url}: {said}"
+            if response.status_code == 500 and said.startswith(VALIDATION_FAILED):
+                # a model's create!/update! refused the record (RecordInvalid, which Foreman's API
+                # rescues only as a 500): the same request fails the same way every time
+                refused = PermanentError(message, source=self.name)
+                refused.http_status = 500
+                return refused
             return http_error(response.status_code, message, source=self.name)
         if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
             return RetryableError(f"{where} is unreachable: {cause}", source=self.name)
@@ -345,7 +354,61 @@ class ForemanRegistrar(Registrar):
             for class_id in have_ids:
                 if class_id not in wanted_ids:
                     await self._action("host_classes", "destroy", {"host_id": host_id, "id": class_id})
-        return {"id": host_id, "hostgroup": title, "puppet_classes": class_names, "parameters": list(wanted_params)}
+        record: dict[str, Any] = {"id": host_id, "hostgroup": title, "puppet_classes": class_names,
+                                  "parameters": list(wanted_params)}
+        target = self.config.provider_id_target()
+        provider_id = classification.get("parameters", {}).get(PROVIDER_ID_PARAMETER)
+        if target is not None and isinstance(provider_id, str):
+            inherited = [c.get("name") for c in current.get("all_puppetclasses", []) if isinstance(c, dict)]
+            classes = list(dict.fromkeys([*class_names, *(n for n in inherited if isinstance(n, str))]))
+            record["provider_id_override"] = await self._set_provider_id(host, target, provider_id, classes)
+        return record
+
+    async def _set_provider_id(self, host: HostView, target: tuple[str, str], value: str,
+                               classes: list[str]) -> dict[str, Any]:
+        """The host's providerID as the value of the smart class parameter ``target`` for this
+        host alone: an override value matching ``fqdn=HOST`` (created, or corrected), which
+        Foreman's ENC hands Puppet as the class's parameter. Foreman removes it with the host.
+
+        Checked first, as permanent errors, what Foreman would refuse (a 500 "Validation failed")
+        or what would keep the value from Puppet: the class is one of the host's, the parameter
+        exists, takes a string and is matched by ``fqdn``."""
+        klass, name = target
+        fqdn = _fqdn(host)
+        where = f"Foreman at {self.config.url}: provider_id_parameter {klass}::{name}"
+        if klass not in classes:
+            raise PermanentError(f"{where}: {klass} is not one of host {fqdn}'s Puppet classes ({', '.join(classes) or 'none'}), "
+                                 "so Foreman's ENC would not give Puppet the providerID; give the node group's tag "
+                                 "that class, or name a parameter of a class it has", source=self.name)
+        if not await self._has("override_values"):
+            raise PermanentError(f"{where}: Foreman has no foreman_puppet plugin, so there are no smart class "
+                                 "parameters", source=self.name)
+        found = [p for p in await self._list("smart_class_parameters", f'puppetclass_name = "{klass}" and key = "{name}"')
+                 if p.get("parameter") == name and p.get("puppetclass_name") == klass]
+        if not found:
+            raise PermanentError(f"{where}: Foreman has no smart class parameter {name} of Puppet class {klass}; "
+                                 "declare it in the class and import the class from the Puppet environment",
+                                 source=self.name)
+        parameter = found[0]
+        if parameter.get("parameter_type", "string") != "string":
+            raise PermanentError(f"{where}: the parameter's type is {parameter.get('parameter_type')}, not string",
+                                 source=self.name)
+        order = [line.split(",") for line in str(parameter.get("override_value_order") or "").split()]
+        if ["fqdn"] not in order:
+            raise PermanentError(f"{where}: its order of override matchers ({' '.join(','.join(o) for o in order)}) has "
+                                 "no fqdn, so no value can be set for one host; add fqdn to it", source=self.name)
+        match = f"fqdn={fqdn}"
+        values = await self._list("override_values", smart_class_parameter_id=parameter["id"])
+        mine = next((v for v in values if isinstance(v, dict) and v.get("match") == match), None)
+        if mine is None:
+            mine = await self._action("override_values", "create", {
+                "smart_class_parameter_id": parameter["id"], "override_value": {"match": match, "value": value}})
+        elif mine.get("value") != value or mine.get("omit"):
+            mine = await self._action("override_values", "update", {
+                "smart_class_parameter_id": parameter["id"], "id": mine["id"],
+                "override_value": {"value": value, "omit": False}})
+        assert mine is not None
+        return {"parameter_id": parameter["id"], "override_id": mine["id"], "match": match}
 
     @staticmethod
     def _changes(
@@ -420,6 +483,31 @@ class ForemanRegistrar(Registrar):
                     continue
                 raise
             raise RetryableError(f"host {_fqdn(host)} (id {host_id}) is still readable after deletion", source=self.name)
+        override = (host.registrations.get(self.name) or {}).get("provider_id_override")
+        if isinstance(override, dict):
+            await self._remove_provider_id(override)
+
+    async def _remove_provider_id(self, override: dict[str, Any]) -> None:
+        """Foreman deletes a host's ``fqdn=`` override values with the host; verify it did (and
+        delete the one recorded, while it still matches that host, if it did not)."""
+        where = {"smart_class_parameter_id": override["parameter_id"], "id": override["override_id"]}
+        for attempt in (1, 2):
+            try:
+                left = await self._action("override_values", "show", where)
+            except PermanentError as exc:
+                if _status(exc) == 404:
+                    return
+                raise
+            if left.get("match") != override.get("match") or attempt == 2:
+                break
+            try:
+                await self._action("override_values", "destroy", where)
+            except PermanentError as exc:
+                if _status(exc) != 404:
+                    raise
+        if left.get("match") == override.get("match"):
+            raise RetryableError(f"the providerID override {override.get('match')} is still in Foreman after deletion",
+                                 source=self.name)
 
     async def list_owned(self) -> list[Registration]:
         """Every Foreman host whose comment carries a governord ownership marker line."""

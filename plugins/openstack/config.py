@@ -9,7 +9,7 @@ import re
 from pydantic import Field, field_validator
 
 from governord.config import ReadableFile, SecretRef, ServiceURL
-from governord.providers import ProviderConfig, ProviderProfile
+from governord.providers import NodeShape, ProviderConfig, ProviderProfile
 
 _MICROVERSION = re.compile(r"^2\.(\d+)$|^latest$")
 
@@ -68,3 +68,7 @@ class OpenStackProfile(ProviderProfile):
     availability_zone: str | None = None
     #: extra server metadata (governord's marker is added and cannot be overridden)
     metadata: dict[str, str] = Field(default_factory=dict)
+
+    def node_shape(self) -> NodeShape:
+        # the flavor's vCPUs and RAM are nova's to say, not the config's
+        return NodeShape(instance_type=self.flavor)

@@ -9,7 +9,7 @@ import urllib.parse
 from pydantic import Field, field_validator
 
 from governord.config import ReadableFile, SecretRef, ServiceURL
-from governord.providers import ProviderConfig, ProviderProfile
+from governord.providers import NodeShape, ProviderConfig, ProviderProfile
 
 
 class OVirtConfig(ProviderConfig):
@@ -50,3 +50,6 @@ class OVirtProfile(ProviderProfile):
     cloud_init: bool = True
     #: the guest's name of the NIC the static address goes to
     nic_name: str = Field(default="eth0", min_length=1)
+
+    def node_shape(self) -> NodeShape:
+        return NodeShape(cpus=self.cpus, memory_mb=self.memory_mb)

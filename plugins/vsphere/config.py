@@ -9,7 +9,7 @@ import urllib.parse
 from pydantic import Field, field_validator
 
 from governord.config import ReadableFile, SecretRef, ServiceURL
-from governord.providers import ProviderConfig, ProviderProfile
+from governord.providers import NodeShape, ProviderConfig, ProviderProfile
 
 
 class VSphereConfig(ProviderConfig):
@@ -65,3 +65,6 @@ class VSphereProfile(ProviderProfile):
     network: str | None = None
     #: the VM's notes in the vSphere client
     annotation: str | None = None
+
+    def node_shape(self) -> NodeShape:
+        return NodeShape(cpus=self.cpus, memory_mb=self.memory_mb)

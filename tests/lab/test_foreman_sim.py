@@ -583,3 +583,66 @@ def test_enc_script_prints_foremans_classification(foreman_sim: ForemanSim, tmp_
     from_env = subprocess.run([sys.executable, str(ENC_SCRIPT), name], capture_output=True, text=True, timeout=30,
                               check=False, env=env)
     assert from_env.returncode == 0 and yaml.safe_load(from_env.stdout)["environment"] == "production"
+
+
+def test_smart_class_parameter_overrides_as_foreman_validates_them(tmp_path: Path) -> None:
+    """foreman_puppet's override values: create! runs LookupValue's validations, and a refusal
+    (RecordInvalid) reaches the client as the API's catch-all 500 "Validation failed: ..."; the
+    first value turns the parameter's override on; the ENC gives the class the value matching the
+    host; the host's deletion takes its fqdn= values with it."""
+    sim = launch_foreman_sim(tmp_dir=tmp_path, name="foreman-sim-overrides")
+    try:
+        found = get(sim, "/foreman_puppet/api/smart_class_parameters",
+                    search='puppetclass_name = "openshift::node" and parameter = "provider_id"').json()
+        [smart] = found["results"]
+        assert (smart["parameter"], smart["puppetclass_name"], smart["parameter_type"], smart["override"]) == (
+            "provider_id", "openshift::node", "string", False)
+        assert smart["override_value_order"] == "fqdn\nhostgroup\nos\ndomain"
+        values = f"{sim.url}/foreman_puppet/api/smart_class_parameters/{smart['id']}/override_values"
+        name = fqdn("ov")
+
+        def post(match: Any, value: Any = "governord://x", **more: Any) -> requests.Response:
+            return requests.post(values, json={"override_value": {"match": match, "value": value, **more}},
+                                 auth=sim.auth, timeout=10)
+
+        refused = post(f"fqdn={name}")
+        assert refused.status_code == 500
+        assert refused.json() == {"error": {"message": f"Validation failed: Match fqdn={name} does not match an existing host"}}
+        assert get(sim, f"/foreman_puppet/api/smart_class_parameters/{smart['id']}").json()["override"] is False
+        assert post("environment=production").json()["error"]["message"] == (
+            "Validation failed: Match environment does not exist in order field")
+        # sanitized to "fqdn=": no format, and (Ruby's "".split(",")[0] is nil) no such host
+        assert post("fqdn").json()["error"]["message"] == (
+            "Validation failed: Match is invalid, Match fqdn= does not match an existing host")
+        assert post(None).json()["error"]["message"] == "Failed to save the record"
+        assert post("hostgroup=nonesuch").json()["error"]["message"] == (
+            "Validation failed: Match hostgroup=nonesuch does not match an existing host group")
+
+        host = create(sim, {"name": name, "hostgroup_id": 2, "environment_id": "1",
+                            "puppetclass_ids": [smart["puppetclass_id"]]}).json()
+        assert post(f"fqdn={name}", "").json()["error"]["message"] == "Validation failed: Value can't be blank"
+        made = post(f" FQDN = {name} ")  # sanitized: the matcher lower-cased, both sides stripped
+        assert made.status_code == 201
+        value = made.json()
+        assert (value["match"], value["value"], value["omit"]) == (f"fqdn={name}", "governord://x", False)
+        assert get(sim, f"/foreman_puppet/api/smart_class_parameters/{smart['id']}").json()["override"] is True
+        assert post(f"fqdn={name}").json()["error"]["message"] == (
+            "Validation failed: Match has already been taken, Match has already been taken")
+        enc = get(sim, f"/api/hosts/{host['id']}/enc").json()["data"]
+        assert enc["classes"]["openshift::node"] == {"provider_id": "governord://x"}
+        assert "provider_id: governord://x" in requests.get(f"{sim.url}/node/{name}", params={"format": "yml"},
+                                                            auth=sim.auth, timeout=10).text
+        changed = requests.put(f"{values}/{value['id']}", json={"override_value": {"value": "governord://y"}},
+                               auth=sim.auth, timeout=10)
+        assert changed.status_code == 200 and changed.json()["value"] == "governord://y"
+        assert get(sim, f"/foreman_puppet/api/smart_class_parameters/{smart['id']}/override_values/{value['id']}"
+                   ).json()["value"] == "governord://y"
+
+        assert requests.delete(f"{sim.url}/api/hosts/{host['id']}", auth=sim.auth, timeout=10).status_code == 200
+        assert get(sim, f"/foreman_puppet/api/smart_class_parameters/{smart['id']}/override_values").json()["results"] == []
+        missing = get(sim, f"/foreman_puppet/api/smart_class_parameters/{smart['id']}/override_values/{value['id']}")
+        assert missing.status_code == 404
+        unknown = get(sim, "/foreman_puppet/api/smart_class_parameters/999/override_values")
+        assert (unknown.status_code, unknown.json()) == (404, {"message": "Smart class parameter not found by id '''"})
+    finally:
+        sim.stop()

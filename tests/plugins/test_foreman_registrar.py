@@ -419,3 +419,102 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
         assert sorted(seen) == sorted(h.fqdn for h in hosts)
         assert all(seen[h.fqdn]["comment"] == f"governord:host-id={h.id}" for h in hosts)
         assert all(seen[h.fqdn]["puppet_classes"] == ["openshift::node", "profile::base"] for h in hosts)
+
+
+PROVIDER_ID_PARAMETER = "openshift::node::provider_id"
+
+
+def read_enc(sim: ForemanSim, fqdn: str) -> Any:
+    """What Foreman's ENC gives Puppet for the node (GET /api/hosts/:id/enc: Host#info, which
+    /node/NAME renders as YAML), or None when Foreman does not know the host."""
+    response = requests.get(f"{sim.url}/api/hosts/{fqdn}/enc", auth=sim.auth, timeout=10)
+    return response.json()["data"] if response.status_code == 200 else None
+
+
+def read_overrides(sim: ForemanSim, klass: str, parameter: str) -> list[dict[str, Any]]:
+    """The override values of a smart class parameter, found by class and name."""
+    found = requests.get(f"{sim.url}/foreman_puppet/api/smart_class_parameters", auth=sim.auth, timeout=10,
+                         params={"search": f'puppetclass_name = "{klass}" and parameter = "{parameter}"'}).json()
+    [smart] = found["results"]
+    values = requests.get(f"{sim.url}/foreman_puppet/api/smart_class_parameters/{smart['id']}/override_values",
+                          params={"per_page": "all"}, auth=sim.auth, timeout=10).json()
+    return list(values["results"])
+
+
+@pytest.fixture
+async def id_registrar(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> AsyncIterator[ForemanRegistrar]:
+    """A registrar that hands a node group's host its providerID as a Puppet class parameter."""
+    config = make_config(foreman_sim, monkeypatch).model_copy(update={"provider_id_parameter": PROVIDER_ID_PARAMETER})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    await reg.start()
+    try:
+        yield reg
+    finally:
+        await reg.close()
+
+
+def with_provider_id(registrar: ForemanRegistrar, host: HostView, *tags: str) -> dict[str, Any]:
+    """The classification the engine hands a node group's host's registrars (its providerID added)."""
+    wanted = classification(registrar, *tags)
+    wanted["parameters"]["governord_provider_id"] = f"governord://{host.id}"
+    return wanted
+
+
+async def test_the_provider_id_reaches_puppet_as_a_class_parameter(id_registrar: ForemanRegistrar,
+                                                                  foreman_sim: ForemanSim) -> None:
+    """A node group's host: its providerID is a smart class parameter override matching the host,
+    and Foreman's ENC gives it to Puppet as openshift::node's provider_id (beside the host
+    parameter); registering again changes nothing; the override goes with the host."""
+    host, other = make_host(), make_host()
+    record = await id_registrar.register(host, with_provider_id(id_registrar, host, "node"))
+    await id_registrar.register(other, with_provider_id(id_registrar, other, "node"))
+    enc = read_enc(foreman_sim, host.fqdn)
+    assert enc["classes"]["openshift::node"] == {"provider_id": f"governord://{host.id}"}
+    assert enc["parameters"]["governord_provider_id"] == f"governord://{host.id}"
+    assert read_enc(foreman_sim, other.fqdn)["classes"]["openshift::node"] == {
+        "provider_id": f"governord://{other.id}"}
+    mine = [v for v in read_overrides(foreman_sim, "openshift::node", "provider_id") if v["match"] == f"fqdn={host.fqdn}"]
+    assert [(v["id"], v["value"], v["omit"]) for v in mine] == [
+        (record["provider_id_override"]["override_id"], f"governord://{host.id}", False)]
+
+    again = await id_registrar.register(host, with_provider_id(id_registrar, host, "node"))
+    assert again["provider_id_override"] == record["provider_id_override"]
+    assert len([v for v in read_overrides(foreman_sim, "openshift::node", "provider_id")
+                if v["match"] == f"fqdn={host.fqdn}"]) == 1
+
+    await id_registrar.deregister(dataclasses.replace(host, registrations={"foreman": record}))
+    assert read_enc(foreman_sim, host.fqdn) is None
+    assert not [v for v in read_overrides(foreman_sim, "openshift::node", "provider_id")
+                if v["match"] == f"fqdn={host.fqdn}"]
+    # the other host keeps its own
+    assert read_enc(foreman_sim, other.fqdn)["classes"]["openshift::node"] == {
+        "provider_id": f"governord://{other.id}"}
+
+
+async def test_a_host_without_the_class_cannot_carry_its_provider_id(id_registrar: ForemanRegistrar) -> None:
+    """openshift::node is not a broker's class: the ENC would never hand Puppet the value."""
+    host = make_host(tags=("broker",))
+    with pytest.raises(PermanentError, match=r"openshift::node is not one of host .*'s Puppet classes"):
+        await id_registrar.register(host, with_provider_id(id_registrar, host, "broker"))
+
+
+async def test_a_class_without_the_parameter_is_permanent(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch,
+                                                          tmp_path: Path) -> None:
+    config = make_config(foreman_sim, monkeypatch).model_copy(update={"provider_id_parameter": "profile::base::provider_id"})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    try:
+        host = make_host(tags=("node",))
+        with pytest.raises(PermanentError, match="no smart class parameter provider_id of Puppet class profile::base"):
+            await reg.register(host, with_provider_id(reg, host, "node"))
+    finally:
+        await reg.close()
+
+
+def test_provider_id_parameter_is_class_and_parameter() -> None:
+    base = {"type": "foreman", "url": "https://f", "username": "u", "password": {"env": "HOME"},
+            "organization": "o", "location": "l"}
+    assert ForemanRegistrar.Config.model_validate(
+        {**base, "provider_id_parameter": "k8s::kubelet::provider_id"}).provider_id_target() == ("k8s::kubelet", "provider_id")
+    for wrong in ("provider_id", "k8s::Kubelet::x", "k8s::kubelet::", "::x"):
+        with pytest.raises(ValueError, match="not CLASS::PARAMETER"):
+            ForemanRegistrar.Config.model_validate({**base, "provider_id_parameter": wrong})

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import base64
 import json
+import urllib.parse
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,7 @@ import pytest
 
 from governord.autoscaler import externalgrpc_pb2 as pb
 from governord.autoscaler import externalgrpc_pb2_grpc as pb_grpc
+from governord.autoscaler import kubenode_pb2 as kube
 from governord.pki import CertificateAuthority
 from lab.stack import Governord, Lab
 
@@ -64,6 +66,23 @@ def foreman_enc(lab: Lab, host_id: int) -> dict[str, Any]:
         return dict(json.loads(resp.read())["data"])
 
 
+def provider_id_overrides(lab: Lab) -> dict[str, Any]:
+    """openshift::node's provider_id overrides in Foreman, by match (fqdn=HOST)."""
+    assert lab.foreman
+    token = base64.b64encode(f"admin:{lab.passwords['LAB_FOREMAN_PASSWORD']}".encode()).decode()
+
+    def get(path: str) -> Any:
+        request = urllib.request.Request(f"{lab.foreman.url}/foreman_puppet/api/{path}", headers={  # type: ignore[union-attr]
+            "Authorization": f"Basic {token}", "Accept": "application/json;version=2"})
+        with urllib.request.urlopen(request, timeout=10) as resp:  # noqa: S310 - loopback lab peer
+            return json.loads(resp.read())
+
+    search = urllib.parse.quote('puppetclass_name = "openshift::node" and parameter = "provider_id"')
+    [smart] = get(f"smart_class_parameters?search={search}")["results"]
+    values = get(f"smart_class_parameters/{smart['id']}/override_values?per_page=all")["results"]
+    return {v["match"]: v["value"] for v in values}
+
+
 def instances(stub: pb_grpc.CloudProviderStub) -> dict[str, Any]:
     answer = call(stub, "NodeGroupNodes", pb.NodeGroupNodesRequest(id=GROUP))
     return {i.id: i.status for i in answer.instances}
@@ -85,9 +104,14 @@ def test_the_autoscalers_loop_over_mtls(lab: Lab) -> None:
         assert list(call(stub, "GetAvailableGPUTypes", pb.GetAvailableGPUTypesRequest()).gpuTypes) == ["nvidia-tesla-t4"]
         assert call(stub, "NodeGroupTargetSize", pb.NodeGroupTargetSizeRequest(id=GROUP)).targetSize == 0
         for method, request in (("PricingNodePrice", pb.PricingNodePriceRequest()),
-                                ("NodeGroupGetOptions", pb.NodeGroupAutoscalingOptionsRequest(id=GROUP)),
-                                ("NodeGroupTemplateNodeInfo", pb.NodeGroupTemplateNodeInfoRequest(id=GROUP))):
+                                ("NodeGroupGetOptions", pb.NodeGroupAutoscalingOptionsRequest(id=GROUP))):
             assert refused(stub, method, request).code() == grpc.StatusCode.UNIMPLEMENTED
+        # scale-up from zero: the group's node, sized by the vSphere profile (cpus 2, memory_mb
+        # 4096), decoded as the autoscaler decodes it (Node.Unmarshal of nodeBytes)
+        template = call(stub, "NodeGroupTemplateNodeInfo", pb.NodeGroupTemplateNodeInfoRequest(id=GROUP))
+        sized = kube.Node.FromString(template.nodeBytes)
+        assert {k: v.string for k, v in sized.status.capacity.items()} == {"cpu": "2", "memory": "4096Mi", "pods": "110"}
+        assert sized.metadata.labels["kubernetes.io/os"] == "linux" and not sized.spec.taints
 
         # scale-up: the target grows at once, the instances move from creating to running
         call(stub, "NodeGroupIncreaseSize", pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=2))
@@ -105,11 +129,15 @@ def test_the_autoscalers_loop_over_mtls(lab: Lab) -> None:
         assert sorted(lab.satellite_systems()) == sorted(h["fqdn"] for h in hosts.values())
         # the providerID reaches the machine's configuration: a Foreman host parameter, which
         # Foreman's ENC hands Puppet as a parameter of the node
+        # and a smart class parameter override, which the ENC hands Puppet as openshift::node's
+        # provider_id (the lab's class declares it; a real puppetserver compiles it)
         foreman = lab.foreman_hosts()
         for pid, host in hosts.items():
             assert foreman[host["fqdn"]]["parameters"]["governord_provider_id"] == pid
             enc = foreman_enc(lab, foreman[host["fqdn"]]["id"])
             assert enc["parameters"]["governord_provider_id"] == pid
+            assert enc["classes"]["openshift::node"] == {"provider_id": pid}
+        assert sorted(provider_id_overrides(lab)) == sorted(f"fqdn={h['fqdn']}" for h in hosts.values())
         events = daemon.db_query("SELECT actor, kind FROM events WHERE kind = 'request-accepted'")
         assert [e["actor"] for e in events] == ["autoscaler"]
 
@@ -145,6 +173,7 @@ def test_the_autoscalers_loop_over_mtls(lab: Lab) -> None:
         assert some_host["name"] not in lab.vsphere_vms()
         assert some_host["fqdn"] not in lab.foreman_hosts()
         assert some_host["fqdn"] not in lab.satellite_systems()
+        assert f"fqdn={some_host['fqdn']}" not in provider_id_overrides(lab)
         assert len(lab.vsphere_vms()) == 1
         # a deleted node no longer maps to the group
         gone = call(stub, "NodeGroupForNode", pb.NodeGroupForNodeRequest(node=node(some_id)))

@@ -177,3 +177,32 @@ def test_a_real_agent_is_autosigned_configured_handed_back_and_forgotten(
         assert daemon.ctl_json("sweep", "--dry-run")["findings"] == []
     finally:
         daemon.stop()
+
+
+def test_a_node_groups_agent_gets_its_provider_id_as_a_class_parameter(puppet_lab: tuple[Lab, PuppetStack]) -> None:
+    """A Cluster Autoscaler node group's host: Foreman's ENC hands the real puppetserver its
+    providerID as openshift::node's provider_id (a smart class parameter override), the catalog
+    compiles with it (a class without the parameter would not), and the agent applies it."""
+    lab, stack = puppet_lab
+    daemon = lab.start_governord(lab.write_config(autoscaler=True))
+    try:
+        daemon.ctl("scale", "demo", "node", "--add", "1")
+        # the lab's puppetserver asks the default instance's autosign socket: this daemon's state
+        # may hold an earlier test's hosts (gone), so the new one is the live one
+        host = wait_until(lambda: [h for h in daemon.ctl_json("hosts", "list") if h["state"] == "configuring"],
+                          timeout=120, what="configuring")[0]
+        fqdn = host["fqdn"]
+        csr_attributes = _host(daemon, fqdn)["registrations"]["puppetca"]["cloud_config"]["puppet"]["csr_attributes"]
+        stack.forget_agent(fqdn)  # a new machine: no ssldir of an earlier host of that name (another test's)
+        code, output = stack.run_agent(fqdn, csr_attributes=csr_attributes)
+        assert code == 2, output
+        wait_until(lambda: _host(daemon, fqdn)["state"] == "ready", timeout=120, what="ready after the report")
+        [report] = _pdb(stack, "reports", ["and", ["=", "certname", fqdn], ["=", "latest_report?", True]])
+        events = _pdb(stack, "events", ["=", "report", report["hash"]])
+        applied = sorted(e["resource_title"] for e in events if e["resource_type"] == "Notify")
+        assert applied == ["openshift::node applied", f"openshift::node kubelet provider-id governord://{host['id']}",
+                           "profile::base applied"]
+        daemon.ctl("retire", fqdn, "--wait", timeout=300)
+        assert _host(daemon, fqdn)["state"] == "gone"
+    finally:
+        daemon.stop()

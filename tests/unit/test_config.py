@@ -132,6 +132,27 @@ BROKEN = [
      "password={env='GOVERNORD_VCENTER_PASSWORD'}\ndatacenter='DC0'\ncluster='C0'\n"
      "[applications.a.roles.node]\ntags = ['node']\nprovider = 'vc'\nprofile = { template = 't', cpu = 2 }\n",
      "applications.a.roles.node.profile.cpu: unknown key"),
+    # a role's Kubernetes node template: each value as Kubernetes would take it
+    *[(f"node template: {what}",
+       "[tags.node]\n[providers.vc]\ntype='vsphere'\nurl='https://v/sdk'\nusername='u'\n"
+       "password={env='GOVERNORD_VCENTER_PASSWORD'}\ndatacenter='DC0'\ncluster='C0'\n"
+       "[applications.a.roles.node]\ntags = ['node']\nprovider = 'vc'\nprofile = { template = 't' }\n"
+       f"[applications.a.roles.node.node_template]\n{table}\n", f"applications.a.roles.node.node_template.{message}")
+      for what, table, message in (
+          ("a quantity Kubernetes cannot parse", "capacity = { cpu = 'four' }",
+           "capacity.cpu: 'four' is not a Kubernetes quantity"),
+          ("a negative quantity", "capacity = { memory = -1 }", "capacity.memory: must be a quantity"),
+          ("a bad resource name", "capacity = { 'gpu/' = 1 }", "capacity.gpu/: not a resource name"),
+          ("a bad label key", "labels = { 'Bad_Prefix.example/x' = 'y' }",
+           "labels.Bad_Prefix.example/x: not a node label"),
+          ("a label value too long", f"labels = {{ zone = '{'z' * 64}' }}", "labels.zone: not a node label"),
+          ("an unknown taint effect", "taints = [{ key = 'k', effect = 'NoWay' }]", "taints.0.effect: "),
+          ("a taint twice", "taints = [{ key = 'k', effect = 'NoSchedule' }, { key = 'k', effect = 'NoSchedule' }]",
+           "taints.1: a second taint k with effect NoSchedule"),
+          ("more allocatable than capacity", "capacity = { memory = '8Gi' }\nallocatable = { memory = '9Gi' }",
+           "allocatable.memory: 9Gi is more than the capacity 8Gi"),
+          ("an unknown key", "lables = {}", "lables: unknown key"),
+      )],
     ("address outside network", "[networks.n]\ncidr = '198.51.100.0/24'\nfirst = '10.0.0.1'\n",
      "networks.n.first: 10.0.0.1 is not in 198.51.100.0/24"),
     ("not TOML", "[daemon\n", "not valid TOML"),
