@@ -25,7 +25,9 @@ outside all of them is a permanent error), and a TXT record ``governord:host-id=
 each of those names: the ownership marker by which the registrar finds its records again (zone
 transfer) and removes only its own. There are no ``[tags.TAG.NAME]`` keys.
 
-The records are removed after the machine is gone (the host's ``cleaning`` step), so its name
+A host whose address is leased from an address pool gets its records before the machine exists
+(``prepare``); every host gets them, for every address, when it is registered. The records are
+removed after the machine is gone (the host's ``cleaning`` step), so its name
 resolves for as long as the machine can answer to it, and the name and address are free for
 another host only once it is gone. Each removal is verified by querying the server.
 """

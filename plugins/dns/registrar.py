@@ -155,11 +155,21 @@ class DnsRegistrar(Registrar):
         """Nothing of its own: the records follow the host's name and addresses."""
         return {}
 
+    async def prepare(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any] | None:
+        """Before the machine exists: publish the address leased for it from an address pool,
+        if it has one, so that the machine comes up with its name (and a collision fails the
+        host before a machine is made). Nothing for a host whose platform assigns the address."""
+        if host.address is None:
+            return None
+        return await self._publish(host, [self._address(host, host.address)])
+
     async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
         """Make the host's forward and reverse records (and their markers), as described above;
         verify them by querying. Idempotent."""
+        return await self._publish(host, self._addresses(host))
+
+    async def _publish(self, host: HostView, addresses: list[str]) -> dict[str, Any]:
         fqdn = self._fqdn(host)
-        addresses = self._addresses(host)
         reverse = {address: self._reverse(address) for address in addresses}
         forward_state = await self._read(fqdn, FORWARD_TYPES)
         reverse_states = {address: await self._read(name, REVERSE_TYPES) for address, (name, _) in reverse.items()}
@@ -293,14 +303,17 @@ class DnsRegistrar(Registrar):
                                  "updates", source=self.name)
         return name
 
+    def _address(self, host: HostView, text: str) -> str:
+        try:
+            return str(ipaddress.ip_address(text))
+        except ValueError:
+            raise PermanentError(f"host {host.fqdn} has an address that is not one: {text!r}",
+                                 source=self.name) from None
+
     def _addresses(self, host: HostView) -> list[str]:
         addresses = []
         for text in host.addresses:
-            try:
-                address = str(ipaddress.ip_address(text))
-            except ValueError:
-                raise PermanentError(f"host {host.fqdn} has an address that is not one: {text!r}",
-                                     source=self.name) from None
+            address = self._address(host, text)
             if address not in addresses:
                 addresses.append(address)
         if not addresses:
@@ -308,9 +321,10 @@ class DnsRegistrar(Registrar):
         return addresses
 
     def _all_addresses(self, host: HostView) -> list[str]:
-        """The host's addresses now and those its record names (what may have records)."""
+        """The host's addresses now, its leased one and those its record names (what may have records)."""
         seen: list[str] = []
-        for text in [*host.addresses, *self._recorded(host).get("addresses", [])]:
+        leased = [host.address] if host.address else []
+        for text in [*host.addresses, *leased, *self._recorded(host).get("addresses", [])]:
             try:
                 address = str(ipaddress.ip_address(text))
             except ValueError:

@@ -374,3 +374,31 @@ async def test_an_update_the_server_refuses_is_permanent_with_its_rcode(registra
         await registrar._send(update, "records of h.elsewhere.example")
     assert "NOTAUTH" in str(info.value) or "REFUSED" in str(info.value)
     assert "elsewhere.example" in str(info.value)
+
+
+async def test_a_leased_address_is_published_before_the_machine_exists(
+        dns_server: DnsServer, registrar: DnsRegistrar) -> None:
+    """prepare: the address from the pool, before provisioning; register then finds it made."""
+    fqdn, leased = fresh_name(), fresh_address()
+    planned = HostView(**{**make_host(fqdn, ()).__dict__, "address": leased, "state": HostState.REQUESTED})
+    record = await registrar.prepare(planned, {})
+    assert record == {"fqdn": fqdn, "addresses": [leased], "reverse": [rev(leased).rstrip(".")]}
+    assert ask(dns_server, fqdn + ".", "A") == [leased] and ask(dns_server, rev(leased), "PTR") == [fqdn + "."]
+    # the platform assigns nothing: nothing to do before the machine exists
+    assert await registrar.prepare(make_host(fresh_name(), ()), {}) is None
+
+    provisioned = HostView(**{**planned.__dict__, "addresses": (leased,), "registrations": {NAME: record}})
+    assert await registrar.register(provisioned, {}) == record
+    # a rollback before the machine was made: the leased address's records go too
+    never_made = HostView(**{**planned.__dict__, "registrations": {NAME: record}})
+    await registrar.deregister(never_made)
+    assert ask(dns_server, fqdn + ".", "A") == [] and ask(dns_server, rev(leased), "PTR") == []
+
+
+async def test_a_collision_found_before_the_machine_exists_fails_the_host_then(
+        dns_server: DnsServer, registrar: DnsRegistrar) -> None:
+    fqdn, leased, theirs = fresh_name(), fresh_address(), fresh_address()
+    put(dns_server, FORWARD_ZONE, fqdn + ".", "A", theirs)
+    planned = HostView(**{**make_host(fqdn, ()).__dict__, "address": leased})
+    with pytest.raises(PermanentError, match=theirs):
+        await registrar.prepare(planned, {})
