@@ -11,7 +11,8 @@ lab network 198.51.100.0/24 and 2001:db8::/32). Each has a TSIG key (hmac-sha256
   from zone files it keeps journals beside, and ``update-policy { grant KEY zonesub ANY; }``;
 - PowerDNS: ``pdns_server`` with the gsqlite3 backend (the schema the package ships), zones made
   by ``pdnsutil create-zone``, the key imported by ``pdnsutil import-tsig-key`` and allowed per
-  zone by its ``TSIG-ALLOW-DNSUPDATE`` metadata, ``dnsupdate=yes``.
+  zone by its ``TSIG-ALLOW-DNSUPDATE`` metadata (``SOA-EDIT-DNSUPDATE`` raises the serial on
+  each update), ``dnsupdate=yes``.
 
 :class:`DnsServer` is the handle: address, port, key, zones, :meth:`DnsServer.stop`. The packages
 (``bind9``, ``bind9-utils``, ``bind9-dnsutils``, ``pdns-server``, ``pdns-backend-sqlite3``) are in
@@ -227,8 +228,10 @@ def start_powerdns(directory: str | Path, *, zones: Sequence[str] = ZONES, key: 
         _run([*pdnsutil, "create-zone", zone, f"ns1.{FORWARD_ZONE}"], f"pdnsutil create-zone {zone}")
         if zone == FORWARD_ZONE:
             _run([*pdnsutil, "add-record", zone, "ns1", "A", "300", "127.0.0.1"], "pdnsutil add-record")
-        for kind in ("TSIG-ALLOW-DNSUPDATE", "TSIG-ALLOW-AXFR"):
-            _run([*pdnsutil, "set-meta", zone, kind, key.name], f"pdnsutil set-meta {zone} {kind}")
+        for kind, value in (("TSIG-ALLOW-DNSUPDATE", key.name), ("TSIG-ALLOW-AXFR", key.name),
+                            # each update raises the SOA serial (as BIND does), so secondaries see it
+                            ("SOA-EDIT-DNSUPDATE", "INCREASE")):
+            _run([*pdnsutil, "set-meta", zone, kind, value], f"pdnsutil set-meta {zone} {kind}")
     log = root / "pdns.log"
     process = _launch([_tool("pdns_server"), f"--config-dir={root}"], log)
     server = DnsServer("powerdns", root, port, key, zones, process, log)

@@ -38,7 +38,7 @@ import logging
 import socket
 import struct
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -224,8 +224,9 @@ class DnsRegistrar(Registrar):
     async def deregister(self, host: HostView) -> None:
         """Remove the host's records, those that still carry its marker, and verify by querying
         that none of its records is left. What is gone already, or is another host's now, is left."""
-        fqdn = self._fqdn(host)
-        await self._remove(fqdn, FORWARD_TYPES, host.id)
+        fqdn = self._forward_name(host)
+        if fqdn is not None:
+            await self._remove(fqdn, FORWARD_TYPES, host.id)
         for address in self._all_addresses(host):
             if self._reverse_zone_of(address) is not None:
                 await self._remove(self._reverse(address)[0], REVERSE_TYPES, host.id)
@@ -237,11 +238,11 @@ class DnsRegistrar(Registrar):
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """What the server holds at the host's name and its addresses' reverse names (None:
         nothing at all); ``mine`` lists the names still carrying this host's marker."""
-        fqdn = self._fqdn(host)
-        state = await self._read(fqdn, FORWARD_TYPES)
+        fqdn = self._forward_name(host)
+        state = await self._read(fqdn, FORWARD_TYPES) if fqdn is not None else None
         found: dict[str, Any] = {}
         mine: list[str] = []
-        if any(state.sets.values()):
+        if fqdn is not None and state is not None and any(state.sets.values()):
             found = {"fqdn": _bare(fqdn), "A": sorted(state.values(A)), "AAAA": sorted(state.values(AAAA)),
                      "owner": state.owner()}
             if host.id in state.markers():
@@ -302,6 +303,15 @@ class DnsRegistrar(Registrar):
             raise PermanentError(f"{host.fqdn} is not in zone {_bare(self.zone)}, the zone [registrars.{self.name}] "
                                  "updates", source=self.name)
         return name
+
+    def _forward_name(self, host: HostView) -> dns.name.Name | None:
+        """The name the host's records are at (as recorded, else its FQDN), or None if it is not
+        in the zone: then it never had records here, and there is nothing to look up or remove."""
+        recorded = self._recorded(host).get("fqdn")
+        try:
+            return self._fqdn(host) if not recorded else self._fqdn(replace(host, fqdn=str(recorded)))
+        except PermanentError:
+            return None
 
     def _address(self, host: HostView, text: str) -> str:
         try:

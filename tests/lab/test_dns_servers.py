@@ -70,14 +70,21 @@ def test_both_servers_are_authoritative_for_the_lab_zones(dns_server: DnsServer)
         assert answer.flags & dns.flags.AA and answer.answer, zone
 
 
+def serial(server: DnsServer, zone: str) -> int:
+    answer = dns.query.tcp(dns.message.make_query(zone, "SOA"), server.address, port=server.port, timeout=3)
+    return int(answer.answer[0][0].serial)
+
+
 def test_an_update_signed_with_the_key_is_taken_and_answered(dns_server: DnsServer) -> None:
     name, address = fresh_name(), fresh_address()
+    before = serial(dns_server, FORWARD_ZONE)
     update = dns.update.UpdateMessage(FORWARD_ZONE, keyring=key(dns_server))
     update.replace(name + ".", 300, "A", address)
     answer = dns.query.tcp(update, dns_server.address, port=dns_server.port, timeout=3)
     assert answer.rcode() == dns.rcode.NOERROR
     assert answer.had_tsig  # the answer is signed with the same key
     assert ask(dns_server, name + ".", "A") == [address]
+    assert serial(dns_server, FORWARD_ZONE) > before  # so that secondaries transfer the change
 
     reverse = dns.reversename.from_address(address)
     zone = REVERSE_ZONES[0]

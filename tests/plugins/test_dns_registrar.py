@@ -402,3 +402,15 @@ async def test_a_collision_found_before_the_machine_exists_fails_the_host_then(
     planned = HostView(**{**make_host(fqdn, ()).__dict__, "address": leased})
     with pytest.raises(PermanentError, match=theirs):
         await registrar.prepare(planned, {})
+
+
+async def test_deregistering_a_host_that_never_had_records_here_is_success(
+        dns_server: DnsServer, registrar: DnsRegistrar) -> None:
+    """A host outside the zone (its registration failed for it, and it is rolled back) or without
+    an address: nothing to remove, nothing to find."""
+    outside = make_host("h.other.example", (fresh_address(),))
+    await registrar.deregister(outside)
+    assert await registrar.lookup(outside) is None
+    bare = make_host(fresh_name(), ())
+    await registrar.deregister(bare)
+    assert await registrar.lookup(bare) is None
