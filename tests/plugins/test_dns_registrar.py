@@ -15,6 +15,8 @@ from typing import Any
 import dns.message
 import dns.name
 import dns.query
+import dns.rdata
+import dns.rdatatype
 import dns.rcode
 import dns.reversename
 import dns.tsig
@@ -414,3 +416,44 @@ async def test_deregistering_a_host_that_never_had_records_here_is_success(
     bare = make_host(fresh_name(), ())
     await registrar.deregister(bare)
     assert await registrar.lookup(bare) is None
+
+
+async def test_a_registration_cut_short_is_completed(dns_server: DnsServer, registrar: DnsRegistrar) -> None:
+    """kill -9 between the forward update and the reverse one: the forward records carry the
+    host's marker, the PTR is missing; the step run again completes it."""
+    fqdn, v4 = fresh_name(), fresh_address()
+    host = make_host(fqdn, (v4,))
+    update = dns.update.UpdateMessage(FORWARD_ZONE, keyring=registrar._key)
+    update.replace(fqdn + ".", 300, "A", v4)
+    update.replace(fqdn + ".", 300, "TXT", marker(host))
+    assert dns.query.tcp(update, dns_server.address, port=dns_server.port, timeout=3).rcode() == dns.rcode.NOERROR
+    await registrar.register(host, {})
+    assert ask(dns_server, rev(v4), "PTR") == [fqdn + "."] and ask(dns_server, fqdn + ".", "A") == [v4]
+
+
+async def test_a_change_made_between_reading_and_writing_is_not_overwritten(
+        dns_server: DnsServer, registrar: DnsRegistrar) -> None:
+    """The update's prerequisites are the sets as read: someone else's write in between fails it
+    (retryable: the next try reads again and sees the collision)."""
+    fqdn, ours, theirs = fresh_name(), fresh_address(), fresh_address()
+    name = dns.name.from_text(fqdn + ".")
+    state = await registrar._read(name, (dns.rdatatype.A, dns.rdatatype.AAAA, dns.rdatatype.TXT))
+    put(dns_server, FORWARD_ZONE, fqdn + ".", "A", theirs)  # meanwhile
+    update = registrar._update(dns.name.from_text(FORWARD_ZONE), state)
+    update.replace(name, 300, dns.rdata.from_text("IN", "A", ours))
+    with pytest.raises(RetryableError, match="changed since they were read"):
+        await registrar._send(update, f"records of {fqdn}")
+    assert ask(dns_server, fqdn + ".", "A") == [theirs]
+    with pytest.raises(PermanentError, match="collision"):
+        await registrar.register(make_host(fqdn, (ours,)), {})
+
+
+async def test_a_server_that_does_not_answer_is_retryable_after_the_timeout(
+        dns_server: DnsServer, key_file: Any) -> None:
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        mute = DnsRegistrar(NAME, make_config(dns_server, key_file, port=port, timeout=0.5))
+        with pytest.raises(RetryableError, match="unreachable: timed out"):
+            await mute.register(make_host(fresh_name(), (fresh_address(),)), {})
