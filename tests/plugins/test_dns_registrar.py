@@ -15,9 +15,9 @@ from typing import Any
 import dns.message
 import dns.name
 import dns.query
+import dns.rcode
 import dns.rdata
 import dns.rdatatype
-import dns.rcode
 import dns.reversename
 import dns.tsig
 import dns.update
