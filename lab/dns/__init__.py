@@ -8,7 +8,9 @@ lab network 198.51.100.0/24 and 2001:db8::/32). Each has a TSIG key (hmac-sha256
 ``tsig-keygen``) that may update and transfer those zones (no other client may do either):
 
 - BIND: ``named -g`` with its own ``named.conf`` (recursion off, no rndc channel), primary zones
-  from zone files it keeps journals beside, and ``update-policy { grant KEY zonesub ANY; }``;
+  from zone files it keeps journals beside, and ``update-policy { grant KEY zonesub ANY; }``
+  (the binary is run from a copy in the server's directory, beyond the reach of the AppArmor
+  profile Debian ships for /usr/sbin/named, which would keep it out of that directory);
 - PowerDNS: ``pdns_server`` with the gsqlite3 backend (the schema the package ships), zones made
   by ``pdnsutil create-zone``, the key imported by ``pdnsutil import-tsig-key`` and allowed per
   zone by its ``TSIG-ALLOW-DNSUPDATE`` metadata (``SOA-EDIT-DNSUPDATE`` raises the serial on
@@ -175,10 +177,24 @@ def start_bind(directory: str | Path, *, zones: Sequence[str] = ZONES, key: Tsig
         raise DnsLabError(f"named-checkconf refused {conf}: {(check.stdout + check.stderr).strip()}")
     log = root / "named.log"
     # -g: foreground, log to stderr; -4: IPv4 only; -n 1: one worker thread, the lab is tiny
-    process = _launch([_tool("named"), "-g", "-4", "-n", "1", "-c", str(conf)], log)
+    args = ["-g", "-4", "-n", "1", "-c", str(conf)]
+    try:
+        process = _launch([_unconfined_named(root), *args], log)
+    except PermissionError:  # a directory mounted noexec: the package's own, confined or not
+        process = _launch([_tool("named"), *args], log)
     server = DnsServer("bind", root, port, key, zones, process, log)
     _wait_answering(server, timeout)
     return server
+
+
+def _unconfined_named(root: Path) -> str:
+    """Debian's ``named``, copied into the server's directory. Debian ships an AppArmor profile
+    for /usr/sbin/named that confines it to /etc/bind, /var/cache/bind and the like, so on a
+    machine where AppArmor is on, the package's binary could not read this lab's own directory;
+    a profile attaches by path, and the copy (the same program) runs unconfined."""
+    copy = root / "named"
+    shutil.copy2(_tool("named"), copy)
+    return str(copy)
 
 
 def _zone_file(zone: str) -> str:
