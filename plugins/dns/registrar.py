@@ -170,7 +170,8 @@ class DnsRegistrar(Registrar):
 
     async def _publish(self, host: HostView, addresses: list[str]) -> dict[str, Any]:
         fqdn = self._fqdn(host)
-        reverse = {address: self._reverse(address) for address in addresses}
+        # no reverse zones configured: no PTR records at all
+        reverse = {address: self._reverse(address) for address in addresses} if self.reverse_zones else {}
         forward_state = await self._read(fqdn, FORWARD_TYPES)
         reverse_states = {address: await self._read(name, REVERSE_TYPES) for address, (name, _) in reverse.items()}
 

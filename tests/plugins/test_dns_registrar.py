@@ -457,3 +457,13 @@ async def test_a_server_that_does_not_answer_is_retryable_after_the_timeout(
         mute = DnsRegistrar(NAME, make_config(dns_server, key_file, port=port, timeout=0.5))
         with pytest.raises(RetryableError, match="unreachable: timed out"):
             await mute.register(make_host(fresh_name(), (fresh_address(),)), {})
+
+
+async def test_without_reverse_zones_only_forward_records_are_made(dns_server: DnsServer, key_file: Any) -> None:
+    forward_only = DnsRegistrar(NAME, make_config(dns_server, key_file, reverse_zones=[]))
+    fqdn, v4 = fresh_name(), fresh_address()
+    host = make_host(fqdn, (v4,))
+    assert await forward_only.register(host, {}) == {"fqdn": fqdn, "addresses": [v4], "reverse": []}
+    assert ask(dns_server, fqdn + ".", "A") == [v4] and ask(dns_server, rev(v4), "PTR") == []
+    await forward_only.deregister(host)
+    assert ask(dns_server, fqdn + ".", "A") == []
