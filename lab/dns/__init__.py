@@ -135,23 +135,51 @@ def start_bind(directory: str | Path, *, zones: Sequence[str] = ZONES, key: Tsig
                port: int | None = None, timeout: float = 30.0) -> DnsServer:
     """Set up BIND in ``directory`` (created) for ``zones`` and start ``named -g`` on ``port``
     (default: a free one) of 127.0.0.1; returns once every zone answers its SOA."""
+    [server] = _start_named(directory, {"": key or make_key()}, zones=zones, port=port, timeout=timeout)
+    return server
+
+
+def start_bind_views(directory: str | Path, views: Sequence[str] = ("internal", "external"), *,
+                     zones: Sequence[str] = ZONES, port: int | None = None, timeout: float = 30.0) -> list[DnsServer]:
+    """One ``named`` with a view per name in ``views``, each holding its own copy of ``zones``
+    and matched by its own key (``match-clients { key KEY; }``): a client signing with a view's
+    key reads, updates and transfers that view's zones only (an unsigned query matches no view
+    and is refused). Returns one handle per view (the same process; stopping one stops all)."""
+    keys = {view: make_key(f"{KEY_NAME}-{view}") for view in views}
+    return _start_named(directory, keys, zones=zones, port=port, timeout=timeout)
+
+
+def _start_named(directory: str | Path, keys: dict[str, TsigKey], *, zones: Sequence[str], port: int | None,
+                 timeout: float) -> list[DnsServer]:
+    """named for ``zones``; ``keys``: view name -> its key (one entry named "": no views)."""
     check_installed()
     root = Path(directory).resolve()
     root.mkdir(parents=True, exist_ok=True)
-    key = key or make_key()
     port = port or free_port()
     zones = tuple(_absolute(z) for z in zones)
-    (root / "update.key").write_text(
-        f'key "{key.name}" {{\n\talgorithm {key.algorithm};\n\tsecret "{key.secret}";\n}};\n')
+    (root / "update.key").write_text("".join(
+        f'key "{key.name}" {{\n\talgorithm {key.algorithm};\n\tsecret "{key.secret}";\n}};\n'
+        for key in keys.values()))
     (root / "update.key").chmod(0o600)
-    stanzas = []
-    for zone in zones:
-        bare = zone.rstrip(".")
-        zone_file = root / f"{bare}.zone"
-        zone_file.write_text(_zone_file(zone))
-        stanzas.append(
-            f'zone "{bare}" {{\n\ttype primary;\n\tfile "{zone_file}";\n'
-            f'\tupdate-policy {{ grant "{key.name}" zonesub ANY; }};\n}};\n')
+    sections = []
+    for view, key in keys.items():
+        folder = root / view if view else root
+        folder.mkdir(exist_ok=True)
+        stanzas = []
+        for zone in zones:
+            bare = zone.rstrip(".")
+            zone_file = folder / f"{bare}.zone"
+            zone_file.write_text(_zone_file(zone))
+            stanzas.append(
+                f'zone "{bare}" {{\n\ttype primary;\n\tfile "{zone_file}";\n'
+                f'\tupdate-policy {{ grant "{key.name}" zonesub ANY; }};\n'
+                # zone transfers (how the registrar lists what it owns) only signed with the key
+                f'\tallow-transfer {{ key "{key.name}"; }};\n}};\n')
+        if view:
+            sections.append(f'view "{view}" {{\n\tmatch-clients {{ key "{key.name}"; }};\n'
+                            + "".join(stanzas) + "};\n")
+        else:
+            sections.extend(stanzas)
     conf = root / "named.conf"
     conf.write_text(
         "options {\n"
@@ -164,13 +192,11 @@ def start_bind(directory: str | Path, *, zones: Sequence[str] = ZONES, key: Tsig
         "\trecursion no;\n"
         "\tdnssec-validation no;\n"
         "\tnotify no;\n"
-        # zone transfers (how the registrar lists what it owns) only signed with the key
-        f'\tallow-transfer {{ key "{key.name}"; }};\n'
         "};\n"
         # no rndc channel: stopped by a signal
         "controls { };\n"
         f'include "{root}/update.key";\n'
-        + "".join(stanzas)
+        + "".join(sections)
     )
     check = subprocess.run([_tool("named-checkconf"), "-z", str(conf)], capture_output=True, text=True, check=False)
     if check.returncode != 0:
@@ -182,9 +208,10 @@ def start_bind(directory: str | Path, *, zones: Sequence[str] = ZONES, key: Tsig
         process = _launch([_unconfined_named(root), *args], log)
     except PermissionError:  # a directory mounted noexec: the package's own, confined or not
         process = _launch([_tool("named"), *args], log)
-    server = DnsServer("bind", root, port, key, zones, process, log)
-    _wait_answering(server, timeout)
-    return server
+    servers = [DnsServer("bind", root, port, key, zones, process, log) for key in keys.values()]
+    for server in servers:
+        _wait_answering(server, timeout)
+    return servers
 
 
 def _unconfined_named(root: Path) -> str:
@@ -302,6 +329,7 @@ def _wait_answering(server: DnsServer, timeout: float) -> None:
     import dns.query
     import dns.rcode
     import dns.rdatatype
+    import dns.tsig
 
     deadline = time.monotonic() + timeout
     pending = list(server.zones)
@@ -309,8 +337,10 @@ def _wait_answering(server: DnsServer, timeout: float) -> None:
         if not server.running():
             raise DnsLabError(f"{server.kind} exited ({server.process.returncode}):\n{server.log_tail()}")
         try:
-            answer = dns.query.udp(dns.message.make_query(pending[0], dns.rdatatype.SOA), server.address,
-                                   port=server.port, timeout=0.5)
+            query = dns.message.make_query(pending[0], dns.rdatatype.SOA)
+            # signed: a server with views answers only a client its key matches
+            query.use_tsig(dns.tsig.Key(server.key.name, server.key.secret, server.key.algorithm))
+            answer = dns.query.udp(query, server.address, port=server.port, timeout=0.5)
             if answer.rcode() == dns.rcode.NOERROR and answer.flags & dns.flags.AA and answer.answer:
                 pending.pop(0)
                 continue
@@ -325,5 +355,5 @@ def _wait_answering(server: DnsServer, timeout: float) -> None:
 
 __all__ = [
     "ALGORITHM", "FORWARD_ZONE", "KEY_NAME", "REVERSE_ZONES", "ZONES", "DnsLabError", "DnsServer", "TsigKey",
-    "check_installed", "free_port", "make_key", "start_bind", "start_powerdns",
+    "check_installed", "free_port", "make_key", "start_bind", "start_bind_views", "start_powerdns",
 ]

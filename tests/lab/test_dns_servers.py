@@ -147,3 +147,21 @@ def test_a_stopped_server_is_gone(tmp_path: Path) -> None:
         assert server.running()
         server.stop()
         assert not server.running() and server.process.returncode is not None
+
+
+def test_bind_views_are_told_apart_by_their_keys(bind_views: list[DnsServer]) -> None:
+    internal, external = bind_views
+    assert internal.key.name != external.key.name and internal.port == external.port
+    name = fresh_name("view")
+    for server, address in ((internal, "198.51.100.201"), (external, "198.51.100.202")):
+        update = dns.update.UpdateMessage(FORWARD_ZONE, keyring=key(server))
+        update.replace(name + ".", 300, "A", address)
+        assert dns.query.tcp(update, server.address, port=server.port, timeout=3).rcode() == dns.rcode.NOERROR
+    for server, address in ((internal, "198.51.100.201"), (external, "198.51.100.202")):
+        query = dns.message.make_query(name + ".", "A")
+        query.use_tsig(key(server))
+        answer = dns.query.tcp(query, server.address, port=server.port, timeout=3)
+        assert sorted(r.to_text() for rrset in answer.answer for r in rrset) == [address]
+    # a client with no key matches no view
+    unsigned = dns.query.tcp(dns.message.make_query(name + ".", "A"), internal.address, port=internal.port, timeout=3)
+    assert unsigned.rcode() == dns.rcode.REFUSED

@@ -467,3 +467,31 @@ async def test_without_reverse_zones_only_forward_records_are_made(dns_server: D
     assert ask(dns_server, fqdn + ".", "A") == [v4] and ask(dns_server, rev(v4), "PTR") == []
     await forward_only.deregister(host)
     assert ask(dns_server, fqdn + ".", "A") == []
+
+
+def ask_signed(server: DnsServer, name: str, rdtype: str) -> list[str]:
+    """What a client with the view's key is told (a view answers only the clients it matches)."""
+    query = dns.message.make_query(name, rdtype)
+    query.use_tsig(dns.tsig.Key(server.key.name, server.key.secret, server.key.algorithm))
+    answer = dns.query.tcp(query, server.address, port=server.port, timeout=3)
+    return sorted(r.to_text() for rrset in answer.answer for r in rrset)
+
+
+async def test_two_registrars_on_two_views_of_one_server(bind_views: list[DnsServer], key_file: Any) -> None:
+    """Two [registrars.*] sections on one BIND, each with its view's key: each view gets the host's
+    records, and removing them from one leaves the other's."""
+    internal, external = bind_views
+    inside = DnsRegistrar("dns-internal", make_config(internal, key_file))
+    outside = DnsRegistrar("dns-external", make_config(external, key_file, reverse_zones=[]))
+    fqdn, v4 = fresh_name(), fresh_address()
+    host = make_host(fqdn, (v4,))
+    for registrar in (inside, outside):
+        await registrar.ensure_started()
+        await registrar.register(host, {})
+    assert ask_signed(internal, fqdn + ".", "A") == [v4] and ask_signed(internal, rev(v4), "PTR") == [fqdn + "."]
+    assert ask_signed(external, fqdn + ".", "A") == [v4] and ask_signed(external, rev(v4), "PTR") == []
+    assert {e.host_id for e in await outside.list_owned()} == {host.id}
+    await outside.deregister(host)
+    assert ask_signed(external, fqdn + ".", "A") == [] and ask_signed(internal, fqdn + ".", "A") == [v4]
+    await inside.deregister(host)
+    assert ask_signed(internal, fqdn + ".", "A") == []
