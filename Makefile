@@ -6,8 +6,10 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # Go + govmomi sources (vcsim), OpenIPMI's ipmi_sim + ipmitool (IPMI peer), libxml2 headers
-# (ovirt-engine-sdk-python builds a C extension), shellcheck + curl + openssl (the OpenShift hooks)
-APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl
+# (ovirt-engine-sdk-python builds a C extension), shellcheck + curl + openssl (the OpenShift hooks),
+# BIND 9 (named, tsig-keygen, dig) and PowerDNS with its SQLite backend (lab/dns: the dns registrar's peers)
+APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl \
+	bind9 bind9-utils bind9-dnsutils pdns-server pdns-backend-sqlite3
 PYTEST_ARGS ?=
 
 .PHONY: all deps apt venv vcsim peers lint typecheck protos test demo clean
@@ -16,14 +18,14 @@ all: test
 
 deps: apt venv vcsim peers
 
-# Debian packages: Go and the govmomi sources vcsim is built from. Installed only if missing.
+# Debian packages: Go and the govmomi sources vcsim is built from, the DNS servers... Installed
+# only if missing, without starting their services (lab/apt-install.sh): the lab runs its own.
 apt:
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	  bash lab/apt-install.sh $$missing; \
 	fi
 
 # constraints.txt pins every distribution to the version the tests ran with (tests/meta/test_constraints.py)

@@ -119,7 +119,8 @@ def governord_prepare_host(host: HostView) -> dict[str, Any] | None:
     The record is stored in ``HostView.registrations``; a ``"cloud_config"`` mapping in it is
     merged into the cloud-init user data the machine is created with.
 
-    :param host: the host, classified, before provisioning.
+    :param host: the host, classified, before provisioning; ``host.address`` is the address
+        leased for it from an address pool, if any (e.g. DNS records made before the machine).
     :returns: a JSON-serialisable record per system, or None.
 
     Dispatch: broadcast. May be ``async def``. Must be idempotent: after a crash it is called

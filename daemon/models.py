@@ -153,6 +153,9 @@ class HostView:
     registrations: dict[str, Any]
     failed_step: str | None = None
     error: str | None = None
+    #: the address leased for it from a ``[networks.NAME]`` pool, known before the machine exists
+    #: (None: the platform assigns one); once provisioned, ``addresses`` has it first
+    address: str | None = None
 
     @property
     def primary_address(self) -> str | None:

@@ -1,14 +1,15 @@
 """``make demo``: the whole loop once, on the local lab, printing what exists at each step.
 
 1. start the lab: the platform's peer (vcsim built from Debian's govmomi sources by default; see
-   ``--platform``), the Foreman and Satellite simulators
+   ``--platform``), the Foreman and Satellite simulators, and a DNS server (Debian's BIND 9 by
+   default; ``--dns powerdns`` or ``none``) that the dns registrar updates
 2. start governord on SQLite, as systemd would (notify socket, READY only once it listens)
 3. the demo application asks for 3 nodes over HTTPS with its own client certificate
 4. an operator tags one of them `broker` with governord-ctl
 5. an operator retires another with governord-ctl
 With ``--autoscaler``, instead: the Kubernetes Cluster Autoscaler's loop over gRPC (NodeGroups,
 IncreaseSize, NodeGroupNodes as the instances move, DeleteNodes).
-After each step it shows the hosts as governord, vSphere, Foreman and Satellite see them, and
+After each step it shows the hosts as governord, vSphere, Foreman, Satellite and DNS see them, and
 checks that they agree; it exits non-zero if they do not.
 """
 
@@ -27,6 +28,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import dns.reversename
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
@@ -44,23 +46,54 @@ def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
     vms = {f"{name.split('.')[0]}.lab.example": vm for name, vm in lab.platform.machines().items()}
     foreman = lab.foreman_hosts()
     satellite = lab.satellite_systems()
+    names = dns_names(lab) if lab.dns is not None else {}
     table = Table(title=title, title_justify="left", header_style="bold")
-    for column in ("host", "governord", "tags", f"{lab.platform.kind} machine", "Foreman hostgroup / classes",
-                   "Satellite groups"):
+    columns = ["host", "governord", "tags", f"{lab.platform.kind} machine", "Foreman hostgroup / classes",
+               "Satellite groups"]
+    for column in columns + (["DNS (A, PTR)"] if lab.dns is not None else []):
         table.add_column(column)
-    for fqdn in sorted(set(hosts) | set(vms) | set(foreman) | set(satellite)):
+    for fqdn in sorted(set(hosts) | set(vms) | set(foreman) | set(satellite) | set(names)):
         h, vm, fm, sat = hosts.get(fqdn), vms.get(fqdn), foreman.get(fqdn), satellite.get(fqdn)
-        table.add_row(
+        row = [
             fqdn,
             h["state"] if h else "-",
             ",".join(h["tags"]) if h else "-",
             f"{vm['id']} {vm['state']} {vm['address'] or ''}" if vm else "-",
             f"{fm['hostgroup']}: {', '.join(fm['puppet_classes'])}" if fm else "-",
             ", ".join(sat["groups"]) if sat else "-",
-        )
+        ]
+        if lab.dns is not None:
+            found = names.get(fqdn)
+            row.append("; ".join(f"{a} (PTR {'back' if p == [fqdn] else ', '.join(p) or 'none'})"
+                                 for a, p in found.items()) if found else "-")
+        table.add_row(*row)
     console.print(table)
     console.print()
-    return {"hosts": hosts, "vms": vms, "foreman": foreman, "satellite": satellite}
+    return {"hosts": hosts, "vms": vms, "foreman": foreman, "satellite": satellite, "dns": names}
+
+
+def dns_names(lab: Lab) -> dict[str, dict[str, list[str]]]:
+    """The lab DNS server's names (other than its own): FQDN -> address -> the names its PTR gives."""
+    records = lab.dns_records()
+    names: dict[str, dict[str, list[str]]] = {}
+    for name, sets in records.items():
+        if name == "ns1.lab.example":
+            continue
+        for address in sets.get("A", []) + sets.get("AAAA", []):
+            reverse = records.get(dns.reversename.from_address(address).to_text().rstrip("."), {})
+            names.setdefault(name, {})[address] = reverse.get("PTR", [])
+    return names
+
+
+def expect_dns(seen: dict[str, Any], lab: Lab) -> None:
+    """Every host's name answers its addresses, and each address's PTR names the host; no other names."""
+    if lab.dns is None:
+        return
+    hosts = {fqdn: h for fqdn, h in seen["hosts"].items() if h["state"] != "gone"}
+    expect(set(seen["dns"]) == set(hosts), f"DNS has exactly the hosts' names ({len(hosts)})")
+    for fqdn, host in hosts.items():
+        expect(seen["dns"][fqdn] == {a: [fqdn] for a in host["addresses"]},
+               f"{fqdn}: A {', '.join(host['addresses'])}, and their PTR back to {fqdn}")
 
 
 def expect(condition: bool, message: str) -> None:
@@ -134,10 +167,15 @@ def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str,
         return json.loads(resp.read())
 
 
-def run(workdir: Path, platform: str, puppet: bool) -> None:
+def run(workdir: Path, platform: str, puppet: bool, dns_server: str = "bind") -> None:
     with Lab(workdir) as lab:
         console.rule(f"1. the lab ({platform}{', with Puppet' if puppet else ''})")
         lab.start_peers(platform)
+        if dns_server != "none":
+            server = lab.start_dns(dns_server)
+            console.print(f"DNS            {server.address}:{server.port} ({dns_server}, Debian's; zones "
+                          f"{', '.join(z.rstrip('.') for z in server.zones)}; updates signed with TSIG key "
+                          f"{server.key.name})")
         for peer in lab.peers:
             console.print(f"{peer.name:14} {peer.url}")
         if puppet:
@@ -170,6 +208,7 @@ def run(workdir: Path, platform: str, puppet: bool) -> None:
         expect(request["status"] == "completed", "the request completed")
         expect(len(seen["vms"]) == 3 and len(seen["foreman"]) == 3 and len(seen["satellite"]) == 3,
                f"3 machines on {platform}, 3 hosts in Foreman, 3 systems in Satellite")
+        expect_dns(seen, lab)
 
         console.rule("4. governord-ctl tag demo-node-02 broker")
         if puppet:
@@ -192,6 +231,7 @@ def run(workdir: Path, platform: str, puppet: bool) -> None:
         gone = "demo-node-01.lab.example"
         expect(gone not in seen["vms"] and gone not in seen["foreman"] and gone not in seen["satellite"],
                f"demo-node-01 is gone from {platform}, Foreman and Satellite")
+        expect_dns(seen, lab)
         console.print(daemon.ctl("hosts", "show", "demo-node-01").stdout)
 
         console.rule("6. stop")
@@ -315,6 +355,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="where the machines are made (default: vsphere on vcsim)")
     parser.add_argument("--puppet", action="store_true",
                         help="add Debian's puppetserver and PuppetDB: autosign, Foreman as the ENC, the ready gate")
+    parser.add_argument("--dns", choices=["bind", "powerdns", "none"], default="bind",
+                        help="the DNS server the dns registrar updates (default: Debian's BIND 9)")
     parser.add_argument("--autoscaler", action="store_true",
                         help="instead, one scale-up and one scale-down as the Kubernetes Cluster Autoscaler makes them")
     args = parser.parse_args(argv)
@@ -323,7 +365,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.autoscaler:
             run_autoscaler(workdir, args.platform)
         else:
-            run(workdir, args.platform, args.puppet)
+            run(workdir, args.platform, args.puppet, args.dns)
 
     if args.workdir:
         play(args.workdir)

@@ -333,6 +333,8 @@ class Lab:
         self.platform: Platform | None = None
         #: the Puppet stack (lab.puppet.PuppetStack), once started
         self.puppet: Any = None
+        #: the DNS server (lab.dns.DnsServer: BIND or PowerDNS), once started
+        self.dns: Any = None
         #: extra clean-ups (platform labs that are not single peers)
         self.stoppers: list[Callable[[], None]] = []
         self.repo_root = REPO_ROOT
@@ -472,7 +474,8 @@ class Lab:
             registrar_extra=registrar_extra, lease_seconds=lease_seconds,
             # a node group's host also gets its providerID as openshift::node's class parameter
             foreman_extra=f'provider_id_parameter = "{PROVIDER_ID_CLASS_PARAMETER}"\n' if autoscaler else "",
-        ) + (self._puppet_registrars() if self.puppet is not None else "") + (AUTOSCALER if autoscaler else "")
+        ) + (self._puppet_registrars() if self.puppet is not None else "")
+          + (self._dns_registrar() if self.dns is not None else "") + (AUTOSCALER if autoscaler else "")
           + (self._fleet_sections(path, instance, store_url, heartbeat, leader_lease) if store_url else "")
           + extra)
         return path
@@ -549,6 +552,56 @@ client_key = "{stack.client_key}"
 ready_timeout = 300.0
 classes_from = "foreman"
 """
+
+    def start_dns(self, kind: str = "bind") -> Any:
+        """Start a DNS server (lab.dns: Debian's BIND 9, or PowerDNS with ``kind="powerdns"``) for
+        the lab's zones, its TSIG key written to ``workdir/dns.key``; configs written afterwards
+        add the dns registrar."""
+        from .dns import start_bind, start_powerdns
+
+        start = {"bind": start_bind, "powerdns": start_powerdns}[kind]
+        self.dns = start(self.workdir / f"dns-{kind}")
+        self.stoppers.append(self.dns.stop)
+        key = self.workdir / "dns.key"
+        key.write_text(self.dns.key.secret + "\n")
+        key.chmod(0o600)
+        return self.dns
+
+    def _dns_registrar(self) -> str:
+        server = self.dns
+        reverse = ", ".join(f'"{zone.rstrip(".")}"' for zone in server.zones[1:])
+        return f"""
+[registrars.dns]
+type = "dns"
+server = "{server.address}"
+port = {server.port}
+zone = "{server.zones[0].rstrip(".")}"
+reverse_zones = [{reverse}]
+key_name = "{server.key.name}"
+key_secret = {{ file = "{self.workdir / "dns.key"}" }}
+ttl = 60
+"""
+
+    def dns_records(self) -> dict[str, dict[str, list[str]]]:
+        """What the lab's DNS server holds in its zones (signed zone transfers): every name with
+        an A, AAAA, PTR or TXT record, without the final dot, -> record type -> values."""
+        import dns.query
+        import dns.rdatatype
+        import dns.tsig
+
+        server = self.dns
+        assert server is not None
+        key = dns.tsig.Key(server.key.name, server.key.secret, server.key.algorithm)
+        found: dict[str, dict[str, list[str]]] = {}
+        for zone in server.zones:
+            for message in dns.query.xfr(server.address, zone, port=server.port, keyring={key.name: key},
+                                         keyname=key.name, relativize=False, lifetime=10):
+                for rrset in message.answer:
+                    kind = dns.rdatatype.to_text(rrset.rdtype)
+                    if kind in ("A", "AAAA", "PTR", "TXT"):
+                        values = found.setdefault(rrset.name.to_text().rstrip("."), {}).setdefault(kind, [])
+                        values.extend(sorted(r.to_text().rstrip(".").strip('"') for r in rrset))
+        return found
 
     def start_platform(self, kind: str) -> Platform:
         """Start the peer of a platform (see lab.platforms) and make it the one configs use."""

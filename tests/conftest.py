@@ -10,4 +10,5 @@ pytest_plugins = [
     "tests.fixtures.satellite",
     "tests.fixtures.puppet",
     "tests.fixtures.postgres",
+    "tests.fixtures.dns",
 ]

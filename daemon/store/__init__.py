@@ -184,6 +184,7 @@ def host_view(row: Row | RowMapping) -> HostView:
         registrations=dict(row["registrations"]),
         failed_step=row["failed_step"],
         error=row["error"],
+        address=row.get("address"),
     )
 
 

@@ -27,6 +27,8 @@ SECRETS = {
     "GOVERNORD_BMC_PASSWORD": "bmc-secret-value",
     "GOVERNORD_OPENSHIFT_WEBHOOK_SECRET": "hook-secret-value",
     "GOVERNORD_AWS_SECRET_ACCESS_KEY": "aws-secret-value",
+    # base64, as a TSIG secret is
+    "GOVERNORD_DNS_KEY": "ZG5zLXNlY3JldC12YWx1ZQ==",
 }
 
 
