@@ -302,6 +302,20 @@ async def main_async(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return summary
 
 
+def in_flight(args: argparse.Namespace) -> str:
+    """The limits a fleet row ran with: the engine's workers and the instances' max_concurrency."""
+    from governord.config import EngineSection
+    from governord.providers import ProviderConfig
+
+    if args.shipped_limits:
+        workers = args.workers or EngineSection().workers
+        limit = f"max_concurrency {ProviderConfig.model_fields['max_concurrency'].default} (shipped)"
+    else:
+        workers = args.workers or args.concurrency
+        limit = f"max_concurrency {args.concurrency}"
+    return f"{workers} workers{'' if args.workers else ' (shipped)' if args.shipped_limits else ''}; {limit}"
+
+
 def daemon_args(args: argparse.Namespace) -> list[str]:
     extra = []
     if args.trace_store:
@@ -376,8 +390,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.record and args.no_floor:
         append_row("e2e-fleet", [
             time.strftime("%Y-%m-%d"), machine_label(), str(args.hosts), str(args.instances), args.store,
-            (f"{args.workers} workers" if args.workers else "") + (
-                ("; " if args.workers else "") + "shipped limits" if args.shipped_limits else str(args.concurrency)),
+            in_flight(args),
             ", ".join(f"{m.removesuffix('VM_Task').removesuffix('_Task')} {ms / 1000:g}"
                       for m, ms in summary["task_delays_ms"].items()) + f"; {args.call_ms} ms/call",
             str(args.rounds), f"{summary['governord_up_s']:.1f}", f"{summary['governord_down_s']:.1f}",
