@@ -31,6 +31,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
+from .groups import commit_group
+
 T = TypeVar("T")
 log = logging.getLogger(__name__)
 
@@ -159,23 +161,14 @@ class PooledWriter:
 
     async def _flush(self, keys: tuple[str, ...]) -> None:
         loop = asyncio.get_running_loop()
+
+        async def commit(jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+            return await loop.run_in_executor(self._threads, self._commit_group, keys, jobs)
+
         while queue := self._queues.get(keys):
             batch = queue[:self.MAX_GROUP]
             del queue[:self.MAX_GROUP]
-            try:
-                outcomes = await loop.run_in_executor(self._threads, self._commit_group, keys,
-                                                      [job for job, _ in batch])
-            except BaseException as exc:  # the thread itself failed: every caller hears it
-                outcomes = [(False, exc)] * len(batch)
-                if not isinstance(exc, Exception):
-                    raise
-            for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write stands all the same
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            await commit_group(batch, commit)
         self._queues.pop(keys, None)
         self._flushers.pop(keys, None)
 

@@ -23,6 +23,8 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
+from .groups import commit_group
+
 T = TypeVar("T")
 
 
@@ -101,22 +103,14 @@ class GroupCommit:
 
     async def _flush(self) -> None:
         loop = asyncio.get_running_loop()
+
+        async def commit(jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
+            async with self._turn:
+                return await loop.run_in_executor(self._thread, self._commit, jobs)
+
         while self._queue:
             batch, self._queue = self._queue, []
-            try:
-                async with self._turn:
-                    outcomes = await loop.run_in_executor(self._thread, self._commit, [job for job, _ in batch])
-            except BaseException as exc:  # the thread itself failed: every caller hears it
-                outcomes = [(False, exc)] * len(batch)
-                if not isinstance(exc, Exception):
-                    raise
-            for (_job, future), (ok, value) in zip(batch, outcomes, strict=True):
-                if future.done():
-                    continue  # its caller was cancelled; the write stands all the same
-                if ok:
-                    future.set_result(value)
-                else:
-                    future.set_exception(value)
+            await commit_group(batch, commit)
 
     def _commit(self, jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
         if self._conn is None:

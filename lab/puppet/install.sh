@@ -21,29 +21,7 @@ if [ -z "$missing" ]; then
     exit 0
 fi
 
-sudo=""
-[ "$(id -u)" = 0 ] || sudo=sudo
-
 echo "puppet lab: installing$missing"
-policy=/usr/sbin/policy-rc.d
-saved=""
-if [ -e "$policy" ]; then
-    saved=$(mktemp)
-    $sudo cp -p "$policy" "$saved"
-fi
-restore() {
-    if [ -n "$saved" ]; then
-        $sudo mv "$saved" "$policy"
-    else
-        $sudo rm -f "$policy"
-    fi
-}
-trap restore EXIT
-printf '#!/bin/sh\nexit 101\n' | $sudo tee "$policy" >/dev/null
-$sudo chmod 755 "$policy"
-
-$sudo apt-get update -qq
 # shellcheck disable=SC2086  # the list is meant to split into words
-$sudo env DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends $missing
+bash "$(dirname "$0")/../apt-install.sh" $missing
 echo "puppet lab: installed$missing"
