@@ -31,3 +31,22 @@ async def commit_group(batch: list[Queued], commit: Callable[[list[Job]], Awaita
             future.set_result(value)
         else:
             future.set_exception(value)
+
+
+def each_alone_on_failure(jobs: list[Job], commit: Callable[[list[Job]], list[Any]]) -> list[tuple[bool, Any]]:
+    """Commit ``jobs`` together with ``commit`` (one transaction: what each returned, or an
+    exception and nothing written); if that fails, commit each of them alone, so a bad job
+    sinks only itself. Answers ``(ok, value or exception)`` per job, as :func:`commit_group`
+    takes them."""
+    if len(jobs) > 1:
+        try:
+            return [(True, value) for value in commit(jobs)]
+        except Exception:  # noqa: BLE001 - each job runs again alone, below
+            pass
+    outcomes: list[tuple[bool, Any]] = []
+    for job in jobs:
+        try:
+            outcomes.append((True, commit([job])[0]))
+        except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+            outcomes.append((False, exc))
+    return outcomes

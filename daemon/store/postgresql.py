@@ -31,7 +31,7 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from .groups import commit_group
+from .groups import Queued, commit_group, each_alone_on_failure
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -141,7 +141,7 @@ class PooledWriter:
         self._discard = discard
         self._threads = ThreadPoolExecutor(pool_size, thread_name_prefix="governord-writer")
         #: decisions waiting for their group, by the locks they need (sorted)
-        self._queues: dict[tuple[str, ...], list[tuple[Callable[[Connection], Any], asyncio.Future[Any]]]] = {}
+        self._queues: dict[tuple[str, ...], list[Queued]] = {}
         self._flushers: dict[tuple[str, ...], asyncio.Task[None]] = {}
 
     async def run(self, job: Callable[[Connection], T], *, locks: Iterable[str] = ()) -> T:
@@ -173,18 +173,7 @@ class PooledWriter:
         self._flushers.pop(keys, None)
 
     def _commit_group(self, keys: tuple[str, ...], jobs: list[Callable[[Connection], Any]]) -> list[tuple[bool, Any]]:
-        if len(jobs) > 1:
-            try:
-                return [(True, value) for value in self._commit(keys, jobs)]
-            except Exception:  # noqa: BLE001 - each job runs again alone, below
-                log.debug("a group of %d decisions failed; running each alone", len(jobs))
-        outcomes: list[tuple[bool, Any]] = []
-        for job in jobs:
-            try:
-                outcomes.append((True, self._commit(keys, [job])[0]))
-            except Exception as exc:  # noqa: BLE001 - handed to the job's caller
-                outcomes.append((False, exc))
-        return outcomes
+        return each_alone_on_failure(jobs, lambda group: self._commit(keys, group))
 
     def _commit(self, keys: tuple[str, ...], jobs: list[Callable[[Connection], Any]]) -> list[Any]:
         """``jobs`` in one transaction under the locks ``keys``, run again from the start after a

@@ -23,7 +23,7 @@ from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
-from .groups import commit_group
+from .groups import commit_group, each_alone_on_failure
 
 T = TypeVar("T")
 
@@ -116,25 +116,18 @@ class GroupCommit:
         if self._conn is None:
             self._conn = self._engine.connect()
         conn = self._conn
-        try:
-            with conn.begin():
-                outcomes = [(True, job(conn)) for job in jobs]
-                self._finish(conn)
-                return outcomes
-        except Exception as exc:  # noqa: BLE001 - each job is run again alone, below
-            self._discard(conn)
-            if len(jobs) == 1:
-                return [(False, exc)]
-        outcomes = []
-        for job in jobs:
+
+        def transaction(group: list[Callable[[Connection], Any]]) -> list[Any]:
             try:
                 with conn.begin():
-                    outcomes.append((True, job(conn)))
+                    results = [job(conn) for job in group]
                     self._finish(conn)
-            except Exception as exc:  # noqa: BLE001 - handed to the job's caller
+                    return results
+            except Exception:
                 self._discard(conn)
-                outcomes.append((False, exc))
-        return outcomes
+                raise
+
+        return each_alone_on_failure(jobs, transaction)
 
     async def close(self) -> None:
         if self._flusher is not None:
