@@ -226,6 +226,34 @@ def status(ctx: click.Context, as_json: bool) -> None:
     console.print(_instance_table(data["instances"]))
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def autoscale(ctx: click.Context, as_json: bool) -> None:
+    """The roles' autoscale rules: the query's last value against the thresholds, the outcome, and
+    since when a threshold holds (as the answering instance saw it: the fleet's leader evaluates)."""
+    data = _client(ctx).ok("GET", "/v1/autoscale")
+    if as_json:
+        return _print_json(data)
+    table = Table(box=None, header_style="bold")
+    for column in ("APP/ROLE", "VALUE", "DOWN < . < UP", "OUTCOME", "HOLDING", "LAST ASK", "QUERY"):
+        table.add_column(column, overflow="fold")
+    now = time.time()
+    for r in data["rules"]:
+        since = r["above_since"] or r["below_since"]
+        holding = f"{'above' if r['above_since'] else 'below'} {now - since:.0f}s" if since else "-"
+        outcome = (r["outcome"] or "-") + (" (dry run)" if r["dry_run"] else "")
+        if r["error"]:
+            outcome += f": {r['error']}"
+        if not r["evaluating"]:
+            outcome = "not evaluated here (another instance leads)"
+        table.add_row(f"{r['app']}/{r['role']}", "-" if r["value"] is None else f"{r['value']:g}",
+                      f"{r['scale_down_below']:g} < . < {r['scale_up_above']:g}", outcome, holding,
+                      time.strftime("%H:%M:%S", time.localtime(r["last_action"])) if r["last_action"] else "-",
+                      r["query"])
+    console.print(table)
+
+
 def _instance_table(instances: list[dict[str, Any]]) -> Table:
     """The fleet's instances: one row each, the answering one marked *; a stopped or lost
     instance's in-flight count is its last heartbeat's."""

@@ -45,6 +45,12 @@ async def status(request: web.Request) -> web.Response:
                                   "instances": await runtime.fleet.members(), "version": __version__})
 
 
+@endpoints.add("GET", "/v1/autoscale", "The roles' autoscale rules (Prometheus thresholds) and their last evaluation",
+               responses={200: schemas.AutoscaleStatus})
+async def autoscale(request: web.Request) -> web.Response:
+    return reply(schemas.AutoscaleStatus, {"rules": _runtime(request).thresholds.status()})
+
+
 @endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement, by name, a page at a time",
                responses={200: schemas.PluginList, 422: schemas.Error}, query=paging.query("plugins"))
 async def plugins(request: web.Request) -> web.Response:

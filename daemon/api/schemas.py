@@ -206,6 +206,31 @@ class Status(BaseModel):
     version: str
 
 
+class AutoscaleRule(BaseModel):
+    """A role's autoscale rule and its last evaluation, as the answering instance saw it."""
+
+    app: str
+    role: str
+    query: str
+    scale_up_above: float
+    scale_down_below: float
+    dry_run: bool
+    #: the answering instance evaluates the rules (it leads the fleet)
+    evaluating: bool
+    value: float | None
+    #: above, below, within, holding, cooldown, acted, dry_run, no_data, error (None: not evaluated yet)
+    outcome: str | None
+    error: str | None
+    evaluated_at: float | None
+    above_since: float | None
+    below_since: float | None
+    last_action: float | None
+
+
+class AutoscaleStatus(BaseModel):
+    rules: list[AutoscaleRule]
+
+
 class Plugin(BaseModel):
     name: str
     distribution: str | None

@@ -130,9 +130,12 @@ class Governor:
         callback_url: str | None = None,
         component: str | None = None,
         fingerprint: str | None = None,
+        trigger: dict[str, Any] | None = None,
     ) -> Decision:
-        """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
-        releasing the difference), decided by the application's rules. With ``callback_url`` the
+        """Ask for ``add`` more hosts of ``role`` (a negative ``add``: that many fewer), or for
+        ``count`` hosts in all (adding or releasing the difference), decided by the application's
+        rules. ``trigger``: what made the request (the threshold autoscaler's query, value and
+        rule), kept with it and in its audit event. With ``callback_url`` the
         application is sent the outcome, signed, once the request is done.
 
         With ``component`` (a deployed component, ``NAMESPACE/NAME``) the new hosts belong to it,
@@ -146,6 +149,8 @@ class Governor:
             params["component"] = component
         if fingerprint is not None:
             params["fingerprint"] = fingerprint
+        if trigger is not None:
+            params["trigger"] = trigger
 
         def decide(tx: Transaction) -> Decision:
             if (earlier := _replayed(tx, app, "scale", params, idempotency_key)) is not None:
@@ -212,7 +217,7 @@ class Governor:
         # The role's hosts (whole rows: the deletion policy picks among them) are read only when
         # the answer depends on them: an ``add`` is decided by counts, and reading every live
         # row made each request cost O(hosts).
-        kept = self._kept_hosts(tx, app, role, component) if add is None or add == 0 else []
+        kept = self._kept_hosts(tx, app, role, component) if add is None or add <= 0 else []
         wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
         if wanted < 0:
             kept_app = len(self._kept_hosts(tx, app, None))

@@ -958,7 +958,8 @@ class Transaction:
     def last_scale_up(self, app: str) -> float | None:
         """When the application's newest accepted request that added hosts was accepted."""
         for updated_at, params, host_ids in self.conn.execute(_RECENT_SCALE_UPS, {"app": app}):
-            if host_ids and (params.get("add") or params.get("count")):
+            # (a negative add, the threshold autoscaler's scale-down, released hosts)
+            if host_ids and ((params.get("add") or 0) > 0 or params.get("count")):
                 return float(updated_at)
         return None
 
