@@ -271,3 +271,34 @@ def test_a_bad_rule_names_its_key(extra: str, key: str, message: str) -> None:
         _config(extra)
     assert caught.value.key == key
     assert message in str(caught.value)
+
+
+@pytest.mark.parametrize("store_backend", ["postgresql"], indirect=True)
+async def test_in_a_fleet_the_leader_alone_asks_and_the_cooldown_survives_a_failover(
+        make_runtime: Callable[..., Any], prometheus_factory: Any, exporter: Exporter) -> None:
+    exporter.set("lab_load", 0.99, app="demo")
+    prometheus = prometheus_factory([static_job("lab", exporter.target)])
+    await scraped(prometheus, 0.99)
+    settings = rule(scale_up_for=0, cooldown=5.0)
+    fast = "heartbeat = 0.5\nleader_lease = 3\n"
+    first = await make_runtime(f'[prometheus]\nurl = "{prometheus.url}"\n' + settings, instance="a",
+                               fleet_options=fast)
+    second = await make_runtime(f'[prometheus]\nurl = "{prometheus.url}"\n' + settings, instance="b",
+                                fleet_options=fast)
+    try:
+        assert first.fleet.is_leader and not second.fleet.is_leader
+        [asked] = await wait_requests(first, 1)
+        await asyncio.sleep(2.0)  # both evaluate every 0.25 s; only the leader asks
+        assert len(await autoscale_requests(first)) == 1
+        assert second.thresholds.holds == {} and first.thresholds.holds[("demo", "node")].outcome == "cooldown"
+        await first.stop()  # hands the leader lease back: the other instance leads from its next beat
+        deadline = time.monotonic() + 10
+        while not second.fleet.is_leader:
+            assert time.monotonic() < deadline, "the second instance did not take the lead"
+            await asyncio.sleep(0.1)
+        _, again = await wait_requests(second, 2)
+        # the new leader read the last ask from the store: it waited out the same cooldown
+        assert again["created_at"] - asked["created_at"] >= 5.0
+        assert again["actor"] == ACTOR and again["state"] == "accepted"
+    finally:
+        await second.stop()
