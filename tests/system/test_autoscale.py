@@ -6,13 +6,17 @@ Foreman; in between nothing moves. Read on each side through its own interface, 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from lab.fleet import GovernordFleet
 from lab.prometheus import Exporter, static_job
 from lab.stack import Lab
+
+from .conftest import wait_until
 
 pytestmark = pytest.mark.timeout(900)
 
@@ -88,3 +92,68 @@ interval = 0.5
         assert [(e["kind"], e["detail"]["add"]) for e in asked] == [("request-accepted", 2), ("request-accepted", -1)]
         assert [e["detail"]["trigger"]["autoscale"]["value"] for e in asked] == [0.95, 0.1]
         assert all(e["detail"]["trigger"]["autoscale"]["query"] == QUERY for e in asked)
+
+
+def test_in_a_fleet_a_paused_leader_neither_stops_the_asking_nor_asks_twice(
+        tmp_path: Path, prometheus_factory: Any, exporter: Exporter,
+        new_postgres_database: Callable[[], str]) -> None:
+    """Three daemons on one PostgreSQL; the load stays high, so the rule asks every cooldown.
+    The leader is SIGSTOPped past its leader lease: another instance takes the lead and goes on
+    asking, no sooner than the cooldown the paused one started (read from the store); once the
+    paused one resumes it asks nothing (it no longer leads). Every ask is at least a cooldown
+    after the one before, whoever made it."""
+    cooldown = 8.0
+    exporter.set("lab_load", 0.95, app="demo")
+    prometheus = prometheus_factory([static_job("lab", exporter.target)])
+    prometheus.wait_for(f"{QUERY} == 0.95")
+    with Lab(tmp_path / "lab") as lab:
+        lab.start_foreman()
+        lab.start_satellite()
+        lab.start_vcsim()
+        lab.start_platform("vsphere")
+        fleet = GovernordFleet(lab, new_postgres_database(), instances=3, heartbeat=1.0, leader_lease=4.0,
+                               max_hosts=10, extra=f"""
+[prometheus]
+url = "{prometheus.url}"
+
+[applications.demo.roles.node.autoscale]
+query = '{QUERY}'
+scale_up_above = 0.8
+scale_down_below = 0.3
+scale_up_for = 0
+cooldown = {cooldown}
+interval = 0.25
+""")
+        try:
+            daemons = fleet.start_all()
+
+            def asks() -> list[dict[str, Any]]:
+                return fleet.store.query("SELECT id, created_at FROM requests WHERE actor = 'autoscale' "
+                                         "ORDER BY created_at")
+
+            [first] = wait_until(asks, timeout=60, what="the first ask")
+            leader = fleet.leader()
+            assert leader is not None
+            fleet.pause(leader)
+            paused = time.time()
+            try:
+                new_leader = wait_until(lambda: (fleet.leader() or leader) != leader and fleet.leader(),
+                                        timeout=30, interval=0.1, what="a new leader")
+                second = wait_until(lambda: asks()[1:2], timeout=60, what="an ask by the new leader")[0]
+            finally:
+                fleet.resume(leader)
+            resumed = time.time()
+            assert second["created_at"] < resumed and second["created_at"] > paused
+            assert second["created_at"] - first["created_at"] >= cooldown
+            # after the resume: the old leader asks nothing, the new one goes on at the same pace
+            wait_until(lambda: len(asks()) >= 4, timeout=60, what="two more asks")
+            made = asks()
+            gaps = [b["created_at"] - a["created_at"] for a, b in zip(made, made[1:], strict=False)]
+            assert all(gap >= cooldown for gap in gaps), gaps
+            assert second["id"] not in daemons[leader].log.read_text()
+            assert second["id"] in daemons[new_leader].log.read_text()
+            shown = daemons[leader].ctl_json("autoscale")["rules"][0]
+            assert not shown["evaluating"]
+        finally:
+            exporter.set("lab_load", 0.5, app="demo")
+            fleet.stop()
