@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from lab.fleet import GovernordFleet
-from lab.prometheus import Exporter, static_job
+from lab.prometheus import Exporter, Prometheus, static_job
 from lab.stack import Lab
 
 from .conftest import wait_until
@@ -23,15 +23,12 @@ pytestmark = pytest.mark.timeout(900)
 QUERY = 'max(lab_load{app="demo"})'
 
 
-def until(what: str, check: Any, timeout: float = 240.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        found = check()
-        if found:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} did not happen within {timeout:.0f}s")
-        time.sleep(0.5)
+def autoscale_config(prometheus: Prometheus, **rule: Any) -> str:
+    """The [prometheus] section and demo/node's autoscale rule (``rule`` over the defaults here)."""
+    settings = {"scale_up_above": 0.8, "scale_down_below": 0.3, "interval": 0.25, **rule}
+    lines = "\n".join(f"{key} = {value!r}" for key, value in settings.items())
+    return (f'\n[prometheus]\nurl = "{prometheus.url}"\n\n[applications.demo.roles.node.autoscale]\n'
+            f"query = '{QUERY}'\n{lines}\n")
 
 
 def test_the_load_brings_vms_and_takes_them_back(tmp_path: Path, prometheus_factory: Any,
@@ -42,21 +39,9 @@ def test_the_load_brings_vms_and_takes_them_back(tmp_path: Path, prometheus_fact
     with Lab(tmp_path / "lab") as lab:
         lab.start_vcsim()
         lab.start_peers("vsphere")
-        config = lab.write_config(max_hosts=4, extra=f"""
-[prometheus]
-url = "{prometheus.url}"
-
-[applications.demo.roles.node.autoscale]
-query = '{QUERY}'
-scale_up_above = 0.8
-scale_down_below = 0.3
-scale_up_for = 2.0
-scale_down_for = 2.0
-scale_up_step = 2
-scale_down_step = 1
-cooldown = 5.0
-interval = 0.5
-""")
+        config = lab.write_config(max_hosts=4, extra=autoscale_config(
+            prometheus, scale_up_for=2.0, scale_down_for=2.0, scale_up_step=2, scale_down_step=1, cooldown=5.0,
+            interval=0.5))
         daemon = lab.start_governord(config)
 
         def hosts() -> dict[str, dict[str, Any]]:
@@ -68,8 +53,8 @@ interval = 0.5
         assert hosts() == {}
 
         exporter.set("lab_load", 0.95, app="demo")
-        up = until("two ready hosts", lambda: (h := hosts()) and len(h) == 2
-                   and {x["state"] for x in h.values()} == {"ready"} and h)
+        up = wait_until(lambda: (h := hosts()) and len(h) == 2 and {x["state"] for x in h.values()} == {"ready"} and h,
+                        timeout=240, interval=0.5, what="two ready hosts")
         vms, foreman = lab.vsphere_vms(), lab.foreman_hosts()
         for name, host in up.items():
             assert vms[name]["host_id"] == host["id"]
@@ -77,7 +62,7 @@ interval = 0.5
         # the load drops below the lower threshold: one host (the newest) goes, everywhere
         exporter.set("lab_load", 0.1, app="demo")
         newest = max(up.values(), key=lambda h: h["name"])["name"]
-        until(f"{newest} gone", lambda: hosts()[newest]["state"] == "gone")
+        wait_until(lambda: hosts()[newest]["state"] == "gone", timeout=240, interval=0.5, what=f"{newest} gone")
         [kept] = [n for n in up if n != newest]
         assert set(lab.vsphere_vms()) == {kept}
         assert up[kept]["fqdn"] in lab.foreman_hosts() and up[newest]["fqdn"] not in lab.foreman_hosts()
@@ -112,18 +97,7 @@ def test_in_a_fleet_a_paused_leader_neither_stops_the_asking_nor_asks_twice(
         lab.start_vcsim()
         lab.start_platform("vsphere")
         fleet = GovernordFleet(lab, new_postgres_database(), instances=3, heartbeat=1.0, leader_lease=4.0,
-                               max_hosts=10, extra=f"""
-[prometheus]
-url = "{prometheus.url}"
-
-[applications.demo.roles.node.autoscale]
-query = '{QUERY}'
-scale_up_above = 0.8
-scale_down_below = 0.3
-scale_up_for = 0
-cooldown = {cooldown}
-interval = 0.25
-""")
+                               max_hosts=10, extra=autoscale_config(prometheus, scale_up_for=0.0, cooldown=cooldown))
         try:
             daemons = fleet.start_all()
 
