@@ -359,24 +359,31 @@ def scale(ctx: click.Context, app: str, role: str, count: int | None, add: int |
     _finish(client, request, wait, timeout, as_json)
 
 
-def _tag_command(name: str, field: str, help_text: str) -> None:
-    @cli.command(name=name, help=help_text)
+def _tag_command(name: str, field: str, help_text: str, *, adopting: bool) -> None:
     @click.argument("host")
     @click.argument("tags", nargs=-1, required=True)
-    @click.option("--address", help="IP address of a host being adopted")
     @_wait_options
     @click.pass_context
-    def command(ctx: click.Context, host: str, tags: tuple[str, ...], address: str | None, wait: bool,
-                timeout: float, as_json: bool) -> None:
+    def command(ctx: click.Context, host: str, tags: tuple[str, ...], wait: bool, timeout: float, as_json: bool,
+                address: str | None = None, adopt: bool = False) -> None:
         client = _client(ctx)
         body: dict[str, Any] = {field: list(tags)}
         if address:
             body["address"] = address
+        if adopt:
+            body["adopt"] = True
         _finish_host(client, client.ok("POST", _path("v1", "hosts", host, "tags"), body), wait, timeout, as_json)
 
+    if adopting:
+        command = click.option("--address", help="IP address of the host being adopted (--adopt)")(command)
+        command = click.option("--adopt", is_flag=True, help="HOST is a machine governord does not manage yet: "
+                               "adopt it by its fully qualified name and --address (registered, never destroyed)")(command)
+    cli.command(name=name, help=help_text)(command)
 
-_tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
-_tag_command("untag", "remove", "Remove tags from HOST (re-classifies and updates its registrations).")
+
+_tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations). An unknown HOST is an error "
+             "naming the nearest known ones, unless --adopt.", adopting=True)
+_tag_command("untag", "remove", "Remove tags from HOST (re-classifies and updates its registrations).", adopting=False)
 
 
 def _host_action(name: str, help_text: str) -> None:

@@ -94,13 +94,14 @@ async def host_events(request: web.Request) -> web.Response:
     return reply(schemas.EventList, {"events": events.rows, "next_cursor": paging.next_cursor(paging.TRAIL, events)})
 
 
-@endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted)",
+@endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted with adopt)",
                body=schemas.TagRequest, responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error,
                                                    422: schemas.Error})
 async def tag_host(request: web.Request) -> web.Response:
     body: schemas.TagRequest = await parse_body(request, schemas.TagRequest)
     row = await _runtime(request).governor.set_tags(
-        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address
+        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address,
+        adopt=body.adopt,
     )
     return reply(schemas.Host, host_summary(row))
 

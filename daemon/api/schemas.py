@@ -76,7 +76,8 @@ class ReleaseRequest(Body):
 
 
 class TagRequest(Body):
-    """Add or remove tags; tagging an unknown host adopts it (``address`` optional)."""
+    """Add or remove tags. A host governord does not know is adopted only with ``adopt`` (its
+    fully qualified name in the path, its ``address`` here); otherwise it is a 404."""
 
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
@@ -84,6 +85,8 @@ class TagRequest(Body):
     add: list[str] = Field(default_factory=list, max_length=64)
     remove: list[str] = Field(default_factory=list, max_length=64)
     address: str | None = None
+    #: adopt the host if governord does not know it (registered, never destroyed)
+    adopt: bool = False
 
     @model_validator(mode="after")
     def _something(self) -> TagRequest:

@@ -582,6 +582,12 @@ class Store:
                 ).mappings().first()
             return dict(row) if row else None
 
+    async def live_names(self) -> list[str]:
+        """The names and fully qualified names of the hosts that are not gone (for suggestions)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(hosts.c.name, hosts.c.fqdn).where(hosts.c.state != HostState.GONE.value))
+            return sorted({n for row in rows for n in row})
+
     async def list_hosts(
         self,
         *,
