@@ -8,6 +8,7 @@ exits 2 when it refuses to start (nothing written), 1 when it failed and was rol
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import os
 import sys
@@ -41,6 +42,20 @@ class CtlError(click.ClickException):
 
 class Unreachable(CtlError):
     exit_code = 3
+
+
+def _unreachable(path: str, exc: OSError) -> str:
+    """One line for a socket nobody answers on, with what to check."""
+    reason = exc.strerror or str(exc)
+    error = getattr(exc, "os_error", exc)  # aiohttp wraps the OSError
+    if isinstance(error, PermissionError) or getattr(error, "errno", None) == errno.EACCES:
+        hint = "join the group that may use it (governord), or run as root"
+    elif isinstance(error, FileNotFoundError) or getattr(error, "errno", None) == errno.ENOENT:
+        hint = ("is governord running (systemctl status governord)? The path is [api] admin_socket in its "
+                "config; give it with --socket or GOVERNORD_SOCKET")
+    else:
+        hint = "is governord running (systemctl status governord)? Nothing answers on this socket"
+    return f"cannot reach governord at {path}: {reason}: {hint}"
 
 
 def _path(*segments: str) -> str:
@@ -78,8 +93,8 @@ class Client:
                 async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Unreachable(f"cannot reach governord at {self.socket_path}: {exc.strerror or exc}") from None
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise Unreachable(_unreachable(self.socket_path, exc)) from None
 
     def ok(self, method: str, path: str, body: dict[str, Any] | None = None,
            params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202),
