@@ -330,9 +330,7 @@ async def list_requests(request: web.Request) -> web.Response:
                                                                              404: schemas.Error})
 async def show_request(request: web.Request) -> web.Response:
     runtime = _runtime(request)
-    row = await runtime.store.get_request(request.match_info["request_id"])
-    if row is None:
-        raise RequestError(404, "no such request", field="request_id")
+    row = await runtime.governor.operator_request(request.match_info["request_id"])
     return reply(schemas.Request, await runtime.governor.request_status(row, operator=True))
 
 
