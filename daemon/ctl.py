@@ -8,6 +8,7 @@ exits 2 when it refuses to start (nothing written), 1 when it failed and was rol
 from __future__ import annotations
 
 import asyncio
+import datetime
 import errno
 import json
 import os
@@ -552,27 +553,49 @@ def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | 
         ctx.exit(1)
 
 
+def _moment(value: str | None) -> str | None:
+    """A --since/--until: ``30m``, ``2h``, ``7d`` ago, or a local date and time (``2026-12-04``,
+    ``2026-12-04T15:30``), as the Unix time the API takes."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].replace(".", "", 1).isdigit() and value[-1:] in units:
+        return str(time.time() - float(value[:-1]) * units[value[-1]])
+    try:
+        return str(datetime.datetime.fromisoformat(value).timestamp())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give 30m, 2h, 7d (ago) or a date and time, e.g. 2026-12-04T15:30") \
+            from None
+
+
 @cli.command()
 @click.option("--kind", help="only events whose kind starts with this (e.g. request-, autosign-)")
+@click.option("--host", help="only events of this host (name, FQDN or id; gone hosts too)")
+@click.option("--app", help="only events of this application's hosts and requests")
+@click.option("--actor", help="only events whose actor starts with this (operator: every operator; operator:alice)")
+@click.option("--since", help="only events since: 30m, 2h, 7d ago, or a date and time (2026-12-04T15:30)")
+@click.option("--until", help="only events before: the same forms as --since")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="only the newest this many (default: all, fetched a page at a time)")
 @_output_options
 @click.pass_context
-def audit(ctx: click.Context, kind: str | None, limit: int | None, output: str, as_json: bool) -> None:
-    """The audit log, oldest first: who asked for what, which rule decided, and why."""
+def audit(ctx: click.Context, kind: str | None, host: str | None, app: str | None, actor: str | None,
+          since: str | None, until: str | None, limit: int | None, output: str, as_json: bool) -> None:
+    """The audit log, oldest first: who did what to which host, which rule decided, and why."""
     def table(rows: list[dict[str, Any]], wide: bool) -> Table:
         shown = Table(box=None, header_style="bold")
-        for column in ("TIME", "KIND", "ACTOR", "RULE", "DETAIL", *(["HOST ID", "REQUEST ID"] if wide else [])):
+        for column in ("TIME", "KIND", "ACTOR", "HOST", "RULE", "DETAIL", *(["HOST ID", "REQUEST ID"] if wide else [])):
             shown.add_column(column)
         for e in rows:
             detail = {k: v for k, v in e["detail"].items() if k != "rule"}
-            shown.add_row(_when(e["ts"]), e["kind"], e["actor"] or "-", str(e["detail"].get("rule", "")),
-                          json.dumps(detail, sort_keys=True),
+            shown.add_row(_when(e["ts"]), e["kind"], e["actor"] or "-", e.get("host") or "-",
+                          str(e["detail"].get("rule", "")), json.dumps(detail, sort_keys=True),
                           *([e.get("host_id") or "-", e.get("request_id") or "-"] if wide else []))
         return shown
 
+    filters = {"kind": kind, "host": host, "app": app, "actor": actor, "since": _moment(since), "until": _moment(until)}
     # the API pages newest first; shown in the order it happened
-    events = _all_pages(_client(ctx), "/v1/audit", "events", {"kind": kind} if kind else None, limit)[::-1]
+    events = _all_pages(_client(ctx), "/v1/audit", "events", {k: v for k, v in filters.items() if v}, limit)[::-1]
     _emit(events, output, as_json, table)
 
 

@@ -666,14 +666,32 @@ class Store:
         return await self._page(query, (requests.c.created_at, requests.c.id), after, limit, descending=True)
 
     async def page_events(self, *, limit: int, after: Sequence[Any] | None = None, host_id: str | None = None,
-                          kind_prefix: str | None = None, newest_first: bool = True) -> Page:
+                          kind_prefix: str | None = None, newest_first: bool = True, host: str | None = None,
+                          app: str | None = None, actor_prefix: str | None = None, since: float | None = None,
+                          until: float | None = None) -> Page:
         """Audit events by ``id`` (newest first, or oldest first), ``limit`` at most, starting
-        after the event whose id is ``after``."""
-        query = select(events)
+        after the event whose id is ``after``, each with its host's FQDN (``host``, None for an
+        event of no host). Filters: ``host`` (a name, FQDN or id: every host that had it, gone
+        ones included), ``app`` (events of its hosts and its requests), ``kind_prefix``,
+        ``actor_prefix`` (``operator`` matches every operator), ``since``/``until`` (Unix time)."""
+        query = (select(events, hosts.c.fqdn.label("host"))
+                 .select_from(events.outerjoin(hosts, hosts.c.id == events.c.host_id)))
         if host_id is not None:
             query = query.where(events.c.host_id == host_id)
+        if host is not None:
+            query = query.where(events.c.host_id.in_(
+                select(hosts.c.id).where(or_(hosts.c.id == host, hosts.c.name == host, hosts.c.fqdn == host))))
+        if app is not None:
+            query = query.where(or_(hosts.c.app == app, events.c.request_id.in_(
+                select(requests.c.id).where(requests.c.app == app))))
         if kind_prefix:
             query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
+        if actor_prefix:
+            query = query.where(events.c.actor.startswith(actor_prefix, autoescape=True))
+        if since is not None:
+            query = query.where(events.c.ts >= since)
+        if until is not None:
+            query = query.where(events.c.ts < until)
         return await self._page(query, (events.c.id,), after, limit, descending=newest_first)
 
     async def _page(self, query: Select[Any], key: Sequence[ColumnElement[Any]], after: Sequence[Any] | None,
