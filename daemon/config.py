@@ -12,6 +12,8 @@ is a reference, ``{ env = "NAME" }`` or ``{ file = "/path" }``, resolved at load
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import errno
 import grp
 import ipaddress
@@ -23,7 +25,7 @@ import ssl
 import stat
 import tomllib
 import urllib.parse
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -43,7 +45,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 
 from .descriptors import descriptor_limit, descriptor_shortfall
-from .errors import ConfigError, FieldError
+from .errors import ConfigError, ConfigErrors, FieldError
 from .nodetemplate import NodeTemplateSection
 from .outbound import never_reason
 from .pki import RevocationListError, load_revocation_lists
@@ -80,6 +82,12 @@ class Secret:
         return core_schema.no_info_plain_validator_function(_resolve_secret)
 
 
+#: whether a reading of the config resolves its secret references (``governord --check
+#: --no-secrets`` checks their shape only, so that an operator can check a config in a shell that
+#: has not the daemon's environment nor may read its secret files)
+RESOLVE_SECRETS: contextvars.ContextVar[bool] = contextvars.ContextVar("resolve_secrets", default=True)
+
+
 def _resolve_secret(value: Any) -> Secret:
     if isinstance(value, Secret):
         return value
@@ -88,6 +96,8 @@ def _resolve_secret(value: Any) -> Secret:
     [(kind, where)] = value.items()
     if not isinstance(where, str) or not where:
         raise ValueError(f'{kind} of a secret reference must be a non-empty string, not {where!r}')
+    if not RESOLVE_SECRETS.get():
+        return Secret("", f"{kind}:{where} (not read)")
     if kind == "env":
         if where not in os.environ:
             raise ValueError(f"environment variable {where} is not set")
@@ -856,8 +866,8 @@ class Config:
 _UNION_MEMBER = re.compile(r"function-.*|constrained-[a-z]+|[a-z-]+\[.*\]")
 
 
-def _first_error(path: str, prefix: str, exc: ValidationError) -> ConfigError:
-    err = exc.errors()[0]
+def _config_error(path: str, prefix: str, err: Any) -> ConfigError:
+    """One of pydantic's errors as a ConfigError naming the key."""
     # pydantic names the member of a union it tried ("literal['a','b']", "constrained-int",
     # "function-after[...]"); those are no keys of the file
     loc = [str(part) for part in err["loc"] if not _UNION_MEMBER.fullmatch(str(part))]
@@ -877,11 +887,46 @@ def _first_error(path: str, prefix: str, exc: ValidationError) -> ConfigError:
     return ConfigError(path, key, message)
 
 
+def _first_error(path: str, prefix: str, exc: ValidationError) -> ConfigError:
+    return _config_error(path, prefix, exc.errors()[0])
+
+
+def _all_errors(path: str, prefix: str, exc: ValidationError) -> ConfigError:
+    """Every key pydantic refused (the first refusal of each: a union tries each of its members)."""
+    found: dict[str, ConfigError] = {}
+    for err in exc.errors():
+        error = _config_error(path, prefix, err)
+        found.setdefault(error.key, error)
+    errors = list(found.values())
+    return errors[0] if len(errors) == 1 else ConfigErrors(errors)
+
+
 def _validate(model: type[BaseModel], data: Any, path: str, prefix: str) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        raise _first_error(path, prefix, exc) from None
+        raise _all_errors(path, prefix, exc) from None
+
+
+class _Problems:
+    """The errors of one reading of the config, collected so that all are reported at once."""
+
+    def __init__(self) -> None:
+        self.errors: list[ConfigError] = []
+
+    @contextlib.contextmanager
+    def checking(self) -> Iterator[None]:
+        """Run a check; its ConfigError is noted, and the reading goes on."""
+        try:
+            yield
+        except ConfigError as exc:
+            self.errors += ConfigErrors.each(exc)
+
+    def raise_any(self) -> None:
+        if len(self.errors) == 1:
+            raise self.errors[0]
+        if self.errors:
+            raise ConfigErrors(self.errors)
 
 
 def read_toml(path: str | os.PathLike[str]) -> dict[str, Any]:
@@ -907,16 +952,23 @@ def load_config(
     registrars: RegistrarRegistry,
     *,
     unavailable: dict[str, str] | None = None,
+    resolve_secrets: bool = True,
 ) -> Config:
     """Read and validate the config at ``path``.
 
     :param unavailable: provider or registrar type -> why its plugin did not load; a section
         using such a type is reported with that reason.
-    :raises ConfigError: naming the file and the key.
+    :param resolve_secrets: False: secret references are checked for their shape only (nothing
+        is read: the config is for checking, not for running).
+    :raises ConfigError: naming the file and the key (ConfigErrors: every error found).
     """
     path = str(path)
     raw = read_toml(path)
-    return build_config(path, raw, providers, registrars, unavailable=unavailable or {})
+    token = RESOLVE_SECRETS.set(resolve_secrets)
+    try:
+        return build_config(path, raw, providers, registrars, unavailable=unavailable or {})
+    finally:
+        RESOLVE_SECRETS.reset(token)
 
 
 def load_store_section(path: str | os.PathLike[str]) -> tuple[Path, StoreSection]:
@@ -963,31 +1015,50 @@ def build_config(
     *,
     unavailable: dict[str, str],
 ) -> Config:
-    core: CoreConfig = _validate(CoreConfig, raw, path, "")
-    _check_places(path, core)
-    _check_identities(path, core)
-    _check_node_groups(path, core)
-    _check_autoscale(path, core)
+    """Validate the whole config; every error found is reported at once (ConfigErrors), each
+    naming its key. A section that is wrong is left out of the checks that would only repeat it
+    (a role on a provider whose section is wrong is not also told that the provider is missing)."""
+    problems = _Problems()
+    core: CoreConfig | None = None
+    with problems.checking():
+        core = _validate(CoreConfig, raw, path, "")
+    if core is not None:
+        for check in (_check_places, _check_identities, _check_node_groups, _check_autoscale):
+            with problems.checking():
+                check(path, core)
+    sections: dict[str, dict[str, Any]] = {}
+    for kind in ("providers", "registrars"):
+        found = raw.get(kind)
+        sections[kind] = found if isinstance(found, dict) else {}
 
     provider_configs: dict[str, ProviderConfig] = {}
-    for name, section in core.providers.items():
+    for name, section in sections["providers"].items():
         prefix = f"providers.{name}"
-        kind = _type_of(path, prefix, section, providers.names(), unavailable)
-        _load_type(path, prefix, kind, providers.load)
-        provider_configs[name] = _validate(providers.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+        with problems.checking():
+            if not isinstance(section, dict):
+                raise ConfigError(path, prefix, "must be a table")
+            kind = _type_of(path, prefix, section, providers.names(), unavailable)
+            _load_type(path, prefix, kind, providers.load)
+            provider_configs[name] = _validate(providers.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
 
     registrar_configs: dict[str, RegistrarConfig] = {}
-    for name, section in core.registrars.items():
+    for name, section in sections["registrars"].items():
         prefix = f"registrars.{name}"
-        kind = _type_of(path, prefix, section, registrars.names(), unavailable)
-        _load_type(path, prefix, kind, registrars.load)
-        registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+        with problems.checking():
+            if not isinstance(section, dict):
+                raise ConfigError(path, prefix, "must be a table")
+            kind = _type_of(path, prefix, section, registrars.names(), unavailable)
+            _load_type(path, prefix, kind, registrars.load)
+            registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+    if core is None:  # the rest reads the validated sections
+        problems.raise_any()
+    assert core is not None
     mappings = {name: registrars.get(c.type).TagMapping for name, c in registrar_configs.items()}  # type: ignore[union-attr]
     for name, registrar_config in registrar_configs.items():
         try:
             registrar_config.check_peers(registrar_configs, mappings)
         except FieldError as exc:
-            raise ConfigError(path, f"registrars.{name}.{exc.field}", str(exc)) from None
+            problems.errors.append(ConfigError(path, f"registrars.{name}.{exc.field}", str(exc)))
 
     tags: dict[str, TagDefinition] = {}
     for tag, table in core.tags.items():
@@ -995,24 +1066,27 @@ def build_config(
         tag_mappings: dict[str, TagMapping] = {}
         for key, value in table.items():
             prefix = f"tags.{tag}.{key}"
-            if key == "description":
-                if not isinstance(value, str):
-                    raise ConfigError(path, prefix, "must be a string")
-                description = value
-            elif key in registrar_configs:
-                registrar_type = registrars.get(registrar_configs[key].type)
-                tag_mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
-            else:
-                raise ConfigError(path, prefix, f"unknown key (not a registrar: {', '.join(registrar_configs) or 'none configured'})")
+            with problems.checking():
+                if key == "description":
+                    if not isinstance(value, str):
+                        raise ConfigError(path, prefix, "must be a string")
+                    description = value
+                elif key in registrar_configs:
+                    registrar_type = registrars.get(registrar_configs[key].type)
+                    tag_mappings[key] = _validate(registrar_type.TagMapping, value, path, prefix)  # type: ignore[union-attr]
+                elif key not in sections["registrars"]:  # (one whose section is wrong is reported there)
+                    raise ConfigError(path, prefix, "unknown key (not a registrar: "
+                                      f"{', '.join(registrar_configs) or 'none configured'})")
         tags[tag] = TagDefinition(tag, description, tag_mappings)
 
     for name, network in core.networks.items():
         for attr in ("first", "last", "gateway"):
             address = getattr(network, attr)
             if address is not None and address not in network.cidr:
-                raise ConfigError(path, f"networks.{name}.{attr}", f"{address} is not in {network.cidr}")
+                problems.errors.append(ConfigError(path, f"networks.{name}.{attr}", f"{address} is not in {network.cidr}"))
         if network.first is not None and network.last is not None and network.last < network.first:
-            raise ConfigError(path, f"networks.{name}.last", f"{network.last} is before first ({network.first})")
+            problems.errors.append(ConfigError(path, f"networks.{name}.last",
+                                               f"{network.last} is before first ({network.first})"))
 
     placements: dict[tuple[str, str], list[Placement]] = {}
     #: the first host names a role makes -> the role, so two roles cannot make the same names
@@ -1020,34 +1094,47 @@ def build_config(
     for app_name, app in core.applications.items():
         for role_name, role in app.roles.items():
             prefix = f"applications.{app_name}.roles.{role_name}"
-            if role.network is not None and role.network not in core.networks:
-                raise ConfigError(path, f"{prefix}.network", f"no network named {role.network!r}")
-            for tag in role.tags:
-                if tag not in tags:
-                    raise ConfigError(path, f"{prefix}.tags", f"no tag named {tag!r}")
-            samples = _names(path, f"{prefix}.name_pattern", role.name_pattern, app_name, role_name)
-            if samples in named:
-                raise ConfigError(path, f"{prefix}.name_pattern",
-                                  f"makes the same host names as {named[samples]}.name_pattern ({samples[0]}, ...)")
-            named[samples] = prefix
-            chosen: list[Placement] = []
-            for index, placement in enumerate(role.effective_placements()):
-                where = f"{prefix}.placements.{index}" if role.placements else prefix
-                if placement.provider not in provider_configs:
-                    known = ", ".join(sorted(provider_configs)) or "none: add a [providers.NAME] section"
-                    raise ConfigError(path, f"{where}.provider",
-                                      f"no provider named {placement.provider!r} (known: {known})")
-                if any(p.provider == placement.provider for p in chosen):
-                    raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
-                network_name = placement.network or role.network
-                if network_name is not None and network_name not in core.networks:
-                    raise ConfigError(path, f"{where}.network", f"no network named {network_name!r}")
-                provider_type = providers.get(provider_configs[placement.provider].type)
-                profile = _validate(provider_type.Profile, placement.profile, path, f"{where}.profile")  # type: ignore[union-attr]
-                chosen.append(Placement(placement.provider, placement.cap, network_name, profile))
-            placements[(app_name, role_name)] = chosen
+            with problems.checking():
+                placements[(app_name, role_name)] = _role_placements(
+                    path, prefix, role, app_name, role_name, core, tags, named, provider_configs,
+                    set(sections["providers"]), providers)
 
+    problems.raise_any()
     return Config(path, core, provider_configs, registrar_configs, tags, placements)
+
+
+def _role_placements(path: str, prefix: str, role: RoleSection, app_name: str, role_name: str, core: CoreConfig,
+                     tags: dict[str, TagDefinition], named: dict[tuple[str, str], str],
+                     provider_configs: dict[str, ProviderConfig], provider_sections: set[str],
+                     providers: ProviderRegistry) -> list[Placement]:
+    """A role's placements, its references checked (the first wrong one is the role's error)."""
+    if role.network is not None and role.network not in core.networks:
+        raise ConfigError(path, f"{prefix}.network", f"no network named {role.network!r}")
+    for tag in role.tags:
+        if tag not in tags:
+            raise ConfigError(path, f"{prefix}.tags", f"no tag named {tag!r}")
+    samples = _names(path, f"{prefix}.name_pattern", role.name_pattern, app_name, role_name)
+    if samples in named:
+        raise ConfigError(path, f"{prefix}.name_pattern",
+                          f"makes the same host names as {named[samples]}.name_pattern ({samples[0]}, ...)")
+    named[samples] = prefix
+    chosen: list[Placement] = []
+    for index, placement in enumerate(role.effective_placements()):
+        where = f"{prefix}.placements.{index}" if role.placements else prefix
+        if placement.provider not in provider_configs:
+            if placement.provider in provider_sections:
+                continue  # its section is wrong, and reported there
+            known = ", ".join(sorted(provider_sections)) or "none: add a [providers.NAME] section"
+            raise ConfigError(path, f"{where}.provider", f"no provider named {placement.provider!r} (known: {known})")
+        if any(p.provider == placement.provider for p in chosen):
+            raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
+        network_name = placement.network or role.network
+        if network_name is not None and network_name not in core.networks:
+            raise ConfigError(path, f"{where}.network", f"no network named {network_name!r}")
+        provider_type = providers.get(provider_configs[placement.provider].type)
+        profile = _validate(provider_type.Profile, placement.profile, path, f"{where}.profile")  # type: ignore[union-attr]
+        chosen.append(Placement(placement.provider, placement.cap, network_name, profile))
+    return chosen
 
 
 def _names(path: str, key: str, pattern: str, app: str, role: str) -> tuple[str, str]:

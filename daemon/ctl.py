@@ -285,6 +285,11 @@ def status(ctx: click.Context, as_json: bool) -> None:
     if as_json:
         return _print_json(data)
     console.print(f"governord {data['version']} on {data['node']}, config {data['config']}", markup=False)
+    reload = data.get("last_reload")
+    if reload:
+        when = _when(reload["at"])
+        console.print(f"last reload: {when}, REFUSED: {reload['refused']}" if reload["refused"]
+                      else f"last reload: {when}, taken")
     console.print(f"steps in flight: {data['in_flight']}", markup=False)
     console.print("hosts: " + (", ".join(f"{k}={v}" for k, v in sorted(data["hosts"].items())) or "none"),
                   markup=False)
@@ -319,6 +324,15 @@ def autoscale(ctx: click.Context, as_json: bool) -> None:
                       time.strftime("%H:%M:%S", time.localtime(r["last_action"])) if r["last_action"] else "-",
                       r["query"])
     console.print(table)
+
+
+@cli.command()
+@click.pass_context
+def reload(ctx: click.Context) -> None:
+    """Have the daemon read its config again (what `systemctl reload governord` runs): exits 1,
+    naming every error, if the config is refused (the running one stays)."""
+    data = _client(ctx).ok("POST", "/v1/reload", timeout=300)
+    console.print(f"reloaded {data['config']}")
 
 
 def _instance_table(instances: list[dict[str, Any]]) -> Table:

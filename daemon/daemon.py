@@ -22,13 +22,14 @@ import logging
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .config import Config, group_id, load_config, read_toml
 from .descriptors import raise_descriptor_limit
 from .dispatch.pluginmanager import PluginLoadError, PluginManager
-from .errors import ConfigError
+from .errors import ConfigError, ConfigErrors
 from .logs import setup_logging
 from .pki import RevocationListError
 from .systemd import keep_watchdog_alive, notify, watchdog_interval
@@ -54,27 +55,29 @@ def _disabled_plugins(path: str) -> list[str]:
     return [v for v in value if isinstance(v, str)] if isinstance(value, list) else []
 
 
-def prepare(config_path: str) -> tuple[PluginManager, Config]:
-    """Load plugins and validate the config; raises ConfigError or PluginLoadError."""
+def prepare(config_path: str, *, resolve_secrets: bool = True) -> tuple[PluginManager, Config]:
+    """Load plugins and validate the config; raises ConfigError (every error found) or PluginLoadError."""
     plugins = PluginManager(disabled=_disabled_plugins(config_path))
     plugins.load_entry_points()
     plugins.collect_types()
-    config = load_config(config_path, plugins.providers, plugins.registrars, unavailable=plugins.unavailable_types())
+    config = load_config(config_path, plugins.providers, plugins.registrars, unavailable=plugins.unavailable_types(),
+                         resolve_secrets=resolve_secrets)
     return plugins, config
 
 
-def run(config_path: str, *, check_only: bool = False) -> int:
+def run(config_path: str, *, check_only: bool = False, resolve_secrets: bool = True) -> int:
     setup_logging("info")
     try:
-        plugins, config = prepare(config_path)
+        plugins, config = prepare(config_path, resolve_secrets=resolve_secrets)
     except ConfigError as exc:
-        print(f"governord: configuration error: {exc}", file=sys.stderr)
+        for error in ConfigErrors.each(exc):
+            print(f"governord: configuration error: {error}", file=sys.stderr)
         return EXIT_CONFIG
     except PluginLoadError as exc:
         print(f"governord: plugin error: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     if check_only:
-        print(f"governord: {config_path}: valid")
+        print(f"governord: {config_path}: valid" + ("" if resolve_secrets else " (secrets not read)"))
         return 0
     setup_logging(config.daemon.log_level)
     # whatever the daemon writes (the database and its -wal/-shm, the CA's and issued keys,
@@ -92,7 +95,8 @@ class Daemon:
         self.stopping = asyncio.Event()
         self.runtime: Runtime | None = None
         self._lock_fd: int | None = None
-        self._reloading: asyncio.Task[None] | None = None
+        self._reloading: asyncio.Task[str | None] | None = None
+        self._reload_lock = asyncio.Lock()
         self.tls: ApplicationTLS | None = None
 
     def _lock_state_dir(self, state_dir: Path) -> bool:
@@ -163,6 +167,7 @@ class Daemon:
         except OSError as exc:  # the state directory's files (the database, the CA) not ours to use
             print(f"governord: cannot open the state in {state_dir}: {exc}", file=sys.stderr)
             return 1
+        runtime.reload_config = self.reload
         await runtime.start()
         #: what has been started, undone in reverse if a later part cannot start
         runners: list[Any] = []
@@ -273,7 +278,17 @@ class Daemon:
         if self._reloading is None or self._reloading.done():
             self._reloading = asyncio.create_task(self.reload())
 
-    async def reload(self) -> None:
+    async def reload(self) -> str | None:
+        """Read the config again and take it; None, or why it was refused (the running config
+        stays). Reloads take turns (SIGHUP, the admin API's POST /v1/reload). The outcome is
+        the runtime's ``last_reload``, which `governord-ctl status` shows."""
+        async with self._reload_lock:
+            refusal = await self._reload()
+        if self.runtime is not None:
+            self.runtime.last_reload = {"at": time.time(), "refused": refusal}
+        return refusal
+
+    async def _reload(self) -> str | None:
         notify("RELOADING=1")
         try:
             config = load_config(
@@ -281,9 +296,11 @@ class Daemon:
                 unavailable=self.plugins.unavailable_types(),
             )
         except ConfigError as exc:
-            log.error("reload refused, keeping the running config: %s", exc, extra={"config": self.config_path})
-            notify("READY=1", f"STATUS=reload refused: {exc}")
-            return
+            errors = ConfigErrors.each(exc)
+            log.error("reload refused, keeping the running config: %s", "; ".join(str(e) for e in errors),
+                      extra={"config": self.config_path})
+            notify("READY=1", f"STATUS=reload refused: {errors[0]}")
+            return "; ".join(str(e) for e in errors)
         changed = _restart_only(self.config, config)
         if changed:
             log.warning("these settings take effect at the next restart: %s", ", ".join(changed))
@@ -295,6 +312,7 @@ class Daemon:
         setup_logging(config.daemon.log_level)
         log.info("configuration reloaded", extra={"config": self.config_path})
         notify("READY=1", "STATUS=configuration reloaded")
+        return None
 
 
 async def _serve_unix(runner: Any, path: Path, mode: str, group: str | None = None) -> None:

@@ -25,6 +25,23 @@ class ConfigError(GovernordError):
         super().__init__(f"{where}: {message}")
 
 
+class ConfigErrors(ConfigError):
+    """Several configuration errors, found in one reading (``--check`` reports them all). Its
+    ``path``, ``key`` and ``message`` are the first's; ``errors`` holds each, in the file's order
+    of checking; ``str()`` is one line each."""
+
+    def __init__(self, errors: list[ConfigError]) -> None:
+        first = errors[0]
+        super().__init__(first.path, first.key, first.message)
+        self.errors = errors
+        self.args = ("\n".join(str(e) for e in errors),)
+
+    @staticmethod
+    def each(exc: ConfigError) -> list[ConfigError]:
+        """The errors an exception holds: its own list, or itself."""
+        return list(exc.errors) if isinstance(exc, ConfigErrors) else [exc]
+
+
 class FieldError(ValueError):
     """A validation rule over several fields, naming the field its refusal is reported on
     (pydantic gives a model-level rule no location, and a refusal must name a field). Raise it

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -61,6 +62,10 @@ class Runtime:
         #: the roles' autoscale rules on Prometheus queries
         self.thresholds = ThresholdScaler(self.governor, store, config, self.fleet, self.metrics.registry)
         self._instance_plugins: list[str] = []
+        #: the daemon's "read the config again" (POST /v1/reload): None, or why it was refused
+        self.reload_config: Callable[[], Awaitable[str | None]] | None = None
+        #: the last reload: when, and why it was refused (None: taken)
+        self.last_reload: dict[str, Any] | None = None
         self._build_instances(config)
 
     @property
@@ -182,4 +187,5 @@ class Runtime:
             "applications": sorted(self.config.applications),
             "tags": sorted(self.config.tags),
             "config": self.config.path,
+            "last_reload": self.last_reload,
         }

@@ -68,6 +68,19 @@ async def status(request: web.Request) -> web.Response:
                                   "instances": await runtime.fleet.members(), "version": __version__})
 
 
+@endpoints.add("POST", "/v1/reload", "Read the config again and take it (what systemctl reload runs); a config "
+               "with errors is refused (422, every error) and the running one stays",
+               responses={200: schemas.Reloaded, 422: schemas.Error})
+async def reload_config(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    if runtime.reload_config is None:
+        raise RequestError(409, "this governord cannot reload (not started as a daemon)")
+    refusal = await runtime.reload_config()
+    if refusal is not None:
+        raise RequestError(422, f"reload refused, the running config stays: {refusal}", field="config")
+    return reply(schemas.Reloaded, {"config": runtime.config.path})
+
+
 @endpoints.add("GET", "/v1/autoscale", "The roles' autoscale rules (Prometheus thresholds) and their last evaluation",
                responses={200: schemas.AutoscaleStatus})
 async def autoscale(request: web.Request) -> web.Response:

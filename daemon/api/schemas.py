@@ -208,8 +208,14 @@ class Status(BaseModel):
     applications: list[str]
     tags: list[str]
     config: str
+    #: the last reload of the config (SIGHUP, systemctl reload): when, and why it was refused (None: taken)
+    last_reload: dict[str, Any] | None = None
     hosts: dict[str, int]
     version: str
+
+
+class Reloaded(BaseModel):
+    config: str
 
 
 class AutoscaleRule(BaseModel):
