@@ -8,6 +8,7 @@ exits 2 when it refuses to start (nothing written), 1 when it failed and was rol
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime
 import errno
 import json
@@ -113,6 +114,38 @@ class Client:
                     return resp.status, data
         except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
             raise Unreachable(_unreachable(self.socket_path, exc)) from None
+
+    def download(self, path: str, out: Path, timeout: float) -> dict[str, Any]:
+        """GET ``path`` into the file ``out`` (made 0600, never over an existing file); the reply's
+        X-Governord-Backup header, decoded."""
+        return asyncio.run(self._download(path, out, timeout))
+
+    async def _download(self, path: str, out: Path, timeout: float) -> dict[str, Any]:
+        try:  # first: nothing is asked of the daemon for a file that cannot be written
+            fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise CtlError(f"cannot write {out}: {exc.strerror or exc}") from None
+        connector = aiohttp.UnixConnector(path=self.socket_path)
+        url = yarl.URL.build(scheme="http", host="governord", path=path, encoded=True)
+        done = False
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout)) \
+                        as session, session.get(url) as resp:
+                    if resp.status != 200:
+                        data = await resp.json(content_type=None)
+                        raise CtlError(str(data.get("error") if isinstance(data, dict) else f"HTTP {resp.status}"))
+                    async for chunk in resp.content.iter_chunked(1 << 20):
+                        fh.write(chunk)
+                    manifest = dict(json.loads(resp.headers.get("X-Governord-Backup", "{}")))
+            done = True
+            return manifest
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise Unreachable(_unreachable(self.socket_path, exc)) from None
+        finally:
+            if not done:  # (an empty or partial file is no backup)
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(out)
 
     def ok(self, method: str, path: str, body: dict[str, Any] | None = None,
            params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202),
@@ -783,6 +816,59 @@ class Refused(CtlError):
     """A command that works here, not through the daemon, refused before it changed anything."""
 
     exit_code = 2
+
+
+@cli.command()
+@click.option("-o", "--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="the file to write (default: governord-backup-DATE-TIME.tar.gz here); never overwritten")
+@click.option("--timeout", default=3600.0, show_default=True, help="seconds the backup may take")
+@click.pass_context
+def backup(ctx: click.Context, out: Path | None, timeout: float) -> None:
+    """Back up the store and the CA while governord runs (a consistent snapshot of the store:
+    SQLite's online backup, or pg_dump's), with the config. The file holds the CA's private
+    key: it is written 0600; keep it as you keep that key. `governord-ctl restore` puts it back."""
+    out = out or Path(time.strftime("governord-backup-%Y%m%d-%H%M%S.tar.gz"))
+    manifest = _client(ctx).download("/v1/backup", out, timeout)
+    console.print(f"{out}: {manifest.get('store')} store at revision {manifest.get('revision')}, the CA and the "
+                  f"config, governord {manifest.get('governord')}")
+
+
+@cli.command()
+@click.argument("archive", type=click.Path(exists=True, dir_okay=False, path_type=Path))
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), default="/etc/governord/governord.toml",
+              show_default=True, help="the daemon's config: where the store and the state directory are")
+@click.option("--force", is_flag=True, help="replace the store and the CA that are there")
+def restore(archive: Path, config_path: str, force: bool) -> None:
+    """Put a backup back, with governord stopped (every instance of a fleet): the store (into the
+    config's SQLite file, or its PostgreSQL database by pg_restore) and the CA. Exit 2: refused,
+    nothing written (governord running, a store or CA there without --force, another kind of
+    store); 1: failed."""
+    import fcntl
+
+    from .config import load_store_section
+    from .errors import ConfigError
+    from .store.backup import BackupError
+    from .store.backup import restore as put_back
+
+    try:
+        state_dir, section = load_store_section(config_path)
+    except ConfigError as exc:
+        raise Refused(str(exc)) from None
+    lock = state_dir / "governord.lock"
+    if lock.exists():
+        with open(lock, "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise Refused(f"governord is running on {state_dir}: stop it first (systemctl stop governord)") \
+                    from None
+    try:
+        manifest = put_back(archive, section.effective_url(state_dir), state_dir, force=force)
+    except BackupError as exc:
+        raise Refused(str(exc)) from None
+    made = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(manifest["made_at"]))
+    console.print(f"restored the {manifest['store']} store and the CA of {made} (governord {manifest['governord']}); "
+                  "start governord: it migrates the store if it is newer")
 
 
 @cli.group()

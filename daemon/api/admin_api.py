@@ -5,7 +5,10 @@ tokens and keys, errors with their detail); Puppet's autosign policy has its own
 
 from __future__ import annotations
 
+import asyncio
+import json
 import math
+import os
 import pwd
 import socket
 import struct
@@ -79,6 +82,40 @@ async def reload_config(request: web.Request) -> web.Response:
     if refusal is not None:
         raise RequestError(422, f"reload refused, the running config stays: {refusal}", field="config")
     return reply(schemas.Reloaded, {"config": runtime.config.path})
+
+
+@endpoints.add("GET", "/v1/backup", "A backup (tar.gz) of the store and the CA, consistent while governord runs: "
+               "the store by SQLite's online backup or pg_dump's snapshot (governord-ctl backup)",
+               responses={200: None, 409: schemas.Error}, content_type="application/gzip")
+async def backup(request: web.Request) -> web.StreamResponse:
+    from ..store import backup as backups
+    from ..store import head_revision
+
+    runtime = _runtime(request)
+    state_dir = runtime.config.daemon.state_dir
+    out = state_dir / f"backup-{os.getpid()}-{time.time_ns()}.tar.gz"
+    try:
+        manifest = await asyncio.to_thread(
+            backups.make, runtime.config.core.store.effective_url(state_dir), state_dir, runtime.config.path, out,
+            version=__version__, revision=head_revision())
+    except backups.BackupError as exc:
+        out.unlink(missing_ok=True)
+        raise RequestError(409, str(exc)) from None
+    try:
+        response = web.StreamResponse(headers={"Content-Type": "application/gzip",
+                                               "X-Governord-Backup": json.dumps(manifest, sort_keys=True)})
+        await response.prepare(request)
+        archive = await asyncio.to_thread(out.open, "rb")
+        try:
+            while chunk := await asyncio.to_thread(archive.read, 1 << 20):
+                await response.write(chunk)
+        finally:
+            archive.close()
+        await response.write_eof()
+    finally:
+        out.unlink(missing_ok=True)
+    await runtime.store.decide(lambda tx: tx.add_event("backup", actor=_actor(request), detail=manifest))
+    return response
 
 
 @endpoints.add("GET", "/v1/autoscale", "The roles' autoscale rules (Prometheus thresholds) and their last evaluation",
