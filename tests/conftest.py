@@ -11,4 +11,5 @@ pytest_plugins = [
     "tests.fixtures.puppet",
     "tests.fixtures.postgres",
     "tests.fixtures.dns",
+    "tests.fixtures.prometheus",
 ]
