@@ -38,8 +38,8 @@ instance, so only the leader reports it: a ``sum`` over the fleet counts it once
 failover moves it with the leader lease. These are
 
 - ``governord_hosts{app,role,provider,state}``: live hosts (gone ones are history: see the
-  transitions to ``gone``), every live state of each app, role and provider that has a host,
-  zeros included. The cost: one grouped read of the live hosts per scrape of the leader (a few
+  transitions to ``gone``), every live state of each app, role and provider the config places
+  hosts on or that has a host, zeros included. The cost: one grouped read of the live hosts per scrape of the leader (a few
   milliseconds for ten thousand), never the gone ones' history;
 - ``governord_fleet_instances{status}``: instances sharing the store, up, lost or stopped;
 - ``governord_requests_pending{app}`` (every configured application) and
@@ -67,7 +67,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from cryptography import x509
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -81,6 +89,10 @@ if TYPE_CHECKING:
     from .engine import Engine
     from .fleet import Fleet
     from .store import Row, Store
+
+# no ``_created`` series beside each counter and histogram: twice the series for a start time
+# that ``process_start_time_seconds``-style restarts already tell (rate() handles resets)
+disable_created_metrics()
 
 #: hooks whose call is for one provider instance: the host's, or the one named
 _PROVIDER_HOOKS = frozenset({"governord_provision_host", "governord_deprovision_host"})
@@ -159,7 +171,10 @@ class _ScrapeTimeCollector(Collector):
                                   "(fleet-wide: reported by the leader only)",
                                   labels=["app", "role", "provider", "state"])
         counts = {(app, role, provider, state): n for app, role, provider, state, n in read.hosts}
-        for app, role, provider in sorted({key[:3] for key in counts}):
+        configured = {(app, role, placement.provider)
+                      for app, section in self.metrics.engine.config.applications.items()
+                      for role, cfg in section.roles.items() for placement in cfg.effective_placements()}
+        for app, role, provider in sorted({key[:3] for key in counts} | configured):
             for state in HostState:
                 if state is not HostState.GONE:
                     hosts.add_metric([app, role, provider, state.value],
