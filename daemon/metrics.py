@@ -12,7 +12,7 @@ What is counted as it happens (every instance its own; ``sum`` across the fleet 
 - ``governord_step_duration_seconds{step,provider}`` (histogram), ``governord_step_retries_total``
   and ``governord_step_failures_total{step,provider}``: each run of a host's step that succeeded,
   each failure that will be tried again, each failure for good (the host rolled back or kept
-  failed). ``provider`` is the host's provider instance for the steps that call it
+  failed); the two counters start at 0 for every step and provider instance of the config. ``provider`` is the host's provider instance for the steps that call it
   (``provision``, ``deprovision``) and empty for the others, which call every registrar at once
   (each registrar's part is in the hook series). ``configure`` is timed from when the host
   entered ``configuring`` to when it was found ready: the wait, not the last poll;
@@ -80,11 +80,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .engine import STEP_OF_STATE
 from .models import HostState
 from .store import unavailable
 
 if TYPE_CHECKING:
     from .api.tls import ApplicationTLS
+    from .config import Config
     from .dispatch import Dispatcher, Outcome
     from .engine import Engine
     from .fleet import Fleet
@@ -273,9 +275,19 @@ class Metrics:
             ["reason", "stage"], registry=registry,
         )
         registry.register(_ScrapeTimeCollector(self))
+        self.configure(engine.config)
         engine.on_transition.append(self.transition)
         engine.on_step.append(self.stepped)
         dispatcher.on_call.append(self.hook_called)
+
+    def configure(self, config: Config) -> None:
+        """Start the step counters of every step and provider instance at 0 (a new config's
+        too): a counter that appears only at its first increment shows no increase to the
+        alerts that watch it (``increase()`` needs two samples)."""
+        for step in STEP_OF_STATE.values():
+            for provider in (config.providers if step in _PROVIDER_STEPS else ("",)):
+                self.step_retries.labels(step, provider)
+                self.step_failures.labels(step, provider)
 
     # -- counted as it happens ---------------------------------------------------------------
 

@@ -126,6 +126,7 @@ class Runtime:
         self.config = config
         self.engine.config = config
         self.governor.config = config
+        self.metrics.configure(config)
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
         self.rate_limits.configure(config)
