@@ -39,8 +39,10 @@ failover moves it with the leader lease. These are
 
 - ``governord_hosts{app,role,provider,state}``: live hosts (gone ones are history: see the
   transitions to ``gone``), every live state of each app, role and provider the config places
-  hosts on or that has a host, zeros included. The cost: one grouped read of the live hosts per scrape of the leader (a few
-  milliseconds for ten thousand), never the gone ones' history;
+  hosts on or that has a host, zeros included. The cost: one grouped read of the live hosts per
+  scrape of the leader, through the partial index of live hosts, never the gone ones' history
+  (on SQLite about 15 ms for 10,000 live hosts beside 10,000 gone ones, on the 2-core test
+  machine; not measured on PostgreSQL);
 - ``governord_fleet_instances{status}``: instances sharing the store, up, lost or stopped;
 - ``governord_requests_pending{app}`` (every configured application) and
   ``governord_request_pending_oldest_timestamp_seconds{app}`` (only those with one waiting): the
