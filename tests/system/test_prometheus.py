@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from cryptography import x509
 
 from lab.prometheus import Prometheus, PrometheusLabError, static_job
 from lab.stack import Governord, Lab
@@ -145,6 +146,13 @@ def test_prometheus_scrapes_governord_fires_on_a_failed_host_and_answers_every_p
     quiet = {"GovernordDown", "GovernordAbsent", "GovernordStoreDown", "GovernordNoLeader", "GovernordSweepFindings",
              "GovernordCertificateExpiringSoon", "GovernordFencedWrites"}
     assert quiet & set(firing(prometheus)) == set()
+
+    # the certificates the daemon serves and trusts, as Prometheus has them
+    expiry = {sample["metric"]["certificate"]: float(sample["value"][1])
+              for sample in prometheus.query("governord_certificate_expiry_timestamp_seconds")}
+    served = x509.load_pem_x509_certificate((daemon.state_dir / "pki" / "issued" / "server.pem").read_bytes())
+    assert expiry == {"ca": x509.load_pem_x509_certificate(ca.read_bytes()).not_valid_after_utc.timestamp(),
+                      "server": served.not_valid_after_utc.timestamp()}
 
     # the dashboard: every panel's query parses and answers with a series
     time.sleep(3)  # a few more scrapes: rate() and increase() over the new series need two samples

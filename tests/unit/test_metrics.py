@@ -5,24 +5,29 @@ only, in one grouped query."""
 
 from __future__ import annotations
 
+import datetime
 import re
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
+from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
 from sqlalchemy import event, text
 
 from governord import __version__, testing
 from governord.api import admin_api, app_api
+from governord.api.tls import ApplicationTLS
 from governord.errors import PermanentError, RetryableError
 from governord.models import HostState
 from governord.rules import RequestError
 from governord.runtime import Runtime
 
 from .conftest import BACKENDS, wait_states
+from .test_tls import NOW, _ca, _crl, _pem
 
 #: every test here that makes a runtime runs on SQLite and on PostgreSQL (tests/unit/conftest.py)
 STORE_BACKENDS = BACKENDS
@@ -229,3 +234,33 @@ async def test_every_name_follows_prometheus_rules(runtime: Runtime) -> None:
                 assert name.endswith(("_seconds", "_timestamp_seconds")), name
         assert not name.endswith(("_milliseconds", "_minutes", "_ms")), name
     assert "governord_hook_calls" in found and found["governord_hook_calls"].type == "counter"
+
+
+async def test_certificates_and_the_crl_report_their_soonest_expiry(runtime: Runtime, tmp_path: Path) -> None:
+    """governord's CA, the server certificate it issued, a site CA bundle of two (the sooner one
+    counts) and its CRLs' next update, read again when a file changes."""
+    server = runtime.ca.issue("localhost", server_names=["localhost"], stem="server")
+    assert server.key is not None
+    soon, late = _ca("Site CA soon"), _ca("Site CA late", days=400)
+    bundle = tmp_path / "site-ca.pem"
+    bundle.write_bytes(_pem(late[0]) + _pem(soon[0]))
+    crl = tmp_path / "crl.pem"
+    crl.write_bytes(_crl(soon, [], next_update=NOW + datetime.timedelta(hours=5))
+                    + _crl(late, [], next_update=NOW + datetime.timedelta(hours=2)))
+    runtime.metrics.tls = ApplicationTLS(certificate=server.certificate, key=server.key, client_ca=bundle,
+                                         client_crl=crl, count=runtime.metrics.refused)
+    body = await scrape(runtime)
+    expiry = {s.labels["certificate"]: s.value
+              for s in samples(body, "governord_certificate_expiry_timestamp_seconds")}
+    assert set(expiry) == {"ca", "server", "client_ca"}
+    assert expiry["server"] == server.not_after
+    assert expiry["client_ca"] == soon[0].not_valid_after_utc.timestamp()  # the sooner of the bundle
+    ca = x509.load_pem_x509_certificate(runtime.ca.cert_path.read_bytes())
+    assert expiry["ca"] == ca.not_valid_after_utc.timestamp()
+    next_update = value(body, "governord_client_crl_next_update_timestamp_seconds")
+    assert next_update == int((NOW + datetime.timedelta(hours=2)).timestamp())
+
+    bundle.write_bytes(_pem(late[0]))  # the sooner CA taken out: read again
+    body = await scrape(runtime)
+    assert value(body, "governord_certificate_expiry_timestamp_seconds", certificate="client_ca") == \
+        late[0].not_valid_after_utc.timestamp()
