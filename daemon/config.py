@@ -15,6 +15,7 @@ from __future__ import annotations
 import errno
 import grp
 import ipaddress
+import math
 import os
 import re
 import socket
@@ -378,6 +379,42 @@ class PlacementSection(StrictModel):
     profile: dict[str, Any] = Field(default_factory=dict)
 
 
+class AutoscaleRule(StrictModel):
+    """Scale a role on the platform's own load ([prometheus] answers the query): a PromQL query
+    that returns one number, a threshold above which hosts are added and one below which hosts
+    are released, each held for a while before anything is asked. What is asked is an ordinary
+    scale request, decided by the application's rules (caps, cooldown, approval, minimum, deletion
+    policy, drain). A query that fails or returns no data never scales (README, "Autoscaling on
+    Prometheus thresholds")."""
+
+    #: PromQL giving one number for the role, e.g. ``avg(...)`` over the role's nodes
+    query: str = Field(min_length=1)
+    #: add hosts once the value has stayed above this for ``scale_up_for`` seconds
+    scale_up_above: float
+    #: release hosts once the value has stayed below this for ``scale_down_for`` seconds
+    scale_down_below: float
+    scale_up_for: float = Field(default=300.0, ge=0)
+    scale_down_for: float = Field(default=900.0, ge=0)
+    #: hosts added, and released, per action
+    scale_up_step: int = Field(default=1, ge=1, le=1000)
+    scale_down_step: int = Field(default=1, ge=1, le=1000)
+    #: seconds after an action of this rule before it acts again (its hold starts anew as well)
+    cooldown: float = Field(default=600.0, ge=0)
+    #: seconds between evaluations
+    interval: float = Field(default=30.0, ge=0.1, le=86400)
+    #: only log and audit what would be asked (and what the rules would decide), ask nothing
+    dry_run: bool = False
+
+    @model_validator(mode="after")
+    def _hysteresis(self) -> AutoscaleRule:
+        if self.scale_down_below >= self.scale_up_above:
+            raise FieldError("scale_down_below", f"must be below scale_up_above ({self.scale_up_above:g}): "
+                             "between the two thresholds nothing is done, so the role cannot flap")
+        if not all(math.isfinite(v) for v in (self.scale_up_above, self.scale_down_below)):
+            raise FieldError("scale_up_above", "thresholds must be finite numbers")
+        return self
+
+
 class RoleSection(StrictModel):
     #: tags every host of this role carries
     tags: list[str] = Field(min_length=1)
@@ -396,6 +433,8 @@ class RoleSection(StrictModel):
     #: what a node of the role looks like in Kubernetes, for the Cluster Autoscaler's scale-up
     #: from zero ([autoscaler] node_groups; README, "Kubernetes Cluster Autoscaler")
     node_template: NodeTemplateSection | None = None
+    #: scale on a Prometheus query's value ([prometheus]; README, "Autoscaling on Prometheus thresholds")
+    autoscale: AutoscaleRule | None = None
 
     @model_validator(mode="after")
     def _one_way(self) -> RoleSection:
@@ -708,6 +747,27 @@ class AutoscalerSection(StrictModel):
         return [tuple(g.split("/", 1)) for g in self.node_groups]  # type: ignore[misc]
 
 
+class PrometheusSection(StrictModel):
+    """The Prometheus server the roles' ``autoscale`` queries ask (its HTTP API, ``/api/v1/query``)."""
+
+    #: its base URL, e.g. https://prometheus.example.com:9090 (a path prefix is kept)
+    url: ServiceURL
+    #: CA bundle to verify an https server with (default: the system's)
+    ca_file: ReadableFile | None = None
+    #: sent as ``Authorization: Bearer ...`` (a secret reference)
+    bearer_token: SecretRef | None = None
+    #: seconds a query may take
+    timeout: float = Field(default=10.0, gt=0, le=300)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        parts = urllib.parse.urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL with a host: {value!r}")
+        return value
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -717,6 +777,7 @@ class CoreConfig(StrictModel):
     store: StoreSection = Field(default_factory=StoreSection)
     fleet: FleetSection = Field(default_factory=FleetSection)
     autoscaler: AutoscalerSection | None = None
+    prometheus: PrometheusSection | None = None
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -906,6 +967,7 @@ def build_config(
     _check_places(path, core)
     _check_identities(path, core)
     _check_node_groups(path, core)
+    _check_autoscale(path, core)
 
     provider_configs: dict[str, ProviderConfig] = {}
     for name, section in core.providers.items():
@@ -1043,6 +1105,17 @@ def _check_node_groups(path: str, core: CoreConfig) -> None:
             raise ConfigError(path, key, f"no application named {app!r}")
         if role not in core.applications[app].roles:
             raise ConfigError(path, key, f"application {app!r} has no role {role!r}")
+
+
+def _check_autoscale(path: str, core: CoreConfig) -> None:
+    """A role that scales on a query needs the Prometheus server to ask."""
+    if core.prometheus is not None:
+        return
+    for app_name, app in core.applications.items():
+        for role_name, role in app.roles.items():
+            if role.autoscale is not None:
+                raise ConfigError(path, f"applications.{app_name}.roles.{role_name}.autoscale",
+                                  "needs a [prometheus] section (url) to ask its query")
 
 
 def identity_of(name: str, app: ApplicationSection, mode: str) -> str | None:

@@ -226,6 +226,34 @@ def status(ctx: click.Context, as_json: bool) -> None:
     console.print(_instance_table(data["instances"]))
 
 
+@cli.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def autoscale(ctx: click.Context, as_json: bool) -> None:
+    """The roles' autoscale rules: the query's last value against the thresholds, the outcome, and
+    since when a threshold holds (as the answering instance saw it: the fleet's leader evaluates)."""
+    data = _client(ctx).ok("GET", "/v1/autoscale")
+    if as_json:
+        return _print_json(data)
+    table = Table(box=None, header_style="bold")
+    for column in ("APP/ROLE", "VALUE", "DOWN < . < UP", "OUTCOME", "HOLDING", "LAST ASK", "QUERY"):
+        table.add_column(column, overflow="fold")
+    now = time.time()
+    for r in data["rules"]:
+        since = r["above_since"] or r["below_since"]
+        holding = f"{'above' if r['above_since'] else 'below'} {now - since:.0f}s" if since else "-"
+        outcome = (r["outcome"] or "-") + (" (dry run)" if r["dry_run"] else "")
+        if r["error"]:
+            outcome += f": {r['error']}"
+        if not r["evaluating"]:
+            outcome = "not evaluated here (another instance leads)"
+        table.add_row(f"{r['app']}/{r['role']}", "-" if r["value"] is None else f"{r['value']:g}",
+                      f"{r['scale_down_below']:g} < . < {r['scale_up_above']:g}", outcome, holding,
+                      time.strftime("%H:%M:%S", time.localtime(r["last_action"])) if r["last_action"] else "-",
+                      r["query"])
+    console.print(table)
+
+
 def _instance_table(instances: list[dict[str, Any]]) -> Table:
     """The fleet's instances: one row each, the answering one marked *; a stopped or lost
     instance's in-flight count is its last heartbeat's."""
@@ -331,24 +359,31 @@ def scale(ctx: click.Context, app: str, role: str, count: int | None, add: int |
     _finish(client, request, wait, timeout, as_json)
 
 
-def _tag_command(name: str, field: str, help_text: str) -> None:
-    @cli.command(name=name, help=help_text)
+def _tag_command(name: str, field: str, help_text: str, *, adopting: bool) -> None:
     @click.argument("host")
     @click.argument("tags", nargs=-1, required=True)
-    @click.option("--address", help="IP address of a host being adopted")
     @_wait_options
     @click.pass_context
-    def command(ctx: click.Context, host: str, tags: tuple[str, ...], address: str | None, wait: bool,
-                timeout: float, as_json: bool) -> None:
+    def command(ctx: click.Context, host: str, tags: tuple[str, ...], wait: bool, timeout: float, as_json: bool,
+                address: str | None = None, adopt: bool = False) -> None:
         client = _client(ctx)
         body: dict[str, Any] = {field: list(tags)}
         if address:
             body["address"] = address
+        if adopt:
+            body["adopt"] = True
         _finish_host(client, client.ok("POST", _path("v1", "hosts", host, "tags"), body), wait, timeout, as_json)
 
+    if adopting:
+        command = click.option("--address", help="IP address of the host being adopted (--adopt)")(command)
+        command = click.option("--adopt", is_flag=True, help="HOST is a machine governord does not manage yet: "
+                               "adopt it by its fully qualified name and --address (registered, never destroyed)")(command)
+    cli.command(name=name, help=help_text)(command)
 
-_tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations; an unknown host is adopted).")
-_tag_command("untag", "remove", "Remove tags from HOST (re-classifies and updates its registrations).")
+
+_tag_command("tag", "add", "Tag HOST (re-classifies and updates its registrations). An unknown HOST is an error "
+             "naming the nearest known ones, unless --adopt.", adopting=True)
+_tag_command("untag", "remove", "Remove tags from HOST (re-classifies and updates its registrations).", adopting=False)
 
 
 def _host_action(name: str, help_text: str) -> None:

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from .api.ratelimit import RateLimits
+from .autoscaler.thresholds import ThresholdScaler
 from .config import Config
 from .dispatch import Dispatcher
 from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
@@ -58,6 +59,8 @@ class Runtime:
         self.notifier = Notifier(store, self.governor.request_status, config, self.listeners, self.fleet)
         self.sweeper = Sweeper(store, self.dispatcher, self.engine, config, self.metrics.registry, self.fleet)
         self.pruner = Pruner(store, self.governor, config, self.fleet)
+        #: the roles' autoscale rules on Prometheus queries
+        self.thresholds = ThresholdScaler(self.governor, store, config, self.fleet, self.metrics.registry)
         self._instance_plugins: list[str] = []
         self._build_instances(config)
 
@@ -118,6 +121,7 @@ class Runtime:
         await self.notifier.start()
         self.sweeper.start()
         self.pruner.start()
+        self.thresholds.start()
 
     async def reload(self, config: Config) -> None:
         """Take a new, already validated config. Instances are rebuilt; work in flight keeps
@@ -132,6 +136,7 @@ class Runtime:
         self.rate_limits.configure(config)
         self.notifier.reconfigure(config)
         self.pruner.reconfigure(config)
+        await self.thresholds.reconfigure(config)
         self.certificates.refresh = config.core.store.revocation_refresh
         self.fleet.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
@@ -158,6 +163,7 @@ class Runtime:
                 log.exception("closing %s failed", instance.name)
 
     async def stop(self) -> None:
+        await self.thresholds.stop()
         await self.pruner.stop()
         await self.sweeper.stop()
         await self.notifier.stop()

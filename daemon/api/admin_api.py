@@ -45,6 +45,12 @@ async def status(request: web.Request) -> web.Response:
                                   "instances": await runtime.fleet.members(), "version": __version__})
 
 
+@endpoints.add("GET", "/v1/autoscale", "The roles' autoscale rules (Prometheus thresholds) and their last evaluation",
+               responses={200: schemas.AutoscaleStatus})
+async def autoscale(request: web.Request) -> web.Response:
+    return reply(schemas.AutoscaleStatus, {"rules": _runtime(request).thresholds.status()})
+
+
 @endpoints.add("GET", "/v1/plugins", "Plugins, loaded or not, with the hooks they implement, by name, a page at a time",
                responses={200: schemas.PluginList, 422: schemas.Error}, query=paging.query("plugins"))
 async def plugins(request: web.Request) -> web.Response:
@@ -88,13 +94,14 @@ async def host_events(request: web.Request) -> web.Response:
     return reply(schemas.EventList, {"events": events.rows, "next_cursor": paging.next_cursor(paging.TRAIL, events)})
 
 
-@endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted)",
+@endpoints.add("POST", "/v1/hosts/{host}/tags", "Tag or untag a host (an unknown host is adopted with adopt)",
                body=schemas.TagRequest, responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error,
                                                    422: schemas.Error})
 async def tag_host(request: web.Request) -> web.Response:
     body: schemas.TagRequest = await parse_body(request, schemas.TagRequest)
     row = await _runtime(request).governor.set_tags(
-        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address
+        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address,
+        adopt=body.adopt,
     )
     return reply(schemas.Host, host_summary(row))
 

@@ -76,7 +76,8 @@ class ReleaseRequest(Body):
 
 
 class TagRequest(Body):
-    """Add or remove tags; tagging an unknown host adopts it (``address`` optional)."""
+    """Add or remove tags. A host governord does not know is adopted only with ``adopt`` (its
+    fully qualified name in the path, its ``address`` here); otherwise it is a 404."""
 
     model_config = ConfigDict(json_schema_extra={"anyOf": [
         {"required": [name], "properties": {name: {"minItems": 1}}} for name in ("add", "remove")]})
@@ -84,6 +85,8 @@ class TagRequest(Body):
     add: list[str] = Field(default_factory=list, max_length=64)
     remove: list[str] = Field(default_factory=list, max_length=64)
     address: str | None = None
+    #: adopt the host if governord does not know it (registered, never destroyed)
+    adopt: bool = False
 
     @model_validator(mode="after")
     def _something(self) -> TagRequest:
@@ -204,6 +207,31 @@ class Status(BaseModel):
     config: str
     hosts: dict[str, int]
     version: str
+
+
+class AutoscaleRule(BaseModel):
+    """A role's autoscale rule and its last evaluation, as the answering instance saw it."""
+
+    app: str
+    role: str
+    query: str
+    scale_up_above: float
+    scale_down_below: float
+    dry_run: bool
+    #: the answering instance evaluates the rules (it leads the fleet)
+    evaluating: bool
+    value: float | None
+    #: above, below, within, holding, cooldown, acted, dry_run, no_data, error (None: not evaluated yet)
+    outcome: str | None
+    error: str | None
+    evaluated_at: float | None
+    above_since: float | None
+    below_since: float | None
+    last_action: float | None
+
+
+class AutoscaleStatus(BaseModel):
+    rules: list[AutoscaleRule]
 
 
 class Plugin(BaseModel):

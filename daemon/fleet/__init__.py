@@ -56,6 +56,7 @@ log = logging.getLogger(__name__)
 LEADER = "leader"
 SWEEP = "sweep"
 RETENTION = "retention"
+AUTOSCALE = "autoscale"
 #: the part of a lease's length its holder trusts it for, from the moment it asked
 TRUSTED = 2 / 3
 

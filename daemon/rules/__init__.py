@@ -11,6 +11,7 @@ flight, so concurrent requests cannot overshoot a cap.
 from __future__ import annotations
 
 import datetime
+import difflib
 import ipaddress
 import logging
 import re
@@ -149,9 +150,12 @@ class Governor:
         callback_url: str | None = None,
         component: str | None = None,
         fingerprint: str | None = None,
+        trigger: dict[str, Any] | None = None,
     ) -> Decision:
-        """Ask for ``add`` more hosts of ``role``, or for ``count`` hosts in all (adding or
-        releasing the difference), decided by the application's rules. With ``callback_url`` the
+        """Ask for ``add`` more hosts of ``role`` (a negative ``add``: that many fewer), or for
+        ``count`` hosts in all (adding or releasing the difference), decided by the application's
+        rules. ``trigger``: what made the request (the threshold autoscaler's query, value and
+        rule), kept with it and in its audit event. With ``callback_url`` the
         application is sent the outcome, signed, once the request is done.
 
         With ``component`` (a deployed component, ``NAMESPACE/NAME``) the new hosts belong to it,
@@ -165,6 +169,8 @@ class Governor:
             params["component"] = component
         if fingerprint is not None:
             params["fingerprint"] = fingerprint
+        if trigger is not None:
+            params["trigger"] = trigger
 
         def decide(tx: Transaction) -> Decision:
             if (earlier := _replayed(tx, app, "scale", params, idempotency_key)) is not None:
@@ -232,7 +238,7 @@ class Governor:
         # The role's hosts (whole rows: the deletion policy picks among them) are read only when
         # the answer depends on them: an ``add`` is decided by counts, and reading every live
         # row made each request cost O(hosts).
-        kept = self._kept_hosts(tx, app, role, component) if add is None or add == 0 else []
+        kept = self._kept_hosts(tx, app, role, component) if add is None or add <= 0 else []
         wanted = add if add is not None else count - len(kept)  # type: ignore[operator]
         if wanted < 0:
             kept_app = len(self._kept_hosts(tx, app, None))
@@ -583,9 +589,12 @@ class Governor:
 
     async def set_tags(
         self, key: str, *, add: list[str], remove: list[str], actor: str, address: str | None = None,
+        adopt: bool = False,
     ) -> Row:
-        """Tag or untag a host; a host governord does not know is adopted (registered, never
-        destroyed)."""
+        """Tag or untag a host. A host governord does not know is adopted (registered, never
+        destroyed) only when ``adopt`` says so, by its fully qualified name and with its
+        ``address``; otherwise an unknown name is a 404 naming the nearest known names (a typo
+        never makes a host)."""
         for field_name, tags in (("add", add), ("remove", remove)):
             for tag in tags:
                 if tag not in self.config.tags:
@@ -593,8 +602,10 @@ class Governor:
                                        field=field_name)
         row = await self.store.get_host(key)
         if row is None or row["state"] == HostState.GONE.value:
+            if not adopt:
+                raise RequestError(404, await self._no_such_host(key), field="host")
             if not add:
-                raise RequestError(404, f"no host named {key!r}", field="host")
+                raise RequestError(422, "adopting a host takes tags to add", field="add")
             return await self._adopt(key, add, actor=actor, address=address)
         if row["state"] in _LEAVING:
             raise RequestError(409, f"host {row['name']} is being retired", field="host")
@@ -610,14 +621,25 @@ class Governor:
         self.engine.wake()
         return new
 
+    async def _no_such_host(self, key: str) -> str:
+        """A 404's message for ``key``: the nearest names governord knows, and how to adopt."""
+        near = difflib.get_close_matches(key, await self.store.live_names(), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(near)}?" if near else ""
+        return (f"no host named {key!r}{hint} (a machine governord does not manage is adopted with "
+                "adopt and its address: governord-ctl tag --adopt FQDN TAG --address ADDRESS)")
+
     async def _adopt(self, key: str, tags: list[str], *, actor: str, address: str | None) -> Row:
         if not HOSTNAME.match(key):
             raise RequestError(422, f"not a host name: {key!r}", field="host")
-        if address is not None:
-            try:
-                ipaddress.ip_address(address)
-            except ValueError:
-                raise RequestError(422, f"not an IP address: {address!r}", field="address") from None
+        if "." not in key:
+            raise RequestError(422, f"adopting takes the host's fully qualified name (with its domain), not {key!r}",
+                               field="host")
+        if address is None:
+            raise RequestError(422, "adopting a host takes its address (the registrars need it)", field="address")
+        try:
+            ipaddress.ip_address(address)
+        except ValueError:
+            raise RequestError(422, f"not an IP address: {address!r}", field="address") from None
         name = key.split(".", 1)[0]
 
         def adopt(tx: Transaction) -> Row:

@@ -582,6 +582,12 @@ class Store:
                 ).mappings().first()
             return dict(row) if row else None
 
+    async def live_names(self) -> list[str]:
+        """The names and fully qualified names of the hosts that are not gone (for suggestions)."""
+        async with self.engine.connect() as conn:
+            rows = await conn.execute(select(hosts.c.name, hosts.c.fqdn).where(hosts.c.state != HostState.GONE.value))
+            return sorted({n for row in rows for n in row})
+
     async def list_hosts(
         self,
         *,
@@ -980,7 +986,8 @@ class Transaction:
     def last_scale_up(self, app: str) -> float | None:
         """When the application's newest accepted request that added hosts was accepted."""
         for updated_at, params, host_ids in self.conn.execute(_RECENT_SCALE_UPS, {"app": app}):
-            if host_ids and (params.get("add") or params.get("count")):
+            # (a negative add, the threshold autoscaler's scale-down, released hosts)
+            if host_ids and ((params.get("add") or 0) > 0 or params.get("count")):
                 return float(updated_at)
         return None
 

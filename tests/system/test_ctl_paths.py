@@ -50,8 +50,10 @@ def test_names_with_url_syntax_stay_one_path_segment(governord: Governord) -> No
         shown = repr(name)
         for args in (["hosts", "show", name], ["retire", name]):
             assert _refused(governord, *args) == f"governord-ctl: no host named {shown}", args
-        # an unknown host is adopted by `tag`, but not under a name that is no host name
-        assert _refused(governord, "tag", name, "node") == f"governord-ctl: not a host name: {shown}"
+        # `tag` adopts an unknown host only when told to, and not under a name that is no host name
+        assert _refused(governord, "tag", name, "node").startswith(f"governord-ctl: no host named {shown}")
+        assert _refused(governord, "tag", "--adopt", name, "node", "--address", "198.51.100.9") == \
+            f"governord-ctl: not a host name: {shown}"
         for args in (["apps", "rotate", name], ["apps", "revoke", name], ["scale", name, "node", "--add", "1"]):
             assert _refused(governord, *args) == f"governord-ctl: no application named {shown}", args
         for args in (["requests", "approve", name, "-m", "why"],):

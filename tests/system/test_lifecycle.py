@@ -75,7 +75,22 @@ def test_cap_is_enforced_with_a_reason(lab: Lab, governord: Governord) -> None:
 
 
 def test_adopting_a_host_registers_it_and_retire_never_touches_vsphere(lab: Lab, governord: Governord) -> None:
-    governord.ctl("tag", "legacy1.lab.example", "broker", "--address", "198.51.100.250", "--wait")
+    # a name governord does not know is an error, not a new host, unless --adopt says so; adopting
+    # takes the fully qualified name and the address
+    for args, refusal in [
+        (["legacy1.lab.example", "broker"], "no host named 'legacy1.lab.example'"),
+        (["--adopt", "legacy1", "broker", "--address", "198.51.100.250"], "fully qualified name"),
+        (["--adopt", "legacy1.lab.example", "broker"], "takes its address"),
+    ]:
+        refused = governord.ctl("tag", *args, check=False)
+        assert refused.returncode == 1 and refusal in refused.stderr, refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+    assert governord.ctl_json("hosts", "list", "--all") == [] and "legacy1.lab.example" not in lab.foreman_hosts()
+    governord.ctl("tag", "--adopt", "legacy1.lab.example", "broker", "--address", "198.51.100.250", "--wait")
+    # a typo of a known name says which was meant
+    typo = governord.ctl("tag", "legacy2.lab.example", "broker", check=False)
+    assert typo.returncode == 1 and "did you mean legacy1.lab.example" in typo.stderr, typo.stderr
+    assert [h["name"] for h in governord.ctl_json("hosts", "list", "--all")] == ["legacy1"]
     host = governord.ctl_json("hosts", "show", "legacy1")
     assert host["origin"] == "adopted" and host["state"] == "ready"
     assert lab.foreman_hosts()["legacy1.lab.example"]["hostgroup"] == "openshift/broker"

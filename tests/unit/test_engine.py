@@ -149,7 +149,7 @@ async def test_retire_deregisters_then_destroys(runtime: Runtime) -> None:
 
 
 async def test_adopting_a_host_registers_it_and_retiring_never_destroys(runtime: Runtime) -> None:
-    row = await runtime.governor.set_tags("legacy1.lab.example", add=["broker"], remove=[], actor="t",
+    row = await runtime.governor.set_tags("legacy1.lab.example", add=["broker"], remove=[], actor="t", adopt=True,
                                           address="198.51.100.99")
     [row] = await wait_states(runtime, [row["id"]], {"ready"})
     assert row["origin"] == "adopted"

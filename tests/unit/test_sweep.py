@@ -284,7 +284,7 @@ async def test_vanished_is_confirmed_by_a_second_listing_before_acting(make_runt
 async def test_an_adopted_hosts_machine_is_never_destroyed(make_runtime: Callable[..., Any]) -> None:
     runtime = await make_runtime(CLEAN)
     try:
-        adopted = await runtime.governor.set_tags("legacy.lab.example", add=["node"], remove=[], actor="t",
+        adopted = await runtime.governor.set_tags("legacy.lab.example", add=["node"], remove=[], actor="t", adopt=True,
                                                   address="198.51.100.99")
         await wait_states(runtime, [adopted["id"]], {"ready"})
         gone = await retired(runtime, adopted)
