@@ -41,13 +41,13 @@ failover moves it with the leader lease. These are
   transitions to ``gone``), every live state of each app, role and provider the config places
   hosts on or that has a host, zeros included. The cost: one grouped read of the live hosts per
   scrape of the leader, through the partial index of live hosts, never the gone ones' history
-  (on SQLite about 15 ms for 10,000 live hosts beside 10,000 gone ones, on the 2-core test
-  machine; not measured on PostgreSQL);
+  (at 10,000 live hosts beside 10,000 gone ones, a median of 13 ms on PostgreSQL and 30 ms on
+  SQLite on the shared 2-core test machine: ``python -m bench.metrics_scrape``, bench/RESULTS.md);
 - ``governord_fleet_instances{status}``: instances sharing the store, up, lost or stopped;
 - ``governord_requests_pending{app}`` (every configured application) and
   ``governord_request_pending_oldest_timestamp_seconds{app}`` (only those with one waiting): the
   requests waiting for an operator's approval, and when the oldest was made. One grouped read
-  of the requests the retention keeps.
+  of the requests the retention keeps (2-3 ms for 1,000).
 
 ``governord_store_up`` (every instance) says whether the store answers this instance (the
 health check's, see :meth:`Store.health <governord.store.Store.health>`); while it does not,

@@ -617,8 +617,9 @@ class Store:
 
     async def count_live_hosts(self) -> list[tuple[str, str, str, str, int]]:
         """Live hosts (not gone) by (app, role, provider, state), for ``/metrics``. One grouped
-        read of the live hosts (SQLite walks the partial index ``ix_hosts_live_seq``, never the
-        gone ones): as many rows as the applications' caps allow, not the history."""
+        read of the live hosts (both databases walk the partial index ``ix_hosts_live_seq``,
+        never the gone ones): as many rows as the applications' caps allow, not the history
+        (bench/metrics_scrape.py)."""
         async with self.engine.connect() as conn:
             return [(app or "", role or "", provider or "", state, int(n))
                     for app, role, provider, state, n in await conn.execute(_LIVE_HOSTS_GROUPED)]
