@@ -9,6 +9,9 @@ What is counted as it happens (every instance its own; ``sum`` across the fleet 
   (``[providers.NAME]``) a provisioning hook (provision, deprovision, list machines) was called
   for, ``registrar`` the registrar instance (``[registrars.NAME]``) whose plugin answered; each
   is empty where it does not apply (a site plugin's ``host_event``);
+- ``governord_hook_duration_seconds{hook,plugin,provider,registrar}`` (histogram): how long each
+  call of the hooks that do a step's work took (provision, deprovision, prepare, register,
+  readiness check, deregister), failed or not: each registrar instance's part of a step;
 - ``governord_step_duration_seconds{step,provider}`` (histogram), ``governord_step_retries_total``
   and ``governord_step_failures_total{step,provider}``: each run of a host's step that succeeded,
   each failure that will be tried again, each failure for good (the host rolled back or kept
@@ -105,6 +108,12 @@ _PROVIDER_STEPS = frozenset({"provision", "deprovision"})
 #: seconds; a step may take from milliseconds (a registrar's upsert) to most of an hour (a
 #: bare-metal machine's install, a Puppet run waited for)
 STEP_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1200, 1800, 3600)
+#: the hooks that do a step's work at a provider or registrar, timed per call (the others list,
+#: classify or notify)
+TIMED_HOOKS = frozenset({"governord_provision_host", "governord_deprovision_host", "governord_prepare_host",
+                         "governord_register_host", "governord_check_host_ready", "governord_deregister_host"})
+#: seconds; fewer buckets than a step's: one series set per hook and instance
+HOOK_BUCKETS = (0.1, 0.5, 1, 5, 15, 60, 300, 1800)
 
 
 def hook_target(hook: str, plugin: str, kwargs: dict[str, Any]) -> tuple[str, str]:
@@ -257,6 +266,9 @@ class Metrics:
                                   "registrar instance the call was for", hook_labels, registry=registry)
         self.hook_failures = Counter("governord_hook_failures", "Failed hook calls per plugin, and the provider or "
                                      "registrar instance the call was for", hook_labels, registry=registry)
+        self.hook_duration = Histogram("governord_hook_duration_seconds", "How long a call of a hook that does "
+                                       "a step's work took, per plugin and provider or registrar instance",
+                                       hook_labels, buckets=HOOK_BUCKETS, registry=registry)
         self.step_duration = Histogram("governord_step_duration_seconds", "How long a host's step took when it "
                                        "succeeded (configure: the wait for readiness), by step and provider "
                                        "instance (provision, deprovision)", ["step", "provider"],
@@ -305,6 +317,8 @@ class Metrics:
         self.hook_calls.labels(*labels).inc()
         if outcome.error is not None:
             self.hook_failures.labels(*labels).inc()
+        if hook in TIMED_HOOKS:
+            self.hook_duration.labels(*labels).observe(outcome.duration)
 
     def stepped(self, row: Row, step: str, seconds: float, outcome: str) -> None:
         provider = (row["provider"] or "") if step in _PROVIDER_STEPS else ""

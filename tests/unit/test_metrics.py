@@ -150,6 +150,14 @@ async def test_engine_work_is_counted_with_its_instances(make_runtime: Callable[
     assert value(body, "governord_hook_calls_total", hook="governord_register_host",
                  plugin="registrar:cmdb", provider="", registrar="cmdb") == 3.0
 
+    # each registrar's part of a step, timed per call: three registrations tried, one failed
+    assert value(body, "governord_hook_duration_seconds_count", hook="governord_register_host",
+                 plugin="registrar:cmdb", provider="", registrar="cmdb") == 3.0
+    assert value(body, "governord_hook_duration_seconds_count", hook="governord_provision_host",
+                 plugin="builtin:provisioning", provider="mem", registrar="") == 5.0
+    assert samples(body, "governord_hook_duration_seconds_count") and not [
+        s for s in samples(body, "governord_hook_duration_seconds_count") if s.labels["hook"] == "governord_host_event"]
+
     # transitions, decisions
     assert value(body, "governord_host_transitions_total", from_state="configuring", to_state="ready") == 2.0
     assert value(body, "governord_host_transitions_total", from_state="cleaning", to_state="gone") == 1.0
