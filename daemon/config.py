@@ -1034,7 +1034,9 @@ def build_config(
             for index, placement in enumerate(role.effective_placements()):
                 where = f"{prefix}.placements.{index}" if role.placements else prefix
                 if placement.provider not in provider_configs:
-                    raise ConfigError(path, f"{where}.provider", f"no provider named {placement.provider!r}")
+                    known = ", ".join(sorted(provider_configs)) or "none: add a [providers.NAME] section"
+                    raise ConfigError(path, f"{where}.provider",
+                                      f"no provider named {placement.provider!r} (known: {known})")
                 if any(p.provider == placement.provider for p in chosen):
                     raise ConfigError(path, f"{where}.provider", f"provider {placement.provider!r} is listed twice")
                 network_name = placement.network or role.network

@@ -8,6 +8,8 @@ exits 2 when it refuses to start (nothing written), 1 when it failed and was rol
 from __future__ import annotations
 
 import asyncio
+import datetime
+import errno
 import json
 import os
 import sys
@@ -18,17 +20,34 @@ from typing import Any
 
 import aiohttp
 import click
+import yaml
 import yarl
 from rich.console import Console
 from rich.table import Table
+
+from .models import HostState
 
 DEFAULT_SOCKET = os.environ.get("GOVERNORD_SOCKET", "/run/governord/admin.sock")
 RESTING = {"ready", "gone", "failed"}
 #: rows asked for per page of a list: the admin API's largest page (governord.api.paging.MAX_LIMIT)
 PAGE_SIZE = 1000
 
-console = Console()
-err_console = Console(stderr=True)
+
+
+def _console(stderr: bool = False) -> Console:
+    """Text from peers and operators (a Satellite group named ``:satellite:``, a reason with
+    ``[brackets]``) is shown as it is: no markup, no emoji codes, no highlighting. Where the output
+    is not a terminal (a pipe, a file) nothing is wrapped or cut at a width."""
+    stream = sys.stderr if stderr else sys.stdout
+    terminal = stream.isatty()
+    return Console(stderr=stderr, markup=False, emoji=False, highlight=False, soft_wrap=not terminal,
+                   width=None if terminal else 1_000_000)
+
+
+console = _console()
+err_console = _console(stderr=True)
+#: the formats of list commands' -o
+OUTPUTS = ("table", "wide", "json", "yaml")
 
 
 class CtlError(click.ClickException):
@@ -41,6 +60,20 @@ class CtlError(click.ClickException):
 
 class Unreachable(CtlError):
     exit_code = 3
+
+
+def _unreachable(path: str, exc: OSError) -> str:
+    """One line for a socket nobody answers on, with what to check."""
+    reason = exc.strerror or str(exc)
+    error = getattr(exc, "os_error", exc)  # aiohttp wraps the OSError
+    if isinstance(error, PermissionError) or getattr(error, "errno", None) == errno.EACCES:
+        hint = "join the group that may use it (governord), or run as root"
+    elif isinstance(error, FileNotFoundError) or getattr(error, "errno", None) == errno.ENOENT:
+        hint = ("is governord running (systemctl status governord)? The path is [api] admin_socket in its "
+                "config; give it with --socket or GOVERNORD_SOCKET")
+    else:
+        hint = "is governord running (systemctl status governord)? Nothing answers on this socket"
+    return f"cannot reach governord at {path}: {reason}: {hint}"
 
 
 def _path(*segments: str) -> str:
@@ -78,8 +111,8 @@ class Client:
                 async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError) as exc:
-            raise Unreachable(f"cannot reach governord at {self.socket_path}: {exc.strerror or exc}") from None
+        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+            raise Unreachable(_unreachable(self.socket_path, exc)) from None
 
     def ok(self, method: str, path: str, body: dict[str, Any] | None = None,
            params: dict[str, str] | None = None, accept: tuple[int, ...] = (200, 201, 202),
@@ -120,14 +153,43 @@ def _print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True))
 
 
-def _host_table(hosts: list[dict[str, Any]]) -> Table:
+def _output_options(func: Any) -> Any:
+    """``-o table|wide|json|yaml`` (and ``--json``, the same as ``-o json``) for a list command."""
+    func = click.option("--json", "as_json", is_flag=True, help="the same as -o json")(func)
+    return click.option("-o", "--output", type=click.Choice(OUTPUTS), default="table", show_default=True,
+                        help="table, wide (more columns), json or yaml")(func)
+
+
+def _emit(rows: Any, output: str, as_json: bool, table: Any) -> None:
+    """Print ``rows`` as ``output`` asks: json or yaml as they are, else ``table(rows, wide)``."""
+    output = "json" if as_json else output
+    if output == "json":
+        _print_json(rows)
+    elif output == "yaml":
+        click.echo(yaml.safe_dump(rows, sort_keys=True, default_flow_style=False, allow_unicode=True), nl=False)
+    else:
+        console.print(table(rows, output == "wide"))
+
+
+def _when(stamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(stamp)) if stamp else "-"
+
+
+def _host_table(hosts: list[dict[str, Any]], wide: bool = False) -> Table:
     table = Table(box=None, header_style="bold")
-    for column in ("NAME", "APP", "ROLE", "STATE", "TAGS", "ADDRESS", "PROVIDER", "MACHINE"):
+    columns = ["NAME", "APP", "ROLE", "STATE", "TAGS", "ADDRESS", "PROVIDER", "MACHINE"]
+    if wide:
+        columns += ["ID", "ORIGIN", "ADDRESSES", "CREATED", "ERROR"]
+    for column in columns:
         table.add_column(column)
     for h in hosts:
         state = h["state"] + (f" ({h['failed_step']})" if h.get("failed_step") else "")
-        table.add_row(h["fqdn"], h["app"] or "-", h["role"] or "-", state, ",".join(h["tags"]) or "-",
-                      (h["addresses"] or ["-"])[0], h["provider"] or "-", h["machine_id"] or "-")
+        row = [h["fqdn"], h["app"] or "-", h["role"] or "-", state, ",".join(h["tags"]) or "-",
+               (h["addresses"] or ["-"])[0], h["provider"] or "-", h["machine_id"] or "-"]
+        if wide:
+            row += [h["id"], h.get("origin") or "-", ",".join(h["addresses"]) or "-", _when(h.get("created_at")),
+                    h.get("error") or "-"]
+        table.add_row(*row)
     return table
 
 
@@ -155,7 +217,12 @@ def _rolled_back(host: dict[str, Any]) -> bool:
     return host["state"] == "gone" and bool(host.get("failed_step"))
 
 
-def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float, as_json: bool) -> None:
+def _finish(client: Client, request: dict[str, Any], wait: bool, timeout: float, as_json: bool, *,
+            shown: bool = False) -> None:
+    """Show a decided request; with ``wait``, once its hosts rest. A declined or pending one is an
+    error (exit 1) of a command that asked, not of one that only ``shown`` it."""
+    if shown and request["decision"] in ("declined", "pending", "denied", "expired"):
+        return _show_request(request, as_json)
     if request["decision"] == "declined":
         raise CtlError(f"declined: {request['reason']}")
     if request["decision"] == "pending":
@@ -268,20 +335,22 @@ def _instance_table(instances: list[dict[str, Any]]) -> Table:
 
 
 @cli.command()
-@click.option("--json", "as_json", is_flag=True)
+@_output_options
 @click.pass_context
-def plugins(ctx: click.Context, as_json: bool) -> None:
+def plugins(ctx: click.Context, output: str, as_json: bool) -> None:
     """Plugins, whether they loaded, and the hooks they implement."""
-    data = _all_pages(_client(ctx), "/v1/plugins", "plugins")
-    if as_json:
-        return _print_json(data)
-    table = Table(box=None, header_style="bold")
-    for column in ("PLUGIN", "VERSION", "STATUS", "HOOKS"):
-        table.add_column(column)
-    for p in data:
-        state = "loaded" if p["loaded"] else f"NOT LOADED: {p['error']}"
-        table.add_row(p["name"], p["version"] or "-", state, ", ".join(h.removeprefix("governord_") for h in p["hooks"]))
-    console.print(table)
+    def table(rows: list[dict[str, Any]], wide: bool) -> Table:
+        shown = Table(box=None, header_style="bold")
+        for column in ("PLUGIN", "VERSION", "STATUS", "HOOKS", *(["DISTRIBUTION"] if wide else [])):
+            shown.add_column(column)
+        for p in rows:
+            state = "loaded" if p["loaded"] else f"NOT LOADED: {p['error']}"
+            shown.add_row(p["name"], p["version"] or "-", state,
+                          ", ".join(h.removeprefix("governord_") for h in p["hooks"]),
+                          *([p["distribution"] or "-"] if wide else []))
+        return shown
+
+    _emit(_all_pages(_client(ctx), "/v1/plugins", "plugins"), output, as_json, table)
 
 
 @cli.group()
@@ -291,19 +360,16 @@ def hosts() -> None:
 
 @hosts.command("list")
 @click.option("--app")
-@click.option("--state")
+@click.option("--state", type=click.Choice([s.value for s in HostState]))
 @click.option("--all", "show_all", is_flag=True, help="include gone hosts")
 @_limit_option
-@click.option("--json", "as_json", is_flag=True)
+@_output_options
 @click.pass_context
 def hosts_list(ctx: click.Context, app: str | None, state: str | None, show_all: bool, limit: int | None,
-               as_json: bool) -> None:
-    """All hosts, oldest first (table, or --json)."""
+               output: str, as_json: bool) -> None:
+    """All hosts, oldest first."""
     params = {k: v for k, v in {"app": app, "state": state, "all": "true" if show_all else None}.items() if v}
-    data = _all_pages(_client(ctx), "/v1/hosts", "hosts", params, limit)
-    if as_json:
-        return _print_json(data)
-    console.print(_host_table(data))
+    _emit(_all_pages(_client(ctx), "/v1/hosts", "hosts", params, limit), output, as_json, _host_table)
 
 
 @hosts.command("show")
@@ -408,42 +474,50 @@ def requests() -> None:
 @requests.command("list")
 @click.option("--app")
 @_limit_option
-@click.option("--json", "as_json", is_flag=True)
+@_output_options
 @click.pass_context
-def requests_list(ctx: click.Context, app: str | None, limit: int | None, as_json: bool) -> None:
+def requests_list(ctx: click.Context, app: str | None, limit: int | None, output: str, as_json: bool) -> None:
     """Requests, newest first."""
-    data = _all_pages(_client(ctx), "/v1/requests", "requests", {"app": app} if app else None, limit)
-    if as_json:
-        return _print_json(data)
-    table = Table(box=None, header_style="bold")
-    for column in ("ID", "APP", "KIND", "ACTOR", "DECISION", "STATUS", "HOSTS", "REASON"):
-        table.add_column(column)
-    for r in data:
-        table.add_row(r["id"], r["app"] or "-", r["kind"], r["actor"], r["decision"], r["status"],
-                      str(len(r["hosts"])), r["reason"] or "")
-    console.print(table)
+    def table(rows: list[dict[str, Any]], wide: bool) -> Table:
+        shown = Table(box=None, header_style="bold")
+        for column in ("ID", "APP", "KIND", "ACTOR", "DECISION", "STATUS", "HOSTS", "REASON",
+                       *(["CREATED", "HOST NAMES"] if wide else [])):
+            shown.add_column(column)
+        for r in rows:
+            shown.add_row(r["id"], r["app"] or "-", r["kind"], r["actor"], r["decision"], r["status"],
+                          str(len(r["hosts"])), r["reason"] or "",
+                          *([_when(r.get("created_at")), ",".join(h["name"] for h in r["hosts"]) or "-"] if wide else []))
+        return shown
+
+    _emit(_all_pages(_client(ctx), "/v1/requests", "requests", {"app": app} if app else None, limit), output,
+          as_json, table)
 
 
 @requests.command("show")
 @click.argument("request_id")
-@click.option("--json", "as_json", is_flag=True)
+@_wait_options
 @click.pass_context
-def requests_show(ctx: click.Context, request_id: str, as_json: bool) -> None:
-    """One request with its hosts."""
-    _show_request(_client(ctx).ok("GET", _path("v1", "requests", request_id)), as_json)
+def requests_show(ctx: click.Context, request_id: str, wait: bool, timeout: float, as_json: bool) -> None:
+    """One request (by id, or a unique prefix of it) with its hosts; --wait: until its hosts rest."""
+    client = _client(ctx)
+    _finish(client, client.ok("GET", _path("v1", "requests", request_id)), wait, timeout, as_json, shown=True)
 
 
 def _request_decision(name: str, approve: bool) -> None:
-    @requests.command(name, help=f"{name.capitalize()} a pending request, with a comment.")
+    @requests.command(name, help=f"{name.capitalize()} a pending request (by id, or a unique prefix of it), with a "
+                      "comment." + (" --wait: until its hosts rest." if approve else ""))
     @click.argument("request_id")
     @click.option("--comment", "-m", required=True, help="why (kept in the audit log)")
-    @click.option("--json", "as_json", is_flag=True)
+    @_wait_options
     @click.pass_context
-    def command(ctx: click.Context, request_id: str, comment: str, as_json: bool) -> None:
-        data = _client(ctx).ok("POST", _path("v1", "requests", request_id, name), {"comment": comment})
+    def command(ctx: click.Context, request_id: str, comment: str, wait: bool, timeout: float, as_json: bool) -> None:
+        client = _client(ctx)
+        data = client.ok("POST", _path("v1", "requests", request_id, name), {"comment": comment})
         if approve and data["decision"] == "declined":
             raise CtlError(f"approved, but the rules decline it now: {data['reason']}")
-        _show_request(data, as_json)
+        if not approve:
+            return _show_request(data, as_json)
+        _finish(client, data, wait, timeout, as_json)
 
 
 _request_decision("approve", True)
@@ -464,39 +538,65 @@ def plan(ctx: click.Context, app: str, role: str, count: int | None, add: int | 
     body = {k: v for k, v in {"role": role, "count": count, "add": add}.items() if v is not None}
     data = _client(ctx).ok("POST", _path("v1", "apps", app, "plan"), body)
     if as_json:
-        return _print_json(data)
-    console.print(f"{data['decision']} (rule: {data['rule']}): {data['reason'] or ''}", markup=False, highlight=False)
-    for host in data["hosts"]:
-        foreman = host["classification"].get("foreman", {})
-        console.print(f"  {host['fqdn']} on {host['provider']}"
-                      + (f", network {host['network']}" if host["network"] else "")
-                      + (f", hostgroup {foreman.get('hostgroup')}" if foreman else "")
-                      + f", registered in {', '.join(host['registrars']) or 'nothing'}",
-                      markup=False, highlight=False)
-    for name in data["release"]:
-        console.print(f"  release {name}", markup=False, highlight=False)
+        _print_json(data)
+    else:
+        console.print(f"{data['decision']} (rule: {data['rule']}): {data['reason'] or ''}")
+        for host in data["hosts"]:
+            foreman = host["classification"].get("foreman", {})
+            console.print(f"  {host['fqdn']} on {host['provider']}"
+                          + (f", network {host['network']}" if host["network"] else "")
+                          + (f", hostgroup {foreman.get('hostgroup')}" if foreman else "")
+                          + f", registered in {', '.join(host['registrars']) or 'nothing'}")
+        for name in data["release"]:
+            console.print(f"  release {name}")
+    if data["decision"] == "declined":  # as `scale` would be: exit 1, after showing why
+        ctx.exit(1)
+
+
+def _moment(value: str | None) -> str | None:
+    """A --since/--until: ``30m``, ``2h``, ``7d`` ago, or a local date and time (``2026-12-04``,
+    ``2026-12-04T15:30``), as the Unix time the API takes."""
+    if value is None:
+        return None
+    units = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+    if value[:-1].replace(".", "", 1).isdigit() and value[-1:] in units:
+        return str(time.time() - float(value[:-1]) * units[value[-1]])
+    try:
+        return str(datetime.datetime.fromisoformat(value).timestamp())
+    except ValueError:
+        raise click.BadParameter(f"{value!r}: give 30m, 2h, 7d (ago) or a date and time, e.g. 2026-12-04T15:30") \
+            from None
 
 
 @cli.command()
 @click.option("--kind", help="only events whose kind starts with this (e.g. request-, autosign-)")
+@click.option("--host", help="only events of this host (name, FQDN or id; gone hosts too)")
+@click.option("--app", help="only events of this application's hosts and requests")
+@click.option("--actor", help="only events whose actor starts with this (operator: every operator; operator:alice)")
+@click.option("--since", help="only events since: 30m, 2h, 7d ago, or a date and time (2026-12-04T15:30)")
+@click.option("--until", help="only events before: the same forms as --since")
 @click.option("--limit", type=click.IntRange(min=1), default=None,
               help="only the newest this many (default: all, fetched a page at a time)")
-@click.option("--json", "as_json", is_flag=True)
+@_output_options
 @click.pass_context
-def audit(ctx: click.Context, kind: str | None, limit: int | None, as_json: bool) -> None:
-    """The audit log, oldest first: who asked for what, which rule decided, and why."""
+def audit(ctx: click.Context, kind: str | None, host: str | None, app: str | None, actor: str | None,
+          since: str | None, until: str | None, limit: int | None, output: str, as_json: bool) -> None:
+    """The audit log, oldest first: who did what to which host, which rule decided, and why."""
+    def table(rows: list[dict[str, Any]], wide: bool) -> Table:
+        shown = Table(box=None, header_style="bold")
+        for column in ("TIME", "KIND", "ACTOR", "HOST", "RULE", "DETAIL", *(["HOST ID", "REQUEST ID"] if wide else [])):
+            shown.add_column(column)
+        for e in rows:
+            detail = {k: v for k, v in e["detail"].items() if k != "rule"}
+            shown.add_row(_when(e["ts"]), e["kind"], e["actor"] or "-", e.get("host") or "-",
+                          str(e["detail"].get("rule", "")), json.dumps(detail, sort_keys=True),
+                          *([e.get("host_id") or "-", e.get("request_id") or "-"] if wide else []))
+        return shown
+
+    filters = {"kind": kind, "host": host, "app": app, "actor": actor, "since": _moment(since), "until": _moment(until)}
     # the API pages newest first; shown in the order it happened
-    events = _all_pages(_client(ctx), "/v1/audit", "events", {"kind": kind} if kind else None, limit)[::-1]
-    if as_json:
-        return _print_json(events)
-    table = Table(box=None, header_style="bold")
-    for column in ("TIME", "KIND", "ACTOR", "RULE", "DETAIL"):
-        table.add_column(column)
-    for e in events:
-        detail = {k: v for k, v in e["detail"].items() if k != "rule"}
-        table.add_row(time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e["ts"])), e["kind"], e["actor"] or "-",
-                      str(e["detail"].get("rule", "")), json.dumps(detail, sort_keys=True))
-    console.print(table)
+    events = _all_pages(_client(ctx), "/v1/audit", "events", {k: v for k, v in filters.items() if v}, limit)[::-1]
+    _emit(events, output, as_json, table)
 
 
 @cli.command()
@@ -618,21 +718,24 @@ def apps_revoke(ctx: click.Context, app: str, serial: str | None, issuer: str | 
 
 @apps.command("list")
 @_limit_option
-@click.option("--json", "as_json", is_flag=True)
+@_output_options
 @click.pass_context
-def apps_list(ctx: click.Context, limit: int | None, as_json: bool) -> None:
+def apps_list(ctx: click.Context, limit: int | None, output: str, as_json: bool) -> None:
     """Configured applications, their hosts and certificates."""
-    data = _all_pages(_client(ctx), "/v1/apps", "applications", limit=limit)
-    if as_json:
-        return _print_json(data)
-    table = Table(box=None, header_style="bold")
-    for column in ("APP", "CN", "HOSTS", "MAX", "APPROVAL", "ROLES", "CERTIFICATES"):
-        table.add_column(column)
-    for a in data:
-        valid = sum(1 for c in a["certificates"] if c["revoked_at"] is None)
-        table.add_row(a["name"], a["common_name"], str(a["hosts"]), str(a["max_hosts"]), str(a["approval"]),
-                      ",".join(a["roles"]), f"{valid} valid, {len(a['certificates']) - valid} revoked")
-    console.print(table)
+    def table(rows: list[dict[str, Any]], wide: bool) -> Table:
+        shown = Table(box=None, header_style="bold")
+        for column in ("APP", "CN", "HOSTS", "MAX", "APPROVAL", "ROLES", "CERTIFICATES",
+                       *(["MIN", "FIRST EXPIRY"] if wide else [])):
+            shown.add_column(column)
+        for a in rows:
+            valid = [c for c in a["certificates"] if c["revoked_at"] is None]
+            soonest = min((c["not_after"] for c in valid), default=None)
+            shown.add_row(a["name"], a["common_name"], str(a["hosts"]), str(a["max_hosts"]), str(a["approval"]),
+                          ",".join(a["roles"]), f"{len(valid)} valid, {len(a['certificates']) - len(valid)} revoked",
+                          *([str(a.get("min_hosts", "-")), _when(soonest)] if wide else []))
+        return shown
+
+    _emit(_all_pages(_client(ctx), "/v1/apps", "applications", limit=limit), output, as_json, table)
 
 
 @apps.command("show")
@@ -646,9 +749,15 @@ def apps_show(ctx: click.Context, app: str, as_json: bool) -> None:
         return _print_json(data)
     for key in ("name", "description", "common_name", "hosts", "max_hosts", "min_hosts", "approval", "roles"):
         console.print(f"{key + ':':13} {data[key]}", markup=False, highlight=False)
+    now = time.time()
     for c in data["certificates"]:
-        state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(c['revoked_at']))}" if c["revoked_at"] \
-            else "valid"
+        expiry = time.strftime("%Y-%m-%d %H:%M", time.localtime(c["not_after"]))
+        if c["revoked_at"]:
+            state = f"revoked {time.strftime('%Y-%m-%d %H:%M', time.localtime(c['revoked_at']))}"
+        elif c["not_after"] < now:
+            state = f"EXPIRED {expiry}"
+        else:
+            state = f"valid, expires {expiry} (in {(c['not_after'] - now) / 86400:.0f} days)"
         console.print(f"  certificate {c['serial']}: {state}", markup=False, highlight=False)
     for r in data.get("site_revocations", []):
         stamp = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["revoked_at"]))

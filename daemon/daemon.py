@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -135,7 +136,12 @@ class Daemon:
         from .runtime import Runtime
 
         state_dir = self.config.daemon.state_dir
-        if not self._lock_state_dir(state_dir):
+        try:
+            locked = self._lock_state_dir(state_dir)
+        except OSError as exc:  # not ours to write, or on a read-only file system
+            print(f"governord: cannot use daemon.state_dir {state_dir}: {exc.strerror or exc}", file=sys.stderr)
+            return 1
+        if not locked:
             print(f"governord: another governord is using {state_dir}", file=sys.stderr)
             return 1
         loop = asyncio.get_running_loop()
@@ -154,7 +160,26 @@ class Daemon:
             print(f"governord: cannot open the store: {type(exc.orig).__name__}: {str(exc.orig).strip()}",
                   file=sys.stderr)
             return 1
+        except OSError as exc:  # the state directory's files (the database, the CA) not ours to use
+            print(f"governord: cannot open the state in {state_dir}: {exc}", file=sys.stderr)
+            return 1
         await runtime.start()
+        #: what has been started, undone in reverse if a later part cannot start
+        runners: list[Any] = []
+
+        async def abort(message: str) -> int:
+            """One line for the operator, everything started stopped again; exit 1."""
+            for started in reversed(runners):
+                await started.cleanup()
+            await runtime.stop()
+            for path in (api.admin_socket, api.autosign_socket):
+                if path is not None and path in served:
+                    with contextlib.suppress(FileNotFoundError):
+                        path.unlink()
+            print(f"governord: {message}", file=sys.stderr)
+            return 1
+
+        served: set[Path] = set()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)
         try:
@@ -173,30 +198,33 @@ class Daemon:
                                    keepalive_timeout=api.keepalive_timeout)
         admin_runner = web.AppRunner(create_admin_api(runtime), access_log=None,
                                      keepalive_timeout=api.keepalive_timeout)
-        await app_runner.setup()
-        await admin_runner.setup()
+        for runner in (app_runner, admin_runner):
+            await runner.setup()
+            runners.append(runner)
         tls_site = GuardedSite(app_runner, api.listen, api.port, ssl_context=self.tls.context, limits=limits)
-        await tls_site.start()
+        try:
+            await tls_site.start()
+        except OSError as exc:
+            return await abort(_listen_failure("api.listen and api.port", api.listen, api.port, exc))
         port = app_runner.addresses[0][1]
         runtime.listeners.add(port)  # callbacks never go there
         (state_dir / "api.port").write_text(f"{port}\n")
-        await _serve_unix(admin_runner, api.admin_socket, api.admin_socket_mode)
+        try:
+            await _serve_unix(admin_runner, api.admin_socket, api.admin_socket_mode)
+        except OSError as exc:  # its directory not ours to make or write in
+            return await abort(f"cannot serve api.admin_socket {api.admin_socket}: {exc.strerror or exc}")
+        served.add(api.admin_socket)
         autosign_runner = None
         if api.autosign_socket is not None:
             autosign_runner = web.AppRunner(create_autosign_api(runtime), access_log=None,
                                             keepalive_timeout=api.keepalive_timeout)
             await autosign_runner.setup()
+            runners.append(autosign_runner)
             try:
                 await _serve_unix(autosign_runner, api.autosign_socket, api.autosign_socket_mode,
                                   api.autosign_socket_group)
             except OSError as exc:  # its directory missing or not ours, the group not ours to give
-                print(f"governord: cannot serve api.autosign_socket {api.autosign_socket}: {exc}", file=sys.stderr)
-                for runner in (app_runner, admin_runner, autosign_runner):
-                    await runner.cleanup()
-                await runtime.stop()
-                with contextlib.suppress(FileNotFoundError):
-                    api.admin_socket.unlink()
-                return 1
+                return await abort(f"cannot serve api.autosign_socket {api.autosign_socket}: {exc.strerror or exc}")
 
         autoscaler = None
         if self.config.core.autoscaler is not None:
@@ -206,14 +234,9 @@ class Daemon:
             try:
                 autoscaler_port = await autoscaler.start()
             except OSError as exc:
-                print(f"governord: cannot serve autoscaler.port: {exc}", file=sys.stderr)
-                for started in (app_runner, admin_runner, autosign_runner):
-                    if started is not None:
-                        await started.cleanup()
-                await runtime.stop()
-                with contextlib.suppress(FileNotFoundError):
-                    api.admin_socket.unlink()
-                return 1
+                section = self.config.core.autoscaler
+                return await abort(_listen_failure("autoscaler.listen and autoscaler.port", section.listen,
+                                                   section.port, exc))
             runtime.listeners.add(autoscaler_port)  # callbacks never go there either
             log.info("autoscaler provider listening", extra={"listen": f"{self.config.core.autoscaler.listen}:{autoscaler_port}",
                                                               "node_groups": self.config.core.autoscaler.node_groups})
@@ -287,6 +310,20 @@ async def _serve_unix(runner: Any, path: Path, mode: str, group: str | None = No
     os.chmod(path, int(mode, 8))
     if group is not None:
         os.chown(path, -1, group_id(group))
+
+
+def _listen_failure(keys: str, address: str, port: int, exc: OSError) -> str:
+    """One line for a TCP listener that could not be opened, with what to check."""
+    if exc.errno == errno.EADDRINUSE:
+        why = (f"something listens there already (another governord, or another service: "
+               f"ss -ltnp 'sport = :{port}'); choose another port or stop it")
+    elif exc.errno == errno.EADDRNOTAVAIL:
+        why = "no interface of this machine has that address"
+    elif exc.errno == errno.EACCES:
+        why = "ports below 1024 need CAP_NET_BIND_SERVICE (the unit file's AmbientCapabilities)"
+    else:
+        why = exc.strerror or str(exc)
+    return f"cannot listen on {keys} {address}:{port}: {why}"
 
 
 def _clear_socket_path(path: Path) -> None:

@@ -5,6 +5,10 @@ tokens and keys, errors with their detail); Puppet's autosign policy has its own
 
 from __future__ import annotations
 
+import math
+import pwd
+import socket
+import struct
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,7 +35,26 @@ endpoints = Endpoints(
     "requests on behalf of applications, the sweep, plugins and status.",
 )
 
+#: the actor of what an operator does over the admin socket: ``operator:USER``, USER being the Unix
+#: user of the process at the other end (its peer credentials), or ``operator`` where there are none
 ACTOR = "operator"
+
+
+def _actor(request: web.Request) -> str:
+    """``operator:USER`` for the Unix user connected to the admin socket (SO_PEERCRED)."""
+    sock = request.transport.get_extra_info("socket") if request.transport is not None else None
+    if sock is None or sock.family != socket.AF_UNIX:
+        return ACTOR
+    try:
+        credentials = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    except OSError:
+        return ACTOR
+    _pid, uid, _gid = struct.unpack("3i", credentials)
+    try:
+        user = pwd.getpwuid(uid).pw_name
+    except KeyError:
+        user = f"uid{uid}"
+    return f"{ACTOR}:{user}"
 
 
 def _runtime(request: web.Request) -> Runtime:
@@ -100,7 +123,7 @@ async def host_events(request: web.Request) -> web.Response:
 async def tag_host(request: web.Request) -> web.Response:
     body: schemas.TagRequest = await parse_body(request, schemas.TagRequest)
     row = await _runtime(request).governor.set_tags(
-        request.match_info["host"], add=body.add, remove=body.remove, actor=ACTOR, address=body.address,
+        request.match_info["host"], add=body.add, remove=body.remove, actor=_actor(request), address=body.address,
         adopt=body.adopt,
     )
     return reply(schemas.Host, host_summary(row))
@@ -109,14 +132,14 @@ async def tag_host(request: web.Request) -> web.Response:
 @endpoints.add("POST", "/v1/hosts/{host}/retire", "Retire a host: deregister everywhere, destroy",
                responses={200: schemas.Host, 404: schemas.Error})
 async def retire_host(request: web.Request) -> web.Response:
-    row = await _runtime(request).governor.retire(request.match_info["host"], actor=ACTOR)
+    row = await _runtime(request).governor.retire(request.match_info["host"], actor=_actor(request))
     return reply(schemas.Host, host_summary(row))
 
 
 @endpoints.add("POST", "/v1/hosts/{host}/retry", "Resume a failed host at its failed step",
                responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error})
 async def retry_host(request: web.Request) -> web.Response:
-    row = await _runtime(request).governor.retry(request.match_info["host"], actor=ACTOR)
+    row = await _runtime(request).governor.retry(request.match_info["host"], actor=_actor(request))
     return reply(schemas.Host, host_summary(row))
 
 
@@ -128,7 +151,7 @@ async def scale_app(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body: schemas.ScaleRequest = await parse_body(request, schemas.ScaleRequest)
     decision = await runtime.governor.scale(
-        request.match_info["app"], body.role, add=body.add, count=body.count, actor=ACTOR,
+        request.match_info["app"], body.role, add=body.add, count=body.count, actor=_actor(request),
         idempotency_key=body.idempotency_key, callback_url=body.callback_url,
     )
     return await request_reply(runtime, decision, operator=True)
@@ -141,7 +164,7 @@ async def release_app(request: web.Request) -> web.Response:
     runtime = _runtime(request)
     body: schemas.ReleaseRequest = await parse_body(request, schemas.ReleaseRequest)
     decision = await runtime.governor.release(
-        request.match_info["app"], hosts=body.hosts, role=body.role, count=body.count, actor=ACTOR,
+        request.match_info["app"], hosts=body.hosts, role=body.role, count=body.count, actor=_actor(request),
         idempotency_key=body.idempotency_key,
     )
     return await request_reply(runtime, decision, operator=True)
@@ -165,7 +188,7 @@ def _client_names(runtime: Runtime, app: str, section: Any) -> list[x509.General
     return []
 
 
-async def _issue(runtime: Runtime, app: str, *, rotate: bool) -> web.Response:
+async def _issue(runtime: Runtime, app: str, *, rotate: bool, actor: str) -> web.Response:
     section = _application(runtime, app)
     cn = section.certificate_cn or app
     earlier = [c["serial"] for c in await runtime.certificates.list(app) if c["revoked_at"] is None]
@@ -177,7 +200,7 @@ async def _issue(runtime: Runtime, app: str, *, rotate: bool) -> web.Response:
                                       issuer=pair.issuer)
     revoked = []
     for serial in earlier if rotate else []:
-        revoked += await runtime.certificates.revoke(app, actor=ACTOR, serial=serial)
+        revoked += await runtime.certificates.revoke(app, actor=actor, serial=serial)
     return reply(schemas.Certificate, {"app": app, "common_name": cn,
                                        "certificate_pem": pair.certificate.read_text(),
                                        "key_pem": pair.key_pem.decode(), "ca_pem": runtime.ca.cert_path.read_text(),
@@ -187,13 +210,13 @@ async def _issue(runtime: Runtime, app: str, *, rotate: bool) -> web.Response:
 @endpoints.add("POST", "/v1/apps/{app}/certificate", "Issue a client certificate for an application",
                responses={201: schemas.Certificate, 404: schemas.Error})
 async def issue_certificate(request: web.Request) -> web.Response:
-    return await _issue(_runtime(request), request.match_info["app"], rotate=False)
+    return await _issue(_runtime(request), request.match_info["app"], rotate=False, actor=_actor(request))
 
 
 @endpoints.add("POST", "/v1/apps/{app}/rotate", "Issue a new certificate and revoke the application's others",
                responses={201: schemas.Certificate, 404: schemas.Error})
 async def rotate_certificate(request: web.Request) -> web.Response:
-    return await _issue(_runtime(request), request.match_info["app"], rotate=True)
+    return await _issue(_runtime(request), request.match_info["app"], rotate=True, actor=_actor(request))
 
 
 @endpoints.add("POST", "/v1/apps/{app}/revoke", "Revoke an application's certificate(s), refused at once: "
@@ -210,20 +233,20 @@ async def revoke_certificate(request: web.Request) -> web.Response:
         raise RequestError(422, f"issuer: {body.issuer!r} is not governord's CA ({own}), and no site CA "
                            "is configured (api.tls.client_ca)", field="issuer")
     revoked: list[str] = [] if body.issuer not in (None, own) else \
-        await runtime.certificates.revoke(app, actor=ACTOR, serial=body.serial)
+        await runtime.certificates.revoke(app, actor=_actor(request), serial=body.serial)
     if body.serial is not None and revoked:
         issuer = own
     elif body.serial is not None and runtime.config.api.tls.client_ca is not None:
         # none of governord's: a certificate of the site CA, by issuer and serial
         issuer = _site_issuer(runtime.config.api.tls.client_ca, body.issuer)
-        if await runtime.certificates.revoke_site(app, issuer=issuer, serial=body.serial, actor=ACTOR):
+        if await runtime.certificates.revoke_site(app, issuer=issuer, serial=body.serial, actor=_actor(request)):
             revoked = [body.serial]
         else:
             raise RequestError(404, f"certificate {body.serial} of {issuer} is revoked already", field="serial")
     if body.serial and not revoked:
         raise RequestError(404, f"application {app} has no unrevoked certificate {body.serial}", field="serial")
     async with runtime.store.transaction() as conn:
-        await runtime.store.add_event(conn, "certificate-revoked", actor=ACTOR,
+        await runtime.store.add_event(conn, "certificate-revoked", actor=_actor(request),
                                       detail={"app": app, "serials": revoked, "issuer": issuer})
     return reply(schemas.Revoked, {"app": app, "revoked": revoked, "issuer": issuer})
 
@@ -287,7 +310,7 @@ async def _decide(request: web.Request, approve: bool) -> web.Response:
     runtime = _runtime(request)
     body: schemas.DecisionRequest = await parse_body(request, schemas.DecisionRequest)
     row = await runtime.governor.decide_pending(request.match_info["request_id"], approve=approve,
-                                                comment=body.comment, actor=ACTOR)
+                                                comment=body.comment, actor=_actor(request))
     return reply(schemas.Request, await runtime.governor.request_status(row, operator=True))
 
 
@@ -303,13 +326,35 @@ async def deny_request(request: web.Request) -> web.Response:
     return await _decide(request, False)
 
 
+def _time_query(request: web.Request, name: str) -> float | None:
+    value = request.query.get(name)
+    if value is None:
+        return None
+    try:
+        stamp = float(value)
+    except ValueError:
+        raise RequestError(422, f"{name}: not a Unix time: {value!r}", field=name) from None
+    if not math.isfinite(stamp):
+        raise RequestError(422, f"{name}: not a Unix time: {value!r}", field=name)
+    return stamp
+
+
 @endpoints.add("GET", "/v1/audit", "The audit log, newest first, a page at a time: every decision and step, "
-               "who and why", responses={200: schemas.EventList, 422: schemas.Error},
-               query={"kind": "only events whose kind starts with this", **paging.query("events")})
+               "who and why, with each event's host", responses={200: schemas.EventList, 422: schemas.Error},
+               query={"kind": "only events whose kind starts with this",
+                      "host": "only events of this host (name, FQDN or id; gone ones too)",
+                      "app": "only events of this application's hosts and requests",
+                      "actor": "only events whose actor starts with this (operator: every operator)",
+                      "since": ("only events at or after this Unix time", {"type": "number"}),
+                      "until": ("only events before this Unix time", {"type": "number"}),
+                      **paging.query("events")})
 async def audit(request: web.Request) -> web.Response:
     page = paging.requested(request, paging.AUDIT)
-    events = await _runtime(request).store.page_events(limit=page.limit, after=page.after,
-                                                       kind_prefix=request.query.get("kind"))
+    query = request.query
+    events = await _runtime(request).store.page_events(
+        limit=page.limit, after=page.after, kind_prefix=query.get("kind"), host=query.get("host"),
+        app=query.get("app"), actor_prefix=query.get("actor"), since=_time_query(request, "since"),
+        until=_time_query(request, "until"))
     return reply(schemas.EventList, {"events": events.rows, "next_cursor": paging.next_cursor(paging.AUDIT, events)})
 
 
@@ -330,9 +375,7 @@ async def list_requests(request: web.Request) -> web.Response:
                                                                              404: schemas.Error})
 async def show_request(request: web.Request) -> web.Response:
     runtime = _runtime(request)
-    row = await runtime.store.get_request(request.match_info["request_id"])
-    if row is None:
-        raise RequestError(404, "no such request", field="request_id")
+    row = await runtime.governor.operator_request(request.match_info["request_id"])
     return reply(schemas.Request, await runtime.governor.request_status(row, operator=True))
 
 
@@ -342,7 +385,7 @@ async def show_request(request: web.Request) -> web.Response:
 async def sweep(request: web.Request) -> web.Response:
     body: schemas.SweepRequest = await parse_body(request, schemas.SweepRequest)
     try:
-        report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=ACTOR)
+        report = await _runtime(request).sweeper.run(dry_run=body.dry_run, actor=_actor(request))
     except Busy as busy:  # one sweep at a time in the fleet
         raise RequestError(409, f"{busy}: try again when it is done") from None
     return reply(schemas.SweepReport, report.as_dict())

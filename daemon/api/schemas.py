@@ -146,8 +146,11 @@ class Event(BaseModel):
     id: int
     ts: float
     host_id: str | None
+    #: the FQDN of the event's host (None: an event of no one host)
+    host: str | None = None
     request_id: str | None
     kind: str
+    #: who: an application, ``operator:USER`` (the Unix user on the admin socket), governord, ...
     actor: str | None
     detail: dict[str, Any]
 

@@ -29,7 +29,7 @@ from ..engine import STATE_OF_STEP, STEP_OF_STATE, Engine, address_range, callba
 from ..models import ACTIVE_STATES, HostOrigin, HostState
 from ..outbound import Policy
 from ..registrars import application_view
-from ..store import NameTaken, Row, Store, Transaction, app_lock, network_lock
+from ..store import AmbiguousId, NameTaken, Row, Store, Transaction, app_lock, network_lock
 from ..store.schema import hosts
 
 log = logging.getLogger(__name__)
@@ -386,9 +386,8 @@ class Governor:
 
     async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
         """Approve (the rules are applied again, approval aside) or deny a pending request."""
-        row = await self.store.get_request(request_id)
-        if row is None:
-            raise RequestError(404, "no such request", field="request_id")
+        row = await self.operator_request(request_id)
+        request_id = row["id"]  # (it may have been given by a prefix)
         # its own transaction: an expiry stands even when this decision is refused
         self._count_expired(await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]),
                                                     locks=[app_lock(row["app"])]))
@@ -425,6 +424,16 @@ class Governor:
         self._decided(request["app"] or "", request["kind"], request["state"], rule)
         self.engine.wake()
         return request
+
+    async def operator_request(self, key: str) -> Row:
+        """A request an operator names: by id, or a unique prefix of it."""
+        try:
+            row = await self.store.get_request(key, prefix=True)
+        except AmbiguousId as exc:
+            raise RequestError(409, str(exc), field="request_id") from None
+        if row is None:
+            raise RequestError(404, "no such request", field="request_id")
+        return row
 
     def _kept_hosts(self, tx: Transaction, app: str, role: str | None, component: str | None = None) -> list[Row]:
         """The application's live hosts (of ``role``, of ``component``) that are not on their way out."""
@@ -553,7 +562,11 @@ class Governor:
         return [{**r, **changed[r["id"]]} for r in rows]
 
     async def host(self, key: str) -> Row:
-        row = await self.store.get_host(key)
+        """A host an operator names: by id (or a unique prefix of it), name or FQDN."""
+        try:
+            row = await self.store.get_host(key, prefix=True)
+        except AmbiguousId as exc:
+            raise RequestError(409, str(exc), field="host") from None
         if row is None:
             raise RequestError(404, f"no host named {key!r}", field="host")
         return row
@@ -600,7 +613,10 @@ class Governor:
                 if tag not in self.config.tags:
                     raise RequestError(422, f"unknown tag {tag!r} (known: {', '.join(self.config.tags)})",
                                        field=field_name)
-        row = await self.store.get_host(key)
+        try:
+            row = await self.store.get_host(key, prefix=True)
+        except AmbiguousId as exc:
+            raise RequestError(409, str(exc), field="host") from None
         if row is None or row["state"] == HostState.GONE.value:
             if not adopt:
                 raise RequestError(404, await self._no_such_host(key), field="host")

@@ -209,6 +209,26 @@ class NameTaken(Exception):
     """A live host already has this name."""
 
 
+class AmbiguousId(LookupError):
+    """An id prefix that matches more than one row; the message lists some of them."""
+
+
+#: what an id prefix an operator types may be: part of a UUID, at least 6 characters
+_ID_PREFIX = re.compile(r"[0-9a-f-]{6,36}")
+
+
+async def _by_prefix(conn: AsyncConnection, table: Any, key: str, what: str) -> Row | None:
+    """The one row of ``table`` whose id starts with ``key``; None if none, AmbiguousId if several."""
+    if not _ID_PREFIX.fullmatch(key):
+        return None
+    found = (await conn.execute(select(table).where(table.c.id.startswith(key, autoescape=True))
+                                .order_by(table.c.id).limit(4))).mappings().all()
+    if len(found) > 1:
+        shown = ", ".join(r["id"] for r in found[:3]) + (", ..." if len(found) > 3 else "")
+        raise AmbiguousId(f"{what} id prefix {key!r} matches more than one {what} ({shown}): give more of it")
+    return dict(found[0]) if found else None
+
+
 def app_lock(app: str) -> str:
     """The lock a decision about ``app`` holds (its hosts, counts, names, requests)."""
     return f"app:{app}"
@@ -567,8 +587,9 @@ class Store:
 
     # -- hosts: reads ---------------------------------------------------------------------
 
-    async def get_host(self, key: str) -> Row | None:
-        """A host by id, or by name (the live one, else the newest gone one)."""
+    async def get_host(self, key: str, *, prefix: bool = False) -> Row | None:
+        """A host by id, or by name (the live one, else the newest gone one); with ``prefix``
+        (an operator's lookup), else by a unique prefix of its id (AmbiguousId if not unique)."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(hosts).where(hosts.c.id == key))).mappings().first()
             if row is None:
@@ -580,6 +601,8 @@ class Store:
                         .limit(1)
                     )
                 ).mappings().first()
+            if row is None and prefix:
+                return await _by_prefix(conn, hosts, key, "host")
             return dict(row) if row else None
 
     async def live_names(self) -> list[str]:
@@ -658,14 +681,32 @@ class Store:
         return await self._page(query, (requests.c.created_at, requests.c.id), after, limit, descending=True)
 
     async def page_events(self, *, limit: int, after: Sequence[Any] | None = None, host_id: str | None = None,
-                          kind_prefix: str | None = None, newest_first: bool = True) -> Page:
+                          kind_prefix: str | None = None, newest_first: bool = True, host: str | None = None,
+                          app: str | None = None, actor_prefix: str | None = None, since: float | None = None,
+                          until: float | None = None) -> Page:
         """Audit events by ``id`` (newest first, or oldest first), ``limit`` at most, starting
-        after the event whose id is ``after``."""
-        query = select(events)
+        after the event whose id is ``after``, each with its host's FQDN (``host``, None for an
+        event of no host). Filters: ``host`` (a name, FQDN or id: every host that had it, gone
+        ones included), ``app`` (events of its hosts and its requests), ``kind_prefix``,
+        ``actor_prefix`` (``operator`` matches every operator), ``since``/``until`` (Unix time)."""
+        query = (select(events, hosts.c.fqdn.label("host"))
+                 .select_from(events.outerjoin(hosts, hosts.c.id == events.c.host_id)))
         if host_id is not None:
             query = query.where(events.c.host_id == host_id)
+        if host is not None:
+            query = query.where(events.c.host_id.in_(
+                select(hosts.c.id).where(or_(hosts.c.id == host, hosts.c.name == host, hosts.c.fqdn == host))))
+        if app is not None:
+            query = query.where(or_(hosts.c.app == app, events.c.request_id.in_(
+                select(requests.c.id).where(requests.c.app == app))))
         if kind_prefix:
             query = query.where(events.c.kind.startswith(kind_prefix, autoescape=True))
+        if actor_prefix:
+            query = query.where(events.c.actor.startswith(actor_prefix, autoescape=True))
+        if since is not None:
+            query = query.where(events.c.ts >= since)
+        if until is not None:
+            query = query.where(events.c.ts < until)
         return await self._page(query, (events.c.id,), after, limit, descending=newest_first)
 
     async def _page(self, query: Select[Any], key: Sequence[ColumnElement[Any]], after: Sequence[Any] | None,
@@ -821,9 +862,12 @@ class Store:
 
     # -- requests and events --------------------------------------------------------------
 
-    async def get_request(self, request_id: str) -> Row | None:
+    async def get_request(self, request_id: str, *, prefix: bool = False) -> Row | None:
+        """A request by id; with ``prefix`` (an operator's lookup), else by a unique prefix of it."""
         async with self.engine.connect() as conn:
             row = (await conn.execute(select(requests).where(requests.c.id == request_id))).mappings().first()
+            if row is None and prefix:
+                return await _by_prefix(conn, requests, request_id, "request")
             return dict(row) if row else None
 
     async def list_requests(self, *, app: str | None = None, limit: int = 100) -> list[Row]:

@@ -4,6 +4,8 @@ simulator."""
 
 from __future__ import annotations
 
+import os
+import pwd
 import signal
 
 from lab.stack import Governord, Lab
@@ -208,7 +210,7 @@ def test_approval_plan_and_audit_through_ctl(lab: Lab) -> None:
 
         audit = daemon.ctl_json("audit", "--kind", "request-")
         assert [e["kind"] for e in audit] == ["request-pending", "request-approved", "request-accepted"]
-        assert audit[0]["detail"]["rule"] == "approval" and audit[1]["actor"] == "operator"
+        assert audit[0]["detail"]["rule"] == "approval" and audit[1]["actor"] == f"operator:{pwd.getpwuid(os.getuid()).pw_name}"
         assert audit[1]["detail"]["comment"] == "capacity for the release"
     finally:
         daemon.stop()

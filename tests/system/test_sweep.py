@@ -9,6 +9,8 @@ policy says, checked on the other side and in the audit log; a second sweep find
 
 from __future__ import annotations
 
+import os
+import pwd
 import uuid
 import xmlrpc.client
 from collections.abc import Iterator
@@ -171,7 +173,7 @@ def test_sweep_dry_run_then_clean_then_nothing(lab: Lab, daemon: Governord) -> N
     audit = daemon.ctl_json("audit", "--kind", "sweep")
     assert sorted(e["kind"] for e in audit) == sorted(
         ["sweep-destroyed"] * 2 + ["sweep-retired"] + ["sweep-deregistered"] * 3 + ["sweep"])
-    assert {e["actor"] for e in audit} == {"operator"}
+    assert {e["actor"] for e in audit} == {f"operator:{pwd.getpwuid(os.getuid()).pw_name}"}
     destroyed = {e["detail"]["name"]: e["host_id"] for e in audit if e["kind"] == "sweep-destroyed"}
     assert destroyed == {"demo-node-77": unknown, "demo-node-01": gone["id"]}
     trail = [e["kind"] for e in daemon.ctl_json("hosts", "show", vanished["name"])["events"]]

@@ -123,7 +123,7 @@ BROKEN = [
     ("tag for unknown registrar", "[tags.node]\nforeman = { hostgroup = 'x' }\n", "tags.node.foreman: unknown key"),
     ("role names unknown provider",
      "[tags.node]\n[applications.a.roles.node]\ntags = ['node']\nprovider = 'nope'\n",
-     "applications.a.roles.node.provider: no provider named 'nope'"),
+     "applications.a.roles.node.provider: no provider named 'nope' (known: none: add a [providers.NAME] section)"),
     ("role names unknown tag",
      "[providers.vc]\ntype='vsphere'\nurl='https://v/sdk'\nusername='u'\npassword={env='GOVERNORD_VCENTER_PASSWORD'}\n"
      "datacenter='DC0'\ncluster='C0'\n[applications.a.roles.node]\ntags = ['nope']\nprovider = 'vc'\n"
