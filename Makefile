@@ -8,8 +8,9 @@ PY := $(VENV)/bin/python
 # Go + govmomi sources (vcsim), OpenIPMI's ipmi_sim + ipmitool (IPMI peer), libxml2 headers
 # (ovirt-engine-sdk-python builds a C extension), shellcheck + curl + openssl (the OpenShift hooks),
 # BIND 9 (named, tsig-keygen, dig) and PowerDNS with its SQLite backend (lab/dns: the dns registrar's peers),
-# Prometheus and promtool (lab/prometheus: the autoscaler's source of load; the alert rules' checks),
-# pg_dump and pg_restore (governord-ctl backup and restore of a PostgreSQL store)
+# Prometheus and promtool (lab/prometheus: the autoscaler's source of load; the alerting rules' checks and unit
+# tests, a real server scraping the daemon), pg_dump and pg_restore (governord-ctl backup and restore of a
+# PostgreSQL store)
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl \
 	bind9 bind9-utils bind9-dnsutils pdns-server pdns-backend-sqlite3 prometheus postgresql-client
 PYTEST_ARGS ?=

@@ -195,6 +195,7 @@ class Daemon:
             print(f"governord: configuration error: {ConfigError(self.config_path, 'api.tls.client_crl', str(exc))}",
                   file=sys.stderr)
             return EXIT_CONFIG
+        runtime.metrics.tls = self.tls  # its certificates' expiry
         limits = ConnectionLimits.from_config(api, runtime.metrics.refused)
         # one rate-limited line, not a traceback per attempt, when accept() runs out of descriptors
         install_exception_handler(loop, limits)

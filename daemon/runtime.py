@@ -49,10 +49,11 @@ class Runtime:
         self.listeners: set[int] = {config.api.port} - {0}
         self.governor = Governor(store, self.engine, config, listeners=self.listeners)
         self.metrics = Metrics(store, self.dispatcher, self.engine, self.fleet)
-        self.engine.on_transition.append(self.metrics.transition)
+        self.governor.on_decision.append(self.metrics.decided)
         #: each application's rate limit on scale, release and webhook requests (per instance)
         self.rate_limits = RateLimits(config, self.metrics.registry)
         self.ca = CertificateAuthority(config.daemon.state_dir / "pki")
+        self.metrics.ca_path = self.ca.cert_path
         self.certificates = CertificateStore(store, refresh=config.core.store.revocation_refresh)
         #: closing the instances a reload replaced, once their steps are done
         self._retiring: set[asyncio.Task[None]] = set()
@@ -134,6 +135,7 @@ class Runtime:
         self.config = config
         self.engine.config = config
         self.governor.config = config
+        self.metrics.configure(config)
         await self.governor.number_hosts()  # a role's new name pattern
         self.sweeper.reconfigure(config)
         self.rate_limits.configure(config)

@@ -13,6 +13,7 @@ import asyncio
 import inspect
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,18 +48,23 @@ class Dispatcher:
     def __init__(self, pm: pluggy.PluginManager, *, timeout: float) -> None:
         self.pm = pm
         self.timeout = timeout
-        #: per (hook, plugin): calls and failures, read by /metrics
-        self.stats: dict[tuple[str, str], list[int]] = {}
+        #: called with (hook, plugin, the call's arguments, its outcome) after every call
+        #: (the metrics count calls and failures as they happen)
+        self.on_call: list[Callable[[str, str, dict[str, Any], Outcome], None]] = []
 
     def _impls(self, hook_name: str) -> list[pluggy.HookImpl]:
         # get_hookimpls() lists in registration order with tryfirst last; pluggy calls reversed.
         return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
 
     async def _call(self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Outcome:
+        outcome = await self._run(hook_name, impl, kwargs)
+        for observer in self.on_call:
+            observer(hook_name, impl.plugin_name, kwargs, outcome)
+        return outcome
+
+    async def _run(self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Outcome:
         started = time.monotonic()
         args = {name: kwargs[name] for name in impl.argnames}
-        counters = self.stats.setdefault((hook_name, impl.plugin_name), [0, 0])
-        counters[0] += 1
         try:
             value = impl.function(**args)
             if inspect.isawaitable(value):
@@ -67,11 +73,9 @@ class Dispatcher:
         except asyncio.CancelledError:
             raise
         except TimeoutError:
-            counters[1] += 1
             error = RetryableError(f"{hook_name} took longer than {self.timeout}s", source=impl.plugin_name)
             return Outcome(impl.plugin_name, error=error, duration=time.monotonic() - started)
         except Exception as exc:  # noqa: BLE001 - every plugin failure becomes an attributed outcome
-            counters[1] += 1
             return Outcome(impl.plugin_name, error=exc, duration=time.monotonic() - started)
         return Outcome(impl.plugin_name, value=value, duration=time.monotonic() - started)
 

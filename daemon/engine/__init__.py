@@ -141,6 +141,10 @@ class Engine:
         self._runner: asyncio.Task[None] | None = None
         self._renewer: asyncio.Task[None] | None = None
         self.on_transition: list[Callable[[Row, str], None]] = []
+        #: called after every run of a step with (the host as the step began, the step, its
+        #: seconds, its outcome: "done", "waiting" (not configured yet), "retry" (failed, to be
+        #: tried again) or "failed" (failed for good))
+        self.on_step: list[Callable[[Row, str, float, str], None]] = []
         #: hosts whose task ended without giving its lease back (the store could not be
         #: reached): given back, fenced on the lease, once it can
         self._unreleased: set[str] = set()
@@ -326,9 +330,11 @@ class Engine:
             )
         if started is None:
             return None  # lease lost: another process has the host now
+        began = time.monotonic()
         try:
             result = await getattr(self, f"_step_{step}")(started)
         except NotReady as waiting:
+            self._stepped(started, step, began, "waiting")
             # polling is not trying: no event per poll, and the try counter starts again
             await self._fence(
                 started, {"attempts": 0, "next_attempt_at": time.time() + waiting.delay},
@@ -336,8 +342,19 @@ class Engine:
             )
             return None
         except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
+            self._stepped(started, step, began, "retry" if self.will_retry(started, step, exc) else "failed")
             return await self._step_failed(started, step, exc)
+        self._stepped(started, step, began, "done")
         return await self._commit(started, result)
+
+    def _stepped(self, row: Row, step: str, began: float, outcome: str) -> None:
+        seconds = time.monotonic() - began
+        for callback in self.on_step:
+            callback(row, step, seconds, outcome)
+
+    def will_retry(self, row: Row, step: str, exc: BaseException) -> bool:
+        """Is this failure of the step tried again (passing, and tries left)?"""
+        return is_retryable(exc) and row["attempts"] <= self.retry_policy(row, step)[0]
 
     async def _commit(self, row: Row, result: StepResult) -> Row | None:
         reason_kept = rolling_back(row)
@@ -383,8 +400,8 @@ class Engine:
 
     async def _step_failed(self, row: Row, step: str, exc: BaseException) -> Row | None:
         message = str(exc) if isinstance(exc, StepError) else f"{type(exc).__name__}: {exc}"
-        limit, backoff, backoff_max = self.retry_policy(row, step)
-        if is_retryable(exc) and row["attempts"] <= limit:
+        _limit, backoff, backoff_max = self.retry_policy(row, step)
+        if self.will_retry(row, step, exc):
             delay = min(backoff * (2 ** (row["attempts"] - 1)), backoff_max)
             values: dict[str, Any] = {"next_attempt_at": time.time() + delay}
             if not rolling_back(row):  # a rollback's error stays the reason it rolls back

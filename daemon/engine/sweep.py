@@ -118,7 +118,7 @@ class SweepMetrics:
                                ["kind", "outcome"], registry=registry)
         self.last_run = Gauge("governord_sweep_last_run_timestamp_seconds", "When the latest sweep finished",
                               registry=registry)
-        self.duration = Gauge("governord_sweep_duration_seconds", "How long the latest sweep took",
+        self.duration = Gauge("governord_sweep_last_duration_seconds", "How long the latest sweep took",
                               registry=registry)
         for kind in ("leaked", "vanished", "orphaned"):
             self.findings.labels(kind).set(0)

@@ -17,6 +17,7 @@ import logging
 import re
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -55,6 +56,14 @@ class RequestError(Exception):
         super().__init__(message)
 
 
+class _Refused(RequestError):
+    """A release the application's rules refuse (a 409): ``rule`` names the rule."""
+
+    def __init__(self, rule: str, status: int, message: str, *, field: str | None = None) -> None:
+        self.rule = rule
+        super().__init__(status, message, field=field)
+
+
 @dataclass
 class Plan:
     """What the rules decided for a scale request, before anything is written."""
@@ -77,6 +86,8 @@ class Decision:
     replayed: bool = False
     #: the request's hosts as the decision left them (its answer needs no second read)
     hosts: list[Row] | None = None
+    #: the rule that decided (a scale request's Plan.rule; "release" or "cancel" for releases)
+    rule: str = ""
 
 
 class Governor:
@@ -98,6 +109,14 @@ class Governor:
         #: may see (its type's ``application_keys``); the runtime sets it whenever it builds the
         #: registrars. A system not in it shows applications nothing of its records.
         self.application_keys: dict[str, frozenset[str]] = {}
+        #: called once a decision is committed, with (app, kind, outcome, rule): outcome is the
+        #: request's state (accepted, declined, pending; denied or expired for a pending one),
+        #: rule the rule that decided (see Plan.rule). A repeat of an idempotency key is none.
+        self.on_decision: list[Callable[[str, str, str, str], None]] = []
+
+    def _decided(self, app: str, kind: str, outcome: str, rule: str) -> None:
+        for callback in self.on_decision:
+            callback(app, kind, outcome, rule)
 
     def _app(self, app: str) -> Any:
         section = self.config.applications.get(app)
@@ -163,10 +182,11 @@ class Governor:
             tx.insert_request(request)  # with its hosts: one write
             if callback_url is not None:
                 callbacks.enqueue(tx.conn, request_id=request["id"], app=app, url=callback_url)
-            return Decision(request, hosts=rows)
+            return Decision(request, hosts=rows, rule=plan.rule)
 
         decision = await self.store.decide(decide, locks=[app_lock(app)])
         if not decision.replayed:
+            self._decided(app, "scale", decision.request["state"], decision.rule)
             self.engine.wake()
         return decision
 
@@ -341,7 +361,10 @@ class Governor:
 
     # -- approvals ----------------------------------------------------------------------------------
 
-    def _expire_pending(self, tx: Transaction, app: str | None = None) -> None:
+    def _expire_pending(self, tx: Transaction, app: str | None = None) -> list[Row]:
+        """Expire the pending requests (of ``app``) past their application's approval expiry;
+        returns those it expired."""
+        expired = []
         for request in tx.pending_requests(app):
             section = self.config.applications.get(request["app"])
             expiry = section.approval_expiry if section else 0.0
@@ -350,18 +373,28 @@ class Governor:
                                   updated_at=time.time())
                 tx.add_event("request-expired", actor="governord", request_id=request["id"],
                              detail={"app": request["app"], "after": expiry})
+                expired.append(request)
+        return expired
+
+    def _count_expired(self, expired: list[Row]) -> None:
+        for request in expired:
+            self._decided(request["app"] or "", request["kind"], "expired", "approval_expiry")
 
     async def expire_pending(self) -> None:
-        await self.store.decide(self._expire_pending, locks=[app_lock(app) for app in self.config.applications])
+        self._count_expired(await self.store.decide(self._expire_pending,
+                                                    locks=[app_lock(app) for app in self.config.applications]))
 
     async def decide_pending(self, request_id: str, *, approve: bool, comment: str, actor: str) -> Row:
         """Approve (the rules are applied again, approval aside) or deny a pending request."""
         row = await self.operator_request(request_id)
         request_id = row["id"]  # (it may have been given by a prefix)
         # its own transaction: an expiry stands even when this decision is refused
-        await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]), locks=[app_lock(row["app"])])
+        self._count_expired(await self.store.decide(lambda tx: self._expire_pending(tx, row["app"]),
+                                                    locks=[app_lock(row["app"])]))
+        rule = "operator"  # a denial; an approval applies the rules again, and one of them decides
 
         def decide(tx: Transaction) -> Row:
+            nonlocal rule
             request = tx.request(request_id)
             assert request is not None
             if request["state"] != "pending":
@@ -377,6 +410,7 @@ class Governor:
             params = request["params"]
             plan = self.plan_scale(tx, request["app"], params["role"], add=params["add"], count=params["count"],
                                    approved=True, component=params.get("component"))
+            rule = plan.rule
             reason = f"approved by {actor}: {comment}" if plan.decision == "accepted" else plan.reason
             request.update(state=plan.decision, reason=reason)
             tx.add_event("request-approved", actor=actor, request_id=request_id,
@@ -387,6 +421,7 @@ class Governor:
             return request
 
         request = await self.store.decide(decide, locks=[app_lock(row["app"])])
+        self._decided(request["app"] or "", request["kind"], request["state"], rule)
         self.engine.wake()
         return request
 
@@ -458,19 +493,30 @@ class Governor:
                 victims = self._victims(live, count, section.deletion_policy)  # type: ignore[arg-type]
             kept_app = len(live) if role is None else len(self._kept_hosts(tx, app, None))
             if kept_app - len(victims) < section.min_hosts:
-                raise RequestError(409, f"minimum: application {app} keeps at least {section.min_hosts} hosts, "
-                                   f"has {kept_app}, asked to release {len(victims)}", field="hosts")
+                raise _Refused("min_hosts", 409, f"minimum: application {app} keeps at least {section.min_hosts} "
+                               f"hosts, has {kept_app}, asked to release {len(victims)}", field="hosts")
             request = tx.insert_request(tx.new_request(
                 app=app, actor=actor, idempotency_key=idempotency_key, kind="release", params=params,
                 state="accepted", reason=None, host_ids=[h["id"] for h in victims]))
             rows = self._retire(tx, victims, actor, request["id"])
             tx.add_event("request-accepted", actor=actor, request_id=request["id"],
                          detail={"app": app, "release": [v["name"] for v in victims]})
-            return Decision(request, hosts=rows)
+            return Decision(request, hosts=rows, rule="release")
 
-        decision = await self.store.decide(decide, locks=[app_lock(app)])
+        decision = await self._decide_release(app, decide)
         if not decision.replayed:
             self.engine.wake()
+        return decision
+
+    async def _decide_release(self, app: str, decide: Callable[[Transaction], Decision]) -> Decision:
+        """Run a release decision, counting its outcome: accepted, or declined by a rule."""
+        try:
+            decision = await self.store.decide(decide, locks=[app_lock(app)])
+        except _Refused as refused:
+            self._decided(app, "release", "declined", refused.rule)
+            raise
+        if not decision.replayed:
+            self._decided(app, "release", "accepted", decision.rule)
         return decision
 
     async def cancel_unmade(self, app: str, role: str, count: int, *, actor: str) -> Decision:
@@ -485,8 +531,8 @@ class Governor:
         def decide(tx: Transaction) -> Decision:
             unmade = [h for h in self._kept_hosts(tx, app, role) if h["state"] == HostState.REQUESTED.value]
             if count > len(unmade):
-                raise RequestError(409, f"{app}/{role} has {len(unmade)} hosts not made yet, asked to cancel {count}: "
-                                   "hosts that exist are released by name", field="count")
+                raise _Refused("unmade", 409, f"{app}/{role} has {len(unmade)} hosts not made yet, asked to cancel "
+                               f"{count}: hosts that exist are released by name", field="count")
             victims = self._victims(unmade, count, "newest")
             request = tx.insert_request(tx.new_request(
                 app=app, actor=actor, idempotency_key=None, kind="release", params=params,
@@ -494,9 +540,9 @@ class Governor:
             rows = self._retire(tx, victims, actor, request["id"])
             tx.add_event("request-accepted", actor=actor, request_id=request["id"],
                          detail={"app": app, "cancel": [v["name"] for v in victims]})
-            return Decision(request, hosts=rows)
+            return Decision(request, hosts=rows, rule="cancel")
 
-        decision = await self.store.decide(decide, locks=[app_lock(app)])
+        decision = await self._decide_release(app, decide)
         self.engine.wake()
         return decision
 

@@ -638,6 +638,21 @@ class Store:
             rows = await conn.execute(_STATE_COUNTS)
             return {state: n for state, n in rows}
 
+    async def count_live_hosts(self) -> list[tuple[str, str, str, str, int]]:
+        """Live hosts (not gone) by (app, role, provider, state), for ``/metrics``. One grouped
+        read of the live hosts (both databases walk the partial index ``ix_hosts_live_seq``,
+        never the gone ones): as many rows as the applications' caps allow, not the history
+        (bench/metrics_scrape.py)."""
+        async with self.engine.connect() as conn:
+            return [(app or "", role or "", provider or "", state, int(n))
+                    for app, role, provider, state, n in await conn.execute(_LIVE_HOSTS_GROUPED)]
+
+    async def pending_by_app(self) -> dict[str, tuple[int, float]]:
+        """Per application, its requests waiting for approval: how many, and when the oldest was
+        made. One read of the requests (those the retention keeps)."""
+        async with self.engine.connect() as conn:
+            return {app or "": (int(n), float(oldest)) for app, n, oldest in await conn.execute(_PENDING_BY_APP)}
+
     async def live_count(self, app: str) -> int:
         """The application's live hosts (from the counts the triggers keep)."""
         async with self.engine.connect() as conn:
@@ -934,6 +949,14 @@ _REQUEST_BY_ID = select(requests).where(requests.c.id == bindparam("id"))
 _STATE_COUNTS = (select(state_counts.c.state, func.sum(state_counts.c.hosts).label("hosts")).group_by(state_counts.c.state)
                  .having(func.sum(state_counts.c.hosts) != 0))
 _APP_LIVE_COUNT = select(func.coalesce(func.sum(live_counts.c.hosts), 0)).where(live_counts.c.app == bindparam("app"))
+#: the live hosts' exact term of the partial index ``ix_hosts_live_seq`` (SQLite uses a partial
+#: index only for a query that repeats its WHERE term)
+_LIVE_HOSTS_GROUPED = (
+    select(hosts.c.app, hosts.c.role, hosts.c.provider, hosts.c.state, func.count())
+    .where(text("state != 'gone'")).group_by(hosts.c.app, hosts.c.role, hosts.c.provider, hosts.c.state)
+)
+_PENDING_BY_APP = (select(requests.c.app, func.count(), func.min(requests.c.created_at))
+                   .where(requests.c.state == "pending").group_by(requests.c.app))
 _INSERT_REQUEST = insert(requests)
 _LIVE_COUNTS = (select(live_counts.c.provider, func.sum(live_counts.c.hosts).label("hosts")).where(live_counts.c.app == bindparam("app"))
                 .group_by(live_counts.c.provider))

@@ -153,7 +153,7 @@ async def test_application_api_over_mtls(lab: Lab, governord: Governord, tmp_pat
         code, doc = await app.call("GET", "/openapi.json")
         assert code == 200
         code, metrics = await app.call("GET", "/metrics")
-        assert code == 200 and 'governord_hosts{state="ready"} 1.0' in metrics
+        assert code == 200 and 'governord_hosts{app="demo",provider="vsphere",role="node",state="ready"} 1.0' in metrics
         code, health = await app.call("GET", "/healthz")
         assert code == 200
 

@@ -220,8 +220,8 @@ def test_sigstop_past_the_lease_is_fenced_out(tmp_path: Path, fleet_of: Callable
     """An instance paused (SIGSTOP) while its clones run in vCenter, for longer than its lease
     (the other two are started meanwhile): they take its hosts over and finish them; after
     SIGCONT the paused one stops its steps (the lease renewal finds the hosts taken:
-    ``governord_steps_taken_over``) or has its late writes refused
-    (``governord_fenced_writes_refused``), and writes nothing: each host's history has no
+    ``governord_steps_taken_over_total``) or has its late writes refused
+    (``governord_fenced_writes_refused_total``), and writes nothing: each host's history has no
     transition twice.
 
     A duplicate VM can arise here, and the test lets it rather than hide it: vcsim runs each
@@ -269,8 +269,8 @@ def test_sigstop_past_the_lease_is_fenced_out(tmp_path: Path, fleet_of: Callable
 
         # the paused instance learns it lost its hosts, and writes nothing
         def told() -> bool:
-            taken = fleet.metric(first, "governord_steps_taken_over") or 0
-            refused = fleet.metric(first, "governord_fenced_writes_refused") or 0
+            taken = fleet.metric(first, "governord_steps_taken_over_total") or 0
+            refused = fleet.metric(first, "governord_fenced_writes_refused_total") or 0
             return taken + refused >= 1
         wait_until(told, timeout=LEASE_SECONDS * 2, interval=0.2, what=f"{first} told it lost its hosts")
         wait_until(lambda: fleet.metric(first, "governord_steps_in_flight") == 0, timeout=30,

@@ -191,8 +191,9 @@ async def test_fleet_wide_figures_come_from_the_leader_alone(
     decision = await runtimes[0].governor.scale("demo", "node", add=2, actor="t")
     await wait_states(runtimes[0], decision.request["host_ids"], {"ready"})
     bodies = [(await r.metrics.render()).decode() for r in runtimes]
-    reporting = [body for body in bodies if 'governord_hosts{state="ready"}' in body]
-    assert len(reporting) == 1 and 'governord_hosts{state="ready"} 2.0' in reporting[0]
+    ready = 'governord_hosts{app="demo",provider="mem",role="node",state="ready"}'
+    reporting = [body for body in bodies if ready in body]
+    assert len(reporting) == 1 and f"{ready} 2.0" in reporting[0]
     assert 'governord_fleet_instances{status="up"} 3.0' in reporting[0]
     assert sum("governord_leader 1.0" in body for body in bodies) == 1
     assert all("governord_steps_in_flight" in body for body in bodies)  # each instance's own

@@ -21,12 +21,12 @@ from governord.pki import RevocationListError, load_revocation_lists
 NOW = datetime.datetime.now(datetime.UTC)
 
 
-def _ca(name: str) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
+def _ca(name: str, days: int = 10) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
     key = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
             .serial_number(x509.random_serial_number()).not_valid_before(NOW - datetime.timedelta(days=1))
-            .not_valid_after(NOW + datetime.timedelta(days=10))
+            .not_valid_after(NOW + datetime.timedelta(days=days))
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True).sign(key, hashes.SHA256()))
     return cert, key
 
