@@ -154,6 +154,22 @@ def test_prometheus_scrapes_governord_fires_on_a_failed_host_and_answers_every_p
     assert expiry == {"ca": x509.load_pem_x509_certificate(ca.read_bytes()).not_valid_after_utc.timestamp(),
                       "server": served.not_valid_after_utc.timestamp()}
 
+    # a role scaling on a query of this same Prometheus (within its band: nothing is asked), taken
+    # by a reload, so the autoscaler's series are there for its panels
+    daemon.config.write_text(daemon.config.read_text() + f"""
+[prometheus]
+url = "{prometheus.url}"
+
+[applications.demo.roles.node.autoscale]
+query = "vector(0.5)"
+scale_up_above = 0.8
+scale_down_below = 0.3
+interval = 0.5
+""")
+    daemon.ctl("reload")
+    wait_until(lambda: prometheus.query('governord_autoscale_value{app="demo",role="node"} == 0.5'), timeout=30,
+               what="the autoscale rule's value scraped")
+
     # the dashboard: every panel's query parses and answers with a series
     time.sleep(3)  # a few more scrapes: rate() and increase() over the new series need two samples
     empty = []
