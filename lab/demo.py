@@ -41,9 +41,22 @@ console = Console(width=max(shutil.get_terminal_size((160, 40)).columns, 160))
 
 
 def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
+    """The hosts as governord and each peer see them. A host's machine is found by the machine
+    id governord recorded (on bare metal: the pool's machine it got, whatever its name), else by
+    the host's name; a machine of no host is a row of its own."""
     assert lab.platform
     hosts = {h["fqdn"]: h for h in daemon.ctl_json("hosts", "list")}
-    vms = {f"{name.split('.')[0]}.lab.example": vm for name, vm in lab.platform.machines().items()}
+    machines = lab.platform.machines()
+    by_id = {vm["id"]: (name, vm) for name, vm in machines.items()}
+    vms: dict[str, dict[str, Any]] = {}
+    for fqdn, h in hosts.items():
+        found = by_id.pop(h["machine_id"], None) if h.get("machine_id") else None
+        if found is None and h["name"] in machines:
+            found = (h["name"], by_id.pop(machines[h["name"]]["id"], (h["name"], machines[h["name"]]))[1])
+        if found is not None:
+            vms[fqdn] = {**found[1], "name": found[0]}
+    for name, vm in by_id.values():  # machines no host has
+        vms[f"{name.split('.')[0]}.lab.example" if "." not in name else name] = {**vm, "name": name}
     foreman = lab.foreman_hosts()
     satellite = lab.satellite_systems()
     names = dns_names(lab) if lab.dns is not None else {}
@@ -54,19 +67,24 @@ def show(lab: Lab, daemon: Governord, title: str) -> dict[str, Any]:
         table.add_column(column)
     for fqdn in sorted(set(hosts) | set(vms) | set(foreman) | set(satellite) | set(names)):
         h, vm, fm, sat = hosts.get(fqdn), vms.get(fqdn), foreman.get(fqdn), satellite.get(fqdn)
+        machine = "-"
+        if vm:
+            named = f"{vm['name']} " if vm["name"] != vm["id"] and vm["name"].split(".")[0] != fqdn.split(".")[0] \
+                else ""
+            machine = f"{named}{vm['id']} {vm['state']} {vm['address'] or ''}".strip()
         row = [
             fqdn,
             h["state"] if h else "-",
             ",".join(h["tags"]) if h else "-",
-            f"{vm['id']} {vm['state']} {vm['address'] or ''}" if vm else "-",
+            machine,
             f"{fm['hostgroup']}: {', '.join(fm['puppet_classes'])}" if fm else "-",
             ", ".join(sat["groups"]) if sat else "-",
         ]
         if lab.dns is not None:
-            found = names.get(fqdn)
+            found_names = names.get(fqdn)
             row.append("; ".join(f"{a} (PTR {'back' if p == [fqdn] else ', '.join(p) or 'none'})"
-                                 for a, p in found.items()) if found else "-")
-        table.add_row(*row)
+                                 for a, p in found_names.items()) if found_names else "-")
+        table.add_row(*(escape(cell) for cell in row))
     console.print(table)
     console.print()
     return {"hosts": hosts, "vms": vms, "foreman": foreman, "satellite": satellite, "dns": names}
@@ -156,15 +174,27 @@ def show_puppet(lab: Lab, daemon: Governord) -> dict[str, str]:
     return seen
 
 
-def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str, body: Any = None) -> Any:
-    """What the demo application does: HTTPS with its client certificate."""
+def app_request(daemon: Governord, cert: dict[str, str], method: str, path: str, body: Any = None, *,
+                quiet: bool = False) -> Any:
+    """What the demo application does: HTTPS with its client certificate; shown as it goes
+    (``quiet``: not shown, for the polls)."""
     context = ssl.create_default_context(cafile=cert["ca"])
     context.load_cert_chain(cert["certificate"], cert["key"])
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(f"https://localhost:{daemon.api_port}{path}", data=data, method=method,
-                                     headers={"Content-Type": "application/json"})
+    url = f"https://localhost:{daemon.api_port}{path}"
+    request = urllib.request.Request(url, data=data, method=method, headers={"Content-Type": "application/json"})
+    if not quiet:
+        console.print(f"[bold]the application sends[/bold] {escape(method)} {escape(url)}")
+        console.print(f"  client certificate {escape(cert['certificate'])} (CN {escape(cert['common_name'])}), "
+                      f"trusting {escape(cert['ca'])}")
+        if data is not None:
+            console.print(f"  Content-Type: application/json\n  {escape(data.decode())}")
     with urllib.request.urlopen(request, context=context, timeout=30) as resp:  # noqa: S310 - loopback
-        return json.loads(resp.read())
+        answer = json.loads(resp.read())
+        if not quiet:
+            shown = {k: answer[k] for k in ("id", "decision", "status", "reason") if k in answer}
+            console.print(f"[bold]governord answers[/bold] {resp.status}: {escape(json.dumps(shown))}")
+        return answer
 
 
 def run(workdir: Path, platform: str, puppet: bool, dns_server: str = "bind") -> None:
@@ -200,7 +230,7 @@ def run(workdir: Path, platform: str, puppet: bool, dns_server: str = "bind") ->
         deadline = time.monotonic() + 300
         while request["status"] == "in-progress" and time.monotonic() < deadline:
             time.sleep(0.5)
-            request = app_request(daemon, cert, "GET", f"/v1/requests/{request['id']}")
+            request = app_request(daemon, cert, "GET", f"/v1/requests/{request['id']}", quiet=True)
         console.print(f"request status: {request['status']}")
         seen = show(lab, daemon, "after scale-up")
         if puppet:
@@ -350,7 +380,8 @@ def run_autoscaler(workdir: Path, platform: str) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m lab.demo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--workdir", type=Path, help="keep the lab's files here (default: a temporary directory)")
+    parser.add_argument("--workdir", type=Path, help="keep the lab's files and logs here (default: a temporary "
+                        "directory, removed unless the demo fails)")
     parser.add_argument("--platform", choices=sorted(PLATFORMS), default="vsphere",
                         help="where the machines are made (default: vsphere on vcsim)")
     parser.add_argument("--puppet", action="store_true",
@@ -368,11 +399,21 @@ def main(argv: list[str] | None = None) -> int:
             run(workdir, args.platform, args.puppet, args.dns)
 
     if args.workdir:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        console.print(f"the lab's files and logs are kept in {args.workdir} (governord's: "
+                      f"{args.workdir / 'governord' / 'governord.log'})")
         play(args.workdir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="governord-demo-") as tmp:
-            Path(tmp).chmod(0o711)  # the Puppet stack's PostgreSQL runs as user postgres
-            play(Path(tmp))
+        return 0
+    workdir = Path(tempfile.mkdtemp(prefix="governord-demo-"))
+    workdir.chmod(0o711)  # the Puppet stack's PostgreSQL runs as user postgres
+    try:
+        play(workdir)
+    except BaseException:
+        # a demo that failed keeps what shows why
+        console.print(f"the demo failed: the lab's files and logs are kept in {workdir} (governord's: "
+                      f"{workdir / 'governord' / 'governord.log'})")
+        raise
+    shutil.rmtree(workdir, ignore_errors=True)
     return 0
 
 

@@ -618,10 +618,8 @@ class Governor:
         except AmbiguousId as exc:
             raise RequestError(409, str(exc), field="host") from None
         if row is None or row["state"] == HostState.GONE.value:
-            if not adopt:
+            if not adopt or not add:  # (nothing to adopt it with but removals: as unknown as ever)
                 raise RequestError(404, await self._no_such_host(key), field="host")
-            if not add:
-                raise RequestError(422, "adopting a host takes tags to add", field="add")
             return await self._adopt(key, add, actor=actor, address=address)
         if row["state"] in _LEAVING:
             raise RequestError(409, f"host {row['name']} is being retired", field="host")
