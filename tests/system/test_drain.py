@@ -122,8 +122,8 @@ callback_url = "http://127.0.0.1:{port}/drain"
         assert status == 404 and body["field"] == "host"
         status, host = _call(daemon, context, "/v1/hosts/demo-node-02/drained")
         assert status == 200 and host["name"] == "demo-node-02"
-        await _until(lambda: sorted(lab.vsphere_vms()) == ["demo-node-01"], 120, "the drained node's VM gone")
-        await _until(lambda: _states(daemon)["demo-node-02"] == "gone", 60, "the drained node gone")
+        await _until(lambda: _states(daemon)["demo-node-02"] == "gone", 120, "the drained node gone")
+        assert sorted(lab.vsphere_vms()) == ["demo-node-01"]  # its VM really destroyed
         status, host = _call(daemon, context, "/v1/hosts/demo-node-02/drained")  # a repeat
         assert status == 200 and host["state"] == "gone"
         [drained] = [e["detail"] for e in daemon.db_rows("events") if e["kind"] == "drained"]
@@ -137,8 +137,8 @@ callback_url = "http://127.0.0.1:{port}/drain"
         assert code == 1 and "HTTP 404" in err
         code, err = await _drained_hook(daemon, secret, "demo-node-01")
         assert code == 0, err
-        await _until(lambda: lab.vsphere_vms() == {}, 120, "the last VM gone")
-        await _until(lambda: _states(daemon)["demo-node-01"] == "gone", 60, "the last node gone")
+        await _until(lambda: _states(daemon)["demo-node-01"] == "gone", 120, "the last node gone")
+        assert lab.vsphere_vms() == {}
         code, err = await _drained_hook(daemon, secret, "demo-node-01")  # a repeat: no error
         assert code == 0, err
         assert [e["event"] for _, e in arrived] == ["draining", "draining"]
