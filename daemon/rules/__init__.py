@@ -429,6 +429,9 @@ class Governor:
         request = await self.store.decide(decide, locks=[app_lock(row["app"])])
         self._decided(request["app"] or "", request["kind"], request["state"], rule)
         self.engine.wake()
+        if approve and request["state"] == "accepted" and request["host_ids"]:
+            # an approved scale-down may have moved hosts to draining: plugins hear of it
+            await self.announce_draining(await self.store.list_hosts(ids=request["host_ids"]))
         return request
 
     async def operator_request(self, key: str) -> Row:

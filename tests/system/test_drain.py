@@ -98,11 +98,20 @@ callback_url = "http://127.0.0.1:{port}/drain"
         issued = daemon.ctl_json("apps", "register", "demo")
         context = ssl.create_default_context(cafile=issued["ca"])
         context.load_cert_chain(issued["certificate"], issued["key"])
-        status, _ = _call(daemon, context, "/v1/scale", {"role": "node", "add": 2})
+        status, _ = _call(daemon, context, "/v1/scale", {"role": "node", "add": 3})
         assert status == 202
-        await _until(lambda: _states(daemon) == {"demo-node-01": "ready", "demo-node-02": "ready"}, 120,
-                     "two ready nodes")
+        await _until(lambda: set(_states(daemon).values()) == {"ready"} and len(_states(daemon)) == 3, 120,
+                     "three ready nodes")
+        assert sorted(lab.vsphere_vms()) == ["demo-node-01", "demo-node-02", "demo-node-03"]
+
+        # an operator: a plain retire drains too; --now cuts it short and the VM goes at once
+        assert daemon.ctl_json("retire", "demo-node-03")["state"] == "draining"
+        await _until(lambda: arrived, 30, "the draining callback of demo-node-03")
+        done = daemon.ctl("retire", "demo-node-03", "--now", "--wait")
+        assert "demo-node-03" in done.stderr + done.stdout
+        assert _states(daemon)["demo-node-03"] == "gone"
         assert sorted(lab.vsphere_vms()) == ["demo-node-01", "demo-node-02"]
+        arrived.clear()
 
         status, body = _call(daemon, context, "/v1/hosts/demo-node-01/drained")
         assert status == 409 and body["field"] == "host" and "is ready, not draining" in body["error"]

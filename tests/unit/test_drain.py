@@ -18,6 +18,7 @@ from aiohttp import web
 from sqlalchemy import select
 
 from governord import hookimpl, testing, webhooks
+from governord.api import admin_api
 from governord.models import HostView
 from governord.rules import RequestError
 from governord.runtime import Runtime
@@ -375,5 +376,28 @@ async def test_a_drain_command_past_its_timeout_is_killed_and_not_yet(make_runti
         await runtime.governor.scale("demo", "node", count=1, actor="t")
         await wait_states(runtime, [two["id"]], {"gone"}, timeout=20)
         assert (await event(runtime, two["id"], "drained"))["detail"]["by"] == "timeout"
+    finally:
+        await runtime.stop()
+
+
+async def test_the_admin_api_retires_now_only_when_asked(make_runtime: Callable[..., Any], secret: None,
+                                                         aiohttp_client: Callable[..., Any]) -> None:
+    """POST /v1/hosts/{host}/retire (governord-ctl retire): drains; ?now=true does not, and cuts a
+    drain short; any other value of now is a 422 naming it, and changes nothing."""
+    runtime: Runtime = await make_runtime(drain())
+    try:
+        admin = await aiohttp_client(admin_api.create_admin_api(runtime))
+        one, two = await ready_hosts(runtime, 2)
+        refused = await admin.post(f"/v1/hosts/{one['name']}/retire", params={"now": "yes"})
+        assert refused.status == 422 and (await refused.json())["field"] == "now"
+        assert (await runtime.store.get_host(one["id"]))["state"] == "ready"  # type: ignore[index]
+        plain = await admin.post(f"/v1/hosts/{one['name']}/retire")
+        assert plain.status == 200 and (await plain.json())["state"] == "draining"
+        cut = await admin.post(f"/v1/hosts/{one['name']}/retire", params={"now": "true"})
+        assert cut.status == 200 and (await cut.json())["retire_requested"] is True
+        now = await admin.post(f"/v1/hosts/{two['name']}/retire", params={"now": "true"})
+        assert now.status == 200 and (await now.json())["state"] == "retiring"
+        await wait_states(runtime, [one["id"], two["id"]], {"gone"})
+        assert machines() == set()
     finally:
         await runtime.stop()
