@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
+import yarl
 from pydantic import (
     AfterValidator,
     BaseModel,
@@ -47,7 +48,7 @@ from sqlalchemy.exc import ArgumentError
 from .descriptors import descriptor_limit, descriptor_shortfall
 from .errors import ConfigError, ConfigErrors, FieldError
 from .nodetemplate import NodeTemplateSection
-from .outbound import never_reason
+from .outbound import Policy, never_reason
 from .pki import RevocationListError, load_revocation_lists
 from .providers import ProviderConfig, ProviderProfile, ProviderRegistry, StrictModel
 from .registrars import RegistrarConfig, RegistrarRegistry, TagMapping
@@ -540,6 +541,38 @@ class RateLimitSection(StrictModel):
     burst: int = Field(default=20, ge=1, le=100000)
 
 
+class DrainSection(StrictModel):
+    """``[applications.APP.drain]``: a ready host a scale-down picks is drained before it is
+    retired. It enters ``draining``, the application is told (a signed ``draining`` callback to
+    ``callback_url``, ``governord_host_event`` to plugins), and it waits until the application
+    confirms (``POST /v1/hosts/NAME/drained`` or the OpenShift ``drained`` hook), a
+    ``governord_drain_host`` plugin says it drained, or ``timeout`` passes. Without the section
+    the application's hosts retire at once."""
+
+    #: seconds a host waits in ``draining`` for a confirmation
+    timeout: float = Field(default=600.0, gt=0, le=7 * 86400)
+    #: what the timeout does: "proceed" retires the host anyway; "keep" puts it back to ready
+    #: and drops its retirement (the application is told: ``drain-cancelled``)
+    on_timeout: Literal["proceed", "keep"] = "proceed"
+    #: where the signed ``draining`` (and ``drain-cancelled``) notifications go, signed with the
+    #: application's webhook secret, within its ``[applications.APP.callbacks]`` rules; unset: the
+    #: application is not called (plugins and the timeout still apply)
+    callback_url: ServiceURL | None = Field(default=None, min_length=1, max_length=2048)
+
+
+def _drain_url_refusal(url: str, rules: CallbackRules) -> str | None:
+    """Why a drain callback_url can never be sent to, as a scale request's callback_url is
+    judged (before any lookup), or None."""
+    try:
+        parsed = yarl.URL(url)
+        host, port = parsed.host, parsed.port
+    except (ValueError, TypeError) as exc:
+        return f"not a URL: {exc}"
+    if parsed.scheme not in ("http", "https") or not host or port is None or not parsed.is_absolute():
+        return "must be an absolute http(s) URL with a host"
+    return Policy.of("APP", rules, ()).url_refusal(url)
+
+
 class ApplicationSection(StrictModel):
     description: str = ""
     #: most live hosts this application may have, over all roles (in flight included)
@@ -567,6 +600,8 @@ class ApplicationSection(StrictModel):
     callbacks: CallbackRules = Field(default_factory=CallbackRules)
     #: how fast it may ask for changes (scale, release, webhook deliveries); 429 beyond it
     rate_limit: RateLimitSection = Field(default_factory=RateLimitSection)
+    #: drain a ready host before a scale-down retires it (unset: retire at once)
+    drain: DrainSection | None = None
     roles: dict[str, RoleSection] = Field(default_factory=dict)
 
     @field_validator("approval", mode="before")
@@ -583,6 +618,12 @@ class ApplicationSection(StrictModel):
         for index, rule in enumerate(self.webhook.rules if self.webhook else []):
             if rule.role not in self.roles:
                 raise FieldError(f"webhook.rules.{index}.role", f"no role named {rule.role!r} in this application")
+        if self.drain is not None and self.drain.callback_url is not None:
+            if self.webhook is None:
+                raise FieldError("drain.callback_url", "the application has no webhook secret to sign drain "
+                                 "notifications with ([applications.APP.webhook] secrets)")
+            if (refusal := _drain_url_refusal(self.drain.callback_url, self.callbacks)) is not None:
+                raise FieldError("drain.callback_url", refusal)
         return self
 
 
@@ -778,6 +819,37 @@ class PrometheusSection(StrictModel):
         return value
 
 
+class DrainCommand(StrictModel):
+    """``[drain.command]``: the built-in ``governord_drain_host`` plugin. A command run for each
+    draining host (when it starts draining, then every ``[engine] ready_poll_interval``) with the
+    host in its environment (``GOVERNORD_HOST``, ``GOVERNORD_FQDN``, ``GOVERNORD_HOST_ID``,
+    ``GOVERNORD_APP``, ``GOVERNORD_ROLE``): exit 0 says the host is drained, any other exit (or
+    running past ``timeout``) not yet. E.g. a script running ``oc adm drain "$GOVERNORD_FQDN"``."""
+
+    #: the program (an absolute path) and its arguments; no shell runs it
+    argv: list[Annotated[str, Field(min_length=1)]] = Field(min_length=1)
+    #: seconds one run may take; it is killed after that and counts as "not yet"
+    timeout: float = Field(default=300.0, gt=0, le=3600)
+    #: only these applications' hosts (default: every application with a drain section)
+    applications: list[str] | None = None
+
+    @field_validator("argv")
+    @classmethod
+    def _program(cls, value: list[str]) -> list[str]:
+        program = Path(value[0])
+        if not program.is_absolute():
+            raise ValueError(f"the program must be an absolute path, not {value[0]!r}")
+        if not program.is_file() or not os.access(program, os.X_OK):
+            raise ValueError(f"{value[0]} is not an executable file")
+        return value
+
+
+class DrainHooksSection(StrictModel):
+    """``[drain]``: the built-in ways of telling that a host drained (see DrainCommand)."""
+
+    command: DrainCommand | None = None
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -788,6 +860,7 @@ class CoreConfig(StrictModel):
     fleet: FleetSection = Field(default_factory=FleetSection)
     autoscaler: AutoscalerSection | None = None
     prometheus: PrometheusSection | None = None
+    drain: DrainHooksSection = Field(default_factory=DrainHooksSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)

@@ -509,7 +509,21 @@ def _host_action(name: str, help_text: str) -> None:
         _finish_host(client, client.ok("POST", _path("v1", "hosts", host, name)), wait, timeout, as_json)
 
 
-_host_action("retire", "Retire HOST: deregister it everywhere and destroy its machine, each verified.")
+@cli.command(name="retire")
+@click.argument("host")
+@click.option("--now", is_flag=True, help="skip draining (and cut short a drain under way): retire at once")
+@_wait_options
+@click.pass_context
+def retire(ctx: click.Context, host: str, now: bool, wait: bool, timeout: float, as_json: bool) -> None:
+    """Retire HOST: deregister it everywhere and destroy its machine, each verified. A ready
+    host of an application with [applications.APP.drain] drains first (its application is
+    told and confirms), unless --now."""
+    client = _client(ctx)
+    params = {"now": "true"} if now else None
+    _finish_host(client, client.ok("POST", _path("v1", "hosts", host, "retire"), params=params), wait, timeout,
+                 as_json)
+
+
 _host_action("retry", "Resume a failed HOST at the step that failed.")
 
 

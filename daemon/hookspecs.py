@@ -214,13 +214,37 @@ def governord_deregister_host(host: HostView, phase: str) -> None:
     """
 
 
+@hookspec
+def governord_drain_host(host: HostView) -> bool | None:
+    """Has the host drained: may it be retired now? Asked of a host in ``draining`` (picked by a
+    scale-down of an application with ``[applications.APP.drain]``): when it starts draining,
+    then every ``[engine] ready_poll_interval`` seconds until one implementation says True, the
+    application confirms, or the application's drain timeout passes. A site plugs in its own
+    drain here (``kubectl drain``, ``oc adm drain``); the built-in ``[drain.command]`` runs a
+    command.
+
+    Start the drain on the first call and answer from then on whether it is done; the call is
+    repeated, so it must be idempotent, and it should return quickly (start long work and
+    report on it later): it runs in the engine's step, under ``[engine] hook_timeout``. Sync
+    work belongs in a thread (``asyncio.to_thread``), never on the event loop.
+
+    :param host: the host, draining.
+    :returns: None when the host is not this plugin's to drain; True when it drained; False
+        when not yet.
+
+    Dispatch: collect. A failure is logged and read as "not yet". May be ``async def``.
+
+    .. versionadded:: 0.4
+    """
+
+
 # -- events --------------------------------------------------------------------------------
 
 
 @hookspec
 def governord_host_event(host: HostView, event: str, detail: dict[str, Any]) -> None:
     """Something happened to a host: a state transition (``event`` is the new state, e.g.
-    ``ready`` or ``gone``) or a step failure (``step-failed``).
+    ``ready``, ``draining`` or ``gone``) or a step failure (``step-failed``).
 
     :param host: the host after the change.
     :param event: what happened.

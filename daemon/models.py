@@ -24,6 +24,10 @@ class HostState(str, enum.Enum):
     CONFIGURING = "configuring"
     #: provisioned, registered and handed back to the application
     READY = "ready"
+    #: picked for retirement by a scale-down; the application was told and the host waits until
+    #: the application (or a drain hook) confirms it drained, or ``[applications.APP.drain]``
+    #: timeout passes. Live (counts against caps), but on its way out for the rules
+    DRAINING = "draining"
     #: retirement accepted; nothing external has happened yet
     RETIRING = "retiring"
     #: registrations are being removed, each verified gone
@@ -45,6 +49,7 @@ ACTIVE_STATES = frozenset(
         HostState.PROVISIONING,
         HostState.REGISTERING,
         HostState.CONFIGURING,
+        HostState.DRAINING,
         HostState.RETIRING,
         HostState.DEREGISTERING,
         HostState.DEPROVISIONING,

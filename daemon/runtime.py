@@ -12,7 +12,7 @@ from .api.ratelimit import RateLimits
 from .autoscaler.thresholds import ThresholdScaler
 from .config import Config
 from .dispatch import Dispatcher
-from .dispatch.builtin import ProvisioningPlugin, RegistrarPlugin
+from .dispatch.builtin import DrainCommandPlugin, ProvisioningPlugin, RegistrarPlugin
 from .dispatch.pluginmanager import PluginManager
 from .engine import Engine
 from .engine.callbacks import Notifier
@@ -109,6 +109,10 @@ class Runtime:
             plugin = RegistrarPlugin(registrar, config)
             self.plugins.register(plugin, plugin.name)
             self._instance_plugins.append(plugin.name)
+        if config.core.drain.command is not None:
+            drain = DrainCommandPlugin(config.core.drain.command)
+            self.plugins.register(drain, drain.name)
+            self._instance_plugins.append(drain.name)
 
     async def start(self) -> None:
         for instance in [*self.providers.values(), *self.registrars.values()]:

@@ -277,10 +277,14 @@ _ONLY_IN: dict[str, tuple[str, ...]] = {"v2": ("gear_uuid", "app_uuid", "branch"
 def _generation_rule() -> JsonDict:
     """JSON Schema for :data:`_ONLY_IN`, so the OpenAPI document says what the validator does."""
     return {"allOf": [
-        {"if": {"properties": {"openshift_version": {"const": other}}},
-         "then": {"properties": {name: {"type": "null"} for name in names}}}
-        for version, names in _ONLY_IN.items()
-        for other in ("v2", "v4") if other != version
+        *({"if": {"properties": {"openshift_version": {"const": other}}},
+           "then": {"properties": {name: {"type": "null"} for name in names}}}
+          for version, names in _ONLY_IN.items()
+          for other in ("v2", "v4") if other != version),
+        # a drained event names its host; no other event does
+        {"if": {"properties": {"event": {"const": "drained"}}, "required": ["event"]},
+         "then": {"required": ["host"], "properties": {"host": {"type": "string"}}},
+         "else": {"properties": {"host": {"type": "null"}}}},
     ]}
 
 
@@ -296,10 +300,11 @@ class DeployEvent(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True, frozen=True, json_schema_extra=_generation_rule())
 
-    event: Literal["deploy", "post_deploy", "teardown"] = Field(
+    event: Literal["deploy", "post_deploy", "teardown", "drained"] = Field(
         description="deploy: before the new code starts (v2 deploy, v4 pre); "
         "post_deploy: after it started (v2 post_deploy, v4 post); "
-        "teardown: the component is going away (run by whoever removes it)")
+        "teardown: the component is going away (run by whoever removes it); "
+        "drained: the application moved its work off the draining host named in host")
     openshift_version: Literal["v2", "v4"]
     app: str = Field(min_length=1, max_length=253, pattern=_K8S_NAME,
                      description="v2 OPENSHIFT_APP_NAME; v4 the DeploymentConfig's name "
@@ -320,6 +325,8 @@ class DeployEvent(BaseModel):
                                description="v2 OPENSHIFT_DEPLOYMENT_BRANCH")
     pod: str | None = Field(None, min_length=1, max_length=253, pattern=r"^[a-z0-9]([a-z0-9.-]*[a-z0-9])?$",
                             description="v4 the hook pod's name (HOSTNAME)")
+    host: str | None = Field(None, min_length=1, max_length=253, pattern=_HOSTNAME,
+                             description="drained only: the governord host (its name or fqdn) that drained")
 
     @property
     def deployed_component(self) -> str:
@@ -328,6 +335,12 @@ class DeployEvent(BaseModel):
         DeploymentConfig), so one DeploymentConfig is one component without any set-up, and the
         same name in two namespaces is two components."""
         return f"{self.namespace}/{self.component or self.app}"
+
+    @model_validator(mode="after")
+    def _host_of_drained(self) -> DeployEvent:
+        if (self.event == "drained") != (self.host is not None):
+            raise FieldError("host", "a drained event names its host, and only a drained event does")
+        return self
 
     @model_validator(mode="after")
     def _fields_of_its_generation(self) -> DeployEvent:

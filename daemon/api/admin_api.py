@@ -179,10 +179,17 @@ async def tag_host(request: web.Request) -> web.Response:
     return reply(schemas.Host, host_summary(row))
 
 
-@endpoints.add("POST", "/v1/hosts/{host}/retire", "Retire a host: deregister everywhere, destroy",
-               responses={200: schemas.Host, 404: schemas.Error})
+@endpoints.add("POST", "/v1/hosts/{host}/retire", "Retire a host: deregister everywhere, destroy (a ready host "
+               "of an application that drains drains first, unless now=true; now=true also cuts a drain short)",
+               query={"now": ("skip draining, and cut short a host draining now", {"type": "string",
+                                                                                   "enum": ["true", "false"]})},
+               responses={200: schemas.Host, 404: schemas.Error, 422: schemas.Error})
 async def retire_host(request: web.Request) -> web.Response:
-    row = await _runtime(request).governor.retire(request.match_info["host"], actor=_actor(request))
+    now = request.query.get("now", "false")
+    if now not in ("true", "false"):
+        raise RequestError(422, "now: true or false", field="now")
+    row = await _runtime(request).governor.retire(request.match_info["host"], actor=_actor(request),
+                                                  now=now == "true")
     return reply(schemas.Host, host_summary(row))
 
 

@@ -246,6 +246,21 @@ async def list_hosts(request: web.Request) -> web.Response:
                                     "next_cursor": paging.next_cursor(paging.HOSTS, rows)})
 
 
+@endpoints.add("POST", "/v1/hosts/{host}/drained",
+               "Confirm that a draining host of the application drained: it is retired now (200 also for a "
+               "repeat, once the host moved on after a confirmation)",
+               responses={200: schemas.Host, 404: schemas.Error, 409: schemas.Error, 429: schemas.Error},
+               response_headers=RETRY_AFTER)
+async def host_drained(request: web.Request) -> web.Response:
+    runtime: Runtime = request.app[runtime_key]
+    app = application_of(request)
+    if (over := _over_limit(runtime, app, "drained")) is not None:
+        return over
+    row, _moved = await runtime.governor.confirm_drained(app, request.match_info["host"], by="application",
+                                                        actor=f"app:{app}")
+    return reply(schemas.Host, runtime.governor.application_host(row))
+
+
 #: verifies deliveries for applications that take none, so they are refused exactly like a bad
 #: signature (same checks, same work): which applications exist is not for strangers to learn
 _NO_SUCH_SECRET = secrets.token_bytes(32)
@@ -267,10 +282,10 @@ async def _read_limited(request: web.Request, limit: int) -> bytes:
 @endpoints.add("POST", "/v1/webhooks/openshift",
                "A signed OpenShift deploy-hook event (Governord-Delivery/-Timestamp/-Signature/-Application): "
                "deploy, post_deploy or teardown of a component, mapped to a scale request by the application's "
-               "webhook rules",
+               "webhook rules; or drained: a draining host of the application drained",
                body=webhooks.DeployEvent, headers=webhooks.HEADER_SCHEMAS,
                responses={200: schemas.WebhookReply, 202: schemas.WebhookReply, 400: schemas.Error,
-                          401: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
+                          401: schemas.Error, 404: schemas.Error, 409: schemas.WebhookReply, 413: schemas.Error,
                           415: schemas.Error, 422: schemas.Error, 429: schemas.Error},
                response_headers=RETRY_AFTER)
 async def openshift_webhook(request: web.Request) -> web.Response:
@@ -308,6 +323,18 @@ async def openshift_webhook(request: web.Request) -> web.Response:
             raise RequestError(400, f"body is not valid JSON: {exc.errors()[0]['msg']}") from None
         message, where = first_problem(exc)
         raise RequestError(422, message, field=where) from None
+    if event.event == "drained":
+        assert event.host is not None  # the event's validation requires it
+        try:
+            row, moved = await runtime.governor.confirm_drained(app, event.host, by="application",
+                                                                actor=f"webhook:{app}")
+        except RequestError as exc:
+            if exc.status != 409:
+                raise
+            return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "refused", "reason": str(exc),
+                                                "request": None}, 409)
+        return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "drained" if moved else "repeated",
+                                            "reason": f"host {row['name']} is {row['state']}", "request": None})
     rule = hook.rule_for(event.event, event.component)
     if rule is None:
         return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",

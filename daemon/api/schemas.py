@@ -393,7 +393,8 @@ class DecisionRequest(Body):
 
 class WebhookReply(BaseModel):
     delivery: str
-    decision: str = Field(description="accepted, declined, pending or ignored")
+    decision: str = Field(description="accepted, declined, pending or ignored; for a drained event: drained, "
+                          "repeated (confirmed before) or refused (the host is not draining)")
     reason: str | None
     request: Request | None
 

@@ -16,7 +16,10 @@ are the role's live hosts, each known to Kubernetes by the providerID ``governor
   the request stays pending (no second one is made while it waits): once approved, its hosts
   count in the target size, and the autoscaler sees them as its own upcoming nodes.
 - ``NodeGroupDeleteNodes``: a release of exactly the named hosts; none is released if one of
-  them is not a live host of the group. A host already on its way out is left as it is.
+  them is not a live host of the group. A host already on its way out is left as it is. The
+  autoscaler drained the nodes itself before it asks, so they are retired at once, never
+  drained again (``[applications.APP.drain]`` applies to the application's own scale-downs);
+  one that was draining already (picked by another scale-down) has its drain confirmed.
 - ``NodeGroupDecreaseTargetSize``: cancels hosts not made yet (state ``requested``); never a host
   whose machine is being made or exists.
 - ``NodeGroupTemplateNodeInfo``: the node the group adds (:mod:`.template`), so that a group with
@@ -64,7 +67,7 @@ OTHER_ERROR_CLASS = 99
 
 _CREATING = {HostState.REQUESTED.value, HostState.PROVISIONING.value, HostState.REGISTERING.value,
              HostState.CONFIGURING.value}
-_DELETING = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
+_DELETING = {HostState.DRAINING.value, HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
              HostState.CLEANING.value}
 _LIVE = sorted(state.value for state in LIVE_STATES)
 #: a RequestError's HTTP status -> the gRPC status the autoscaler gets
@@ -299,9 +302,14 @@ class CloudProvider(pb_grpc.CloudProviderServicer):
                 await _abort(context, grpc.StatusCode.NOT_FOUND,
                              f"node {node.name!r} ({node.providerID}) is not in node group {request.id}")
         names = [rows[i]["name"] for i in dict.fromkeys(ids) if not is_leaving(rows[i])]
+        for host_id in dict.fromkeys(ids):
+            if rows[host_id]["state"] == HostState.DRAINING.value and not rows[host_id]["retire_requested"]:
+                with contextlib.suppress(RequestError):  # it moved on meanwhile: nothing left to confirm
+                    await self.runtime.governor.confirm_drained(app, host_id, by="autoscaler", actor=ACTOR)
         if names:
             try:
-                decision = await self.runtime.governor.release(app, hosts=names, role=role, actor=ACTOR)
+                decision = await self.runtime.governor.release(app, hosts=names, role=role, actor=ACTOR,
+                                                               drain=False)
             except RequestError as exc:
                 await _abort(context, _CODES.get(exc.status, grpc.StatusCode.FAILED_PRECONDITION), str(exc))
             log.info("autoscaler deleted %s from %s", ", ".join(names), request.id,

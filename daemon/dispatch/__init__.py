@@ -56,6 +56,10 @@ class Dispatcher:
         # get_hookimpls() lists in registration order with tryfirst last; pluggy calls reversed.
         return list(reversed(getattr(self.pm.hook, hook_name).get_hookimpls()))
 
+    def implemented(self, hook_name: str) -> bool:
+        """Whether any plugin implements the hook."""
+        return bool(self._impls(hook_name))
+
     async def _call(self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Outcome:
         outcome = await self._run(hook_name, impl, kwargs)
         for observer in self.on_call:

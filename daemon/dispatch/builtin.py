@@ -6,20 +6,69 @@ implementation runs ``trylast`` and hands the work to the host's provider instan
 Each registrar instance gets its own plugin object, named ``registrar:NAME``, so that the
 dispatcher attributes every registration result and failure to that instance. Both also answer
 the sweep's hooks: listing what carries the ownership marker, and removing an orphaned entry.
+``[drain.command]`` registers one more, ``builtin:drain-command``: it answers
+``governord_drain_host`` by running the configured command.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import logging
+import os
 from typing import TYPE_CHECKING, Any
 
 from .. import hookimpl
 from ..errors import PermanentError
 
 if TYPE_CHECKING:
-    from ..config import Config
+    from ..config import Config, DrainCommand
     from ..models import HostView, Machine, MachineSpec
     from ..providers import Provider
     from ..registrars import Registrar, Registration
+
+
+log = logging.getLogger(__name__)
+
+
+class DrainCommandPlugin:
+    """``[drain.command]``: a host drained when the command exits 0. Run without a shell, with the
+    host in the environment (GOVERNORD_HOST, GOVERNORD_FQDN, GOVERNORD_HOST_ID, GOVERNORD_APP,
+    GOVERNORD_ROLE) and no input; killed after its timeout (then: not yet). Its output is logged
+    (its first 2000 characters), never sent anywhere."""
+
+    name = "builtin:drain-command"
+
+    def __init__(self, command: DrainCommand) -> None:
+        self.command = command
+
+    @hookimpl
+    async def governord_drain_host(self, host: HostView) -> bool | None:
+        if self.command.applications is not None and host.app not in self.command.applications:
+            return None
+        env = {**os.environ, "GOVERNORD_HOST": host.name, "GOVERNORD_FQDN": host.fqdn, "GOVERNORD_HOST_ID": host.id,
+               "GOVERNORD_APP": host.app or "", "GOVERNORD_ROLE": host.role or ""}
+        process = await asyncio.create_subprocess_exec(
+            *self.command.argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT, start_new_session=True)
+        try:
+            async with asyncio.timeout(self.command.timeout):
+                output, _ = await process.communicate()
+        except TimeoutError:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)  # its children too (the session it leads)
+            await process.wait()
+            log.warning("drain command for %s ran past %gs: killed (not drained yet)", host.name,
+                        self.command.timeout, extra={"host": host.name})
+            return False
+        except BaseException:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, 9)
+            raise
+        text = output.decode(errors="replace")[:2000].strip()
+        log.info("drain command for %s exited %d%s", host.name, process.returncode, f": {text}" if text else "",
+                 extra={"host": host.name, "exit": process.returncode})
+        return process.returncode == 0
 
 
 class ProvisioningPlugin:

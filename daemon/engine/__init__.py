@@ -1,6 +1,7 @@
 """The lifecycle engine: one durable state machine per host.
 
     requested -> provisioning -> registering -> configuring -> ready
+    ready -> draining (a scale-down, where the application drains) -> retiring, or back to ready
     retiring -> deregistering -> deprovisioning -> cleaning -> gone
     any step -> failed (failed_step names it; retry resumes it)
     a bring-up step failed for good -> retiring ... -> gone, failed_step and error kept (rollback)
@@ -55,6 +56,7 @@ from ..models import (
 from ..registrars import Phase
 from ..store import Row, Store, host_view, log_failed, unavailable
 from ..store.schema import hosts
+from . import callbacks
 
 if TYPE_CHECKING:
     from ..config import Config
@@ -67,6 +69,7 @@ STEP_OF_STATE = {
     HostState.PROVISIONING: "provision",
     HostState.REGISTERING: "register",
     HostState.CONFIGURING: "configure",
+    HostState.DRAINING: "drain",
     HostState.RETIRING: "retire",
     HostState.DEREGISTERING: "deregister",
     HostState.DEPROVISIONING: "deprovision",
@@ -74,12 +77,15 @@ STEP_OF_STATE = {
 }
 STATE_OF_STEP = {step: state for state, step in STEP_OF_STATE.items()}
 #: steps that only ask (readiness polls): they change nothing outside, so nothing brackets them
-READ_ONLY_STEPS = frozenset({"configure"})
+READ_ONLY_STEPS = frozenset({"configure", "drain"})
 #: ready, unless a tag change arrived while the host was being configured: then register again
 READY_UNLESS_RETAGGED = case(
     (hosts.c.tags_rev == bindparam("configured_tags_rev"), HostState.READY.value),
     else_=HostState.REGISTERING.value,
 )
+#: when a waiting host is asked again: at once if it was asked to retire meanwhile (a drain
+#: confirmed, an operator's retire), else after its poll
+NEXT_POLL_UNLESS_RETIRING = case((hosts.c.retire_requested, 0.0), else_=bindparam("next_poll"))
 #: steps that bring a host up: what they made is undone when one fails for good (rollback)
 BRING_UP_STEPS = frozenset({"classify", "provision", "register", "configure"})
 _TEARDOWN_STATES = frozenset({HostState.RETIRING.value, HostState.DEREGISTERING.value,
@@ -312,7 +318,7 @@ class Engine:
         prestarted = row["id"] in self._started
         self._started.discard(row["id"])
         if row["retire_requested"] and state in (HostState.REQUESTED, HostState.PROVISIONING, HostState.REGISTERING,
-                                                 HostState.CONFIGURING):
+                                                 HostState.CONFIGURING, HostState.DRAINING):
             return await self._commit(row, self._begin_retirement(row))
         step = STEP_OF_STATE.get(state)
         if step is None:
@@ -337,8 +343,8 @@ class Engine:
             self._stepped(started, step, began, "waiting")
             # polling is not trying: no event per poll, and the try counter starts again
             await self._fence(
-                started, {"attempts": 0, "next_attempt_at": time.time() + waiting.delay},
-                release=True,
+                started, {"attempts": 0, "next_attempt_at": NEXT_POLL_UNLESS_RETIRING},
+                release=True, binds={"next_poll": time.time() + waiting.delay},
             )
             return None
         except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
@@ -579,13 +585,51 @@ class Engine:
         return StepResult(HostState.READY, {"state": READY_UNLESS_RETAGGED}, "ready", {"waited": round(waited, 3)},
                           binds={"configured_tags_rev": row["tags_rev"]})
 
+    async def _step_drain(self, row: Row) -> StepResult:
+        """Ask the drain hooks whether the host drained; at the deadline, the application's
+        ``on_timeout`` decides. Otherwise wait (released, like a host being configured) until
+        the next poll, or the deadline when no plugin answers drain questions."""
+        section = self.config.applications.get(row["app"] or "")
+        drain = section.drain if section is not None else None
+        timeout = drain.timeout if drain is not None else 0.0
+        since = row["state_since"] or row["updated_at"]
+        deadline = since + timeout
+        asked = self.dispatcher.implemented("governord_drain_host")
+        for outcome in await self.dispatcher.collect("governord_drain_host", host=host_view(row)):
+            if outcome.error is not None:  # a drain that fails is a drain not done yet
+                log.warning("host %s: drain hook %s failed: %s", row["name"], outcome.plugin, outcome.error,
+                            extra={"host": row["name"], "plugin": outcome.plugin})
+            elif outcome.value is True:
+                return StepResult(HostState.RETIRING, {"retire_requested": False}, "drained",
+                                  {"by": f"hook:{outcome.plugin}", "waited": round(time.time() - since, 3)})
+        now = time.time()
+        if now >= deadline:
+            if drain is None or drain.on_timeout == "proceed":
+                return StepResult(HostState.RETIRING, {"retire_requested": False}, "drained",
+                                  {"by": "timeout", "timeout": timeout})
+            log.warning("host %s: not drained within %.0fs: kept (on_timeout = keep), its retirement dropped",
+                        row["name"], timeout, extra={"host": row["name"]})
+            return StepResult(HostState.READY, {}, "drain-timed-out", {"timeout": timeout, "kept": True},
+                              after=functools.partial(self._drain_cancelled, drain.callback_url, timeout))
+        poll = self.config.engine.ready_poll_interval
+        raise NotReady(min(poll, deadline - now) if asked else deadline - now, ["drain"])
+
+    @staticmethod
+    def _drain_cancelled(url: str | None, timeout: float, conn: Connection, row: Row) -> None:
+        """Owe the application a ``drain-cancelled`` notification (in the commit that keeps the host)."""
+        if url is not None and row["app"] is not None:
+            callbacks.enqueue_event(conn, app=row["app"], url=url, host_id=row["id"], event="drain-cancelled",
+                                    detail={"host": callbacks.event_host(row),
+                                            "reason": f"not drained within {timeout:g}s: the host is kept"})
+
     def _begin_retirement(self, row: Row) -> StepResult:
         values = {"retire_requested": False}
         if row["state"] == HostState.REQUESTED.value:
             # nothing external exists yet: no machine, no registration
             return StepResult(HostState.GONE, values, "gone", {"reason": "retired before provisioning"},
                               after=self._release_address)
-        return StepResult(HostState.RETIRING, values, "retiring", {})
+        detail = {"drain": "confirmed or cut short"} if row["state"] == HostState.DRAINING.value else {}
+        return StepResult(HostState.RETIRING, values, "retiring", detail)
 
     async def _step_retire(self, row: Row) -> StepResult:
         return StepResult(HostState.DEREGISTERING, {}, "deregistering", {})

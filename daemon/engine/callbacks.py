@@ -15,6 +15,11 @@ connection made only to a checked address. A refused destination is a failed att
 never sent: its reason in ``last_error``, a ``callback-refused`` audit event, tried again with
 backoff (the application may fix its DNS, an operator its rules) until the attempts run out.
 
+The same outbox carries host events (:func:`enqueue_event`): a host that starts draining before
+its retirement (``draining``), one whose drain timed out and stays (``drain-cancelled``). Their
+body is written with the event, under a delivery id of its own (in the ``request_id`` column),
+and sent as it is, with the same signature, rules and retries.
+
 One callback never holds up the others: a URL no client could ever send to (one stored before
 the API checked URLs as strictly as it does now, or written into the table by hand) is given up
 at its first round, with the reason in ``last_error``, a ``callback-given-up`` audit event and a
@@ -29,6 +34,7 @@ import ipaddress
 import json
 import logging
 import time
+import uuid
 from collections.abc import Awaitable, Callable, Set
 from typing import TYPE_CHECKING, Any
 
@@ -96,6 +102,24 @@ def enqueue(conn: Connection, *, request_id: str, app: str, url: str) -> None:
     """Owe the application a notification for this request (inside the request's transaction)."""
     now = time.time()
     conn.execute(insert(callbacks).values(request_id=request_id, app=app, url=url, next_at=now, created_at=now))
+
+
+def event_host(row: Row) -> dict[str, Any]:
+    """The host as a host event names it."""
+    return {"id": row["id"], "name": row["name"], "fqdn": row["fqdn"], "app": row["app"], "role": row["role"],
+            "component": row["component"], "addresses": row["addresses"]}
+
+
+def enqueue_event(conn: Connection, *, app: str, url: str, host_id: str, event: str,
+                  detail: dict[str, Any]) -> str:
+    """Owe the application a host event (inside the transaction that made it happen): the body
+    ``{"event": EVENT, "delivery": ID, **detail}`` is kept as it is sent. Returns its delivery id."""
+    now = time.time()
+    delivery = str(uuid.uuid4())
+    payload = {"event": event, "delivery": delivery, **detail}
+    conn.execute(insert(callbacks).values(request_id=delivery, app=app, url=url, next_at=now, created_at=now,
+                                          host_id=host_id, payload=payload))
+    return delivery
 
 
 class Notifier:
@@ -175,19 +199,22 @@ class Notifier:
         if reason is not None:
             await self._failed(row, f"callback_url {row['url']!r} cannot be sent to: {reason}", retry=False)
             return True
+        if row.get("payload") is not None:  # a host event: its body was written with it
+            await self._attempt(row, json.dumps(row["payload"], sort_keys=True).encode())
+            return True
         request = await self.store.get_request(row["request_id"])
         if request is None:
             return True
         status = await self.request_status(request)
         if status["status"] not in TERMINAL:
             return False
-        await self._attempt(row, status)
+        await self._attempt(row, json.dumps({"event": f"request-{status['status']}", "request": status},
+                                            sort_keys=True).encode())
         return True
 
-    async def _attempt(self, row: dict[str, Any], status: dict[str, Any]) -> None:
+    async def _attempt(self, row: dict[str, Any], body: bytes) -> None:
         section = self.config.applications.get(row["app"])
         secrets = [s.reveal().encode() for s in section.webhook.secrets] if section and section.webhook else []
-        body = json.dumps({"event": f"request-{status['status']}", "request": status}, sort_keys=True).encode()
         if not secrets:
             await self._failed(row, f"application {row['app']} has no webhook secret to sign with", retry=False)
             return
@@ -224,7 +251,7 @@ class Notifier:
         failed attempt (tried again later, as DNS or the rules may change)."""
         async with self.store.transaction() as conn:
             await self.store.add_event(conn, "callback-refused", actor=ACTOR, request_id=row["request_id"],
-                                               detail={"app": row["app"], "url": row["url"], "error": error})
+                                       host_id=row.get("host_id"), detail={"app": row["app"], "url": row["url"], "error": error})
         log.warning("callback refused", extra={"request": row["request_id"], "url": row["url"], "error": error})
         await self._failed(row, error, retry=True)
 
@@ -241,7 +268,7 @@ class Notifier:
             await conn.execute(update(callbacks).where(callbacks.c.request_id == row["request_id"]).values(
                 attempts=attempts, gave_up_at=time.time(), last_error=error))
             await store.add_event(conn, "callback-given-up", actor=ACTOR, request_id=row["request_id"],
-                                  detail={"app": row["app"], "url": row["url"], "attempts": attempts, "error": error})
+                                  host_id=row.get("host_id"), detail={"app": row["app"], "url": row["url"], "attempts": attempts, "error": error})
         log.warning("callback given up", extra={"request": row["request_id"], "url": row["url"], "error": error})
 
     async def _update(self, row: dict[str, Any], **values: Any) -> None:

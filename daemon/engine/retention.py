@@ -42,7 +42,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import delete, exists, select
+from sqlalchemy import delete, exists, func, select
 from sqlalchemy.engine import Connection
 
 from ..fleet import RETENTION, Busy, Fleet
@@ -112,6 +112,22 @@ def _prune_requests(conn: Connection, cutoff: float, after: Sequence[Any] | None
         gone_callbacks += conn.execute(delete(callbacks).where(callbacks.c.request_id.in_(chunk))).rowcount or 0
         gone_requests += conn.execute(delete(requests).where(requests.c.id.in_(chunk))).rowcount or 0
     return (rows[-1].created_at, rows[-1].id), gone_requests, gone_callbacks
+
+
+def _prune_host_events(conn: Connection, cutoff: float, after: Sequence[Any] | None,
+                       batch: int) -> tuple[tuple[Any, ...] | None, int]:
+    """One batch of host-event callbacks (a draining host's notifications) delivered or given up
+    before ``cutoff``: delete them. Returns the key of the last one looked at, and how many."""
+    done = func.coalesce(callbacks.c.delivered_at, callbacks.c.gave_up_at)
+    query = (select(callbacks.c.request_id).where(callbacks.c.payload.is_not(None), done < cutoff)
+             .order_by(callbacks.c.request_id).limit(batch))
+    if after is not None:
+        query = query.where(callbacks.c.request_id > after[0])
+    ids = list(conn.execute(query).scalars())
+    if not ids:
+        return None, 0
+    deleted = conn.execute(delete(callbacks).where(callbacks.c.request_id.in_(ids))).rowcount or 0
+    return (ids[-1],), deleted
 
 
 def _prune_hosts(conn: Connection, cutoff: float, after: Sequence[Any] | None,
@@ -222,6 +238,8 @@ class Pruner:
                 cooldown = max((a.cooldown for a in self.config.applications.values()), default=0.0)
                 cutoff = min(now - retention.requests_days * DAY, now - cooldown)
                 report.requests, report.callbacks = await self._batches(_prune_requests, cutoff, retention.batch, 2)
+                [host_events] = await self._batches(_prune_host_events, cutoff, retention.batch, 1)
+                report.callbacks += host_events
             if retention.gone_hosts_days > 0:
                 cutoff = now - retention.gone_hosts_days * DAY
                 [report.hosts] = await self._batches(_prune_hosts, cutoff, retention.batch, 1)

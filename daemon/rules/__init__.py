@@ -24,12 +24,12 @@ from typing import Any
 from cryptography import x509
 
 from .. import autosign
-from ..config import Config, Placement, WebhookRule
+from ..config import Config, DrainSection, Placement, WebhookRule
 from ..engine import STATE_OF_STEP, STEP_OF_STATE, Engine, address_range, callbacks
 from ..models import ACTIVE_STATES, HostOrigin, HostState
 from ..outbound import Policy
 from ..registrars import application_view
-from ..store import AmbiguousId, NameTaken, Row, Store, Transaction, app_lock, network_lock
+from ..store import AmbiguousId, NameTaken, Row, Store, Transaction, app_lock, host_view, network_lock
 from ..store.schema import hosts
 
 log = logging.getLogger(__name__)
@@ -37,9 +37,14 @@ log = logging.getLogger(__name__)
 HOSTNAME = re.compile(r"^(?=.{1,253}$)[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*$")
 
 
-_LEAVING = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
+#: on their way out: a scale-down does not pick them again, min_hosts counts them gone
+_LEAVING = {HostState.DRAINING.value, HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
             HostState.CLEANING.value}
 
+
+#: states a host moves on to once it drained (a confirmation after these is a repeat)
+_AFTER_DRAIN = {HostState.RETIRING.value, HostState.DEREGISTERING.value, HostState.DEPROVISIONING.value,
+                HostState.CLEANING.value, HostState.GONE.value, HostState.FAILED.value}
 
 #: states in which a host's agent may ask for its certificate
 _BRINGING_UP = {HostState.REQUESTED.value, HostState.PROVISIONING.value, HostState.REGISTERING.value,
@@ -188,6 +193,7 @@ class Governor:
         if not decision.replayed:
             self._decided(app, "scale", decision.request["state"], decision.rule)
             self.engine.wake()
+            await self.announce_draining(decision.hosts)
         return decision
 
     async def scale_by_rule(
@@ -423,6 +429,9 @@ class Governor:
         request = await self.store.decide(decide, locks=[app_lock(row["app"])])
         self._decided(request["app"] or "", request["kind"], request["state"], rule)
         self.engine.wake()
+        if approve and request["state"] == "accepted" and request["host_ids"]:
+            # an approved scale-down may have moved hosts to draining: plugins hear of it
+            await self.announce_draining(await self.store.list_hosts(ids=request["host_ids"]))
         return request
 
     async def operator_request(self, key: str) -> Row:
@@ -471,9 +480,11 @@ class Governor:
 
     async def release(
         self, app: str, *, hosts: list[str] | None = None, role: str | None = None, count: int | None = None,
-        actor: str, idempotency_key: str | None = None,
+        actor: str, idempotency_key: str | None = None, drain: bool = True,
     ) -> Decision:
-        """Hand hosts back: the named ones, or ``count`` of ``role`` (newest first)."""
+        """Hand hosts back: the named ones, or ``count`` of ``role`` (newest first). A ready
+        host drains first where its application drains, unless ``drain`` is False (the Cluster
+        Autoscaler's DeleteNodes: it drained the node itself)."""
         section = self._app(app)
         if (hosts is None) == (count is None):
             raise RequestError(422, "give exactly one of hosts and count", field="hosts")
@@ -498,7 +509,7 @@ class Governor:
             request = tx.insert_request(tx.new_request(
                 app=app, actor=actor, idempotency_key=idempotency_key, kind="release", params=params,
                 state="accepted", reason=None, host_ids=[h["id"] for h in victims]))
-            rows = self._retire(tx, victims, actor, request["id"])
+            rows = self._retire(tx, victims, actor, request["id"], drain=drain)
             tx.add_event("request-accepted", actor=actor, request_id=request["id"],
                          detail={"app": app, "release": [v["name"] for v in victims]})
             return Decision(request, hosts=rows, rule="release")
@@ -506,6 +517,7 @@ class Governor:
         decision = await self._decide_release(app, decide)
         if not decision.replayed:
             self.engine.wake()
+            await self.announce_draining(decision.hosts)
         return decision
 
     async def _decide_release(self, app: str, decide: Callable[[Transaction], Decision]) -> Decision:
@@ -537,7 +549,7 @@ class Governor:
             request = tx.insert_request(tx.new_request(
                 app=app, actor=actor, idempotency_key=None, kind="release", params=params,
                 state="accepted", reason="cancelled before they were made", host_ids=[h["id"] for h in victims]))
-            rows = self._retire(tx, victims, actor, request["id"])
+            rows = self._retire(tx, victims, actor, request["id"], drain=False)
             tx.add_event("request-accepted", actor=actor, request_id=request["id"],
                          detail={"app": app, "cancel": [v["name"] for v in victims]})
             return Decision(request, hosts=rows, rule="cancel")
@@ -548,18 +560,51 @@ class Governor:
 
     # -- operator actions on one host -----------------------------------------------------------
 
-    @staticmethod
-    def _retire(tx: Transaction, rows: list[Row], actor: str, request_id: str | None) -> list[Row]:
+    def _retire(self, tx: Transaction, rows: list[Row], actor: str, request_id: str | None, *,
+                drain: bool = True) -> list[Row]:
         """Retire hosts (a resting one moves on at once, one in flight after its step; decided on
-        the state each has now, see Transaction.retire) and audit it. ``rows`` must have been
-        read in this transaction: returns them with what the retirement changed."""
+        the state each has now, see Transaction.retire) and audit it. With ``drain``, a ready
+        host of an application with ``[applications.APP.drain]`` drains first (Transaction.drain):
+        the application is owed a signed ``draining`` notification, in this transaction.
+        ``rows`` must have been read in this transaction: returns them with what changed."""
         if not rows:
             return []
-        changed = tx.retire([r["id"] for r in rows])
+        draining: dict[str, Row] = {}
+        if drain:
+            wanted = [r["id"] for r in rows if r["state"] == HostState.READY.value and not r["retire_requested"]
+                      and self._drain_section(r["app"]) is not None]
+            draining = tx.drain(wanted) if wanted else {}
+        retired = [r for r in rows if r["id"] not in draining]
+        changed = tx.retire([r["id"] for r in retired]) if retired else {}
         tx.add_events([
             {"kind": "retire-requested", "actor": actor, "host_id": r["id"], "request_id": request_id,
-             "detail": {"state": r["state"], "now": changed[r["id"]]["state"]}} for r in rows])
-        return [{**r, **changed[r["id"]]} for r in rows]
+             "detail": {"state": r["state"], "now": changed[r["id"]]["state"]}} for r in retired])
+        for row in rows:
+            if row["id"] not in draining:
+                continue
+            now = {**row, **draining[row["id"]]}
+            section = self._drain_section(row["app"])
+            assert section is not None
+            deadline = now["state_since"] + section.timeout
+            detail: dict[str, Any] = {"deadline": deadline, "timeout": section.timeout,
+                                      "on_timeout": section.on_timeout}
+            if section.callback_url is not None:
+                detail["delivery"] = callbacks.enqueue_event(
+                    tx.conn, app=row["app"], url=section.callback_url, host_id=row["id"], event="draining",
+                    detail={"host": callbacks.event_host(now), "deadline": deadline, "on_timeout": section.on_timeout})
+            tx.add_event("drain-requested", actor=actor, host_id=row["id"], request_id=request_id, detail=detail)
+        return [{**r, **changed.get(r["id"], {}), **draining.get(r["id"], {})} for r in rows]
+
+    def _drain_section(self, app: str | None) -> DrainSection | None:
+        section = self.config.applications.get(app) if app is not None else None
+        return section.drain if section is not None else None
+
+    async def announce_draining(self, rows: list[Row] | None) -> None:
+        """Tell plugins of the hosts a decision just moved to draining (after its commit)."""
+        for row in rows or []:
+            if row["state"] == HostState.DRAINING.value and not row["retire_requested"]:
+                await self.engine.dispatcher.notify("governord_host_event", host=host_view(row), event="draining",
+                                                    detail={"from": HostState.READY.value})
 
     async def host(self, key: str) -> Row:
         """A host an operator names: by id (or a unique prefix of it), name or FQDN."""
@@ -571,21 +616,59 @@ class Governor:
             raise RequestError(404, f"no host named {key!r}", field="host")
         return row
 
-    async def retire(self, key: str, *, actor: str) -> Row:
+    async def retire(self, key: str, *, actor: str, now: bool = False) -> Row:
+        """Retire a host. A ready host of an application that drains drains first, unless
+        ``now``; ``now`` also cuts short a host already draining (it goes on to retiring)."""
         row = await self.host(key)
-        if row["state"] == HostState.GONE.value or row["state"] in _LEAVING:
+        if row["state"] == HostState.GONE.value or (row["state"] in _LEAVING and not (
+                now and row["state"] == HostState.DRAINING.value)):
             return row
 
         def decide(tx: Transaction) -> Row:
             [current] = tx.hosts(ids=[row["id"]])
+            if current["state"] == HostState.DRAINING.value and now:
+                if current["retire_requested"]:
+                    return current  # cut short (or confirmed) already
+                changed = tx.retire([current["id"]])[current["id"]]
+                tx.add_event("retire-requested", actor=actor, host_id=current["id"],
+                             detail={"state": current["state"], "now": current["state"], "drain": "cut short"})
+                return {**current, **changed}
             if current["state"] == HostState.GONE.value or current["state"] in _LEAVING:
                 return current  # on its way out since it was read
-            [now] = self._retire(tx, [current], actor, None)
-            return now
+            [retired] = self._retire(tx, [current], actor, None, drain=not now)
+            return retired
 
-        now = await self.store.decide(decide, locks=[app_lock(row["app"])] if row["app"] is not None else [])
+        retired = await self.store.decide(decide, locks=[app_lock(row["app"])] if row["app"] is not None else [])
         self.engine.wake()
-        return now
+        await self.announce_draining([retired])
+        return retired
+
+    async def confirm_drained(self, app: str, key: str, *, by: str, actor: str) -> tuple[Row, bool]:
+        """The application (``by``: who says so, for the audit trail) confirms that its host
+        ``key`` drained: the host goes on to retiring. Returns the host and whether this
+        confirmation moved it (False: a repeat, the host had moved on after a confirmation).
+        404 for a host that is not the application's, 409 for one that is not draining."""
+        row = await self.store.get_host(key)
+        if row is None or row["app"] != app:
+            raise RequestError(404, f"application {app} has no host {key!r}", field="host")
+
+        def decide(tx: Transaction) -> tuple[Row, bool]:
+            [current] = tx.hosts(ids=[row["id"]])
+            if current["state"] == HostState.DRAINING.value:
+                if current["retire_requested"]:
+                    return current, False  # confirmed (or cut short) already; the engine moves it on
+                changed = tx.retire([current["id"]])[current["id"]]
+                tx.add_event("drained", actor=actor, host_id=current["id"],
+                             detail={"by": by, "waited": round(time.time() - (current["state_since"] or 0), 3)})
+                return {**current, **changed}, True
+            if current["state"] in _AFTER_DRAIN and tx.has_event(current["id"], "drained"):
+                return current, False
+            raise RequestError(409, f"host {current['name']} is {current['state']}, not draining", field="host")
+
+        confirmed, moved = await self.store.decide(decide, locks=[app_lock(app)])
+        if moved:
+            self.engine.wake()
+        return confirmed, moved
 
     async def retry(self, key: str, *, actor: str) -> Row:
         row = await self.host(key)

@@ -1175,6 +1175,18 @@ class Transaction:
         result = self.conn.execute(_RETIRE, {"ids": list(host_ids), "now": time.time()}).mappings()
         return {row["id"]: dict(row) for row in result}
 
+    def drain(self, host_ids: Sequence[str]) -> dict[str, Row]:
+        """Move hosts that are ready (and not asked to retire) to ``draining``, due at once (the
+        engine asks the drain hooks, then waits); the others are left as they are. Returns, by
+        host, the columns this changed, as they are now."""
+        result = self.conn.execute(_DRAIN, {"ids": list(host_ids), "now": time.time()}).mappings()
+        return {row["id"]: dict(row) for row in result}
+
+    def has_event(self, host_id: str, kind: str) -> bool:
+        """Whether the host's audit trail has an event of ``kind``."""
+        return self.conn.execute(select(events.c.id).where(events.c.host_id == host_id, events.c.kind == kind)
+                                 .limit(1)).first() is not None
+
     # -- events -----------------------------------------------------------------------------
 
     def add_event(self, kind: str, *, actor: str, detail: Row, host_id: str | None = None,
@@ -1210,6 +1222,16 @@ _RETIRE = (
         updated_at=bindparam("now"),
     ).returning(hosts.c.id, hosts.c.state, hosts.c.retire_requested, hosts.c.attempts, hosts.c.failed_step,
                 hosts.c.error, hosts.c.state_since, hosts.c.next_attempt_at, hosts.c.updated_at)
+)
+
+
+_DRAIN = (
+    update(hosts).where(hosts.c.id.in_(bindparam("ids", expanding=True)), hosts.c.state == HostState.READY.value,
+                        hosts.c.retire_requested.is_(False))
+    .values(state=HostState.DRAINING.value, attempts=0, state_since=bindparam("now"), next_attempt_at=0.0,
+            updated_at=bindparam("now"))
+    .returning(hosts.c.id, hosts.c.state, hosts.c.retire_requested, hosts.c.attempts, hosts.c.failed_step,
+               hosts.c.error, hosts.c.state_since, hosts.c.next_attempt_at, hosts.c.updated_at)
 )
 
 

@@ -303,7 +303,9 @@ site_revocations = Table(
     Column("revoked_by", String(255), nullable=False),
 )
 
-#: Signed notifications owed to applications (their request's callback_url): a durable outbox.
+#: Signed notifications owed to applications: a durable outbox. A request's outcome (its
+#: callback_url), keyed by the request's id; or a host event (``payload`` set: the body to send,
+#: e.g. a host that drains), keyed by a delivery id of its own, with the host in ``host_id``.
 callbacks = Table(
     "callbacks",
     metadata,
@@ -316,6 +318,8 @@ callbacks = Table(
     Column("gave_up_at", Float),
     Column("last_error", Text),
     Column("created_at", Float, nullable=False),
+    Column("host_id", String(36)),
+    Column("payload", JSON),
 )
 
 #: The instances sharing this store (see governord.fleet): one row per instance name, written

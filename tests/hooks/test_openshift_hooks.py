@@ -36,7 +36,7 @@ from governord.webhooks import (
 
 ROOT = Path(__file__).resolve().parents[2]
 HOOKS = ROOT / "hooks" / "openshift"
-SCRIPTS = ["deploy", "post_deploy", "teardown", "lib/governord-hook.sh"]
+SCRIPTS = ["deploy", "post_deploy", "teardown", "drained", "lib/governord-hook.sh"]
 SECRET = "s3cr3t-for-the-shop-application"
 
 # what a v2 gear's environment holds (names from the OSE 2 cartridge guide; values made up)
@@ -239,6 +239,49 @@ async def test_v4_lifecycle_hook_pod(governor: Governor, pki: Pki, tmp_path: Pat
         "dns": "shop.apps.example.com",
     }
     assert got.headers[APPLICATION_HEADER] == "webshop"
+
+
+@pytest.mark.parametrize("generation", ["v2", "v4"])
+async def test_the_drained_hook_names_its_host(governor: Governor, pki: Pki, tmp_path: Path, v2_repo: Path,
+                                               generation: str) -> None:
+    env = base_env(tmp_path, governor, pki, **(V2_ENV if generation == "v2" else V4_ENV))
+    script = v2_repo / "drained" if generation == "v2" else HOOKS / "drained"
+    result = await run([script, "ose-node-03.example.com"], env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    got = only(governor)
+    assert got.event is not None and got.event.event == "drained"
+    assert got.event.host == "ose-node-03.example.com" and got.event.openshift_version == generation
+    assert "drained event for" in result.stderr and "(host ose-node-03.example.com)" in result.stderr
+
+
+async def test_a_refused_drained_event_fails_the_hook(governor: Governor, pki: Pki, tmp_path: Path) -> None:
+    """governord's 409 (the host is not draining) fails the script with governord's words."""
+    governor.script.append((409, {"delivery": "x", "decision": "refused", "request": None,
+                                  "reason": "host ose-node-03 is ready, not draining"}))
+    result = await run([HOOKS / "drained", "ose-node-03"], base_env(tmp_path, governor, pki, **V4_ENV))
+    assert result.returncode == 1
+    assert "HTTP 409" in result.stderr and len(governor.deliveries) == 1
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ([], "usage: drained HOST"),
+    (["-rf"], "not a host name: '-rf'"),
+    (["a host"], "not a host name: 'a host'"),
+    (["$(id)"], "not a host name"),
+])
+async def test_the_drained_hook_without_a_host_sends_nothing(governor: Governor, pki: Pki, tmp_path: Path,
+                                                             args: list[str], message: str) -> None:
+    result = await run([HOOKS / "drained", *args], base_env(tmp_path, governor, pki, **V4_ENV))
+    assert result.returncode == 2 and message in result.stderr
+    assert governor.deliveries == []
+
+
+def test_only_a_drained_event_names_a_host() -> None:
+    base = {"openshift_version": "v4", "app": "frontend", "namespace": "shop-prod"}
+    DeployEvent.model_validate({**base, "event": "drained", "host": "ose-node-03"})
+    for wrong in ({**base, "event": "drained"}, {**base, "event": "deploy", "host": "ose-node-03"}):
+        with pytest.raises(ValidationError, match="a drained event names its host"):
+            DeployEvent.model_validate(wrong)
 
 
 async def test_rotated_secrets_and_crlf_secret_files(governor: Governor, pki: Pki, tmp_path: Path) -> None:

@@ -143,7 +143,9 @@ def test_the_webhook_is_documented_as_signed_not_under_mtls() -> None:
     assert headers == {"Governord-Application", "Governord-Delivery", "Governord-Timestamp", "Governord-Signature"}
     assert op["requestBody"]["content"]["application/json"]["schema"] == {"$ref": "#/components/schemas/DeployEvent"}
     assert {"401", "413", "415", "422"} <= set(op["responses"])
-    assert "404" not in op["responses"]  # an unknown application is refused as a bad signature
+    # an unknown application is refused as a bad signature (401), never 404: a 404 is only for a
+    # drained event (signed, so from the application itself) naming a host it does not have
+    assert "404" in op["responses"] and "drained" in op["summary"]
     scale = DOCS["app"]["paths"]["/v1/scale"]["post"]
     assert scale["security"] == [{"applicationCertificate": []}]
 

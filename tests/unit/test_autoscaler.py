@@ -33,8 +33,10 @@ AUTOSCALER = '\n[autoscaler]\nlisten = "127.0.0.1"\nport = 0\nnode_groups = ["de
 @pytest.fixture
 async def provider(make_runtime: Callable[..., Any], request: pytest.FixtureRequest) -> AsyncIterator[
         tuple[Runtime, pb_grpc.CloudProviderStub]]:
-    approval = getattr(request, "param", "never")
-    runtime: Runtime = await make_runtime(AUTOSCALER, lambda text: text.replace(
+    param = getattr(request, "param", "never")
+    approval = "never" if param == "drain" else param
+    drain = '\n[applications.demo.drain]\ntimeout = 600\n' if param == "drain" else ""
+    runtime: Runtime = await make_runtime(AUTOSCALER + drain, lambda text: text.replace(
         "max_hosts = 5", f'max_hosts = 5\napproval = "{approval}"'))
     server = runtime.ca.issue("localhost", server_names=["localhost"], stem="server")
     client = runtime.ca.issue("demo", stem="demo")
@@ -91,6 +93,25 @@ async def test_decrease_cancels_only_hosts_not_made_yet(provider: tuple[Runtime,
     assert (await runtime.store.get_host(made["id"]) or {})["state"] == "ready"
 
 
+@pytest.mark.parametrize("provider", ["drain"], indirect=True)
+async def test_delete_nodes_never_drains_again(provider: tuple[Runtime, pb_grpc.CloudProviderStub]) -> None:
+    """The autoscaler drained its nodes before DeleteNodes: an application that drains its own
+    scale-downs has them retired at once, and a node it was draining has its drain confirmed."""
+    runtime, stub = provider
+    await stub.NodeGroupIncreaseSize(pb.NodeGroupIncreaseSizeRequest(id=GROUP, delta=3))
+    rows = sorted(await wait_states(runtime, [r["id"] for r in await runtime.store.list_hosts(app="demo")],
+                                    {"ready"}), key=lambda r: r["name"])
+    draining = (await runtime.governor.scale("demo", "node", count=2, actor="app:demo")).hosts or []
+    assert [(h["name"], h["state"]) for h in draining] == [(rows[2]["name"], "draining")]
+    nodes = [pb.ExternalGrpcNode(name=r["name"], providerID=f"governord://{r['id']}") for r in rows[1:]]
+    await stub.NodeGroupDeleteNodes(pb.NodeGroupDeleteNodesRequest(id=GROUP, nodes=nodes))
+    await wait_states(runtime, [rows[1]["id"], rows[2]["id"]], {"gone"})
+    assert "drain-requested" not in [e["kind"] for e in await runtime.store.list_events(host_id=rows[1]["id"])]
+    confirmed = [e for e in await runtime.store.list_events(host_id=rows[2]["id"]) if e["kind"] == "drained"]
+    assert [e["detail"]["by"] for e in confirmed] == ["autoscaler"]
+    assert [m.host_id for m in testing.MemoryProvider.worlds["mem"].values()] == [rows[0]["id"]]
+
+
 @pytest.mark.parametrize("provider", ["always"], indirect=True)
 async def test_an_increase_held_for_approval(provider: tuple[Runtime, pb_grpc.CloudProviderStub]) -> None:
     runtime, stub = provider
@@ -120,6 +141,7 @@ def test_instance_states() -> None:
     assert instance_status(row("ready")).instanceState == pb.InstanceStatus.instanceRunning
     assert instance_status(row("ready", retire_requested=True)).instanceState == pb.InstanceStatus.instanceDeleting
     assert instance_status(row("deprovisioning")).instanceState == pb.InstanceStatus.instanceDeleting
+    assert instance_status(row("draining")).instanceState == pb.InstanceStatus.instanceDeleting
     failed = instance_status(row("failed", failed_step="provision", error="vSphere: no datastore space"))
     assert failed.instanceState == pb.InstanceStatus.instanceCreating
     assert failed.errorInfo.errorCode == "governord-provision-failed"

@@ -227,6 +227,22 @@ async def test_a_callback_given_up_or_delivered_goes_with_its_request(rt: Runtim
     assert await _ids(rt, callbacks) == set()
 
 
+async def test_a_host_events_callback_goes_once_done_and_old(rt: Runtime) -> None:
+    """A drain notification (a host event in the outbox) has no request: it goes requests_days
+    after it was delivered or given up, not before, and never while it is still owed."""
+    await _pause(rt)
+    now = time.time()
+    rows = {"old-delivered": {"delivered_at": now - 31 * DAY}, "old-given-up": {"gave_up_at": now - 31 * DAY},
+            "new-delivered": {"delivered_at": now - DAY}, "owed": {}}
+    for key, done in rows.items():
+        await _sql(rt, insert(callbacks).values(request_id=key, app="demo", url="https://app.example/drain",
+                                                next_at=now, created_at=now - 40 * DAY, host_id="h",
+                                                payload={"event": "draining"}, **done))
+    report = await rt.pruner.prune()
+    assert report.callbacks == 2
+    assert await _ids(rt, callbacks) == {"new-delivered", "owed"}
+
+
 @pytest.mark.parametrize(("key", "value"), [("requests_days", "-1"), ("events_days", '"long"'),
                                             ("interval", "-5"), ("batch", "0"), ("keep", "1")])
 def test_a_bad_retention_key_is_named(tmp_path: Any, key: str, value: str) -> None:

@@ -1,8 +1,8 @@
 #!/bin/sh
 # shellcheck shell=sh
 #
-# governord-hook.sh: the body shared by hooks/openshift/deploy, post_deploy and teardown, which
-# source it and call `governord_hook deploy|post_deploy|teardown`. It tells an OpenShift v2 gear from a v4
+# governord-hook.sh: the body shared by hooks/openshift/deploy, post_deploy, teardown and drained,
+# which source it and call `governord_hook deploy|post_deploy|teardown` or `governord_hook drained HOST`. It tells an OpenShift v2 gear from a v4
 # lifecycle-hook pod, builds the JSON event, signs it the way governord.webhooks.sign does and
 # POSTs it to governord, retrying with the same delivery id. README.md beside it documents the
 # variables. POSIX sh plus od, awk, tr, date, mktemp, openssl and curl.
@@ -137,10 +137,11 @@ governord_is_count() {
     case $1 in '' | *[!0-9]*) return 1 ;; esac
 }
 
-# governord_run EVENT: send one event; 0 delivered, 1 refused or undeliverable, 2 misconfigured.
-# A subshell, so its variables, traps and `set --` stay its own.
+# governord_run EVENT [HOST]: send one event (HOST: the drained event's host); 0 delivered, 1
+# refused or undeliverable, 2 misconfigured. A subshell, so its variables, traps and `set --` stay its own.
 governord_run() (
     event=$1
+    host=${2:-}
 
     if [ -n "${OPENSHIFT_DEPLOYMENT_NAME:-}" ] || [ -n "${OPENSHIFT_DEPLOYMENT_NAMESPACE:-}" ]; then
         version=v4
@@ -159,7 +160,7 @@ governord_run() (
         # shellcheck disable=SC3028
         set -- event "$event" openshift_version v4 app "$app" namespace "$namespace" \
             deployment "$deployment" component "${GOVERNORD_COMPONENT:-}" dns "${GOVERNORD_DNS:-}" \
-            pod "${HOSTNAME:-}"
+            pod "${HOSTNAME:-}" host "$host"
     elif [ -n "${OPENSHIFT_APP_NAME:-}" ]; then
         version=v2
         app=$OPENSHIFT_APP_NAME
@@ -171,7 +172,7 @@ governord_run() (
         set -- event "$event" openshift_version v2 app "$app" namespace "$namespace" \
             component "${GOVERNORD_COMPONENT:-}" dns "${OPENSHIFT_APP_DNS:-}" \
             gear_uuid "${OPENSHIFT_GEAR_UUID:-}" app_uuid "${OPENSHIFT_APP_UUID:-}" \
-            branch "${OPENSHIFT_DEPLOYMENT_BRANCH:-}"
+            branch "${OPENSHIFT_DEPLOYMENT_BRANCH:-}" host "$host"
     else
         governord_log "neither an OpenShift v2 gear (OPENSHIFT_APP_NAME) nor a v4 lifecycle-hook pod (OPENSHIFT_DEPLOYMENT_NAME)"
         return 2
@@ -237,7 +238,7 @@ governord_run() (
     [ -z "${GOVERNORD_CERT_FILE:-}" ] || set -- "$@" --cert "$GOVERNORD_CERT_FILE"
     [ -z "${GOVERNORD_KEY_FILE:-}" ] || set -- "$@" --key "$GOVERNORD_KEY_FILE"
 
-    what="$event event for $namespace/$app ($version, delivery $delivery)"
+    what="$event event for $namespace/$app${host:+ (host $host)} ($version, delivery $delivery)"
     attempt=1
     while :; do
         # signed afresh for each attempt: same delivery id, current timestamp
@@ -281,7 +282,8 @@ governord_run() (
     done
 )
 
-# governord_hook EVENT: governord_run, then apply the failure policy. A failed delivery fails
+# governord_hook EVENT [HOST]: governord_run, then apply the failure policy (drained: HOST is the
+# governord host that drained; a failed delivery fails it, as the host would wait for its timeout). A failed delivery fails
 # the deploy hook (the deployment asked for capacity and nobody heard) and the teardown hook
 # (the component's hosts would stay), but not the post_deploy hook (its failure would fail or
 # roll back a deployment that already runs); GOVERNORD_FAIL_OPEN=1 or 0 overrides any default.
@@ -289,7 +291,14 @@ governord_hook() {
     case $1 in
         deploy | teardown) _fail_open=0 ;;
         post_deploy) _fail_open=1 ;;
-        *) governord_log "unknown event '$1' (deploy, post_deploy or teardown)"; return 2 ;;
+        drained)
+            _fail_open=0
+            case ${2:-} in
+                '') governord_log "usage: drained HOST (the governord host that drained, as the draining callback named it)"
+                    return 2 ;;
+                -* | .* | *[!A-Za-z0-9.-]*) governord_log "not a host name: '$2'"; return 2 ;;
+            esac ;;
+        *) governord_log "unknown event '$1' (deploy, post_deploy, teardown or drained)"; return 2 ;;
     esac
     case ${GOVERNORD_FAIL_OPEN:-} in
         '') ;;
@@ -297,7 +306,7 @@ governord_hook() {
         0 | no | false) _fail_open=0 ;;
         *) governord_log "GOVERNORD_FAIL_OPEN must be 1 or 0, got '$GOVERNORD_FAIL_OPEN'"; return 2 ;;
     esac
-    governord_run "$1"
+    governord_run "$1" "${2:-}"
     _status=$?
     if [ "$_status" -ne 0 ] && [ "$_fail_open" = 1 ]; then
         governord_log "continuing the deployment anyway (fail open: GOVERNORD_FAIL_OPEN=${GOVERNORD_FAIL_OPEN:-unset, the $1 default})"
