@@ -303,8 +303,11 @@ def _steer(case: Any) -> None:
 
 
 def _record(target: Target, case: Any, response: Any) -> None:
-    body: Any = response.text
-    if "json" in response.headers.get("Content-Type", ""):
+    try:
+        body: Any = response.text
+    except UnicodeDecodeError:  # a backup's gzip
+        body = f"<{len(response.content)} bytes, not text>"
+    if "json" in str(response.headers.get("Content-Type", "")):
         body = response.json()
     target.responses.append((f"{case.method} {case.operation.path}", response.status_code, body))
 
