@@ -11,8 +11,9 @@ PY := $(VENV)/bin/python
 # Prometheus and promtool (lab/prometheus: the autoscaler's source of load; the alert rules' checks)
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl \
 	bind9 bind9-utils bind9-dnsutils pdns-server pdns-backend-sqlite3 prometheus
-# `make deb`: debhelper and dh-virtualenv (the package is one virtualenv; debian/rules), dpkg-dev
-DEB_APT_PACKAGES := debhelper dh-virtualenv dpkg-dev python3-dev python3-venv
+# `make deb`: debhelper and dh-virtualenv (the package is one virtualenv; debian/rules), dpkg-dev;
+# man-db: tests/system/test_package.py renders the installed man pages
+DEB_APT_PACKAGES := debhelper dh-virtualenv dpkg-dev python3-dev python3-venv man-db
 PYTEST_ARGS ?=
 # the package's version is debian/changelog's, which tests/meta/test_debian.py holds to governord.__version__
 DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)

@@ -193,7 +193,8 @@ def test_install_run_and_purge(lab: Lab, package: list[str]) -> None:
         assert (STATE / "governord.db").owner() == "governord"
         assert SOCKET.owner() == "governord" and SOCKET.group() == "governord"
 
-        assert "demo" in ctl("status").stdout
+        status = ctl("status").stdout
+        assert f"governord {governord.__version__}" in status and str(config) in status
         scaled = ctl("scale", "demo", "node", "--add", "1", "--wait", "--json")
         assert "ready" in scaled.stdout, scaled.stdout
         hosts = ctl("hosts", "list").stdout
