@@ -30,19 +30,21 @@ STATE = Path("/var/lib/governord")
 SOCKET = Path("/run/governord/admin.sock")
 
 
-def _as_root() -> list[str]:
-    """The prefix that runs a command as root: none as root, else sudo without a password."""
+def _as_root(env: dict[str, str] | None = None) -> list[str]:
+    """The prefix that runs a command as root (keeping ``env``'s variables): none as root, else
+    sudo without a password."""
     if os.geteuid() == 0:
         return []
     if shutil.which("sudo") and subprocess.run(["sudo", "-n", "true"], capture_output=True).returncode == 0:
-        return ["sudo", "-n"]
+        return ["sudo", "-n"] + ([f"--preserve-env={','.join(env)}"] if env else [])
     pytest.skip("installing a package needs root or password-less sudo (CI runs as root)")
 
 
-def root(*args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None
-         ) -> subprocess.CompletedProcess[str]:
-    prefix = _as_root() + (["env", *(f"{k}={v}" for k, v in env.items())] if env else [])
-    result = subprocess.run([*prefix, *args], capture_output=True, text=True, timeout=timeout)
+def root(*args: str, check: bool = True, timeout: float = 600, env: dict[str, str] | None = None,
+         input: str | None = None) -> subprocess.CompletedProcess[str]:
+    # the environment is passed as such (sudo told to keep it), never on a command line
+    result = subprocess.run([*_as_root(env), *args], capture_output=True, text=True, timeout=timeout, input=input,
+                            env={**os.environ, **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"{' '.join(args)} exited {result.returncode}:\n{result.stdout}\n{result.stderr}")
     return result
@@ -172,17 +174,24 @@ def test_install_run_and_purge(lab: Lab, package: list[str]) -> None:
     daemon = None
     try:
         config = _lab_config(lab, home)
-        check = root("/usr/bin/governord", "--check", "--config", str(config), check=False, env=lab.passwords)
+        # the lab's secrets go where a site's go, read as the unit's EnvironmentFile= reads them
+        lines = "".join(f"{name}={value}\n" for name, value in lab.passwords.items())
+        root("sh", "-c", f"cat >> {secrets_env}", input=lines)
+        assert secrets_env.stat().st_mode & 0o7777 == 0o640
+        secrets = dict(line.split("=", 1) for line in root("cat", str(secrets_env)).stdout.splitlines()
+                       if line and not line.startswith("#"))
+        assert secrets["LAB_FOREMAN_PASSWORD"] == lab.passwords["LAB_FOREMAN_PASSWORD"]
+        check = root("/usr/bin/governord", "--check", "--config", str(config), check=False, env=secrets)
         assert check.returncode == 0, check.stderr
         log = home / "governord.log"
+        # the unit's Environment= lines, and its EnvironmentFile=
         env = {"PATH": "/usr/bin:/bin", "HOME": str(STATE), "XDG_CACHE_HOME": "/var/cache/governord",
-               "MALLOC_ARENA_MAX": "2", **lab.passwords}
+               "MALLOC_ARENA_MAX": "2", **secrets}
         with open(log, "ab") as log_file:
             daemon = subprocess.Popen(
-                [*_as_root(), "setpriv", "--reuid=governord", "--regid=governord", "--init-groups", "--",
-                 "env", "-i", *(f"{k}={v}" for k, v in env.items()),
+                [*_as_root(env), "setpriv", "--reuid=governord", "--regid=governord", "--init-groups", "--",
                  "/usr/bin/governord", "--config", str(config)],
-                stdout=log_file, stderr=log_file, start_new_session=True)
+                stdout=log_file, stderr=log_file, start_new_session=True, env=env)
         wait_until(lambda: daemon.poll() is not None or ctl("status", check=False).returncode == 0, 90,
                    what="the installed governord answering governord-ctl status")
         assert daemon.poll() is None, log.read_text()
