@@ -115,7 +115,10 @@ def config_page(example: str) -> str:
     """governord.toml(5), from the documented example config: its sections in order, each key
     with its example value and the comment above it; keys left commented out are marked so."""
     lines = _header("governord.toml", 5, "the configuration of governord")
-    lines += [".SH SYNOPSIS", "\\fI/etc/governord/governord.toml\\fR", ".SH DESCRIPTION"]
+    lines += [".SH SYNOPSIS", "\\fI/etc/governord/governord.toml\\fR", ".SH DESCRIPTION",
+              "This page is the documented example configuration, "
+              "\\fI/usr/share/doc/governord/examples/governord.toml\\fR, section by section. The file the "
+              "package installs is a minimal one, valid as it is; add to it from here.", ".PP"]
     prose: list[str] = []
     started = False
 

@@ -145,6 +145,15 @@ def test_install_run_and_purge(lab: Lab, package: list[str]) -> None:
         rendered = subprocess.run(["man", "-l", page], capture_output=True, text=True, env={**os.environ, "MANWIDTH": "100"})
         assert rendered.returncode == 0 and "SEE ALSO" in rendered.stdout, page
 
+    # bash completion: the installed script registers itself and the installed program answers it
+    registered = subprocess.run(["bash", "-c", ". /usr/share/bash-completion/completions/governord-ctl && "
+                                 "complete -p governord-ctl"], capture_output=True, text=True, timeout=60)
+    assert registered.returncode == 0 and "governord-ctl" in registered.stdout, registered.stderr
+    answer = subprocess.run(["/usr/bin/governord-ctl"], capture_output=True, text=True, timeout=60,
+                            env={"PATH": "/usr/bin:/bin", "_GOVERNORD_CTL_COMPLETE": "bash_complete",
+                                 "COMP_WORDS": "governord-ctl hosts l", "COMP_CWORD": "2"})
+    assert answer.stdout.split() == ["plain,list"], answer
+
     # postinst ran sysusers and tmpfiles; applying the installed snippets again changes nothing
     root("systemd-sysusers", "governord.conf")
     root("systemd-tmpfiles", "--create", "governord.conf")
