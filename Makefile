@@ -13,9 +13,18 @@ PY := $(VENV)/bin/python
 # PostgreSQL store)
 APT_PACKAGES := golang-go golang-github-vmware-govmomi-dev openipmi ipmitool libxml2-dev gcc shellcheck curl openssl \
 	bind9 bind9-utils bind9-dnsutils pdns-server pdns-backend-sqlite3 prometheus postgresql-client
+# `make deb`: debhelper and dh-virtualenv (the package is one virtualenv; debian/rules), dpkg-dev;
+# man-db: tests/system/test_package.py renders the installed man pages
+DEB_APT_PACKAGES := debhelper dh-virtualenv dpkg-dev python3-dev python3-venv man-db
 PYTEST_ARGS ?=
+# the package's version is debian/changelog's, which tests/meta/test_debian.py holds to governord.__version__
+DEB_VERSION := $(shell sed -n '1s/^[^(]*(\([^)]*\)).*/\1/p' debian/changelog)
+DEB_ARCH := $(shell dpkg --print-architecture)
+DEB := dist/governord_$(DEB_VERSION)_$(DEB_ARCH).deb
+DEB_SOURCES := $(shell find daemon plugins debian systemd etc man hooks -type f -not -name '*.pyc') \
+	setup.cfg pyproject.toml constraints.txt README.md
 
-.PHONY: all deps apt venv vcsim peers lint typecheck protos test demo clean
+.PHONY: all deps apt venv vcsim peers lint typecheck protos deb test demo clean
 
 all: test
 
@@ -24,7 +33,7 @@ deps: apt venv vcsim peers
 # Debian packages: Go and the govmomi sources vcsim is built from, the DNS servers... Installed
 # only if missing, without starting their services (lab/apt-install.sh): the lab runs its own.
 apt:
-	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	@missing=""; for p in $(APT_PACKAGES) $(DEB_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	$(PYTHON) -c 'import ensurepip' 2>/dev/null || missing="$$missing python3-venv"; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing:$$missing"; \
@@ -65,7 +74,19 @@ typecheck: venv
 protos: venv
 	$(PY) -m tests.meta.test_protos
 
-test: deps lint typecheck
+# The Debian package (debian/, README "Installing"), built in a copy of the tree under build/deb
+# (dpkg-buildpackage writes beside the source) and put in dist/. tests/system/test_package.py
+# installs, runs and purges it.
+deb: $(DEB)
+
+$(DEB): $(DEB_SOURCES) | apt
+	rm -rf build/deb && mkdir -p build/deb/governord dist
+	tar -c --exclude=./.git --exclude=./.venv --exclude=./lab/.build --exclude=./build --exclude=./dist \
+		--exclude='*.egg-info' --exclude=__pycache__ --exclude=./.state -f - . | tar -x -C build/deb/governord
+	cd build/deb/governord && dpkg-buildpackage -b --no-sign
+	cp build/deb/governord_$(DEB_VERSION)_$(DEB_ARCH).deb $@
+
+test: deps deb lint typecheck
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 demo: deps

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from . import __version__
 from .daemon import run
 
 
@@ -16,6 +17,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-secrets", action="store_true",
                         help="with --check: check secret references' shape without reading them "
                              "(a shell without the daemon's environment or its secret files)")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     args = parser.parse_args(argv)
     if args.no_secrets and not args.check:
         parser.error("--no-secrets goes with --check: the daemon needs its secrets")

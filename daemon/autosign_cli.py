@@ -7,7 +7,7 @@ It asks the daemon on the autosign socket (``$GOVERNORD_AUTOSIGN_SOCKET``, defau
 answers this question and nothing else, and exits 0 only on an explicit "sign" answer. A usage
 error (exit 2), an unreachable daemon or any failure talking to it (exit 3), an HTTP error, an
 answer it cannot read or a refusal (exit 1) all leave the request unsigned. The reason goes to
-stderr, which puppetserver logs.
+stderr, which puppetserver logs. ``governord-autosign --version`` prints its version.
 """
 
 from __future__ import annotations
@@ -78,6 +78,12 @@ def decide(args: list[str], stdin: Any, environ: Mapping[str, str]) -> tuple[int
 
 
 def main() -> None:
+    if sys.argv[1:] == ["--version"]:
+        # the one option: never a certificate name (a name that starts with "-" is refused anyway)
+        from . import __version__
+
+        print(f"governord-autosign {__version__}")
+        sys.exit(EXIT_SIGN)
     try:
         code, message = decide(sys.argv[1:], sys.stdin.buffer, os.environ)
     except KeyboardInterrupt:

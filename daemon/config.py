@@ -269,7 +269,7 @@ class ApiSection(StrictModel):
     autosign_socket_mode: str = "0660"
     #: the group (name or number) the socket is given when set, e.g. ``puppet``; the daemon
     #: must be allowed to give it (root, or a member). None: the group the directory gives it
-    #: (the packaged layout: /run/governord-autosign is setgid puppet, see governord.tmpfiles.conf)
+    #: (the packaged layout: /run/governord-autosign is setgid puppet, see governord-autosign.tmpfiles.conf)
     autosign_socket_group: str | None = None
     #: largest request body accepted, in bytes
     max_body_bytes: int = Field(default=65536, ge=1024)

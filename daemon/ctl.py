@@ -26,6 +26,7 @@ import yarl
 from rich.console import Console
 from rich.table import Table
 
+from . import __version__
 from .models import HostState
 
 DEFAULT_SOCKET = os.environ.get("GOVERNORD_SOCKET", "/run/governord/admin.sock")
@@ -300,6 +301,7 @@ def _show_request(request: dict[str, Any], as_json: bool) -> None:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="governord-ctl", message="%(prog)s %(version)s")
 @click.option("--socket", "socket_path", default=DEFAULT_SOCKET, show_default=True, envvar="GOVERNORD_SOCKET",
               help="the daemon's admin socket")
 @click.pass_context

@@ -51,7 +51,7 @@ def _other_group() -> grp.struct_group:
 
 async def test_the_daemon_decides_autosign_on_its_own_socket_only(lab: Lab, tmp_path: Path) -> None:
     group = _other_group()
-    # as governord.tmpfiles.conf makes /run/governord-autosign: the group is puppet's, setgid
+    # as governord-autosign.tmpfiles.conf makes /run/governord-autosign: the group is puppet's, setgid
     directory = tmp_path / "as"
     directory.mkdir()
     os.chown(directory, -1, group.gr_gid)
