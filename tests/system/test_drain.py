@@ -150,6 +150,8 @@ callback_url = "http://127.0.0.1:{port}/drain"
         assert lab.vsphere_vms() == {}
         code, err = await _drained_hook(daemon, secret, "demo-node-01")  # a repeat: no error
         assert code == 0, err
+        # the outbox delivers the second notice on its own schedule (at least once): wait for it
+        await _until(lambda: len(arrived) >= 2, 60, "the second draining notice")
         assert [e["event"] for _, e in arrived] == ["draining", "draining"]
     finally:
         daemon.stop()
