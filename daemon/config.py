@@ -1104,25 +1104,10 @@ def build_config(
         found = raw.get(kind)
         sections[kind] = found if isinstance(found, dict) else {}
 
-    provider_configs: dict[str, ProviderConfig] = {}
-    for name, section in sections["providers"].items():
-        prefix = f"providers.{name}"
-        with problems.checking():
-            if not isinstance(section, dict):
-                raise ConfigError(path, prefix, "must be a table")
-            kind = _type_of(path, prefix, section, providers.names(), unavailable)
-            _load_type(path, prefix, kind, providers.load)
-            provider_configs[name] = _validate(providers.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
-
-    registrar_configs: dict[str, RegistrarConfig] = {}
-    for name, section in sections["registrars"].items():
-        prefix = f"registrars.{name}"
-        with problems.checking():
-            if not isinstance(section, dict):
-                raise ConfigError(path, prefix, "must be a table")
-            kind = _type_of(path, prefix, section, registrars.names(), unavailable)
-            _load_type(path, prefix, kind, registrars.load)
-            registrar_configs[name] = _validate(registrars.get(kind).Config, section, path, prefix)  # type: ignore[union-attr]
+    provider_configs: dict[str, ProviderConfig] = _plugin_sections(
+        path, "providers", sections["providers"], providers, unavailable, problems)
+    registrar_configs: dict[str, RegistrarConfig] = _plugin_sections(
+        path, "registrars", sections["registrars"], registrars, unavailable, problems)
     if core is None:  # the rest reads the validated sections
         problems.raise_any()
     assert core is not None
@@ -1174,6 +1159,22 @@ def build_config(
 
     problems.raise_any()
     return Config(path, core, provider_configs, registrar_configs, tags, placements)
+
+
+def _plugin_sections(path: str, kind: str, sections: dict[str, Any], registry: Any, unavailable: dict[str, str],
+                     problems: _Problems) -> dict[str, Any]:
+    """The ``[providers.NAME]`` or ``[registrars.NAME]`` sections, each validated by its type's
+    own model (its type imported now); a wrong one is noted in ``problems`` and left out."""
+    configs: dict[str, Any] = {}
+    for name, section in sections.items():
+        prefix = f"{kind}.{name}"
+        with problems.checking():
+            if not isinstance(section, dict):
+                raise ConfigError(path, prefix, "must be a table")
+            type_name = _type_of(path, prefix, section, registry.names(), unavailable)
+            _load_type(path, prefix, type_name, registry.load)
+            configs[name] = _validate(registry.get(type_name).Config, section, path, prefix)
+    return configs
 
 
 def _role_placements(path: str, prefix: str, role: RoleSection, app_name: str, role_name: str, core: CoreConfig,

@@ -17,7 +17,7 @@ import logging
 import re
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -436,13 +436,7 @@ class Governor:
 
     async def operator_request(self, key: str) -> Row:
         """A request an operator names: by id, or a unique prefix of it."""
-        try:
-            row = await self.store.get_request(key, prefix=True)
-        except AmbiguousId as exc:
-            raise RequestError(409, str(exc), field="request_id") from None
-        if row is None:
-            raise RequestError(404, "no such request", field="request_id")
-        return row
+        return await _named(self.store.get_request(key, prefix=True), "request_id", "no such request")
 
     def _kept_hosts(self, tx: Transaction, app: str, role: str | None, component: str | None = None) -> list[Row]:
         """The application's live hosts (of ``role``, of ``component``) that are not on their way out."""
@@ -608,13 +602,7 @@ class Governor:
 
     async def host(self, key: str) -> Row:
         """A host an operator names: by id (or a unique prefix of it), name or FQDN."""
-        try:
-            row = await self.store.get_host(key, prefix=True)
-        except AmbiguousId as exc:
-            raise RequestError(409, str(exc), field="host") from None
-        if row is None:
-            raise RequestError(404, f"no host named {key!r}", field="host")
-        return row
+        return await _named(self.store.get_host(key, prefix=True), "host", f"no host named {key!r}")
 
     async def retire(self, key: str, *, actor: str, now: bool = False) -> Row:
         """Retire a host. A ready host of an application that drains drains first, unless
@@ -943,3 +931,14 @@ def application_error(row: Row) -> str | None:
     else:
         outcome = "failed for a passing reason; it is being tried again"
     return f"step {step} {outcome} (the detail is with governord's operators)"
+
+
+async def _named(lookup: Awaitable[Row | None], field_name: str, missing: str) -> Row:
+    """What an operator's lookup found: 404 ``missing`` if nothing, 409 if an id prefix matched several."""
+    try:
+        row = await lookup
+    except AmbiguousId as exc:
+        raise RequestError(409, str(exc), field=field_name) from None
+    if row is None:
+        raise RequestError(404, missing, field=field_name)
+    return row

@@ -13,6 +13,24 @@ import pytest
 
 from lab.stack import Governord, Lab
 
+#: a tag whose Satellite system group does not exist, and demo's role that carries it: its hosts'
+#: registration can never succeed, and fails only after the machine exists and Foreman has the
+#: host (Foreman registers regardless)
+BROKEN_ROLE = """
+[tags.broken]
+description = "maps to a Satellite system group nobody made"
+foreman = { hostgroup = "openshift/node", puppet_classes = ["profile::base"] }
+satellite = { system_group = "openshift-retired", activation_key = "1-openshift-node" }
+
+[applications.demo.roles.broken]
+tags = ["broken"]
+provider = "vsphere"
+network = "lab"
+domain = "lab.example"
+name_pattern = "demo-broken-{seq:02d}"
+profile = { template = "rhel9-template", cpus = 2, memory_mb = 4096 }
+"""
+
 
 @pytest.fixture
 def lab(tmp_path: Path) -> Iterator[Lab]:

@@ -30,7 +30,7 @@ import pytest
 from lab.faultproxy import FaultRates, FaultSettings, set_proxy_rates
 from lab.stack import Governord, Lab
 
-from .conftest import wait_until
+from .conftest import BROKEN_ROLE, wait_until
 
 RATE = 0.2
 HOSTS = 5
@@ -42,20 +42,7 @@ SETTLE = 900.0
 
 #: a tag whose Satellite system group does not exist: registration can never succeed, and it
 #: fails only after the machine exists and Foreman has the host (Foreman registers regardless)
-BROKEN = """
-[tags.broken]
-description = "maps to a Satellite system group nobody made"
-foreman = { hostgroup = "openshift/node", puppet_classes = ["profile::base"] }
-satellite = { system_group = "openshift-retired", activation_key = "1-openshift-node" }
-
-[applications.demo.roles.broken]
-tags = ["broken"]
-provider = "vsphere"
-network = "lab"
-domain = "lab.example"
-name_pattern = "demo-broken-{seq:02d}"
-profile = { template = "rhel9-template", cpus = 2, memory_mb = 4096 }
-"""
+BROKEN = BROKEN_ROLE
 
 
 @pytest.fixture

@@ -23,7 +23,7 @@ from lab.prometheus import Prometheus, PrometheusLabError, static_job
 from lab.stack import Governord, Lab
 from tests.fixtures.prometheus import StartPrometheus
 
-from .conftest import wait_until
+from .conftest import BROKEN_ROLE, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 RULES = ROOT / "etc" / "prometheus" / "governord-rules.yml"
@@ -31,20 +31,7 @@ DASHBOARD = ROOT / "etc" / "grafana" / "governord-dashboard.json"
 
 #: a tag whose Satellite system group does not exist: registration fails for good, after the
 #: machine exists; and an application whose requests wait for an operator's approval
-SCENE = """
-[tags.broken]
-description = "maps to a Satellite system group nobody made"
-foreman = { hostgroup = "openshift/node", puppet_classes = ["profile::base"] }
-satellite = { system_group = "openshift-retired", activation_key = "1-openshift-node" }
-
-[applications.demo.roles.broken]
-tags = ["broken"]
-provider = "vsphere"
-network = "lab"
-domain = "lab.example"
-name_pattern = "demo-broken-{seq:02d}"
-profile = { template = "rhel9-template", cpus = 2, memory_mb = 4096 }
-
+SCENE = BROKEN_ROLE + """
 [applications.gated]
 max_hosts = 2
 approval = "always"
