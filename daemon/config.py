@@ -960,10 +960,6 @@ def _config_error(path: str, prefix: str, err: Any) -> ConfigError:
     return ConfigError(path, key, message)
 
 
-def _first_error(path: str, prefix: str, exc: ValidationError) -> ConfigError:
-    return _config_error(path, prefix, exc.errors()[0])
-
-
 def _all_errors(path: str, prefix: str, exc: ValidationError) -> ConfigError:
     """Every key pydantic refused (the first refusal of each: a union tries each of its members)."""
     found: dict[str, ConfigError] = {}

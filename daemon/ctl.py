@@ -64,6 +64,10 @@ class Unreachable(CtlError):
     exit_code = 3
 
 
+#: what connecting to a socket nobody answers on raises
+_UNREACHABLE = (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError)
+
+
 def _unreachable(path: str, exc: OSError) -> str:
     """One line for a socket nobody answers on, with what to check."""
     reason = exc.strerror or str(exc)
@@ -113,7 +117,7 @@ class Client:
                 async with session.request(method, url, json=body, params=params) as resp:
                     data = await resp.json(content_type=None)
                     return resp.status, data
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+        except _UNREACHABLE as exc:
             raise Unreachable(_unreachable(self.socket_path, exc)) from None
 
     def download(self, path: str, out: Path, timeout: float) -> dict[str, Any]:
@@ -141,7 +145,7 @@ class Client:
                     manifest = dict(json.loads(resp.headers.get("X-Governord-Backup", "{}")))
             done = True
             return manifest
-        except (aiohttp.ClientConnectorError, FileNotFoundError, ConnectionRefusedError, PermissionError) as exc:
+        except _UNREACHABLE as exc:
             raise Unreachable(_unreachable(self.socket_path, exc)) from None
         finally:
             if not done:  # (an empty or partial file is no backup)

@@ -171,6 +171,8 @@ class Daemon:
         await runtime.start()
         #: what has been started, undone in reverse if a later part cannot start
         runners: list[Any] = []
+        #: the Unix sockets this start made (removed again by an abort)
+        served: set[Path] = set()
 
         async def abort(message: str) -> int:
             """One line for the operator, everything started stopped again; exit 1."""
@@ -184,7 +186,6 @@ class Daemon:
             print(f"governord: {message}", file=sys.stderr)
             return 1
 
-        served: set[Path] = set()
         api = self.config.api
         certificate, key, client_ca = self._tls_files(runtime)
         try:

@@ -684,10 +684,7 @@ class Governor:
                 if tag not in self.config.tags:
                     raise RequestError(422, f"unknown tag {tag!r} (known: {', '.join(self.config.tags)})",
                                        field=field_name)
-        try:
-            row = await self.store.get_host(key, prefix=True)
-        except AmbiguousId as exc:
-            raise RequestError(409, str(exc), field="host") from None
+        row = await _looked_up(self.store.get_host(key, prefix=True), "host")
         if row is None or row["state"] == HostState.GONE.value:
             if not adopt or not add:  # (nothing to adopt it with but removals: as unknown as ever)
                 raise RequestError(404, await self._no_such_host(key), field="host")
@@ -933,12 +930,17 @@ def application_error(row: Row) -> str | None:
     return f"step {step} {outcome} (the detail is with governord's operators)"
 
 
-async def _named(lookup: Awaitable[Row | None], field_name: str, missing: str) -> Row:
-    """What an operator's lookup found: 404 ``missing`` if nothing, 409 if an id prefix matched several."""
+async def _looked_up(lookup: Awaitable[Row | None], field_name: str) -> Row | None:
+    """What an operator's lookup found (None: nothing); 409 if an id prefix matched several."""
     try:
-        row = await lookup
+        return await lookup
     except AmbiguousId as exc:
         raise RequestError(409, str(exc), field=field_name) from None
+
+
+async def _named(lookup: Awaitable[Row | None], field_name: str, missing: str) -> Row:
+    """What an operator's lookup found: 404 ``missing`` if nothing, 409 if an id prefix matched several."""
+    row = await _looked_up(lookup, field_name)
     if row is None:
         raise RequestError(404, missing, field=field_name)
     return row

@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import shutil
 import signal
-import socket
 import subprocess
 import threading
 import time
@@ -30,6 +29,7 @@ from wsgiref.simple_server import WSGIServer
 import requests
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
+from ..postgres import free_port
 from ..process import stop_group
 
 #: how often the lab's Prometheus scrapes and evaluates its rules, unless told otherwise
@@ -46,12 +46,6 @@ def check_installed() -> None:
     if missing:
         raise PrometheusLabError(f"Prometheus is not installed (missing {', '.join(missing)}): "
                                  "install Debian's prometheus package (`make apt`)")
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclass
