@@ -850,6 +850,19 @@ class DrainHooksSection(StrictModel):
     command: DrainCommand | None = None
 
 
+class HealthSection(StrictModel):
+    """``[health]``: this instance's checks of its peers (every provider and registrar instance),
+    which `governord-ctl status`, ``/readyz`` and ``governord_peer_up`` show."""
+
+    #: seconds between two rounds of probes (one cheap authenticated call per instance)
+    interval: float = Field(default=30.0, gt=0, le=3600)
+    #: seconds one probe may take before its peer counts as down
+    timeout: float = Field(default=10.0, gt=0, le=300)
+    #: ask the registrars whether what the tags name exists there (hostgroups, Puppet classes,
+    #: system groups, activation keys) at start (a warning) and before a reload (refused if not)
+    check_mappings: bool = True
+
+
 class CoreConfig(StrictModel):
     daemon: DaemonSection = Field(default_factory=DaemonSection)
     api: ApiSection = Field(default_factory=ApiSection)
@@ -861,6 +874,7 @@ class CoreConfig(StrictModel):
     autoscaler: AutoscalerSection | None = None
     prometheus: PrometheusSection | None = None
     drain: DrainHooksSection = Field(default_factory=DrainHooksSection)
+    health: HealthSection = Field(default_factory=HealthSection)
     networks: dict[str, NetworkSection] = Field(default_factory=dict)
     providers: dict[str, dict[str, Any]] = Field(default_factory=dict)
     registrars: dict[str, dict[str, Any]] = Field(default_factory=dict)

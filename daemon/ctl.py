@@ -332,9 +332,27 @@ def status(ctx: click.Context, as_json: bool) -> None:
     console.print(f"steps in flight: {data['in_flight']}", markup=False)
     console.print("hosts: " + (", ".join(f"{k}={v}" for k, v in sorted(data["hosts"].items())) or "none"),
                   markup=False)
-    console.print("providers: " + ", ".join(f"{k} ({v})" for k, v in data["providers"].items()), markup=False)
-    console.print("registrars: " + ", ".join(f"{k} ({v})" for k, v in data["registrars"].items()), markup=False)
+    not_ready = data.get("not_ready") or []
+    console.print("ready" if not not_ready else f"NOT READY: {'; '.join(not_ready)}", markup=False)
+    console.print(_peer_table(data.get("peers") or []))
+    mappings = data.get("mappings")
+    for problem in (mappings or {}).get("problems", []):
+        console.print(f"tag mapping MISSING at its registrar: {problem}", markup=False)
+    for registrar in (mappings or {}).get("unchecked", []):
+        console.print(f"tag mappings not checked: {registrar}", markup=False)
     console.print(_instance_table(data["instances"]))
+
+
+def _peer_table(peers: list[dict[str, Any]]) -> Table:
+    """Each provider and registrar instance as the answering instance last probed it."""
+    table = Table(box=None, header_style="bold", title="peers", title_justify="left")
+    for column in ("KIND", "NAME", "TYPE", "STATE", "SINCE", "PROBE", "ERROR"):
+        table.add_column(column, overflow="fold")
+    for peer in peers:
+        table.add_row(peer["kind"], peer["name"], peer["type"], peer["state"].upper() if peer["state"] == "down"
+                      else peer["state"], _when(peer["since"]),
+                      f"{peer['seconds']:.2f}s" if peer["seconds"] is not None else "-", peer["error"] or "")
+    return table
 
 
 @cli.command()

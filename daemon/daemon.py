@@ -303,6 +303,13 @@ class Daemon:
                       extra={"config": self.config_path})
             notify("READY=1", f"STATUS=reload refused: {errors[0]}")
             return "; ".join(str(e) for e in errors)
+        if self.runtime is not None:
+            missing = await self.runtime.check_mappings(config)
+            if missing:
+                log.error("reload refused, keeping the running config: %s", "; ".join(missing),
+                          extra={"config": self.config_path})
+                notify("READY=1", f"STATUS=reload refused: {missing[0]}")
+                return "; ".join(missing)
         changed = _restart_only(self.config, config)
         if changed:
             log.warning("these settings take effect at the next restart: %s", ", ".join(changed))

@@ -76,6 +76,13 @@ class PermanentError(StepError):
     retryable = False
 
 
+class MissingAtPeer(PermanentError):
+    """The peer answered that something the config names is not there, or not usable (a Foreman
+    hostgroup, a Puppet class, a Satellite system group, a disabled activation key): the config
+    or the peer needs fixing; trying again does not help. The checks of tag mappings at load and
+    reload (:mod:`governord.dispatch.health`) tell it from a peer that cannot be asked."""
+
+
 #: Client-error statuses that still mean "try again later", whatever the API.
 PASSING_HTTP_STATUSES = frozenset({408, 429})
 

@@ -318,3 +318,29 @@ def governord_remove_registration(registration: Registration) -> bool | None:
 
     .. versionadded:: 0.3
     """
+
+
+# -- health: can the peers be reached ----------------------------------------------------------
+
+
+@hookspec
+def governord_probe_peer(kind: str, name: str) -> bool | None:
+    """Can the provider or registrar instance ``name`` be reached, with governord's credentials?
+
+    The core implements this for every configured instance (its ``probe``: one cheap
+    authenticated call); a plugin that serves a provider or system name itself answers for it.
+
+    :param kind: ``"provider"`` (a ``[providers.NAME]`` section, or a name a plugin provisions
+        on) or ``"registrar"`` (a ``[registrars.NAME]`` section, or a system a plugin serves).
+    :param name: the instance's name.
+    :returns: True when the peer answered; None when this implementation does not serve
+        ``name``, or cannot ask it. Raise when it cannot be reached or refuses: the exception's
+        message is what `governord-ctl status` and ``/readyz`` show.
+
+    Dispatch: collect, by the health checks (``[health]``), once per instance and interval,
+    under ``[health] timeout``. Any failure makes the peer down; otherwise any True makes it up;
+    answers of None only leave it unchecked (it does not count against readiness). May be
+    ``async def``. Must be side-effect free.
+
+    .. versionadded:: 0.5
+    """

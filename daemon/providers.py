@@ -195,6 +195,20 @@ class ConfiguredInstance:
     async def close(self) -> None:
         """Release connections (log out). Called once at shutdown."""
 
+    async def list_owned(self) -> Any:
+        """What carries governord's ownership marker here (Provider and Registrar say more)."""
+        return None
+
+    async def probe(self) -> bool:
+        """Ask the system something that needs the connection and the credentials to work, for
+        the health checks (``[health]``, ``/readyz``); raise when it cannot be reached or refuses
+        (the exception says why). True when it answered, False when this type cannot be asked.
+
+        The default lists what carries the ownership marker (:meth:`list_owned`): honest, but a
+        listing that costs a call per entry should be replaced by one cheap authenticated call."""
+        await self.ensure_started()
+        return await self.list_owned() is not None
+
     def require_readable(self, *keys: str, label: str) -> None:
         """Fail for good, naming the key, if a configured file (certificate, key, CA) is not
         readable: a typo in a path will not go away by retrying."""

@@ -169,6 +169,15 @@ class Registrar(ConfiguredInstance, ABC):
         the sweep says so."""
         return None
 
+    async def check_mappings(self, mappings: Mapping[str, AnyTagMapping]) -> dict[tuple[str, str], str]:
+        """Ask the system whether what the tags' mappings for this registrar name exists there
+        (``mappings``: tag -> this registrar's ``[tags.TAG.NAME]`` table), before a host fails on
+        it. Return ``{(TAG, KEY): why}`` for each that does not (raise
+        :class:`~governord.errors.MissingAtPeer` inside, catch it here); let any other failure
+        (the system cannot be asked) propagate. Checked at start and before a reload is taken.
+        Nothing by default."""
+        return {}
+
     async def remove_owned(self, entry: Registration) -> bool:
         """Remove exactly this entry (by ``entry.entry_id``), verified gone, if it still carries the
         marker of ``entry.host_id``. Returns False when there was nothing to remove: already gone,

@@ -13,6 +13,7 @@ from .autoscaler.thresholds import ThresholdScaler
 from .config import Config
 from .dispatch import Dispatcher
 from .dispatch.builtin import DrainCommandPlugin, ProvisioningPlugin, RegistrarPlugin
+from .dispatch.health import PeerHealth
 from .dispatch.pluginmanager import PluginManager
 from .engine import Engine
 from .engine.callbacks import Notifier
@@ -62,6 +63,8 @@ class Runtime:
         self.pruner = Pruner(store, self.governor, config, self.fleet)
         #: the roles' autoscale rules on Prometheus queries
         self.thresholds = ThresholdScaler(self.governor, store, config, self.fleet, self.metrics.registry)
+        #: this instance's probes of its providers and registrars, and the check of the tags' mappings
+        self.health = PeerHealth(self.dispatcher, config, self.metrics.registry)
         self._instance_plugins: list[str] = []
         #: the daemon's "read the config again" (POST /v1/reload): None, or why it was refused
         self.reload_config: Callable[[], Awaitable[str | None]] | None = None
@@ -131,6 +134,7 @@ class Runtime:
         self.sweeper.start()
         self.pruner.start()
         self.thresholds.start()
+        self.health.start(lambda: self.registrars)
 
     async def reload(self, config: Config) -> None:
         """Take a new, already validated config. Instances are rebuilt; work in flight keeps
@@ -150,6 +154,7 @@ class Runtime:
         self.fleet.reconfigure(config)
         self.dispatcher.timeout = config.engine.hook_timeout
         self._build_instances(config)
+        self.health.configure(config)
         # Closing an instance ends its sessions (a vCenter logout), which would fail a clone
         # still running on it: the old instances are closed once the steps in flight now are
         # done (new steps already use the new instances), or after the hook timeout.
@@ -171,7 +176,30 @@ class Runtime:
             except Exception:  # noqa: BLE001
                 log.exception("closing %s failed", instance.name)
 
+    async def check_mappings(self, config: Config) -> list[str]:
+        """Before a reload takes ``config``: what its new or changed tag mappings name that the
+        registrars do not have (each "file: key: why"; empty: nothing, or not checked). A
+        registrar whose section is unchanged is asked through the running instance, any other
+        through one made for the check."""
+        if not config.core.health.check_mappings:
+            return []
+        running, made = {}, []
+        for name, section in config.registrars.items():
+            current = self.registrars.get(name)
+            if current is not None and current.config == section:
+                running[name] = current
+            else:
+                instance = self.plugins.registrars.load(section.type)(name, section, state_dir=config.daemon.state_dir)
+                running[name] = instance
+                made.append(instance)
+        try:
+            check = await self.health.check_mappings(running, config, previous=self.config)
+        finally:
+            await self._close(made)
+        return [str(problem) for problem in check.problems]
+
     async def stop(self) -> None:
+        await self.health.stop()
         await self.thresholds.stop()
         await self.pruner.stop()
         await self.sweeper.stop()
@@ -194,4 +222,7 @@ class Runtime:
             "tags": sorted(self.config.tags),
             "config": self.config.path,
             "last_reload": self.last_reload,
+            "peers": self.health.view(),
+            "not_ready": self.health.readiness(),
+            "mappings": None if self.health.mappings is None else self.health.mappings.view(),
         }

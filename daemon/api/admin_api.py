@@ -25,7 +25,7 @@ from ..fleet import Busy
 from ..rules import RequestError, host_summary
 from . import paging, schemas
 from .app_api import request_reply
-from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, reply
+from .common import Endpoints, errors_middleware, healthz, max_body_key, parse_body, readyz, reply
 
 if TYPE_CHECKING:
     from ..runtime import Runtime
@@ -452,6 +452,14 @@ async def sweep(request: web.Request) -> web.Response:
                responses={200: schemas.Health, 503: schemas.Health})
 async def health(request: web.Request) -> web.Response:
     return await healthz(_runtime(request).store, detail=True)
+
+
+@endpoints.add("GET", "/readyz", "Whether this instance can do its work: its store answers and every provider and "
+               "registrar instance answered its last probe (503 with the reasons while not)",
+               responses={200: schemas.Readiness, 503: schemas.Readiness})
+async def ready(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    return await readyz(runtime.store, runtime.health, detail=True)
 
 
 @endpoints.add("GET", "/metrics", "Prometheus metrics", responses={200: None}, content_type="text/plain")

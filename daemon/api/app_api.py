@@ -40,6 +40,7 @@ from .common import (
     load_json,
     max_body_key,
     parse_body,
+    readyz,
     reply,
 )
 from .connections import ConnectionLimits, limits_key, request_deadlines
@@ -361,6 +362,14 @@ async def openshift_webhook(request: web.Request) -> web.Response:
                responses={200: schemas.Health, 503: schemas.Health})
 async def health(request: web.Request) -> web.Response:
     return await healthz(request.app[runtime_key].store, detail=False)
+
+
+@endpoints.add("GET", "/readyz", "Whether this instance can do its work: its store answers and every provider and "
+               "registrar instance answered its last probe (503 with the reasons while not)",
+               responses={200: schemas.Readiness, 503: schemas.Readiness})
+async def ready(request: web.Request) -> web.Response:
+    runtime = request.app[runtime_key]
+    return await readyz(runtime.store, runtime.health, detail=False)
 
 
 @endpoints.add("GET", "/metrics", "Prometheus metrics", responses={200: None}, content_type="text/plain")

@@ -21,6 +21,7 @@ from aiohttp import web
 from pydantic import BaseModel, ValidationError
 
 from .. import __version__
+from ..dispatch.health import PeerHealth
 from ..errors import FieldError
 from ..rules import RequestError
 from ..store import Store, unavailable
@@ -320,3 +321,18 @@ async def healthz(store: Store, *, detail: bool) -> web.Response:
         return reply(schemas.Health, {"status": "ok", "store": "ok"})
     why = problem if detail else f"unreachable ({problem.split(':', 1)[0]})"
     return reply(schemas.Health, {"status": "unhealthy", "store": why}, 503)
+
+
+async def readyz(store: Store, health: PeerHealth, *, detail: bool) -> web.Response:
+    """200 ``{"status": "ready", ...}`` while the store answers, a round of probes has run since the
+    start or the last reload, and no provider or registrar instance is down; else 503 ``"not
+    ready"`` with the reasons. ``detail``: the peers and the failures in their own words (the
+    operators' socket); otherwise only which peers, as their addresses and errors are nobody
+    else's business."""
+    problem = await store.health()
+    store_state = "ok" if problem is None else (problem if detail else f"unreachable ({problem.split(':', 1)[0]})")
+    reasons = ([] if problem is None else [f"store: {store_state}"]) + health.readiness(detail=detail)
+    body = {"status": "not ready" if reasons else "ready", "store": store_state, "reasons": reasons,
+            "peers": health.view() if detail else None}
+    return reply(schemas.Readiness, body, 503 if reasons else 200)
+

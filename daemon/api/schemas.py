@@ -174,6 +174,37 @@ class Health(BaseModel):
     store: str
 
 
+class Peer(BaseModel):
+    """A provider or registrar instance as this instance's last probe found it."""
+
+    kind: Literal["provider", "registrar"]
+    name: str
+    type: str
+    #: unknown (not probed yet), up, down (failed or timed out) or unchecked (nobody can ask it)
+    state: Literal["unknown", "up", "down", "unchecked"]
+    #: why it is down
+    error: str | None = None
+    #: when the last probe ended, and since when the peer has been in this state (Unix time)
+    checked_at: float | None = None
+    since: float | None = None
+    #: how long the last probe took
+    seconds: float | None = None
+
+
+class Readiness(BaseModel):
+    """Whether this instance can do its work: ``ready``, or ``not ready`` (HTTP 503) while its store
+    cannot be reached, a provider or registrar instance is down, or its peers have not all been
+    probed since the start or the last reload."""
+
+    status: Literal["ready", "not ready"]
+    #: ``ok``, or why the store cannot be reached
+    store: str
+    #: why it is not ready (empty: ready)
+    reasons: list[str]
+    #: each peer (the operators' socket only)
+    peers: list[Peer] | None = None
+
+
 class Instance(BaseModel):
     """One instance of the fleet sharing the store."""
 
@@ -210,6 +241,14 @@ class Status(BaseModel):
     config: str
     #: the last reload of the config (SIGHUP, systemctl reload): when, and why it was refused (None: taken)
     last_reload: dict[str, Any] | None = None
+    #: each provider and registrar instance as this instance's last probe found it
+    peers: list[Peer] = []
+    #: why this instance is not ready as far as its peers go (empty: ready; /readyz says more)
+    not_ready: list[str] = []
+    #: the last check of the tags' mappings at the registrars (at start, and after each reload
+    #: taken): what is missing there
+    #: ("key: why"), and the registrars that could not be asked
+    mappings: dict[str, Any] | None = None
     hosts: dict[str, int]
     version: str
 

@@ -99,6 +99,11 @@ class ProvisioningPlugin:
         return True
 
     @hookimpl
+    async def governord_probe_peer(self, kind: str, name: str) -> bool | None:
+        instance = self.providers.get(name) if kind == "provider" else None
+        return None if instance is None else (await instance.probe()) or None
+
+    @hookimpl
     async def governord_list_machines(self, provider: str) -> list[Machine] | None:
         instance = self.providers.get(provider)
         if instance is None:
@@ -155,6 +160,12 @@ class RegistrarPlugin:
             return
         await self.registrar.ensure_started()
         await self.registrar.deregister(host)
+
+    @hookimpl
+    async def governord_probe_peer(self, kind: str, name: str) -> bool | None:
+        if kind != "registrar" or name != self.registrar.name:
+            return None
+        return (await self.registrar.probe()) or None
 
     @hookimpl
     async def governord_list_registrations(self, system: str) -> list[Registration] | None:

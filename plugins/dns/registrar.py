@@ -149,6 +149,13 @@ class DnsRegistrar(Registrar):
                 raise PermanentError(f"{self.where} has no SOA for zone {zone}: is it the zone's primary?",
                                      source=self.name)
 
+    async def probe(self) -> bool:
+        """A signed SOA query of the forward zone (a zone transfer of every zone would be the
+        listing): the server answers, authoritatively, and accepts the key."""
+        await self.ensure_started()
+        await self._query(self.zone, SOA)
+        return True
+
     # -- the contract --------------------------------------------------------------------
 
     def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:

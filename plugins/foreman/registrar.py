@@ -16,7 +16,7 @@ Foreman's own message.
 from __future__ import annotations
 
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -25,7 +25,7 @@ from apypie import ForemanApi
 from requests.adapters import HTTPAdapter
 from urllib3.util import Retry
 
-from governord.errors import PermanentError, RetryableError, http_error
+from governord.errors import MissingAtPeer, PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, PROVIDER_ID_PARAMETER, HostView
 from governord.providers import call_budget
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
@@ -253,7 +253,7 @@ class ForemanRegistrar(Registrar):
             results = [item for group in results.values() for item in group]
         matches = [r for r in results if r.get(field) == value]
         if not matches:
-            raise PermanentError(f"Foreman at {self.config.url} has no {what} {value!r}", source=self.name)
+            raise MissingAtPeer(f"Foreman at {self.config.url} has no {what} {value!r}", source=self.name)
         return matches[0]
 
     async def _ids(self) -> dict[str, int | None]:
@@ -282,6 +282,34 @@ class ForemanRegistrar(Registrar):
         return host
 
     # -- the contract ---------------------------------------------------------------------------
+
+    async def check_mappings(self, mappings: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+        """Each tag's hostgroup (by title) and Puppet classes (in the Puppet environment) exist."""
+        found: dict[tuple[str, str], str] = {}
+        for tag, mapping in mappings.items():
+            if mapping.hostgroup:
+                try:
+                    await self._find_one("hostgroups", "title", mapping.hostgroup, "hostgroup")
+                except MissingAtPeer as exc:
+                    found[(tag, "hostgroup")] = str(exc)
+            if not mapping.puppet_classes:
+                continue
+            if not await self._has("host_classes"):
+                found[(tag, "puppet_classes")] = "Foreman has no foreman_puppet plugin, so Puppet classes cannot be set"
+                continue
+            ids = await self._ids()
+            scope = {"environment_id": ids["environment_id"]} if ids["environment_id"] else {}
+            missing = []
+            for name in mapping.puppet_classes:
+                try:
+                    await self._find_one("puppetclasses", "name", name, "Puppet class", **scope)
+                except MissingAtPeer:
+                    missing.append(name)
+            if missing:
+                where = f" in Puppet environment {self.config.puppet_environment!r}" if scope else ""
+                found[(tag, "puppet_classes")] = (f"Foreman at {self.config.url} has no Puppet class "
+                                                  f"{', '.join(map(repr, missing))}{where}")
+        return found
 
     def classify(self, mappings: list[tuple[str, Any]]) -> dict[str, Any]:
         """First hostgroup named, the union of classes in order, parameters with earlier tags winning."""

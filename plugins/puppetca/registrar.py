@@ -196,6 +196,12 @@ class PuppetCARegistrar(Registrar):
         """Revoke and delete the certificate (``PUT /clean``), drop a pending CSR, verify 404."""
         await self._clean(self._recorded_certname(host))
 
+    async def probe(self) -> bool:
+        """One authorised call: the pending requests (the listing reads every certificate)."""
+        await self.ensure_started()
+        await self._request("GET", "certificate_statuses/any?state=requested", ok=(200,))
+        return True
+
     async def list_owned(self) -> list[Registration]:
         """Every certificate and pending request on the CA whose extensions carry a governord
         marker (each is read once: the status list does not show extensions)."""

@@ -26,11 +26,11 @@ import ssl
 import time
 import xml.parsers.expat
 import xmlrpc.client
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar
 
-from governord.errors import PermanentError, RetryableError, http_error
+from governord.errors import MissingAtPeer, PermanentError, RetryableError, http_error
 from governord.models import OWNERSHIP_KEY, HostView
 from governord.providers import backoff_delay, call_budget
 from governord.registrars import Registrar, RegistrarConfig, Registration, marker_of
@@ -299,6 +299,26 @@ class SatelliteRegistrar(Registrar):
             "description": details.get("description"),
         }
 
+    async def check_mappings(self, mappings: Mapping[str, Any]) -> dict[tuple[str, str], str]:
+        """Each tag's system group exists, and its activation key exists and is enabled."""
+        found: dict[tuple[str, str], str] = {}
+        for tag, mapping in mappings.items():
+            for key, check in (("system_group", self._group_id), ("activation_key", self._check_activation_key)):
+                value = getattr(mapping, key)
+                if not value:
+                    continue
+                try:
+                    await check(value)
+                except MissingAtPeer as exc:
+                    found[(tag, key)] = str(exc)
+        return found
+
+    async def probe(self) -> bool:
+        """One authenticated call (listing every profile's details would be one call per system)."""
+        await self.ensure_started()
+        await self._api("systemgroup.listAllGroups")
+        return True
+
     # -- steps ---------------------------------------------------------------------------
 
     async def _group_id(self, name: str) -> int:
@@ -306,7 +326,7 @@ class SatelliteRegistrar(Registrar):
             group = await self._api("systemgroup.getDetails", name)
         except SatelliteFault as exc:
             if exc.code in (FAULT_LOOKUP_SERVER_GROUP, FAULT_UNHANDLED) and _GROUP_MISSING.search(exc.fault_string):
-                raise PermanentError(
+                raise MissingAtPeer(
                     f"Satellite system group {name!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
             raise
@@ -317,12 +337,12 @@ class SatelliteRegistrar(Registrar):
             details = await self._api("activationkey.getDetails", key)
         except SatelliteFault as exc:
             if _KEY_MISSING.search(exc.fault_string):
-                raise PermanentError(
+                raise MissingAtPeer(
                     f"Satellite activation key {key!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
             raise
         if details.get("disabled"):
-            raise PermanentError(f"Satellite activation key {key!r} is disabled", source=self.name)
+            raise MissingAtPeer(f"Satellite activation key {key!r} is disabled", source=self.name)
 
     async def _find_or_create(self, host: HostView) -> int:
         systems = await self._api("system.getId", host.fqdn)

@@ -31,6 +31,7 @@ from governord.plugins.dns.config import DnsConfig, DnsTagMapping
 from governord.plugins.dns.registrar import DnsRegistrar
 from governord.registrars import Phase, RegistrarRegistry, Registration
 from lab.dns import FORWARD_ZONE, REVERSE_ZONES, DnsServer
+from lab.postgres import free_port
 from tests.fixtures.dns import fresh_address, fresh_name
 
 pytestmark = pytest.mark.integration
@@ -320,6 +321,16 @@ async def test_a_wrong_key_is_a_permanent_error_with_the_servers_rcode(
     assert ask(dns_server, fqdn + ".", "A") == []
     with pytest.raises(PermanentError):
         await wrong.list_owned()
+    with pytest.raises(PermanentError, match="NOTAUTH"):  # the health probe: a signed SOA query
+        await wrong.probe()
+
+
+async def test_the_probe_is_a_signed_soa_query_the_server_answers(dns_server: DnsServer, registrar: DnsRegistrar,
+                                                                  key_file: Any) -> None:
+    assert await registrar.probe() is True
+    closed = DnsRegistrar(NAME, make_config(dns_server, key_file, port=free_port(), call_timeout=1))
+    with pytest.raises(RetryableError):
+        await closed.probe()
 
 
 async def test_a_zone_the_server_does_not_hold_is_a_permanent_error(dns_server: DnsServer, key_file: Any) -> None:

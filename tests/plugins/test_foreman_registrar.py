@@ -518,3 +518,41 @@ def test_provider_id_parameter_is_class_and_parameter() -> None:
     for wrong in ("provider_id", "k8s::Kubelet::x", "k8s::kubelet::", "::x"):
         with pytest.raises(ValueError, match="not CLASS::PARAMETER"):
             ForemanRegistrar.Config.model_validate({**base, "provider_id_parameter": wrong})
+
+
+# -- health: the probe, and what the tags name -----------------------------------------------------
+
+
+async def test_check_mappings_names_each_missing_hostgroup_and_class_and_nothing_that_exists(
+        registrar: ForemanRegistrar) -> None:
+    mappings = {tag: ForemanRegistrar.TagMapping.model_validate(table) for tag, table in {
+        **TAGS,
+        "typo": {"hostgroup": "openshift/nodes", "puppet_classes": ["profile::base", "openshift::nod", "x::y"]},
+    }.items()}
+    found = await registrar.check_mappings(mappings)
+    assert set(found) == {("typo", "hostgroup"), ("typo", "puppet_classes")}
+    assert "has no hostgroup 'openshift/nodes'" in found[("typo", "hostgroup")]
+    classes = found[("typo", "puppet_classes")]
+    assert "'openshift::nod', 'x::y'" in classes and "profile::base" not in classes and "'production'" in classes
+
+
+async def test_probe_answers_and_a_stopped_foreman_fails_it(private_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch,
+                                                            tmp_path: Path) -> None:
+    reg = ForemanRegistrar("foreman", make_config(private_sim, monkeypatch), state_dir=tmp_path)
+    try:
+        assert await reg.probe() is True
+        private_sim.stop()
+        with pytest.raises(RetryableError):
+            await reg.probe()
+    finally:
+        await reg.close()
+
+
+async def test_probe_fails_on_a_wrong_password(foreman_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch,
+                                               tmp_path: Path) -> None:
+    reg = ForemanRegistrar("foreman", make_config(foreman_sim, monkeypatch, password="wrong"), state_dir=tmp_path)
+    try:
+        with pytest.raises(PermanentError, match="401"):
+            await reg.probe()
+    finally:
+        await reg.close()

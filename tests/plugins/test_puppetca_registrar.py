@@ -496,3 +496,14 @@ async def test_remove_owned_cleans_only_while_the_marker_is_the_listed_one(
     [pending] = [e for e in await registrar.list_owned() if e.entry_id == waiting.fqdn]
     assert await registrar.remove_owned(pending) is True
     assert ca_status(puppet_stack, waiting.fqdn) == (404, None)
+
+
+async def test_the_probe_is_one_authorised_call_to_the_ca(puppet_stack: PuppetLab, registrar: PuppetCARegistrar) -> None:
+    assert await registrar.probe() is True
+    stack = puppet_stack.stack
+    gone = PuppetCARegistrar(NAME, make_config(
+        url=f"https://127.0.0.1:{closed_port()}", ca_file=str(stack.ca_bundle), client_cert=str(stack.client_cert),
+        client_key=str(stack.client_key), puppet_server="puppet.lab.example"))
+    with pytest.raises(RetryableError):
+        await gone.probe()
+

@@ -567,3 +567,31 @@ async def test_one_register_try_survives_faults_on_reads_and_repeats_no_write(
                 assert subscribed((direct, key), system["id"]) == {"openshift-nodes"}
         finally:
             direct.auth.logout(key)
+
+
+# -- health: the probe, and what the tags name -----------------------------------------------------
+
+
+async def test_check_mappings_names_each_missing_group_and_key_and_nothing_that_exists(
+        registrar: SatelliteRegistrar) -> None:
+    mappings = {
+        "node": SatelliteTagMapping(system_group="openshift-nodes", activation_key="1-openshift-node"),
+        "typo": SatelliteTagMapping(system_group="openshift-node", activation_key="1-openshift-nodes"),
+        "groups-only": SatelliteTagMapping(system_group="openshift-brokers"),
+    }
+    found = await registrar.check_mappings(mappings)
+    assert set(found) == {("typo", "system_group"), ("typo", "activation_key")}
+    assert "'openshift-node' does not exist" in found[("typo", "system_group")]
+    assert "'1-openshift-nodes' does not exist" in found[("typo", "activation_key")]
+
+
+async def test_probe_is_one_authenticated_call(satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch) -> None:
+    good = make_registrar(satellite_sim.url, monkeypatch, satellite_sim.password)
+    bad = make_registrar(satellite_sim.url, monkeypatch, "not-the-password")
+    try:
+        assert await good.probe() is True
+        with pytest.raises(PermanentError, match="2950"):
+            await bad.probe()
+    finally:
+        await good.close()
+        await bad.close()
