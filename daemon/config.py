@@ -1106,7 +1106,7 @@ def build_config(
     with problems.checking():
         core = _validate(CoreConfig, raw, path, "")
     if core is not None:
-        for check in (_check_places, _check_identities, _check_node_groups, _check_autoscale):
+        for check in (_check_places, _check_identities, _check_node_groups, _check_autoscale, _check_drain_command):
             with problems.checking():
                 check(path, core)
     sections: dict[str, dict[str, Any]] = {}
@@ -1289,6 +1289,20 @@ def _check_autoscale(path: str, core: CoreConfig) -> None:
             if role.autoscale is not None:
                 raise ConfigError(path, f"applications.{app_name}.roles.{role_name}.autoscale",
                                   "needs a [prometheus] section (url) to ask its query")
+
+
+def _check_drain_command(path: str, core: CoreConfig) -> None:
+    """[drain.command] applications: configured applications, each with a drain section (only
+    their hosts are ever drained)."""
+    command = core.drain.command
+    for index, app in enumerate(command.applications or []) if command is not None else ():
+        key = f"drain.command.applications.{index}"
+        if app not in core.applications:
+            raise ConfigError(path, key, f"no application named {app!r} (configured: "
+                              f"{', '.join(sorted(core.applications)) or 'none'})")
+        if core.applications[app].drain is None:
+            raise ConfigError(path, key, f"application {app!r} has no [applications.{app}.drain] section: "
+                              "its hosts are never drained")
 
 
 def identity_of(name: str, app: ApplicationSection, mode: str) -> str | None:

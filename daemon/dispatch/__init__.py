@@ -13,7 +13,7 @@ import asyncio
 import inspect
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -36,6 +36,17 @@ class Outcome:
     @property
     def ok(self) -> bool:
         return self.error is None
+
+
+def observe(observers: Iterable[Callable[..., None]], *args: Any) -> None:
+    """Tell each observer (the metrics' callbacks on calls, steps, transitions and decisions):
+    one that fails is logged and skipped, never failing what it observes (a committed
+    transition, a finished call) nor keeping the others from hearing of it."""
+    for observer in observers:
+        try:
+            observer(*args)
+        except Exception:  # noqa: BLE001 - an observer's failure is its own
+            log.exception("observer %s failed", getattr(observer, "__qualname__", observer))
 
 
 def describe_error(outcome: Outcome) -> str:
@@ -62,8 +73,7 @@ class Dispatcher:
 
     async def _call(self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Outcome:
         outcome = await self._run(hook_name, impl, kwargs)
-        for observer in self.on_call:
-            observer(hook_name, impl.plugin_name, kwargs, outcome)
+        observe(self.on_call, hook_name, impl.plugin_name, kwargs, outcome)
         return outcome
 
     async def _run(self, hook_name: str, impl: pluggy.HookImpl, kwargs: dict[str, Any]) -> Outcome:

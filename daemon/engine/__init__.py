@@ -41,7 +41,7 @@ from typing import TYPE_CHECKING, Any
 from sqlalchemy import bindparam, case
 from sqlalchemy.engine import Connection
 
-from ..dispatch import Dispatcher, as_step_error, is_retryable
+from ..dispatch import Dispatcher, as_step_error, is_retryable, observe
 from ..errors import PermanentError, StepError
 from ..models import (
     PROVIDER_ID_FILE,
@@ -355,8 +355,7 @@ class Engine:
 
     def _stepped(self, row: Row, step: str, began: float, outcome: str) -> None:
         seconds = time.monotonic() - began
-        for callback in self.on_step:
-            callback(row, step, seconds, outcome)
+        observe(self.on_step, row, step, seconds, outcome)
 
     def will_retry(self, row: Row, step: str, exc: BaseException) -> bool:
         """Is this failure of the step tried again (passing, and tries left)?"""
@@ -388,8 +387,7 @@ class Engine:
         if start_next and not new["retire_requested"]:
             self._started.add(new["id"])
         log.info("host %s: %s -> %s", new["name"], row["state"], new["state"], extra={"host": new["name"]})
-        for callback in self.on_transition:
-            callback(new, row["state"])
+        observe(self.on_transition, new, row["state"])
         await self.dispatcher.notify(
             "governord_host_event", host=host_view(new), event=new["state"], detail={"from": row["state"]}
         )

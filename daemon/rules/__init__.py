@@ -25,6 +25,7 @@ from cryptography import x509
 
 from .. import autosign
 from ..config import Config, DrainSection, Placement, WebhookRule
+from ..dispatch import observe
 from ..engine import STATE_OF_STEP, STEP_OF_STATE, Engine, address_range, callbacks
 from ..models import ACTIVE_STATES, HostOrigin, HostState
 from ..outbound import Policy
@@ -120,8 +121,7 @@ class Governor:
         self.on_decision: list[Callable[[str, str, str, str], None]] = []
 
     def _decided(self, app: str, kind: str, outcome: str, rule: str) -> None:
-        for callback in self.on_decision:
-            callback(app, kind, outcome, rule)
+        observe(self.on_decision, app, kind, outcome, rule)
 
     def _app(self, app: str) -> Any:
         section = self.config.applications.get(app)

@@ -221,6 +221,13 @@ BROKEN = [
     ("store pool too small", "[store]\npool_size = 0\n", "store.pool_size: Input should be greater than or equal to 1"),
     ("revocations refreshed in the past", "[store]\nrevocation_refresh = -1\n",
      "store.revocation_refresh: Input should be greater than or equal to 0"),
+    # [drain.command] drains only configured applications' hosts, and only where they drain
+    ("drain command for an unknown application", "[drain.command]\nargv = ['/bin/true']\napplications = ['shop']\n",
+     "drain.command.applications.0: no application named 'shop' (configured: none)"),
+    ("drain command for an application that does not drain",
+     "[drain.command]\nargv = ['/bin/true']\napplications = ['shop']\n[applications.shop]\nmax_hosts = 1\n",
+     "drain.command.applications.0: application 'shop' has no [applications.shop.drain] section"),
+    ("health probes without a timeout", "[health]\ntimeout = 0\n", "health.timeout: Input should be greater than 0"),
 ]
 
 

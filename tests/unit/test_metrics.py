@@ -13,6 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
@@ -272,3 +273,33 @@ async def test_certificates_and_the_crl_report_their_soonest_expiry(runtime: Run
     body = await scrape(runtime)
     assert value(body, "governord_certificate_expiry_timestamp_seconds", certificate="client_ca") == \
         late[0].not_valid_after_utc.timestamp()
+
+
+async def test_a_failing_observer_fails_nothing_it_observes(make_runtime: Callable[..., Any],
+                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """The metrics hear of calls, steps, transitions and decisions through callbacks; one that
+    raises is logged, and neither the host's way to ready nor the other observers suffer."""
+    runtime = await make_runtime()
+    heard: list[str] = []
+
+    def broken(*_args: Any) -> None:
+        raise RuntimeError("observer bug")
+
+    for observers in (runtime.dispatcher.on_call, runtime.engine.on_step, runtime.engine.on_transition,
+                      runtime.governor.on_decision):
+        observers.insert(0, broken)
+    runtime.engine.on_transition.append(lambda row, _previous: heard.append(row["state"]))
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        assert decision.request["state"] == "accepted"
+        await wait_states(runtime, decision.request["host_ids"], {"ready"})
+        body = await scrape(runtime)
+    finally:
+        await runtime.stop()
+    assert heard[-1] == "ready"
+    # the metrics' own observers still counted, after the broken one
+    accepted = [s.value for s in samples(body, "governord_decisions_total") if s.labels.get("outcome") == "accepted"]
+    assert sum(accepted) == 1.0
+    assert value(body, "governord_host_transitions_total", from_state="configuring", to_state="ready") == 1.0
+    failures = [r for r in caplog.records if r.getMessage().startswith("observer ") and "failed" in r.getMessage()]
+    assert failures and all(r.exc_info and "observer bug" in str(r.exc_info[1]) for r in failures)
