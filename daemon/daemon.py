@@ -138,6 +138,7 @@ class Daemon:
         from .api.tls import ApplicationTLS
         from .fleet import DuplicateInstance
         from .runtime import Runtime
+        from .store import SchemaTooNew
 
         state_dir = self.config.daemon.state_dir
         try:
@@ -159,6 +160,9 @@ class Daemon:
         except DuplicateInstance as exc:
             print(f"governord: configuration error: {ConfigError(self.config_path, 'fleet.instance', str(exc))}",
                   file=sys.stderr)
+            return EXIT_CONFIG
+        except SchemaTooNew as exc:  # starting again will not help: systemd stops on exit 2
+            print(f"governord: cannot use the store: {exc}", file=sys.stderr)
             return EXIT_CONFIG
         except DBAPIError as exc:  # the database is down or refuses us: systemd starts us again
             print(f"governord: cannot open the store: {type(exc.orig).__name__}: {str(exc.orig).strip()}",

@@ -50,6 +50,7 @@ from typing import Any, TypeVar
 import orjson
 from alembic import command
 from alembic.config import Config as AlembicConfig
+from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
 from sqlalchemy import and_, bindparam, case, func, insert, or_, select, text, update
 from sqlalchemy.engine import Connection, Engine, RowMapping
@@ -59,6 +60,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.sql import Select
 from sqlalchemy.sql.elements import ClauseElement, ColumnElement
 
+from .. import __version__
+from ..errors import GovernordError
 from ..models import HostOrigin, HostState, HostView
 from . import postgresql, sqlite
 from .schema import (
@@ -144,6 +147,18 @@ def known_revisions() -> set[str]:
     return {script.revision for script in ScriptDirectory.from_config(_alembic_config()).walk_revisions()}
 
 
+class SchemaTooNew(GovernordError):
+    """The database was migrated by a newer governord: this one does not know its schema, and
+    must not write to it (nor can it migrate it back)."""
+
+    def __init__(self, found: str, head: str) -> None:
+        self.found, self.head = found, head
+        super().__init__(
+            f"the store's schema is revision {found}, which a newer governord made; this one "
+            f"({__version__}) knows revisions up to {head}: run the newer governord, or restore the "
+            "backup taken before the upgrade (governord-ctl restore)")
+
+
 def migrate(url: str) -> None:
     """Bring the database at ``url`` (a synchronous SQLAlchemy URL) to the newest schema. On
     PostgreSQL, processes starting at once upgrade one after the other (an advisory lock), and
@@ -157,6 +172,9 @@ def migrate(url: str) -> None:
                 postgresql.take_migration_lock(conn)
             try:
                 with conn.begin():
+                    current = MigrationContext.configure(conn).get_current_revision()
+                    if current is not None and current not in known_revisions():
+                        raise SchemaTooNew(current, head_revision())
                     cfg.attributes["connection"] = conn
                     command.upgrade(cfg, "head")
             finally:

@@ -5,6 +5,7 @@ directory that cannot be made; and governord-ctl on a socket nobody answers says
 from __future__ import annotations
 
 import socket
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -82,3 +83,30 @@ def test_ctl_on_a_socket_nobody_answers_says_what_to_check(tmp_path: Path, make,
     assert result.returncode == 3
     [line] = result.stderr.strip().splitlines()
     assert line.startswith(f"governord-ctl: cannot reach governord at {path}: ") and hint in line
+
+
+def test_a_store_a_newer_governord_migrated_is_refused_in_one_line_exit_2(lab: Lab) -> None:
+    """An older governord started on a store a newer one migrated (a rolled-back package) must
+    not write to a schema it does not know: one line, exit 2 (systemd does not start it again),
+    the database untouched."""
+    config = lab.write_config()
+    daemon = lab.start_governord(config)
+    daemon.stop()
+    database = daemon.state_dir / "governord.db"
+    def dump() -> list[str]:
+        with sqlite3.connect(database) as conn:
+            return list(conn.iterdump())
+
+    with sqlite3.connect(database) as conn:
+        conn.execute("UPDATE alembic_version SET version_num = '9999_from_the_future'")
+    before = dump()
+    again = lab.start_governord(config, wait_ready=False)
+    assert again.process.wait(timeout=120) == 2
+    log = again.log.read_text()
+    assert "Traceback" not in log, log
+    [line] = [x for x in log.splitlines() if x.startswith("governord: ")]
+    assert line.startswith("governord: cannot use the store: the store's schema is revision 9999_from_the_future, "
+                           "which a newer governord made; this one (")
+    assert "governord-ctl restore" in line
+    assert dump() == before
+    assert not again.socket.exists()
