@@ -52,6 +52,10 @@ class TokenBucket:
         return (1.0 - self.tokens) / self.rate
 
 
+#: what is rate-limited: an application's scale and release requests and its webhook deliveries
+ENDPOINTS = ("scale", "release", "webhook")
+
+
 class RateLimits:
     """The buckets of every application, and the count of refusals."""
 
@@ -70,6 +74,9 @@ class RateLimits:
         """Take the limits of a (re)loaded config: an application's bucket keeps what it has
         left (no more than its new burst); a removed application's bucket goes."""
         self._limits = {name: section.rate_limit for name, section in config.applications.items()}
+        for name in self._limits:  # every application's series from 0, so that rate() sees the first
+            for endpoint in ENDPOINTS:
+                self.refusals.labels(name, endpoint)
         for name in list(self._buckets):
             limit = self._limits.get(name)
             if limit is None:

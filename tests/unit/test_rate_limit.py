@@ -125,6 +125,8 @@ async def test_a_burst_over_the_limit_is_refused_and_served_after_waiting(limite
     metrics = await client.metrics()
     assert 'governord_rate_limited_total{app="demo",endpoint="scale"} 1.0' in metrics
     assert 'governord_rate_limited_total{app="demo",endpoint="release"} 1.0' in metrics
+    # every application's series exist from the start, at 0 (rate() sees the first refusal)
+    assert 'governord_rate_limited_total{app="demo",endpoint="webhook"} 0.0' in metrics
 
 
 async def test_a_repeat_of_an_idempotency_key_counts(limited: Runtime, client: Client) -> None:
