@@ -632,8 +632,9 @@ class SweepPolicy(StrictModel):
 
     #: marked machines without a live record: "report", or "clean" (destroy them, verified)
     leaked: Literal["report", "clean"] = "report"
-    #: ready hosts whose machine is gone: "report", "fail" (failed at provision, so that
-    #: `governord-ctl retry` makes a new machine) or "retire" (deregister everywhere, then gone)
+    #: ready or draining hosts whose machine is gone: "report", "fail" (failed at provision, so
+    #: that `governord-ctl retry` makes a new machine; a draining host is retired instead) or
+    #: "retire" (deregister everywhere, then gone)
     vanished: Literal["report", "fail", "retire"] = "report"
     #: marked registrations of gone or unknown hosts: "report", or "clean" (remove them, verified)
     orphaned: Literal["report", "clean"] = "report"

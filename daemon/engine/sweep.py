@@ -6,7 +6,9 @@ leaked
     a machine carrying governord's ownership marker whose host has no live record: no host row
     with the marker's id, or a row that is ``gone``.
 vanished
-    a ``ready`` host governord provisioned whose machine its provider no longer has.
+    a ``ready`` or ``draining`` host governord provisioned whose machine its provider no longer
+    has. A draining host was leaving anyway: ``fail`` and ``retire`` both retire it (there is
+    nothing left to drain, and no reason to make it a new machine).
 orphaned
     a registration (Foreman host, Satellite profile, Puppet certificate, PuppetDB node, ...)
     carrying the marker of a host that is gone, or that governord never had.
@@ -247,8 +249,8 @@ class Sweeper:
                     leaked.append((found, machine, rows.get(machine.host_id or "")))
 
         vanished: list[tuple[Finding, Row]] = []
-        ready = await self.store.list_hosts(states=[HostState.READY.value])
-        for row in ready:
+        live = await self.store.list_hosts(states=[HostState.READY.value, HostState.DRAINING.value])
+        for row in live:
             if row["origin"] != HostOrigin.PROVISIONED.value or not row["provider"]:
                 continue
             on_provider = machines.get(row["provider"])
@@ -403,7 +405,7 @@ class Sweeper:
         if self._lost_lease(finding):
             return
         reason = f"machine vanished: {finding.reason} (found by the sweep)"
-        if policy == "fail":
+        if policy == "fail" and row["state"] != HostState.DRAINING.value:
             values: Row = {"state": HostState.FAILED.value, "failed_step": "provision", "error": reason,
                            "attempts": 0, "next_attempt_at": 0.0}
             kind, done = "sweep-failed-host", "failed (retry makes a new machine)"

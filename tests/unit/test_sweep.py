@@ -347,3 +347,27 @@ async def test_findings_are_metrics(make_runtime: Callable[..., Any]) -> None:
         assert "governord_sweep_errors 0.0" in metrics
     finally:
         await runtime.stop()
+
+
+async def test_a_draining_hosts_vanished_machine_is_found_and_the_host_retired(
+    make_runtime: Callable[..., Any],
+) -> None:
+    """A host being drained whose machine is gone: found like a ready one; even under the "fail"
+    policy it is retired (it was leaving), not failed for a new machine."""
+    runtime = await make_runtime(NO_GRACE + '[sweep.policy]\nvanished = "fail"\n'
+                                 '[applications.demo.drain]\ntimeout = 600\n')
+    try:
+        one, two = await ready_hosts(runtime, 2)
+        await runtime.governor.scale("demo", "node", count=1, actor="t")
+        [draining] = await wait_states(runtime, [two["id"]], {"draining"})
+        [machine] = [k for k, m in machines().items() if m.host_id == draining["id"]]
+        del machines()[machine]
+        dry = await runtime.sweeper.run(dry_run=True, actor="t")
+        assert found(dry) == {("vanished", "mem", draining["id"], "draining")}
+        report = await runtime.sweeper.run(dry_run=False, actor="t")
+        assert [(f.kind, f.action) for f in report.findings] == [("vanished", "retiring")]
+        [gone] = await wait_states(runtime, [draining["id"]], {"gone"})
+        assert gone["failed_step"] is None
+        assert (await runtime.store.get_host(one["id"]))["state"] == "ready"  # type: ignore[index]
+    finally:
+        await runtime.stop()
