@@ -384,6 +384,31 @@ def autoscale(ctx: click.Context, as_json: bool) -> None:
 
 
 @cli.command()
+@click.option("--out", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="write it to this file (0644) instead of printing it")
+@click.pass_context
+def ca(ctx: click.Context, out: Path | None) -> None:
+    """governord's CA certificate (public, PEM): what an application verifies governord's server
+    certificate with (GOVERNORD_CA_FILE of the hooks), unless api.tls.certificate is the site's."""
+    data = _client(ctx).ok("GET", "/v1/ca")
+    if not data["signs_server_certificate"]:
+        err_console.print("note: api.tls.certificate is set: the applications verify the server with the CA "
+                          "that issued that certificate, not this one (this one issues their client certificates)",
+                          markup=False, highlight=False)
+    if out is None:
+        click.echo(data["ca_pem"], nl=False)
+        return
+    fresh = out.with_name(out.name + ".new")
+    try:
+        fresh.write_text(data["ca_pem"])
+        fresh.chmod(0o644)
+        os.replace(fresh, out)
+    except OSError as exc:
+        raise CtlError(f"cannot write {out}: {exc.strerror or exc}") from None
+    console.print(f"{out}: {data['subject']}, expires {_when(data['not_after'])}", markup=False)
+
+
+@cli.command()
 @click.pass_context
 def reload(ctx: click.Context) -> None:
     """Have the daemon read its config again (what `systemctl reload governord` runs): exits 1,

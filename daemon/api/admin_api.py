@@ -64,6 +64,17 @@ def _runtime(request: web.Request) -> Runtime:
     return request.app[runtime_key]
 
 
+@endpoints.add("GET", "/v1/ca", "governord's CA certificate, which the applications verify the server with "
+               "(governord-ctl ca)", responses={200: schemas.CA})
+async def ca_certificate(request: web.Request) -> web.Response:
+    runtime = _runtime(request)
+    pem = await asyncio.to_thread(runtime.ca.cert_path.read_bytes)
+    cert = x509.load_pem_x509_certificate(pem)
+    return reply(schemas.CA, {"ca_pem": pem.decode(), "subject": cert.subject.rfc4514_string(),
+                              "not_after": cert.not_valid_after_utc.timestamp(),
+                              "signs_server_certificate": runtime.config.api.tls.certificate is None})
+
+
 @endpoints.add("GET", "/v1/status", "Daemon status", responses={200: schemas.Status})
 async def status(request: web.Request) -> web.Response:
     runtime = _runtime(request)

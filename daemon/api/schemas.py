@@ -257,6 +257,18 @@ class Reloaded(BaseModel):
     config: str
 
 
+class CA(BaseModel):
+    """governord's CA certificate (public): what issues the applications' client certificates,
+    and the API's server certificate unless ``api.tls.certificate`` is the site's own."""
+
+    ca_pem: str
+    subject: str
+    #: when it expires (Unix time)
+    not_after: float
+    #: whether it also issued the application API's server certificate (False: the site's is used)
+    signs_server_certificate: bool
+
+
 class AutoscaleRule(BaseModel):
     """A role's autoscale rule and its last evaluation, as the answering instance saw it."""
 

@@ -7,8 +7,12 @@ against the lab."""
 from __future__ import annotations
 
 import os
+import ssl
+import stat
 import subprocess
 import sys
+import urllib.request
+from pathlib import Path
 
 import yaml
 
@@ -73,3 +77,19 @@ def test_ctl_output_for_pipes_and_people(lab: Lab) -> None:
         assert "valid, expires " in daemon.ctl("apps", "show", "demo").stdout
     finally:
         daemon.stop()
+
+
+def test_ctl_ca_hands_out_the_ca_the_server_certificate_verifies_with(governord: Governord, tmp_path: Path) -> None:
+    """An operator in the governord group cannot read STATE_DIR/pki (0700): `governord-ctl ca`
+    gives the public CA certificate, which verifies the application API's server."""
+    printed = governord.ctl("ca").stdout
+    assert printed == (governord.state_dir / "pki" / "ca.pem").read_text()
+    out = tmp_path / "governord-ca.pem"
+    written = governord.ctl("ca", "--out", str(out))
+    assert out.read_text() == printed and stat.S_IMODE(out.stat().st_mode) == 0o644
+    assert "expires" in written.stdout
+    context = ssl.create_default_context(cafile=str(out))
+    context.check_hostname = False
+    with urllib.request.urlopen(f"https://127.0.0.1:{governord.api_port}/healthz", context=context,
+                                timeout=10) as response:
+        assert response.status == 200
