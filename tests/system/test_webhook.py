@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import urllib.error
@@ -14,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from governord import webhooks
+from governord.pki import CertificateAuthority
+from lab.postgres import free_port
 from lab.stack import Lab
 
 from .conftest import wait_until
@@ -330,14 +333,25 @@ add = 1
         daemon.stop()
 
 
+def _matches(pattern: str, line: str) -> bool:
+    """Whether ``line`` holds ``pattern``, a line as the README quotes it: "..." for any text,
+    N for a number."""
+    regex = re.escape(" ".join(pattern.split())).replace(r"\.\.\.", ".*").replace(r"\ N\ ", r"\ \d+\ ")
+    return re.search(regex, line) is not None
+
+
 def test_the_readmes_check_by_hand_works_as_written(lab: Lab, tmp_path: Path) -> None:
     """hooks/openshift/README.md's "Check by hand", run as written: its secret made with its
     command, its CA copied from the state directory, its teardown of a component with no hosts
-    sent from a checkout. Only what an operator fills in differs: governord's address, the
-    application's name and the state directory."""
+    sent from a checkout, answered as the README says. Only what an operator fills in differs:
+    governord's address, the application's name and the state directory. Then what its table
+    says a wrong secret, a wrong clock, a wrong CA and a wrong port print."""
     readme = (HOOKS / "README.md").read_text()
-    blocks = readme.split("## governord's side", 1)[1].split("\n## ", 1)[0].split("```sh\n")[1:]
-    make_secret, copy_ca, check = (block.split("```", 1)[0] for block in blocks)
+    section = readme.split("## governord's side", 1)[1].split("\n## ", 1)[0]
+    make_secret, copy_ca, check = (block.split("```", 1)[0] for block in section.split("```sh\n")[1:])
+    answers = section.split("It prints one line and exits 0.", 1)[1].split("| the line says", 1)[0]
+    accepted, ignored = re.findall(r"`([^`]+)`", answers)
+    wrong = {row.split("`")[1]: row for row in section.splitlines() if row.startswith("| `")}
     home = tmp_path / "operator"
     home.mkdir()
     env = {"PATH": os.environ["PATH"], "HOME": str(home)}
@@ -360,15 +374,50 @@ keep = 0
         assert "/var/lib/governord/" in copy_ca
         subprocess.run(["sh", "-ec", copy_ca.replace("/var/lib/governord/", f"{daemon.state_dir}/")], cwd=home,
                        env=env, check=True)
-        for written, replaced in (("https://governor.example.com:8443", f"https://127.0.0.1:{daemon.api_port}"),
-                                  ("GOVERNORD_APPLICATION=shop ", "GOVERNORD_APPLICATION=demo ")):
-            assert written in check
-            check = check.replace(written, replaced)
-        done = subprocess.run(["sh", "-ec", check], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+
+        def run_check(authority: str = f"127.0.0.1:{daemon.api_port}", **extra: str) -> subprocess.CompletedProcess[str]:
+            script = check
+            for written, replaced in (("https://governor.example.com:8443", f"https://{authority}"),
+                                      ("GOVERNORD_APPLICATION=shop ", "GOVERNORD_APPLICATION=demo ")):
+                assert written in script
+                script = script.replace(written, replaced)
+            return subprocess.run(["sh", "-ec", script], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                                  text=True, timeout=60)
+
+        done = run_check()
         assert done.returncode == 0, done.stderr
         [request] = daemon.ctl_json("requests", "list")
         assert request["actor"] == "webhook:demo" and request["hosts"] == []
         assert _one_line(done).endswith(f"HTTP 202: accepted (request {request['id']}): node of "
                                         "check/governord-check has 0 hosts already")
+        assert _matches(accepted, _one_line(done)) and not _matches(ignored, _one_line(done))
+
+        # what the table says each mistake prints
+        secret_file.rename(home / "right-secret")
+        secret_file.write_text("not-the-secret\n")
+        refused = run_check()
+        assert refused.returncode == 1 and _matches("HTTP 401: signature does not match", _one_line(refused))
+        (home / "right-secret").replace(secret_file)
+
+        clock = tmp_path / "clock"
+        clock.mkdir()
+        (clock / "date").write_text("#!/bin/sh\necho 1700000000\n")
+        (clock / "date").chmod(0o755)
+        late = run_check(PATH=f"{clock}:{env['PATH']}")
+        assert late.returncode == 1 and _matches(next(p for p in wrong if "timestamp" in p), _one_line(late))
+
+        ca = home / "shop-governord-ca.pem"
+        ca.rename(home / "right-ca.pem")
+        other = CertificateAuthority(tmp_path / "other-ca")
+        other.ensure()
+        ca.write_bytes(other.cert_path.read_bytes())
+        untrusted = run_check()
+        assert untrusted.returncode == 1
+        assert _matches(next(p for p in wrong if "certificate problem" in p), _one_line(untrusted))
+        (home / "right-ca.pem").replace(ca)
+
+        closed = run_check(f"127.0.0.1:{free_port()}", GOVERNORD_ATTEMPTS="1")
+        assert closed.returncode == 1 and _matches(next(p for p in wrong if "(7)" in p), closed.stderr)
+        assert len(daemon.ctl_json("requests", "list")) == 1
     finally:
         daemon.stop()
