@@ -332,15 +332,13 @@ async def openshift_webhook(request: web.Request) -> web.Response:
         except RequestError as exc:
             if exc.status != 409:
                 raise
-            return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "refused", "reason": str(exc),
-                                                "request": None}, 409)
-        return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "drained" if moved else "repeated",
-                                            "reason": f"host {row['name']} is {row['state']}", "request": None})
+            return _webhook_reply(delivery, "refused", str(exc), None, 409)
+        return _webhook_reply(delivery, "drained" if moved else "repeated", f"host {row['name']} is {row['state']}",
+                              None, 200)
     rule = hook.rule_for(event.event, event.component)
     if rule is None:
-        return reply(schemas.WebhookReply, {"delivery": delivery, "decision": "ignored",
-                                            "reason": f"no rule for {event.event} of {event.component or 'any'}",
-                                            "request": None})
+        return _webhook_reply(delivery, "ignored", f"no rule for {event.event} of {event.component or 'any'}",
+                              None, 200)
     # the delivery id is the idempotency key: a retried delivery returns the first outcome, and
     # the body's digest makes sure a retry is the same delivery, not another one under its id
     try:
@@ -354,8 +352,29 @@ async def openshift_webhook(request: web.Request) -> web.Response:
                            field=webhooks.DELIVERY_HEADER) from None
     status = await runtime.governor.request_status(decision.request, decision.hosts)
     code = 409 if status["decision"] == "declined" else (200 if decision.replayed else 202)
-    return reply(schemas.WebhookReply, {"delivery": delivery, "decision": status["decision"],
-                                        "reason": status["reason"], "request": status}, code)
+    return _webhook_reply(delivery, status["decision"], status["reason"], status, code, replayed=decision.replayed)
+
+
+#: how each decision of a webhook reply reads in its one-line ``message`` (the hook prints it)
+_WEBHOOK_OUTCOMES = {
+    "accepted": "accepted", "declined": "declined", "pending": "held for an operator's approval",
+    "denied": "denied by an operator", "expired": "held for approval until it expired", "ignored": "ignored",
+    "drained": "drained", "repeated": "drained before", "refused": "refused",
+}
+
+
+def _webhook_reply(delivery: str, decision: str, reason: str | None, request: dict[str, Any] | None, code: int,
+                   *, replayed: bool = False) -> web.Response:
+    """The answer to a webhook delivery, with ``message``: what became of it in one line, which
+    the hook scripts print for whoever reads a deployment's log."""
+    outcome = _WEBHOOK_OUTCOMES.get(decision, decision)
+    if request is not None:
+        outcome += f" (request {request['id']}{', a repeated delivery' if replayed else ''})"
+    message = f"{outcome}: {reason}" if reason else outcome
+    if request is not None and decision == "pending":
+        message += f"; an operator decides with: governord-ctl requests approve|deny {request['id']} -m REASON"
+    return reply(schemas.WebhookReply, {"delivery": delivery, "decision": decision, "reason": reason,
+                                        "message": " ".join(message.split()), "request": request}, code)
 
 
 @endpoints.add("GET", "/healthz", "Whether this instance can serve: its store answers (503 while it cannot)",

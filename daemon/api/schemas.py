@@ -447,6 +447,9 @@ class WebhookReply(BaseModel):
     decision: str = Field(description="accepted, declined, pending or ignored; for a drained event: drained, "
                           "repeated (confirmed before) or refused (the host is not draining)")
     reason: str | None
+    message: str = Field(description="the outcome in one line, for a person reading the hook's log: the "
+                         "decision, the request's id and the reason (for one held for approval, the "
+                         "governord-ctl command that decides it)")
     request: Request | None
 
 

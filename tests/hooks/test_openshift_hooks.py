@@ -260,7 +260,56 @@ async def test_a_refused_drained_event_fails_the_hook(governor: Governor, pki: P
                                   "reason": "host ose-node-03 is ready, not draining"}))
     result = await run([HOOKS / "drained", "ose-node-03"], base_env(tmp_path, governor, pki, **V4_ENV))
     assert result.returncode == 1
-    assert "HTTP 409" in result.stderr and len(governor.deliveries) == 1
+    assert result.stderr.rstrip("\n").endswith("HTTP 409: refused: host ose-node-03 is ready, not draining")
+    assert len(governor.deliveries) == 1
+
+
+#: a decline as governord answers it: the reply's own fields, then the request, whose fields and
+#: hosts' fields have the same names (a failed host's error, the request's reason)
+DECLINED = {
+    "delivery": "d-1", "decision": "declined", "reason": "cap reached: application shop may have 2 hosts",
+    "message": "declined (request r-1): cap reached: application shop may have 2 hosts",
+    "request": {"id": "r-1", "reason": "the request's own", "decision": "declined",
+                "hosts": [{"error": "a host's error", "message": "not this"}]},
+}
+
+
+@pytest.mark.parametrize(("answer", "printed"), [
+    (DECLINED, "HTTP 409: declined (request r-1): cap reached: application shop may have 2 hosts"),
+    # an older governord's reply, without the message: its decision and reason
+    ({**{k: v for k, v in DECLINED.items() if k != "message"}, "request": None},
+     "HTTP 409: declined: cap reached: application shop may have 2 hosts"),
+    # the request first: only the top-level fields count
+    ({"request": DECLINED["request"], "delivery": "d-1", "decision": "declined", "reason": "over \"the\" cap\n"},
+     'HTTP 409: declined: over "the" cap'),
+])
+@pytest.mark.parametrize("hook", ["deploy", "post_deploy"])
+async def test_a_decline_prints_governords_reason_and_fails_a_deploy(
+        governor: Governor, pki: Pki, tmp_path: Path, answer: dict[str, Any], printed: str, hook: str) -> None:
+    """A 409 is a decision, printed as governord's one-line message (or decision and reason),
+    never as the reply's JSON; it fails the deploy hook, and the post_deploy hook fails open."""
+    governor.script.append((409, answer))
+    result = await run([HOOKS / hook], base_env(tmp_path, governor, pki, **V4_ENV))
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"governord-hook: governord answered the {hook} event for shop-prod/frontend (v4, ")
+    assert lines[0].endswith(printed) and "{" not in lines[0]
+    if hook == "deploy":
+        assert result.returncode == 1 and len(lines) == 1
+    else:
+        assert result.returncode == 0 and "continuing the deployment anyway" in lines[1]
+
+
+async def test_a_request_held_for_approval_is_said_so_and_the_deploy_goes_on(
+        governor: Governor, pki: Pki, tmp_path: Path) -> None:
+    message = ("held for an operator's approval (request r-2): pending approval: application shop needs an "
+               "operator's approval for every request; an operator decides with: governord-ctl requests "
+               "approve|deny r-2 -m REASON")
+    governor.script.append((202, {"delivery": "d-2", "decision": "pending", "reason": "pending approval: ...",
+                                  "message": message, "request": {"id": "r-2", "hosts": []}}))
+    result = await run([HOOKS / "deploy"], base_env(tmp_path, governor, pki, **V4_ENV))
+    assert result.returncode == 0
+    assert result.stderr.splitlines() == [line for line in result.stderr.splitlines() if line.endswith(
+        f"HTTP 202: {message}")] != []
 
 
 @pytest.mark.parametrize(("args", "message"), [

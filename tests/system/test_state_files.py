@@ -4,6 +4,7 @@ application's private key (`apps register` hands it out once; governord keeps no
 
 from __future__ import annotations
 
+import os
 import stat
 from pathlib import Path
 
@@ -75,3 +76,23 @@ def test_a_key_that_cannot_be_written_is_reported_with_its_serial(lab: Lab, gove
     [certificate] = governord.ctl_json("apps", "show", "demo")["certificates"]
     assert f"certificate {certificate['serial']} was issued, but its files cannot be written" in result.stderr
     assert f"apps revoke demo --serial {certificate['serial']}" in result.stderr
+
+
+def test_apps_register_out_makes_the_directory_and_writes_the_three_files(governord: Governord,
+                                                                          tmp_path: Path) -> None:
+    """`apps register APP --out DIR`, as README.md's install guide says: DIR made (0700) if it is
+    missing, APP-SERIAL.pem, APP-SERIAL.key (0600, the operator's) and governord-ca.pem in it."""
+    out = tmp_path / "new" / "demo-cert"
+    issued = governord.ctl_json("apps", "register", "demo", "--out", str(out))
+    assert stat.S_IMODE(out.stat().st_mode) == 0o700
+    serial = issued["serial"]
+    assert sorted(p.name for p in out.iterdir()) == sorted([f"demo-{serial}.pem", f"demo-{serial}.key",
+                                                            "governord-ca.pem"])
+    key = out / f"demo-{serial}.key"
+    assert issued["key"] == str(key) and issued["certificate"] == str(out / f"demo-{serial}.pem")
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.stat().st_uid == os.getuid()
+    assert (out / "governord-ca.pem").read_bytes() == (governord.state_dir / "pki" / "ca.pem").read_bytes()
+    # the table's text names the same files
+    shown = governord.ctl("apps", "register", "demo", "--out", str(out)).stdout
+    [again] = [c["serial"] for c in governord.ctl_json("apps", "show", "demo")["certificates"] if c["serial"] != serial]
+    assert f"key:         {out / f'demo-{again}.key'}" in shown

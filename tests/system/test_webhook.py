@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import ssl
 import subprocess
 import urllib.error
@@ -14,6 +15,8 @@ import urllib.request
 from pathlib import Path
 
 from governord import webhooks
+from governord.pki import CertificateAuthority
+from lab.postgres import free_port
 from lab.stack import Lab
 
 from .conftest import wait_until
@@ -187,7 +190,7 @@ def test_a_callback_never_reaches_governords_own_api(lab: Lab) -> None:
 
 
 def _v4_hook(script: str, daemon_port: int, ca: Path, secret: str, deployment: str,
-             namespace: str = "shop-prod") -> subprocess.CompletedProcess[str]:
+             namespace: str = "shop-prod", **extra: str) -> subprocess.CompletedProcess[str]:
     """A hook as a DeploymentConfig's lifecycle-hook pod runs it (or, for teardown, a one-off pod)."""
     env = {
         "PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp"),
@@ -195,7 +198,7 @@ def _v4_hook(script: str, daemon_port: int, ca: Path, secret: str, deployment: s
         "HOSTNAME": f"{deployment}-hook-{script}".replace("_", "-"),
         "GOVERNORD_URL": f"https://127.0.0.1:{daemon_port}/v1/webhooks/openshift",
         "GOVERNORD_CA_FILE": str(ca), "GOVERNORD_SECRET": secret, "GOVERNORD_APPLICATION": "demo",
-        "GOVERNORD_ATTEMPTS": "1",
+        "GOVERNORD_ATTEMPTS": "1", **extra,
     }
     return subprocess.run([str(HOOKS / script)], env=env, capture_output=True, text=True, timeout=60)
 
@@ -263,5 +266,158 @@ keep = 0
         events = [{k: v for k, v in r["params"].items() if k != "fingerprint"}
                   for r in daemon.ctl_json("requests", "list")]
         assert {"role": "node", "add": None, "count": 0, "component": "shop-prod/frontend"} in events
+    finally:
+        daemon.stop()
+
+
+def _one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The hook's one line on stderr (each outcome prints one)."""
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    return lines[0]
+
+
+def test_the_hook_says_why_a_deploy_was_declined_or_held(lab: Lab) -> None:
+    """The hook prints governord's decision and its reason, not the reply's JSON: a deploy over
+    the application's cap is declined and fails the hook, naming the cap; one that waits for an
+    operator succeeds, naming the command that decides it (which works); an event no rule is
+    for is said to be ignored."""
+    secret = lab.passwords.setdefault("LAB_WEBHOOK_SECRET", lab.new_password())
+    config = lab.write_config(max_hosts=2)
+    config.write_text(config.read_text().replace("max_hosts = 2\n", 'max_hosts = 2\napproval = "always"\n') + """
+[applications.demo.webhook]
+secrets = [{ env = "LAB_WEBHOOK_SECRET" }]
+
+[[applications.demo.webhook.rules]]
+event = "deploy"
+component = "batch"
+role = "node"
+add = 3
+
+[[applications.demo.webhook.rules]]
+event = "deploy"
+role = "node"
+add = 1
+""")
+    daemon = lab.start_governord(config)
+    try:
+        ca = daemon.state_dir / "pki" / "ca.pem"
+
+        declined = _v4_hook("deploy", daemon.api_port, ca, secret, "batch-1", GOVERNORD_COMPONENT="batch")
+        assert declined.returncode == 1
+        [request] = daemon.ctl_json("requests", "list")
+        assert request["decision"] == "declined"
+        line = _one_line(declined)
+        assert line.startswith("governord-hook: governord answered the deploy event for shop-prod/batch (v4, ")
+        assert line.endswith(f"HTTP 409: declined (request {request['id']}): cap reached: application demo may "
+                             "have 2 hosts, has 0 (in flight included), asked for 3 more"), line
+        assert "{" not in line
+
+        held = _v4_hook("deploy", daemon.api_port, ca, secret, "frontend-1")
+        assert held.returncode == 0, held.stderr
+        request = daemon.ctl_json("requests", "list")[0]
+        assert request["decision"] == "pending"
+        command = f"governord-ctl requests approve|deny {request['id']} -m REASON"
+        assert _one_line(held).endswith(
+            f"HTTP 202: held for an operator's approval (request {request['id']}): pending approval: application "
+            f"demo needs an operator's approval for every request; an operator decides with: {command}")
+        # the command it names decides the request (deny: nothing to provision in this test)
+        daemon.ctl("requests", "deny", request["id"], "-m", "not now")
+        assert daemon.ctl_json("requests", "show", request["id"])["decision"] == "denied"
+
+        ignored = _v4_hook("post_deploy", daemon.api_port, ca, secret, "frontend-1")
+        assert ignored.returncode == 0, ignored.stderr
+        assert _one_line(ignored).endswith("HTTP 200: ignored: no rule for post_deploy of any")
+        assert lab.vsphere_vms() == {}
+    finally:
+        daemon.stop()
+
+
+def _matches(pattern: str, line: str) -> bool:
+    """Whether ``line`` holds ``pattern``, a line as the README quotes it: "..." for any text,
+    N for a number."""
+    regex = re.escape(" ".join(pattern.split())).replace(r"\.\.\.", ".*").replace(r"\ N\ ", r"\ \d+\ ")
+    return re.search(regex, line) is not None
+
+
+def test_the_readmes_check_by_hand_works_as_written(lab: Lab, tmp_path: Path) -> None:
+    """hooks/openshift/README.md's "Check by hand", run as written: its secret made with its
+    command, its CA copied from the state directory, its teardown of a component with no hosts
+    sent from a checkout, answered as the README says. Only what an operator fills in differs:
+    governord's address, the application's name and the state directory. Then what its table
+    says a wrong secret, a wrong clock, a wrong CA and a wrong port print."""
+    readme = (HOOKS / "README.md").read_text()
+    section = readme.split("## governord's side", 1)[1].split("\n## ", 1)[0]
+    make_secret, copy_ca, check = (block.split("```", 1)[0] for block in section.split("```sh\n")[1:])
+    answers = section.split("It prints one line and exits 0.", 1)[1].split("| the line says", 1)[0]
+    accepted, ignored = re.findall(r"`([^`]+)`", answers)
+    wrong = {row.split("`")[1]: row for row in section.splitlines() if row.startswith("| `")}
+    home = tmp_path / "operator"
+    home.mkdir()
+    env = {"PATH": os.environ["PATH"], "HOME": str(home)}
+    subprocess.run(["sh", "-ec", make_secret.splitlines()[0]], cwd=home, env=env, check=True)
+    secret_file = home / "shop-webhook-secret"
+    assert len(secret_file.read_text().strip()) == 64 and secret_file.stat().st_mode & 0o777 == 0o600
+
+    config = lab.write_config()
+    config.write_text(config.read_text() + f"""
+[applications.demo.webhook]
+secrets = [{{ file = "{secret_file}" }}]
+
+[[applications.demo.webhook.rules]]
+event = "teardown"
+role = "node"
+keep = 0
+""")
+    daemon = lab.start_governord(config)
+    try:
+        assert "/var/lib/governord/" in copy_ca
+        subprocess.run(["sh", "-ec", copy_ca.replace("/var/lib/governord/", f"{daemon.state_dir}/")], cwd=home,
+                       env=env, check=True)
+
+        def run_check(authority: str = f"127.0.0.1:{daemon.api_port}", **extra: str) -> subprocess.CompletedProcess[str]:
+            script = check
+            for written, replaced in (("https://governor.example.com:8443", f"https://{authority}"),
+                                      ("GOVERNORD_APPLICATION=shop ", "GOVERNORD_APPLICATION=demo ")):
+                assert written in script
+                script = script.replace(written, replaced)
+            return subprocess.run(["sh", "-ec", script], cwd=ROOT, env={**env, **extra}, capture_output=True,
+                                  text=True, timeout=60)
+
+        done = run_check()
+        assert done.returncode == 0, done.stderr
+        [request] = daemon.ctl_json("requests", "list")
+        assert request["actor"] == "webhook:demo" and request["hosts"] == []
+        assert _one_line(done).endswith(f"HTTP 202: accepted (request {request['id']}): node of "
+                                        "check/governord-check has 0 hosts already")
+        assert _matches(accepted, _one_line(done)) and not _matches(ignored, _one_line(done))
+
+        # what the table says each mistake prints
+        secret_file.rename(home / "right-secret")
+        secret_file.write_text("not-the-secret\n")
+        refused = run_check()
+        assert refused.returncode == 1 and _matches("HTTP 401: signature does not match", _one_line(refused))
+        (home / "right-secret").replace(secret_file)
+
+        clock = tmp_path / "clock"
+        clock.mkdir()
+        (clock / "date").write_text("#!/bin/sh\necho 1700000000\n")
+        (clock / "date").chmod(0o755)
+        late = run_check(PATH=f"{clock}:{env['PATH']}")
+        assert late.returncode == 1 and _matches(next(p for p in wrong if "timestamp" in p), _one_line(late))
+
+        ca = home / "shop-governord-ca.pem"
+        ca.rename(home / "right-ca.pem")
+        other = CertificateAuthority(tmp_path / "other-ca")
+        other.ensure()
+        ca.write_bytes(other.cert_path.read_bytes())
+        untrusted = run_check()
+        assert untrusted.returncode == 1
+        assert _matches(next(p for p in wrong if "certificate problem" in p), _one_line(untrusted))
+        (home / "right-ca.pem").replace(ca)
+
+        closed = run_check(f"127.0.0.1:{free_port()}", GOVERNORD_ATTEMPTS="1")
+        assert closed.returncode == 1 and _matches(next(p for p in wrong if "(7)" in p), closed.stderr)
+        assert len(daemon.ctl_json("requests", "list")) == 1
     finally:
         daemon.stop()

@@ -107,29 +107,47 @@ governord_read_secret() {
     fi
 }
 
-# governord_error_message FILE: the "error" string of governord's {"error", "field"} body, or
-# else the body's first line; at most 300 characters, on one line.
-governord_error_message() {
+# governord_answer FILE: governord's answer as one line, "reply MESSAGE" for a webhook reply
+# (one with a "decision"): its "message" (the decision and its reason: declined and why, held
+# for approval and how that is decided), else "DECISION: REASON" (an older governord); else
+# "error MESSAGE": the "error" of an {"error", "field"} body, or the body's first line.
+# MESSAGE has at most 500 characters. Only the top-level object's string fields are read: the
+# request nested in a reply has fields of the same names.
+governord_answer() {
     LC_ALL=C awk '
         { body = body (NR > 1 ? "\n" : "") $0 }
         END {
-            msg = ""
-            if (match(body, /"error"[ \t\r\n]*:[ \t\r\n]*"/)) {
-                for (i = RSTART + RLENGTH; i <= length(body); i++) {
-                    c = substr(body, i, 1)
-                    if (c == "\"") break
-                    if (c == "\\") {
-                        i++; c = substr(body, i, 1)
-                        if (c == "n" || c == "r" || c == "t") c = " "
+            n = length(body); depth = 0; key = ""; value = 0
+            for (i = 1; i <= n; i++) {
+                c = substr(body, i, 1)
+                if (c == "\"") {
+                    s = ""
+                    for (i++; i <= n; i++) {
+                        c = substr(body, i, 1)
+                        if (c == "\"") break
+                        if (c == "\\") {
+                            i++; c = substr(body, i, 1)
+                            if (c == "u") { c = "?"; i += 4 }
+                            else if (c == "n" || c == "r" || c == "t" || c == "b" || c == "f") c = " "
+                        }
+                        s = s c
                     }
-                    msg = msg c
-                }
-            } else {
-                msg = body
-                sub(/\n.*/, "", msg)
+                    if (depth == 1) {
+                        if (value) { field[key] = s; value = 0 } else key = s
+                    }
+                } else if (c == "{" || c == "[") depth++
+                else if (c == "}" || c == "]") depth--
+                else if (depth == 1 && c == ":") value = 1
+                else if (depth == 1 && c == ",") { value = 0; key = "" }
             }
+            kind = ("decision" in field) ? "reply" : "error"
+            if ("message" in field) msg = field["message"]
+            else if ("decision" in field) msg = field["decision"] (("reason" in field) ? ": " field["reason"] : "")
+            else if ("error" in field) msg = field["error"]
+            else { msg = body; sub(/\n.*/, "", msg) }
             gsub(/[\001-\037]/, " ", msg)
-            print substr(msg, 1, 300)
+            sub(/^ +/, "", msg); sub(/ +$/, "", msg)
+            print kind " " substr(msg, 1, 500)
         }' "$1"
 }
 
@@ -255,13 +273,23 @@ governord_run() (
         if [ "$rc" -eq 0 ]; then
             case $code in
                 2??)
-                    governord_log "governord accepted the $what: HTTP $code"
+                    answer=$(governord_answer "$tmp/response")
+                    case $answer in
+                        "reply "*) governord_log "governord answered the $what: HTTP $code: ${answer#reply }" ;;
+                        *) governord_log "governord accepted the $what: HTTP $code" ;;
+                    esac
                     return 0 ;;
                 408 | 429 | 5??)
-                    problem="governord answered HTTP $code: $(governord_error_message "$tmp/response")"
+                    answer=$(governord_answer "$tmp/response")
+                    problem="governord answered HTTP $code: ${answer#* }"
                     retry=yes ;;
                 *)
-                    governord_log "governord refused the $what: HTTP $code: $(governord_error_message "$tmp/response")"
+                    # a webhook reply (a decline: 409, its reason and its request) or a refusal
+                    answer=$(governord_answer "$tmp/response")
+                    case $answer in
+                        "reply "*) governord_log "governord answered the $what: HTTP $code: ${answer#reply }" ;;
+                        *) governord_log "governord refused the $what: HTTP $code: ${answer#error }" ;;
+                    esac
                     return 1 ;;
             esac
         else
