@@ -30,8 +30,14 @@ provider is proven against this simulator, and the simulator is held to the engi
   e.g. ``[Cannot remove VM. VM is running.]``, ``[Cannot add VM. The VM name is already in use,
   please choose a unique name and try again.]``, ``[Cannot run VM. VM is running.]``; a name
   reference to nothing is 404 ``Entity not found: Template: name=...``; an unknown id is a bare
-  404 (no body), as the engine answers it; missing required attributes are 400
-  ``Incomplete parameters``.
+  404 (no body) where the REST layer looks the VM up itself (get, remove, run once), and the
+  command's 400 ``[Cannot stop VM. VM is not found.]`` where it does not (stop, shutdown, a
+  plain start); missing required attributes are 400 ``Incomplete parameters``.
+* Races as on a real engine: stopping or shutting down a VM that is already down succeeds (the
+  engine skips the command); a shutdown of a VM that is not up stops it instead; a VM removed
+  between the REST layer's lookup and the command is the command's 400. Tests make races with
+  :meth:`EngineState.before` (a hook run just before the next action), :meth:`EngineState.forget`
+  (another client removed the VM) and :meth:`EngineState.set_status` (what the host reports).
 
 What this simulator does not cover
 ----------------------------------

@@ -41,6 +41,26 @@ RUNNING = frozenset(
 )
 
 
+#: Statuses a stop or shutdown applies to (StopVmCommandBase.validate: ``isRunning()``, or Paused,
+#: NotResponding, Suspended); Down is no error but "already in the requested status".
+STOPPABLE = frozenset(
+    {
+        types.VmStatus.UP,
+        types.VmStatus.POWERING_UP,
+        types.VmStatus.WAIT_FOR_LAUNCH,
+        types.VmStatus.POWERING_DOWN,
+        types.VmStatus.REBOOT_IN_PROGRESS,
+        types.VmStatus.MIGRATING,
+        types.VmStatus.NOT_RESPONDING,
+        types.VmStatus.PAUSED,
+        types.VmStatus.SUSPENDED,
+    }
+)
+
+#: A test's hook, run before the engine handles an action on a VM: ``hook(state, vm_id)``.
+Hook = Callable[["EngineState", str], None]
+
+
 class EngineFault(Exception):
     """A failure the REST layer renders as a ``<fault>`` (or, without a reason, an empty body)."""
 
@@ -172,6 +192,8 @@ class EngineState:
         self.clusters: dict[str, Cluster] = {}
         self.templates: dict[str, Template] = {}
         self.vms: dict[str, Vm] = {}
+        #: one-shot hooks per action ("start", "stop", "shutdown", "remove"), see :meth:`before`
+        self._hooks: dict[str, list[Hook]] = {}
         network = ipaddress.ip_network(seed.get("dhcp_network", "192.0.2.0/24"))
         self._dhcp: Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address] = itertools.islice(
             network.hosts(), 10, None
@@ -343,7 +365,16 @@ class EngineState:
         return vm
 
     def start_vm(self, vm_id: str, action: types.Action) -> Vm:
-        """``POST /vms/{id}/start`` (run, or "run once" when the action carries a VM)."""
+        """``POST /vms/{id}/start`` (run, or "run once" when the action carries a VM).
+
+        BackendVmResource.start looks the VM up only for a run once (createRunVmOnceParams:
+        an unknown id is a bare 404); a plain run goes straight to RunVmCommand, whose
+        validation answers 400 ``Cannot run VM. VM is not found.``
+        """
+        self.advance()
+        self._run_hook("start", vm_id)
+        if vm_id not in self.vms and action.vm is None:
+            raise operation_failed("Cannot run VM. VM is not found.", 400)
         vm = self.vm(vm_id)
         self._not_locked(vm, "run")
         if vm.status in RUNNING and vm.status is not types.VmStatus.PAUSED:
@@ -360,28 +391,81 @@ class EngineState:
         return vm
 
     def stop_vm(self, vm_id: str, graceful: bool) -> Vm:
-        """``POST /vms/{id}/stop`` (power off) or ``/shutdown`` (ACPI, through the guest)."""
-        vm = self.vm(vm_id)
+        """``POST /vms/{id}/stop`` (power off) or ``/shutdown`` (ACPI, through the guest).
+
+        BackendVmResource.stop/shutdown run the command without looking the VM up first, so an
+        unknown (or just removed) VM is the command's own validation failure: 400 (EngineMessage
+        ACTION_TYPE_FAILED_VM_NOT_FOUND is BAD_PARAMETERS, ErrorMessageHelper.getStatus), not 404.
+        A VM that is already down is no failure at all: StopVmCommandBase.shouldSkipCommandExecution
+        skips validation and execution and the action succeeds (audit VM_ALREADY_IN_REQUESTED_STATUS).
+        """
         action = "shutdown" if graceful else "stop"
+        self.advance()
+        self._run_hook(action, vm_id)
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise operation_failed(f"Cannot {action} VM. VM is not found.", 400)
         self._not_locked(vm, action)
         if vm.status is types.VmStatus.DOWN:
+            return vm
+        if vm.status not in STOPPABLE:
+            # StopVmCommandBase.validate: Unknown, ImageIllegal, Unassigned... are "not running"
             raise operation_failed(f"Cannot {action} VM. VM is not running.")
-        if graceful and vm.status is not types.VmStatus.UP:
-            raise operation_failed(f"Cannot {action} VM. VM is not running.")
+        # ShutdownVmCommand.perform: only an Up VM is shut down through the guest; any other
+        # status it stops instead (StopVmTypeEnum.CANNOT_SHUTDOWN), and the action succeeds
+        graceful = graceful and vm.status is types.VmStatus.UP
         vm.status = types.VmStatus.POWERING_DOWN
         delay = self.timing.shutdown if graceful else self.timing.stop
         self._plan(vm, [(delay, types.VmStatus.DOWN)])
         return vm
 
     def remove_vm(self, vm_id: str) -> None:
-        """``DELETE /vms/{id}``: refused while running; the disks go first (image_locked), then the VM."""
+        """``DELETE /vms/{id}``: refused while running; the disks go first (image_locked), then the VM.
+
+        BackendVmResource.remove looks the VM up first (``get()``: an unknown id is a bare 404);
+        a VM removed between that lookup and RemoveVmCommand.validate is the command's 400
+        ``Cannot remove VM. VM is not found.`` (hooks run in between, to make that race).
+        """
         vm = self.vm(vm_id)
+        self._run_hook("remove", vm_id)
+        if self.vms.get(vm_id) is not vm:
+            raise operation_failed("Cannot remove VM. VM is not found.", 400)
         self._not_locked(vm, "remove")
         if vm.status in RUNNING:
             raise operation_failed("Cannot remove VM. VM is running.")
         vm.removing = True
         vm.status = types.VmStatus.IMAGE_LOCKED
         self._plan(vm, [(self.timing.remove, None)])
+
+    # -- what tests make happen -----------------------------------------------------------------
+
+    def before(self, action: str, hook: Hook) -> None:
+        """Run ``hook(state, vm_id)`` once, just before the engine handles the next ``action``.
+
+        This is how tests make the races a real engine has: another client removing or starting
+        the VM between the provider's read and its action.
+        """
+        self._hooks.setdefault(action, []).append(hook)
+
+    def _run_hook(self, action: str, vm_id: str) -> None:
+        hooks = self._hooks.get(action)
+        if hooks:
+            hooks.pop(0)(self, vm_id)
+
+    def set_status(self, vm_id: str, status: types.VmStatus,
+                   then: list[tuple[float, types.VmStatus | None]] | None = None) -> None:
+        """Put the VM in ``status`` now, as its host reports it, then follow ``then`` (delay, status).
+
+        The statuses no request makes: ``not_responding`` and ``unknown`` (the host stopped
+        answering), ``paused`` (an I/O error), ``migrating``, or ``down`` under a running VM.
+        """
+        vm = self.vm(vm_id)
+        self._enter(vm, status)
+        self._plan(vm, then or [])
+
+    def forget(self, vm_id: str) -> None:
+        """The VM is gone at once, as if another client had removed it (disks and all)."""
+        self.vms.pop(vm_id, None)
 
     def _not_locked(self, vm: Vm, action: str) -> None:
         if vm.status is types.VmStatus.IMAGE_LOCKED:

@@ -69,6 +69,16 @@ _TRANSIENT = frozenset({_S.IMAGE_LOCKED, _S.POWERING_DOWN, _S.SAVING_STATE})
 _TLS_CURL_ERRORS = frozenset({51, 58, 60, 77, 83, 90, 91})
 
 
+def _vanished(exc: sdk.Error) -> bool:
+    """Whether the engine refused an action because the VM no longer exists.
+
+    Actions the REST layer passes to a command without looking the VM up first (stop, shutdown,
+    start) and a remove that loses the race after the lookup fail the command's validation with
+    ACTION_TYPE_FAILED_VM_NOT_FOUND, a 400 "[Cannot <action> VM. VM is not found.]", not a 404.
+    """
+    return exc.code == 400 and "VM is not found" in str(exc)
+
+
 def marker(host_id: str) -> str:
     """The comment of the VM that carries ``host_id``."""
     return f"{MARKER_PREFIX}{host_id}"
@@ -459,11 +469,14 @@ class OVirtProvider(Provider):
 
     @staticmethod
     def _stop_sync(system: Any, vm_id: str) -> None:
+        """Power the VM off; one that is already down, or already gone, needs nothing more."""
         try:
             system.vms_service().vm_service(vm_id).stop()
         except sdk.NotFoundError:
             return
         except sdk.Error as exc:
+            if _vanished(exc):
+                return
             if exc.code != 409 or "VM is not running" not in str(exc):
                 raise
 
@@ -475,6 +488,8 @@ class OVirtProvider(Provider):
         except sdk.NotFoundError:
             return True
         except sdk.Error as exc:
+            if _vanished(exc):
+                return True
             if exc.code == 409 and ("VM is running" in str(exc) or "locked" in str(exc)):
                 return False
             raise

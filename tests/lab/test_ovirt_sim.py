@@ -257,8 +257,6 @@ def test_faults_are_the_engines_texts(conn: Any) -> None:
     )
 
     wait_status(service, types.VmStatus.DOWN)
-    with pytest.raises(ovirtsdk4.Error, match=r"\[Cannot stop VM. VM is not running.\]"):
-        service.stop()
     service.start()
     with pytest.raises(ovirtsdk4.Error) as caught:
         service.start()
@@ -287,11 +285,62 @@ def test_references_to_nothing(conn: Any) -> None:
     with pytest.raises(ovirtsdk4.Error) as caught:
         new_vm(conn, "bad name!")
     assert caught.value.code == 400 and "special characters" in caught.value.fault.detail
-    # an unknown id is a bare 404: no fault body
-    for call in (lambda s: s.get(), lambda s: s.start(), lambda s: s.remove()):
+    # an unknown id is a bare 404 (no fault body) where the REST layer looks the VM up itself
+    run_once = types.Vm(initialization=types.Initialization(host_name="x"))
+    for call in (lambda s: s.get(), lambda s: s.start(use_cloud_init=True, vm=run_once), lambda s: s.remove()):
         with pytest.raises(ovirtsdk4.NotFoundError) as caught:
             call(vms.vm_service(str(uuid.uuid4())))
         assert caught.value.code == 404 and caught.value.fault is None
+
+
+def test_actions_on_an_unknown_vm_are_the_commands_400(conn: Any) -> None:
+    # stop, shutdown and a plain start go to the command without a lookup: its validation fails
+    # with ACTION_TYPE_FAILED_VM_NOT_FOUND, a BAD_PARAMETERS error, so 400 and not 404
+    service = conn.system_service().vms_service().vm_service(str(uuid.uuid4()))
+    for call, verb in ((service.stop, "stop"), (service.shutdown, "shutdown"), (service.start, "run")):
+        with pytest.raises(ovirtsdk4.Error) as caught:
+            call()
+        assert not isinstance(caught.value, ovirtsdk4.NotFoundError)
+        assert (caught.value.code, caught.value.fault.reason, caught.value.fault.detail) == (
+            400, "Operation Failed", f"[Cannot {verb} VM. VM is not found.]")
+
+
+def test_stopping_a_vm_that_is_down_succeeds(conn: Any) -> None:
+    service = conn.system_service().vms_service().vm_service(new_vm(conn).id)
+    wait_status(service, types.VmStatus.DOWN)
+    # StopVmCommandBase.shouldSkipCommandExecution: already in the requested status, no error
+    service.stop()
+    service.shutdown()
+    assert service.get().status is types.VmStatus.DOWN
+    service.remove()
+
+
+def test_shutdown_of_a_vm_that_is_not_up_stops_it(conn: Any) -> None:
+    service = conn.system_service().vms_service().vm_service(new_vm(conn).id)
+    wait_status(service, types.VmStatus.DOWN)
+    service.start()
+    assert service.get().status is types.VmStatus.WAIT_FOR_LAUNCH
+    # ShutdownVmCommand.perform: no guest to ask yet, so it stops the VM instead
+    service.shutdown()
+    assert wait_status(service, types.VmStatus.DOWN)[0] is types.VmStatus.POWERING_DOWN
+    service.remove()
+
+
+def test_a_vm_removed_by_someone_else_during_an_action() -> None:
+    with OVirtSimServer(default_seed(), "admin@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
+        vms = connection.system_service().vms_service()
+        vm = vms.add(types.Vm(name="racy", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+        service = vms.vm_service(vm.id)
+        # gone after the REST layer's lookup, before RemoveVmCommand.validate
+        server.state.before("remove", lambda state, vm_id: state.forget(vm_id))
+        with pytest.raises(ovirtsdk4.Error) as caught:
+            service.remove()
+        assert (caught.value.code, caught.value.fault.detail) == (400, "[Cannot remove VM. VM is not found.]")
+        assert vm.id not in server.state.vms
+        with pytest.raises(ovirtsdk4.NotFoundError):
+            service.remove()
+        connection.close()
 
 
 def test_memory_validation(conn: Any) -> None:

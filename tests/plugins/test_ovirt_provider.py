@@ -211,6 +211,87 @@ async def test_destroy_stops_a_running_vm_made_outside(
     assert await provider.find(spec.host_id) is None
 
 
+# -- races with other clients and the engine (an in-process engine, whose state the test drives) ----
+
+
+@pytest.fixture
+async def inproc(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[OVirtSimServer, OVirtProvider, Any]]:
+    """An engine in this process, a provider on it, and a separate connection (the other side)."""
+    with OVirtSimServer(default_seed(), "governord@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        monkeypatch.setenv(PASSWORD_ENV, "pw")
+        config = OVirtProvider.Config.model_validate({
+            "type": "ovirt", "url": server.url, "username": "governord@internal",
+            "password": {"env": PASSWORD_ENV}, "cluster": "Default", "ready_timeout": 5.0,
+        })
+        instance = OVirtProvider("inproc", config)
+        await instance.start()
+        other = ovirtsdk4.Connection(url=server.url, username="governord@internal", password="pw")
+        try:
+            yield server, instance, other.system_service()
+        finally:
+            other.close()
+            await instance.close()
+
+
+def marked_vm(system: Any, host_id: str, template: str = "Blank") -> types.Vm:
+    return system.vms_service().add(types.Vm(
+        name=f"race-{uuid.uuid4().hex[:8]}", cluster=types.Cluster(name="Default"),
+        template=types.Template(name=template), comment=marker(host_id)))
+
+
+async def test_destroy_treats_a_vm_removed_before_its_stop_as_gone(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+    raced: list[str] = []
+
+    def removed_by_someone_else(state: Any, vm_id: str) -> None:
+        raced.append(vm_id)
+        state.forget(vm_id)
+
+    # someone removes the VM between the provider's read and its stop: the engine answers 400
+    server.state.before("stop", removed_by_someone_else)
+    await provider.destroy(host_id)
+    assert raced == [vm.id]
+    assert vm.id not in server.state.vms
+    assert await provider.find(host_id) is None
+
+
+async def test_destroy_treats_a_vm_removed_before_its_removal_as_gone(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    raced: list[str] = []
+
+    def removed_by_someone_else(state: Any, vm_id: str) -> None:
+        raced.append(vm_id)
+        state.forget(vm_id)
+
+    server.state.before("remove", removed_by_someone_else)
+    await provider.destroy(host_id)
+    assert raced == [vm.id]
+    assert vm.id not in server.state.vms
+
+
+async def test_destroy_of_a_vm_that_went_down_by_itself(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+
+    # the guest powers itself off just before the stop arrives: the engine skips the stop, no error
+    server.state.before("stop", lambda state, vm_id: state.set_status(vm_id, types.VmStatus.DOWN))
+    await provider.destroy(host_id)
+    assert vm.id not in server.state.vms
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
