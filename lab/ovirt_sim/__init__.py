@@ -28,7 +28,8 @@ provider is proven against this simulator, and the simulator is held to the engi
 * Faults are written by the SDK's FaultWriter the way the engine's REST layer renders failed
   validations: 409 (400 for a bad name), reason ``Operation Failed``, the message in brackets,
   e.g. ``[Cannot remove VM. VM is running.]``, ``[Cannot add VM. The VM name is already in use,
-  please choose a unique name and try again.]``, ``[Cannot run VM. VM is running.]``; a name
+  please choose a unique name and try again.]``, ``[Cannot run VM because the VM is in Up
+  status.]`` (the run's status matrix, for every status but down, paused and suspended); a name
   reference to nothing is 404 ``Entity not found: Template: name=...``; an unknown id is a bare
   404 (no body) where the REST layer looks the VM up itself (get, remove, run once), and the
   command's 400 ``[Cannot stop VM. VM is not found.]`` where it does not (stop, shutdown, a
@@ -38,15 +39,20 @@ provider is proven against this simulator, and the simulator is held to the engi
   between the REST layer's lookup and the command is the command's 400. Tests make races with
   :meth:`EngineState.before` (a hook run just before the next action), :meth:`EngineState.forget`
   (another client removed the VM) and :meth:`EngineState.set_status` (what the host reports).
+* Statuses no request makes, set by tests with :meth:`EngineState.set_status`: ``not_responding``
+  (stoppable, not runnable or removable), ``unknown`` (not even stoppable), ``paused`` (a run
+  resumes it), ``migrating``; and launches that fail on every host
+  (:meth:`EngineState.fail_next_launch`: ``wait_for_launch``, then ``down`` again).
 
 What this simulator does not cover
 ----------------------------------
 * Hosts, storage domains, disks, disk attachments, networks, vNIC profiles and VM NICs: a VM has
   no ``/nics`` or ``/diskattachments``; the guest's one network device is only visible through
   ``reporteddevices``. Scheduling (which host runs a VM), memory over-commit and quota are not
-  modelled: a start always succeeds.
+  modelled: a start always succeeds unless a test makes it fail.
 * Tags, permissions, affinity, pools, snapshots, instance types, template versions beyond the
-  base one, VM update (``PUT``), migration, suspend, reboot, consoles, events and jobs.
+  base one, VM update (``PUT``), migration and suspend as requests (their statuses only come
+  from a test), reboot, consoles, events and jobs.
 * ``<link rel=...>`` and ``<actions>`` elements in representations (ovirtsdk4's writers do not
   produce them), so ``follow_link`` works only through ``href`` attributes; ``follow=`` only
   knows ``reported_devices``.

@@ -24,23 +24,6 @@ from ovirtsdk4 import types
 BLANK_TEMPLATE_ID = "00000000-0000-0000-0000-000000000000"
 MIB = 1024 * 1024
 
-#: Statuses in which a VM "is running" for the engine's validations.
-RUNNING = frozenset(
-    {
-        types.VmStatus.UP,
-        types.VmStatus.POWERING_UP,
-        types.VmStatus.WAIT_FOR_LAUNCH,
-        types.VmStatus.POWERING_DOWN,
-        types.VmStatus.REBOOT_IN_PROGRESS,
-        types.VmStatus.MIGRATING,
-        types.VmStatus.NOT_RESPONDING,
-        types.VmStatus.PAUSED,
-        types.VmStatus.SAVING_STATE,
-        types.VmStatus.RESTORING_STATE,
-    }
-)
-
-
 #: Statuses a stop or shutdown applies to (StopVmCommandBase.validate: ``isRunning()``, or Paused,
 #: NotResponding, Suspended); Down is no error but "already in the requested status".
 STOPPABLE = frozenset(
@@ -56,6 +39,34 @@ STOPPABLE = frozenset(
         types.VmStatus.SUSPENDED,
     }
 )
+
+#: Statuses a run starts from (RunVmValidator.canRunVm: ActionUtils' status matrix forbids RunVm
+#: in every other status; Paused resumes, Suspended restores).
+STARTABLE = frozenset({types.VmStatus.DOWN, types.VmStatus.PAUSED, types.VmStatus.SUSPENDED})
+
+#: Statuses a remove accepts (RemoveVmCommand.validate, which also takes ImageIllegal: the API has
+#: no such status; ImageLocked is refused earlier, as locked).
+REMOVABLE = frozenset({types.VmStatus.DOWN, types.VmStatus.UNASSIGNED})
+
+#: How the engine names a status in its messages (LocalizedVmStatus, VAR__VM_STATUS__* in
+#: AppErrors.properties).
+STATUS_TEXT = {
+    types.VmStatus.UNASSIGNED: "Unassigned",
+    types.VmStatus.DOWN: "Down",
+    types.VmStatus.UP: "Up",
+    types.VmStatus.POWERING_UP: "Powering Up",
+    types.VmStatus.PAUSED: "Paused",
+    types.VmStatus.MIGRATING: "Migrating",
+    types.VmStatus.UNKNOWN: "Unknown",
+    types.VmStatus.NOT_RESPONDING: "Not Responding",
+    types.VmStatus.WAIT_FOR_LAUNCH: "Wait for Launch",
+    types.VmStatus.REBOOT_IN_PROGRESS: "Reboot in Progress",
+    types.VmStatus.SAVING_STATE: "Saving State",
+    types.VmStatus.RESTORING_STATE: "Restoring State",
+    types.VmStatus.SUSPENDED: "Suspended",
+    types.VmStatus.IMAGE_LOCKED: "Image Locked",
+    types.VmStatus.POWERING_DOWN: "Powering Down",
+}
 
 #: A test's hook, run before the engine handles an action on a VM: ``hook(state, vm_id)``.
 Hook = Callable[["EngineState", str], None]
@@ -194,6 +205,8 @@ class EngineState:
         self.vms: dict[str, Vm] = {}
         #: one-shot hooks per action ("start", "stop", "shutdown", "remove"), see :meth:`before`
         self._hooks: dict[str, list[Hook]] = {}
+        #: VMs whose next launch fails on every host, see :meth:`fail_next_launch`
+        self._failing_launches: set[str] = set()
         network = ipaddress.ip_network(seed.get("dhcp_network", "192.0.2.0/24"))
         self._dhcp: Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address] = itertools.islice(
             network.hosts(), 10, None
@@ -377,13 +390,21 @@ class EngineState:
             raise operation_failed("Cannot run VM. VM is not found.", 400)
         vm = self.vm(vm_id)
         self._not_locked(vm, "run")
-        if vm.status in RUNNING and vm.status is not types.VmStatus.PAUSED:
-            raise operation_failed("Cannot run VM. VM is running.")
+        if vm.status not in STARTABLE:
+            # RunVmValidator.validateVmStatusUsingMatrix: ACTION_TYPE_FAILED_VM_STATUS_ILLEGAL
+            # (CONFLICT), checked before vmDuringInitialization's "VM is running"
+            raise operation_failed(f"Cannot run VM because the VM is in {STATUS_TEXT[vm.status]} status.")
         use_cloud_init = bool(action.use_cloud_init) or bool(action.use_initialization)
         initialization = action.vm.initialization if action.vm is not None else None
         vm.run_once_initialization = (initialization or vm.initialization) if use_cloud_init else None
         if vm.status is types.VmStatus.PAUSED:
             self._plan(vm, [(0, types.VmStatus.UP)])
+        elif vm.id in self._failing_launches:
+            # the action succeeded, but the VM fails on every host it is tried on (RunVmCommand
+            # .rerun until no host is left): wait_for_launch, then down again
+            self._failing_launches.discard(vm.id)
+            vm.status = types.VmStatus.WAIT_FOR_LAUNCH
+            self._plan(vm, [(self.timing.wait_for_launch, types.VmStatus.DOWN)])
         else:
             vm.status = types.VmStatus.WAIT_FOR_LAUNCH
             self._plan(vm, [(self.timing.wait_for_launch, types.VmStatus.POWERING_UP),
@@ -431,7 +452,11 @@ class EngineState:
         if self.vms.get(vm_id) is not vm:
             raise operation_failed("Cannot remove VM. VM is not found.", 400)
         self._not_locked(vm, "remove")
-        if vm.status in RUNNING:
+        if vm.status is types.VmStatus.SUSPENDED:
+            raise operation_failed("Cannot remove VM that its state is not down.\n-Please stop the VM first.")
+        if vm.status not in REMOVABLE:
+            # RemoveVmCommand.validate: every status but Down, Unassigned (and ImageIllegal, and
+            # Suspended, above) is "running", Unknown and Not Responding included
             raise operation_failed("Cannot remove VM. VM is running.")
         vm.removing = True
         vm.status = types.VmStatus.IMAGE_LOCKED
@@ -462,6 +487,11 @@ class EngineState:
         vm = self.vm(vm_id)
         self._enter(vm, status)
         self._plan(vm, then or [])
+
+    def fail_next_launch(self, vm_id: str) -> None:
+        """The VM's next start is accepted, but the VM cannot run anywhere and falls back to down."""
+        self.vm(vm_id)
+        self._failing_launches.add(vm_id)
 
     def forget(self, vm_id: str) -> None:
         """The VM is gone at once, as if another client had removed it (disks and all)."""

@@ -65,6 +65,15 @@ _STARTABLE = frozenset({_S.DOWN, _S.SUSPENDED, _S.PAUSED})
 #: Statuses that end by themselves; wait for them to pass.
 _TRANSIENT = frozenset({_S.IMAGE_LOCKED, _S.POWERING_DOWN, _S.SAVING_STATE})
 
+#: The engine's refusal to run a VM in a status its action matrix forbids (RunVmValidator
+#: .validateVmStatusUsingMatrix, ACTION_TYPE_FAILED_VM_STATUS_ILLEGAL, 409), naming the status
+#: the way LocalizedVmStatus does.
+_REFUSED_STATUS = re.compile(r"because the VM is in (.+?) status")
+#: Statuses (as named in that refusal) of a VM that someone else has started already.
+_STARTED_TEXTS = frozenset({"Up", "Powering Up", "Wait for Launch", "Reboot in Progress", "Migrating"})
+#: Statuses (as named there) of a VM whose host does not answer: no action helps until it does.
+_HOST_TROUBLE_TEXTS = frozenset({"Not Responding", "Unknown"})
+
 #: pycurl errors that a retry will not fix: the engine's certificate is not trusted.
 _TLS_CURL_ERRORS = frozenset({51, 58, 60, 77, 83, 90, 91})
 
@@ -329,15 +338,27 @@ class OVirtProvider(Provider):
         return self._machine(final)
 
     async def wait_ready(self, machine: Machine, timeout: float) -> Machine:
-        """Poll until the VM is up and its guest agent reports an address."""
+        """Poll until the VM is up and its guest agent reports an address.
+
+        A VM that falls back to down has failed to launch (the engine tried it on every host it
+        could): that is a RetryableError at once, and the next create_or_find starts it again.
+        Paused (an I/O error), not responding, unknown and migrating are waited out: the engine
+        resumes, reconnects or finishes them by itself.
+        """
         vm = await self._wait_vm(
             machine.machine_id,
-            lambda v: v.status is _S.UP and bool(_addresses(v)),
+            lambda v: v.status is _S.DOWN or (v.status is _S.UP and bool(_addresses(v))),
             timeout,
             f"wait for {machine.name} to be up with an address",
         )
         if vm is None:
             raise RetryableError(f"VM {machine.machine_id} ({machine.name}) no longer exists", source=self.name)
+        if vm.status is _S.DOWN:
+            raise RetryableError(
+                f"VM {machine.machine_id} ({machine.name}) is down again: the engine could not launch it "
+                "(see the engine's events)",
+                source=self.name,
+            )
         return self._machine(vm)
 
     async def destroy(self, host_id: str) -> None:
@@ -437,9 +458,20 @@ class OVirtProvider(Provider):
                 else:
                     service.start(use_cloud_init=True, vm=types.Vm(initialization=initialization))
             except sdk.Error as exc:
-                # started by someone else between our read and our call: that is what we wanted
-                if exc.code != 409 or "VM is running" not in str(exc):
+                if _vanished(exc):
+                    return  # removed meanwhile: the read that follows says so
+                if exc.code != 409:
                     raise
+                refused = _REFUSED_STATUS.search(str(exc))
+                status = refused.group(1) if refused else None
+                if status in _STARTED_TEXTS:
+                    return  # started by someone else between our read and our call: what we wanted
+                if status in _HOST_TROUBLE_TEXTS:
+                    raise RetryableError(
+                        f"start VM {vm.id} ({vm.name}): the engine cannot reach its host (VM is {status})",
+                        source=self.name,
+                    ) from exc
+                raise
 
         await self._call(f"start VM {vm.id} ({vm.name})", start)
 
@@ -453,6 +485,14 @@ class OVirtProvider(Provider):
             if loop.time() > deadline:
                 raise RetryableError(f"destroy: VM {vm_id} ({vm.name}) still {vm.status.value}", source=self.name)
             remaining = max(deadline - loop.time(), 0.1)
+            if vm.status is _S.UNKNOWN:
+                # its host is unreachable: the engine refuses to stop (StopVmCommandBase.validate)
+                # and to remove it until the host is fenced or answers again
+                raise RetryableError(
+                    f"destroy: VM {vm_id} ({vm.name}) is in status unknown (its host does not answer); "
+                    "it can be stopped once the engine knows its state again",
+                    source=self.name,
+                )
             if vm.status is _S.IMAGE_LOCKED:
                 # being made, or already being removed: wait for either to finish
                 await self._wait_vm(vm_id, lambda v: v.status is not _S.IMAGE_LOCKED, remaining, f"destroy {vm_id}")

@@ -260,7 +260,8 @@ def test_faults_are_the_engines_texts(conn: Any) -> None:
     service.start()
     with pytest.raises(ovirtsdk4.Error) as caught:
         service.start()
-    assert caught.value.fault.detail == "[Cannot run VM. VM is running.]"
+    # RunVmValidator's status matrix refuses before its "VM is running"
+    assert caught.value.fault.detail == "[Cannot run VM because the VM is in Wait for Launch status.]"
     with pytest.raises(ovirtsdk4.Error) as caught:
         service.remove()
     assert (caught.value.code, caught.value.fault.detail) == (409, "[Cannot remove VM. VM is running.]")
@@ -341,6 +342,68 @@ def test_a_vm_removed_by_someone_else_during_an_action() -> None:
         with pytest.raises(ovirtsdk4.NotFoundError):
             service.remove()
         connection.close()
+
+
+@pytest.fixture
+def inproc() -> Iterator[tuple[OVirtSimServer, Any]]:
+    """An engine in this process (its state is the test's to change) and a connection to it."""
+    with OVirtSimServer(default_seed(), "admin@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
+        try:
+            yield server, connection
+        finally:
+            connection.close()
+
+
+def fault_of(call: Any) -> tuple[int, str]:
+    with pytest.raises(ovirtsdk4.Error) as caught:
+        call()
+    return caught.value.code, caught.value.fault.detail
+
+
+def test_statuses_only_hosts_report_and_what_the_engine_refuses_in_them(inproc: tuple[OVirtSimServer, Any]) -> None:
+    server, connection = inproc
+    vms = connection.system_service().vms_service()
+    vm = vms.add(types.Vm(name="hosted", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+    service = vms.vm_service(vm.id)
+    service.start()
+    wait_status(service, types.VmStatus.UP)
+
+    server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
+    assert service.get().status is types.VmStatus.NOT_RESPONDING
+    assert fault_of(service.start) == (409, "[Cannot run VM because the VM is in Not Responding status.]")
+    assert fault_of(service.remove) == (409, "[Cannot remove VM. VM is running.]")
+
+    server.state.set_status(vm.id, types.VmStatus.UNKNOWN)
+    # StopVmCommandBase.validate: Unknown is neither running nor one of the stoppable others
+    assert fault_of(service.stop) == (409, "[Cannot stop VM. VM is not running.]")
+    assert fault_of(service.remove) == (409, "[Cannot remove VM. VM is running.]")
+    assert fault_of(service.start) == (409, "[Cannot run VM because the VM is in Unknown status.]")
+
+    server.state.set_status(vm.id, types.VmStatus.MIGRATING, then=[(0.05, types.VmStatus.UP)])
+    assert fault_of(service.start) == (409, "[Cannot run VM because the VM is in Migrating status.]")
+    assert wait_status(service, types.VmStatus.UP)[0] is types.VmStatus.MIGRATING
+
+    server.state.set_status(vm.id, types.VmStatus.PAUSED)
+    service.start()  # a run of a paused VM resumes it
+    assert wait_status(service, types.VmStatus.UP)
+
+    server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
+    service.stop()  # stoppable while not responding
+    assert wait_status(service, types.VmStatus.DOWN)[0] is types.VmStatus.POWERING_DOWN
+
+
+def test_a_launch_that_fails_falls_back_to_down(inproc: tuple[OVirtSimServer, Any]) -> None:
+    server, connection = inproc
+    vms = connection.system_service().vms_service()
+    vm = vms.add(types.Vm(name="unlucky", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+    service = vms.vm_service(vm.id)
+    server.state.fail_next_launch(vm.id)
+    service.start()  # the action is accepted...
+    # ...and the VM, tried on every host, is down again
+    assert wait_status(service, types.VmStatus.DOWN) == [types.VmStatus.WAIT_FOR_LAUNCH, types.VmStatus.DOWN]
+    service.start()
+    assert wait_status(service, types.VmStatus.UP)[-1] is types.VmStatus.UP
 
 
 def test_memory_validation(conn: Any) -> None:

@@ -292,6 +292,91 @@ async def test_destroy_of_a_vm_that_went_down_by_itself(
     assert vm.id not in server.state.vms
 
 
+# -- statuses only the hosts produce ------------------------------------------------------------
+
+
+def dhcp_spec(template: str = "rhel9-template") -> MachineSpec:
+    hostname = f"node-{uuid.uuid4().hex[:8]}"
+    return MachineSpec(host_id=str(uuid.uuid4()), hostname=hostname, fqdn=f"{hostname}.lab.example",
+                       profile={"template": template}, network=NetworkAssignment(domain="lab.example"))
+
+
+async def test_a_launch_that_falls_back_to_down_is_retryable_at_once(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    server.state.before("start", lambda state, vm_id: state.fail_next_launch(vm_id))
+    machine = await provider.create_or_find(spec)
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="could not launch"):
+        await provider.wait_ready(machine, 10.0)
+    assert time.monotonic() - started < 3.0, "the provider waited for a VM that was down again"
+    assert other.vms_service().vm_service(machine.machine_id).get().status is types.VmStatus.DOWN
+    # the retry starts the same VM again, and this time it comes up
+    again = await provider.create_or_find(spec)
+    assert again.machine_id == machine.machine_id
+    ready = await provider.wait_ready(again, 10.0)
+    assert ready.addresses and ready.power is PowerState.ON
+
+
+async def test_wait_ready_waits_out_what_the_engine_recovers_from(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    machine = await provider.create_or_find(dhcp_spec())
+    # the host stops answering, the engine finds the VM paused on an I/O error, then resumes it
+    server.state.set_status(machine.machine_id, types.VmStatus.NOT_RESPONDING, then=[
+        (0.2, types.VmStatus.UNKNOWN), (0.2, types.VmStatus.PAUSED), (0.2, types.VmStatus.MIGRATING),
+        (0.2, types.VmStatus.UP)])
+    assert await provider.power_state(machine.machine_id) is PowerState.UNKNOWN
+    ready = await provider.wait_ready(machine, 10.0)
+    assert ready.power is PowerState.ON and ready.addresses
+    assert other.vms_service().vm_service(machine.machine_id).get().status is types.VmStatus.UP
+
+
+async def test_a_start_that_someone_else_made_first_is_no_failure(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    # another client starts the VM between the provider's read and its start: the engine refuses
+    # the second run with its status ("...because the VM is in Wait for Launch status.")
+    server.state.before("start", lambda state, vm_id: state.start_vm(vm_id, types.Action()))
+    machine = await provider.create_or_find(spec)
+    assert machine.power is PowerState.ON
+    assert (await provider.wait_ready(machine, 10.0)).addresses
+
+
+async def test_a_start_on_a_host_that_does_not_answer_is_retryable(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    server.state.before("start", lambda state, vm_id: state.set_status(vm_id, types.VmStatus.NOT_RESPONDING))
+    with pytest.raises(RetryableError, match="Not Responding"):
+        await provider.create_or_find(spec)
+
+
+async def test_destroy_of_a_vm_in_status_unknown_is_retryable_then_succeeds(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+    server.state.set_status(vm.id, types.VmStatus.UNKNOWN)
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="status unknown"):
+        await provider.destroy(host_id)
+    assert time.monotonic() - started < 3.0
+    assert other.vms_service().vm_service(vm.id).get().status is types.VmStatus.UNKNOWN
+    # the host answers again and reports the VM not responding: now it can be stopped and removed
+    server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
+    await provider.destroy(host_id)
+    assert vm.id not in server.state.vms
+
+
 # -- errors -----------------------------------------------------------------------------------
 
 
