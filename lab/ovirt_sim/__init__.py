@@ -22,8 +22,10 @@ provider is proven against this simulator, and the simulator is held to the engi
   ``/shutdown``, ``DELETE /vms/{id}``, ``GET /vms/{id}/reporteddevices``.
 * Status sequences with timing: a VM from a template with disks is ``image_locked`` and then
   ``down``; start goes ``wait_for_launch`` → ``powering_up`` → ``up``; the guest agent reports
-  the address (the static one from the cloud-init NIC configuration, else one from a DHCP range)
-  and the FQDN a little after ``up``; stop and shutdown go ``powering_down`` → ``down``; a removed
+  the NIC's IPv6 link-local address a little after ``up``, then its IPv4 address (the static
+  one from the cloud-init NIC configuration, else one from a DHCP range), a global IPv6 one
+  (SLAAC, when the seed has an ``ipv6_network``) and the FQDN; tests add devices with more
+  addresses (:meth:`EngineState.report_nic`); stop and shutdown go ``powering_down`` → ``down``; a removed
   VM is ``image_locked`` while its disks are removed and then gone (404).
 * Faults are written by the SDK's FaultWriter the way the engine's REST layer renders failed
   validations: 409 (400 for a bad name), reason ``Operation Failed``, the message in brackets,
@@ -47,8 +49,8 @@ provider is proven against this simulator, and the simulator is held to the engi
 What this simulator does not cover
 ----------------------------------
 * Hosts, storage domains, disks, disk attachments, networks, vNIC profiles and VM NICs: a VM has
-  no ``/nics`` or ``/diskattachments``; the guest's one network device is only visible through
-  ``reporteddevices``. Scheduling (which host runs a VM), memory over-commit and quota are not
+  no ``/nics`` or ``/diskattachments``; the guest's network devices are only visible through
+  ``reporteddevices``, and a static IPv6 address from cloud-init is not applied. Scheduling (which host runs a VM), memory over-commit and quota are not
   modelled: a start always succeeds unless a test makes it fail.
 * Tags, permissions, affinity, pools, snapshots, instance types, template versions beyond the
   base one, VM update (``PUT``), migration and suspend as requests (their statuses only come

@@ -213,22 +213,25 @@ def vm_view(state: EngineState, vm: Vm, all_content: bool = False) -> types.Vm:
 
 
 def reported_devices(state: EngineState, vm: Vm) -> list[types.ReportedDevice]:
-    """What the guest agent reports: one network device with the guest's address, once it runs."""
-    address, _ = state.guest_report(vm)
-    if address is None:
-        return []
-    device_id = str(uuid.uuid5(uuid.UUID(vm.id), vm.mac))
-    return [
-        linked(types.ReportedDevice(
+    """What the guest agent reports: its network devices and every address on them, once it runs."""
+    devices = []
+    for nic in state.guest_nics(vm):
+        device_id = str(uuid.uuid5(uuid.UUID(vm.id), nic.mac))
+        ips = [
+            types.Ip(address=address,
+                     version=types.IpVersion.V6 if ":" in address else types.IpVersion.V4)
+            for address in nic.addresses
+        ]
+        devices.append(linked(types.ReportedDevice(
             id=device_id,
-            name="eth0",
+            name=nic.name,
             description="guest reported data",
             type=types.ReportedDeviceType.NETWORK,
-            mac=types.Mac(address=vm.mac),
-            ips=[types.Ip(address=address, version=types.IpVersion.V4)],
+            mac=types.Mac(address=nic.mac),
+            ips=ips,
             vm=linked(types.Vm(id=vm.id), f"{API}/vms/{vm.id}"),
-        ), f"{API}/vms/{vm.id}/reporteddevices/{device_id}")
-    ]
+        ), f"{API}/vms/{vm.id}/reporteddevices/{device_id}"))
+    return devices
 
 
 # -- search -------------------------------------------------------------------------------------

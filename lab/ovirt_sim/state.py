@@ -164,6 +164,16 @@ class Vm:
     address: str | None = None
     fqdn: str | None = None
     removing: bool = False
+    #: further network devices the guest reports (name, MAC, addresses), from a test
+    extra_nics: list[GuestNic] = field(default_factory=list)
+
+
+@dataclass
+class GuestNic:
+    """A network device as the guest agent reports it."""
+    name: str
+    mac: str
+    addresses: list[str]
 
 
 @dataclass
@@ -174,6 +184,9 @@ class Timing:
     wait_for_launch: float = 0.5
     powering_up: float = 2.0
     guest_agent: float = 1.0
+    #: after the agent's first report (the IPv6 link-local address, there as soon as the link
+    #: is), until the IPv4 address (static, or a DHCP lease) is reported too
+    address: float = 1.0
     stop: float = 0.5
     shutdown: float = 2.0
     remove: float = 1.0
@@ -186,6 +199,7 @@ class Timing:
             wait_for_launch=unit,
             powering_up=2 * unit,
             guest_agent=unit,
+            address=unit,
             stop=unit,
             shutdown=3 * unit,
             remove=unit,
@@ -207,6 +221,9 @@ class EngineState:
         self._hooks: dict[str, list[Hook]] = {}
         #: VMs whose next launch fails on every host, see :meth:`fail_next_launch`
         self._failing_launches: set[str] = set()
+        #: where the guests' global IPv6 addresses come from (SLAAC: the prefix and the MAC's EUI-64),
+        #: when the seed has one
+        self.ipv6_network = ipaddress.IPv6Network(seed["ipv6_network"]) if seed.get("ipv6_network") else None
         network = ipaddress.ip_network(seed.get("dhcp_network", "192.0.2.0/24"))
         self._dhcp: Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address] = itertools.islice(
             network.hosts(), 10, None
@@ -504,8 +521,10 @@ class EngineState:
     # -- what the guest agent reports ---------------------------------------------------------
 
     def guest_report(self, vm: Vm) -> tuple[str | None, str | None]:
-        """The guest's address and FQDN once its agent reports (static from cloud-init, else DHCP)."""
-        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None or self.clock() < vm.guest_reports_at:
+        """The guest's IPv4 address and FQDN once its agent reports them (static from cloud-init, else DHCP)."""
+        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None:
+            return None, None
+        if self.clock() < vm.guest_reports_at + self.timing.address:
             return None, None
         if vm.address is None:
             init = vm.run_once_initialization
@@ -519,3 +538,34 @@ class EngineState:
             host_name = init.host_name if init is not None and init.host_name else None
             vm.fqdn = host_name or vm.name
         return vm.address, vm.fqdn
+
+    def guest_nics(self, vm: Vm) -> list[GuestNic]:
+        """The network devices the guest agent reports, with every address on them.
+
+        A real agent reports all of a device's addresses, IPv6 ones included: the link-local
+        one first (as soon as the link is up), then the IPv4 address, and a global IPv6 one
+        where the network has a prefix; and every other device the guest has.
+        """
+        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None or self.clock() < vm.guest_reports_at:
+            return []
+        interface_id = _eui64(vm.mac)
+        addresses = [str(ipaddress.IPv6Address((0xFE80 << 112) | interface_id))]
+        address, _ = self.guest_report(vm)
+        if address is not None:
+            addresses.insert(0, address)
+            if self.ipv6_network is not None:
+                addresses.insert(1, str(self.ipv6_network.network_address + interface_id))
+        return [GuestNic("eth0", vm.mac, addresses), *vm.extra_nics]
+
+    def report_nic(self, vm_id: str, name: str, addresses: list[str]) -> None:
+        """The guest reports one more network device (a second NIC, a bridge...) with these addresses."""
+        vm = self.vm(vm_id)
+        n = len(vm.extra_nics) + 1
+        vm.extra_nics.append(GuestNic(name, f"{vm.mac[:-2]}{(int(vm.mac[-2:], 16) + 0x80 + n) & 0xFF:02x}", addresses))
+
+
+def _eui64(mac: str) -> int:
+    """The modified EUI-64 interface identifier of a MAC address (RFC 4291, appendix A)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes([octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:]])
+    return int.from_bytes(eui, "big")

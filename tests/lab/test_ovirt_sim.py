@@ -7,6 +7,7 @@ sequences, and XML the SDK's readers parse.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import ssl
 import time
@@ -61,6 +62,24 @@ def wait_status(service: Any, wanted: types.VmStatus, timeout: float = 5.0) -> l
             return seen
         time.sleep(0.01)
     raise AssertionError(f"still {seen[-1]} after {timeout}s (saw {seen})")
+
+
+def wait_reported(service: Any, count: int, timeout: float = 5.0) -> list[types.ReportedDevice]:
+    """Poll until the guest reports ``count`` addresses in all; return its devices."""
+    deadline = time.monotonic() + timeout
+    while True:
+        devices = service.reported_devices_service().list()
+        if sum(len(device.ips or ()) for device in devices) >= count:
+            return devices
+        assert time.monotonic() < deadline, f"the guest reported {devices} after {timeout}s"
+        time.sleep(0.01)
+
+
+def link_local(mac: str) -> str:
+    """The IPv6 link-local address a guest forms from its MAC (modified EUI-64)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    interface_id = bytes([octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:]])
+    return str(ipaddress.IPv6Address(b"\xfe\x80" + bytes(6) + interface_id))
 
 
 def new_vm(connection: Any, name: str | None = None, **attrs: Any) -> types.Vm:
@@ -203,15 +222,15 @@ def test_a_vm_lives_through_the_engines_statuses(conn: Any) -> None:
     seen = wait_status(service, types.VmStatus.UP)
     assert seen[-1] is types.VmStatus.UP
     assert set(seen) <= {types.VmStatus.WAIT_FOR_LAUNCH, types.VmStatus.POWERING_UP, types.VmStatus.UP}
-    deadline = time.monotonic() + 5
-    while not service.reported_devices_service().list() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    [device] = service.reported_devices_service().list()
+    # the link-local IPv6 address is reported first, the configured IPv4 one after it
+    [device] = wait_reported(service, 1)
     assert device.type is types.ReportedDeviceType.NETWORK
-    assert [ip.address for ip in device.ips] == ["198.51.100.77"]
+    assert [(ip.address, ip.version) for ip in device.ips] == [(link_local(device.mac.address), types.IpVersion.V6)]
+    [device] = wait_reported(service, 2)
+    assert [ip.address for ip in device.ips] == ["198.51.100.77", link_local(device.mac.address)]
     followed = service.get(follow="reported_devices")
     assert followed.fqdn == "life.lab.example"
-    assert [ip.address for ip in followed.reported_devices[0].ips] == ["198.51.100.77"]
+    assert followed.reported_devices[0].ips[0].address == "198.51.100.77"
 
     service.stop()
     assert wait_status(service, types.VmStatus.DOWN)[0] is types.VmStatus.POWERING_DOWN
@@ -231,10 +250,9 @@ def test_a_dhcp_guest_reports_an_address_from_the_range(conn: Any) -> None:
     wait_status(service, types.VmStatus.DOWN)
     service.start()
     wait_status(service, types.VmStatus.UP)
-    deadline = time.monotonic() + 5
-    while not (devices := service.reported_devices_service().list()) and time.monotonic() < deadline:
-        time.sleep(0.02)
+    devices = wait_reported(service, 2)
     assert devices[0].ips[0].address.startswith("192.0.2.")
+    assert devices[0].ips[0].version is types.IpVersion.V4
     service.stop()
 
 
@@ -404,6 +422,34 @@ def test_a_launch_that_fails_falls_back_to_down(inproc: tuple[OVirtSimServer, An
     assert wait_status(service, types.VmStatus.DOWN) == [types.VmStatus.WAIT_FOR_LAUNCH, types.VmStatus.DOWN]
     service.start()
     assert wait_status(service, types.VmStatus.UP)[-1] is types.VmStatus.UP
+
+
+def test_a_guest_reports_several_devices_and_ipv6() -> None:
+    seed = {**default_seed(), "ipv6_network": "2001:db8:1::/64"}
+    with OVirtSimServer(seed, "admin@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
+        vms = connection.system_service().vms_service()
+        vm = vms.add(types.Vm(name="multi", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+        service = vms.vm_service(vm.id)
+        service.start()
+        wait_status(service, types.VmStatus.UP)
+        server.state.report_nic(vm.id, "eth1", ["10.20.0.5", "fd00::5"])
+        devices = wait_reported(service, 5)
+        eth0, eth1 = devices
+        mac = eth0.mac.address
+        v4 = eth0.ips[0].address
+        assert ipaddress.ip_address(v4) in ipaddress.ip_network("192.0.2.0/24")
+        # the global address is the prefix and the same interface id as the link-local one
+        global_v6 = str(ipaddress.IPv6Address(int(ipaddress.IPv6Address(link_local(mac))) & (2**64 - 1)
+                                              | int(ipaddress.IPv6Address("2001:db8:1::"))))
+        assert [(ip.address, ip.version) for ip in eth0.ips] == [
+            (v4, types.IpVersion.V4), (global_v6, types.IpVersion.V6), (link_local(mac), types.IpVersion.V6)]
+        assert (eth1.name, [ip.address for ip in eth1.ips]) == ("eth1", ["10.20.0.5", "fd00::5"])
+        assert eth1.mac.address != mac
+        service.stop()
+        wait_status(service, types.VmStatus.DOWN)
+        assert service.reported_devices_service().list() == []
+        connection.close()
 
 
 def test_memory_validation(conn: Any) -> None:

@@ -3,6 +3,7 @@ ovirtsdk4 connection: what exists on the engine, not what the provider says abou
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -375,6 +376,27 @@ async def test_destroy_of_a_vm_in_status_unknown_is_retryable_then_succeeds(
     server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
     await provider.destroy(host_id)
     assert vm.id not in server.state.vms
+
+
+async def test_every_reported_address_but_link_local_ones_ipv4_first(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    server.state.ipv6_network = ipaddress.IPv6Network("2001:db8:7::/64")
+    # the guest reports its link-local IPv6 address a while before its IPv4 one: not yet ready
+    server.state.timing.address = 0.5
+    machine = await provider.create_or_find(dhcp_spec())
+    ready = await provider.wait_ready(machine, 10.0)
+    service = other.vms_service().vm_service(machine.machine_id)
+    [eth0] = service.reported_devices_service().list()
+    v4, global_v6, link_local = (ip.address for ip in eth0.ips)
+    assert ipaddress.ip_address(link_local).is_link_local
+    assert ipaddress.ip_address(global_v6) in ipaddress.ip_network("2001:db8:7::/64")
+    assert ready.addresses == (v4, global_v6)
+    # a second device with more addresses: all of them, IPv4 first, link-local ones left out
+    server.state.report_nic(machine.machine_id, "eth1", ["fd00::7", "fe80::1:7", "10.20.0.7"])
+    found = await provider.find(machine.host_id or "")
+    assert found is not None and found.addresses == (v4, "10.20.0.7", global_v6, "fd00::7")
 
 
 # -- errors -----------------------------------------------------------------------------------
