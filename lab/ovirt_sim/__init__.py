@@ -11,7 +11,8 @@ provider is proven against this simulator, and the simulator is held to the engi
   ovirtsdk4 4.6 calls on ``Connection.close()``) and ``/ovirt-engine/sso/oauth/revoke``.
 * The API under ``/ovirt-engine/api`` needs ``Authorization: Bearer <token>`` (or Basic with the
   user's password); without it: 401 with an empty body, which ovirtsdk4 turns into a token
-  refresh and, if that fails, an ``AuthError``.
+  refresh and, if that fails, an ``AuthError``. Tokens expire: after ``token_idle_timeout``
+  seconds unused (the engine's SSO_TOKEN_TIMEOUT), or all at once by :func:`expire_tokens`.
 * ``GET /api`` (product info, summary), ``/clusters``, ``/templates`` (with ``search=``),
   ``/vms`` (``search=`` with ``name``, ``comment``, ``description``, ``status``, ``cluster``,
   ``id``, ``fqdn``, ``ip``; ``*`` wildcards; ``and``/``or``; ``case_sensitive``; ``max``),
@@ -64,8 +65,8 @@ What this simulator does not cover
 * The engine's validation of names per data center (names are unique engine-wide here), of
   templates from another data center, of OS types, and of most VM attributes the request may
   carry (they are ignored). Custom properties need engine configuration and are ignored.
-* Kerberos/HTTP-auth SSO grants, token expiry, ``Prefer: persistent-auth`` sessions, API version
-  2/3 paths, JSON representations (``Accept: application/json``), gzip, and ``async`` actions
+* Kerberos/HTTP-auth SSO grants, the engine's own session timeout, ``Prefer: persistent-auth``
+  sessions, API version 2/3 paths, JSON representations (``Accept: application/json``), gzip, and ``async`` actions
   (everything answers ``complete`` at once).
 * The cloud-init payload is recorded, never executed: only the first static NIC address and the
   host name are "applied" by the simulated guest.
@@ -77,7 +78,7 @@ prints ``LISTENING <url>`` (the API URL) once it accepts connections. In-process
 
 from __future__ import annotations
 
-from .app import AUTH_KEY, STATE_KEY, create_app
+from .app import AUTH_KEY, STATE_KEY, create_app, expire_tokens
 from .seed import default_seed, load_seed
 from .server import OVirtSimServer
 from .state import EngineState, Timing
@@ -90,5 +91,6 @@ __all__ = [
     "Timing",
     "create_app",
     "default_seed",
+    "expire_tokens",
     "load_seed",
 ]

@@ -22,7 +22,7 @@ import ovirtsdk4
 import pytest
 from ovirtsdk4 import reader, types
 
-from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed
+from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed, expire_tokens
 from tests.fixtures.ovirt import OVirtEngine
 
 pytestmark = pytest.mark.integration
@@ -450,6 +450,37 @@ def test_a_guest_reports_several_devices_and_ipv6() -> None:
         wait_status(service, types.VmStatus.DOWN)
         assert service.reported_devices_service().list() == []
         connection.close()
+
+
+def test_tokens_expire_and_the_sdk_logs_in_again() -> None:
+    with OVirtSimServer(default_seed(), "admin@internal", "pw", timing=Timing.scaled(0.01),
+                        token_idle_timeout=0.6) as server:
+        auth = server.app[AUTH_KEY]
+        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
+        system = connection.system_service()
+        system.get()
+        [first] = list(auth["tokens"])
+        time.sleep(0.3)
+        system.get()  # used: the idle time starts again
+        time.sleep(0.3)
+        system.get()
+        assert list(auth["tokens"]) == [first] and auth["issued"] == 1
+        time.sleep(0.8)
+        # the token idled out: 401, and ovirtsdk4 fetches a new one and sends the request again
+        system.get()
+        assert auth["expired"] == [first] and auth["issued"] == 2 and first not in auth["tokens"]
+        [second] = expire_tokens(server.app)
+        assert second != first and auth["tokens"] == {}
+        # a POST is sent again too
+        vm = system.vms_service().add(
+            types.Vm(name="after-expiry", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
+        assert vm.id in server.state.vms and auth["issued"] == 3
+        # a 401 for the expired token, then the login fails: the SDK's AuthError
+        expire_tokens(server.app)
+        auth["password"] = "changed"
+        with pytest.raises(ovirtsdk4.AuthError):
+            system.get()
+        connection.close(logout=False)
 
 
 def test_memory_validation(conn: Any) -> None:

@@ -19,7 +19,7 @@ from governord.models import MachineSpec, NetworkAssignment, PowerState
 from governord.plugins.ovirt import governord_register_providers
 from governord.plugins.ovirt.provider import OVirtProvider, host_id_of, marker
 from governord.providers import ProviderRegistry
-from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed
+from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed, expire_tokens
 from lab.vcsim import TLSFiles
 from tests.fixtures.ovirt import OVirtEngine, launch_ovirt_sim
 
@@ -397,6 +397,33 @@ async def test_every_reported_address_but_link_local_ones_ipv4_first(
     server.state.report_nic(machine.machine_id, "eth1", ["fd00::7", "fe80::1:7", "10.20.0.7"])
     found = await provider.find(machine.host_id or "")
     assert found is not None and found.addresses == (v4, "10.20.0.7", global_v6, "fd00::7")
+
+
+# -- SSO sessions ----------------------------------------------------------------------------------
+
+
+async def test_an_expired_token_is_replaced_and_a_refused_login_is_permanent(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    auth = server.app[AUTH_KEY]
+    spec = dhcp_spec()
+    machine = await provider.create_or_find(spec)
+    issued = auth["issued"]
+    expired = expire_tokens(server.app)
+    # the engine forgot the session: ovirtsdk4 logs in again on the 401 and repeats the request
+    found = await provider.find(spec.host_id)
+    assert found is not None and found.machine_id == machine.machine_id
+    assert auth["issued"] == issued + 1
+    assert set(expired) <= set(auth["expired"])
+    expire_tokens(server.app)
+    await provider.destroy(spec.host_id)  # actions (POST, DELETE) are repeated too
+    assert machine.machine_id not in server.state.vms
+    # the session ends and the password was changed meanwhile: no retry will help
+    expire_tokens(server.app)
+    auth["password"] = "rotated"
+    with pytest.raises(PermanentError, match="(?i)username or password"):
+        await provider.find(spec.host_id)
 
 
 # -- errors -----------------------------------------------------------------------------------
