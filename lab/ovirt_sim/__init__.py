@@ -15,7 +15,9 @@ provider is proven against this simulator, and the simulator is held to the engi
   seconds unused (the engine's SSO_TOKEN_TIMEOUT), or all at once by :func:`expire_tokens`.
 * ``GET /api`` (product info, summary), ``/clusters``, ``/templates`` (with ``search=``),
   ``/vms`` (``search=`` with ``name``, ``comment``, ``description``, ``status``, ``cluster``,
-  ``id``, ``fqdn``, ``ip``; ``*`` wildcards; ``and``/``or``; ``case_sensitive``; ``max``),
+  ``id``, ``fqdn``, ``ip``; ``*`` wildcards; ``and``/``or``; ``sortby FIELD [asc|desc]``;
+  ``page N``; ``case_sensitive``, false unless given, as the REST layer reads it; ``max``;
+  results always in name order unless sorted otherwise),
   ``GET /vms/{id}`` (``follow=reported_devices``, ``all_content``), ``POST /vms`` (from a
   template by id or name, in a cluster by id or name; name, memory, memory policy, CPU topology,
   description, comment, initialization), ``POST /vms/{id}/start`` (with ``use_cloud_init`` /
@@ -60,8 +62,9 @@ What this simulator does not cover
   produce them), so ``follow_link`` works only through ``href`` attributes; ``follow=`` only
   knows ``reported_devices``.
 * The search language beyond ``=``/``!=`` conditions joined by ``and``/``or`` on the fields
-  listed above (no ``<``/``>``, no free text, no ``sortby``, no ``page``), and its syntax-error
-  text, which is the simulator's own.
+  listed above (no ``<``/``>``, no free text, no cross-object conditions such as
+  ``Vms: cluster.name=``, no sorting by more than one field), its syntax-error text, which is the
+  simulator's own, and PostgreSQL's collation beyond "letters before case".
 * The engine's validation of names per data center (names are unique engine-wide here), of
   templates from another data center, of OS types, and of most VM attributes the request may
   carry (they are ignored). Custom properties need engine configuration and are ignored.

@@ -293,16 +293,33 @@ _CLUSTER_FIELDS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def _boolean_parameter(request: web.Request, name: str, *, empty: bool, missing: bool) -> bool:
+    """A boolean query parameter the way ParametersHelper.getBooleanParameter reads it."""
+    text = request.query.get(name)
+    if text is None:
+        return missing
+    if text == "":
+        return empty
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return missing  # not a boolean: ignored (logged by the engine)
+
+
+def _integer_parameter(request: web.Request, name: str) -> int | None:
+    """An integer query parameter as ParametersHelper.getIntegerParameter reads it: junk is ignored."""
+    try:
+        return int(request.query[name])
+    except (KeyError, ValueError):
+        return None
+
+
 def _search(request: web.Request, items: list[Any], fields: dict[str, Callable[[Any], str | None]]) -> list[Any]:
-    query = search.parse(request.query.get("search", ""), set(fields))
-    case_sensitive = request.query.get("case_sensitive", "true").lower() != "false"
-    found = search.select(items, query, fields, case_sensitive=case_sensitive)
-    if "max" in request.query:
-        try:
-            found = found[: max(int(request.query["max"]), 0)]
-        except ValueError:
-            raise EngineFault(400, "Operation Failed", f"Invalid value '{request.query['max']}' for 'max'") from None
-    return found
+    parsed = search.parse_search(request.query.get("search", ""), set(fields))
+    # AbstractBackendCollectionResource.getSearchParameters: case_sensitive defaults to false
+    case_sensitive = _boolean_parameter(request, "case_sensitive", empty=True, missing=False)
+    found = search.select(items, parsed.query, fields, case_sensitive=case_sensitive)
+    max_count = _integer_parameter(request, "max")
+    return search.order_and_page(found, parsed, fields, max(max_count, 0) if max_count is not None else None)
 
 
 # -- handlers -------------------------------------------------------------------------------------

@@ -191,12 +191,43 @@ def test_vm_search(conn: Any) -> None:
     assert [vm.id for vm in vms.list(search=f"name={prefix}* and comment=*2222")] == [second.id]
     assert {vm.id for vm in vms.list(search=f"name={prefix}-a or name={prefix}-b")} == {first.id, second.id}
     assert [vm.id for vm in vms.list(search=f"name={prefix}* and description!=web")] == [second.id]
-    assert vms.list(search=f"name={prefix.upper()}*") == []
-    assert len(vms.list(search=f"name={prefix.upper()}*", case_sensitive=False)) == 2
+    # the REST layer's case_sensitive defaults to false: the engine's ILIKE
+    assert len(vms.list(search=f"name={prefix.upper()}*")) == 2
+    assert vms.list(search=f"name={prefix.upper()}*", case_sensitive=True) == []
     assert len(vms.list(search=f"name={prefix}*", max=1)) == 1
     with pytest.raises(ovirtsdk4.Error) as caught:
         vms.list(search="colour=blue")
     assert caught.value.code == 400
+
+
+def test_search_sorts_and_pages(conn: Any) -> None:
+    vms = conn.system_service().vms_service()
+    prefix = f"sort{uuid.uuid4().hex[:6]}"
+    # made in an order that is neither the names' nor the descriptions'
+    made = {suffix: new_vm(conn, f"{prefix}-{suffix}", description=description,
+                           template=types.Template(name="Blank")).id
+            for suffix, description in (("c", "2"), ("A", "3"), ("b", "1"), ("d", ""))}
+
+    def names(**params: Any) -> list[str]:
+        return [vm.name.rpartition("-")[2] for vm in vms.list(**params)]
+
+    # always by name (the default sort), letters before case as PostgreSQL collates
+    assert names(search=f"name={prefix}*") == ["A", "b", "c", "d"]
+    assert names(search=f"name={prefix}* sortby description") == ["d", "b", "c", "A"]
+    assert names(search=f"name={prefix}* SortBy description DESC") == ["A", "c", "b", "d"]
+    assert names(search=f"name={prefix}* sortby name desc page 1", max=3) == ["d", "c", "b"]
+    # a page is max results long
+    assert names(search=f"name={prefix}* page 2", max=3) == ["d"]
+    assert names(search=f"name={prefix}* page 3", max=3) == []
+    assert names(search=f"name={prefix}* page 2") == []  # without max, everything is on page 1
+    # a max that is no number is ignored, as ParametersHelper.getIntegerParameter does
+    assert len(vms.list(search=f"name={prefix}*", query={"max": "many"})) == 4
+    for bad in (f"name={prefix}* sortby colour", f"name={prefix}* page zero"):
+        with pytest.raises(ovirtsdk4.Error) as caught:
+            vms.list(search=bad)
+        assert caught.value.code == 400
+    for vm_id in made.values():
+        vms.vm_service(vm_id).remove()
 
 
 # -- VM life and faults -----------------------------------------------------------------------
@@ -312,6 +343,23 @@ def test_references_to_nothing(conn: Any) -> None:
         assert caught.value.code == 404 and caught.value.fault is None
 
 
+@pytest.fixture
+def inproc() -> Iterator[tuple[OVirtSimServer, Any]]:
+    """An engine in this process (its state is the test's to change) and a connection to it."""
+    with OVirtSimServer(default_seed(), "admin@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
+        try:
+            yield server, connection
+        finally:
+            connection.close()
+
+
+def fault_of(call: Any) -> tuple[int, str]:
+    with pytest.raises(ovirtsdk4.Error) as caught:
+        call()
+    return caught.value.code, caught.value.fault.detail
+
+
 def test_actions_on_an_unknown_vm_are_the_commands_400(conn: Any) -> None:
     # stop, shutdown and a plain start go to the command without a lookup: its validation fails
     # with ACTION_TYPE_FAILED_VM_NOT_FOUND, a BAD_PARAMETERS error, so 400 and not 404
@@ -334,9 +382,11 @@ def test_stopping_a_vm_that_is_down_succeeds(conn: Any) -> None:
     service.remove()
 
 
-def test_shutdown_of_a_vm_that_is_not_up_stops_it(conn: Any) -> None:
-    service = conn.system_service().vms_service().vm_service(new_vm(conn).id)
-    wait_status(service, types.VmStatus.DOWN)
+def test_shutdown_of_a_vm_that_is_not_up_stops_it(inproc: tuple[OVirtSimServer, Any]) -> None:
+    server, connection = inproc
+    server.state.timing.wait_for_launch = 5.0  # long enough to be seen
+    server.state.timing.stop = 0.5
+    service = connection.system_service().vms_service().vm_service(new_vm(connection, template=types.Template(name="Blank")).id)
     service.start()
     assert service.get().status is types.VmStatus.WAIT_FOR_LAUNCH
     # ShutdownVmCommand.perform: no guest to ask yet, so it stops the VM instead
@@ -362,23 +412,6 @@ def test_a_vm_removed_by_someone_else_during_an_action() -> None:
         connection.close()
 
 
-@pytest.fixture
-def inproc() -> Iterator[tuple[OVirtSimServer, Any]]:
-    """An engine in this process (its state is the test's to change) and a connection to it."""
-    with OVirtSimServer(default_seed(), "admin@internal", "pw", timing=Timing.scaled(0.01)) as server:
-        connection = ovirtsdk4.Connection(url=server.url, username="admin@internal", password="pw")
-        try:
-            yield server, connection
-        finally:
-            connection.close()
-
-
-def fault_of(call: Any) -> tuple[int, str]:
-    with pytest.raises(ovirtsdk4.Error) as caught:
-        call()
-    return caught.value.code, caught.value.fault.detail
-
-
 def test_statuses_only_hosts_report_and_what_the_engine_refuses_in_them(inproc: tuple[OVirtSimServer, Any]) -> None:
     server, connection = inproc
     vms = connection.system_service().vms_service()
@@ -398,7 +431,7 @@ def test_statuses_only_hosts_report_and_what_the_engine_refuses_in_them(inproc: 
     assert fault_of(service.remove) == (409, "[Cannot remove VM. VM is running.]")
     assert fault_of(service.start) == (409, "[Cannot run VM because the VM is in Unknown status.]")
 
-    server.state.set_status(vm.id, types.VmStatus.MIGRATING, then=[(0.05, types.VmStatus.UP)])
+    server.state.set_status(vm.id, types.VmStatus.MIGRATING, then=[(0.5, types.VmStatus.UP)])
     assert fault_of(service.start) == (409, "[Cannot run VM because the VM is in Migrating status.]")
     assert wait_status(service, types.VmStatus.UP)[0] is types.VmStatus.MIGRATING
 
@@ -407,6 +440,7 @@ def test_statuses_only_hosts_report_and_what_the_engine_refuses_in_them(inproc: 
     assert wait_status(service, types.VmStatus.UP)
 
     server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
+    server.state.timing.stop = 0.5
     service.stop()  # stoppable while not responding
     assert wait_status(service, types.VmStatus.DOWN)[0] is types.VmStatus.POWERING_DOWN
 
@@ -416,6 +450,7 @@ def test_a_launch_that_fails_falls_back_to_down(inproc: tuple[OVirtSimServer, An
     vms = connection.system_service().vms_service()
     vm = vms.add(types.Vm(name="unlucky", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank")))
     service = vms.vm_service(vm.id)
+    server.state.timing.wait_for_launch = 0.3
     server.state.fail_next_launch(vm.id)
     service.start()  # the action is accepted...
     # ...and the VM, tried on every host, is down again

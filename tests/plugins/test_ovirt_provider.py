@@ -234,9 +234,9 @@ async def inproc(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[OVirtSi
             await instance.close()
 
 
-def marked_vm(system: Any, host_id: str, template: str = "Blank") -> types.Vm:
+def marked_vm(system: Any, host_id: str, template: str = "Blank", name: str | None = None) -> types.Vm:
     return system.vms_service().add(types.Vm(
-        name=f"race-{uuid.uuid4().hex[:8]}", cluster=types.Cluster(name="Default"),
+        name=name or f"race-{uuid.uuid4().hex[:8]}", cluster=types.Cluster(name="Default"),
         template=types.Template(name=template), comment=marker(host_id)))
 
 
@@ -397,6 +397,41 @@ async def test_every_reported_address_but_link_local_ones_ipv4_first(
     server.state.report_nic(machine.machine_id, "eth1", ["fd00::7", "fe80::1:7", "10.20.0.7"])
     found = await provider.find(machine.host_id or "")
     assert found is not None and found.addresses == (v4, "10.20.0.7", global_v6, "fd00::7")
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+
+async def test_a_marker_in_another_case_is_found_by_the_engine_but_not_owned(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    foreign = other.vms_service().add(types.Vm(
+        name=f"shout-{host_id[:8]}", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
+        comment=marker(host_id).upper()))
+    # the engine's search ignores case by default: the provider's own query returns this VM...
+    assert [vm.id for vm in other.vms_service().list(search=f"comment=*{host_id}")] == [foreign.id]
+    # ...and the provider decides on the exact marker
+    assert await provider.find(host_id) is None
+    assert foreign.id not in {m.machine_id for m in await provider.list_owned()}
+    await provider.destroy(host_id)
+    assert other.vms_service().vm_service(foreign.id).get().status is types.VmStatus.DOWN
+
+
+async def test_of_two_vms_with_one_marker_the_oldest_is_used_whatever_the_engines_order(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    older = marked_vm(other, host_id, name=f"zz-{host_id[:8]}")
+    newer = marked_vm(other, host_id, name=f"aa-{host_id[:8]}")
+    # the engine answers in name order: the newer VM first
+    assert [vm.id for vm in other.vms_service().list(search=f"comment=*{host_id}")] == [newer.id, older.id]
+    found = await provider.find(host_id)
+    assert found is not None and found.machine_id == older.id
+    await provider.destroy(host_id)
+    assert older.id not in server.state.vms and newer.id not in server.state.vms
 
 
 # -- SSO sessions ----------------------------------------------------------------------------------
