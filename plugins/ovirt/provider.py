@@ -73,6 +73,8 @@ _REFUSED_STATUS = re.compile(r"because the VM is in (.+?) status")
 _STARTED_TEXTS = frozenset({"Up", "Powering Up", "Wait for Launch", "Reboot in Progress", "Migrating"})
 #: Statuses (as named there) of a VM whose host does not answer: no action helps until it does.
 _HOST_TROUBLE_TEXTS = frozenset({"Not Responding", "Unknown"})
+#: Statuses (as named there) that end by themselves: a later start can succeed.
+_PASSING_TEXTS = frozenset({"Powering Down", "Saving State", "Restoring State", "Image Locked"})
 
 #: pycurl errors that a retry will not fix: the engine's certificate is not trusted.
 _TLS_CURL_ERRORS = frozenset({51, 58, 60, 77, 83, 90, 91})
@@ -464,13 +466,18 @@ class OVirtProvider(Provider):
                     raise
                 refused = _REFUSED_STATUS.search(str(exc))
                 status = refused.group(1) if refused else None
-                if status in _STARTED_TEXTS:
-                    return  # started by someone else between our read and our call: what we wanted
+                # started by someone else between our read and our call (a run still being
+                # initiated is RunVmValidator.vmDuringInitialization's "VM is running"): what we wanted
+                if status in _STARTED_TEXTS or "VM is running" in str(exc):
+                    return
                 if status in _HOST_TROUBLE_TEXTS:
                     raise RetryableError(
                         f"start VM {vm.id} ({vm.name}): the engine cannot reach its host (VM is {status})",
                         source=self.name,
                     ) from exc
+                if status in _PASSING_TEXTS:
+                    raise RetryableError(f"start VM {vm.id} ({vm.name}): VM is {status}, try again",
+                                         source=self.name) from exc
                 raise
 
         await self._call(f"start VM {vm.id} ({vm.name})", start)

@@ -359,6 +359,20 @@ async def test_a_start_on_a_host_that_does_not_answer_is_retryable(
         await provider.create_or_find(spec)
 
 
+async def test_a_start_refused_in_a_passing_status_is_retryable(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    # someone else stops the VM after starting it, between the provider's read and its start
+    server.state.before("start", lambda state, vm_id: state.set_status(
+        vm_id, types.VmStatus.POWERING_DOWN, then=[(0.2, types.VmStatus.DOWN)]))
+    with pytest.raises(RetryableError, match="Powering Down"):
+        await provider.create_or_find(spec)
+    machine = await provider.create_or_find(spec)  # the retry: settled down, started
+    assert (await provider.wait_ready(machine, 10.0)).addresses
+
+
 async def test_destroy_of_a_vm_in_status_unknown_is_retryable_then_succeeds(
     inproc: tuple[OVirtSimServer, OVirtProvider, Any],
 ) -> None:
