@@ -16,6 +16,7 @@ import urllib.parse
 import urllib.request
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import ovirtsdk4
@@ -23,7 +24,8 @@ import pytest
 from ovirtsdk4 import reader, types
 
 from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed, expire_tokens
-from tests.fixtures.ovirt import OVirtEngine
+from lab.vcsim import TLSFiles
+from tests.fixtures.ovirt import OVirtEngine, launch_ovirt_sim
 
 pytestmark = pytest.mark.integration
 
@@ -516,6 +518,28 @@ def test_tokens_expire_and_the_sdk_logs_in_again() -> None:
         with pytest.raises(ovirtsdk4.AuthError):
             system.get()
         connection.close(logout=False)
+
+
+def test_the_process_takes_a_token_idle_timeout(tmp_path: Path, ovirt_tls: TLSFiles) -> None:
+    engine = launch_ovirt_sim(tmp_path, ovirt_tls, "ovirt-sim-idle", ("--token-idle-timeout", "0.5"))
+    try:
+        status, _, body = raw(engine, "POST", "/ovirt-engine/sso/oauth/token", form={
+            "grant_type": "password", "scope": "ovirt-app-api", "username": engine.username,
+            "password": engine.password})
+        assert status == 200
+        token = json.loads(body)["access_token"]
+        assert raw(engine, "GET", "/ovirt-engine/api", token=token)[0] == 200
+        time.sleep(0.8)
+        assert raw(engine, "GET", "/ovirt-engine/api", token=token)[0] == 401
+        connection = engine.connection()
+        try:
+            connection.system_service().get()
+            time.sleep(0.8)
+            assert connection.system_service().get().product_info.name == "oVirt Engine"  # logged in again
+        finally:
+            connection.close()
+    finally:
+        engine.stop()
 
 
 def test_memory_validation(conn: Any) -> None:
