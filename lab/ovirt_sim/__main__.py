@@ -25,6 +25,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--tls-key", default=None, help="PEM key of --tls-cert")
     parser.add_argument("--time-unit", type=float, default=1.0,
                         help="seconds one step of a status transition takes (tests use ~0.05)")
+    parser.add_argument("--token-idle-timeout", type=float, default=None,
+                        help="seconds after which an unused SSO token expires (default: never)")
     args = parser.parse_args(argv)
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
@@ -35,7 +37,7 @@ async def serve(args: argparse.Namespace) -> None:
     """Listen, announce the URL on stdout, and serve until told to stop."""
     seed = load_seed(args.seed)
     state = EngineState(seed, Timing.scaled(args.time_unit))
-    app = create_app(seed, args.username, args.password, state=state)
+    app = create_app(seed, args.username, args.password, state=state, token_idle_timeout=args.token_idle_timeout)
     runner, url = await start_site(app, args.host, args.port, ssl_context(args.tls_cert, args.tls_key))
     print(f"LISTENING {url}", flush=True)
     stop = asyncio.Event()

@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import binascii
 import secrets
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -84,8 +85,26 @@ async def sso_token(request: web.Request) -> web.Response:
         return error("access_denied", f"Cannot authenticate user '{username}': The username or password is incorrect..")
     token = secrets.token_urlsafe(48)
     auth["tokens"][token] = username
+    auth["last_use"][token] = time.monotonic()
     auth["issued"] += 1
-    return sso_json({"access_token": token, "scope": scope, "exp": "-1", "token_type": "bearer"})
+    # OAuthTokenServlet: "exp" is the session's validTo, Long.MAX_VALUE for a password grant
+    # (SsoService: no valid_to in the auth record); the token ends by idling instead
+    return sso_json({"access_token": token, "scope": scope, "exp": str(2**63 - 1), "token_type": "bearer"})
+
+
+def expire_tokens(app: web.Application) -> list[str]:
+    """End every SSO session now, as the engine's token cleanup does with idle ones; return the tokens."""
+    auth = app[AUTH_KEY]
+    expired = list(auth["tokens"])
+    for token in expired:
+        _expire(auth, token)
+    return expired
+
+
+def _expire(auth: dict[str, Any], token: str) -> None:
+    auth["tokens"].pop(token, None)
+    auth["last_use"].pop(token, None)
+    auth["expired"].append(token)
 
 
 async def sso_revoke(request: web.Request) -> web.Response:
@@ -94,6 +113,7 @@ async def sso_revoke(request: web.Request) -> web.Response:
     form = await request.post()
     token = str(form.get("token") or request.query.get("token") or "")
     if auth["tokens"].pop(token, None) is not None:
+        auth["last_use"].pop(token, None)
         auth["revoked"].append(token)
     return sso_json({})
 
@@ -103,7 +123,18 @@ def _authenticated(request: web.Request) -> bool:
     header = request.headers.get("Authorization", "")
     scheme, _, credentials = header.partition(" ")
     if scheme.lower() == "bearer":
-        return credentials.strip() in auth["tokens"]
+        token = credentials.strip()
+        if token not in auth["tokens"]:
+            return False
+        # TokenCleanupService.cleanupExpiredTokens: a session unused for SSO_TOKEN_TIMEOUT is
+        # removed, and the API answers its token with 401 (ovirtsdk4 then logs in again)
+        now = time.monotonic()
+        timeout = auth["idle_timeout"]
+        if timeout is not None and now - auth["last_use"].get(token, now) > timeout:
+            _expire(auth, token)
+            return False
+        auth["last_use"][token] = now
+        return True
     if scheme.lower() == "basic":
         try:
             user, _, password = base64.b64decode(credentials.strip()).decode().partition(":")
@@ -213,22 +244,25 @@ def vm_view(state: EngineState, vm: Vm, all_content: bool = False) -> types.Vm:
 
 
 def reported_devices(state: EngineState, vm: Vm) -> list[types.ReportedDevice]:
-    """What the guest agent reports: one network device with the guest's address, once it runs."""
-    address, _ = state.guest_report(vm)
-    if address is None:
-        return []
-    device_id = str(uuid.uuid5(uuid.UUID(vm.id), vm.mac))
-    return [
-        linked(types.ReportedDevice(
+    """What the guest agent reports: its network devices and every address on them, once it runs."""
+    devices = []
+    for nic in state.guest_nics(vm):
+        device_id = str(uuid.uuid5(uuid.UUID(vm.id), nic.mac))
+        ips = [
+            types.Ip(address=address,
+                     version=types.IpVersion.V6 if ":" in address else types.IpVersion.V4)
+            for address in nic.addresses
+        ]
+        devices.append(linked(types.ReportedDevice(
             id=device_id,
-            name="eth0",
+            name=nic.name,
             description="guest reported data",
             type=types.ReportedDeviceType.NETWORK,
-            mac=types.Mac(address=vm.mac),
-            ips=[types.Ip(address=address, version=types.IpVersion.V4)],
+            mac=types.Mac(address=nic.mac),
+            ips=ips,
             vm=linked(types.Vm(id=vm.id), f"{API}/vms/{vm.id}"),
-        ), f"{API}/vms/{vm.id}/reporteddevices/{device_id}")
-    ]
+        ), f"{API}/vms/{vm.id}/reporteddevices/{device_id}"))
+    return devices
 
 
 # -- search -------------------------------------------------------------------------------------
@@ -259,16 +293,33 @@ _CLUSTER_FIELDS: dict[str, Callable[[Any], str | None]] = {
 }
 
 
+def _boolean_parameter(request: web.Request, name: str, *, empty: bool, missing: bool) -> bool:
+    """A boolean query parameter the way ParametersHelper.getBooleanParameter reads it."""
+    text = request.query.get(name)
+    if text is None:
+        return missing
+    if text == "":
+        return empty
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return missing  # not a boolean: ignored (logged by the engine)
+
+
+def _integer_parameter(request: web.Request, name: str) -> int | None:
+    """An integer query parameter as ParametersHelper.getIntegerParameter reads it: junk is ignored."""
+    try:
+        return int(request.query[name])
+    except (KeyError, ValueError):
+        return None
+
+
 def _search(request: web.Request, items: list[Any], fields: dict[str, Callable[[Any], str | None]]) -> list[Any]:
-    query = search.parse(request.query.get("search", ""), set(fields))
-    case_sensitive = request.query.get("case_sensitive", "true").lower() != "false"
-    found = search.select(items, query, fields, case_sensitive=case_sensitive)
-    if "max" in request.query:
-        try:
-            found = found[: max(int(request.query["max"]), 0)]
-        except ValueError:
-            raise EngineFault(400, "Operation Failed", f"Invalid value '{request.query['max']}' for 'max'") from None
-    return found
+    parsed = search.parse_search(request.query.get("search", ""), set(fields))
+    # AbstractBackendCollectionResource.getSearchParameters: case_sensitive defaults to false
+    case_sensitive = _boolean_parameter(request, "case_sensitive", empty=True, missing=False)
+    found = search.select(items, parsed.query, fields, case_sensitive=case_sensitive)
+    max_count = _integer_parameter(request, "max")
+    return search.order_and_page(found, parsed, fields, max(max_count, 0) if max_count is not None else None)
 
 
 # -- handlers -------------------------------------------------------------------------------------
@@ -399,15 +450,20 @@ async def list_reported_devices(request: web.Request) -> web.Response:
     return xml_response(reported_devices(state, vm), root="reported_devices")
 
 
-def create_app(seed: dict[str, Any], username: str, password: str, *, state: EngineState | None = None) -> web.Application:
+def create_app(seed: dict[str, Any], username: str, password: str, *, state: EngineState | None = None,
+               token_idle_timeout: float | None = None) -> web.Application:
     """The simulator as an aiohttp application (run it with ``web.AppRunner`` or a TestServer).
 
     ``app[AUTH_KEY]`` holds the live tokens (``tokens``), how many were issued and which were
-    revoked: tests look there to see that a client logged out.
+    revoked or expired: tests look there to see that a client logged out or in again. A token
+    unused for ``token_idle_timeout`` seconds expires (the engine's SSO_TOKEN_TIMEOUT in
+    ovirt-engine.conf, 360000 s by default there; never here unless given); :func:`expire_tokens`
+    expires them all at once.
     """
     app = web.Application(middlewares=[engine_middleware])
     app[STATE_KEY] = state or EngineState(seed)
-    app[AUTH_KEY] = {"username": username, "password": password, "tokens": {}, "issued": 0, "revoked": []}
+    app[AUTH_KEY] = {"username": username, "password": password, "tokens": {}, "issued": 0, "revoked": [],
+                     "expired": [], "last_use": {}, "idle_timeout": token_idle_timeout}
     app.router.add_post("/ovirt-engine/sso/oauth/token", sso_token)
     app.router.add_post("/ovirt-engine/sso/oauth/revoke", sso_revoke)
     app.router.add_post("/ovirt-engine/services/sso-logout", sso_revoke)
@@ -426,4 +482,4 @@ def create_app(seed: dict[str, Any], username: str, password: str, *, state: Eng
     return app
 
 
-__all__ = ["API", "AUTH_KEY", "STATE_KEY", "create_app", "MIB"]
+__all__ = ["API", "AUTH_KEY", "STATE_KEY", "create_app", "expire_tokens", "MIB"]

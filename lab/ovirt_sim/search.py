@@ -4,9 +4,16 @@ The REST API passes the ``search`` query parameter to the engine's search backen
 language as the search bar of the Administration Portal, without the ``Vms:`` prefix). What is
 understood here: ``field=value`` and ``field!=value`` conditions joined by ``and`` / ``or``
 (``and`` binds tighter; a space between two conditions means ``and``), values quoted with ``"``
-or bare, ``*`` as wildcard anywhere in the value. As in the engine, string comparisons are
-``LIKE``; they ignore case only with ``case_sensitive=false`` (the API's documented default is
-``true``).
+or bare, ``*`` as wildcard anywhere in the value; then ``sortby FIELD [asc|desc]`` and
+``page N`` (SyntaxChecker's SORTBY, SORT_DIRECTION and PAGE states, in that order, keywords in
+any case). String comparisons ignore case unless the request says ``case_sensitive=true``:
+AbstractBackendCollectionResource.getSearchParameters reads the parameter with a default of
+``false`` (the engine's ``ILIKE``).
+
+Results are always sorted: by the ``sortby`` field, then by name (SyntaxChecker.generateQueryFromSyntaxContainer
+adds the object's default sort, ``vm_name ASC`` for VMs, as a secondary order); ``desc`` puts
+missing values last. A page is ``max`` results long (getPagePhrase: rows (N-1)*max+1 to N*max),
+so without ``max`` there is only page 1.
 """
 
 from __future__ import annotations
@@ -48,9 +55,45 @@ class Condition:
 #: A parsed query: a disjunction of conjunctions.
 Query = list[list[Condition]]
 
+#: The trailing ``sortby FIELD [asc|desc]`` and ``page N`` parts.
+_TAIL = re.compile(
+    r"""(?ix)(?:^|\s+)
+        (?:sortby\s+(?P<sort>[A-Za-z_][A-Za-z0-9_.]*)(?:\s+(?P<direction>asc|desc))?)?
+        \s*(?:page\s+(?P<page>\S+))?\s*$""",
+)
+
+
+@dataclass(frozen=True)
+class Search:
+    """A whole search: the conditions, the order and the page."""
+
+    query: Query
+    sort: str | None = None
+    descending: bool = False
+    page: int = 1
+
+
+def parse_search(text: str, fields: set[str]) -> Search:
+    """Parse ``text`` with its ``sortby`` and ``page`` parts."""
+    text = text.strip()
+    tail = _TAIL.search(text)
+    sort, descending, page = None, False, 1
+    if tail is not None and tail.group(0).strip():
+        if tail.group("sort") is not None:
+            sort = tail.group("sort").lower()
+            if sort not in fields:
+                raise SearchSyntaxError(f"invalid sort field {tail.group('sort')!r}")
+            descending = (tail.group("direction") or "").lower() == "desc"
+        if tail.group("page") is not None:
+            if not tail.group("page").isdigit() or int(tail.group("page")) < 1:
+                raise SearchSyntaxError(f"invalid page number {tail.group('page')!r}")
+            page = int(tail.group("page"))
+        text = text[: tail.start()]
+    return Search(parse(text, fields), sort, descending, page)
+
 
 def parse(text: str, fields: set[str]) -> Query:
-    """Parse ``text``; ``fields`` are the (lower-case) field names the object type has."""
+    """Parse the conditions in ``text``; ``fields`` are the (lower-case) field names the object type has."""
     groups: Query = [[]]
     position = 0
     expect_condition = True
@@ -93,3 +136,28 @@ def select(
         for item in items
         if any(all(c.matches(getters[c.field](item), case_sensitive) for c in group) for group in query)
     ]
+
+
+def order_and_page(
+    items: list[Any],
+    search: Search,
+    getters: Mapping[str, Callable[[Any], str | None]],
+    max_count: int | None,
+) -> list[Any]:
+    """The matching items in the engine's order, and the requested page of ``max_count`` of them."""
+
+    def text_key(value: str | None) -> tuple[str, str]:
+        # PostgreSQL's collation orders letters before case: "b" between "A" and "C"
+        return (value.casefold(), value) if value is not None else ("", "")
+
+    ordered = sorted(items, key=lambda item: text_key(getters["name"](item)))
+    if search.sort is not None:
+        present = [item for item in ordered if getters[search.sort](item) is not None]
+        missing = [item for item in ordered if getters[search.sort](item) is None]
+        present.sort(key=lambda item: text_key(getters[search.sort](item)), reverse=search.descending)
+        # ASC NULLS FIRST, DESC NULLS LAST
+        ordered = present + missing if search.descending else missing + present
+    if max_count is None:
+        return ordered if search.page == 1 else []
+    start = (search.page - 1) * max_count
+    return ordered[start:start + max_count]

@@ -39,9 +39,10 @@ class OVirtSimServer:
     """The simulator in a background thread of this process (for tests that want its state)."""
 
     def __init__(self, seed: dict[str, Any], username: str, password: str, *, host: str = "127.0.0.1",
-                 port: int = 0, timing: Timing | None = None, tls: ssl.SSLContext | None = None) -> None:
+                 port: int = 0, timing: Timing | None = None, tls: ssl.SSLContext | None = None,
+                 token_idle_timeout: float | None = None) -> None:
         self.state = EngineState(seed, timing)
-        self.app = create_app(seed, username, password, state=self.state)
+        self.app = create_app(seed, username, password, state=self.state, token_idle_timeout=token_idle_timeout)
         self._host, self._port, self._tls = host, port, tls
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="ovirt-sim", daemon=True)

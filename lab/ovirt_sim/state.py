@@ -24,8 +24,9 @@ from ovirtsdk4 import types
 BLANK_TEMPLATE_ID = "00000000-0000-0000-0000-000000000000"
 MIB = 1024 * 1024
 
-#: Statuses in which a VM "is running" for the engine's validations.
-RUNNING = frozenset(
+#: Statuses a stop or shutdown applies to (StopVmCommandBase.validate: ``isRunning()``, or Paused,
+#: NotResponding, Suspended); Down is no error but "already in the requested status".
+STOPPABLE = frozenset(
     {
         types.VmStatus.UP,
         types.VmStatus.POWERING_UP,
@@ -35,10 +36,40 @@ RUNNING = frozenset(
         types.VmStatus.MIGRATING,
         types.VmStatus.NOT_RESPONDING,
         types.VmStatus.PAUSED,
-        types.VmStatus.SAVING_STATE,
-        types.VmStatus.RESTORING_STATE,
+        types.VmStatus.SUSPENDED,
     }
 )
+
+#: Statuses a run starts from (RunVmValidator.canRunVm: ActionUtils' status matrix forbids RunVm
+#: in every other status; Paused resumes, Suspended restores).
+STARTABLE = frozenset({types.VmStatus.DOWN, types.VmStatus.PAUSED, types.VmStatus.SUSPENDED})
+
+#: Statuses a remove accepts (RemoveVmCommand.validate, which also takes ImageIllegal: the API has
+#: no such status; ImageLocked is refused earlier, as locked).
+REMOVABLE = frozenset({types.VmStatus.DOWN, types.VmStatus.UNASSIGNED})
+
+#: How the engine names a status in its messages (LocalizedVmStatus, VAR__VM_STATUS__* in
+#: AppErrors.properties).
+STATUS_TEXT = {
+    types.VmStatus.UNASSIGNED: "Unassigned",
+    types.VmStatus.DOWN: "Down",
+    types.VmStatus.UP: "Up",
+    types.VmStatus.POWERING_UP: "Powering Up",
+    types.VmStatus.PAUSED: "Paused",
+    types.VmStatus.MIGRATING: "Migrating",
+    types.VmStatus.UNKNOWN: "Unknown",
+    types.VmStatus.NOT_RESPONDING: "Not Responding",
+    types.VmStatus.WAIT_FOR_LAUNCH: "Wait for Launch",
+    types.VmStatus.REBOOT_IN_PROGRESS: "Reboot in Progress",
+    types.VmStatus.SAVING_STATE: "Saving State",
+    types.VmStatus.RESTORING_STATE: "Restoring State",
+    types.VmStatus.SUSPENDED: "Suspended",
+    types.VmStatus.IMAGE_LOCKED: "Image Locked",
+    types.VmStatus.POWERING_DOWN: "Powering Down",
+}
+
+#: A test's hook, run before the engine handles an action on a VM: ``hook(state, vm_id)``.
+Hook = Callable[["EngineState", str], None]
 
 
 class EngineFault(Exception):
@@ -133,6 +164,16 @@ class Vm:
     address: str | None = None
     fqdn: str | None = None
     removing: bool = False
+    #: further network devices the guest reports (name, MAC, addresses), from a test
+    extra_nics: list[GuestNic] = field(default_factory=list)
+
+
+@dataclass
+class GuestNic:
+    """A network device as the guest agent reports it."""
+    name: str
+    mac: str
+    addresses: list[str]
 
 
 @dataclass
@@ -143,6 +184,9 @@ class Timing:
     wait_for_launch: float = 0.5
     powering_up: float = 2.0
     guest_agent: float = 1.0
+    #: after the agent's first report (the IPv6 link-local address, there as soon as the link
+    #: is), until the IPv4 address (static, or a DHCP lease) is reported too
+    address: float = 1.0
     stop: float = 0.5
     shutdown: float = 2.0
     remove: float = 1.0
@@ -155,6 +199,7 @@ class Timing:
             wait_for_launch=unit,
             powering_up=2 * unit,
             guest_agent=unit,
+            address=unit,
             stop=unit,
             shutdown=3 * unit,
             remove=unit,
@@ -172,6 +217,13 @@ class EngineState:
         self.clusters: dict[str, Cluster] = {}
         self.templates: dict[str, Template] = {}
         self.vms: dict[str, Vm] = {}
+        #: one-shot hooks per action ("start", "stop", "shutdown", "remove"), see :meth:`before`
+        self._hooks: dict[str, list[Hook]] = {}
+        #: VMs whose next launch fails on every host, see :meth:`fail_next_launch`
+        self._failing_launches: set[str] = set()
+        #: where the guests' global IPv6 addresses come from (SLAAC: the prefix and the MAC's EUI-64),
+        #: when the seed has one
+        self.ipv6_network = ipaddress.IPv6Network(seed["ipv6_network"]) if seed.get("ipv6_network") else None
         network = ipaddress.ip_network(seed.get("dhcp_network", "192.0.2.0/24"))
         self._dhcp: Iterator[ipaddress.IPv4Address | ipaddress.IPv6Address] = itertools.islice(
             network.hosts(), 10, None
@@ -343,16 +395,33 @@ class EngineState:
         return vm
 
     def start_vm(self, vm_id: str, action: types.Action) -> Vm:
-        """``POST /vms/{id}/start`` (run, or "run once" when the action carries a VM)."""
+        """``POST /vms/{id}/start`` (run, or "run once" when the action carries a VM).
+
+        BackendVmResource.start looks the VM up only for a run once (createRunVmOnceParams:
+        an unknown id is a bare 404); a plain run goes straight to RunVmCommand, whose
+        validation answers 400 ``Cannot run VM. VM is not found.``
+        """
+        self.advance()
+        self._run_hook("start", vm_id)
+        if vm_id not in self.vms and action.vm is None:
+            raise operation_failed("Cannot run VM. VM is not found.", 400)
         vm = self.vm(vm_id)
         self._not_locked(vm, "run")
-        if vm.status in RUNNING and vm.status is not types.VmStatus.PAUSED:
-            raise operation_failed("Cannot run VM. VM is running.")
+        if vm.status not in STARTABLE:
+            # RunVmValidator.validateVmStatusUsingMatrix: ACTION_TYPE_FAILED_VM_STATUS_ILLEGAL
+            # (CONFLICT), checked before vmDuringInitialization's "VM is running"
+            raise operation_failed(f"Cannot run VM because the VM is in {STATUS_TEXT[vm.status]} status.")
         use_cloud_init = bool(action.use_cloud_init) or bool(action.use_initialization)
         initialization = action.vm.initialization if action.vm is not None else None
         vm.run_once_initialization = (initialization or vm.initialization) if use_cloud_init else None
         if vm.status is types.VmStatus.PAUSED:
             self._plan(vm, [(0, types.VmStatus.UP)])
+        elif vm.id in self._failing_launches:
+            # the action succeeded, but the VM fails on every host it is tried on (RunVmCommand
+            # .rerun until no host is left): wait_for_launch, then down again
+            self._failing_launches.discard(vm.id)
+            vm.status = types.VmStatus.WAIT_FOR_LAUNCH
+            self._plan(vm, [(self.timing.wait_for_launch, types.VmStatus.DOWN)])
         else:
             vm.status = types.VmStatus.WAIT_FOR_LAUNCH
             self._plan(vm, [(self.timing.wait_for_launch, types.VmStatus.POWERING_UP),
@@ -360,28 +429,90 @@ class EngineState:
         return vm
 
     def stop_vm(self, vm_id: str, graceful: bool) -> Vm:
-        """``POST /vms/{id}/stop`` (power off) or ``/shutdown`` (ACPI, through the guest)."""
-        vm = self.vm(vm_id)
+        """``POST /vms/{id}/stop`` (power off) or ``/shutdown`` (ACPI, through the guest).
+
+        BackendVmResource.stop/shutdown run the command without looking the VM up first, so an
+        unknown (or just removed) VM is the command's own validation failure: 400 (EngineMessage
+        ACTION_TYPE_FAILED_VM_NOT_FOUND is BAD_PARAMETERS, ErrorMessageHelper.getStatus), not 404.
+        A VM that is already down is no failure at all: StopVmCommandBase.shouldSkipCommandExecution
+        skips validation and execution and the action succeeds (audit VM_ALREADY_IN_REQUESTED_STATUS).
+        """
         action = "shutdown" if graceful else "stop"
+        self.advance()
+        self._run_hook(action, vm_id)
+        vm = self.vms.get(vm_id)
+        if vm is None:
+            raise operation_failed(f"Cannot {action} VM. VM is not found.", 400)
         self._not_locked(vm, action)
         if vm.status is types.VmStatus.DOWN:
+            return vm
+        if vm.status not in STOPPABLE:
+            # StopVmCommandBase.validate: Unknown, ImageIllegal, Unassigned... are "not running"
             raise operation_failed(f"Cannot {action} VM. VM is not running.")
-        if graceful and vm.status is not types.VmStatus.UP:
-            raise operation_failed(f"Cannot {action} VM. VM is not running.")
+        # ShutdownVmCommand.perform: only an Up VM is shut down through the guest; any other
+        # status it stops instead (StopVmTypeEnum.CANNOT_SHUTDOWN), and the action succeeds
+        graceful = graceful and vm.status is types.VmStatus.UP
         vm.status = types.VmStatus.POWERING_DOWN
         delay = self.timing.shutdown if graceful else self.timing.stop
         self._plan(vm, [(delay, types.VmStatus.DOWN)])
         return vm
 
     def remove_vm(self, vm_id: str) -> None:
-        """``DELETE /vms/{id}``: refused while running; the disks go first (image_locked), then the VM."""
+        """``DELETE /vms/{id}``: refused while running; the disks go first (image_locked), then the VM.
+
+        BackendVmResource.remove looks the VM up first (``get()``: an unknown id is a bare 404);
+        a VM removed between that lookup and RemoveVmCommand.validate is the command's 400
+        ``Cannot remove VM. VM is not found.`` (hooks run in between, to make that race).
+        """
         vm = self.vm(vm_id)
+        self._run_hook("remove", vm_id)
+        if self.vms.get(vm_id) is not vm:
+            raise operation_failed("Cannot remove VM. VM is not found.", 400)
         self._not_locked(vm, "remove")
-        if vm.status in RUNNING:
+        if vm.status is types.VmStatus.SUSPENDED:
+            raise operation_failed("Cannot remove VM that its state is not down.\n-Please stop the VM first.")
+        if vm.status not in REMOVABLE:
+            # RemoveVmCommand.validate: every status but Down, Unassigned (and ImageIllegal, and
+            # Suspended, above) is "running", Unknown and Not Responding included
             raise operation_failed("Cannot remove VM. VM is running.")
         vm.removing = True
         vm.status = types.VmStatus.IMAGE_LOCKED
         self._plan(vm, [(self.timing.remove, None)])
+
+    # -- what tests make happen -----------------------------------------------------------------
+
+    def before(self, action: str, hook: Hook) -> None:
+        """Run ``hook(state, vm_id)`` once, just before the engine handles the next ``action``.
+
+        This is how tests make the races a real engine has: another client removing or starting
+        the VM between the provider's read and its action.
+        """
+        self._hooks.setdefault(action, []).append(hook)
+
+    def _run_hook(self, action: str, vm_id: str) -> None:
+        hooks = self._hooks.get(action)
+        if hooks:
+            hooks.pop(0)(self, vm_id)
+
+    def set_status(self, vm_id: str, status: types.VmStatus,
+                   then: list[tuple[float, types.VmStatus | None]] | None = None) -> None:
+        """Put the VM in ``status`` now, as its host reports it, then follow ``then`` (delay, status).
+
+        The statuses no request makes: ``not_responding`` and ``unknown`` (the host stopped
+        answering), ``paused`` (an I/O error), ``migrating``, or ``down`` under a running VM.
+        """
+        vm = self.vm(vm_id)
+        self._enter(vm, status)
+        self._plan(vm, then or [])
+
+    def fail_next_launch(self, vm_id: str) -> None:
+        """The VM's next start is accepted, but the VM cannot run anywhere and falls back to down."""
+        self.vm(vm_id)
+        self._failing_launches.add(vm_id)
+
+    def forget(self, vm_id: str) -> None:
+        """The VM is gone at once, as if another client had removed it (disks and all)."""
+        self.vms.pop(vm_id, None)
 
     def _not_locked(self, vm: Vm, action: str) -> None:
         if vm.status is types.VmStatus.IMAGE_LOCKED:
@@ -390,8 +521,10 @@ class EngineState:
     # -- what the guest agent reports ---------------------------------------------------------
 
     def guest_report(self, vm: Vm) -> tuple[str | None, str | None]:
-        """The guest's address and FQDN once its agent reports (static from cloud-init, else DHCP)."""
-        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None or self.clock() < vm.guest_reports_at:
+        """The guest's IPv4 address and FQDN once its agent reports them (static from cloud-init, else DHCP)."""
+        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None:
+            return None, None
+        if self.clock() < vm.guest_reports_at + self.timing.address:
             return None, None
         if vm.address is None:
             init = vm.run_once_initialization
@@ -405,3 +538,34 @@ class EngineState:
             host_name = init.host_name if init is not None and init.host_name else None
             vm.fqdn = host_name or vm.name
         return vm.address, vm.fqdn
+
+    def guest_nics(self, vm: Vm) -> list[GuestNic]:
+        """The network devices the guest agent reports, with every address on them.
+
+        A real agent reports all of a device's addresses, IPv6 ones included: the link-local
+        one first (as soon as the link is up), then the IPv4 address, and a global IPv6 one
+        where the network has a prefix; and every other device the guest has.
+        """
+        if vm.status is not types.VmStatus.UP or vm.guest_reports_at is None or self.clock() < vm.guest_reports_at:
+            return []
+        interface_id = _eui64(vm.mac)
+        addresses = [str(ipaddress.IPv6Address((0xFE80 << 112) | interface_id))]
+        address, _ = self.guest_report(vm)
+        if address is not None:
+            addresses.insert(0, address)
+            if self.ipv6_network is not None:
+                addresses.insert(1, str(self.ipv6_network.network_address + interface_id))
+        return [GuestNic("eth0", vm.mac, addresses), *vm.extra_nics]
+
+    def report_nic(self, vm_id: str, name: str, addresses: list[str]) -> None:
+        """The guest reports one more network device (a second NIC, a bridge...) with these addresses."""
+        vm = self.vm(vm_id)
+        n = len(vm.extra_nics) + 1
+        vm.extra_nics.append(GuestNic(name, f"{vm.mac[:-2]}{(int(vm.mac[-2:], 16) + 0x80 + n) & 0xFF:02x}", addresses))
+
+
+def _eui64(mac: str) -> int:
+    """The modified EUI-64 interface identifier of a MAC address (RFC 4291, appendix A)."""
+    octets = bytes.fromhex(mac.replace(":", ""))
+    eui = bytes([octets[0] ^ 0x02, *octets[1:3], 0xFF, 0xFE, *octets[3:]])
+    return int.from_bytes(eui, "big")

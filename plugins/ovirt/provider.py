@@ -65,8 +65,29 @@ _STARTABLE = frozenset({_S.DOWN, _S.SUSPENDED, _S.PAUSED})
 #: Statuses that end by themselves; wait for them to pass.
 _TRANSIENT = frozenset({_S.IMAGE_LOCKED, _S.POWERING_DOWN, _S.SAVING_STATE})
 
+#: The engine's refusal to run a VM in a status its action matrix forbids (RunVmValidator
+#: .validateVmStatusUsingMatrix, ACTION_TYPE_FAILED_VM_STATUS_ILLEGAL, 409), naming the status
+#: the way LocalizedVmStatus does.
+_REFUSED_STATUS = re.compile(r"because the VM is in (.+?) status")
+#: Statuses (as named in that refusal) of a VM that someone else has started already.
+_STARTED_TEXTS = frozenset({"Up", "Powering Up", "Wait for Launch", "Reboot in Progress", "Migrating"})
+#: Statuses (as named there) of a VM whose host does not answer: no action helps until it does.
+_HOST_TROUBLE_TEXTS = frozenset({"Not Responding", "Unknown"})
+#: Statuses (as named there) that end by themselves: a later start can succeed.
+_PASSING_TEXTS = frozenset({"Powering Down", "Saving State", "Restoring State", "Image Locked"})
+
 #: pycurl errors that a retry will not fix: the engine's certificate is not trusted.
 _TLS_CURL_ERRORS = frozenset({51, 58, 60, 77, 83, 90, 91})
+
+
+def _vanished(exc: sdk.Error) -> bool:
+    """Whether the engine refused an action because the VM no longer exists.
+
+    Actions the REST layer passes to a command without looking the VM up first (stop, shutdown,
+    start) and a remove that loses the race after the lookup fail the command's validation with
+    ACTION_TYPE_FAILED_VM_NOT_FOUND, a 400 "[Cannot <action> VM. VM is not found.]", not a 404.
+    """
+    return exc.code == 400 and "VM is not found" in str(exc)
 
 
 def marker(host_id: str) -> str:
@@ -319,15 +340,27 @@ class OVirtProvider(Provider):
         return self._machine(final)
 
     async def wait_ready(self, machine: Machine, timeout: float) -> Machine:
-        """Poll until the VM is up and its guest agent reports an address."""
+        """Poll until the VM is up and its guest agent reports an address.
+
+        A VM that falls back to down has failed to launch (the engine tried it on every host it
+        could): that is a RetryableError at once, and the next create_or_find starts it again.
+        Paused (an I/O error), not responding, unknown and migrating are waited out: the engine
+        resumes, reconnects or finishes them by itself.
+        """
         vm = await self._wait_vm(
             machine.machine_id,
-            lambda v: v.status is _S.UP and bool(_addresses(v)),
+            lambda v: v.status is _S.DOWN or (v.status is _S.UP and bool(_addresses(v))),
             timeout,
             f"wait for {machine.name} to be up with an address",
         )
         if vm is None:
             raise RetryableError(f"VM {machine.machine_id} ({machine.name}) no longer exists", source=self.name)
+        if vm.status is _S.DOWN:
+            raise RetryableError(
+                f"VM {machine.machine_id} ({machine.name}) is down again: the engine could not launch it "
+                "(see the engine's events)",
+                source=self.name,
+            )
         return self._machine(vm)
 
     async def destroy(self, host_id: str) -> None:
@@ -427,9 +460,25 @@ class OVirtProvider(Provider):
                 else:
                     service.start(use_cloud_init=True, vm=types.Vm(initialization=initialization))
             except sdk.Error as exc:
-                # started by someone else between our read and our call: that is what we wanted
-                if exc.code != 409 or "VM is running" not in str(exc):
+                if _vanished(exc):
+                    return  # removed meanwhile: the read that follows says so
+                if exc.code != 409:
                     raise
+                refused = _REFUSED_STATUS.search(str(exc))
+                status = refused.group(1) if refused else None
+                # started by someone else between our read and our call (a run still being
+                # initiated is RunVmValidator.vmDuringInitialization's "VM is running"): what we wanted
+                if status in _STARTED_TEXTS or "VM is running" in str(exc):
+                    return
+                if status in _HOST_TROUBLE_TEXTS:
+                    raise RetryableError(
+                        f"start VM {vm.id} ({vm.name}): the engine cannot reach its host (VM is {status})",
+                        source=self.name,
+                    ) from exc
+                if status in _PASSING_TEXTS:
+                    raise RetryableError(f"start VM {vm.id} ({vm.name}): VM is {status}, try again",
+                                         source=self.name) from exc
+                raise
 
         await self._call(f"start VM {vm.id} ({vm.name})", start)
 
@@ -443,6 +492,14 @@ class OVirtProvider(Provider):
             if loop.time() > deadline:
                 raise RetryableError(f"destroy: VM {vm_id} ({vm.name}) still {vm.status.value}", source=self.name)
             remaining = max(deadline - loop.time(), 0.1)
+            if vm.status is _S.UNKNOWN:
+                # its host is unreachable: the engine refuses to stop (StopVmCommandBase.validate)
+                # and to remove it until the host is fenced or answers again
+                raise RetryableError(
+                    f"destroy: VM {vm_id} ({vm.name}) is in status unknown (its host does not answer); "
+                    "it can be stopped once the engine knows its state again",
+                    source=self.name,
+                )
             if vm.status is _S.IMAGE_LOCKED:
                 # being made, or already being removed: wait for either to finish
                 await self._wait_vm(vm_id, lambda v: v.status is not _S.IMAGE_LOCKED, remaining, f"destroy {vm_id}")
@@ -459,11 +516,14 @@ class OVirtProvider(Provider):
 
     @staticmethod
     def _stop_sync(system: Any, vm_id: str) -> None:
+        """Power the VM off; one that is already down, or already gone, needs nothing more."""
         try:
             system.vms_service().vm_service(vm_id).stop()
         except sdk.NotFoundError:
             return
         except sdk.Error as exc:
+            if _vanished(exc):
+                return
             if exc.code != 409 or "VM is not running" not in str(exc):
                 raise
 
@@ -475,6 +535,8 @@ class OVirtProvider(Provider):
         except sdk.NotFoundError:
             return True
         except sdk.Error as exc:
+            if _vanished(exc):
+                return True
             if exc.code == 409 and ("VM is running" in str(exc) or "locked" in str(exc)):
                 return False
             raise

@@ -3,6 +3,7 @@ ovirtsdk4 connection: what exists on the engine, not what the provider says abou
 
 from __future__ import annotations
 
+import ipaddress
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -18,7 +19,7 @@ from governord.models import MachineSpec, NetworkAssignment, PowerState
 from governord.plugins.ovirt import governord_register_providers
 from governord.plugins.ovirt.provider import OVirtProvider, host_id_of, marker
 from governord.providers import ProviderRegistry
-from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed
+from lab.ovirt_sim import AUTH_KEY, OVirtSimServer, Timing, default_seed, expire_tokens
 from lab.vcsim import TLSFiles
 from tests.fixtures.ovirt import OVirtEngine, launch_ovirt_sim
 
@@ -209,6 +210,269 @@ async def test_destroy_stops_a_running_vm_made_outside(
     with pytest.raises(ovirtsdk4.NotFoundError):
         peer.vms_service().vm_service(vm.id).get()
     assert await provider.find(spec.host_id) is None
+
+
+# -- races with other clients and the engine (an in-process engine, whose state the test drives) ----
+
+
+@pytest.fixture
+async def inproc(monkeypatch: pytest.MonkeyPatch) -> AsyncIterator[tuple[OVirtSimServer, OVirtProvider, Any]]:
+    """An engine in this process, a provider on it, and a separate connection (the other side)."""
+    with OVirtSimServer(default_seed(), "governord@internal", "pw", timing=Timing.scaled(0.01)) as server:
+        monkeypatch.setenv(PASSWORD_ENV, "pw")
+        config = OVirtProvider.Config.model_validate({
+            "type": "ovirt", "url": server.url, "username": "governord@internal",
+            "password": {"env": PASSWORD_ENV}, "cluster": "Default", "ready_timeout": 5.0,
+        })
+        instance = OVirtProvider("inproc", config)
+        await instance.start()
+        other = ovirtsdk4.Connection(url=server.url, username="governord@internal", password="pw")
+        try:
+            yield server, instance, other.system_service()
+        finally:
+            other.close()
+            await instance.close()
+
+
+def marked_vm(system: Any, host_id: str, template: str = "Blank", name: str | None = None) -> types.Vm:
+    return system.vms_service().add(types.Vm(
+        name=name or f"race-{uuid.uuid4().hex[:8]}", cluster=types.Cluster(name="Default"),
+        template=types.Template(name=template), comment=marker(host_id)))
+
+
+async def test_destroy_treats_a_vm_removed_before_its_stop_as_gone(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+    raced: list[str] = []
+
+    def removed_by_someone_else(state: Any, vm_id: str) -> None:
+        raced.append(vm_id)
+        state.forget(vm_id)
+
+    # someone removes the VM between the provider's read and its stop: the engine answers 400
+    server.state.before("stop", removed_by_someone_else)
+    await provider.destroy(host_id)
+    assert raced == [vm.id]
+    assert vm.id not in server.state.vms
+    assert await provider.find(host_id) is None
+
+
+async def test_destroy_treats_a_vm_removed_before_its_removal_as_gone(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    raced: list[str] = []
+
+    def removed_by_someone_else(state: Any, vm_id: str) -> None:
+        raced.append(vm_id)
+        state.forget(vm_id)
+
+    server.state.before("remove", removed_by_someone_else)
+    await provider.destroy(host_id)
+    assert raced == [vm.id]
+    assert vm.id not in server.state.vms
+
+
+async def test_destroy_of_a_vm_that_went_down_by_itself(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+
+    # the guest powers itself off just before the stop arrives: the engine skips the stop, no error
+    server.state.before("stop", lambda state, vm_id: state.set_status(vm_id, types.VmStatus.DOWN))
+    await provider.destroy(host_id)
+    assert vm.id not in server.state.vms
+
+
+# -- statuses only the hosts produce ------------------------------------------------------------
+
+
+def dhcp_spec(template: str = "rhel9-template") -> MachineSpec:
+    hostname = f"node-{uuid.uuid4().hex[:8]}"
+    return MachineSpec(host_id=str(uuid.uuid4()), hostname=hostname, fqdn=f"{hostname}.lab.example",
+                       profile={"template": template}, network=NetworkAssignment(domain="lab.example"))
+
+
+async def test_a_launch_that_falls_back_to_down_is_retryable_at_once(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    server.state.before("start", lambda state, vm_id: state.fail_next_launch(vm_id))
+    machine = await provider.create_or_find(spec)
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="could not launch"):
+        await provider.wait_ready(machine, 10.0)
+    assert time.monotonic() - started < 3.0, "the provider waited for a VM that was down again"
+    assert other.vms_service().vm_service(machine.machine_id).get().status is types.VmStatus.DOWN
+    # the retry starts the same VM again, and this time it comes up
+    again = await provider.create_or_find(spec)
+    assert again.machine_id == machine.machine_id
+    ready = await provider.wait_ready(again, 10.0)
+    assert ready.addresses and ready.power is PowerState.ON
+
+
+async def test_wait_ready_waits_out_what_the_engine_recovers_from(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    machine = await provider.create_or_find(dhcp_spec())
+    # the host stops answering, the engine finds the VM paused on an I/O error, then resumes it
+    server.state.set_status(machine.machine_id, types.VmStatus.NOT_RESPONDING, then=[
+        (0.2, types.VmStatus.UNKNOWN), (0.2, types.VmStatus.PAUSED), (0.2, types.VmStatus.MIGRATING),
+        (0.2, types.VmStatus.UP)])
+    assert await provider.power_state(machine.machine_id) is PowerState.UNKNOWN
+    ready = await provider.wait_ready(machine, 10.0)
+    assert ready.power is PowerState.ON and ready.addresses
+    assert other.vms_service().vm_service(machine.machine_id).get().status is types.VmStatus.UP
+
+
+async def test_a_start_that_someone_else_made_first_is_no_failure(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    # another client starts the VM between the provider's read and its start: the engine refuses
+    # the second run with its status ("...because the VM is in Wait for Launch status.")
+    server.state.before("start", lambda state, vm_id: state.start_vm(vm_id, types.Action()))
+    machine = await provider.create_or_find(spec)
+    assert machine.power is PowerState.ON
+    assert (await provider.wait_ready(machine, 10.0)).addresses
+
+
+async def test_a_start_on_a_host_that_does_not_answer_is_retryable(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    server.state.before("start", lambda state, vm_id: state.set_status(vm_id, types.VmStatus.NOT_RESPONDING))
+    with pytest.raises(RetryableError, match="Not Responding"):
+        await provider.create_or_find(spec)
+
+
+async def test_a_start_refused_in_a_passing_status_is_retryable(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    spec = dhcp_spec()
+    # someone else stops the VM after starting it, between the provider's read and its start
+    server.state.before("start", lambda state, vm_id: state.set_status(
+        vm_id, types.VmStatus.POWERING_DOWN, then=[(0.2, types.VmStatus.DOWN)]))
+    with pytest.raises(RetryableError, match="Powering Down"):
+        await provider.create_or_find(spec)
+    machine = await provider.create_or_find(spec)  # the retry: settled down, started
+    assert (await provider.wait_ready(machine, 10.0)).addresses
+
+
+async def test_destroy_of_a_vm_in_status_unknown_is_retryable_then_succeeds(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    vm = marked_vm(other, host_id)
+    other.vms_service().vm_service(vm.id).start()
+    server.state.set_status(vm.id, types.VmStatus.UNKNOWN)
+    started = time.monotonic()
+    with pytest.raises(RetryableError, match="status unknown"):
+        await provider.destroy(host_id)
+    assert time.monotonic() - started < 3.0
+    assert other.vms_service().vm_service(vm.id).get().status is types.VmStatus.UNKNOWN
+    # the host answers again and reports the VM not responding: now it can be stopped and removed
+    server.state.set_status(vm.id, types.VmStatus.NOT_RESPONDING)
+    await provider.destroy(host_id)
+    assert vm.id not in server.state.vms
+
+
+async def test_every_reported_address_but_link_local_ones_ipv4_first(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    server.state.ipv6_network = ipaddress.IPv6Network("2001:db8:7::/64")
+    # the guest reports its link-local IPv6 address a while before its IPv4 one: not yet ready
+    server.state.timing.address = 0.5
+    machine = await provider.create_or_find(dhcp_spec())
+    ready = await provider.wait_ready(machine, 10.0)
+    service = other.vms_service().vm_service(machine.machine_id)
+    [eth0] = service.reported_devices_service().list()
+    v4, global_v6, link_local = (ip.address for ip in eth0.ips)
+    assert ipaddress.ip_address(link_local).is_link_local
+    assert ipaddress.ip_address(global_v6) in ipaddress.ip_network("2001:db8:7::/64")
+    assert ready.addresses == (v4, global_v6)
+    # a second device with more addresses: all of them, IPv4 first, link-local ones left out
+    server.state.report_nic(machine.machine_id, "eth1", ["fd00::7", "fe80::1:7", "10.20.0.7"])
+    found = await provider.find(machine.host_id or "")
+    assert found is not None and found.addresses == (v4, "10.20.0.7", global_v6, "fd00::7")
+
+
+# -- search ----------------------------------------------------------------------------------------
+
+
+async def test_a_marker_in_another_case_is_found_by_the_engine_but_not_owned(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    foreign = other.vms_service().add(types.Vm(
+        name=f"shout-{host_id[:8]}", cluster=types.Cluster(name="Default"), template=types.Template(name="Blank"),
+        comment=marker(host_id).upper()))
+    # the engine's search ignores case by default: the provider's own query returns this VM...
+    assert [vm.id for vm in other.vms_service().list(search=f"comment=*{host_id}")] == [foreign.id]
+    # ...and the provider decides on the exact marker
+    assert await provider.find(host_id) is None
+    assert foreign.id not in {m.machine_id for m in await provider.list_owned()}
+    await provider.destroy(host_id)
+    assert other.vms_service().vm_service(foreign.id).get().status is types.VmStatus.DOWN
+
+
+async def test_of_two_vms_with_one_marker_the_oldest_is_used_whatever_the_engines_order(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    host_id = str(uuid.uuid4())
+    older = marked_vm(other, host_id, name=f"zz-{host_id[:8]}")
+    newer = marked_vm(other, host_id, name=f"aa-{host_id[:8]}")
+    # the engine answers in name order: the newer VM first
+    assert [vm.id for vm in other.vms_service().list(search=f"comment=*{host_id}")] == [newer.id, older.id]
+    found = await provider.find(host_id)
+    assert found is not None and found.machine_id == older.id
+    await provider.destroy(host_id)
+    assert older.id not in server.state.vms and newer.id not in server.state.vms
+
+
+# -- SSO sessions ----------------------------------------------------------------------------------
+
+
+async def test_an_expired_token_is_replaced_and_a_refused_login_is_permanent(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+) -> None:
+    server, provider, other = inproc
+    auth = server.app[AUTH_KEY]
+    spec = dhcp_spec()
+    machine = await provider.create_or_find(spec)
+    issued = auth["issued"]
+    expired = expire_tokens(server.app)
+    # the engine forgot the session: ovirtsdk4 logs in again on the 401 and repeats the request
+    found = await provider.find(spec.host_id)
+    assert found is not None and found.machine_id == machine.machine_id
+    assert auth["issued"] == issued + 1
+    assert set(expired) <= set(auth["expired"])
+    expire_tokens(server.app)
+    await provider.destroy(spec.host_id)  # actions (POST, DELETE) are repeated too
+    assert machine.machine_id not in server.state.vms
+    # the session ends and the password was changed meanwhile: no retry will help
+    expire_tokens(server.app)
+    auth["password"] = "rotated"
+    with pytest.raises(PermanentError, match="(?i)username or password"):
+        await provider.find(spec.host_id)
 
 
 # -- errors -----------------------------------------------------------------------------------
