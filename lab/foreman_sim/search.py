@@ -2,8 +2,8 @@
 
 Supported: ``field = value``, ``field != value``, ``field ~ value`` (case-insensitive substring,
 ``*`` as wildcard), ``field !~ value``, ``field ^ (a, b)`` (in), ``<``/``>``/``<=``/``>=`` on
-integer fields, bare words (matched like ``~`` against the resource's default field), quoted
-values, ``and``/``&``/``&&``, ``or``/``|``/``||``, ``not``/``!`` and parentheses. As in
+integer fields, bare words (matched like ``~`` against the resource's default field), values
+in double quotes (a backslash escapes the next character; single quotes are plain characters), ``and``/``&``/``&&``, ``or``/``|``/``||``, ``not``/``!`` and parentheses. As in
 scoped_search, ``and`` binds tighter than ``or`` and adjacent terms are joined by ``and``.
 
 Anything else raises :class:`QueryNotSupported`, which the server turns into the 400 that
@@ -27,12 +27,12 @@ class QueryNotSupported(Exception):
 
 _TOKEN = re.compile(
     r"""\s*(?:
-        (?P<quoted>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
+        (?P<quoted>"(?:[^"\\]|\\.)*(?:"|\Z))
       | (?P<op>!=|!~|!\^|<=|>=|=|~|\^|<|>)
       | (?P<logic>&&|\|\||&|\|)
       | (?P<paren>[(),])
       | (?P<bang>!)
-      | (?P<word>[^\s()=!~^<>&|,"']+)
+      | (?P<word>[^\s()=!~^<>&|,"][^\s()=!~^<>&|,]*)
     )""",
     re.VERBOSE,
 )
@@ -57,7 +57,11 @@ def _tokenise(query: str) -> list[_Tok]:
         assert kind is not None
         text = match.group(kind)
         if kind == "quoted":
-            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+            # ScopedSearch::QueryLanguage::Tokenizer#tokenize_quoted_keyword: only double quotes
+            # quote, a backslash takes the next character as it is (a quote, a backslash), and
+            # a value left open runs to the end of the query
+            body = text[1:-1] if len(text) > 1 and text.endswith('"') and not _escaped_end(text) else text[1:]
+            text = re.sub(r"\\(.)", r"\1", body, flags=re.DOTALL)
             kind = "value"
         elif kind == "word" and text.lower() in {"and", "or", "not"}:
             kind = {"and": "logic", "or": "logic", "not": "bang"}[text.lower()]
@@ -66,6 +70,12 @@ def _tokenise(query: str) -> list[_Tok]:
             text = text[0]
         tokens.append(_Tok(kind, text))
     return tokens
+
+
+def _escaped_end(text: str) -> bool:
+    """Whether the closing quote of a quoted value is itself escaped (an odd run of backslashes)."""
+    run = len(text) - 1 - len(text[:-1].rstrip("\\"))
+    return run % 2 == 1
 
 
 Predicate = Callable[[Any], bool]
