@@ -20,7 +20,7 @@ from apypie import ForemanApi
 from apypie.foreman import ForemanApiException
 
 from lab.foreman_sim import create_app, default_seed
-from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -654,52 +654,29 @@ def test_smart_class_parameter_overrides_as_foreman_validates_them(tmp_path: Pat
 
 # -- edges: search quoting, permissions, Puppet facets, owners, unknown routes --------------------
 
-#: a hostgroup and a location whose names carry what a search value must escape
-ODD_GROUP = 'ops "blue" \\ team'
-ODD_LOCATION = 'Lab "B" \\ annex'
-#: an API user with the host permissions but not foreman_puppet's edit_classes
-KEEPER = {"login": "hostkeeper", "password": "keeper-secret", "firstname": "Host", "lastname": "Keeper",
-          "permissions": ["view_hosts", "create_hosts", "edit_hosts", "destroy_hosts", "view_hostgroups",
-                          "view_puppetclasses", "view_environments", "view_organizations", "view_locations"]}
-
-
-@pytest.fixture(scope="module")
-def edge_sim(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ForemanSim]:
-    """A simulator whose seed has odd names and a user without edit_classes."""
-    seed = default_seed()
-    seed["hostgroups"].append({"name": ODD_GROUP, "parent": "openshift"})
-    seed["locations"].append({"name": ODD_LOCATION})
-    seed["users"] = [KEEPER]
-    sim = launch_foreman_sim(seed, tmp_path_factory.mktemp("edges"), name="foreman-sim-edges")
-    try:
-        yield sim
-    finally:
-        sim.stop()
-
-
 def quoted(value: str) -> str:
     return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
-def test_a_search_value_escapes_quotes_and_backslashes(edge_sim: ForemanSim) -> None:
+def test_a_search_value_escapes_quotes_and_backslashes(foreman_edge_sim: ForemanSim) -> None:
     title = f"openshift/{ODD_GROUP}"
-    found = get(edge_sim, "/api/hostgroups", search=f"title = {quoted(title)}").json()
+    found = get(foreman_edge_sim, "/api/hostgroups", search=f"title = {quoted(title)}").json()
     assert [g["title"] for g in found["results"]] == [title]
     # unescaped, the value ends at its second quote: the rest is other terms, and nothing matches
-    raw = get(edge_sim, "/api/hostgroups", search=f'title = "{title}"')
+    raw = get(foreman_edge_sim, "/api/hostgroups", search=f'title = "{title}"')
     assert raw.status_code == 200 and raw.json()["results"] == []
-    located = get(edge_sim, "/api/locations", search=f"title = {quoted(ODD_LOCATION)}").json()["results"]
+    located = get(foreman_edge_sim, "/api/locations", search=f"title = {quoted(ODD_LOCATION)}").json()["results"]
     assert [loc["title"] for loc in located] == [ODD_LOCATION]
     # single quotes quote nothing in scoped_search: they are part of the value
-    assert get(edge_sim, "/api/hostgroups", search="title = 'openshift'").json()["results"] == []
+    assert get(foreman_edge_sim, "/api/hostgroups", search="title = 'openshift'").json()["results"] == []
     # a value left open runs to the end of the query
-    assert [g["title"] for g in get(edge_sim, "/api/hostgroups", search='title = "openshift').json()["results"]] == ["openshift"]
+    assert [g["title"] for g in get(foreman_edge_sim, "/api/hostgroups", search='title = "openshift').json()["results"]] == ["openshift"]
 
 
-def test_puppetclass_ids_need_edit_classes(edge_sim: ForemanSim) -> None:
+def test_puppetclass_ids_need_edit_classes(foreman_edge_sim: ForemanSim) -> None:
     name = fqdn("perm")
-    host_id = create(edge_sim, {"name": name, "environment_id": 1, "puppetclass_ids": [2]}).json()["id"]
-    base = f"{edge_sim.url}/foreman_puppet/api/hosts/{host_id}/puppetclass_ids"
+    host_id = create(foreman_edge_sim, {"name": name, "environment_id": 1, "puppetclass_ids": [2]}).json()["id"]
+    base = f"{foreman_edge_sim.url}/foreman_puppet/api/hosts/{host_id}/puppetclass_ids"
     keeper = (KEEPER["login"], KEEPER["password"])
     denied = {"error": {"message": "Access denied", "details": "Missing one of the required permissions: edit_classes",
                         "missing_permissions": ["edit_classes"]}}
@@ -708,12 +685,12 @@ def test_puppetclass_ids_need_edit_classes(edge_sim: ForemanSim) -> None:
         requests.post(base, json={"puppetclass_id": 2}, auth=keeper, timeout=10),
         requests.delete(f"{base}/2", auth=keeper, timeout=10),
         # the permission is checked before the host is looked up
-        requests.get(f"{edge_sim.url}/foreman_puppet/api/hosts/999999/puppetclass_ids", auth=keeper, timeout=10),
+        requests.get(f"{foreman_edge_sim.url}/foreman_puppet/api/hosts/999999/puppetclass_ids", auth=keeper, timeout=10),
     ):
         assert (response.status_code, response.json()) == (403, denied)
     # nothing changed, and the user may still read the host and its classes there
-    assert requests.get(base, auth=edge_sim.auth, timeout=10).json() == {"results": [2]}
-    shown = requests.get(f"{edge_sim.url}/api/hosts/{host_id}", auth=keeper, timeout=10)
+    assert requests.get(base, auth=foreman_edge_sim.auth, timeout=10).json() == {"results": [2]}
+    shown = requests.get(f"{foreman_edge_sim.url}/api/hosts/{host_id}", auth=keeper, timeout=10)
     assert shown.status_code == 200 and [c["id"] for c in shown.json()["puppetclasses"]] == [2]
 
 
@@ -736,19 +713,19 @@ def test_a_host_without_a_puppet_facet_has_no_puppet_keys(foreman_sim: ForemanSi
     assert explicit["environment_id"] is None and "puppet" in explicit
 
 
-def test_a_created_host_is_owned_by_the_api_user(edge_sim: ForemanSim) -> None:
-    admin_made = create(edge_sim, {"name": fqdn("own")}).json()
+def test_a_created_host_is_owned_by_the_api_user(foreman_edge_sim: ForemanSim) -> None:
+    admin_made = create(foreman_edge_sim, {"name": fqdn("own")}).json()
     assert (admin_made["owner_type"], admin_made["owner_name"]) == ("User", "Admin User")
     body = {"host": {"name": fqdn("own"), "location_id": 1, "organization_id": 1, "managed": False}}
     keeper = (KEEPER["login"], KEEPER["password"])
-    made = requests.post(edge_sim.url + "/api/hosts", json=body, auth=keeper, timeout=10).json()
+    made = requests.post(foreman_edge_sim.url + "/api/hosts", json=body, auth=keeper, timeout=10).json()
     assert (made["owner_type"], made["owner_name"]) == ("User", "Host Keeper")
     assert made["owner_id"] != admin_made["owner_id"]
     # an update by someone else keeps the owner
-    updated = requests.put(f"{edge_sim.url}/api/hosts/{made['id']}", json={"host": {"comment": "x"}},
-                           auth=edge_sim.auth, timeout=10).json()
+    updated = requests.put(f"{foreman_edge_sim.url}/api/hosts/{made['id']}", json={"host": {"comment": "x"}},
+                           auth=foreman_edge_sim.auth, timeout=10).json()
     assert (updated["owner_id"], updated["owner_name"]) == (made["owner_id"], "Host Keeper")
-    deleted = requests.delete(f"{edge_sim.url}/api/hosts/{made['id']}", auth=edge_sim.auth, timeout=10).json()
+    deleted = requests.delete(f"{foreman_edge_sim.url}/api/hosts/{made['id']}", auth=foreman_edge_sim.auth, timeout=10).json()
     assert (deleted["owner_id"], deleted["owner_type"]) == (made["owner_id"], "User")
 
 

@@ -19,11 +19,11 @@ import requests
 from governord.errors import PermanentError, RetryableError
 from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.foreman import governord_register_registrars
-from governord.plugins.foreman.registrar import ForemanRegistrar
+from governord.plugins.foreman.registrar import AccessDenied, ForemanRegistrar, search_value
 from governord.registrars import RegistrarRegistry
 from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
 from lab.stack import Lab
-from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -518,3 +518,60 @@ def test_provider_id_parameter_is_class_and_parameter() -> None:
     for wrong in ("provider_id", "k8s::Kubelet::x", "k8s::kubelet::", "::x"):
         with pytest.raises(ValueError, match="not CLASS::PARAMETER"):
             ForemanRegistrar.Config.model_validate({**base, "provider_id_parameter": wrong})
+
+
+# -- the real server's edges: quoting, permissions, hosts without Puppet, owners ----------------
+
+
+def test_search_value_escapes_what_scoped_search_reads() -> None:
+    assert search_value("plain") == '"plain"'
+    assert search_value('a "b" \\ c') == '"a \\"b\\" \\\\ c"'
+
+
+async def test_a_hostgroup_and_location_with_quotes_and_backslashes_are_found(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch).model_copy(update={"location": ODD_LOCATION})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    title = f"openshift/{ODD_GROUP}"
+    try:
+        host = make_host()
+        record = await reg.register(host, {"hostgroup": title, "puppet_classes": ["profile::base"], "parameters": {}})
+        seen = read_host(foreman_edge_sim, host.fqdn).json()
+        assert (seen["id"], seen["hostgroup_title"], seen["location_name"]) == (record["id"], title, ODD_LOCATION)
+        assert (await reg.lookup(host) or {})["hostgroup"] == title
+        await reg.deregister(host)
+        assert read_host(foreman_edge_sim, host.fqdn).status_code == 404
+    finally:
+        await reg.close()
+
+
+async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_is_posted(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch, password=str(KEEPER["password"])).model_copy(
+        update={"username": KEEPER["login"]})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    try:
+        host = make_host()
+        with pytest.raises(AccessDenied, match="user hostkeeper lacks the permission edit_classes") as caught:
+            await reg.register(host, classification(reg, "node"))
+        assert caught.value.missing_permissions == ["edit_classes"] and caught.value.http_status == 403
+        assert not caught.value.retryable
+    finally:
+        await reg.close()
+    # the host was made (the user may do that), its classes were never touched
+    seen = read_host(foreman_edge_sim, host.fqdn).json()
+    assert seen["owner_name"] == "Host Keeper"
+    assert read_class_ids(foreman_edge_sim, seen["id"]) == []
+
+
+async def test_a_host_without_puppet_keys_is_read_and_adopted(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    made = create_host(foreman_sim, host.fqdn, "an operator's host")
+    assert "puppet" not in read_host(foreman_sim, host.fqdn).json()
+    assert await registrar.lookup(host) == {"id": made, "name": host.fqdn, "hostgroup": None, "puppet_classes": [],
+                                            "parameters": {}, "comment": "an operator's host"}
+    await registrar.register(host, classification(registrar, "node"))
+    seen = read_host(foreman_sim, host.fqdn).json()
+    assert seen["id"] == made and {c["name"] for c in seen["puppetclasses"]} == {"openshift::node", "profile::base"}
+    assert seen["owner_name"] == "Admin User"  # the operator who made it (here, the same API user)
+    await registrar.deregister(host)
