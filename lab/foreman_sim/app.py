@@ -917,6 +917,8 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
             web.post("/api/hosts", hosts_create),
             web.get("/api/hosts/{id}", hosts_show),
             web.put("/api/hosts/{id}", hosts_update),
+            # Rails' ``resources`` routes PATCH to update as well; check_media_type looks at POST and PUT only
+            web.patch("/api/hosts/{id}", hosts_update),
             web.delete("/api/hosts/{id}", hosts_destroy),
             web.get("/api/hosts/{id}/enc", hosts_enc),
             web.get("/node/{name}", external_nodes),

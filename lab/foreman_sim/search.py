@@ -1,10 +1,14 @@
 """A small scoped_search: the query language of Foreman's ``search=`` parameter.
 
 Supported: ``field = value``, ``field != value``, ``field ~ value`` (case-insensitive substring,
-``*`` as wildcard), ``field !~ value``, ``field ^ (a, b)`` (in), ``<``/``>``/``<=``/``>=`` on
-integer fields, bare words (matched like ``~`` against the resource's default field), values
-in double quotes (a backslash escapes the next character; single quotes are plain characters), ``and``/``&``/``&&``, ``or``/``|``/``||``, ``not``/``!`` and parentheses. As in
-scoped_search, ``and`` binds tighter than ``or`` and adjacent terms are joined by ``and``.
+``*`` as wildcard), ``field !~ value``, ``field ^ (a, b)`` (in), ``==`` and ``<>`` (for ``=``
+and ``!=``), ``<``/``>``/``<=``/``>=`` on integer fields, bare words (matched like ``~`` against
+the resource's default field), values in double quotes (a backslash escapes the next character;
+single quotes are plain characters), ``and``/``&``/``&&``, ``or``/``|``/``||``,
+``not``/``!``/``-`` and parentheses. As in scoped_search, ``and`` binds tighter than ``or`` and
+adjacent terms are joined by ``and``; as its Tokenizer reads them, a bare word runs to a space,
+``=``, ``~``, ``<``, ``>``, ``&``, ``|``, a parenthesis or a comma, so a ``!`` or ``^`` inside
+one is part of it (``name!=x`` names a field ``name!``).
 
 Anything else raises :class:`QueryNotSupported`, which the server turns into the 400 that
 Foreman gives for ``ScopedSearch::QueryNotSupported``.
@@ -28,11 +32,11 @@ class QueryNotSupported(Exception):
 _TOKEN = re.compile(
     r"""\s*(?:
         (?P<quoted>"(?:[^"\\]|\\.)*(?:"|\Z))
-      | (?P<op>!=|!~|!\^|<=|>=|=|~|\^|<|>)
+      | (?P<op>!=|!~|!\^|==|<>|<=|>=|=|~|\^|<|>)
       | (?P<logic>&&|\|\||&|\|)
       | (?P<paren>[(),])
-      | (?P<bang>!)
-      | (?P<word>[^\s()=!~^<>&|,"][^\s()=!~^<>&|,]*)
+      | (?P<bang>[!-])
+      | (?P<word>[^\s()=!~^<>&|,"-][^\s()=~<>&|,]*)
     )""",
     re.VERBOSE,
 )
@@ -68,6 +72,11 @@ def _tokenise(query: str) -> list[_Tok]:
             text = {"and": "&", "or": "|", "not": "!"}[text.lower()]
         elif kind == "logic":
             text = text[0]
+        elif kind == "bang":
+            text = "!"
+        elif kind == "op":
+            # Tokenizer::OPERATORS: == is eq and <> is ne
+            text = {"==": "=", "<>": "!="}.get(text, text)
         tokens.append(_Tok(kind, text))
     return tokens
 

@@ -669,6 +669,11 @@ def test_a_search_value_escapes_quotes_and_backslashes(foreman_edge_sim: Foreman
     assert [loc["title"] for loc in located] == [ODD_LOCATION]
     # single quotes quote nothing in scoped_search: they are part of the value
     assert get(foreman_edge_sim, "/api/hostgroups", search="title = 'openshift'").json()["results"] == []
+    # == and <> are = and !=; - is not; a ! inside a bare word is part of it
+    titles = lambda search: [g["title"] for g in get(foreman_edge_sim, "/api/hostgroups", search=search).json()["results"]]  # noqa: E731
+    assert titles("title == openshift") == titles("-title <> openshift") == ["openshift"]
+    odd_field = get(foreman_edge_sim, "/api/hostgroups", search="title!=openshift")
+    assert odd_field.status_code == 400 and "'title!'" in odd_field.json()["error"]["message"]
     # a value left open runs to the end of the query
     assert [g["title"] for g in get(foreman_edge_sim, "/api/hostgroups", search='title = "openshift').json()["results"]] == ["openshift"]
 
@@ -737,6 +742,10 @@ def test_unknown_routes_are_rails_404s(foreman_sim: ForemanSim) -> None:
         response = requests.request(method, foreman_sim.url + path, headers=accept_json, auth=foreman_sim.auth, timeout=10)
         assert (response.status_code, response.json()) == (404, not_found), (method, path)
         assert "Foreman_version" not in response.headers
+    # PATCH is update, as Rails' resources route it
+    patched = requests.patch(f"{foreman_sim.url}/api/hosts/{create(foreman_sim, {'name': fqdn('patch')}).json()['id']}",
+                             json={"host": {"comment": "patched"}}, auth=foreman_sim.auth, timeout=10)
+    assert patched.status_code == 200 and patched.json()["comment"] == "patched"
     # routing comes before authentication and body parsing
     anonymous = requests.post(foreman_sim.url + "/api/hosts/1", data="{", headers={**accept_json, **JSON}, timeout=10)
     assert (anonymous.status_code, anonymous.json()) == (404, not_found)
