@@ -332,7 +332,7 @@ async def hosts_index(request: web.Request) -> web.Response:
 
 async def hosts_show(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return json_response(views.host_full(state, _find_host(state, request.match_info["id"])))
+    return json_response(views.host_full(state, _find_host(state, request.match_info["id"]), request[USER_KEY]))
 
 
 class _Validation:
@@ -530,13 +530,13 @@ def _write_host(state: State, request: web.Request, host: dict[str, Any] | None)
 
 async def hosts_create(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return json_response(views.host_full(state, _write_host(state, request, None)), 201)
+    return json_response(views.host_full(state, _write_host(state, request, None), request[USER_KEY]), 201)
 
 
 async def hosts_update(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     host = _find_host(state, request.match_info["id"])
-    return json_response(views.host_full(state, _write_host(state, request, host)))
+    return json_response(views.host_full(state, _write_host(state, request, host), request[USER_KEY]))
 
 
 async def hosts_destroy(request: web.Request) -> web.Response:

@@ -138,7 +138,7 @@ def host_main(state: State, host: dict[str, Any]) -> dict[str, Any]:
     return view
 
 
-def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
+def host_full(state: State, host: dict[str, Any], user: dict[str, Any] | None = None) -> dict[str, Any]:
     """Foreman's host show view: main attributes plus parameters, interfaces and Puppet data."""
     parameters = [parameter_view(p) for p in host["parameters"]]
     own_classes = [puppetclass_brief(state, i) for i in host["puppetclass_ids"]]
@@ -164,6 +164,9 @@ def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "domain_id": host["domain_id"],
         "domain_name": _name(state, "domains", host["domain_id"]),
     }
+    # show.json.rabl's permissions node: each Host permission, as the requesting user holds it
+    # (Authorizer#can?; the simulator's users' permissions are unlimited by filters)
+    permissions = {name: user is None or bool(user["admin"]) or name in user["permissions"] for name in HOST_PERMISSIONS}
     view = {
         **host_main(state, host),
         "parameters": parameters,
@@ -172,7 +175,7 @@ def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
     }
     if not host["puppet_facet"]:
         # api/v2/hosts/show.json.rabl: a facet's single view only for a host with that facet
-        return {**view, "permissions": _HOST_PERMISSIONS}
+        return {**view, "permissions": permissions}
     return {
         **view,
         "puppet": {
@@ -185,22 +188,13 @@ def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "puppetclasses": own_classes,
         "all_puppetclasses": all_classes,
         "config_groups": [],
-        "permissions": _HOST_PERMISSIONS,
+        "permissions": permissions,
     }
 
 
-#: the show view's ``permissions`` node, as an administrator sees it
-_HOST_PERMISSIONS = {
-    "view_hosts": True,
-    "create_hosts": True,
-    "edit_hosts": True,
-    "destroy_hosts": True,
-    "build_hosts": True,
-    "power_hosts": True,
-    "console_hosts": True,
-    "ipmi_boot_hosts": True,
-    "forget_status_hosts": True,
-}
+#: the permissions whose resource type is Host, in the show view's ``permissions`` node
+HOST_PERMISSIONS = ("view_hosts", "create_hosts", "edit_hosts", "destroy_hosts", "build_hosts", "power_hosts",
+                    "console_hosts", "ipmi_boot_hosts", "forget_status_hosts")
 
 
 def host_thin(host: dict[str, Any]) -> dict[str, Any]:

@@ -697,6 +697,9 @@ def test_puppetclass_ids_need_edit_classes(foreman_edge_sim: ForemanSim) -> None
     assert requests.get(base, auth=foreman_edge_sim.auth, timeout=10).json() == {"results": [2]}
     shown = requests.get(f"{foreman_edge_sim.url}/api/hosts/{host_id}", auth=keeper, timeout=10)
     assert shown.status_code == 200 and [c["id"] for c in shown.json()["puppetclasses"]] == [2]
+    # the show view's permissions are the requesting user's
+    assert shown.json()["permissions"]["edit_hosts"] and not shown.json()["permissions"]["power_hosts"]
+    assert all(get(foreman_edge_sim, f"/api/hosts/{host_id}").json()["permissions"].values())
 
 
 def test_a_host_without_a_puppet_facet_has_no_puppet_keys(foreman_sim: ForemanSim) -> None:
