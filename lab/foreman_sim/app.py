@@ -28,6 +28,8 @@ CONFIG_KEY = web.AppKey("foreman_config", dict)
 BODY_KEY = web.RequestKey("foreman_body", dict)
 #: the authenticated API user (see :meth:`State.add_user`)
 USER_KEY = web.RequestKey("foreman_user", dict)
+#: handler -> the permissions any one of which lets a user call it
+GUARDS_KEY = web.AppKey("foreman_guards", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -88,6 +90,8 @@ async def foreman_middleware(request: web.Request, handler: Handler) -> web.Stre
         request[BODY_KEY] = await _parse_body(request)
         if _is_authenticated_path(request.path):
             request[USER_KEY] = _authenticate(request, state)
+            # Api::BaseController#authorize runs before Api::V2::BaseController#check_media_type
+            _require(request, *request.app[GUARDS_KEY].get(request.match_info.handler, ()))
             if request.method in ("POST", "PUT") and request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
                 content_type = request.headers.get("Content-Type", "")
                 raise _error(
@@ -143,17 +147,18 @@ def _authenticate(request: web.Request, state: State) -> dict[str, Any]:
     raise _error(401, f"Unable to authenticate user {login}")
 
 
-def _require(request: web.Request, permission: str) -> None:
-    """Api::BaseController#authorize: a user whose roles do not allow the controller action is
-    refused before the action runs (deny_access, 403), with set_error_details naming what is
-    missing (rendered by api/v2/errors/access_denied.json.rabl). Administrators may do anything."""
+def _require(request: web.Request, *permissions: str) -> None:
+    """Api::BaseController#authorize: a user none of whose permissions allows the controller
+    action is refused before the action runs (deny_access, 403), and set_error_details names
+    every permission that would have (rendered by api/v2/errors/access_denied.json.rabl).
+    Administrators may do anything; an action no permission names needs none here."""
     user = request[USER_KEY]
-    if user["admin"] or permission in user["permissions"]:
+    if not permissions or user["admin"] or any(p in user["permissions"] for p in permissions):
         return
     raise FError(403, {"error": {
         "message": "Access denied",
-        "details": f"Missing one of the required permissions: {permission}",
-        "missing_permissions": [permission],
+        "details": f"Missing one of the required permissions: {', '.join(permissions)}",
+        "missing_permissions": list(permissions),
     }})
 
 
@@ -681,11 +686,10 @@ def _puppetclass_for_host(state: State, ident: Any) -> dict[str, Any]:
 
 
 def _host_classes_host(request: web.Request) -> dict[str, Any]:
-    """HostClassesController's before_actions in order: the action's permission (edit_classes,
-    foreman_puppet's lib/foreman_puppet/register.rb gives it index, create and destroy), then
-    find_host, which makes the host a Puppet facet if it has none (``@host.puppet ||
-    @host.create_puppet``), so from now on the host's answers carry Puppet keys."""
-    _require(request, "edit_classes")
+    """HostClassesController#find_host (after authorize: edit_classes, which foreman_puppet's
+    lib/foreman_puppet/register.rb gives index, create and destroy), which makes the host a
+    Puppet facet if it has none (``@host.puppet || @host.create_puppet``), so from now on the
+    host's answers carry Puppet keys."""
     state = request.app[STATE_KEY]
     host = _host_for_classes(state, request.match_info["host_id"])
     host["puppet_facet"] = True
@@ -907,6 +911,28 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
     hg_index, hg_show = _lookup("hostgroups", "hostgroup", views.hostgroup_view, _hostgroup_getters, "title")
     env_index, env_show = _lookup("environments", "environment", lambda s, r: views.environment_view(r), _environment_getters)
     puppet = "/foreman_puppet/api"
+    view_parameters = ("view_external_parameters",)
+    # who may call what: the permissions that allow each controller action, in the order Foreman
+    # (config/initializers/f_foreman_permissions.rb) and foreman_puppet (lib/foreman_puppet/register.rb)
+    # register them; any one of them will do. Unlisted: public (api_status) or not the API.
+    app[GUARDS_KEY] = {
+        hosts_index: ("view_hosts",), hosts_show: ("view_hosts",), hosts_enc: ("view_hosts",),
+        hosts_create: ("create_hosts",), hosts_update: ("edit_hosts",), hosts_destroy: ("destroy_hosts",),
+        org_index: ("view_organizations",), org_show: ("view_organizations",),
+        loc_index: ("view_locations",), loc_show: ("view_locations",),
+        dom_index: ("view_domains",), dom_show: ("view_domains",),
+        hg_index: ("view_hostgroups",), hg_show: ("view_hostgroups",),
+        env_index: ("view_environments",), env_show: ("view_environments",),
+        puppetclasses_index: ("view_puppetclasses",), puppetclasses_show: ("view_puppetclasses",),
+        host_classes_index: ("edit_classes",), host_classes_create: ("edit_classes",),
+        host_classes_destroy: ("edit_classes",),
+        smart_class_parameters_index: ("view_external_parameters", "view_puppetclasses"),
+        smart_class_parameters_show: ("view_external_parameters", "view_puppetclasses"),
+        override_values_index: view_parameters, override_values_show: view_parameters,
+        override_values_create: ("create_external_parameters", "edit_external_parameters", "destroy_external_parameters"),
+        override_values_update: ("edit_external_parameters", "destroy_external_parameters"),
+        override_values_destroy: ("edit_external_parameters", "destroy_external_parameters"),
+    }
     app.add_routes(
         [
             web.get("/apidoc/v2.json", apidoc),

@@ -20,7 +20,7 @@ from apypie import ForemanApi
 from apypie.foreman import ForemanApiException
 
 from lab.foreman_sim import create_app, default_seed
-from tests.fixtures.foreman import KEEPER, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, NOBODY, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -700,6 +700,35 @@ def test_puppetclass_ids_need_edit_classes(foreman_edge_sim: ForemanSim) -> None
     # the show view's permissions are the requesting user's
     assert shown.json()["permissions"]["edit_hosts"] and not shown.json()["permissions"]["power_hosts"]
     assert all(get(foreman_edge_sim, f"/api/hosts/{host_id}").json()["permissions"].values())
+
+
+def test_every_api_action_needs_one_of_its_permissions(foreman_edge_sim: ForemanSim) -> None:
+    nobody = (NOBODY["login"], NOBODY["password"])
+
+    def denied(response: requests.Response, *permissions: str) -> None:
+        assert response.status_code == 403, response.text
+        assert response.json() == {"error": {
+            "message": "Access denied", "details": f"Missing one of the required permissions: {', '.join(permissions)}",
+            "missing_permissions": list(permissions)}}
+
+    url = foreman_edge_sim.url
+    denied(requests.get(f"{url}/api/hostgroups", auth=nobody, timeout=10), "view_hostgroups")
+    denied(requests.get(f"{url}/api/hosts/1", auth=nobody, timeout=10), "view_hosts")
+    # authorize comes before the media type check
+    denied(requests.post(f"{url}/api/hosts", data="x", headers={"Content-Type": "text/plain"}, auth=nobody, timeout=10),
+           "create_hosts")
+    denied(requests.get(f"{url}/foreman_puppet/api/smart_class_parameters", auth=nobody, timeout=10),
+           "view_external_parameters", "view_puppetclasses")
+    denied(requests.post(f"{url}/foreman_puppet/api/smart_class_parameters/1/override_values",
+                         json={"override_value": {"match": "fqdn=x", "value": "y"}}, auth=nobody, timeout=10),
+           "create_external_parameters", "edit_external_parameters", "destroy_external_parameters")
+    # public: any user who logged in
+    assert requests.get(f"{url}/api/status", auth=nobody, timeout=10).status_code == 200
+    # the keeper may read hostgroups but not change override values
+    keeper = (KEEPER["login"], KEEPER["password"])
+    assert requests.get(f"{url}/api/hostgroups", auth=keeper, timeout=10).status_code == 200
+    denied(requests.delete(f"{url}/foreman_puppet/api/smart_class_parameters/1/override_values/1", auth=keeper, timeout=10),
+           "edit_external_parameters", "destroy_external_parameters")
 
 
 def test_a_host_without_a_puppet_facet_has_no_puppet_keys(foreman_sim: ForemanSim) -> None:
