@@ -23,7 +23,7 @@ from governord.plugins.foreman.registrar import AccessDenied, ForemanRegistrar, 
 from governord.registrars import RegistrarRegistry
 from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
 from lab.stack import Lab
-from tests.fixtures.foreman import KEEPER, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, NOBODY, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -562,6 +562,21 @@ async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_
     seen = read_host(foreman_edge_sim, host.fqdn).json()
     assert seen["owner_name"] == "Host Keeper"
     assert read_class_ids(foreman_edge_sim, seen["id"]) == []
+
+
+async def test_any_refusal_names_the_permissions_foreman_wants(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch, password=str(NOBODY["password"])).model_copy(
+        update={"username": NOBODY["login"]})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    try:
+        await reg.start()  # the status is public
+        with pytest.raises(AccessDenied, match="HTTP 403 .*Access denied: Missing one of the required permissions: "
+                                               "view_organizations") as caught:
+            await reg.register(make_host(), classification(reg, "node"))
+        assert caught.value.missing_permissions == ["view_organizations"]
+    finally:
+        await reg.close()
 
 
 async def test_a_host_without_puppet_keys_is_read_and_adopted(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
