@@ -590,4 +590,3 @@ def test_provider_id_parameter_is_class_and_parameter() -> None:
     for wrong in ("provider_id", "k8s::Kubelet::x", "k8s::kubelet::", "::x"):
         with pytest.raises(ValueError, match="not CLASS::PARAMETER"):
             ForemanRegistrar.Config.model_validate({**base, "provider_id_parameter": wrong})
-
