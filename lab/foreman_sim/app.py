@@ -26,6 +26,10 @@ STATE_KEY = web.AppKey("foreman_state", State)
 CONFIG_KEY = web.AppKey("foreman_config", dict)
 #: the parsed JSON body of a request (empty when it has none)
 BODY_KEY = web.RequestKey("foreman_body", dict)
+#: the authenticated API user (see :meth:`State.add_user`)
+USER_KEY = web.RequestKey("foreman_user", dict)
+#: handler -> the permissions any one of which lets a user call it
+GUARDS_KEY = web.AppKey("foreman_guards", dict)
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -73,11 +77,21 @@ async def foreman_middleware(request: web.Request, handler: Handler) -> web.Stre
     """Body parsing, authentication and media-type checks in Foreman's order, plus its headers."""
     state = request.app[STATE_KEY]
     config = request.app[CONFIG_KEY]
+    if request.match_info.http_exception is not None:
+        # ActionDispatch routes before any controller runs (or the body is parsed): an unknown
+        # path, or a known one with another method, is a RoutingError whatever the credentials;
+        # no controller ran, so none of its headers, only Apipie's middleware's checksum
+        response = _routing_error(request)
+        if request.path.startswith(("/api/", "/apidoc/")) or request.path == "/api":
+            response.headers["Apipie-Checksum"] = config["checksum"]
+        return response
     try:
         # Rails parses a JSON body before any before_action runs, so a bad body wins over bad auth
         request[BODY_KEY] = await _parse_body(request)
         if _is_authenticated_path(request.path):
-            _authenticate(request, config["username"], config["password"])
+            request[USER_KEY] = _authenticate(request, state)
+            # Api::BaseController#authorize runs before Api::V2::BaseController#check_media_type
+            _require(request, *request.app[GUARDS_KEY].get(request.match_info.handler, ()))
             if request.method in ("POST", "PUT") and request.headers.get("Content-Type", "").split(";")[0].strip().lower() != "application/json":
                 content_type = request.headers.get("Content-Type", "")
                 raise _error(
@@ -88,11 +102,6 @@ async def foreman_middleware(request: web.Request, handler: Handler) -> web.Stre
         response = await handler(request)
     except FError as exc:
         response = json_response(exc.body, exc.status)
-    except web.HTTPException as exc:
-        if exc.status == 404:
-            response = json_response({"error": {"message": f"Route {request.method} {request.path} not found"}}, 404)
-        else:
-            raise
     except QueryNotSupported as exc:
         response = json_response({"error": {"message": str(exc), "class": "ScopedSearch::QueryNotSupported"}}, 400)
     if request.path.startswith(("/api", "/foreman_puppet/api")):
@@ -123,7 +132,8 @@ async def _parse_body(request: web.Request) -> dict[str, Any]:
     return body if isinstance(body, dict) else {}
 
 
-def _authenticate(request: web.Request, username: str, password: str) -> None:
+def _authenticate(request: web.Request, state: State) -> dict[str, Any]:
+    """The API user the request's Basic credentials name, or Foreman's 401."""
     header = request.headers.get("Authorization", "")
     login = ""
     if header.lower().startswith("basic "):
@@ -131,9 +141,38 @@ def _authenticate(request: web.Request, username: str, password: str) -> None:
             login, _, given = base64.b64decode(header[6:].strip()).decode("utf-8", "replace").partition(":")
         except (binascii.Error, ValueError):
             login, given = "", ""
-        if login == username and given == password:
-            return
+        user = state.user_by_login(login)
+        if user is not None and user["password"] == given:
+            return user
     raise _error(401, f"Unable to authenticate user {login}")
+
+
+def _require(request: web.Request, *permissions: str) -> None:
+    """Api::BaseController#authorize: a user none of whose permissions allows the controller
+    action is refused before the action runs (deny_access, 403), and set_error_details names
+    every permission that would have (rendered by api/v2/errors/access_denied.json.rabl).
+    Administrators may do anything; an action no permission names needs none here."""
+    user = request[USER_KEY]
+    if not permissions or user["admin"] or any(p in user["permissions"] for p in permissions):
+        return
+    raise FError(403, {"error": {
+        "message": "Access denied",
+        "details": f"Missing one of the required permissions: {', '.join(permissions)}",
+        "missing_permissions": list(permissions),
+    }})
+
+
+def _routing_error(request: web.Request) -> web.Response:
+    """Rails' answer to a request no route matches (ActionController::RoutingError, method
+    mismatches included: Rails has no 405), rendered by ActionDispatch::PublicExceptions#call
+    in the request's format: ``{status, error}`` as JSON when JSON is asked for (the API
+    clients' ``Accept``), else the static public/404.html."""
+    accept = request.headers.get("Accept", "")
+    if "json" in accept.lower():
+        return json_response({"status": 404, "error": "Not Found"}, 404)
+    return web.Response(text="<!DOCTYPE html>\n<html><head><title>The page you were looking for doesn't exist (404)</title>"
+                             "</head><body><h1>The page you were looking for doesn't exist.</h1></body></html>\n",
+                        status=404, content_type="text/html", charset="utf-8")
 
 
 def _param(request: web.Request, name: str) -> Any:
@@ -298,7 +337,7 @@ async def hosts_index(request: web.Request) -> web.Response:
 
 async def hosts_show(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return json_response(views.host_full(state, _find_host(state, request.match_info["id"])))
+    return json_response(views.host_full(state, _find_host(state, request.match_info["id"]), request[USER_KEY]))
 
 
 class _Validation:
@@ -397,7 +436,10 @@ def _write_host(state: State, request: web.Request, host: dict[str, Any] | None)
         "id": None, "name": None, "ip": None, "mac": None, "domain_id": None, "architecture_id": None,
         "operatingsystem_id": None, "hostgroup_id": None, "comment": None, "managed": True, "build": False,
         "enabled": True, "organization_id": None, "location_id": None, "environment_id": None,
-        "parameters": [], "puppetclass_ids": [],
+        "parameters": [], "puppetclass_ids": [], "puppet_facet": False,
+        # Hostext::Ownership#set_default_user (before_validation): no owner given, so the
+        # host_owner setting's (unset here), else the user making the request
+        "owner_id": request[USER_KEY]["id"], "owner_type": "User",
     }
     check = _Validation()
     for key, kind, model in (
@@ -419,6 +461,18 @@ def _write_host(state: State, request: web.Request, host: dict[str, Any] | None)
             if record[key] is None and key not in attrs and len(state.objects[kind]) == 1:
                 record[key] = next(iter(state.objects[kind]))
     puppet = attrs.get("puppet_attributes") if isinstance(attrs.get("puppet_attributes"), dict) else {}
+    if any(key in source for source in (attrs, puppet) for key in ("environment_id", "puppetclass_ids")):
+        # foreman_puppet keeps these in the host's Puppet facet, made when first given
+        record["puppet_facet"] = True
+    if attrs.get("hostgroup_id") not in (None, ""):
+        # Host::Managed#apply_inherited_attributes (on Host.new, and on update by the API's
+        # host_attributes) gives every facet its hostgroup's attributes; foreman_puppet's
+        # HostPuppetFacet.inherited_attributes always answers an environment_id (the group's
+        # inherited one, maybe none), so a host given a hostgroup gets a Puppet facet
+        record["puppet_facet"] = True
+        if not any("environment_id" in source for source in (attrs, puppet)):
+            record["environment_id"] = next(
+                (g["environment_id"] for g in state.hostgroup_chain(record["hostgroup_id"]) if g["environment_id"]), None)
     for source in (attrs, puppet):
         if "environment_id" in source:
             record["environment_id"] = _resolve(state, "environments", "ForemanPuppet::Environment", source["environment_id"])
@@ -481,13 +535,13 @@ def _write_host(state: State, request: web.Request, host: dict[str, Any] | None)
 
 async def hosts_create(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    return json_response(views.host_full(state, _write_host(state, request, None)), 201)
+    return json_response(views.host_full(state, _write_host(state, request, None), request[USER_KEY]), 201)
 
 
 async def hosts_update(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
     host = _find_host(state, request.match_info["id"])
-    return json_response(views.host_full(state, _write_host(state, request, host)))
+    return json_response(views.host_full(state, _write_host(state, request, host), request[USER_KEY]))
 
 
 async def hosts_destroy(request: web.Request) -> web.Response:
@@ -514,10 +568,9 @@ async def external_nodes(request: web.Request) -> web.Response:
     Foreman lets registered smart proxies in by their client certificate and anyone else by
     login; the simulator has no TLS, so Basic auth it is.
     """
-    config = request.app[CONFIG_KEY]
     yml = request.query.get("format") == "yml"
     try:
-        _authenticate(request, config["username"], config["password"])
+        _authenticate(request, request.app[STATE_KEY])
     except FError as exc:
         return web.Response(text=exc.body["error"]["message"], status=401 if yml else 403,
                             content_type="text/plain", charset="utf-8")
@@ -632,15 +685,25 @@ def _puppetclass_for_host(state: State, ident: Any) -> dict[str, Any]:
         raise _association_not_found("ForemanPuppet::Puppetclass", ident) from None
 
 
-async def host_classes_index(request: web.Request) -> web.Response:
+def _host_classes_host(request: web.Request) -> dict[str, Any]:
+    """HostClassesController#find_host (after authorize: edit_classes, which foreman_puppet's
+    lib/foreman_puppet/register.rb gives index, create and destroy), which makes the host a
+    Puppet facet if it has none (``@host.puppet || @host.create_puppet``), so from now on the
+    host's answers carry Puppet keys."""
     state = request.app[STATE_KEY]
     host = _host_for_classes(state, request.match_info["host_id"])
+    host["puppet_facet"] = True
+    return host
+
+
+async def host_classes_index(request: web.Request) -> web.Response:
+    host = _host_classes_host(request)
     return json_response({"results": list(host["puppetclass_ids"])})
 
 
 async def host_classes_create(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    host = _host_for_classes(state, request.match_info["host_id"])
+    host = _host_classes_host(request)
     klass = _puppetclass_for_host(state, _param(request, "puppetclass_id"))
     if klass["id"] in host["puppetclass_ids"]:
         # HostClass.create! raises RecordInvalid, which nothing rescues but the generic handler
@@ -652,7 +715,7 @@ async def host_classes_create(request: web.Request) -> web.Response:
 
 async def host_classes_destroy(request: web.Request) -> web.Response:
     state = request.app[STATE_KEY]
-    host = _host_for_classes(state, request.match_info["host_id"])
+    host = _host_classes_host(request)
     klass = _puppetclass_for_host(state, request.match_info["id"])
     if klass["id"] in host["puppetclass_ids"]:
         host["puppetclass_ids"].remove(klass["id"])
@@ -840,14 +903,36 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
     """The simulator as an aiohttp application, with state from ``seed`` and one API user."""
     body, checksum = serialise(build_apidoc())
     app = web.Application(middlewares=[foreman_middleware])
-    app[STATE_KEY] = State(seed)
-    app[CONFIG_KEY] = {"username": username, "password": password, "apidoc": body, "checksum": checksum}
+    app[STATE_KEY] = State(seed, admin=(username, password))
+    app[CONFIG_KEY] = {"apidoc": body, "checksum": checksum}
     org_index, org_show = _lookup("organizations", "organization", lambda s, r: views.taxonomy_view(r), _taxonomy_getters, "title")
     loc_index, loc_show = _lookup("locations", "location", lambda s, r: views.taxonomy_view(r), _taxonomy_getters, "title")
     dom_index, dom_show = _lookup("domains", "domain", lambda s, r: views.domain_view(r), _domain_getters)
     hg_index, hg_show = _lookup("hostgroups", "hostgroup", views.hostgroup_view, _hostgroup_getters, "title")
     env_index, env_show = _lookup("environments", "environment", lambda s, r: views.environment_view(r), _environment_getters)
     puppet = "/foreman_puppet/api"
+    view_parameters = ("view_external_parameters",)
+    # who may call what: the permissions that allow each controller action, in the order Foreman
+    # (config/initializers/f_foreman_permissions.rb) and foreman_puppet (lib/foreman_puppet/register.rb)
+    # register them; any one of them will do. Unlisted: public (api_status) or not the API.
+    app[GUARDS_KEY] = {
+        hosts_index: ("view_hosts",), hosts_show: ("view_hosts",), hosts_enc: ("view_hosts",),
+        hosts_create: ("create_hosts",), hosts_update: ("edit_hosts",), hosts_destroy: ("destroy_hosts",),
+        org_index: ("view_organizations",), org_show: ("view_organizations",),
+        loc_index: ("view_locations",), loc_show: ("view_locations",),
+        dom_index: ("view_domains",), dom_show: ("view_domains",),
+        hg_index: ("view_hostgroups",), hg_show: ("view_hostgroups",),
+        env_index: ("view_environments",), env_show: ("view_environments",),
+        puppetclasses_index: ("view_puppetclasses",), puppetclasses_show: ("view_puppetclasses",),
+        host_classes_index: ("edit_classes",), host_classes_create: ("edit_classes",),
+        host_classes_destroy: ("edit_classes",),
+        smart_class_parameters_index: ("view_external_parameters", "view_puppetclasses"),
+        smart_class_parameters_show: ("view_external_parameters", "view_puppetclasses"),
+        override_values_index: view_parameters, override_values_show: view_parameters,
+        override_values_create: ("create_external_parameters", "edit_external_parameters", "destroy_external_parameters"),
+        override_values_update: ("edit_external_parameters", "destroy_external_parameters"),
+        override_values_destroy: ("edit_external_parameters", "destroy_external_parameters"),
+    }
     app.add_routes(
         [
             web.get("/apidoc/v2.json", apidoc),
@@ -858,6 +943,8 @@ def create_app(seed: dict[str, Any], username: str, password: str) -> web.Applic
             web.post("/api/hosts", hosts_create),
             web.get("/api/hosts/{id}", hosts_show),
             web.put("/api/hosts/{id}", hosts_update),
+            # Rails' ``resources`` routes PATCH to update as well; check_media_type looks at POST and PUT only
+            web.patch("/api/hosts/{id}", hosts_update),
             web.delete("/api/hosts/{id}", hosts_destroy),
             web.get("/api/hosts/{id}/enc", hosts_enc),
             web.get("/node/{name}", external_nodes),

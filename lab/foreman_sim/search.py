@@ -1,10 +1,14 @@
 """A small scoped_search: the query language of Foreman's ``search=`` parameter.
 
 Supported: ``field = value``, ``field != value``, ``field ~ value`` (case-insensitive substring,
-``*`` as wildcard), ``field !~ value``, ``field ^ (a, b)`` (in), ``<``/``>``/``<=``/``>=`` on
-integer fields, bare words (matched like ``~`` against the resource's default field), quoted
-values, ``and``/``&``/``&&``, ``or``/``|``/``||``, ``not``/``!`` and parentheses. As in
-scoped_search, ``and`` binds tighter than ``or`` and adjacent terms are joined by ``and``.
+``*`` as wildcard), ``field !~ value``, ``field ^ (a, b)`` (in), ``==`` and ``<>`` (for ``=``
+and ``!=``), ``<``/``>``/``<=``/``>=`` on integer fields, bare words (matched like ``~`` against
+the resource's default field), values in double quotes (a backslash escapes the next character;
+single quotes are plain characters), ``and``/``&``/``&&``, ``or``/``|``/``||``,
+``not``/``!``/``-`` and parentheses. As in scoped_search, ``and`` binds tighter than ``or`` and
+adjacent terms are joined by ``and``; as its Tokenizer reads them, a bare word runs to a space,
+``=``, ``~``, ``<``, ``>``, ``&``, ``|``, a parenthesis or a comma, so a ``!`` or ``^`` inside
+one is part of it (``name!=x`` names a field ``name!``).
 
 Anything else raises :class:`QueryNotSupported`, which the server turns into the 400 that
 Foreman gives for ``ScopedSearch::QueryNotSupported``.
@@ -27,12 +31,12 @@ class QueryNotSupported(Exception):
 
 _TOKEN = re.compile(
     r"""\s*(?:
-        (?P<quoted>"(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')
-      | (?P<op>!=|!~|!\^|<=|>=|=|~|\^|<|>)
+        (?P<quoted>"(?:[^"\\]|\\.)*(?:"|\Z))
+      | (?P<op>!=|!~|!\^|==|<>|<=|>=|=|~|\^|<|>)
       | (?P<logic>&&|\|\||&|\|)
       | (?P<paren>[(),])
-      | (?P<bang>!)
-      | (?P<word>[^\s()=!~^<>&|,"']+)
+      | (?P<bang>[!-])
+      | (?P<word>[^\s()=!~^<>&|,"-][^\s()=~<>&|,]*)
     )""",
     re.VERBOSE,
 )
@@ -57,15 +61,30 @@ def _tokenise(query: str) -> list[_Tok]:
         assert kind is not None
         text = match.group(kind)
         if kind == "quoted":
-            text = re.sub(r"\\(.)", r"\1", text[1:-1])
+            # ScopedSearch::QueryLanguage::Tokenizer#tokenize_quoted_keyword: only double quotes
+            # quote, a backslash takes the next character as it is (a quote, a backslash), and
+            # a value left open runs to the end of the query
+            body = text[1:-1] if len(text) > 1 and text.endswith('"') and not _escaped_end(text) else text[1:]
+            text = re.sub(r"\\(.)", r"\1", body, flags=re.DOTALL)
             kind = "value"
         elif kind == "word" and text.lower() in {"and", "or", "not"}:
             kind = {"and": "logic", "or": "logic", "not": "bang"}[text.lower()]
             text = {"and": "&", "or": "|", "not": "!"}[text.lower()]
         elif kind == "logic":
             text = text[0]
+        elif kind == "bang":
+            text = "!"
+        elif kind == "op":
+            # Tokenizer::OPERATORS: == is eq and <> is ne
+            text = {"==": "=", "<>": "!="}.get(text, text)
         tokens.append(_Tok(kind, text))
     return tokens
+
+
+def _escaped_end(text: str) -> bool:
+    """Whether the closing quote of a quoted value is itself escaped (an odd run of backslashes)."""
+    run = len(text) - 1 - len(text[:-1].rstrip("\\"))
+    return run % 2 == 1
 
 
 Predicate = Callable[[Any], bool]

@@ -29,13 +29,25 @@ class State:
     #: overrides are matched in when a parameter has no order of its own
     DEFAULT_LOOKUP_PATH = "fqdn\nhostgroup\nos\ndomain"
 
-    def __init__(self, seed: dict[str, Any]) -> None:
+    def __init__(self, seed: dict[str, Any], admin: tuple[str, str] | None = None) -> None:
         seed = copy.deepcopy(seed)
         self.version: str = seed.get("foreman_version", "3.13.0")
         self.objects: dict[str, dict[int, dict[str, Any]]] = {kind: {} for kind in self.KINDS}
         self._ids: dict[str, Iterator[int]] = {kind: itertools.count(1) for kind in self.KINDS}
         self._parameter_ids = itertools.count(1)
         self._interface_ids = itertools.count(1)
+        #: API users by id: the login given on the command line (an administrator) and the
+        #: seed's ``users``, which tests use for users with only some permissions
+        self.users: dict[int, dict[str, Any]] = {}
+        # db/seeds.d/035-admin.rb: three hidden admins (anonymous, console, API) come first, then
+        # the installer's administrator, "Admin User" unless SEED_ADMIN_FIRST/LAST_NAME say otherwise
+        self._user_ids = itertools.count(4)
+        if admin is not None:
+            self.add_user(admin[0], admin[1], admin=True, firstname="Admin", lastname="User")
+        for item in seed.get("users", []):
+            self.add_user(item["login"], item["password"], admin=bool(item.get("admin", False)),
+                          permissions=item.get("permissions", []), firstname=item.get("firstname"),
+                          lastname=item.get("lastname"))
         for kind in ("organizations", "locations"):
             for item in seed.get(kind, []):
                 self.add(kind, {"name": item["name"], "title": item["name"], "description": item.get("description")})
@@ -85,6 +97,21 @@ class State:
                     return candidate
             raise NotFound(text)
         return record
+
+    # -- users ----------------------------------------------------------------------------------
+
+    def add_user(self, login: str, password: str, *, admin: bool, permissions: list[str] | None = None,
+                 firstname: str | None = None, lastname: str | None = None) -> dict[str, Any]:
+        """An API user. Foreman's ``User#name`` (to_label): first and last name, else the login."""
+        user_id = next(self._user_ids)
+        name = " ".join(p for p in (firstname or "", lastname or "") if p) or login
+        user = {"id": user_id, "login": login, "password": password, "name": name, "admin": admin,
+                "permissions": frozenset(permissions or ())}
+        self.users[user_id] = user
+        return user
+
+    def user_by_login(self, login: str) -> dict[str, Any] | None:
+        return next((u for u in self.users.values() if u["login"] == login), None)
 
     def new_parameter_id(self) -> int:
         return next(self._parameter_ids)

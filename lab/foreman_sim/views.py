@@ -54,7 +54,8 @@ def _name(state: State, kind: str, ident: int | None, key: str = "name") -> Any:
 def host_main(state: State, host: dict[str, Any]) -> dict[str, Any]:
     """The host attributes of Foreman's ``api/v2/hosts/main`` view (index and show)."""
     group = state.get("hostgroups", host["hostgroup_id"]) if host["hostgroup_id"] else None
-    return {
+    owner = state.users.get(host["owner_id"]) if host["owner_type"] == "User" else None
+    view = {
         "ip": host["ip"],
         "ip6": None,
         "last_report": None,
@@ -87,9 +88,9 @@ def host_main(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "installed_at": None,
         "model_id": None,
         "hostgroup_id": host["hostgroup_id"],
-        "owner_id": None,
-        "owner_name": None,
-        "owner_type": None,
+        "owner_id": host["owner_id"],
+        "owner_name": owner["name"] if owner else None,
+        "owner_type": host["owner_type"],
         "enabled": host["enabled"],
         "managed": host["managed"],
         "use_image": None,
@@ -128,13 +129,16 @@ def host_main(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "puppet_ca_proxy": None,
         "hostgroup_name": group["name"] if group else None,
         "hostgroup_title": group["title"] if group else None,
-        # foreman_puppet's facet attributes
-        "environment_id": host["environment_id"],
-        "environment_name": _name(state, "environments", host["environment_id"]),
     }
+    if host["puppet_facet"]:
+        # api/v2/hosts/main.json.rabl renders a facet's list view only for a host that has that
+        # facet (``if: definition.facet_record_for(host)``); foreman_puppet's is host_list.json.rabl
+        view["environment_id"] = host["environment_id"]
+        view["environment_name"] = _name(state, "environments", host["environment_id"])
+    return view
 
 
-def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
+def host_full(state: State, host: dict[str, Any], user: dict[str, Any] | None = None) -> dict[str, Any]:
     """Foreman's host show view: main attributes plus parameters, interfaces and Puppet data."""
     parameters = [parameter_view(p) for p in host["parameters"]]
     own_classes = [puppetclass_brief(state, i) for i in host["puppetclass_ids"]]
@@ -160,11 +164,20 @@ def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "domain_id": host["domain_id"],
         "domain_name": _name(state, "domains", host["domain_id"]),
     }
-    return {
+    # show.json.rabl's permissions node: each Host permission, as the requesting user holds it
+    # (Authorizer#can?; the simulator's users' permissions are unlimited by filters)
+    permissions = {name: user is None or bool(user["admin"]) or name in user["permissions"] for name in HOST_PERMISSIONS}
+    view = {
         **host_main(state, host),
         "parameters": parameters,
         "all_parameters": parameters,
         "interfaces": [interface],
+    }
+    if not host["puppet_facet"]:
+        # api/v2/hosts/show.json.rabl: a facet's single view only for a host with that facet
+        return {**view, "permissions": permissions}
+    return {
+        **view,
         "puppet": {
             "environment_id": host["environment_id"],
             "environment_name": _name(state, "environments", host["environment_id"]),
@@ -175,18 +188,13 @@ def host_full(state: State, host: dict[str, Any]) -> dict[str, Any]:
         "puppetclasses": own_classes,
         "all_puppetclasses": all_classes,
         "config_groups": [],
-        "permissions": {
-            "view_hosts": True,
-            "create_hosts": True,
-            "edit_hosts": True,
-            "destroy_hosts": True,
-            "build_hosts": True,
-            "power_hosts": True,
-            "console_hosts": True,
-            "ipmi_boot_hosts": True,
-            "forget_status_hosts": True,
-        },
+        "permissions": permissions,
     }
+
+
+#: the permissions whose resource type is Host, in the show view's ``permissions`` node
+HOST_PERMISSIONS = ("view_hosts", "create_hosts", "edit_hosts", "destroy_hosts", "build_hosts", "power_hosts",
+                    "console_hosts", "ipmi_boot_hosts", "forget_status_hosts")
 
 
 def host_thin(host: dict[str, Any]) -> dict[str, Any]:
@@ -213,8 +221,8 @@ def host_raw_row(host: dict[str, Any]) -> dict[str, Any]:
         "installed_at": None,
         "model_id": None,
         "hostgroup_id": host["hostgroup_id"],
-        "owner_id": None,
-        "owner_type": None,
+        "owner_id": host["owner_id"],
+        "owner_type": host["owner_type"],
         "enabled": host["enabled"],
         "puppet_ca_proxy_id": None,
         "managed": host["managed"],

@@ -116,8 +116,28 @@ def _foreman_message(response: requests.Response) -> str:
         if error.get("full_messages"):
             return "; ".join(str(m) for m in error["full_messages"])
         if error.get("message"):
-            return str(error["message"])
+            # a 403's details name the permissions the user lacks ("Access denied" alone does not)
+            details = error.get("details")
+            return f"{error['message']}: {details}" if details else str(error["message"])
     return str(error)
+
+
+def _missing_permissions(response: requests.Response) -> list[str]:
+    """The permissions a 403 from Foreman's authorize names (api/v2/errors/access_denied)."""
+    try:
+        body = response.json()
+    except ValueError:
+        return []
+    error = body.get("error") if isinstance(body, dict) else None
+    missing = error.get("missing_permissions") if isinstance(error, dict) else None
+    return [str(p) for p in missing] if isinstance(missing, list) else []
+
+
+def search_value(value: str) -> str:
+    """``value`` as one quoted value of Foreman's search (scoped_search): in double quotes, with
+    each backslash and double quote escaped by a backslash, so a name or title holding either
+    is searched for as it is and cannot end the value early."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
 
 
 def _parameter(value: ParamValue) -> tuple[str, str]:
@@ -129,6 +149,17 @@ def _parameter(value: ParamValue) -> tuple[str, str]:
     if isinstance(value, float):
         return repr(value), "real"
     return value, "string"
+
+
+class AccessDenied(PermanentError):
+    """Foreman's 403: the API user's roles lack a permission the request needs."""
+
+    http_status = 403
+
+    def __init__(self, message: str, missing_permissions: list[str], *, source: str | None) -> None:
+        super().__init__(message, source=source)
+        #: what Foreman named as missing (api/v2/errors/access_denied's missing_permissions)
+        self.missing_permissions = missing_permissions
 
 
 class ForemanRegistrar(Registrar):
@@ -221,6 +252,8 @@ class ForemanRegistrar(Registrar):
                 refused = PermanentError(message, source=self.name)
                 refused.http_status = 500
                 return refused
+            if response.status_code == 403:
+                return AccessDenied(message, _missing_permissions(response), source=self.name)
             return http_error(response.status_code, message, source=self.name)
         if isinstance(cause, (requests.ConnectionError, requests.Timeout)):
             return RetryableError(f"{where} is unreachable: {cause}", source=self.name)
@@ -247,7 +280,7 @@ class ForemanRegistrar(Registrar):
         return resource in api.resources
 
     async def _find_one(self, resource: str, field: str, value: str, what: str, **params: Any) -> dict[str, Any]:
-        results = await self._list(resource, f'{field}="{value}"', **params)
+        results = await self._list(resource, f"{field}={search_value(value)}", **params)
         if isinstance(results, dict):
             # the Puppet class index groups its results by module name
             results = [item for group in results.values() for item in group]
@@ -269,7 +302,7 @@ class ForemanRegistrar(Registrar):
         return self._context
 
     async def _find_host(self, fqdn: str) -> dict[str, Any] | None:
-        results = await self._list("hosts", f'name="{fqdn}"', thin=True)
+        results = await self._list("hosts", f"name={search_value(fqdn)}", thin=True)
         matches = [r for r in results if r.get("name") == fqdn]
         if not matches:
             return None
@@ -373,15 +406,10 @@ class ForemanRegistrar(Registrar):
         host_id: int = current["id"]
 
         if class_ids or await self._has("host_classes"):
-            have = await self._action("host_classes", "index", {"host_id": host_id})
-            have_ids = list(have["results"] if isinstance(have, dict) else have or [])
-            wanted_ids = list(class_ids.values())
-            for class_id in wanted_ids:
-                if class_id not in have_ids:
-                    await self._action("host_classes", "create", {"host_id": host_id, "puppetclass_id": class_id})
-            for class_id in have_ids:
-                if class_id not in wanted_ids:
-                    await self._action("host_classes", "destroy", {"host_id": host_id, "id": class_id})
+            try:
+                await self._set_classes(host_id, list(class_ids.values()))
+            except AccessDenied as exc:
+                raise self._denied(exc, f"read and set host {_fqdn(host)}'s Puppet classes") from exc
         record: dict[str, Any] = {"id": host_id, "hostgroup": title, "puppet_classes": class_names,
                                   "parameters": list(wanted_params)}
         target = self.config.provider_id_target()
@@ -391,6 +419,26 @@ class ForemanRegistrar(Registrar):
             classes = list(dict.fromkeys([*class_names, *(n for n in inherited if isinstance(n, str))]))
             record["provider_id_override"] = await self._set_provider_id(host, target, provider_id, classes)
         return record
+
+    async def _set_classes(self, host_id: int, wanted_ids: list[int]) -> None:
+        """Make the host's own Puppet classes exactly ``wanted_ids``: foreman_puppet's host class
+        routes, which need the permission edit_classes (without it each answers 403, so what the
+        host has is never guessed from an empty list)."""
+        have = await self._action("host_classes", "index", {"host_id": host_id})
+        have_ids = list(have["results"] if isinstance(have, dict) else have or [])
+        for class_id in wanted_ids:
+            if class_id not in have_ids:
+                await self._action("host_classes", "create", {"host_id": host_id, "puppetclass_id": class_id})
+        for class_id in have_ids:
+            if class_id not in wanted_ids:
+                await self._action("host_classes", "destroy", {"host_id": host_id, "id": class_id})
+
+    def _denied(self, exc: AccessDenied, doing: str) -> AccessDenied:
+        """A 403 as an operator can act on it: which user lacks which permission, for what."""
+        missing = ", ".join(exc.missing_permissions) or "(Foreman named none)"
+        return AccessDenied(
+            f"Foreman at {self.config.url}: user {self.config.username} lacks the permission {missing}, "
+            f"needed to {doing}; add it to one of the user's roles ({exc})", exc.missing_permissions, source=self.name)
 
     async def _set_provider_id(self, host: HostView, target: tuple[str, str], value: str,
                                classes: list[str]) -> dict[str, Any]:
@@ -411,7 +459,7 @@ class ForemanRegistrar(Registrar):
         if not await self._has("override_values"):
             raise PermanentError(f"{where}: Foreman has no foreman_puppet plugin, so there are no smart class "
                                  "parameters", source=self.name)
-        found = [p for p in await self._list("smart_class_parameters", f'puppetclass_name = "{klass}" and key = "{name}"')
+        found = [p for p in await self._list("smart_class_parameters", f"puppetclass_name = {search_value(klass)} and key = {search_value(name)}")
                  if p.get("parameter") == name and p.get("puppetclass_name") == klass]
         if not found:
             raise PermanentError(f"{where}: Foreman has no smart class parameter {name} of Puppet class {klass}; "
@@ -482,7 +530,7 @@ class ForemanRegistrar(Registrar):
 
     async def deregister(self, host: HostView) -> None:
         """Delete the host by name, then verify: no search hit, and its id reads 404."""
-        results = await self._list("hosts", f'name="{_fqdn(host)}"', thin=True)
+        results = await self._list("hosts", f"name={search_value(_fqdn(host))}", thin=True)
         known = [r["id"] for r in results if r.get("name") == _fqdn(host)]
         recorded = (host.registrations.get(self.name) or {}).get("id")
         if recorded is not None and recorded not in known:
@@ -501,7 +549,7 @@ class ForemanRegistrar(Registrar):
             except PermanentError as exc:
                 if _status(exc) != 404:
                     raise
-        if [r for r in await self._list("hosts", f'name="{_fqdn(host)}"', thin=True) if r.get("name") == _fqdn(host)]:
+        if [r for r in await self._list("hosts", f"name={search_value(_fqdn(host))}", thin=True) if r.get("name") == _fqdn(host)]:
             raise RetryableError(f"host {_fqdn(host)} is still in Foreman after deletion", source=self.name)
         for host_id in known:
             try:
@@ -541,7 +589,7 @@ class ForemanRegistrar(Registrar):
         """Every Foreman host whose comment carries a governord ownership marker line."""
         found: list[Registration] = []
         # no thin parameter: Foreman treats any value of it, even "false", as thin (no comment)
-        for entry in await self._list("hosts", f'comment ~ "{OWNERSHIP_KEY}="'):
+        for entry in await self._list("hosts", f"comment ~ {search_value(OWNERSHIP_KEY + '=')}"):
             host_id = marker_of(entry.get("comment"))
             if host_id is not None:
                 found.append(Registration(self.name, str(entry["id"]), str(entry["name"]), host_id,

@@ -20,7 +20,7 @@ from apypie import ForemanApi
 from apypie.foreman import ForemanApiException
 
 from lab.foreman_sim import create_app, default_seed
-from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, NOBODY, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -459,7 +459,11 @@ def test_enc_parameters(foreman_sim: ForemanSim) -> None:
     assert data["parameters"]["hostgroup"] == "openshift/node"
     assert data["parameters"]["organization"] == "Governor Lab"
     assert data["parameters"]["weight"] == 2.5
-    assert data["classes"] == []  # no Puppet environment, no classes
+    # the host took its hostgroup's Puppet environment (openshift's), and the group has no classes
+    assert data["environment"] == "production" and data["classes"] == {}
+    bare = fqdn("enc-bare")
+    create(foreman_sim, {"name": bare})
+    assert get(foreman_sim, f"/api/hosts/{bare}/enc").json()["data"]["classes"] == []  # no environment, no classes
 
 
 def test_invalid_parameter_value_is_422(foreman_sim: ForemanSim) -> None:
@@ -646,3 +650,137 @@ def test_smart_class_parameter_overrides_as_foreman_validates_them(tmp_path: Pat
         assert (unknown.status_code, unknown.json()) == (404, {"message": "Smart class parameter not found by id '''"})
     finally:
         sim.stop()
+
+
+# -- edges: search quoting, permissions, Puppet facets, owners, unknown routes --------------------
+
+def quoted(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def test_a_search_value_escapes_quotes_and_backslashes(foreman_edge_sim: ForemanSim) -> None:
+    title = f"openshift/{ODD_GROUP}"
+    found = get(foreman_edge_sim, "/api/hostgroups", search=f"title = {quoted(title)}").json()
+    assert [g["title"] for g in found["results"]] == [title]
+    # unescaped, the value ends at its second quote: the rest is other terms, and nothing matches
+    raw = get(foreman_edge_sim, "/api/hostgroups", search=f'title = "{title}"')
+    assert raw.status_code == 200 and raw.json()["results"] == []
+    located = get(foreman_edge_sim, "/api/locations", search=f"title = {quoted(ODD_LOCATION)}").json()["results"]
+    assert [loc["title"] for loc in located] == [ODD_LOCATION]
+    # single quotes quote nothing in scoped_search: they are part of the value
+    assert get(foreman_edge_sim, "/api/hostgroups", search="title = 'openshift'").json()["results"] == []
+    # == and <> are = and !=; - is not; a ! inside a bare word is part of it
+    titles = lambda search: [g["title"] for g in get(foreman_edge_sim, "/api/hostgroups", search=search).json()["results"]]  # noqa: E731
+    assert titles("title == openshift") == titles("-title <> openshift") == ["openshift"]
+    odd_field = get(foreman_edge_sim, "/api/hostgroups", search="title!=openshift")
+    assert odd_field.status_code == 400 and "'title!'" in odd_field.json()["error"]["message"]
+    # a value left open runs to the end of the query
+    assert [g["title"] for g in get(foreman_edge_sim, "/api/hostgroups", search='title = "openshift').json()["results"]] == ["openshift"]
+
+
+def test_puppetclass_ids_need_edit_classes(foreman_edge_sim: ForemanSim) -> None:
+    name = fqdn("perm")
+    host_id = create(foreman_edge_sim, {"name": name, "environment_id": 1, "puppetclass_ids": [2]}).json()["id"]
+    base = f"{foreman_edge_sim.url}/foreman_puppet/api/hosts/{host_id}/puppetclass_ids"
+    keeper = (KEEPER["login"], KEEPER["password"])
+    denied = {"error": {"message": "Access denied", "details": "Missing one of the required permissions: edit_classes",
+                        "missing_permissions": ["edit_classes"]}}
+    for response in (
+        requests.get(base, auth=keeper, timeout=10),
+        requests.post(base, json={"puppetclass_id": 2}, auth=keeper, timeout=10),
+        requests.delete(f"{base}/2", auth=keeper, timeout=10),
+        # the permission is checked before the host is looked up
+        requests.get(f"{foreman_edge_sim.url}/foreman_puppet/api/hosts/999999/puppetclass_ids", auth=keeper, timeout=10),
+    ):
+        assert (response.status_code, response.json()) == (403, denied)
+    # nothing changed, and the user may still read the host and its classes there
+    assert requests.get(base, auth=foreman_edge_sim.auth, timeout=10).json() == {"results": [2]}
+    shown = requests.get(f"{foreman_edge_sim.url}/api/hosts/{host_id}", auth=keeper, timeout=10)
+    assert shown.status_code == 200 and [c["id"] for c in shown.json()["puppetclasses"]] == [2]
+    # the show view's permissions are the requesting user's
+    assert shown.json()["permissions"]["edit_hosts"] and not shown.json()["permissions"]["power_hosts"]
+    assert all(get(foreman_edge_sim, f"/api/hosts/{host_id}").json()["permissions"].values())
+
+
+def test_every_api_action_needs_one_of_its_permissions(foreman_edge_sim: ForemanSim) -> None:
+    nobody = (NOBODY["login"], NOBODY["password"])
+
+    def denied(response: requests.Response, *permissions: str) -> None:
+        assert response.status_code == 403, response.text
+        assert response.json() == {"error": {
+            "message": "Access denied", "details": f"Missing one of the required permissions: {', '.join(permissions)}",
+            "missing_permissions": list(permissions)}}
+
+    url = foreman_edge_sim.url
+    denied(requests.get(f"{url}/api/hostgroups", auth=nobody, timeout=10), "view_hostgroups")
+    denied(requests.get(f"{url}/api/hosts/1", auth=nobody, timeout=10), "view_hosts")
+    # authorize comes before the media type check
+    denied(requests.post(f"{url}/api/hosts", data="x", headers={"Content-Type": "text/plain"}, auth=nobody, timeout=10),
+           "create_hosts")
+    denied(requests.get(f"{url}/foreman_puppet/api/smart_class_parameters", auth=nobody, timeout=10),
+           "view_external_parameters", "view_puppetclasses")
+    denied(requests.post(f"{url}/foreman_puppet/api/smart_class_parameters/1/override_values",
+                         json={"override_value": {"match": "fqdn=x", "value": "y"}}, auth=nobody, timeout=10),
+           "create_external_parameters", "edit_external_parameters", "destroy_external_parameters")
+    # public: any user who logged in
+    assert requests.get(f"{url}/api/status", auth=nobody, timeout=10).status_code == 200
+    # the keeper may read hostgroups but not change override values
+    keeper = (KEEPER["login"], KEEPER["password"])
+    assert requests.get(f"{url}/api/hostgroups", auth=keeper, timeout=10).status_code == 200
+    denied(requests.delete(f"{url}/foreman_puppet/api/smart_class_parameters/1/override_values/1", auth=keeper, timeout=10),
+           "edit_external_parameters", "destroy_external_parameters")
+
+
+def test_a_host_without_a_puppet_facet_has_no_puppet_keys(foreman_sim: ForemanSim) -> None:
+    puppet_keys = {"environment_id", "environment_name", "puppet", "puppetclasses", "all_puppetclasses", "config_groups"}
+    name = fqdn("bare")
+    host_id = create(foreman_sim, {"name": name}).json()["id"]
+    assert not puppet_keys & set(get(foreman_sim, f"/api/hosts/{host_id}").json())
+    listed = get(foreman_sim, "/api/hosts", search=f'name = "{name}"').json()["results"]
+    assert [h["id"] for h in listed] == [host_id] and "environment_id" not in listed[0]
+    # foreman_puppet's host class controller makes the facet when it finds the host
+    assert get(foreman_sim, f"/foreman_puppet/api/hosts/{host_id}/puppetclass_ids").json() == {"results": []}
+    shown = get(foreman_sim, f"/api/hosts/{host_id}").json()
+    assert puppet_keys <= set(shown) and shown["environment_id"] is None and shown["puppetclasses"] == []
+    # a host given a hostgroup gets the facet, with the group's (inherited) environment
+    grouped = create(foreman_sim, {"name": fqdn("grouped"), "hostgroup_id": 2}).json()
+    assert grouped["environment_name"] == "production" and grouped["puppet"]["environment_id"] == 1
+    # an environment given explicitly wins over the group's
+    explicit = create(foreman_sim, {"name": fqdn("explicit"), "hostgroup_id": 2, "environment_id": None}).json()
+    assert explicit["environment_id"] is None and "puppet" in explicit
+
+
+def test_a_created_host_is_owned_by_the_api_user(foreman_edge_sim: ForemanSim) -> None:
+    admin_made = create(foreman_edge_sim, {"name": fqdn("own")}).json()
+    assert (admin_made["owner_type"], admin_made["owner_name"]) == ("User", "Admin User")
+    body = {"host": {"name": fqdn("own"), "location_id": 1, "organization_id": 1, "managed": False}}
+    keeper = (KEEPER["login"], KEEPER["password"])
+    made = requests.post(foreman_edge_sim.url + "/api/hosts", json=body, auth=keeper, timeout=10).json()
+    assert (made["owner_type"], made["owner_name"]) == ("User", "Host Keeper")
+    assert made["owner_id"] != admin_made["owner_id"]
+    # an update by someone else keeps the owner
+    updated = requests.put(f"{foreman_edge_sim.url}/api/hosts/{made['id']}", json={"host": {"comment": "x"}},
+                           auth=foreman_edge_sim.auth, timeout=10).json()
+    assert (updated["owner_id"], updated["owner_name"]) == (made["owner_id"], "Host Keeper")
+    deleted = requests.delete(f"{foreman_edge_sim.url}/api/hosts/{made['id']}", auth=foreman_edge_sim.auth, timeout=10).json()
+    assert (deleted["owner_id"], deleted["owner_type"]) == (made["owner_id"], "User")
+
+
+def test_unknown_routes_are_rails_404s(foreman_sim: ForemanSim) -> None:
+    accept_json = {"Accept": "application/json;version=2"}
+    not_found = {"status": 404, "error": "Not Found"}
+    for method, path in (("GET", "/api/nothing"), ("POST", "/api/hosts/1"), ("PATCH", "/api/hosts"),
+                         ("GET", "/foreman_puppet/api/hosts/1/nothing")):
+        response = requests.request(method, foreman_sim.url + path, headers=accept_json, auth=foreman_sim.auth, timeout=10)
+        assert (response.status_code, response.json()) == (404, not_found), (method, path)
+        assert "Foreman_version" not in response.headers
+    # PATCH is update, as Rails' resources route it
+    patched = requests.patch(f"{foreman_sim.url}/api/hosts/{create(foreman_sim, {'name': fqdn('patch')}).json()['id']}",
+                             json={"host": {"comment": "patched"}}, auth=foreman_sim.auth, timeout=10)
+    assert patched.status_code == 200 and patched.json()["comment"] == "patched"
+    # routing comes before authentication and body parsing
+    anonymous = requests.post(foreman_sim.url + "/api/hosts/1", data="{", headers={**accept_json, **JSON}, timeout=10)
+    assert (anonymous.status_code, anonymous.json()) == (404, not_found)
+    # a client that asks for no JSON gets Rails' static page
+    page = requests.get(foreman_sim.url + "/api/nothing", headers={"Accept": "text/html"}, timeout=10)
+    assert page.status_code == 404 and page.headers["Content-Type"].startswith("text/html")

@@ -19,11 +19,11 @@ import requests
 from governord.errors import PermanentError, RetryableError
 from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.foreman import governord_register_registrars
-from governord.plugins.foreman.registrar import ForemanRegistrar
+from governord.plugins.foreman.registrar import AccessDenied, ForemanRegistrar, search_value
 from governord.registrars import RegistrarRegistry
 from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
 from lab.stack import Lab
-from tests.fixtures.foreman import ForemanSim, launch_foreman_sim
+from tests.fixtures.foreman import KEEPER, NOBODY, ODD_GROUP, ODD_LOCATION, ForemanSim, launch_foreman_sim
 
 pytestmark = pytest.mark.integration
 
@@ -294,6 +294,78 @@ async def test_stopped_simulator_is_retryable(private_sim: ForemanSim, monkeypat
             await fresh.start()
     finally:
         await fresh.close()
+
+
+# -- the real server's edges: quoting, permissions, hosts without Puppet, owners ----------------
+
+
+def test_search_value_escapes_what_scoped_search_reads() -> None:
+    assert search_value("plain") == '"plain"'
+    assert search_value('a "b" \\ c') == '"a \\"b\\" \\\\ c"'
+
+
+async def test_a_hostgroup_and_location_with_quotes_and_backslashes_are_found(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch).model_copy(update={"location": ODD_LOCATION})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    title = f"openshift/{ODD_GROUP}"
+    try:
+        host = make_host()
+        record = await reg.register(host, {"hostgroup": title, "puppet_classes": ["profile::base"], "parameters": {}})
+        seen = read_host(foreman_edge_sim, host.fqdn).json()
+        assert (seen["id"], seen["hostgroup_title"], seen["location_name"]) == (record["id"], title, ODD_LOCATION)
+        assert (await reg.lookup(host) or {})["hostgroup"] == title
+        await reg.deregister(host)
+        assert read_host(foreman_edge_sim, host.fqdn).status_code == 404
+    finally:
+        await reg.close()
+
+
+async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_is_posted(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch, password=str(KEEPER["password"])).model_copy(
+        update={"username": KEEPER["login"]})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    try:
+        host = make_host()
+        with pytest.raises(AccessDenied, match="user hostkeeper lacks the permission edit_classes") as caught:
+            await reg.register(host, classification(reg, "node"))
+        assert caught.value.missing_permissions == ["edit_classes"] and caught.value.http_status == 403
+        assert not caught.value.retryable
+    finally:
+        await reg.close()
+    # the host was made (the user may do that), its classes were never touched
+    seen = read_host(foreman_edge_sim, host.fqdn).json()
+    assert seen["owner_name"] == "Host Keeper"
+    assert read_class_ids(foreman_edge_sim, seen["id"]) == []
+
+
+async def test_any_refusal_names_the_permissions_foreman_wants(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    config = make_config(foreman_edge_sim, monkeypatch, password=str(NOBODY["password"])).model_copy(
+        update={"username": NOBODY["login"]})
+    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    try:
+        await reg.start()  # the status is public
+        with pytest.raises(AccessDenied, match="HTTP 403 .*Access denied: Missing one of the required permissions: "
+                                               "view_organizations") as caught:
+            await reg.register(make_host(), classification(reg, "node"))
+        assert caught.value.missing_permissions == ["view_organizations"]
+    finally:
+        await reg.close()
+
+
+async def test_a_host_without_puppet_keys_is_read_and_adopted(registrar: ForemanRegistrar, foreman_sim: ForemanSim) -> None:
+    host = make_host()
+    made = create_host(foreman_sim, host.fqdn, "an operator's host")
+    assert "puppet" not in read_host(foreman_sim, host.fqdn).json()
+    assert await registrar.lookup(host) == {"id": made, "name": host.fqdn, "hostgroup": None, "puppet_classes": [],
+                                            "parameters": {}, "comment": "an operator's host"}
+    await registrar.register(host, classification(registrar, "node"))
+    seen = read_host(foreman_sim, host.fqdn).json()
+    assert seen["id"] == made and {c["name"] for c in seen["puppetclasses"]} == {"openshift::node", "profile::base"}
+    assert seen["owner_name"] == "Admin User"  # the operator who made it (here, the same API user)
+    await registrar.deregister(host)
 
 
 # -- the sweep: listing what carries the marker, removing one entry by its id -------------------
