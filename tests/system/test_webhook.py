@@ -8,8 +8,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import ssl
 import subprocess
+import sys
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -342,7 +344,7 @@ def _matches(pattern: str, line: str) -> bool:
 
 def test_the_readmes_check_by_hand_works_as_written(lab: Lab, tmp_path: Path) -> None:
     """hooks/openshift/README.md's "Check by hand", run as written: its secret made with its
-    command, its CA copied from the state directory, its teardown of a component with no hosts
+    command, its CA written by governord-ctl, its teardown of a component with no hosts
     sent from a checkout, answered as the README says. Only what an operator fills in differs:
     governord's address, the application's name and the state directory. Then what its table
     says a wrong secret, a wrong clock, a wrong CA and a wrong port print."""
@@ -371,9 +373,10 @@ keep = 0
 """)
     daemon = lab.start_governord(config)
     try:
-        assert "/var/lib/governord/" in copy_ca
-        subprocess.run(["sh", "-ec", copy_ca.replace("/var/lib/governord/", f"{daemon.state_dir}/")], cwd=home,
-                       env=env, check=True)
+        assert copy_ca.startswith("governord-ctl ca ")  # this daemon's socket is not the default one
+        ctl = f"{shlex.quote(sys.executable)} -m governord.ctl --socket {shlex.quote(str(daemon.socket))}"
+        subprocess.run(["sh", "-ec", copy_ca.replace("governord-ctl", ctl, 1)], cwd=home, env=env, check=True)
+        assert (home / "shop-governord-ca.pem").read_text() == (daemon.state_dir / "pki" / "ca.pem").read_text()
 
         def run_check(authority: str = f"127.0.0.1:{daemon.api_port}", **extra: str) -> subprocess.CompletedProcess[str]:
             script = check
