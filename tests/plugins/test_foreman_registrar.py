@@ -321,11 +321,17 @@ async def test_a_hostgroup_and_location_with_quotes_and_backslashes_are_found(
         await reg.close()
 
 
+def registrar_as(sim: ForemanSim, user: dict[str, Any], monkeypatch: pytest.MonkeyPatch,
+                 tmp_path: Path) -> ForemanRegistrar:
+    """A registrar that logs in as one of the seeded ``user``s."""
+    config = make_config(sim, monkeypatch, password=str(user["password"])).model_copy(
+        update={"username": user["login"]})
+    return ForemanRegistrar("foreman", config, state_dir=tmp_path)
+
+
 async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_is_posted(
         foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    config = make_config(foreman_edge_sim, monkeypatch, password=str(KEEPER["password"])).model_copy(
-        update={"username": KEEPER["login"]})
-    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    reg = registrar_as(foreman_edge_sim, KEEPER, monkeypatch, tmp_path)
     try:
         host = make_host()
         with pytest.raises(AccessDenied, match="user hostkeeper lacks the permission edit_classes") as caught:
@@ -342,9 +348,7 @@ async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_
 
 async def test_any_refusal_names_the_permissions_foreman_wants(
         foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    config = make_config(foreman_edge_sim, monkeypatch, password=str(NOBODY["password"])).model_copy(
-        update={"username": NOBODY["login"]})
-    reg = ForemanRegistrar("foreman", config, state_dir=tmp_path)
+    reg = registrar_as(foreman_edge_sim, NOBODY, monkeypatch, tmp_path)
     try:
         await reg.start()  # the status is public
         with pytest.raises(AccessDenied, match="HTTP 403 .*Access denied: Missing one of the required permissions: "

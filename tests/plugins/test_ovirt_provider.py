@@ -240,43 +240,28 @@ def marked_vm(system: Any, host_id: str, template: str = "Blank", name: str | No
         template=types.Template(name=template), comment=marker(host_id)))
 
 
-async def test_destroy_treats_a_vm_removed_before_its_stop_as_gone(
-    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
+@pytest.mark.parametrize(("action", "running"), [("stop", True), ("remove", False)])
+async def test_destroy_treats_a_vm_removed_before_its_action_as_gone(
+    inproc: tuple[OVirtSimServer, OVirtProvider, Any], action: str, running: bool,
 ) -> None:
+    """Someone removes the VM between the provider's read and its stop (the engine answers 400
+    "VM is not found"), or its removal (404): gone either way."""
     server, provider, other = inproc
     host_id = str(uuid.uuid4())
     vm = marked_vm(other, host_id)
-    other.vms_service().vm_service(vm.id).start()
+    if running:
+        other.vms_service().vm_service(vm.id).start()
     raced: list[str] = []
 
     def removed_by_someone_else(state: Any, vm_id: str) -> None:
         raced.append(vm_id)
         state.forget(vm_id)
 
-    # someone removes the VM between the provider's read and its stop: the engine answers 400
-    server.state.before("stop", removed_by_someone_else)
+    server.state.before(action, removed_by_someone_else)
     await provider.destroy(host_id)
     assert raced == [vm.id]
     assert vm.id not in server.state.vms
     assert await provider.find(host_id) is None
-
-
-async def test_destroy_treats_a_vm_removed_before_its_removal_as_gone(
-    inproc: tuple[OVirtSimServer, OVirtProvider, Any],
-) -> None:
-    server, provider, other = inproc
-    host_id = str(uuid.uuid4())
-    vm = marked_vm(other, host_id)
-    raced: list[str] = []
-
-    def removed_by_someone_else(state: Any, vm_id: str) -> None:
-        raced.append(vm_id)
-        state.forget(vm_id)
-
-    server.state.before("remove", removed_by_someone_else)
-    await provider.destroy(host_id)
-    assert raced == [vm.id]
-    assert vm.id not in server.state.vms
 
 
 async def test_destroy_of_a_vm_that_went_down_by_itself(
