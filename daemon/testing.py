@@ -117,6 +117,11 @@ class MemoryProvider(Provider):
             index.pop(host_id, None)
             journal.append(("destroy", self.name, machine.name))
 
+    async def probe(self) -> bool:
+        """The health checks' question: its own fault (``probe``), apart from the listing's."""
+        await self.fault.check("probe")
+        return True
+
     async def list_owned(self) -> list[Machine]:
         await self.fault.check("list_owned")
         return [m for m in self.world.values() if m.host_id]
@@ -141,6 +146,9 @@ class MemoryRegistrar(Registrar):
     readiness: ClassVar[dict[str, dict[str, bool]]] = {}
     #: per instance: whether prepare hands out a one-time token with cloud-config
     preauthorise: ClassVar[dict[str, bool]] = {}
+    #: per instance: fqdn -> the token prepare handed out, until deregister takes it back (what a
+    #: CA's or DNS server's side of a prepare would keep)
+    tokens: ClassVar[dict[str, dict[str, str]]] = {}
 
     @property
     def world(self) -> dict[str, dict[str, Any]]:
@@ -160,11 +168,13 @@ class MemoryRegistrar(Registrar):
     async def prepare(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any] | None:
         if not self.preauthorise.get(self.name):
             return None
+        await self.fault.check("prepare")
         earlier = host.registrations.get(self.name)
         if earlier:
             return earlier
         journal.append(("prepare", self.name, host.name))
         token = f"token-{host.id[:8]}"
+        self.tokens.setdefault(self.name, {})[host.fqdn] = token
         return {"autosign_token": token, "cloud_config": {self.name: {"token": token}}}
 
     async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
@@ -178,11 +188,17 @@ class MemoryRegistrar(Registrar):
 
     async def deregister(self, host: HostView) -> None:
         await self.fault.check("deregister")
+        self.tokens.get(self.name, {}).pop(host.fqdn, None)
         if self.world.pop(host.fqdn, None) is not None:
             journal.append(("deregister", self.name, host.name))
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         return self.world.get(host.fqdn)
+
+    async def probe(self) -> bool:
+        """The health checks' question: its own fault (``probe``), apart from the listing's."""
+        await self.fault.check("probe")
+        return True
 
     async def list_owned(self) -> list[Registration] | None:
         """Every entry (they all carry the host id they were registered for)."""

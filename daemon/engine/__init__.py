@@ -141,6 +141,8 @@ class Engine:
         #: the fencing token each host in ``_tasks`` was claimed with, while its lease is held
         #: (a task that released its host's lease is ending: nothing of it is renewed)
         self._tokens: dict[str, int] = {}
+        #: hosts whose classify step has begun preparing them (registrars' prepare), while it runs
+        self._preparing: set[str] = set()
         #: hosts whose current step was started by the commit that ended the step before
         self._started: set[str] = set()
         self._stopping = False
@@ -338,20 +340,23 @@ class Engine:
             return None  # lease lost: another process has the host now
         began = time.monotonic()
         try:
-            result = await getattr(self, f"_step_{step}")(started)
-        except NotReady as waiting:
-            self._stepped(started, step, began, "waiting")
-            # polling is not trying: no event per poll, and the try counter starts again
-            await self._fence(
-                started, {"attempts": 0, "next_attempt_at": NEXT_POLL_UNLESS_RETIRING},
-                release=True, binds={"next_poll": time.time() + waiting.delay},
-            )
-            return None
-        except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
-            self._stepped(started, step, began, "retry" if self.will_retry(started, step, exc) else "failed")
-            return await self._step_failed(started, step, exc)
-        self._stepped(started, step, began, "done")
-        return await self._commit(started, result)
+            try:
+                result = await getattr(self, f"_step_{step}")(started)
+            except NotReady as waiting:
+                self._stepped(started, step, began, "waiting")
+                # polling is not trying: no event per poll, and the try counter starts again
+                await self._fence(
+                    started, {"attempts": 0, "next_attempt_at": NEXT_POLL_UNLESS_RETIRING},
+                    release=True, binds={"next_poll": time.time() + waiting.delay},
+                )
+                return None
+            except Exception as exc:  # noqa: BLE001 - plugin errors arrive as StepError, others as bugs
+                self._stepped(started, step, began, "retry" if self.will_retry(started, step, exc) else "failed")
+                return await self._step_failed(started, step, exc)
+            self._stepped(started, step, began, "done")
+            return await self._commit(started, result)
+        finally:
+            self._preparing.discard(started["id"])
 
     def _stepped(self, row: Row, step: str, began: float, outcome: str) -> None:
         seconds = time.monotonic() - began
@@ -441,11 +446,13 @@ class Engine:
     async def _roll_back(self, row: Row, step: str, message: str) -> Row | None:
         """Undo what bringing the host up made: retire it at once, keeping ``failed_step`` and
         ``error`` as the reason (the request reports it), until it is gone. A host with nothing
-        outside yet (its classification failed) is gone at once."""
+        outside yet (its classification failed, before any registrar prepared it) is gone at once;
+        one whose preparation failed goes through the teardown, as a registrar that prepared it
+        may have made something (each deregister is idempotent, the provider has no machine)."""
         reason = {"failed_step": step, "error": message, "retire_requested": False}
         detail = {"step": step, "error": message, "rollback": True}
         log.error("host %s: %s failed, rolling back: %s", row["name"], step, message)
-        if row["state"] == HostState.REQUESTED.value:
+        if row["state"] == HostState.REQUESTED.value and row["id"] not in self._preparing:
             result = StepResult(HostState.GONE, reason, "step-failed", detail, after=self._release_address)
         else:
             result = StepResult(HostState.RETIRING, reason, "step-failed", detail)
@@ -506,6 +513,9 @@ class Engine:
         classification = await self.classify(row)
         prepared = {**row, "classification": classification}
         registrations = dict(row["registrations"])
+        # from here a registrar may have made something outside (a DNS record of a pool address):
+        # a rollback of this step then takes the host through the teardown, not straight to gone
+        self._preparing.add(row["id"])
         for outcome in await self.dispatcher.broadcast("governord_prepare_host", host=host_view(prepared)):
             registrations.update(outcome.value or {})
         nxt = HostState.REGISTERING if row["origin"] == HostOrigin.ADOPTED.value else HostState.PROVISIONING

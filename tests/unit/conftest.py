@@ -119,6 +119,7 @@ def make_runtime(tmp_path: Path, store_config: Callable[[], str]) -> Callable[..
     testing.MemoryRegistrar.worlds.clear()
     testing.MemoryRegistrar.readiness.clear()
     testing.MemoryRegistrar.preauthorise.clear()
+    testing.MemoryRegistrar.tokens.clear()
     testing.journal.clear()
 
 

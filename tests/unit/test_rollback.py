@@ -5,6 +5,9 @@ rolled back. The same against the real peers: tests/system/test_faults.py."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import Any
+
 from sqlalchemy import select
 
 from governord import testing
@@ -102,3 +105,24 @@ async def test_a_host_that_was_ready_is_kept_failed_not_rolled_back(runtime: Run
     assert row["failed_step"] == "register"
     assert len(testing.MemoryProvider.worlds["mem"]) == 1
     assert row["fqdn"] in testing.MemoryRegistrar.worlds["cmdb"]
+
+
+async def test_a_failed_preparation_undoes_what_the_other_registrars_prepared(make_runtime: Callable[..., Any]) -> None:
+    """One registrar prepared the host (a token it keeps: what a CA or a DNS server would hold),
+    another's prepare failed for good: the host is not dropped as if nothing were outside, it goes
+    through the teardown and the first registrar's token is taken back."""
+    runtime: Runtime = await make_runtime('[registrars.ca]\ntype = "memory"\n')
+    testing.MemoryRegistrar.preauthorise.update({"cmdb": True, "ca": True})
+    _fail("ca", "prepare", PermanentError("the CA refuses"))
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        host_id = decision.request["host_ids"][0]
+        [row] = await wait_states(runtime, [host_id], {"gone"})
+        assert row["failed_step"] == "classify" and "the CA refuses" in row["error"]
+        assert testing.MemoryRegistrar.tokens["cmdb"] == {}  # taken back by the teardown's deregister
+        kinds = [e["kind"] for e in await runtime.store.list_events(host_id=host_id)]
+        assert kinds[:3] == ["requested", "step-started", "step-failed"] and kinds[-1] == "gone"
+        assert "deregistered" in kinds and testing.MemoryProvider.worlds.get("mem", {}) == {}
+        assert host_id not in await _leases(runtime)
+    finally:
+        await runtime.stop()
