@@ -7,8 +7,8 @@
 - bash and zsh completion of governord-ctl, click's own (what ``_GOVERNORD_CTL_COMPLETE=bash_source
   governord-ctl`` prints).
 
-governord(8) is written by hand (man/governord.8): signals, files and exit statuses are not in
-any parser. ``python -m governord.manpages --example etc/governord.toml --out DIR``
+governord(8) and governord-autosign(8) are written by hand (man/): signals, files and exit
+statuses are not in any parser. ``python -m governord.manpages --example etc/governord.toml --out DIR``
 """
 
 from __future__ import annotations

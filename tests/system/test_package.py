@@ -127,7 +127,7 @@ def test_install_run_and_purge(lab: Lab, package: list[str]) -> None:
                  "/usr/share/governord/hooks/openshift/deploy", "/usr/share/governord/hooks/openshift/lib/governord-hook.sh",
                  "/usr/share/governord/tmpfiles.d/governord-autosign.conf",
                  "/usr/share/man/man8/governord.8.gz", "/usr/share/man/man1/governord-ctl.1.gz",
-                 "/usr/share/man/man5/governord.toml.5.gz",
+                 "/usr/share/man/man5/governord.toml.5.gz", "/usr/share/man/man8/governord-autosign.8.gz",
                  "/usr/share/bash-completion/completions/governord-ctl", "/usr/share/zsh/vendor-completions/_governord-ctl",
                  "/usr/share/doc/governord/README.md", "/usr/share/doc/governord/examples/governord.toml"):
         assert path in files, path
@@ -141,7 +141,7 @@ def test_install_run_and_purge(lab: Lab, package: list[str]) -> None:
         assert result.stdout.strip() == f"{program} {governord.__version__}", result.stderr
     # the man pages render
     for page in ("/usr/share/man/man8/governord.8.gz", "/usr/share/man/man1/governord-ctl.1.gz",
-                 "/usr/share/man/man5/governord.toml.5.gz"):
+                 "/usr/share/man/man5/governord.toml.5.gz", "/usr/share/man/man8/governord-autosign.8.gz"):
         rendered = subprocess.run(["man", "-l", page], capture_output=True, text=True, env={**os.environ, "MANWIDTH": "100"})
         assert rendered.returncode == 0 and "SEE ALSO" in rendered.stdout, page
 
