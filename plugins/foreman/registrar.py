@@ -358,7 +358,8 @@ class ForemanRegistrar(Registrar):
         return {"hostgroup": hostgroup, "puppet_classes": classes, "parameters": parameters}
 
     async def register(self, host: HostView, classification: dict[str, Any]) -> dict[str, Any]:
-        """Create or update the host in Foreman, then set its Puppet classes to exactly these."""
+        """Create or update the host in Foreman, then set its Puppet classes to exactly these (when
+        its tags name any, or governord set some before)."""
         ids = await self._ids()
         title: str | None = classification.get("hostgroup")
         hostgroup_id = (await self._find_one("hostgroups", "title", title, "hostgroup"))["id"] if title else None
@@ -405,7 +406,11 @@ class ForemanRegistrar(Registrar):
         assert current is not None
         host_id: int = current["id"]
 
-        if class_ids or await self._has("host_classes"):
+        # the host's own classes are governord's to keep exact once a tag names some, or it set
+        # some before (a re-tag that drops them removes them); otherwise they are not touched,
+        # so that an API user without edit_classes can register hosts whose tags name none
+        earlier = (host.registrations.get(self.name) or {}).get("puppet_classes")
+        if class_ids or (earlier and await self._has("host_classes")):
             try:
                 await self._set_classes(host_id, list(class_ids.values()))
             except AccessDenied as exc:

@@ -346,6 +346,23 @@ async def test_without_edit_classes_the_missing_permission_is_named_and_nothing_
     assert read_class_ids(foreman_edge_sim, seen["id"]) == []
 
 
+async def test_without_edit_classes_a_host_whose_tags_name_no_class_registers(
+        foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Least privilege: a site whose tags name no Puppet class need not grant edit_classes; the
+    host's classes are not touched (nor read) then."""
+    reg = registrar_as(foreman_edge_sim, KEEPER, monkeypatch, tmp_path)
+    host = make_host()
+    try:
+        record = await reg.register(host, {"hostgroup": "openshift/node", "puppet_classes": [], "parameters": {}})
+        again = await reg.register(dataclasses.replace(host, registrations={"foreman": record}),
+                                   {"hostgroup": "openshift/node", "puppet_classes": [], "parameters": {}})
+        assert again["id"] == record["id"] and record["puppet_classes"] == []
+    finally:
+        await reg.close()
+    seen = read_host(foreman_edge_sim, host.fqdn).json()
+    assert seen["hostgroup_title"] == "openshift/node" and seen["owner_name"] == "Host Keeper"
+
+
 async def test_any_refusal_names_the_permissions_foreman_wants(
         foreman_edge_sim: ForemanSim, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     reg = registrar_as(foreman_edge_sim, NOBODY, monkeypatch, tmp_path)
