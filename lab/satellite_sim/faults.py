@@ -29,6 +29,7 @@ UNHANDLED = -1
 PERMISSION_CHECK_FAILURE = -23
 NO_SUCH_CHANNEL = -210
 NO_SUCH_ENTITLEMENT = -212
+ACTIVATION_KEY_NOT_FOUND = -212
 NO_SUCH_SYSTEM = -208
 SYSTEMS_NOT_DELETED = 1003
 PROFILE_NAME_TOO_SHORT = 1060
@@ -89,6 +90,28 @@ def server_group_lookup(identifier: object) -> JavaException:
     return JavaException(LOOKUP_EXCEPTION, f"Unable to locate or access server group: {identifier}")
 
 
-def activation_key_lookup(key: str) -> JavaException:
-    """``ActivationKeyManager.validateCredentials`` failing: a plain ``LookupException``."""
-    return JavaException(LOOKUP_EXCEPTION, f"Could not find activation key: {key}")
+def activation_key_not_found(key: str) -> ApiFault:
+    """What a key lookup by the handler gives, missing key or not: -212 naming the key.
+
+    ``ActivationKeyHandler.lookupKey`` goes through ``XmlRpcActivationKeysHelper.lookupKey``, which
+    turns the ``LookupException`` of ``ActivationKeyManager.validateCredentials`` ("Could not find
+    activation key: <k>") into ``FaultException(-212, "ActivationKeyNotFound", ...)``; the plain
+    ``LookupException`` never reaches the wire."""
+    return ApiFault(ACTIVATION_KEY_NOT_FOUND, f"Activation Key [{key}] Not Found!")
+
+
+def java_message_arg(value: object) -> str:
+    """An argument as ``LocalizationService.getMessage`` (``java.text.MessageFormat``) prints it:
+    numbers with grouping separators (``1001`` is ``1,001``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def lookup_server_group_fault(identifier: object) -> ApiFault:
+    """``LookupServerGroupException`` (2201), what ``ServerGroupHandler.getDetails`` makes of a failed
+    lookup; its text is ``api.systemgroup.lookupServerGroup`` (StringResource_en_US.xml), which
+    quotes the name or id."""
+    return ApiFault(
+        LOOKUP_SERVER_GROUP, f'Unable to locate or access server group: "{java_message_arg(identifier)}"'
+    )

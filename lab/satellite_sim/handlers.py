@@ -65,6 +65,18 @@ def overview(system: System) -> dict[str, Any]:
     }
 
 
+def short_info(system: System) -> dict[str, Any]:
+    """``ShortSystemInfoSerializer``: what current Uyuni's ``system.listSystems`` returns
+    (``SystemManager.systemListShort``), without ``extra_pkg_count``."""
+    return {
+        "id": system.id,
+        "name": system.name,
+        "last_checkin": _date(system.last_checkin),
+        "created": _date(system.created),
+        "last_boot": _date(system.last_boot),
+    }
+
+
 def server_details(system: System) -> dict[str, Any]:
     """``ServerSerializer``; null members are left out, as the real serializer does."""
     out: dict[str, Any] = {
@@ -87,8 +99,8 @@ def server_details(system: System) -> dict[str, Any]:
         "lock_status": False,
         "contact_method": "default",
     }
-    if system.description is not None:
-        out["description"] = system.description
+    # ServerSerializer: helper.add("description", StringUtils.defaultString(server.getDescription()))
+    out["description"] = system.description or ""
     if system.hostname is not None:
         out["hostname"] = system.hostname
     return out
@@ -160,10 +172,10 @@ def lookup_group(state: State, user: User, identifier: str | int) -> Group:
 
 
 def lookup_key(state: State, user: User, key: str) -> ActivationKey:
-    """``ActivationKeyManager.lookupByKey``: a plain LookupException when missing."""
+    """``ActivationKeyHandler.lookupKey`` (``XmlRpcActivationKeysHelper.lookupKey``): -212 naming the key."""
     found = state.keys.get(key)
     if found is None or found.org_id != user.org_id:
-        raise faults.activation_key_lookup(key)
+        raise faults.activation_key_not_found(key)
     return found
 
 
@@ -207,14 +219,14 @@ def auth_logout(state: State, session_key: str) -> int:
 
 @api("system", "listSystems", "user")
 def system_list_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Every system visible to the user."""
-    return [overview(s) for s in _systems_of(state, user)]
+    """Every system visible to the user, in the short form (``SystemHandler.listSystems``)."""
+    return [short_info(s) for s in _systems_of(state, user)]
 
 
 @api("system", "listUserSystems", "user")
 def system_list_user_systems(state: State, user: User) -> list[dict[str, Any]]:
     """Systems of the logged-in user (here: of the org)."""
-    return system_list_systems(state, user)
+    return [overview(s) for s in _systems_of(state, user)]
 
 
 @api("system", "listUserSystems", "user", "string")
@@ -223,7 +235,7 @@ def system_list_user_systems_of(state: State, user: User, login: str) -> list[di
     target = state.users.get(login)
     if target is None or target.org_id != user.org_id:
         raise ApiFault(-213, "No such user")
-    return system_list_systems(state, target)
+    return system_list_user_systems(state, target)
 
 
 @api("system", "getId", "user", "string")
@@ -409,10 +421,11 @@ def systemgroup_delete(state: State, user: User, name: str) -> int:
 
 
 def _group_details_lookup(state: State, user: User, identifier: str | int) -> dict[str, Any]:
+    """``ServerGroupHandler.lookup(name|id, user)``: the LookupException becomes 2201."""
     try:
         return group_details(lookup_group(state, user, identifier))
-    except JavaException as exc:
-        raise ApiFault(faults.LOOKUP_SERVER_GROUP, exc.message) from None
+    except JavaException:
+        raise faults.lookup_server_group_fault(identifier) from None
 
 
 @api("systemgroup", "getDetails", "user", "int")
@@ -523,13 +536,11 @@ def activationkey_list_activation_keys(state: State, user: User) -> list[dict[st
 @api("activationkey", "listActivatedSystems", "user", "string")
 def activationkey_list_activated_systems(state: State, user: User, key: str) -> list[dict[str, Any]]:
     """Systems registered with the key."""
-    found = state.keys.get(key)
-    if found is None or found.org_id != user.org_id:
-        raise ApiFault(faults.NO_SUCH_ENTITLEMENT, f"Activation Key [{key}] Not Found!")
+    found = lookup_key(state, user, key)
     return [
         {"id": s.id, "hostname": s.hostname or "", "last_checkin": _date(s.last_checkin)}
         for s in _systems_of(state, user)
-        if key in s.activation_keys
+        if found.key in s.activation_keys
     ]
 
 

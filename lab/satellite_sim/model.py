@@ -28,6 +28,10 @@ FIRST_SYSTEM_ID = 1000010000
 
 DEFAULT_SEED = Path(__file__).with_name("seed.json")
 
+#: Seconds between runs of Taskomatic's ``session-cleanup-default`` schedule ("0 0/15 * * * ?",
+#: rhnTaskoSchedule.sql): the only thing that ends a session besides ``auth.logout``.
+SESSION_PURGE_INTERVAL = 900.0
+
 
 def now() -> dt.datetime:
     """Server time (UTC, whole seconds), as stored for check-ins and creation dates."""
@@ -58,7 +62,10 @@ class User:
 
 @dataclass
 class Session:
-    """A web session; ``expires`` is seconds since the epoch."""
+    """A web session; ``expires`` is seconds since the epoch.
+
+    Nothing checks ``expires`` at lookup (``SessionManager.lookupByKey`` does not); a session ends
+    when :meth:`State.purge_sessions` (``SessionCleanup``) deletes it."""
 
     id: int
     login: str
@@ -120,9 +127,13 @@ class ActivationKey:
 class State:
     """All data of one simulated server, guarded by :attr:`lock`."""
 
-    def __init__(self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0) -> None:
+    def __init__(
+        self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0,
+        session_purge_interval: float = SESSION_PURGE_INTERVAL,
+    ) -> None:
         self.lock = threading.RLock()
         self.session_lifetime = session_lifetime
+        self.session_purge_interval = session_purge_interval
         self.delete_delay = delete_delay
         self.orgs: dict[int, Org] = {}
         self.users: dict[str, User] = {}
@@ -200,16 +211,23 @@ class State:
                     f"Session id: {id_part} is not valid. Session ids must be numeric.",
                 )
             sid = int(id_part)
+            # No look at ``expires``: an expired session works until the cleanup task removes it.
             session = self.sessions.get(sid)
-            if session is not None and session.expires <= time.time():
-                # The real server's cleanup task deletes expired sessions; do it on sight.
-                del self.sessions[sid]
-                session = None
             if session is None:
                 raise JavaException(LOOKUP_EXCEPTION, f"Could not find session with id: {sid}")
             if not hmac.compare_digest(key, f"{sid}x{self._key_hash(sid)}"):
                 raise JavaException(INVALID_SESSION_EXCEPTION, f"Session id: {sid} is not valid.")
             return session
+
+    def purge_sessions(self) -> int:
+        """``SessionCleanup.execute``: delete the sessions that expired more than two session
+        lifetimes ago (``bound = now - 2 * web.session_database_lifetime``); returns how many."""
+        with self.lock:
+            bound = time.time() - 2 * self.session_lifetime
+            stale = [sid for sid, session in self.sessions.items() if session.expires < bound]
+            for sid in stale:
+                del self.sessions[sid]
+            return len(stale)
 
     def extend_session(self, session: Session) -> None:
         """``SessionManager.extendSessionLifetime``, run after every call made with a session."""

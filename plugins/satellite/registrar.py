@@ -43,14 +43,20 @@ log = logging.getLogger(__name__)
 #: Fault codes the registrar acts on (see reference/satellite/FAULT_CODES.tsv).
 FAULT_UNHANDLED = -1
 FAULT_NO_SUCH_SYSTEM = -208
+FAULT_ACTIVATION_KEY_NOT_FOUND = -212
 FAULT_SYSTEMS_EXIST = 1100
 FAULT_LOOKUP_SERVER_GROUP = 2201
 FAULT_LOGIN = 2950
 
-#: How the server says a session key no longer works (expired and purged, or not its own).
+#: How the server says a session key no longer works (expired and purged, or not its own):
+#: ``SessionManager.lookupByKey`` fails outside the handler, so -1 with the Java class and text.
 _SESSION_GONE = re.compile(r"Could not find session|InvalidSessionIdException", re.IGNORECASE)
+#: ``systemgroup.getDetails``: ``LookupServerGroupException`` (2201), text
+#: ``api.systemgroup.lookupServerGroup``; the same words whether the group is missing or hidden.
 _GROUP_MISSING = re.compile(r"Unable to locate or access server group", re.IGNORECASE)
-_KEY_MISSING = re.compile(r"Could not find activation key", re.IGNORECASE)
+#: ``activationkey.getDetails``: ``XmlRpcActivationKeysHelper.lookupKey`` answers -212
+#: "Activation Key [<key>] Not Found!" (-212 is also "Invalid entitlement", hence the text).
+_KEY_MISSING = re.compile(r"Activation Key \[.*\] Not Found", re.IGNORECASE)
 
 #: The calls that only read: repeated when they fail in transit (every XML-RPC call is a POST, so
 #: HTTP cannot tell). Any method not listed here is sent once per step try.
@@ -325,7 +331,7 @@ class SatelliteRegistrar(Registrar):
         try:
             group = await self._api("systemgroup.getDetails", name)
         except SatelliteFault as exc:
-            if exc.code in (FAULT_LOOKUP_SERVER_GROUP, FAULT_UNHANDLED) and _GROUP_MISSING.search(exc.fault_string):
+            if exc.code == FAULT_LOOKUP_SERVER_GROUP and _GROUP_MISSING.search(exc.fault_string):
                 raise MissingAtPeer(
                     f"Satellite system group {name!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
@@ -336,7 +342,7 @@ class SatelliteRegistrar(Registrar):
         try:
             details = await self._api("activationkey.getDetails", key)
         except SatelliteFault as exc:
-            if _KEY_MISSING.search(exc.fault_string):
+            if exc.code == FAULT_ACTIVATION_KEY_NOT_FOUND and _KEY_MISSING.search(exc.fault_string):
                 raise MissingAtPeer(
                     f"Satellite activation key {key!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc

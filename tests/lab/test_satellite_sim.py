@@ -116,23 +116,38 @@ def test_string_that_is_not_a_session_key_is_not_treated_as_one(api: Api) -> Non
     assert "Session" not in fault.faultString
 
 
-def test_sessions_expire_unless_used() -> None:
-    sim = start_satellite_sim(session_lifetime=1.0)
+def test_sessions_end_when_the_cleanup_deletes_them_unless_used() -> None:
+    # SessionCleanup deletes sessions that expired more than two lifetimes ago, on its schedule
+    sim = start_satellite_sim(session_lifetime=0.5, session_purge_interval=0.2)
     try:
         proxy = sim.client()
         idle = proxy.auth.login(sim.username, sim.password)
         busy = proxy.auth.login(sim.username, sim.password)
-        for _ in range(4):
-            time.sleep(0.4)
+        for _ in range(8):
+            time.sleep(0.3)
             proxy.system.listSystems(busy)  # every call extends the session
         fault = fault_of(proxy.system.listSystems, idle)
         assert fault.faultCode == -1
-        assert "Could not find session with id: " + idle.split("x")[0] in fault.faultString
+        assert fault.faultString == (
+            "com.redhat.rhn.common.hibernate.LookupException: Could not find session with id: " + idle.split("x")[0]
+        )
         assert proxy.system.listSystems(busy) == []
         # auth.login's third parameter sets the session's duration
         long_lived = proxy.auth.login(sim.username, sim.password, 30)
-        time.sleep(1.3)
+        time.sleep(1.8)
         assert proxy.system.listSystems(long_lived) == []
+    finally:
+        sim.stop()
+
+
+def test_an_expired_session_works_until_the_cleanup_runs() -> None:
+    # SessionManager.lookupByKey never looks at the expiry; only the cleanup (every 15 minutes) does
+    sim = start_satellite_sim(session_lifetime=0.3)
+    try:
+        proxy = sim.client()
+        key = proxy.auth.login(sim.username, sim.password)
+        time.sleep(1.2)  # expired for three lifetimes, but no cleanup ran
+        assert proxy.system.listSystems(key) == []
     finally:
         sim.stop()
 
@@ -200,6 +215,15 @@ def test_get_id_returns_an_array_of_system_overviews_exact_match(api: Api) -> No
     assert proxy.system.getId(key, name.upper()) == []
 
 
+def test_list_systems_is_the_short_form(api: Api) -> None:
+    # current Uyuni: SystemManager.systemListShort, ShortSystemInfoSerializer (no extra_pkg_count)
+    proxy, key = api
+    sid, name = create(proxy, key)
+    [entry] = [s for s in proxy.system.listSystems(key) if s["id"] == sid]
+    assert set(entry) == {"id", "name", "last_checkin", "created", "last_boot"}
+    assert entry["name"] == name and isinstance(entry["last_boot"], xmlrpc.client.DateTime)
+
+
 def test_names_are_not_unique_so_get_id_can_return_several(api: Api) -> None:
     proxy, key = api
     name = new_name()
@@ -236,7 +260,8 @@ def test_get_name_get_details_and_set_details(api: Api) -> None:
     assert isinstance(info["last_checkin"], xmlrpc.client.DateTime)
     details = proxy.system.getDetails(key, sid)
     assert details["profile_name"] == name and details["hostname"] == name
-    assert "description" not in details  # null members are not serialized
+    # ServerSerializer writes StringUtils.defaultString(description): "" when there is none
+    assert details["description"] == ""
     assert proxy.system.setDetails(key, sid, {"description": "governord:host-id=abc"}) == 1
     assert proxy.system.getDetails(key, sid)["description"] == "governord:host-id=abc"
     renamed = new_name()
@@ -368,8 +393,16 @@ def test_unknown_group_faults(api: Api) -> None:
     assert (fault.faultCode, fault.faultString) == (
         -1, f"redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Unable to locate or access server group: {name}",
     )
+    # ServerGroupHandler.lookup: LookupServerGroupException, text api.systemgroup.lookupServerGroup
     fault = fault_of(proxy.systemgroup.getDetails, key, name)
-    assert fault.faultCode == 2201 and "Unable to locate or access server group" in fault.faultString
+    assert (fault.faultCode, fault.faultString) == (
+        2201, f'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "{name}"',
+    )
+    # by id: java.text.MessageFormat prints the number with grouping separators
+    fault = fault_of(proxy.systemgroup.getDetails, key, 4242424)
+    assert (fault.faultCode, fault.faultString) == (
+        2201, 'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "4,242,424"',
+    )
 
 
 def test_add_or_remove_systems_and_delete_group(api: Api) -> None:
@@ -415,14 +448,15 @@ def test_activationkey_create_prefixes_and_refuses_duplicates(api: Api) -> None:
 
 def test_activationkey_lookups(api: Api) -> None:
     proxy, key = api
-    fault = fault_of(proxy.activationkey.getDetails, key, "1-missing")
-    assert (fault.faultCode, fault.faultString) == (
-        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Could not find activation key: 1-missing",
-    )
-    fault = fault_of(proxy.activationkey.listActivatedSystems, key, "1-missing")
-    assert (fault.faultCode, fault.faultString) == (
-        -212, "redstone.xmlrpc.XmlRpcFault: Activation Key [1-missing] Not Found!",
-    )
+    # every key lookup of the handler goes through XmlRpcActivationKeysHelper.lookupKey: -212
+    for method in (proxy.activationkey.getDetails, proxy.activationkey.listActivatedSystems,
+                   proxy.activationkey.delete):
+        fault = fault_of(method, key, "1-missing")
+        assert (fault.faultCode, fault.faultString) == (
+            -212, "redstone.xmlrpc.XmlRpcFault: Activation Key [1-missing] Not Found!",
+        )
+    fault = fault_of(proxy.activationkey.addServerGroups, key, "1-missing", [])
+    assert fault.faultCode == -212
     assert proxy.activationkey.listActivatedSystems(key, "1-openshift-broker") == []
 
 
