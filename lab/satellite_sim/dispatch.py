@@ -38,6 +38,7 @@ HANDLER_CLASSES: dict[str, str] = {
     "system": "com.redhat.rhn.frontend.xmlrpc.system.SystemHandler",
     "systemgroup": "com.redhat.rhn.frontend.xmlrpc.systemgroup.ServerGroupHandler",
     "activationkey": "com.redhat.rhn.frontend.xmlrpc.activationkey.ActivationKeyHandler",
+    "user": "com.redhat.rhn.frontend.xmlrpc.user.UserHandler",
 }
 
 ApiFunc = Callable[..., Any]

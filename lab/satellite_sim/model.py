@@ -46,9 +46,21 @@ class Org:
     name: str
 
 
+#: ``rhnUserGroupType`` (label, name): the roles a user may hold; ``PermissionCheckFailureException``
+#: names the role by its name.
+ROLES: dict[str, str] = {
+    "satellite_admin": "Satellite Administrator",
+    "org_admin": "Organization Administrator",
+    "channel_admin": "Channel Administrator",
+    "config_admin": "Configuration Administrator",
+    "system_group_admin": "System Group Administrator",
+    "activation_key_admin": "Activation Key Administrator",
+}
+
+
 @dataclass
 class User:
-    """An API user. ``org_admin`` implies every other role."""
+    """An API user. ``org_admin`` implies every other role (``UserImpl.hasRole``, implied roles)."""
 
     login: str
     password: str
@@ -107,6 +119,9 @@ class Group:
     description: str
     org_id: int
     members: set[int] = field(default_factory=set)
+    #: logins of the users who administer the group (``rhnUserServerGroupPerms``); org admins
+    #: see every group of their org without being listed
+    admins: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -161,7 +176,8 @@ class State:
                     int(user["org_id"]), set(user.get("roles", [])),
                 )
             for group in data.get("system_groups", []):
-                self.add_group(str(group["name"]), str(group.get("description", "")), int(group["org_id"]))
+                added = self.add_group(str(group["name"]), str(group.get("description", "")), int(group["org_id"]))
+                added.admins.update(str(login) for login in group.get("admins", []))
             for key in data.get("activation_keys", []):
                 org_id = int(key["org_id"])
                 gids = [g.id for name in key.get("system_groups", []) if (g := self.group_by_name(name, org_id))]
@@ -293,6 +309,25 @@ class State:
             self._next_group += 1
             self.groups[group.id] = group
             return group
+
+    # -- what a user may see ----------------------------------------------------------------
+
+    def can_access_group(self, user: User, group: Group) -> bool:
+        """``ServerGroupManager.canAccess``: same org, and an org admin or one of the group's admins
+        (``SystemGroup_queries.is_visible``)."""
+        return group.org_id == user.org_id and (user.has_role("org_admin") or user.login in group.admins)
+
+    def can_see_system(self, user: User, system: System) -> bool:
+        """``rhnUserServerPerms`` (view ``rhnUserServerPermsDupes``): an org admin sees every system of
+        the org, any other user only the members of groups it administers. A profile in no group is
+        seen by org admins alone."""
+        if system.org_id != user.org_id:
+            return False
+        if user.has_role("org_admin"):
+            return True
+        return any(
+            system.id in g.members and user.login in g.admins for g in self.groups.values() if g.org_id == user.org_id
+        )
 
     def group_by_name(self, name: str, org_id: int) -> Group | None:
         """The org's group called ``name``, if any."""

@@ -42,6 +42,7 @@ log = logging.getLogger(__name__)
 
 #: Fault codes the registrar acts on (see reference/satellite/FAULT_CODES.tsv).
 FAULT_UNHANDLED = -1
+FAULT_PERMISSION_CHECK = -23
 FAULT_NO_SUCH_SYSTEM = -208
 FAULT_ACTIVATION_KEY_NOT_FOUND = -212
 FAULT_SYSTEMS_EXIST = 1100
@@ -62,8 +63,20 @@ _KEY_MISSING = re.compile(r"Activation Key \[.*\] Not Found", re.IGNORECASE)
 #: HTTP cannot tell). Any method not listed here is sent once per step try.
 READ_ONLY_METHODS = frozenset({
     "system.getId", "system.getDetails", "system.listSystems", "system.listGroups",
-    "systemgroup.getDetails", "activationkey.getDetails",
+    "systemgroup.getDetails", "activationkey.getDetails", "user.listRoles",
 })
+
+#: The role the API user needs. Uyuni shows a system to a user who is not an org admin only through
+#: the system groups that user administers (rhnUserServerPerms), and a profile
+#: ``system.createSystemProfile`` makes is in no group, so only an org admin can read and change it.
+#: An org admin holds system_group_admin and activation_key_admin as well.
+REQUIRED_ROLE = "org_admin"
+#: Role labels and the names Uyuni shows for them (rhnUserGroupType).
+ROLE_NAMES = {
+    "org_admin": "Organization Administrator",
+    "system_group_admin": "System Group Administrator",
+    "activation_key_admin": "Activation Key Administrator",
+}
 #: what the reverse proxy in front of Satellite (Apache) answers when its back end fails
 RETRY_STATUSES = frozenset({502, 503, 504})
 
@@ -139,6 +152,8 @@ class SatelliteRegistrar(Registrar):
         # call_timeout bounds each try of a call; the thread running the call gets room for all
         self._call_timeout = call_budget(config.call_timeout, config.call_tries, config.call_backoff)
         self._session: str | None = None
+        #: the API user's role labels (``user.listRoles``), read at start
+        self._roles: frozenset[str] | None = None
         self._login_lock = asyncio.Lock()
         self._tls: ssl.SSLContext | None = None
         if config.url.startswith("https://"):
@@ -150,8 +165,35 @@ class SatelliteRegistrar(Registrar):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Log in (a wrong password fails here, permanently)."""
+        """Log in and check the API user's role (a wrong password or a missing role fails here,
+        permanently)."""
         await self._login(None)
+        await self._check_roles()
+
+    async def _check_roles(self) -> None:
+        """Read the API user's roles; without :data:`REQUIRED_ROLE` nothing would work, and each call
+        would fail with a fault that does not say why (a hidden profile reads as "No such system")."""
+        roles = frozenset(str(r) for r in await self._api("user.listRoles", self.settings.username))
+        self._roles = roles
+        if REQUIRED_ROLE not in roles:
+            held = ", ".join(sorted(roles)) or "none"
+            raise PermanentError(
+                f"Satellite API user {self.settings.username!r} lacks the {REQUIRED_ROLE} role "
+                f"({ROLE_NAMES[REQUIRED_ROLE]}), which the registrar needs: the profiles it creates are in "
+                f"no system group, and Uyuni shows such a profile to org admins only (roles it has: {held})",
+                source=self.name,
+            )
+
+    async def _lacks(self, role: str) -> bool:
+        """Whether the API user lacks ``role`` now (org admins hold every role). Asked when a fault may
+        mean a missing role, since roles can be taken away after start; unknown counts as held."""
+        try:
+            roles = frozenset(str(r) for r in await self._api("user.listRoles", self.settings.username))
+        except (SatelliteFault, RetryableError) as exc:
+            log.info("%s: cannot read the API user's roles: %s", self.name, exc)
+            return False
+        self._roles = roles
+        return REQUIRED_ROLE not in roles and role not in roles
 
     async def close(self) -> None:
         """Log out; failures are only logged (the session expires by itself)."""
@@ -332,6 +374,14 @@ class SatelliteRegistrar(Registrar):
             group = await self._api("systemgroup.getDetails", name)
         except SatelliteFault as exc:
             if exc.code == FAULT_LOOKUP_SERVER_GROUP and _GROUP_MISSING.search(exc.fault_string):
+                if await self._lacks(REQUIRED_ROLE):
+                    raise MissingAtPeer(
+                        f"Satellite system group {name!r} does not exist, or API user "
+                        f"{self.settings.username!r} may not see it: without the {REQUIRED_ROLE} role "
+                        f"({ROLE_NAMES[REQUIRED_ROLE]}) it sees only the groups it administers "
+                        f"({exc.fault_string})",
+                        source=self.name,
+                    ) from exc
                 raise MissingAtPeer(
                     f"Satellite system group {name!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
@@ -343,6 +393,14 @@ class SatelliteRegistrar(Registrar):
             details = await self._api("activationkey.getDetails", key)
         except SatelliteFault as exc:
             if exc.code == FAULT_ACTIVATION_KEY_NOT_FOUND and _KEY_MISSING.search(exc.fault_string):
+                if await self._lacks("activation_key_admin"):
+                    # ActivationKeyManager.validateCredentials: the same -212 as for a missing key
+                    raise MissingAtPeer(
+                        f"Satellite activation key {key!r} is not readable: API user {self.settings.username!r} "
+                        f"lacks the activation_key_admin role ({ROLE_NAMES['activation_key_admin']}), and "
+                        f"Uyuni answers every key as not found then ({exc.fault_string})",
+                        source=self.name,
+                    ) from exc
                 raise MissingAtPeer(
                     f"Satellite activation key {key!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
@@ -402,13 +460,30 @@ class SatelliteRegistrar(Registrar):
         subscribed = {int(g["id"]): str(g["system_group_name"]) for g in current if g.get("subscribed")}
         for name, gid in wanted.items():
             if gid not in subscribed:
-                await self._api("system.setGroupMembership", sid, gid, True)
+                await self._set_membership(sid, gid, name, True)
                 log.info("%s: added %s to group %s", self.name, host.fqdn, name)
         keep = set(wanted.values())
         for gid, name in subscribed.items():
             if gid not in keep:
-                await self._api("system.setGroupMembership", sid, gid, False)
+                await self._set_membership(sid, gid, name, False)
                 log.info("%s: removed %s from group %s", self.name, host.fqdn, name)
+
+    async def _set_membership(self, sid: int, gid: int, group: str, member: bool) -> None:
+        """``system.setGroupMembership``; its permission fault (-23) is made to say what is missing."""
+        try:
+            await self._api("system.setGroupMembership", sid, gid, member)
+        except SatelliteFault as exc:
+            if exc.code != FAULT_PERMISSION_CHECK:
+                raise
+            # SystemHandler.setGroupMembership: -23 naming the role without system_group_admin, a
+            # plain -23 when the group is not one the user may administer
+            raise PermanentError(
+                f"Satellite API user {self.settings.username!r} may not change the membership of system {sid} "
+                f"in group {group!r}: that needs the system_group_admin role "
+                f"({ROLE_NAMES['system_group_admin']}) and admin access to the group, which the "
+                f"{REQUIRED_ROLE} role ({ROLE_NAMES[REQUIRED_ROLE]}) gives to every group ({exc.fault_string})",
+                source=self.name,
+            ) from exc
 
     async def _wait_gone(self, fqdn: str) -> None:
         deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT

@@ -469,6 +469,122 @@ def test_activationkey_add_server_groups(api: Api) -> None:
     assert fault_of(proxy.activationkey.addServerGroups, key, created, [424242]).faultCode == -1
 
 
+# -- users and roles: what a user who is not an org admin may do -----------------------------------
+
+PERMISSION = "redstone.xmlrpc.XmlRpcFault: You do not have permissions to perform this action."
+
+
+def test_users_are_made_by_org_admins_and_see_their_own_roles(satellite_sim: SatelliteSim) -> None:
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    assert proxy.user.listRoles(key, login) == ["system_group_admin"]
+    admin, admin_key = satellite_sim.login()
+    assert admin.user.listRoles(admin_key, satellite_sim.username) == ["org_admin"]
+    assert admin.user.listRoles(admin_key, login) == ["system_group_admin"]
+    # UserManager.lookupUser: anyone but oneself needs org_admin
+    assert (fault_of(proxy.user.listRoles, key, satellite_sim.username).faultString) == PERMISSION
+    fault = fault_of(proxy.user.create, key, new_name(), "secret-pw", "A", "B", "a@lab.example")
+    assert (fault.faultCode, fault.faultString) == (
+        -23, PERMISSION + " You need to have at least a Organization Administrator role to perform this action",
+    )
+    fault = fault_of(proxy.user.addRole, key, login, "org_admin")
+    assert fault.faultCode == -2005 and "Role with the label [org_admin] cannot be assigned" in fault.faultString
+
+
+def test_a_user_sees_systems_only_through_groups_it_administers(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    group = new_name()
+    admin.systemgroup.create(admin_key, group, "")
+    sid, name = create(admin, admin_key)
+    login, password = satellite_sim.make_user(("system_group_admin",), (group,))
+    proxy, key = satellite_sim.login_as(login, password)
+    # a profile in no group: org admins only (rhnUserServerPermsDupes)
+    assert proxy.system.getId(key, name) == []
+    assert sid not in [s["id"] for s in proxy.system.listSystems(key)]
+    assert fault_of(proxy.system.getDetails, key, sid).faultString == "redstone.xmlrpc.XmlRpcFault: No such system"
+    assert fault_of(proxy.system.listGroups, key, sid).faultCode == -208
+    admin.system.setGroupMembership(admin_key, sid, admin.systemgroup.getDetails(admin_key, group)["id"], True)
+    assert [s["id"] for s in proxy.system.getId(key, name)] == [sid]
+    assert proxy.system.getDetails(key, sid)["profile_name"] == name
+
+
+def test_a_user_sees_only_the_groups_it_administers(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    group = new_name()
+    admin.systemgroup.create(admin_key, group, "")
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    fault = fault_of(proxy.systemgroup.getDetails, key, group)
+    assert (fault.faultCode, fault.faultString) == (
+        2201, f'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "{group}"',
+    )
+    assert group not in [g["name"] for g in proxy.systemgroup.listAllGroups(key)]
+    admin.systemgroup.addOrRemoveAdmins(admin_key, group, [login], True)
+    assert proxy.systemgroup.getDetails(key, group)["name"] == group
+    # a group it creates itself it administers (ServerGroupManager.create)
+    own = new_name()
+    proxy.systemgroup.create(key, own, "")
+    assert own in [g["name"] for g in proxy.systemgroup.listAllGroups(key)]
+    assert own in [g["name"] for g in admin.systemgroup.listAllGroups(admin_key)]
+    # org admins always see every group and cannot be made admins of one
+    fault = fault_of(admin.systemgroup.addOrRemoveAdmins, admin_key, group, [satellite_sim.username], True)
+    assert fault.faultCode == 2202
+
+
+def test_activation_keys_need_the_activation_key_admin_role(satellite_sim: SatelliteSim) -> None:
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    # ActivationKeyManager.validateCredentials: an existing key reads exactly like a missing one
+    for existing in ("1-openshift-node", "1-no-such-key"):
+        fault = fault_of(proxy.activationkey.getDetails, key, existing)
+        assert (fault.faultCode, fault.faultString) == (
+            -212, f"redstone.xmlrpc.XmlRpcFault: Activation Key [{existing}] Not Found!",
+        )
+    assert proxy.activationkey.listActivationKeys(key) == []
+    fault = fault_of(proxy.activationkey.create, key, "mine", "", "", [], False)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Cannot create activation key with key = "
+        f"mine. The user = {login} does not have requisite permissions to administer the given key",
+    )
+    key_admin, key_password = satellite_sim.make_user(("activation_key_admin",))
+    proxy, key = satellite_sim.login_as(key_admin, key_password)
+    assert proxy.activationkey.getDetails(key, "1-openshift-node")["key"] == "1-openshift-node"
+
+
+def test_group_changes_need_the_role_and_access_to_the_group(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    mine, other = new_name(), new_name()
+    admin.systemgroup.create(admin_key, mine, "")
+    other_id = admin.systemgroup.create(admin_key, other, "")["id"]
+    sid, _ = create(admin, admin_key)
+    admin.systemgroup.addOrRemoveSystems(admin_key, mine, [sid], True)
+    # administers the group, but has no system_group_admin role
+    login, password = satellite_sim.make_user((), (mine,))
+    proxy, key = satellite_sim.login_as(login, password)
+    mine_id = proxy.systemgroup.getDetails(key, mine)["id"]
+    fault = fault_of(proxy.system.setGroupMembership, key, sid, mine_id, False)
+    assert (fault.faultCode, fault.faultString) == (
+        -23, PERMISSION + " You need to have at least a System Group Administrator role to perform this action",
+    )
+    fault = fault_of(proxy.systemgroup.addOrRemoveSystems, key, mine, [sid], False)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: The desired operation cannot be "
+        f"performed since the user[{login}] does not have the system group admin role",
+    )
+    # has the role, sees the system through its group, but may not administer the other group
+    login, password = satellite_sim.make_user(("system_group_admin",), (mine,))
+    proxy, key = satellite_sim.login_as(login, password)
+    fault = fault_of(proxy.system.setGroupMembership, key, sid, other_id, True)
+    assert (fault.faultCode, fault.faultString) == (-23, PERMISSION)
+    fault = fault_of(proxy.systemgroup.addOrRemoveSystems, key, other, [sid], True)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: "
+        f"Unable to locate or access server group: {other}",
+    )
+    assert proxy.system.setGroupMembership(key, sid, mine_id, False) == 1
+    assert admin.systemgroup.listSystemsMinimal(admin_key, mine) == []
+
+
 # -- in-process use --------------------------------------------------------------------------
 
 

@@ -284,6 +284,74 @@ async def test_deregister_waits_for_an_asynchronous_delete(
     assert time.monotonic() - started < DELETE_DELAY + 5
 
 
+# -- the API user's role ----------------------------------------------------------------------------
+
+
+async def test_registrar_works_as_an_api_user_with_the_role_the_config_names(
+    satellite_sim: SatelliteSim, observer: Api, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    # etc/governord.toml: the API user needs org_admin, nothing more; not the simulator's own admin
+    login, password = satellite_sim.make_user(("org_admin",))
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    try:
+        await reg.start()
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        assert subscribed(observer, record["id"]) == {"openshift-nodes"}
+        assert (await reg.lookup(host) or {})["id"] == record["id"]
+        await reg.deregister(host)
+        proxy, key = observer
+        assert proxy.system.getId(key, satellite_name) == []
+    finally:
+        await reg.close()
+
+
+async def test_api_user_without_org_admin_is_refused_at_start_naming_the_role(
+    satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # with both narrower roles and every group it needs it still could not see the profiles it makes
+    login, password = satellite_sim.make_user(
+        ("system_group_admin", "activation_key_admin"), ("openshift-nodes", "openshift-brokers"),
+    )
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    try:
+        with pytest.raises(PermanentError) as info:
+            await reg.start()
+        message = str(info.value)
+        assert f"Satellite API user '{login}' lacks the org_admin role (Organization Administrator)" in message
+        assert "roles it has: activation_key_admin, system_group_admin" in message
+    finally:
+        await reg.close()
+
+
+async def test_roles_taken_away_after_start_are_named_in_the_errors(
+    satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    login, password = satellite_sim.make_user(("org_admin",))
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    admin, admin_key = satellite_sim.login()
+    try:
+        await reg.start()
+        admin.user.removeRole(admin_key, login, "org_admin")
+        # the key exists, but Uyuni answers it as not found to a user without activation_key_admin
+        with pytest.raises(MissingAtPeer) as key_info:
+            await reg.register(make_host(satellite_name), {"groups": [], "activation_key": "1-openshift-node"})
+        assert f"API user '{login}' lacks the activation_key_admin role (Activation Key Administrator)" in str(
+            key_info.value
+        )
+        assert "Activation Key [1-openshift-node] Not Found!" in str(key_info.value)
+        admin.user.addRole(admin_key, login, "activation_key_admin")
+        with pytest.raises(MissingAtPeer) as group_info:
+            await reg.register(make_host(satellite_name), NODE)
+        assert "without the org_admin role (Organization Administrator) it sees only the groups it administers" in (
+            str(group_info.value)
+        )
+        assert admin.system.getId(admin_key, satellite_name) == []
+    finally:
+        await reg.close()
+        admin.auth.logout(admin_key)
+
+
 async def test_lookup(registrar: SatelliteRegistrar, satellite_name: str) -> None:
     host = make_host(satellite_name)
     assert await registrar.lookup(host) is None
