@@ -12,7 +12,7 @@ import sys
 import threading
 from types import FrameType
 
-from .model import SESSION_PURGE_INTERVAL
+from .model import FLAVORS, SESSION_PURGE_INTERVAL
 from .server import SatelliteSimulator, configure_logging
 
 
@@ -34,6 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "(Taskomatic session-cleanup-default: every 15 minutes)",
     )
     parser.add_argument(
+        "--flavor", choices=FLAVORS, default="uyuni",
+        help="the server to play: uyuni (has system.createSystemProfile) or spacewalk (Spacewalk / Satellite 5)",
+    )
+    parser.add_argument(
         "--delete-delay", type=float, default=1.0,
         help="seconds before system.deleteSystems actually removes the systems",
     )
@@ -50,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     sim = SatelliteSimulator(
         username=args.username, password=args.password, host=args.host, port=args.port,
         seed=args.seed, session_lifetime=args.session_lifetime,
-        session_purge_interval=args.session_purge_interval, delete_delay=args.delete_delay,
+        session_purge_interval=args.session_purge_interval, delete_delay=args.delete_delay, flavor=args.flavor,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     url = sim.bind()

@@ -319,18 +319,19 @@ def system_set_details(state: State, user: User, sid: int, details: dict[str, An
     return 1
 
 
-@api("system", "createSystemProfile", "user", "string", "struct")
+@api("system", "createSystemProfile", "user", "string", "struct", only="uyuni")
 def system_create_system_profile(state: State, user: User, name: str, data: dict[str, Any]) -> int:
-    """Uyuni: create an empty profile for a system not registered yet; returns its id."""
+    """Uyuni only (Spacewalk and Satellite 5 have no such method): create an empty profile for a
+    system not registered yet; returns its id.
+
+    ``SystemManager.createSystemProfile`` refuses (1100, ``SystemsExistFaultException``) only when
+    empty profiles with that hostname (or MAC) exist (``findMatchingEmptyProfiles``): once a machine
+    has registered into a profile, another profile of the same hostname and name is made."""
     hw_address = _cast(data["hwAddress"], str, "java.lang.String") if "hwAddress" in data else None
     hostname = _cast(data["hostname"], str, "java.lang.String") if "hostname" in data else None
     if hw_address is None and hostname is None:
         raise ApiFault(faults.INVALID_PARAMETER, "Can't create system")
-    matches: list[int] = []
-    if hostname is not None:
-        matches = [s.id for s in state.systems.values() if s.hostname == hostname]
-    if not matches and hw_address is not None:
-        matches = [s.id for s in state.systems.values() if (s.hw_address or "").lower() == hw_address.lower()]
+    matches = [s.id for s in state.empty_profiles(hostname, hw_address)]
     if matches:
         raise ApiFault(faults.SYSTEMS_EXIST, f"Existing system IDs: [{','.join(str(i) for i in sorted(matches))}]")
     if hw_address is not None and not _MAC.match(hw_address):

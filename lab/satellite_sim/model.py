@@ -28,6 +28,11 @@ FIRST_SYSTEM_ID = 1000010000
 
 DEFAULT_SEED = Path(__file__).with_name("seed.json")
 
+#: The servers the simulator can play: current Uyuni (SUSE Manager), or Spacewalk / Red Hat
+#: Satellite 5, whose API has no ``system.createSystemProfile`` (no empty profiles: a system
+#: profile exists once the machine registers itself).
+FLAVORS = ("uyuni", "spacewalk")
+
 #: Seconds between runs of Taskomatic's ``session-cleanup-default`` schedule ("0 0/15 * * * ?",
 #: rhnTaskoSchedule.sql): the only thing that ends a session besides ``auth.logout``.
 SESSION_PURGE_INTERVAL = 900.0
@@ -108,6 +113,9 @@ class System:
     rack: str = ""
     auto_update: bool = False
     activation_keys: list[str] = field(default_factory=list)
+    #: False for an "empty profile" (``createSystemProfile``, bootstrap entitlement) that no machine
+    #: has registered into yet
+    registered: bool = False
 
 
 @dataclass
@@ -144,8 +152,11 @@ class State:
 
     def __init__(
         self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0,
-        session_purge_interval: float = SESSION_PURGE_INTERVAL,
+        session_purge_interval: float = SESSION_PURGE_INTERVAL, flavor: str = "uyuni",
     ) -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, not {flavor!r}")
+        self.flavor = flavor
         self.lock = threading.RLock()
         self.session_lifetime = session_lifetime
         self.session_purge_interval = session_purge_interval
@@ -266,6 +277,43 @@ class State:
             stamp = now()
             system = System(sid, name, org_id, hostname, hw_address, stamp, stamp, stamp)
             self.systems[sid] = system
+            return system
+
+    def empty_profiles(self, hostname: str | None, hw_address: str | None) -> list[System]:
+        """``SystemManager.findMatchingEmptyProfiles``: the empty (never registered) profiles with this
+        hostname, else with this MAC address; a registered system of that hostname never matches."""
+        with self.lock:
+            empty = [s for s in self.systems.values() if not s.registered]
+            found: list[System] = []
+            if hostname is not None:
+                found = [s for s in empty if s.hostname == hostname]
+            if not found and hw_address is not None:
+                found = [s for s in empty if (s.hw_address or "").lower() == hw_address.lower()]
+            return sorted(found, key=lambda s: s.id)
+
+    def register_machine(
+        self, hostname: str, *, org_id: int = 1, name: str | None = None, activation_key: str | None = None,
+    ) -> System:
+        """What a machine registering itself does (the lab's stand-in for rhnreg_ks / a Salt minion's
+        bootstrap), not an API call. Uyuni: the machine takes over the oldest empty profile of its
+        hostname (keeping its id), else gets a new system; Spacewalk has no empty profiles, so always a
+        new one. The activation key's groups are joined. Returns the system."""
+        with self.lock:
+            key = self.keys.get(activation_key) if activation_key else None
+            if activation_key and (key is None or key.org_id != org_id):
+                raise ValueError(f"no activation key {activation_key!r} in org {org_id}")
+            empty = self.empty_profiles(hostname, None) if self.flavor == "uyuni" else []
+            empty = [s for s in empty if s.org_id == org_id]
+            system = empty[0] if empty else self.add_system(name or hostname, org_id, hostname, None)
+            system.name = name or system.name
+            system.registered = True
+            system.base_entitlement = "salt_entitled" if self.flavor == "uyuni" else "enterprise_entitled"
+            system.last_checkin = system.last_boot = now()
+            if key is not None:
+                system.activation_keys.append(key.key)
+                for gid in key.server_group_ids:
+                    if gid in self.groups:
+                        self.groups[gid].members.add(system.id)
             return system
 
     def delete_system(self, sid: int) -> None:

@@ -95,12 +95,13 @@ class SatelliteSimulator:
         session_lifetime: float = 3600.0,
         session_purge_interval: float = SESSION_PURGE_INTERVAL,
         delete_delay: float = 1.0,
+        flavor: str = "uyuni",
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
     ) -> None:
         self.state = State(
             session_lifetime=session_lifetime, delete_delay=delete_delay,
-            session_purge_interval=session_purge_interval,
+            session_purge_interval=session_purge_interval, flavor=flavor,
         )
         self._purging = threading.Event()
         self._purger: threading.Thread | None = None

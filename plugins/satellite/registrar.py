@@ -8,8 +8,14 @@ registrar logs in again, once, and repeats the call.
 A host's profile is named after its FQDN and created with Uyuni's ``system.createSystemProfile``
 (an "empty profile" the machine later registers into). Its description carries governord's
 ownership marker ``governord:host-id=<uuid>``, which is how a profile governord made is told
-from one it merely shares a name with, and how the sweep finds every profile governord made
-(``system.listSystems``, then each profile's details).
+from one it merely shares a name with (names are not unique), and how the sweep finds every
+profile governord made (``system.listSystems``, then each profile's details). The profile's id is
+kept in the host's registration and looked up first, so a profile renamed after the machine
+registered into it is found again (Uyuni would make a second one). Spacewalk and Satellite 5 have no
+``createSystemProfile``: there the profile appears when the machine registers itself with the
+activation key, and registering waits (retryably) until it has.
+
+The API user must be an org admin (``REQUIRED_ROLE``); ``start`` checks.
 
 A read-only call (:data:`READ_ONLY_METHODS`) that fails in transit (no connection, cut, timed
 out, unreadable, or 502/503/504) is repeated in its thread, up to ``call_tries`` tries; a call
@@ -57,6 +63,8 @@ _SESSION_GONE = re.compile(r"Could not find session|InvalidSessionIdException", 
 _GROUP_MISSING = re.compile(r"Unable to locate or access server group", re.IGNORECASE)
 #: ``activationkey.getDetails``: ``XmlRpcActivationKeysHelper.lookupKey`` answers -212
 #: "Activation Key [<key>] Not Found!" (-212 is also "Invalid entitlement", hence the text).
+#: ``BaseHandler.findMethods`` on a server without the method (Spacewalk, Satellite 5).
+_NO_CREATE_PROFILE = re.compile(r"Could not find method: createSystemProfile\b")
 _KEY_MISSING = re.compile(r"Activation Key \[.*\] Not Found", re.IGNORECASE)
 
 #: The calls that only read: repeated when they fail in transit (every XML-RPC call is a POST, so
@@ -230,7 +238,7 @@ class SatelliteRegistrar(Registrar):
             wanted[group] = await self._group_id(group)
         if key:
             await self._check_activation_key(str(key))
-        sid = await self._find_or_create(host)
+        sid = await self._find_or_create(host, str(key) if key else None)
         await self._claim(sid, host)
         await self._reconcile_groups(sid, host, wanted)
         return {"id": sid, "groups": groups, "activation_key": key}
@@ -408,24 +416,90 @@ class SatelliteRegistrar(Registrar):
         if details.get("disabled"):
             raise MissingAtPeer(f"Satellite activation key {key!r} is disabled", source=self.name)
 
-    async def _find_or_create(self, host: HostView) -> int:
+    async def _find_or_create(self, host: HostView, key: str | None) -> int:
+        """The host's profile: the one registered before (by id, renamed back if someone renamed it),
+        else among the profiles named after the host the one carrying its marker, else the only
+        unmarked one, else a new empty profile (Uyuni) or none yet (Spacewalk, Satellite 5)."""
+        recorded = await self._recorded_profile(host)
+        if recorded is not None:
+            return recorded
         systems = await self._api("system.getId", host.fqdn)
-        if len(systems) > 1:
-            ids = ", ".join(str(s["id"]) for s in systems)
-            raise PermanentError(
-                f"Satellite has {len(systems)} systems named {host.fqdn!r} (ids {ids}); refusing to pick one",
-                source=self.name,
-            )
-        if systems:
-            return int(systems[0]["id"])
+        chosen = await self._choose(host, [int(s["id"]) for s in systems]) if systems else None
+        if chosen is not None:
+            return chosen
         try:
             sid = int(await self._api("system.createSystemProfile", host.fqdn, {"hostname": host.fqdn}))
         except SatelliteFault as exc:
+            if exc.code == FAULT_UNHANDLED and _NO_CREATE_PROFILE.search(exc.fault_string):
+                raise self._await_registration(host, key) from exc
             if exc.code != FAULT_SYSTEMS_EXIST:
                 raise
             return await self._adopt_existing(host, exc)
         log.info("%s: created system profile %s for %s", self.name, sid, host.fqdn)
         return sid
+
+    async def _recorded_profile(self, host: HostView) -> int | None:
+        """The profile this registrar recorded for the host, if it still exists and carries the host's
+        marker; its name is put back if it was changed. Uyuni makes a second profile when asked for
+        one after the machine registered into the first, so a renamed profile is found by id."""
+        entry = host.registrations.get(self.name)
+        raw = entry.get("id") if isinstance(entry, dict) else None
+        if not isinstance(raw, int) and not (isinstance(raw, str) and raw.isdigit()):
+            return None
+        sid = int(raw)
+        try:
+            details = await self._api("system.getDetails", sid)
+        except SatelliteFault as exc:
+            if exc.code == FAULT_NO_SUCH_SYSTEM:
+                return None
+            raise
+        if marker_owner(details.get("description")) != host.id:
+            return None
+        if details.get("profile_name") != host.fqdn:
+            await self._api("system.setDetails", sid, {"profile_name": host.fqdn})
+            log.info("%s: renamed own system %s back to %s", self.name, sid, host.fqdn)
+        return sid
+
+    async def _choose(self, host: HostView, ids: list[int]) -> int | None:
+        """Among profiles named after the host (names are not unique), the ownership marker decides:
+        the host's own (the oldest if several), else the only one without any marker. One owned by
+        another governord host is returned for :meth:`_claim` to refuse; None when all are gone."""
+        own: list[int] = []
+        unmarked: list[int] = []
+        foreign: list[int] = []
+        for sid in sorted(ids):
+            try:
+                details = await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    continue
+                raise
+            owner = marker_owner(details.get("description"))
+            (own if owner == host.id else unmarked if owner is None else foreign).append(sid)
+        if own:
+            if len(own) > 1:
+                log.warning("%s: %d profiles named %s carry %s (ids %s); using %s", self.name, len(own), host.fqdn,
+                            marker(host.id), ", ".join(map(str, own)), own[0])
+            return own[0]
+        if len(unmarked) == 1:
+            return unmarked[0]
+        if unmarked:
+            raise PermanentError(
+                f"Satellite has {len(unmarked)} systems named {host.fqdn!r} (ids {', '.join(map(str, unmarked))}) "
+                f"and none carries {marker(host.id)}; refusing to pick one",
+                source=self.name,
+            )
+        return foreign[0] if foreign else None
+
+    def _await_registration(self, host: HostView, key: str | None) -> RetryableError:
+        """Spacewalk and Satellite 5 cannot make a profile for a machine: it appears when the machine
+        registers itself (``rhnreg_ks`` with the activation key); until then the step waits."""
+        with_key = f" with activation key {key!r}" if key else " (no activation key is classified for it)"
+        return RetryableError(
+            f"Satellite at {self.settings.url} has no system.createSystemProfile (Spacewalk or Satellite 5): "
+            f"no profile named {host.fqdn!r} until the machine registers itself{with_key}",
+            source=self.name,
+        )
 
     async def _adopt_existing(self, host: HostView, exc: SatelliteFault) -> int:
         """A profile with the host's hostname exists under another name: take it back only if it is ours."""

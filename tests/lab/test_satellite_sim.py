@@ -596,3 +596,46 @@ def test_in_process_simulator_serves_the_same_api() -> None:
         assert sid == FIRST_SYSTEM_ID
         assert proxy.system.deleteSystems(key, [sid]) == 1
         assert proxy.system.getId(key, "inproc.lab.example") == []
+
+
+# -- empty profiles, registration, and the Spacewalk flavour --------------------------------------
+
+
+def test_only_empty_profiles_of_the_hostname_refuse_another_profile() -> None:
+    with SatelliteSimulator(username="admin", password="pw", delete_delay=0) as sim:
+        proxy = xmlrpc.client.ServerProxy(sim.url)
+        key = proxy.auth.login("admin", "pw")
+        name = "machine.lab.example"
+        first = proxy.system.createSystemProfile(key, name, {"hostname": name})
+        assert proxy.system.getDetails(key, first)["base_entitlement"] == "bootstrap_entitled"
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert fault.faultString == f"redstone.xmlrpc.XmlRpcFault: Existing system IDs: [{first}]"
+        # the machine registers into its empty profile (same id, now a registered system) ...
+        registered = sim.state.register_machine(name, activation_key="1-openshift-node")
+        assert registered.id == first
+        assert proxy.system.getDetails(key, first)["base_entitlement"] == "salt_entitled"
+        assert "openshift-nodes" in {g["system_group_name"] for g in proxy.system.listGroups(key, first) if g["subscribed"]}
+        # ... after which the same call makes a second profile of that name and hostname
+        second = proxy.system.createSystemProfile(key, name, {"hostname": name})
+        assert second != first
+        assert sorted(s["id"] for s in proxy.system.getId(key, name)) == [first, second]
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert fault.faultString.endswith(f"Existing system IDs: [{second}]")
+
+
+def test_spacewalk_has_no_create_system_profile_and_machines_register_themselves() -> None:
+    with SatelliteSimulator(username="admin", password="pw", delete_delay=0, flavor="spacewalk") as sim:
+        proxy = xmlrpc.client.ServerProxy(sim.url)
+        key = proxy.auth.login("admin", "pw")
+        name = "machine.lab.example"
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert (fault.faultCode, fault.faultString) == (
+            -1, "redstone.xmlrpc.XmlRpcFault: Could not find method: createSystemProfile in class: "
+            f"{SYSTEM_HANDLER} with params: [{USER_CLASS}, java.lang.String, redstone.xmlrpc.XmlRpcStruct]",
+        )
+        assert proxy.system.getId(key, name) == []
+        sid = sim.state.register_machine(name, activation_key="1-openshift-broker").id
+        assert [s["id"] for s in proxy.system.getId(key, name)] == [sid]
+        assert proxy.system.getDetails(key, sid)["base_entitlement"] == "enterprise_entitled"
+        assert proxy.system.listActivationKeys(key, sid) == ["1-openshift-broker"]
+        assert {s["id"] for s in proxy.systemgroup.listSystemsMinimal(key, "openshift-brokers")} == {sid}

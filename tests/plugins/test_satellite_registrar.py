@@ -7,6 +7,7 @@ would see it in Satellite: ``system.getId``, ``system.listGroups``, ``systemgrou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import ipaddress
@@ -35,6 +36,7 @@ from governord.plugins.satellite.registrar import (
 )
 from governord.registrars import RegistrarRegistry
 from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
+from lab.satellite_sim import SatelliteSimulator
 from lab.stack import Lab
 from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
 
@@ -253,6 +255,93 @@ async def test_own_profile_renamed_by_someone_is_taken_back(
     again = await registrar.register(host, NODE)
     assert again["id"] == record["id"]
     assert proxy.system.getName(key, record["id"])["name"] == satellite_name
+
+
+# -- names are not unique: empty profiles, registered machines, Spacewalk ------------------------
+
+
+@pytest.fixture
+def uyuni() -> Iterator[SatelliteSimulator]:
+    """An in-process Uyuni simulator, so a test can have a machine register (``register_machine``)."""
+    with SatelliteSimulator(username="admin", password="in-process-pw", delete_delay=0) as sim:
+        yield sim
+
+
+@pytest.fixture
+def spacewalk() -> Iterator[SatelliteSimulator]:
+    """An in-process simulator playing Spacewalk / Satellite 5 (no ``system.createSystemProfile``)."""
+    with SatelliteSimulator(username="admin", password="in-process-pw", delete_delay=0, flavor="spacewalk") as sim:
+        yield sim
+
+
+def admin_api(sim: SatelliteSimulator) -> Api:
+    proxy = xmlrpc.client.ServerProxy(sim.url)
+    return proxy, proxy.auth.login("admin", "in-process-pw")
+
+
+async def test_profile_renamed_after_the_machine_registered_is_found_by_its_recorded_id(
+    uyuni: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(uyuni.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(uyuni)
+    try:
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        # the machine registers into its empty profile under its own (short) name
+        uyuni.state.register_machine(satellite_name, name=host.name)
+        assert proxy.system.getId(key, satellite_name) == []
+        # Uyuni would now make a second profile; the recorded id finds the first one again
+        again = await reg.register(dataclasses.replace(host, registrations={"satellite": record}), NODE)
+        assert again["id"] == record["id"]
+        assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [record["id"]]
+        assert subscribed((proxy, key), record["id"]) == {"openshift-nodes"}
+    finally:
+        await reg.close()
+
+
+async def test_of_several_profiles_of_one_name_the_ownership_marker_decides(
+    uyuni: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(uyuni.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(uyuni)
+    try:
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        uyuni.state.register_machine(satellite_name)
+        # after the registration Uyuni accepts another profile of that name and hostname
+        other = proxy.system.createSystemProfile(key, satellite_name, {"hostname": satellite_name})
+        assert sorted(s["id"] for s in proxy.system.getId(key, satellite_name)) == sorted([record["id"], other])
+        again = await reg.register(host, NODE)
+        assert again["id"] == record["id"]
+        assert (await reg.lookup(host) or {})["id"] == record["id"]
+        assert proxy.system.getDetails(key, other)["description"] == ""  # the other is left alone
+        assert subscribed((proxy, key), other) == set()
+    finally:
+        await reg.close()
+
+
+async def test_on_spacewalk_the_profile_comes_from_the_machine_registering_itself(
+    spacewalk: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(spacewalk.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(spacewalk)
+    try:
+        host = make_host(satellite_name)
+        with pytest.raises(RetryableError) as info:
+            await reg.register(host, NODE)
+        assert "no system.createSystemProfile (Spacewalk or Satellite 5)" in str(info.value)
+        assert "until the machine registers itself with activation key '1-openshift-node'" in str(info.value)
+        assert proxy.system.getId(key, satellite_name) == []
+        sid = spacewalk.state.register_machine(satellite_name, activation_key="1-openshift-node").id
+        record = await reg.register(host, {"groups": ["openshift-brokers"], "activation_key": "1-openshift-node"})
+        assert record["id"] == sid
+        assert proxy.system.getDetails(key, sid)["description"] == f"governord:host-id={host.id}"
+        # the key put it in openshift-nodes; the classification wants openshift-brokers only
+        assert subscribed((proxy, key), sid) == {"openshift-brokers"}
+        await reg.deregister(host)
+        assert proxy.system.getId(key, satellite_name) == []
+    finally:
+        await reg.close()
 
 
 # -- deregister and lookup -------------------------------------------------------------------
