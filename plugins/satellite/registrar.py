@@ -244,9 +244,20 @@ class SatelliteRegistrar(Registrar):
         return {"id": sid, "groups": groups, "activation_key": key}
 
     async def deregister(self, host: HostView) -> None:
-        """Delete every profile named after the host, then wait until none is left."""
-        for system in await self._api("system.getId", host.fqdn):
-            sid = int(system["id"])
+        """Delete the host's profiles, then wait until they are gone.
+
+        Names are not unique, so the ownership marker decides, as in :meth:`register`: the profiles
+        carrying the host's marker (by name, or the one recorded at registration even if renamed);
+        without any, the only unmarked profile of its name. Profiles of the name owned by another
+        governord host, or several unmarked ones, are left alone and refused."""
+        ids = {int(s["id"]) for s in await self._api("system.getId", host.fqdn)}
+        recorded = self._recorded_id(host)
+        if recorded is not None:
+            ids.add(recorded)
+        own: list[int] = []
+        unmarked: list[int] = []
+        foreign: dict[int, str] = {}
+        for sid in sorted(ids):
             try:
                 details = await self._api("system.getDetails", sid)
             except SatelliteFault as exc:
@@ -254,19 +265,39 @@ class SatelliteRegistrar(Registrar):
                     continue
                 raise
             owner = marker_owner(details.get("description"))
-            if owner is not None and owner != host.id:
-                raise PermanentError(
-                    f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}; "
-                    "not deleting it",
-                    source=self.name,
-                )
+            if owner == host.id:
+                own.append(sid)
+            elif sid == recorded and details.get("profile_name") != host.fqdn:
+                continue  # renamed and no longer marked as the host's: not found by its name, not ours
+            elif owner is None:
+                unmarked.append(sid)
+            else:
+                foreign[sid] = owner
+        if own:
+            doomed = own
+        elif foreign:
+            sid, owner = next(iter(foreign.items()))
+            raise PermanentError(
+                f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}; "
+                "not deleting it",
+                source=self.name,
+            )
+        elif len(unmarked) > 1:
+            raise PermanentError(
+                f"Satellite has {len(unmarked)} systems named {host.fqdn!r} (ids {', '.join(map(str, unmarked))}) "
+                f"and none carries {marker(host.id)}; not deleting any",
+                source=self.name,
+            )
+        else:
+            doomed = unmarked
+        for sid in doomed:
             try:
                 await self._api("system.deleteSystem", sid)
             except SatelliteFault as exc:
                 if exc.code != FAULT_NO_SUCH_SYSTEM:
                     raise
             log.info("%s: deleted system %s (%s)", self.name, sid, host.fqdn)
-        await self._wait_gone(host.fqdn)
+        await self._wait_gone(host.fqdn, doomed)
 
     async def list_owned(self) -> list[Registration]:
         """Every system profile whose description is a governord ownership marker.
@@ -442,11 +473,9 @@ class SatelliteRegistrar(Registrar):
         """The profile this registrar recorded for the host, if it still exists and carries the host's
         marker; its name is put back if it was changed. Uyuni makes a second profile when asked for
         one after the machine registered into the first, so a renamed profile is found by id."""
-        entry = host.registrations.get(self.name)
-        raw = entry.get("id") if isinstance(entry, dict) else None
-        if not isinstance(raw, int) and not (isinstance(raw, str) and raw.isdigit()):
+        sid = self._recorded_id(host)
+        if sid is None:
             return None
-        sid = int(raw)
         try:
             details = await self._api("system.getDetails", sid)
         except SatelliteFault as exc:
@@ -459,6 +488,14 @@ class SatelliteRegistrar(Registrar):
             await self._api("system.setDetails", sid, {"profile_name": host.fqdn})
             log.info("%s: renamed own system %s back to %s", self.name, sid, host.fqdn)
         return sid
+
+    def _recorded_id(self, host: HostView) -> int | None:
+        """The profile id :meth:`register` returned for the host, as the engine kept it."""
+        entry = host.registrations.get(self.name)
+        raw = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit())):
+            return None
+        return int(raw)
 
     async def _choose(self, host: HostView, ids: list[int]) -> int | None:
         """Among profiles named after the host (names are not unique), the ownership marker decides:
@@ -559,16 +596,28 @@ class SatelliteRegistrar(Registrar):
                 source=self.name,
             ) from exc
 
-    async def _wait_gone(self, fqdn: str) -> None:
+    async def _wait_gone(self, fqdn: str, sids: list[int]) -> None:
+        """Wait until none of ``sids`` exists any more (deleting may be asynchronous); other profiles of
+        the name may stay."""
         deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
-        while True:
-            left = await self._api("system.getId", fqdn)
+        left = list(sids)
+        while left:
+            remaining: list[int] = []
+            for sid in left:
+                try:
+                    await self._api("system.getDetails", sid)
+                except SatelliteFault as exc:
+                    if exc.code == FAULT_NO_SUCH_SYSTEM:
+                        continue
+                    raise
+                remaining.append(sid)
+            left = remaining
             if not left:
                 return
             if time.monotonic() >= deadline:
-                ids = ", ".join(str(s["id"]) for s in left)
+                ids = ", ".join(map(str, left))
                 raise RetryableError(
-                    f"Satellite still lists {fqdn!r} (ids {ids}) {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
+                    f"Satellite still has {fqdn!r} (ids {ids}) {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
                     source=self.name,
                 )
             await asyncio.sleep(DELETE_VERIFY_INTERVAL)

@@ -295,8 +295,19 @@ async def test_profile_renamed_after_the_machine_registered_is_found_by_its_reco
         assert again["id"] == record["id"]
         assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [record["id"]]
         assert subscribed((proxy, key), record["id"]) == {"openshift-nodes"}
+        # renamed again, it is still found and deleted with the host
+        proxy.system.setDetails(key, record["id"], {"profile_name": host.name})
+        await reg.deregister(dataclasses.replace(host, registrations={"satellite": record}))
+        assert fault_of_call(proxy.system.getDetails, key, record["id"]).faultCode == -208
     finally:
         await reg.close()
+
+
+def fault_of_call(call: Any, *args: Any) -> xmlrpc.client.Fault:
+    """The fault ``call(*args)`` raises."""
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        call(*args)
+    return info.value
 
 
 async def test_of_several_profiles_of_one_name_the_ownership_marker_decides(
@@ -316,6 +327,9 @@ async def test_of_several_profiles_of_one_name_the_ownership_marker_decides(
         assert (await reg.lookup(host) or {})["id"] == record["id"]
         assert proxy.system.getDetails(key, other)["description"] == ""  # the other is left alone
         assert subscribed((proxy, key), other) == set()
+        # and so is it when the host goes
+        await reg.deregister(host)
+        assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [other]
     finally:
         await reg.close()
 
