@@ -238,17 +238,15 @@ def system_list_systems(state: State, user: User) -> list[dict[str, Any]]:
 
 @api("system", "listUserSystems", "user")
 def system_list_user_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Systems of the logged-in user (here: of the org)."""
-    return [overview(s) for s in _systems_of(state, user)]
+    """Systems the logged-in user sees; Uyuni's ``listUserSystems`` is ``systemListShort`` too."""
+    return [short_info(s) for s in _systems_of(state, user)]
 
 
 @api("system", "listUserSystems", "user", "string")
 def system_list_user_systems_of(state: State, user: User, login: str) -> list[dict[str, Any]]:
     """Systems of another user of the org."""
-    target = state.users.get(login)
-    if target is None or target.org_id != user.org_id:
-        raise ApiFault(-213, "No such user")
-    return system_list_user_systems(state, target)
+    # XmlRpcUserHelper.lookupTargetUser: another user's list needs org_admin
+    return system_list_user_systems(state, _lookup_target_user(state, user, login))
 
 
 @api("system", "getId", "user", "string")

@@ -221,6 +221,8 @@ def test_list_systems_is_the_short_form(api: Api) -> None:
     sid, name = create(proxy, key)
     [entry] = [s for s in proxy.system.listSystems(key) if s["id"] == sid]
     assert set(entry) == {"id", "name", "last_checkin", "created", "last_boot"}
+    [mine] = [s for s in proxy.system.listUserSystems(key) if s["id"] == sid]
+    assert mine == entry
     assert entry["name"] == name and isinstance(entry["last_boot"], xmlrpc.client.DateTime)
 
 
