@@ -232,14 +232,16 @@ def auth_logout(state: State, session_key: str) -> int:
 
 @api("system", "listSystems", "user")
 def system_list_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Every system visible to the user, in the short form (``SystemHandler.listSystems``)."""
-    return [short_info(s) for s in _systems_of(state, user)]
+    """Every system visible to the user: the short form on current Uyuni (``SystemHandler.listSystems``),
+    ``SystemOverview`` on Spacewalk (``systemListShort`` elaborated)."""
+    form = short_info if state.flavor == "uyuni" else overview
+    return [form(s) for s in _systems_of(state, user)]
 
 
 @api("system", "listUserSystems", "user")
 def system_list_user_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Systems the logged-in user sees; Uyuni's ``listUserSystems`` is ``systemListShort`` too."""
-    return [short_info(s) for s in _systems_of(state, user)]
+    """Systems the logged-in user sees, in the same form as ``listSystems``."""
+    return system_list_systems(state, user)
 
 
 @api("system", "listUserSystems", "user", "string")

@@ -639,5 +639,7 @@ def test_spacewalk_has_no_create_system_profile_and_machines_register_themselves
         sid = sim.state.register_machine(name, activation_key="1-openshift-broker").id
         assert [s["id"] for s in proxy.system.getId(key, name)] == [sid]
         assert proxy.system.getDetails(key, sid)["base_entitlement"] == "enterprise_entitled"
+        # Spacewalk's listSystems elaborates SystemOverview (Uyuni's is the short form)
+        assert proxy.system.listSystems(key)[0]["extra_pkg_count"] == 0
         assert proxy.system.listActivationKeys(key, sid) == ["1-openshift-broker"]
         assert {s["id"] for s in proxy.systemgroup.listSystemsMinimal(key, "openshift-brokers")} == {sid}
