@@ -12,6 +12,7 @@ import sys
 import threading
 from types import FrameType
 
+from .model import FLAVORS, SESSION_PURGE_INTERVAL
 from .server import SatelliteSimulator, configure_logging
 
 
@@ -26,6 +27,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--session-lifetime", type=float, default=3600.0,
         help="seconds a session lives without use (web.session_database_lifetime)",
+    )
+    parser.add_argument(
+        "--session-purge-interval", type=float, default=SESSION_PURGE_INTERVAL,
+        help="seconds between session cleanups, which delete sessions expired for two lifetimes "
+        "(Taskomatic session-cleanup-default: every 15 minutes)",
+    )
+    parser.add_argument(
+        "--flavor", choices=FLAVORS, default="uyuni",
+        help="the server to play: uyuni (has system.createSystemProfile) or spacewalk (Spacewalk / Satellite 5)",
     )
     parser.add_argument(
         "--delete-delay", type=float, default=1.0,
@@ -43,7 +53,8 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(args.verbose)
     sim = SatelliteSimulator(
         username=args.username, password=args.password, host=args.host, port=args.port,
-        seed=args.seed, session_lifetime=args.session_lifetime, delete_delay=args.delete_delay,
+        seed=args.seed, session_lifetime=args.session_lifetime,
+        session_purge_interval=args.session_purge_interval, delete_delay=args.delete_delay, flavor=args.flavor,
         tls_cert=args.tls_cert, tls_key=args.tls_key,
     )
     url = sim.bind()

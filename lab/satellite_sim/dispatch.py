@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from .faults import TRANSLATION_EXCEPTION, UNHANDLED, ApiFault, JavaException, unhandled
-from .model import SESSION_KEY, Session, State, User
+from .model import FLAVORS, SESSION_KEY, Session, State, User
 
 #: Java class of each parameter kind, as named in "Could not find method" faults.
 JAVA_TYPES: dict[str, str] = {
@@ -38,6 +38,7 @@ HANDLER_CLASSES: dict[str, str] = {
     "system": "com.redhat.rhn.frontend.xmlrpc.system.SystemHandler",
     "systemgroup": "com.redhat.rhn.frontend.xmlrpc.systemgroup.ServerGroupHandler",
     "activationkey": "com.redhat.rhn.frontend.xmlrpc.activationkey.ActivationKeyHandler",
+    "user": "com.redhat.rhn.frontend.xmlrpc.user.UserHandler",
 }
 
 ApiFunc = Callable[..., Any]
@@ -52,19 +53,25 @@ class ApiMethod:
     name: str
     params: tuple[str, ...]
     func: ApiFunc
+    #: the server flavours that have the method (:data:`FLAVORS`)
+    flavors: frozenset[str] = frozenset({"uyuni", "spacewalk"})
 
 
 _METHODS: dict[tuple[str, str], list[ApiMethod]] = {}
 
 
-def api(namespace: str, name: str, *params: str) -> Callable[[F], F]:
-    """Register ``func(state, *args)`` as ``namespace.name`` with the given parameter kinds."""
+def api(namespace: str, name: str, *params: str, only: str | None = None) -> Callable[[F], F]:
+    """Register ``func(state, *args)`` as ``namespace.name`` with the given parameter kinds; ``only``
+    names the one flavour that has it (else every flavour)."""
 
     def register(func: F) -> F:
         for kind in params:
             if kind not in JAVA_TYPES:
                 raise ValueError(f"unknown parameter kind {kind!r}")
-        _METHODS.setdefault((namespace, name), []).append(ApiMethod(namespace, name, params, func))
+        if only is not None and only not in FLAVORS:
+            raise ValueError(f"unknown flavour {only!r}")
+        flavors = frozenset({only}) if only else frozenset(FLAVORS)
+        _METHODS.setdefault((namespace, name), []).append(ApiMethod(namespace, name, params, func, flavors))
         return func
 
     return register
@@ -167,7 +174,9 @@ def dispatch(state: State, method: str, params: tuple[Any, ...]) -> Any:
                     f"Could not find a valid user for session with key: {args[0]}",
                 )
             args[0] = user
-        candidates = [m for m in _METHODS.get((namespace, bean), []) if len(m.params) == len(args)]
+        candidates = [
+            m for m in _METHODS.get((namespace, bean), []) if len(m.params) == len(args) and state.flavor in m.flavors
+        ]
         if not candidates:
             raise _no_method(namespace, bean, args)
         chosen = next(

@@ -23,13 +23,18 @@ LOOKUP_EXCEPTION = "com.redhat.rhn.common.hibernate.LookupException"
 INVALID_SESSION_EXCEPTION = "com.redhat.rhn.domain.session.InvalidSessionIdException"
 TRANSLATION_EXCEPTION = "com.redhat.rhn.common.translation.TranslationException"
 DUPLICATE_OBJECT_EXCEPTION = "com.redhat.rhn.common.hibernate.DuplicateObjectException"
+PERMISSION_EXCEPTION = "com.redhat.rhn.common.security.PermissionException"
+ILLEGAL_ARGUMENT_EXCEPTION = "java.lang.IllegalArgumentException"
 
 # Error codes (FAULT_CODES.tsv) the simulator raises.
 UNHANDLED = -1
 PERMISSION_CHECK_FAILURE = -23
 NO_SUCH_CHANNEL = -210
 NO_SUCH_ENTITLEMENT = -212
+ACTIVATION_KEY_NOT_FOUND = -212
 NO_SUCH_SYSTEM = -208
+NO_SUCH_USER = -213
+NO_SUCH_ROLE = -2005
 SYSTEMS_NOT_DELETED = 1003
 PROFILE_NAME_TOO_SHORT = 1060
 PROFILE_NAME_TOO_LONG = 1061
@@ -79,9 +84,26 @@ def no_such_system(sid: object | None = None) -> ApiFault:
     return ApiFault(NO_SUCH_SYSTEM, f"No such system - sid = {sid}")
 
 
-def permission_denied() -> ApiFault:
-    """``PermissionCheckFailureException``, also what a failed group lookup in setGroupMembership becomes."""
-    return ApiFault(PERMISSION_CHECK_FAILURE, "You do not have permissions to perform this action.")
+def permission_denied(role_name: str | None = None) -> ApiFault:
+    """``PermissionCheckFailureException``: plain (also what a failed group lookup in setGroupMembership
+    becomes), or naming the role ``BaseHandler.ensureUserRole`` found missing (by its name)."""
+    if role_name is None:
+        return ApiFault(PERMISSION_CHECK_FAILURE, "You do not have permissions to perform this action.")
+    return ApiFault(
+        PERMISSION_CHECK_FAILURE,
+        "You do not have permissions to perform this action. "
+        f"You need to have at least a {role_name} role to perform this action",
+    )
+
+
+def no_group_admin_role(login: str) -> JavaException:
+    """``ServerGroupManager.validateAdminCredentials``: a plain ``PermissionException`` (so -1 with
+    "unhandled internal exception" when thrown inside a handler). The real text prints the
+    ``User`` object; the login stands for it here."""
+    return JavaException(
+        PERMISSION_EXCEPTION,
+        f"The desired operation cannot be performed since the user[{login}] does not have the system group admin role",
+    )
 
 
 def server_group_lookup(identifier: object) -> JavaException:
@@ -89,6 +111,28 @@ def server_group_lookup(identifier: object) -> JavaException:
     return JavaException(LOOKUP_EXCEPTION, f"Unable to locate or access server group: {identifier}")
 
 
-def activation_key_lookup(key: str) -> JavaException:
-    """``ActivationKeyManager.validateCredentials`` failing: a plain ``LookupException``."""
-    return JavaException(LOOKUP_EXCEPTION, f"Could not find activation key: {key}")
+def activation_key_not_found(key: str) -> ApiFault:
+    """What a key lookup by the handler gives, missing key or not: -212 naming the key.
+
+    ``ActivationKeyHandler.lookupKey`` goes through ``XmlRpcActivationKeysHelper.lookupKey``, which
+    turns the ``LookupException`` of ``ActivationKeyManager.validateCredentials`` ("Could not find
+    activation key: <k>") into ``FaultException(-212, "ActivationKeyNotFound", ...)``; the plain
+    ``LookupException`` never reaches the wire."""
+    return ApiFault(ACTIVATION_KEY_NOT_FOUND, f"Activation Key [{key}] Not Found!")
+
+
+def java_message_arg(value: object) -> str:
+    """An argument as ``LocalizationService.getMessage`` (``java.text.MessageFormat``) prints it:
+    numbers with grouping separators (``1001`` is ``1,001``)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        return f"{value:,}"
+    return str(value)
+
+
+def lookup_server_group_fault(identifier: object) -> ApiFault:
+    """``LookupServerGroupException`` (2201), what ``ServerGroupHandler.getDetails`` makes of a failed
+    lookup; its text is ``api.systemgroup.lookupServerGroup`` (StringResource_en_US.xml), which
+    quotes the name or id."""
+    return ApiFault(
+        LOOKUP_SERVER_GROUP, f'Unable to locate or access server group: "{java_message_arg(identifier)}"'
+    )

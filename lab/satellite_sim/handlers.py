@@ -16,7 +16,7 @@ from typing import Any
 from . import faults
 from .dispatch import api, java_class
 from .faults import ApiFault, JavaException
-from .model import ActivationKey, Group, State, System, User
+from .model import ROLES, ActivationKey, Group, State, System, User
 
 #: Add-on entitlements an activation key may carry.
 ADDON_ENTITLEMENTS = frozenset(
@@ -65,6 +65,18 @@ def overview(system: System) -> dict[str, Any]:
     }
 
 
+def short_info(system: System) -> dict[str, Any]:
+    """``ShortSystemInfoSerializer``: what current Uyuni's ``system.listSystems`` returns
+    (``SystemManager.systemListShort``), without ``extra_pkg_count``."""
+    return {
+        "id": system.id,
+        "name": system.name,
+        "last_checkin": _date(system.last_checkin),
+        "created": _date(system.created),
+        "last_boot": _date(system.last_boot),
+    }
+
+
 def server_details(system: System) -> dict[str, Any]:
     """``ServerSerializer``; null members are left out, as the real serializer does."""
     out: dict[str, Any] = {
@@ -87,8 +99,8 @@ def server_details(system: System) -> dict[str, Any]:
         "lock_status": False,
         "contact_method": "default",
     }
-    if system.description is not None:
-        out["description"] = system.description
+    # ServerSerializer: helper.add("description", StringUtils.defaultString(server.getDescription()))
+    out["description"] = system.description or ""
     if system.hostname is not None:
         out["hostname"] = system.hostname
     return out
@@ -127,13 +139,14 @@ def key_details(key: ActivationKey) -> dict[str, Any]:
 
 
 def _systems_of(state: State, user: User) -> list[System]:
-    return sorted((s for s in state.systems.values() if s.org_id == user.org_id), key=lambda s: (s.name, s.id))
+    """The systems ``user`` may see (``rhnUserServerPerms``), by name then id."""
+    return sorted((s for s in state.systems.values() if state.can_see_system(user, s)), key=lambda s: (s.name, s.id))
 
 
 def lookup_server(state: State, user: User, sid: int) -> System:
     """``XmlRpcSystemHelper.lookupServer``: -208 naming the id."""
     system = state.systems.get(sid)
-    if system is None or system.org_id != user.org_id:
+    if system is None or not state.can_see_system(user, system):
         raise faults.no_such_system(sid)
     return system
 
@@ -141,7 +154,7 @@ def lookup_server(state: State, user: User, sid: int) -> System:
 def _lookup_server_plain(state: State, user: User, sid: int) -> System:
     """``SystemManager.lookupByIdAndUser`` behind getDetails/setDetails: -208 without the id."""
     system = state.systems.get(sid)
-    if system is None or system.org_id != user.org_id:
+    if system is None or not state.can_see_system(user, system):
         raise faults.no_such_system()
     return system
 
@@ -154,22 +167,34 @@ def lookup_group(state: State, user: User, identifier: str | int) -> Group:
             group = None
     else:
         group = state.group_by_name(identifier, user.org_id)
-    if group is None:
+    # validateAccessCredentials: a group the user may not access is "not found" alike
+    if group is None or not state.can_access_group(user, group):
         raise faults.server_group_lookup(identifier)
     return group
 
 
 def lookup_key(state: State, user: User, key: str) -> ActivationKey:
-    """``ActivationKeyManager.lookupByKey``: a plain LookupException when missing."""
+    """``ActivationKeyHandler.lookupKey`` (``XmlRpcActivationKeysHelper.lookupKey``): -212 naming the key."""
     found = state.keys.get(key)
-    if found is None or found.org_id != user.org_id:
-        raise faults.activation_key_lookup(key)
+    if found is None or not _may_administer_keys(user, found):
+        raise faults.activation_key_not_found(key)
     return found
 
 
+def _may_administer_keys(user: User, key: ActivationKey) -> bool:
+    """``ActivationKeyManager.canAdministerKeys``: same org and the activation_key_admin role."""
+    return key.org_id == user.org_id and user.has_role("activation_key_admin")
+
+
+def _ensure_role(user: User, role: str) -> None:
+    """``BaseHandler.ensureUserRole``: -23 naming the missing role."""
+    if not user.has_role(role):
+        raise faults.permission_denied(ROLES[role])
+
+
 def _ensure_group_admin(user: User) -> None:
-    if not user.has_role("system_group_admin"):
-        raise faults.permission_denied()
+    """``BaseHandler.ensureSystemGroupAdmin``."""
+    _ensure_role(user, "system_group_admin")
 
 
 # -- auth ----------------------------------------------------------------------------------
@@ -207,23 +232,23 @@ def auth_logout(state: State, session_key: str) -> int:
 
 @api("system", "listSystems", "user")
 def system_list_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Every system visible to the user."""
-    return [overview(s) for s in _systems_of(state, user)]
+    """Every system visible to the user: the short form on current Uyuni (``SystemHandler.listSystems``),
+    ``SystemOverview`` on Spacewalk (``systemListShort`` elaborated)."""
+    form = short_info if state.flavor == "uyuni" else overview
+    return [form(s) for s in _systems_of(state, user)]
 
 
 @api("system", "listUserSystems", "user")
 def system_list_user_systems(state: State, user: User) -> list[dict[str, Any]]:
-    """Systems of the logged-in user (here: of the org)."""
+    """Systems the logged-in user sees, in the same form as ``listSystems``."""
     return system_list_systems(state, user)
 
 
 @api("system", "listUserSystems", "user", "string")
 def system_list_user_systems_of(state: State, user: User, login: str) -> list[dict[str, Any]]:
     """Systems of another user of the org."""
-    target = state.users.get(login)
-    if target is None or target.org_id != user.org_id:
-        raise ApiFault(-213, "No such user")
-    return system_list_systems(state, target)
+    # XmlRpcUserHelper.lookupTargetUser: another user's list needs org_admin
+    return system_list_user_systems(state, _lookup_target_user(state, user, login))
 
 
 @api("system", "getId", "user", "string")
@@ -294,18 +319,19 @@ def system_set_details(state: State, user: User, sid: int, details: dict[str, An
     return 1
 
 
-@api("system", "createSystemProfile", "user", "string", "struct")
+@api("system", "createSystemProfile", "user", "string", "struct", only="uyuni")
 def system_create_system_profile(state: State, user: User, name: str, data: dict[str, Any]) -> int:
-    """Uyuni: create an empty profile for a system not registered yet; returns its id."""
+    """Uyuni only (Spacewalk and Satellite 5 have no such method): create an empty profile for a
+    system not registered yet; returns its id.
+
+    ``SystemManager.createSystemProfile`` refuses (1100, ``SystemsExistFaultException``) only when
+    empty profiles with that hostname (or MAC) exist (``findMatchingEmptyProfiles``): once a machine
+    has registered into a profile, another profile of the same hostname and name is made."""
     hw_address = _cast(data["hwAddress"], str, "java.lang.String") if "hwAddress" in data else None
     hostname = _cast(data["hostname"], str, "java.lang.String") if "hostname" in data else None
     if hw_address is None and hostname is None:
         raise ApiFault(faults.INVALID_PARAMETER, "Can't create system")
-    matches: list[int] = []
-    if hostname is not None:
-        matches = [s.id for s in state.systems.values() if s.hostname == hostname]
-    if not matches and hw_address is not None:
-        matches = [s.id for s in state.systems.values() if (s.hw_address or "").lower() == hw_address.lower()]
+    matches = [s.id for s in state.empty_profiles(hostname, hw_address)]
     if matches:
         raise ApiFault(faults.SYSTEMS_EXIST, f"Existing system IDs: [{','.join(str(i) for i in sorted(matches))}]")
     if hw_address is not None and not _MAC.match(hw_address):
@@ -329,7 +355,7 @@ def system_delete_systems(state: State, user: User, sids: list[Any]) -> int:
     for raw in sids:
         sid = _cast(raw, int, "java.lang.Integer")
         system = state.systems.get(sid)
-        if system is not None and system.org_id == user.org_id:
+        if system is not None and state.can_see_system(user, system):
             deletion.append(sid)
         else:
             skipped.append(sid)
@@ -344,7 +370,7 @@ def system_delete_systems(state: State, user: User, sids: list[Any]) -> int:
 def system_list_groups(state: State, user: User, sid: int) -> list[dict[str, Any]]:
     """Every group the user can see, with whether the system is a member."""
     system = lookup_server(state, user, sid)
-    groups = sorted((g for g in state.groups.values() if g.org_id == user.org_id), key=lambda g: (g.name, g.id))
+    groups = _groups_of(state, user)
     return [
         {
             "id": g.id,
@@ -359,12 +385,14 @@ def system_list_groups(state: State, user: User, sid: int) -> list[dict[str, Any
 @api("system", "setGroupMembership", "user", "int", "int", "boolean")
 def system_set_group_membership(state: State, user: User, sid: int, sgid: int, member: bool) -> int:
     """Add the system to, or remove it from, one group."""
+    # SystemHandler.setGroupMembership: ensureSystemGroupAdmin (-23 naming the role), lookupServer
+    # (-208), then ServerGroupManager.lookup, whose LookupException (missing group, or one the user
+    # does not administer) the handler turns into a plain -23.
     _ensure_group_admin(user)
     system = lookup_server(state, user, sid)
     try:
         group = lookup_group(state, user, sgid)
     except JavaException:
-        # The handler wraps the group LookupException in a permission failure.
         raise faults.permission_denied() from None
     if member:
         group.members.add(system.id)
@@ -393,7 +421,11 @@ def systemgroup_create(state: State, user: User, name: str, description: str) ->
             "Duplicate server group requested to be created.."
             f"Server Group with name -[{name}] and org - [{org.name if org else user.org_id}] already exists",
         )
-    return group_details(state.add_group(name, description, user.org_id))
+    group = state.add_group(name, description, user.org_id)
+    if not user.has_role("org_admin"):
+        # ServerGroupManager.create: a non-org-admin creator administers the new group
+        group.admins.add(user.login)
+    return group_details(group)
 
 
 @api("systemgroup", "delete", "user", "string")
@@ -409,10 +441,11 @@ def systemgroup_delete(state: State, user: User, name: str) -> int:
 
 
 def _group_details_lookup(state: State, user: User, identifier: str | int) -> dict[str, Any]:
+    """``ServerGroupHandler.lookup(name|id, user)``: the LookupException becomes 2201."""
     try:
         return group_details(lookup_group(state, user, identifier))
-    except JavaException as exc:
-        raise ApiFault(faults.LOOKUP_SERVER_GROUP, exc.message) from None
+    except JavaException:
+        raise faults.lookup_server_group_fault(identifier) from None
 
 
 @api("systemgroup", "getDetails", "user", "int")
@@ -430,8 +463,13 @@ def systemgroup_get_details_by_name(state: State, user: User, name: str) -> dict
 @api("systemgroup", "listAllGroups", "user")
 def systemgroup_list_all_groups(state: State, user: User) -> list[dict[str, Any]]:
     """Every group of the org."""
-    groups = sorted((g for g in state.groups.values() if g.org_id == user.org_id), key=lambda g: (g.name, g.id))
+    groups = _groups_of(state, user)
     return [group_details(g) for g in groups]
+
+
+def _groups_of(state: State, user: User) -> list[Group]:
+    """The groups ``user`` may access, by name then id."""
+    return sorted((g for g in state.groups.values() if state.can_access_group(user, g)), key=lambda g: (g.name, g.id))
 
 
 def _members(state: State, group: Group) -> list[System]:
@@ -455,6 +493,9 @@ def systemgroup_add_or_remove_systems(state: State, user: User, name: str, sids:
     """Add systems to, or remove them from, a group; every id must exist."""
     group = lookup_group(state, user, name)
     systems = [lookup_server(state, user, _cast(raw, int, "java.lang.Integer")) for raw in sids]
+    if not user.has_role("system_group_admin"):
+        # ServerGroupManager.addServers/removeServers: validateAdminCredentials
+        raise faults.no_group_admin_role(user.login)
     for system in systems:
         if add:
             group.members.add(system.id)
@@ -476,6 +517,13 @@ def _create_key(
     if base_channel:
         # The lab has no software channels, so every label is unknown.
         raise ApiFault(faults.NO_SUCH_CHANNEL, f"No such channel: {base_channel}")
+    if not user.has_role("activation_key_admin"):
+        # ActivationKeyManager.createNewActivationKey
+        raise JavaException(
+            faults.ILLEGAL_ARGUMENT_EXCEPTION,
+            f"Cannot create activation key with key = {key}. The user = {user.login} does not have requisite "
+            "permissions to administer the given key",
+        )
     full = f"{user.org_id}-{key or secrets.token_hex(16)}"
     if full in state.keys:
         raise ApiFault(faults.ACTIVATION_KEY_EXISTS, "activation_key_already_exists")
@@ -517,19 +565,18 @@ def activationkey_get_details(state: State, user: User, key: str) -> dict[str, A
 @api("activationkey", "listActivationKeys", "user")
 def activationkey_list_activation_keys(state: State, user: User) -> list[dict[str, Any]]:
     """Every key of the org."""
-    return [key_details(k) for k in sorted(state.keys.values(), key=lambda k: k.key) if k.org_id == user.org_id]
+    # keys failing ActivationKeyManager.validateCredentials are left out
+    return [key_details(k) for k in sorted(state.keys.values(), key=lambda k: k.key) if _may_administer_keys(user, k)]
 
 
 @api("activationkey", "listActivatedSystems", "user", "string")
 def activationkey_list_activated_systems(state: State, user: User, key: str) -> list[dict[str, Any]]:
     """Systems registered with the key."""
-    found = state.keys.get(key)
-    if found is None or found.org_id != user.org_id:
-        raise ApiFault(faults.NO_SUCH_ENTITLEMENT, f"Activation Key [{key}] Not Found!")
+    found = lookup_key(state, user, key)
     return [
         {"id": s.id, "hostname": s.hostname or "", "last_checkin": _date(s.last_checkin)}
         for s in _systems_of(state, user)
-        if key in s.activation_keys
+        if found.key in s.activation_keys
     ]
 
 
@@ -550,3 +597,102 @@ def activationkey_delete(state: State, user: User, key: str) -> int:
     found = lookup_key(state, user, key)
     del state.keys[found.key]
     return 1
+
+
+@api("systemgroup", "addOrRemoveAdmins", "user", "string", "array", "boolean")
+def systemgroup_add_or_remove_admins(
+    state: State, user: User, name: str, logins: list[Any], add: bool,
+) -> int:
+    """``ServerGroupHandler.addOrRemoveAdmins``: give users (not org admins) access to a group, or take it."""
+    _ensure_group_admin(user)
+    names = [_cast(raw, str, "java.lang.String") for raw in logins]
+    admins = [n for n in names if (u := state.users.get(n)) is not None and u.has_role("org_admin")]
+    if admins:
+        # ServerGroupAccessChangeException, text api.systemgroup.accessChangeDenied
+        raise ApiFault(
+            2202,
+            "Changing administrator access is not allowed for Satellite and Organization administrators.  "
+            "These users are granted access by default; therefore, the following users should be removed "
+            f"from the input: {', '.join(admins)}",
+        )
+    group = lookup_group(state, user, name)
+    # ServerGroupManager.associateOrDissociateAdminsByLoginName
+    if not user.has_role("system_group_admin"):
+        raise faults.no_group_admin_role(user.login)
+    for login in names:
+        target = state.users.get(login)
+        if target is None or target.org_id != user.org_id:
+            raise JavaException(faults.LOOKUP_EXCEPTION, f"Could not find user {login}")
+    if add:
+        group.admins.update(names)
+    else:
+        group.admins.difference_update(n for n in names if n != user.login)  # "can't disassociate thyself"
+    return 1
+
+
+# -- user ----------------------------------------------------------------------------------
+
+#: ``UserManager.listRolesAssignableBy`` an org admin, in its order.
+ASSIGNABLE_ROLES = ("org_admin", "channel_admin", "config_admin", "system_group_admin", "activation_key_admin")
+
+
+def _lookup_target_user(state: State, user: User, login: str) -> User:
+    """``XmlRpcUserHelper.lookupTargetUser``: oneself always; anyone else of the org only for an org
+    admin (-23), an unknown login is -213."""
+    if login == user.login:
+        return user
+    if not user.has_role("org_admin"):
+        raise faults.permission_denied()
+    target = state.users.get(login)
+    if target is None or target.org_id != user.org_id:
+        raise ApiFault(faults.NO_SUCH_USER, "No such user")
+    return target
+
+
+@api("user", "create", "user", "string", "string", "string", "string", "string")
+def user_create(
+    state: State, user: User, login: str, password: str, first_name: str, last_name: str, email: str,
+) -> int:
+    """``UserHandler.create``: an org admin makes a user of its org, with no role."""
+    _ensure_role(user, "org_admin")
+    if login in state.users:
+        # CreateUserCommand refuses a taken login (validation fault 2800; the exact text is not verified)
+        raise ApiFault(2800, f"Login {login} already in use")
+    state.users[login] = User(login, password, user.org_id, set())
+    return 1
+
+
+@api("user", "listRoles", "user", "string")
+def user_list_roles(state: State, user: User, login: str) -> list[str]:
+    """``UserHandler.listRoles``: the labels of the user's permanent roles (implied ones not listed)."""
+    target = _lookup_target_user(state, user, login)
+    return [label for label in ROLES if label in target.roles]
+
+
+def _change_role(state: State, user: User, login: str, role: str, add: bool) -> int:
+    assignable = list(ASSIGNABLE_ROLES) if user.has_role("org_admin") else []
+    if role not in assignable:
+        # UserHandler.validateRoleInputs: NoSuchRoleException
+        raise ApiFault(
+            faults.NO_SUCH_ROLE,
+            f"Role with the label [{role}] cannot be assigned/revoked from the user. Possible Roles "
+            f"assignable/revokable by this user [{', '.join(assignable)}]",
+        )
+    target = _lookup_target_user(state, user, login)
+    if add:
+        target.roles.add(role)
+    else:
+        target.roles.discard(role)
+    return 1
+
+
+@api("user", "addRole", "user", "string", "string")
+def user_add_role(state: State, user: User, login: str, role: str) -> int:
+    """``UserHandler.addRole``."""
+    return _change_role(state, user, login, role, True)
+
+
+@api("user", "removeRole", "user", "string", "string")
+def user_remove_role(state: State, user: User, login: str, role: str) -> int:
+    """``UserHandler.removeRole``."""
+    return _change_role(state, user, login, role, False)

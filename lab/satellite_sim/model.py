@@ -28,6 +28,15 @@ FIRST_SYSTEM_ID = 1000010000
 
 DEFAULT_SEED = Path(__file__).with_name("seed.json")
 
+#: The servers the simulator can play: current Uyuni (SUSE Manager), or Spacewalk / Red Hat
+#: Satellite 5, whose API has no ``system.createSystemProfile`` (no empty profiles: a system
+#: profile exists once the machine registers itself).
+FLAVORS = ("uyuni", "spacewalk")
+
+#: Seconds between runs of Taskomatic's ``session-cleanup-default`` schedule ("0 0/15 * * * ?",
+#: rhnTaskoSchedule.sql): the only thing that ends a session besides ``auth.logout``.
+SESSION_PURGE_INTERVAL = 900.0
+
 
 def now() -> dt.datetime:
     """Server time (UTC, whole seconds), as stored for check-ins and creation dates."""
@@ -42,9 +51,21 @@ class Org:
     name: str
 
 
+#: ``rhnUserGroupType`` (label, name): the roles a user may hold; ``PermissionCheckFailureException``
+#: names the role by its name.
+ROLES: dict[str, str] = {
+    "satellite_admin": "Satellite Administrator",
+    "org_admin": "Organization Administrator",
+    "channel_admin": "Channel Administrator",
+    "config_admin": "Configuration Administrator",
+    "system_group_admin": "System Group Administrator",
+    "activation_key_admin": "Activation Key Administrator",
+}
+
+
 @dataclass
 class User:
-    """An API user. ``org_admin`` implies every other role."""
+    """An API user. ``org_admin`` implies every other role (``UserImpl.hasRole``, implied roles)."""
 
     login: str
     password: str
@@ -58,7 +79,10 @@ class User:
 
 @dataclass
 class Session:
-    """A web session; ``expires`` is seconds since the epoch."""
+    """A web session; ``expires`` is seconds since the epoch.
+
+    Nothing checks ``expires`` at lookup (``SessionManager.lookupByKey`` does not); a session ends
+    when :meth:`State.purge_sessions` (``SessionCleanup``) deletes it."""
 
     id: int
     login: str
@@ -89,6 +113,9 @@ class System:
     rack: str = ""
     auto_update: bool = False
     activation_keys: list[str] = field(default_factory=list)
+    #: False for an "empty profile" (``createSystemProfile``, bootstrap entitlement) that no machine
+    #: has registered into yet
+    registered: bool = False
 
 
 @dataclass
@@ -100,6 +127,9 @@ class Group:
     description: str
     org_id: int
     members: set[int] = field(default_factory=set)
+    #: logins of the users who administer the group (``rhnUserServerGroupPerms``); org admins
+    #: see every group of their org without being listed
+    admins: set[str] = field(default_factory=set)
 
 
 @dataclass
@@ -120,9 +150,16 @@ class ActivationKey:
 class State:
     """All data of one simulated server, guarded by :attr:`lock`."""
 
-    def __init__(self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0) -> None:
+    def __init__(
+        self, *, session_lifetime: float = 3600.0, delete_delay: float = 1.0,
+        session_purge_interval: float = SESSION_PURGE_INTERVAL, flavor: str = "uyuni",
+    ) -> None:
+        if flavor not in FLAVORS:
+            raise ValueError(f"flavor must be one of {', '.join(FLAVORS)}, not {flavor!r}")
+        self.flavor = flavor
         self.lock = threading.RLock()
         self.session_lifetime = session_lifetime
+        self.session_purge_interval = session_purge_interval
         self.delete_delay = delete_delay
         self.orgs: dict[int, Org] = {}
         self.users: dict[str, User] = {}
@@ -150,7 +187,8 @@ class State:
                     int(user["org_id"]), set(user.get("roles", [])),
                 )
             for group in data.get("system_groups", []):
-                self.add_group(str(group["name"]), str(group.get("description", "")), int(group["org_id"]))
+                added = self.add_group(str(group["name"]), str(group.get("description", "")), int(group["org_id"]))
+                added.admins.update(str(login) for login in group.get("admins", []))
             for key in data.get("activation_keys", []):
                 org_id = int(key["org_id"])
                 gids = [g.id for name in key.get("system_groups", []) if (g := self.group_by_name(name, org_id))]
@@ -200,16 +238,23 @@ class State:
                     f"Session id: {id_part} is not valid. Session ids must be numeric.",
                 )
             sid = int(id_part)
+            # No look at ``expires``: an expired session works until the cleanup task removes it.
             session = self.sessions.get(sid)
-            if session is not None and session.expires <= time.time():
-                # The real server's cleanup task deletes expired sessions; do it on sight.
-                del self.sessions[sid]
-                session = None
             if session is None:
                 raise JavaException(LOOKUP_EXCEPTION, f"Could not find session with id: {sid}")
             if not hmac.compare_digest(key, f"{sid}x{self._key_hash(sid)}"):
                 raise JavaException(INVALID_SESSION_EXCEPTION, f"Session id: {sid} is not valid.")
             return session
+
+    def purge_sessions(self) -> int:
+        """``SessionCleanup.execute``: delete the sessions that expired more than two session
+        lifetimes ago (``bound = now - 2 * web.session_database_lifetime``); returns how many."""
+        with self.lock:
+            bound = time.time() - 2 * self.session_lifetime
+            stale = [sid for sid, session in self.sessions.items() if session.expires < bound]
+            for sid in stale:
+                del self.sessions[sid]
+            return len(stale)
 
     def extend_session(self, session: Session) -> None:
         """``SessionManager.extendSessionLifetime``, run after every call made with a session."""
@@ -232,6 +277,43 @@ class State:
             stamp = now()
             system = System(sid, name, org_id, hostname, hw_address, stamp, stamp, stamp)
             self.systems[sid] = system
+            return system
+
+    def empty_profiles(self, hostname: str | None, hw_address: str | None) -> list[System]:
+        """``SystemManager.findMatchingEmptyProfiles``: the empty (never registered) profiles with this
+        hostname, else with this MAC address; a registered system of that hostname never matches."""
+        with self.lock:
+            empty = [s for s in self.systems.values() if not s.registered]
+            found: list[System] = []
+            if hostname is not None:
+                found = [s for s in empty if s.hostname == hostname]
+            if not found and hw_address is not None:
+                found = [s for s in empty if (s.hw_address or "").lower() == hw_address.lower()]
+            return sorted(found, key=lambda s: s.id)
+
+    def register_machine(
+        self, hostname: str, *, org_id: int = 1, name: str | None = None, activation_key: str | None = None,
+    ) -> System:
+        """What a machine registering itself does (the lab's stand-in for rhnreg_ks / a Salt minion's
+        bootstrap), not an API call. Uyuni: the machine takes over the oldest empty profile of its
+        hostname (keeping its id), else gets a new system; Spacewalk has no empty profiles, so always a
+        new one. The activation key's groups are joined. Returns the system."""
+        with self.lock:
+            key = self.keys.get(activation_key) if activation_key else None
+            if activation_key and (key is None or key.org_id != org_id):
+                raise ValueError(f"no activation key {activation_key!r} in org {org_id}")
+            empty = self.empty_profiles(hostname, None) if self.flavor == "uyuni" else []
+            empty = [s for s in empty if s.org_id == org_id]
+            system = empty[0] if empty else self.add_system(name or hostname, org_id, hostname, None)
+            system.name = name or system.name
+            system.registered = True
+            system.base_entitlement = "salt_entitled" if self.flavor == "uyuni" else "enterprise_entitled"
+            system.last_checkin = system.last_boot = now()
+            if key is not None:
+                system.activation_keys.append(key.key)
+                for gid in key.server_group_ids:
+                    if gid in self.groups:
+                        self.groups[gid].members.add(system.id)
             return system
 
     def delete_system(self, sid: int) -> None:
@@ -275,6 +357,25 @@ class State:
             self._next_group += 1
             self.groups[group.id] = group
             return group
+
+    # -- what a user may see ----------------------------------------------------------------
+
+    def can_access_group(self, user: User, group: Group) -> bool:
+        """``ServerGroupManager.canAccess``: same org, and an org admin or one of the group's admins
+        (``SystemGroup_queries.is_visible``)."""
+        return group.org_id == user.org_id and (user.has_role("org_admin") or user.login in group.admins)
+
+    def can_see_system(self, user: User, system: System) -> bool:
+        """``rhnUserServerPerms`` (view ``rhnUserServerPermsDupes``): an org admin sees every system of
+        the org, any other user only the members of groups it administers. A profile in no group is
+        seen by org admins alone."""
+        if system.org_id != user.org_id:
+            return False
+        if user.has_role("org_admin"):
+            return True
+        return any(
+            system.id in g.members and user.login in g.admins for g in self.groups.values() if g.org_id == user.org_id
+        )
 
     def group_by_name(self, name: str, org_id: int) -> Group | None:
         """The org's group called ``name``, if any."""

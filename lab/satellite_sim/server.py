@@ -13,7 +13,7 @@ from typing import Any
 
 from . import handlers  # noqa: F401  (registers the API methods)
 from .dispatch import dispatch
-from .model import State, read_seed
+from .model import SESSION_PURGE_INTERVAL, State, read_seed
 
 log = logging.getLogger("satellite_sim")
 
@@ -93,11 +93,18 @@ class SatelliteSimulator:
         port: int = 0,
         seed: str | Path | None = None,
         session_lifetime: float = 3600.0,
+        session_purge_interval: float = SESSION_PURGE_INTERVAL,
         delete_delay: float = 1.0,
+        flavor: str = "uyuni",
         tls_cert: str | Path | None = None,
         tls_key: str | Path | None = None,
     ) -> None:
-        self.state = State(session_lifetime=session_lifetime, delete_delay=delete_delay)
+        self.state = State(
+            session_lifetime=session_lifetime, delete_delay=delete_delay,
+            session_purge_interval=session_purge_interval, flavor=flavor,
+        )
+        self._purging = threading.Event()
+        self._purger: threading.Thread | None = None
         self._tls: ssl.SSLContext | None = None
         if tls_cert is not None:
             self._tls = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -128,10 +135,25 @@ class SatelliteSimulator:
         return self.url
 
     def serve_forever(self) -> None:
-        """Serve in the calling thread until :meth:`stop`."""
+        """Serve in the calling thread until :meth:`stop` (the session cleanup runs beside it)."""
         self.bind()
         assert self._server is not None
+        self._start_purger()
         self._server.serve_forever(poll_interval=0.2)
+
+    def _start_purger(self) -> None:
+        if self._purger is not None:
+            return
+
+        def run() -> None:
+            while not self._purging.wait(self.state.session_purge_interval):
+                purged = self.state.purge_sessions()
+                if purged:
+                    log.info("session cleanup: %d expired session(s) deleted", purged)
+
+        self._purging.clear()
+        self._purger = threading.Thread(target=run, name="satellite-sim-session-cleanup", daemon=True)
+        self._purger.start()
 
     def start(self) -> str:
         """Serve in a background thread; returns the URL."""
@@ -143,6 +165,10 @@ class SatelliteSimulator:
     def stop(self) -> None:
         """Stop serving and drop pending asynchronous work."""
         self.state.cancel_timers()
+        self._purging.set()
+        if self._purger is not None:
+            self._purger.join(5)
+            self._purger = None
         if self._server is not None:
             self._server.shutdown()
             self._server.server_close()

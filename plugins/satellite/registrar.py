@@ -8,8 +8,14 @@ registrar logs in again, once, and repeats the call.
 A host's profile is named after its FQDN and created with Uyuni's ``system.createSystemProfile``
 (an "empty profile" the machine later registers into). Its description carries governord's
 ownership marker ``governord:host-id=<uuid>``, which is how a profile governord made is told
-from one it merely shares a name with, and how the sweep finds every profile governord made
-(``system.listSystems``, then each profile's details).
+from one it merely shares a name with (names are not unique), and how the sweep finds every
+profile governord made (``system.listSystems``, then each profile's details). The profile's id is
+kept in the host's registration and looked up first, so a profile renamed after the machine
+registered into it is found again (Uyuni would make a second one). Spacewalk and Satellite 5 have no
+``createSystemProfile``: there the profile appears when the machine registers itself with the
+activation key, and registering waits (retryably) until it has.
+
+The API user must be an org admin (``REQUIRED_ROLE``); ``start`` checks.
 
 A read-only call (:data:`READ_ONLY_METHODS`) that fails in transit (no connection, cut, timed
 out, unreadable, or 502/503/504) is repeated in its thread, up to ``call_tries`` tries; a call
@@ -42,22 +48,43 @@ log = logging.getLogger(__name__)
 
 #: Fault codes the registrar acts on (see reference/satellite/FAULT_CODES.tsv).
 FAULT_UNHANDLED = -1
+FAULT_PERMISSION_CHECK = -23
 FAULT_NO_SUCH_SYSTEM = -208
+FAULT_ACTIVATION_KEY_NOT_FOUND = -212
 FAULT_SYSTEMS_EXIST = 1100
 FAULT_LOOKUP_SERVER_GROUP = 2201
 FAULT_LOGIN = 2950
 
-#: How the server says a session key no longer works (expired and purged, or not its own).
+#: How the server says a session key no longer works (expired and purged, or not its own):
+#: ``SessionManager.lookupByKey`` fails outside the handler, so -1 with the Java class and text.
 _SESSION_GONE = re.compile(r"Could not find session|InvalidSessionIdException", re.IGNORECASE)
+#: ``systemgroup.getDetails``: ``LookupServerGroupException`` (2201), text
+#: ``api.systemgroup.lookupServerGroup``; the same words whether the group is missing or hidden.
 _GROUP_MISSING = re.compile(r"Unable to locate or access server group", re.IGNORECASE)
-_KEY_MISSING = re.compile(r"Could not find activation key", re.IGNORECASE)
+#: ``activationkey.getDetails``: ``XmlRpcActivationKeysHelper.lookupKey`` answers -212
+#: "Activation Key [<key>] Not Found!" (-212 is also "Invalid entitlement", hence the text).
+#: ``BaseHandler.findMethods`` on a server without the method (Spacewalk, Satellite 5).
+_NO_CREATE_PROFILE = re.compile(r"Could not find method: createSystemProfile\b")
+_KEY_MISSING = re.compile(r"Activation Key \[.*\] Not Found", re.IGNORECASE)
 
 #: The calls that only read: repeated when they fail in transit (every XML-RPC call is a POST, so
 #: HTTP cannot tell). Any method not listed here is sent once per step try.
 READ_ONLY_METHODS = frozenset({
     "system.getId", "system.getDetails", "system.listSystems", "system.listGroups",
-    "systemgroup.getDetails", "activationkey.getDetails",
+    "systemgroup.getDetails", "activationkey.getDetails", "user.listRoles",
 })
+
+#: The role the API user needs. Uyuni shows a system to a user who is not an org admin only through
+#: the system groups that user administers (rhnUserServerPerms), and a profile
+#: ``system.createSystemProfile`` makes is in no group, so only an org admin can read and change it.
+#: An org admin holds system_group_admin and activation_key_admin as well.
+REQUIRED_ROLE = "org_admin"
+#: Role labels and the names Uyuni shows for them (rhnUserGroupType).
+ROLE_NAMES = {
+    "org_admin": "Organization Administrator",
+    "system_group_admin": "System Group Administrator",
+    "activation_key_admin": "Activation Key Administrator",
+}
 #: what the reverse proxy in front of Satellite (Apache) answers when its back end fails
 RETRY_STATUSES = frozenset({502, 503, 504})
 
@@ -133,6 +160,8 @@ class SatelliteRegistrar(Registrar):
         # call_timeout bounds each try of a call; the thread running the call gets room for all
         self._call_timeout = call_budget(config.call_timeout, config.call_tries, config.call_backoff)
         self._session: str | None = None
+        #: the API user's role labels (``user.listRoles``), read at start
+        self._roles: frozenset[str] | None = None
         self._login_lock = asyncio.Lock()
         self._tls: ssl.SSLContext | None = None
         if config.url.startswith("https://"):
@@ -144,8 +173,35 @@ class SatelliteRegistrar(Registrar):
     # -- lifecycle -----------------------------------------------------------------------
 
     async def start(self) -> None:
-        """Log in (a wrong password fails here, permanently)."""
+        """Log in and check the API user's role (a wrong password or a missing role fails here,
+        permanently)."""
         await self._login(None)
+        await self._check_roles()
+
+    async def _check_roles(self) -> None:
+        """Read the API user's roles; without :data:`REQUIRED_ROLE` nothing would work, and each call
+        would fail with a fault that does not say why (a hidden profile reads as "No such system")."""
+        roles = frozenset(str(r) for r in await self._api("user.listRoles", self.settings.username))
+        self._roles = roles
+        if REQUIRED_ROLE not in roles:
+            held = ", ".join(sorted(roles)) or "none"
+            raise PermanentError(
+                f"Satellite API user {self.settings.username!r} lacks the {REQUIRED_ROLE} role "
+                f"({ROLE_NAMES[REQUIRED_ROLE]}), which the registrar needs: the profiles it creates are in "
+                f"no system group, and Uyuni shows such a profile to org admins only (roles it has: {held})",
+                source=self.name,
+            )
+
+    async def _lacks(self, role: str) -> bool:
+        """Whether the API user lacks ``role`` now (org admins hold every role). Asked when a fault may
+        mean a missing role, since roles can be taken away after start; unknown counts as held."""
+        try:
+            roles = frozenset(str(r) for r in await self._api("user.listRoles", self.settings.username))
+        except (SatelliteFault, RetryableError) as exc:
+            log.info("%s: cannot read the API user's roles: %s", self.name, exc)
+            return False
+        self._roles = roles
+        return REQUIRED_ROLE not in roles and role not in roles
 
     async def close(self) -> None:
         """Log out; failures are only logged (the session expires by itself)."""
@@ -182,15 +238,26 @@ class SatelliteRegistrar(Registrar):
             wanted[group] = await self._group_id(group)
         if key:
             await self._check_activation_key(str(key))
-        sid = await self._find_or_create(host)
+        sid = await self._find_or_create(host, str(key) if key else None)
         await self._claim(sid, host)
         await self._reconcile_groups(sid, host, wanted)
         return {"id": sid, "groups": groups, "activation_key": key}
 
     async def deregister(self, host: HostView) -> None:
-        """Delete every profile named after the host, then wait until none is left."""
-        for system in await self._api("system.getId", host.fqdn):
-            sid = int(system["id"])
+        """Delete the host's profiles, then wait until they are gone.
+
+        Names are not unique, so the ownership marker decides, as in :meth:`register`: the profiles
+        carrying the host's marker (by name, or the one recorded at registration even if renamed);
+        without any, the only unmarked profile of its name. Profiles of the name owned by another
+        governord host, or several unmarked ones, are left alone and refused."""
+        ids = {int(s["id"]) for s in await self._api("system.getId", host.fqdn)}
+        recorded = self._recorded_id(host)
+        if recorded is not None:
+            ids.add(recorded)
+        own: list[int] = []
+        unmarked: list[int] = []
+        foreign: dict[int, str] = {}
+        for sid in sorted(ids):
             try:
                 details = await self._api("system.getDetails", sid)
             except SatelliteFault as exc:
@@ -198,19 +265,39 @@ class SatelliteRegistrar(Registrar):
                     continue
                 raise
             owner = marker_owner(details.get("description"))
-            if owner is not None and owner != host.id:
-                raise PermanentError(
-                    f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}; "
-                    "not deleting it",
-                    source=self.name,
-                )
+            if owner == host.id:
+                own.append(sid)
+            elif sid == recorded and details.get("profile_name") != host.fqdn:
+                continue  # renamed and no longer marked as the host's: not found by its name, not ours
+            elif owner is None:
+                unmarked.append(sid)
+            else:
+                foreign[sid] = owner
+        if own:
+            doomed = own
+        elif foreign:
+            sid, owner = next(iter(foreign.items()))
+            raise PermanentError(
+                f"Satellite system {sid} ({host.fqdn}) belongs to governord host {owner}, not {host.id}; "
+                "not deleting it",
+                source=self.name,
+            )
+        elif len(unmarked) > 1:
+            raise PermanentError(
+                f"Satellite has {len(unmarked)} systems named {host.fqdn!r} (ids {', '.join(map(str, unmarked))}) "
+                f"and none carries {marker(host.id)}; not deleting any",
+                source=self.name,
+            )
+        else:
+            doomed = unmarked
+        for sid in doomed:
             try:
                 await self._api("system.deleteSystem", sid)
             except SatelliteFault as exc:
                 if exc.code != FAULT_NO_SUCH_SYSTEM:
                     raise
             log.info("%s: deleted system %s (%s)", self.name, sid, host.fqdn)
-        await self._wait_gone(host.fqdn)
+        await self._wait_gone(host.fqdn, doomed)
 
     async def list_owned(self) -> list[Registration]:
         """Every system profile whose description is a governord ownership marker.
@@ -325,7 +412,15 @@ class SatelliteRegistrar(Registrar):
         try:
             group = await self._api("systemgroup.getDetails", name)
         except SatelliteFault as exc:
-            if exc.code in (FAULT_LOOKUP_SERVER_GROUP, FAULT_UNHANDLED) and _GROUP_MISSING.search(exc.fault_string):
+            if exc.code == FAULT_LOOKUP_SERVER_GROUP and _GROUP_MISSING.search(exc.fault_string):
+                if await self._lacks(REQUIRED_ROLE):
+                    raise MissingAtPeer(
+                        f"Satellite system group {name!r} does not exist, or API user "
+                        f"{self.settings.username!r} may not see it: without the {REQUIRED_ROLE} role "
+                        f"({ROLE_NAMES[REQUIRED_ROLE]}) it sees only the groups it administers "
+                        f"({exc.fault_string})",
+                        source=self.name,
+                    ) from exc
                 raise MissingAtPeer(
                     f"Satellite system group {name!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
@@ -336,7 +431,15 @@ class SatelliteRegistrar(Registrar):
         try:
             details = await self._api("activationkey.getDetails", key)
         except SatelliteFault as exc:
-            if _KEY_MISSING.search(exc.fault_string):
+            if exc.code == FAULT_ACTIVATION_KEY_NOT_FOUND and _KEY_MISSING.search(exc.fault_string):
+                if await self._lacks("activation_key_admin"):
+                    # ActivationKeyManager.validateCredentials: the same -212 as for a missing key
+                    raise MissingAtPeer(
+                        f"Satellite activation key {key!r} is not readable: API user {self.settings.username!r} "
+                        f"lacks the activation_key_admin role ({ROLE_NAMES['activation_key_admin']}), and "
+                        f"Uyuni answers every key as not found then ({exc.fault_string})",
+                        source=self.name,
+                    ) from exc
                 raise MissingAtPeer(
                     f"Satellite activation key {key!r} does not exist ({exc.fault_string})", source=self.name
                 ) from exc
@@ -344,24 +447,96 @@ class SatelliteRegistrar(Registrar):
         if details.get("disabled"):
             raise MissingAtPeer(f"Satellite activation key {key!r} is disabled", source=self.name)
 
-    async def _find_or_create(self, host: HostView) -> int:
+    async def _find_or_create(self, host: HostView, key: str | None) -> int:
+        """The host's profile: the one registered before (by id, renamed back if someone renamed it),
+        else among the profiles named after the host the one carrying its marker, else the only
+        unmarked one, else a new empty profile (Uyuni) or none yet (Spacewalk, Satellite 5)."""
+        recorded = await self._recorded_profile(host)
+        if recorded is not None:
+            return recorded
         systems = await self._api("system.getId", host.fqdn)
-        if len(systems) > 1:
-            ids = ", ".join(str(s["id"]) for s in systems)
-            raise PermanentError(
-                f"Satellite has {len(systems)} systems named {host.fqdn!r} (ids {ids}); refusing to pick one",
-                source=self.name,
-            )
-        if systems:
-            return int(systems[0]["id"])
+        chosen = await self._choose(host, [int(s["id"]) for s in systems]) if systems else None
+        if chosen is not None:
+            return chosen
         try:
             sid = int(await self._api("system.createSystemProfile", host.fqdn, {"hostname": host.fqdn}))
         except SatelliteFault as exc:
+            if exc.code == FAULT_UNHANDLED and _NO_CREATE_PROFILE.search(exc.fault_string):
+                raise self._await_registration(host, key) from exc
             if exc.code != FAULT_SYSTEMS_EXIST:
                 raise
             return await self._adopt_existing(host, exc)
         log.info("%s: created system profile %s for %s", self.name, sid, host.fqdn)
         return sid
+
+    async def _recorded_profile(self, host: HostView) -> int | None:
+        """The profile this registrar recorded for the host, if it still exists and carries the host's
+        marker; its name is put back if it was changed. Uyuni makes a second profile when asked for
+        one after the machine registered into the first, so a renamed profile is found by id."""
+        sid = self._recorded_id(host)
+        if sid is None:
+            return None
+        try:
+            details = await self._api("system.getDetails", sid)
+        except SatelliteFault as exc:
+            if exc.code == FAULT_NO_SUCH_SYSTEM:
+                return None
+            raise
+        if marker_owner(details.get("description")) != host.id:
+            return None
+        if details.get("profile_name") != host.fqdn:
+            await self._api("system.setDetails", sid, {"profile_name": host.fqdn})
+            log.info("%s: renamed own system %s back to %s", self.name, sid, host.fqdn)
+        return sid
+
+    def _recorded_id(self, host: HostView) -> int | None:
+        """The profile id :meth:`register` returned for the host, as the engine kept it."""
+        entry = host.registrations.get(self.name)
+        raw = entry.get("id") if isinstance(entry, dict) else None
+        if isinstance(raw, bool) or not (isinstance(raw, int) or (isinstance(raw, str) and raw.isdigit())):
+            return None
+        return int(raw)
+
+    async def _choose(self, host: HostView, ids: list[int]) -> int | None:
+        """Among profiles named after the host (names are not unique), the ownership marker decides:
+        the host's own (the oldest if several), else the only one without any marker. One owned by
+        another governord host is returned for :meth:`_claim` to refuse; None when all are gone."""
+        own: list[int] = []
+        unmarked: list[int] = []
+        foreign: list[int] = []
+        for sid in sorted(ids):
+            try:
+                details = await self._api("system.getDetails", sid)
+            except SatelliteFault as exc:
+                if exc.code == FAULT_NO_SUCH_SYSTEM:
+                    continue
+                raise
+            owner = marker_owner(details.get("description"))
+            (own if owner == host.id else unmarked if owner is None else foreign).append(sid)
+        if own:
+            if len(own) > 1:
+                log.warning("%s: %d profiles named %s carry %s (ids %s); using %s", self.name, len(own), host.fqdn,
+                            marker(host.id), ", ".join(map(str, own)), own[0])
+            return own[0]
+        if len(unmarked) == 1:
+            return unmarked[0]
+        if unmarked:
+            raise PermanentError(
+                f"Satellite has {len(unmarked)} systems named {host.fqdn!r} (ids {', '.join(map(str, unmarked))}) "
+                f"and none carries {marker(host.id)}; refusing to pick one",
+                source=self.name,
+            )
+        return foreign[0] if foreign else None
+
+    def _await_registration(self, host: HostView, key: str | None) -> RetryableError:
+        """Spacewalk and Satellite 5 cannot make a profile for a machine: it appears when the machine
+        registers itself (``rhnreg_ks`` with the activation key); until then the step waits."""
+        with_key = f" with activation key {key!r}" if key else " (no activation key is classified for it)"
+        return RetryableError(
+            f"Satellite at {self.settings.url} has no system.createSystemProfile (Spacewalk or Satellite 5): "
+            f"no profile named {host.fqdn!r} until the machine registers itself{with_key}",
+            source=self.name,
+        )
 
     async def _adopt_existing(self, host: HostView, exc: SatelliteFault) -> int:
         """A profile with the host's hostname exists under another name: take it back only if it is ours."""
@@ -396,24 +571,53 @@ class SatelliteRegistrar(Registrar):
         subscribed = {int(g["id"]): str(g["system_group_name"]) for g in current if g.get("subscribed")}
         for name, gid in wanted.items():
             if gid not in subscribed:
-                await self._api("system.setGroupMembership", sid, gid, True)
+                await self._set_membership(sid, gid, name, True)
                 log.info("%s: added %s to group %s", self.name, host.fqdn, name)
         keep = set(wanted.values())
         for gid, name in subscribed.items():
             if gid not in keep:
-                await self._api("system.setGroupMembership", sid, gid, False)
+                await self._set_membership(sid, gid, name, False)
                 log.info("%s: removed %s from group %s", self.name, host.fqdn, name)
 
-    async def _wait_gone(self, fqdn: str) -> None:
+    async def _set_membership(self, sid: int, gid: int, group: str, member: bool) -> None:
+        """``system.setGroupMembership``; its permission fault (-23) is made to say what is missing."""
+        try:
+            await self._api("system.setGroupMembership", sid, gid, member)
+        except SatelliteFault as exc:
+            if exc.code != FAULT_PERMISSION_CHECK:
+                raise
+            # SystemHandler.setGroupMembership: -23 naming the role without system_group_admin, a
+            # plain -23 when the group is not one the user may administer
+            raise PermanentError(
+                f"Satellite API user {self.settings.username!r} may not change the membership of system {sid} "
+                f"in group {group!r}: that needs the system_group_admin role "
+                f"({ROLE_NAMES['system_group_admin']}) and admin access to the group, which the "
+                f"{REQUIRED_ROLE} role ({ROLE_NAMES[REQUIRED_ROLE]}) gives to every group ({exc.fault_string})",
+                source=self.name,
+            ) from exc
+
+    async def _wait_gone(self, fqdn: str, sids: list[int]) -> None:
+        """Wait until none of ``sids`` exists any more (deleting may be asynchronous); other profiles of
+        the name may stay."""
         deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
-        while True:
-            left = await self._api("system.getId", fqdn)
+        left = list(sids)
+        while left:
+            remaining: list[int] = []
+            for sid in left:
+                try:
+                    await self._api("system.getDetails", sid)
+                except SatelliteFault as exc:
+                    if exc.code == FAULT_NO_SUCH_SYSTEM:
+                        continue
+                    raise
+                remaining.append(sid)
+            left = remaining
             if not left:
                 return
             if time.monotonic() >= deadline:
-                ids = ", ".join(str(s["id"]) for s in left)
+                ids = ", ".join(map(str, left))
                 raise RetryableError(
-                    f"Satellite still lists {fqdn!r} (ids {ids}) {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
+                    f"Satellite still has {fqdn!r} (ids {ids}) {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
                     source=self.name,
                 )
             await asyncio.sleep(DELETE_VERIFY_INTERVAL)

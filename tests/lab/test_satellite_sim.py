@@ -116,23 +116,38 @@ def test_string_that_is_not_a_session_key_is_not_treated_as_one(api: Api) -> Non
     assert "Session" not in fault.faultString
 
 
-def test_sessions_expire_unless_used() -> None:
-    sim = start_satellite_sim(session_lifetime=1.0)
+def test_sessions_end_when_the_cleanup_deletes_them_unless_used() -> None:
+    # SessionCleanup deletes sessions that expired more than two lifetimes ago, on its schedule
+    sim = start_satellite_sim(session_lifetime=0.5, session_purge_interval=0.2)
     try:
         proxy = sim.client()
         idle = proxy.auth.login(sim.username, sim.password)
         busy = proxy.auth.login(sim.username, sim.password)
-        for _ in range(4):
-            time.sleep(0.4)
+        for _ in range(8):
+            time.sleep(0.3)
             proxy.system.listSystems(busy)  # every call extends the session
         fault = fault_of(proxy.system.listSystems, idle)
         assert fault.faultCode == -1
-        assert "Could not find session with id: " + idle.split("x")[0] in fault.faultString
+        assert fault.faultString == (
+            "com.redhat.rhn.common.hibernate.LookupException: Could not find session with id: " + idle.split("x")[0]
+        )
         assert proxy.system.listSystems(busy) == []
         # auth.login's third parameter sets the session's duration
         long_lived = proxy.auth.login(sim.username, sim.password, 30)
-        time.sleep(1.3)
+        time.sleep(1.8)
         assert proxy.system.listSystems(long_lived) == []
+    finally:
+        sim.stop()
+
+
+def test_an_expired_session_works_until_the_cleanup_runs() -> None:
+    # SessionManager.lookupByKey never looks at the expiry; only the cleanup (every 15 minutes) does
+    sim = start_satellite_sim(session_lifetime=0.3)
+    try:
+        proxy = sim.client()
+        key = proxy.auth.login(sim.username, sim.password)
+        time.sleep(1.2)  # expired for three lifetimes, but no cleanup ran
+        assert proxy.system.listSystems(key) == []
     finally:
         sim.stop()
 
@@ -200,6 +215,17 @@ def test_get_id_returns_an_array_of_system_overviews_exact_match(api: Api) -> No
     assert proxy.system.getId(key, name.upper()) == []
 
 
+def test_list_systems_is_the_short_form(api: Api) -> None:
+    # current Uyuni: SystemManager.systemListShort, ShortSystemInfoSerializer (no extra_pkg_count)
+    proxy, key = api
+    sid, name = create(proxy, key)
+    [entry] = [s for s in proxy.system.listSystems(key) if s["id"] == sid]
+    assert set(entry) == {"id", "name", "last_checkin", "created", "last_boot"}
+    [mine] = [s for s in proxy.system.listUserSystems(key) if s["id"] == sid]
+    assert mine == entry
+    assert entry["name"] == name and isinstance(entry["last_boot"], xmlrpc.client.DateTime)
+
+
 def test_names_are_not_unique_so_get_id_can_return_several(api: Api) -> None:
     proxy, key = api
     name = new_name()
@@ -236,7 +262,8 @@ def test_get_name_get_details_and_set_details(api: Api) -> None:
     assert isinstance(info["last_checkin"], xmlrpc.client.DateTime)
     details = proxy.system.getDetails(key, sid)
     assert details["profile_name"] == name and details["hostname"] == name
-    assert "description" not in details  # null members are not serialized
+    # ServerSerializer writes StringUtils.defaultString(description): "" when there is none
+    assert details["description"] == ""
     assert proxy.system.setDetails(key, sid, {"description": "governord:host-id=abc"}) == 1
     assert proxy.system.getDetails(key, sid)["description"] == "governord:host-id=abc"
     renamed = new_name()
@@ -368,8 +395,16 @@ def test_unknown_group_faults(api: Api) -> None:
     assert (fault.faultCode, fault.faultString) == (
         -1, f"redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Unable to locate or access server group: {name}",
     )
+    # ServerGroupHandler.lookup: LookupServerGroupException, text api.systemgroup.lookupServerGroup
     fault = fault_of(proxy.systemgroup.getDetails, key, name)
-    assert fault.faultCode == 2201 and "Unable to locate or access server group" in fault.faultString
+    assert (fault.faultCode, fault.faultString) == (
+        2201, f'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "{name}"',
+    )
+    # by id: java.text.MessageFormat prints the number with grouping separators
+    fault = fault_of(proxy.systemgroup.getDetails, key, 4242424)
+    assert (fault.faultCode, fault.faultString) == (
+        2201, 'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "4,242,424"',
+    )
 
 
 def test_add_or_remove_systems_and_delete_group(api: Api) -> None:
@@ -415,14 +450,15 @@ def test_activationkey_create_prefixes_and_refuses_duplicates(api: Api) -> None:
 
 def test_activationkey_lookups(api: Api) -> None:
     proxy, key = api
-    fault = fault_of(proxy.activationkey.getDetails, key, "1-missing")
-    assert (fault.faultCode, fault.faultString) == (
-        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Could not find activation key: 1-missing",
-    )
-    fault = fault_of(proxy.activationkey.listActivatedSystems, key, "1-missing")
-    assert (fault.faultCode, fault.faultString) == (
-        -212, "redstone.xmlrpc.XmlRpcFault: Activation Key [1-missing] Not Found!",
-    )
+    # every key lookup of the handler goes through XmlRpcActivationKeysHelper.lookupKey: -212
+    for method in (proxy.activationkey.getDetails, proxy.activationkey.listActivatedSystems,
+                   proxy.activationkey.delete):
+        fault = fault_of(method, key, "1-missing")
+        assert (fault.faultCode, fault.faultString) == (
+            -212, "redstone.xmlrpc.XmlRpcFault: Activation Key [1-missing] Not Found!",
+        )
+    fault = fault_of(proxy.activationkey.addServerGroups, key, "1-missing", [])
+    assert fault.faultCode == -212
     assert proxy.activationkey.listActivatedSystems(key, "1-openshift-broker") == []
 
 
@@ -433,6 +469,122 @@ def test_activationkey_add_server_groups(api: Api) -> None:
     assert proxy.activationkey.addServerGroups(key, created, [masters["id"]]) == 1
     assert proxy.activationkey.getDetails(key, created)["server_group_ids"] == [masters["id"]]
     assert fault_of(proxy.activationkey.addServerGroups, key, created, [424242]).faultCode == -1
+
+
+# -- users and roles: what a user who is not an org admin may do -----------------------------------
+
+PERMISSION = "redstone.xmlrpc.XmlRpcFault: You do not have permissions to perform this action."
+
+
+def test_users_are_made_by_org_admins_and_see_their_own_roles(satellite_sim: SatelliteSim) -> None:
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    assert proxy.user.listRoles(key, login) == ["system_group_admin"]
+    admin, admin_key = satellite_sim.login()
+    assert admin.user.listRoles(admin_key, satellite_sim.username) == ["org_admin"]
+    assert admin.user.listRoles(admin_key, login) == ["system_group_admin"]
+    # UserManager.lookupUser: anyone but oneself needs org_admin
+    assert (fault_of(proxy.user.listRoles, key, satellite_sim.username).faultString) == PERMISSION
+    fault = fault_of(proxy.user.create, key, new_name(), "secret-pw", "A", "B", "a@lab.example")
+    assert (fault.faultCode, fault.faultString) == (
+        -23, PERMISSION + " You need to have at least a Organization Administrator role to perform this action",
+    )
+    fault = fault_of(proxy.user.addRole, key, login, "org_admin")
+    assert fault.faultCode == -2005 and "Role with the label [org_admin] cannot be assigned" in fault.faultString
+
+
+def test_a_user_sees_systems_only_through_groups_it_administers(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    group = new_name()
+    admin.systemgroup.create(admin_key, group, "")
+    sid, name = create(admin, admin_key)
+    login, password = satellite_sim.make_user(("system_group_admin",), (group,))
+    proxy, key = satellite_sim.login_as(login, password)
+    # a profile in no group: org admins only (rhnUserServerPermsDupes)
+    assert proxy.system.getId(key, name) == []
+    assert sid not in [s["id"] for s in proxy.system.listSystems(key)]
+    assert fault_of(proxy.system.getDetails, key, sid).faultString == "redstone.xmlrpc.XmlRpcFault: No such system"
+    assert fault_of(proxy.system.listGroups, key, sid).faultCode == -208
+    admin.system.setGroupMembership(admin_key, sid, admin.systemgroup.getDetails(admin_key, group)["id"], True)
+    assert [s["id"] for s in proxy.system.getId(key, name)] == [sid]
+    assert proxy.system.getDetails(key, sid)["profile_name"] == name
+
+
+def test_a_user_sees_only_the_groups_it_administers(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    group = new_name()
+    admin.systemgroup.create(admin_key, group, "")
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    fault = fault_of(proxy.systemgroup.getDetails, key, group)
+    assert (fault.faultCode, fault.faultString) == (
+        2201, f'redstone.xmlrpc.XmlRpcFault: Unable to locate or access server group: "{group}"',
+    )
+    assert group not in [g["name"] for g in proxy.systemgroup.listAllGroups(key)]
+    admin.systemgroup.addOrRemoveAdmins(admin_key, group, [login], True)
+    assert proxy.systemgroup.getDetails(key, group)["name"] == group
+    # a group it creates itself it administers (ServerGroupManager.create)
+    own = new_name()
+    proxy.systemgroup.create(key, own, "")
+    assert own in [g["name"] for g in proxy.systemgroup.listAllGroups(key)]
+    assert own in [g["name"] for g in admin.systemgroup.listAllGroups(admin_key)]
+    # org admins always see every group and cannot be made admins of one
+    fault = fault_of(admin.systemgroup.addOrRemoveAdmins, admin_key, group, [satellite_sim.username], True)
+    assert fault.faultCode == 2202
+
+
+def test_activation_keys_need_the_activation_key_admin_role(satellite_sim: SatelliteSim) -> None:
+    login, password = satellite_sim.make_user(("system_group_admin",))
+    proxy, key = satellite_sim.login_as(login, password)
+    # ActivationKeyManager.validateCredentials: an existing key reads exactly like a missing one
+    for existing in ("1-openshift-node", "1-no-such-key"):
+        fault = fault_of(proxy.activationkey.getDetails, key, existing)
+        assert (fault.faultCode, fault.faultString) == (
+            -212, f"redstone.xmlrpc.XmlRpcFault: Activation Key [{existing}] Not Found!",
+        )
+    assert proxy.activationkey.listActivationKeys(key) == []
+    fault = fault_of(proxy.activationkey.create, key, "mine", "", "", [], False)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: Cannot create activation key with key = "
+        f"mine. The user = {login} does not have requisite permissions to administer the given key",
+    )
+    key_admin, key_password = satellite_sim.make_user(("activation_key_admin",))
+    proxy, key = satellite_sim.login_as(key_admin, key_password)
+    assert proxy.activationkey.getDetails(key, "1-openshift-node")["key"] == "1-openshift-node"
+
+
+def test_group_changes_need_the_role_and_access_to_the_group(satellite_sim: SatelliteSim, api: Api) -> None:
+    admin, admin_key = api
+    mine, other = new_name(), new_name()
+    admin.systemgroup.create(admin_key, mine, "")
+    other_id = admin.systemgroup.create(admin_key, other, "")["id"]
+    sid, _ = create(admin, admin_key)
+    admin.systemgroup.addOrRemoveSystems(admin_key, mine, [sid], True)
+    # administers the group, but has no system_group_admin role
+    login, password = satellite_sim.make_user((), (mine,))
+    proxy, key = satellite_sim.login_as(login, password)
+    mine_id = proxy.systemgroup.getDetails(key, mine)["id"]
+    fault = fault_of(proxy.system.setGroupMembership, key, sid, mine_id, False)
+    assert (fault.faultCode, fault.faultString) == (
+        -23, PERMISSION + " You need to have at least a System Group Administrator role to perform this action",
+    )
+    fault = fault_of(proxy.systemgroup.addOrRemoveSystems, key, mine, [sid], False)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: The desired operation cannot be "
+        f"performed since the user[{login}] does not have the system group admin role",
+    )
+    # has the role, sees the system through its group, but may not administer the other group
+    login, password = satellite_sim.make_user(("system_group_admin",), (mine,))
+    proxy, key = satellite_sim.login_as(login, password)
+    fault = fault_of(proxy.system.setGroupMembership, key, sid, other_id, True)
+    assert (fault.faultCode, fault.faultString) == (-23, PERMISSION)
+    fault = fault_of(proxy.systemgroup.addOrRemoveSystems, key, other, [sid], True)
+    assert (fault.faultCode, fault.faultString) == (
+        -1, "redstone.xmlrpc.XmlRpcFault: unhandled internal exception: "
+        f"Unable to locate or access server group: {other}",
+    )
+    assert proxy.system.setGroupMembership(key, sid, mine_id, False) == 1
+    assert admin.systemgroup.listSystemsMinimal(admin_key, mine) == []
 
 
 # -- in-process use --------------------------------------------------------------------------
@@ -446,3 +598,48 @@ def test_in_process_simulator_serves_the_same_api() -> None:
         assert sid == FIRST_SYSTEM_ID
         assert proxy.system.deleteSystems(key, [sid]) == 1
         assert proxy.system.getId(key, "inproc.lab.example") == []
+
+
+# -- empty profiles, registration, and the Spacewalk flavour --------------------------------------
+
+
+def test_only_empty_profiles_of_the_hostname_refuse_another_profile() -> None:
+    with SatelliteSimulator(username="admin", password="pw", delete_delay=0) as sim:
+        proxy = xmlrpc.client.ServerProxy(sim.url)
+        key = proxy.auth.login("admin", "pw")
+        name = "machine.lab.example"
+        first = proxy.system.createSystemProfile(key, name, {"hostname": name})
+        assert proxy.system.getDetails(key, first)["base_entitlement"] == "bootstrap_entitled"
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert fault.faultString == f"redstone.xmlrpc.XmlRpcFault: Existing system IDs: [{first}]"
+        # the machine registers into its empty profile (same id, now a registered system) ...
+        registered = sim.state.register_machine(name, activation_key="1-openshift-node")
+        assert registered.id == first
+        assert proxy.system.getDetails(key, first)["base_entitlement"] == "salt_entitled"
+        assert "openshift-nodes" in {g["system_group_name"] for g in proxy.system.listGroups(key, first) if g["subscribed"]}
+        # ... after which the same call makes a second profile of that name and hostname
+        second = proxy.system.createSystemProfile(key, name, {"hostname": name})
+        assert second != first
+        assert sorted(s["id"] for s in proxy.system.getId(key, name)) == [first, second]
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert fault.faultString.endswith(f"Existing system IDs: [{second}]")
+
+
+def test_spacewalk_has_no_create_system_profile_and_machines_register_themselves() -> None:
+    with SatelliteSimulator(username="admin", password="pw", delete_delay=0, flavor="spacewalk") as sim:
+        proxy = xmlrpc.client.ServerProxy(sim.url)
+        key = proxy.auth.login("admin", "pw")
+        name = "machine.lab.example"
+        fault = fault_of(proxy.system.createSystemProfile, key, name, {"hostname": name})
+        assert (fault.faultCode, fault.faultString) == (
+            -1, "redstone.xmlrpc.XmlRpcFault: Could not find method: createSystemProfile in class: "
+            f"{SYSTEM_HANDLER} with params: [{USER_CLASS}, java.lang.String, redstone.xmlrpc.XmlRpcStruct]",
+        )
+        assert proxy.system.getId(key, name) == []
+        sid = sim.state.register_machine(name, activation_key="1-openshift-broker").id
+        assert [s["id"] for s in proxy.system.getId(key, name)] == [sid]
+        assert proxy.system.getDetails(key, sid)["base_entitlement"] == "enterprise_entitled"
+        # Spacewalk's listSystems elaborates SystemOverview (Uyuni's is the short form)
+        assert proxy.system.listSystems(key)[0]["extra_pkg_count"] == 0
+        assert proxy.system.listActivationKeys(key, sid) == ["1-openshift-broker"]
+        assert {s["id"] for s in proxy.systemgroup.listSystemsMinimal(key, "openshift-brokers")} == {sid}

@@ -7,6 +7,7 @@ would see it in Satellite: ``system.getId``, ``system.listGroups``, ``systemgrou
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import datetime
 import functools
 import ipaddress
@@ -24,7 +25,7 @@ from typing import Any
 import pydantic
 import pytest
 
-from governord.errors import PermanentError, RetryableError
+from governord.errors import MissingAtPeer, PermanentError, RetryableError
 from governord.models import HostOrigin, HostState, HostView
 from governord.plugins.satellite import governord_register_registrars
 from governord.plugins.satellite.registrar import (
@@ -35,6 +36,7 @@ from governord.plugins.satellite.registrar import (
 )
 from governord.registrars import RegistrarRegistry
 from lab.faultproxy import FaultRates, FaultSettings, TryOutcome, describe_tries, one_try_each, set_proxy_rates
+from lab.satellite_sim import SatelliteSimulator
 from lab.stack import Lab
 from tests.fixtures.satellite import DELETE_DELAY, SatelliteSim, start_satellite_sim
 
@@ -213,8 +215,9 @@ async def test_unknown_group_is_permanent_and_changes_nothing(
 async def test_unknown_activation_key_is_permanent(registrar: SatelliteRegistrar, satellite_name: str) -> None:
     with pytest.raises(PermanentError) as info:
         await registrar.register(make_host(satellite_name), {"groups": [], "activation_key": "1-no-such-key"})
-    assert "1-no-such-key" in str(info.value)
-    assert "Could not find activation key" in str(info.value)
+    assert isinstance(info.value, MissingAtPeer)
+    assert "Satellite activation key '1-no-such-key' does not exist" in str(info.value)
+    assert "(redstone.xmlrpc.XmlRpcFault: Activation Key [1-no-such-key] Not Found!)" in str(info.value)
 
 
 async def test_several_systems_with_the_name_is_permanent(
@@ -254,6 +257,107 @@ async def test_own_profile_renamed_by_someone_is_taken_back(
     assert proxy.system.getName(key, record["id"])["name"] == satellite_name
 
 
+# -- names are not unique: empty profiles, registered machines, Spacewalk ------------------------
+
+
+@pytest.fixture
+def uyuni() -> Iterator[SatelliteSimulator]:
+    """An in-process Uyuni simulator, so a test can have a machine register (``register_machine``)."""
+    with SatelliteSimulator(username="admin", password="in-process-pw", delete_delay=0) as sim:
+        yield sim
+
+
+@pytest.fixture
+def spacewalk() -> Iterator[SatelliteSimulator]:
+    """An in-process simulator playing Spacewalk / Satellite 5 (no ``system.createSystemProfile``)."""
+    with SatelliteSimulator(username="admin", password="in-process-pw", delete_delay=0, flavor="spacewalk") as sim:
+        yield sim
+
+
+def admin_api(sim: SatelliteSimulator) -> Api:
+    proxy = xmlrpc.client.ServerProxy(sim.url)
+    return proxy, proxy.auth.login("admin", "in-process-pw")
+
+
+async def test_profile_renamed_after_the_machine_registered_is_found_by_its_recorded_id(
+    uyuni: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(uyuni.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(uyuni)
+    try:
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        # the machine registers into its empty profile under its own (short) name
+        uyuni.state.register_machine(satellite_name, name=host.name)
+        assert proxy.system.getId(key, satellite_name) == []
+        # Uyuni would now make a second profile; the recorded id finds the first one again
+        again = await reg.register(dataclasses.replace(host, registrations={"satellite": record}), NODE)
+        assert again["id"] == record["id"]
+        assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [record["id"]]
+        assert subscribed((proxy, key), record["id"]) == {"openshift-nodes"}
+        # renamed again, it is still found and deleted with the host
+        proxy.system.setDetails(key, record["id"], {"profile_name": host.name})
+        await reg.deregister(dataclasses.replace(host, registrations={"satellite": record}))
+        assert fault_of_call(proxy.system.getDetails, key, record["id"]).faultCode == -208
+    finally:
+        await reg.close()
+
+
+def fault_of_call(call: Any, *args: Any) -> xmlrpc.client.Fault:
+    """The fault ``call(*args)`` raises."""
+    with pytest.raises(xmlrpc.client.Fault) as info:
+        call(*args)
+    return info.value
+
+
+async def test_of_several_profiles_of_one_name_the_ownership_marker_decides(
+    uyuni: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(uyuni.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(uyuni)
+    try:
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        uyuni.state.register_machine(satellite_name)
+        # after the registration Uyuni accepts another profile of that name and hostname
+        other = proxy.system.createSystemProfile(key, satellite_name, {"hostname": satellite_name})
+        assert sorted(s["id"] for s in proxy.system.getId(key, satellite_name)) == sorted([record["id"], other])
+        again = await reg.register(host, NODE)
+        assert again["id"] == record["id"]
+        assert (await reg.lookup(host) or {})["id"] == record["id"]
+        assert proxy.system.getDetails(key, other)["description"] == ""  # the other is left alone
+        assert subscribed((proxy, key), other) == set()
+        # and so is it when the host goes
+        await reg.deregister(host)
+        assert [s["id"] for s in proxy.system.getId(key, satellite_name)] == [other]
+    finally:
+        await reg.close()
+
+
+async def test_on_spacewalk_the_profile_comes_from_the_machine_registering_itself(
+    spacewalk: SatelliteSimulator, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    reg = make_registrar(spacewalk.url, monkeypatch, "in-process-pw")
+    proxy, key = admin_api(spacewalk)
+    try:
+        host = make_host(satellite_name)
+        with pytest.raises(RetryableError) as info:
+            await reg.register(host, NODE)
+        assert "no system.createSystemProfile (Spacewalk or Satellite 5)" in str(info.value)
+        assert "until the machine registers itself with activation key '1-openshift-node'" in str(info.value)
+        assert proxy.system.getId(key, satellite_name) == []
+        sid = spacewalk.state.register_machine(satellite_name, activation_key="1-openshift-node").id
+        record = await reg.register(host, {"groups": ["openshift-brokers"], "activation_key": "1-openshift-node"})
+        assert record["id"] == sid
+        assert proxy.system.getDetails(key, sid)["description"] == f"governord:host-id={host.id}"
+        # the key put it in openshift-nodes; the classification wants openshift-brokers only
+        assert subscribed((proxy, key), sid) == {"openshift-brokers"}
+        await reg.deregister(host)
+        assert proxy.system.getId(key, satellite_name) == []
+    finally:
+        await reg.close()
+
+
 # -- deregister and lookup -------------------------------------------------------------------
 
 
@@ -281,6 +385,74 @@ async def test_deregister_waits_for_an_asynchronous_delete(
     await registrar.deregister(host)
     assert proxy.system.getId(key, host.fqdn) == []
     assert time.monotonic() - started < DELETE_DELAY + 5
+
+
+# -- the API user's role ----------------------------------------------------------------------------
+
+
+async def test_registrar_works_as_an_api_user_with_the_role_the_config_names(
+    satellite_sim: SatelliteSim, observer: Api, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    # etc/governord.toml: the API user needs org_admin, nothing more; not the simulator's own admin
+    login, password = satellite_sim.make_user(("org_admin",))
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    try:
+        await reg.start()
+        host = make_host(satellite_name)
+        record = await reg.register(host, NODE)
+        assert subscribed(observer, record["id"]) == {"openshift-nodes"}
+        assert (await reg.lookup(host) or {})["id"] == record["id"]
+        await reg.deregister(host)
+        proxy, key = observer
+        assert proxy.system.getId(key, satellite_name) == []
+    finally:
+        await reg.close()
+
+
+async def test_api_user_without_org_admin_is_refused_at_start_naming_the_role(
+    satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # with both narrower roles and every group it needs it still could not see the profiles it makes
+    login, password = satellite_sim.make_user(
+        ("system_group_admin", "activation_key_admin"), ("openshift-nodes", "openshift-brokers"),
+    )
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    try:
+        with pytest.raises(PermanentError) as info:
+            await reg.start()
+        message = str(info.value)
+        assert f"Satellite API user '{login}' lacks the org_admin role (Organization Administrator)" in message
+        assert "roles it has: activation_key_admin, system_group_admin" in message
+    finally:
+        await reg.close()
+
+
+async def test_roles_taken_away_after_start_are_named_in_the_errors(
+    satellite_sim: SatelliteSim, monkeypatch: pytest.MonkeyPatch, satellite_name: str,
+) -> None:
+    login, password = satellite_sim.make_user(("org_admin",))
+    reg = make_registrar(satellite_sim.url, monkeypatch, password, username=login)
+    admin, admin_key = satellite_sim.login()
+    try:
+        await reg.start()
+        admin.user.removeRole(admin_key, login, "org_admin")
+        # the key exists, but Uyuni answers it as not found to a user without activation_key_admin
+        with pytest.raises(MissingAtPeer) as key_info:
+            await reg.register(make_host(satellite_name), {"groups": [], "activation_key": "1-openshift-node"})
+        assert f"API user '{login}' lacks the activation_key_admin role (Activation Key Administrator)" in str(
+            key_info.value
+        )
+        assert "Activation Key [1-openshift-node] Not Found!" in str(key_info.value)
+        admin.user.addRole(admin_key, login, "activation_key_admin")
+        with pytest.raises(MissingAtPeer) as group_info:
+            await reg.register(make_host(satellite_name), NODE)
+        assert "without the org_admin role (Organization Administrator) it sees only the groups it administers" in (
+            str(group_info.value)
+        )
+        assert admin.system.getId(admin_key, satellite_name) == []
+    finally:
+        await reg.close()
+        admin.auth.logout(admin_key)
 
 
 async def test_lookup(registrar: SatelliteRegistrar, satellite_name: str) -> None:
@@ -319,12 +491,12 @@ async def test_wrong_password_is_permanent_with_the_fault_text(
 async def test_session_expiry_is_handled_by_logging_in_again(
     monkeypatch: pytest.MonkeyPatch, satellite_name: str,
 ) -> None:
-    sim = start_satellite_sim(session_lifetime=1.0)
+    sim = start_satellite_sim(session_lifetime=0.5, session_purge_interval=0.2)
     reg = make_registrar(sim.url, monkeypatch, sim.password)
     try:
         await reg.start()
         first_key = reg._session
-        await asyncio.sleep(1.5)  # the session expires unused
+        await asyncio.sleep(2.0)  # the session expires unused and the cleanup deletes it
         record = await reg.register(make_host(satellite_name), NODE)
         assert reg._session is not None and reg._session != first_key
         proxy, key = sim.login()
