@@ -141,8 +141,8 @@ class Engine:
         #: the fencing token each host in ``_tasks`` was claimed with, while its lease is held
         #: (a task that released its host's lease is ending: nothing of it is renewed)
         self._tokens: dict[str, int] = {}
-        #: hosts whose classify step has begun preparing them (registrars' prepare), while it runs
-        self._preparing: set[str] = set()
+        #: hosts whose classify step failed after a registrar prepared them (while the step ends)
+        self._prepared: set[str] = set()
         #: hosts whose current step was started by the commit that ended the step before
         self._started: set[str] = set()
         self._stopping = False
@@ -356,7 +356,7 @@ class Engine:
             self._stepped(started, step, began, "done")
             return await self._commit(started, result)
         finally:
-            self._preparing.discard(started["id"])
+            self._prepared.discard(started["id"])
 
     def _stepped(self, row: Row, step: str, began: float, outcome: str) -> None:
         seconds = time.monotonic() - began
@@ -446,13 +446,14 @@ class Engine:
     async def _roll_back(self, row: Row, step: str, message: str) -> Row | None:
         """Undo what bringing the host up made: retire it at once, keeping ``failed_step`` and
         ``error`` as the reason (the request reports it), until it is gone. A host with nothing
-        outside yet (its classification failed, before any registrar prepared it) is gone at once;
-        one whose preparation failed goes through the teardown, as a registrar that prepared it
-        may have made something (each deregister is idempotent, the provider has no machine)."""
+        outside yet (its classification failed, or no registrar prepared it) is gone at once; one
+        whose preparation failed after a registrar prepared it goes through the teardown, which
+        undoes what that registrar made (each deregister is idempotent; the provider has no
+        machine)."""
         reason = {"failed_step": step, "error": message, "retire_requested": False}
         detail = {"step": step, "error": message, "rollback": True}
         log.error("host %s: %s failed, rolling back: %s", row["name"], step, message)
-        if row["state"] == HostState.REQUESTED.value and row["id"] not in self._preparing:
+        if row["state"] == HostState.REQUESTED.value and row["id"] not in self._prepared:
             result = StepResult(HostState.GONE, reason, "step-failed", detail, after=self._release_address)
         else:
             result = StepResult(HostState.RETIRING, reason, "step-failed", detail)
@@ -513,10 +514,16 @@ class Engine:
         classification = await self.classify(row)
         prepared = {**row, "classification": classification}
         registrations = dict(row["registrations"])
-        # from here a registrar may have made something outside (a DNS record of a pool address):
-        # a rollback of this step then takes the host through the teardown, not straight to gone
-        self._preparing.add(row["id"])
-        for outcome in await self.dispatcher.broadcast("governord_prepare_host", host=host_view(prepared)):
+        outcomes = await self.dispatcher.collect("governord_prepare_host", host=host_view(prepared))
+        failed = [outcome for outcome in outcomes if outcome.error is not None]
+        if failed:
+            # a registrar that answered with a record prepared something (a DNS record of a pool
+            # address): a rollback of this step then takes the host through the teardown, which
+            # undoes it, not straight to gone
+            if any(outcome.value for outcome in outcomes if outcome.error is None):
+                self._prepared.add(row["id"])
+            raise as_step_error(failed)
+        for outcome in outcomes:
             registrations.update(outcome.value or {})
         nxt = HostState.REGISTERING if row["origin"] == HostOrigin.ADOPTED.value else HostState.PROVISIONING
         return StepResult(

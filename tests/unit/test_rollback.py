@@ -126,3 +126,21 @@ async def test_a_failed_preparation_undoes_what_the_other_registrars_prepared(ma
         assert host_id not in await _leases(runtime)
     finally:
         await runtime.stop()
+
+
+async def test_a_failed_preparation_with_nothing_prepared_is_gone_at_once(make_runtime: Callable[..., Any]) -> None:
+    """No registrar answered with a record (the one that failed could not even be reached): nothing
+    is outside, so no teardown is run, which would only fail again on the same registrar."""
+    runtime: Runtime = await make_runtime('[registrars.ca]\ntype = "memory"\n')
+    testing.MemoryRegistrar.preauthorise.update({"ca": True})  # cmdb prepares nothing
+    _fail("ca", "prepare", PermanentError("the CA refuses"))
+    try:
+        decision = await runtime.governor.scale("demo", "node", add=1, actor="t")
+        host_id = decision.request["host_ids"][0]
+        [row] = await wait_states(runtime, [host_id], {"gone"})
+        assert row["failed_step"] == "classify"
+        kinds = [e["kind"] for e in await runtime.store.list_events(host_id=host_id)]
+        assert kinds == ["requested", "step-started", "step-failed"]
+        assert host_id not in await _leases(runtime)
+    finally:
+        await runtime.stop()
