@@ -319,8 +319,13 @@ async def healthz(store: Store, *, detail: bool) -> web.Response:
     problem = await store.health()
     if problem is None:
         return reply(schemas.Health, {"status": "ok", "store": "ok"})
-    why = problem if detail else f"unreachable ({problem.split(':', 1)[0]})"
-    return reply(schemas.Health, {"status": "unhealthy", "store": why}, 503)
+    return reply(schemas.Health, {"status": "unhealthy", "store": _store_problem(problem, detail)}, 503)
+
+
+def _store_problem(problem: str, detail: bool) -> str:
+    """Why the store cannot be reached: the driver's own words (``detail``), or only the kind of
+    failure, as the database's address is nobody else's business."""
+    return problem if detail else f"unreachable ({problem.split(':', 1)[0]})"
 
 
 async def readyz(store: Store, health: PeerHealth, *, detail: bool) -> web.Response:
@@ -330,7 +335,7 @@ async def readyz(store: Store, health: PeerHealth, *, detail: bool) -> web.Respo
     operators' socket); otherwise only which peers, as their addresses and errors are nobody
     else's business."""
     problem = await store.health()
-    store_state = "ok" if problem is None else (problem if detail else f"unreachable ({problem.split(':', 1)[0]})")
+    store_state = "ok" if problem is None else _store_problem(problem, detail)
     reasons = ([] if problem is None else [f"store: {store_state}"]) + health.readiness(detail=detail)
     body = {"status": "not ready" if reasons else "ready", "store": store_state, "reasons": reasons,
             "peers": health.view() if detail else None}

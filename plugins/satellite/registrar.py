@@ -258,12 +258,9 @@ class SatelliteRegistrar(Registrar):
         unmarked: list[int] = []
         foreign: dict[int, str] = {}
         for sid in sorted(ids):
-            try:
-                details = await self._api("system.getDetails", sid)
-            except SatelliteFault as exc:
-                if exc.code == FAULT_NO_SUCH_SYSTEM:
-                    continue
-                raise
+            details = await self._details(sid)
+            if details is None:
+                continue
             owner = marker_owner(details.get("description"))
             if owner == host.id:
                 own.append(sid)
@@ -291,11 +288,7 @@ class SatelliteRegistrar(Registrar):
         else:
             doomed = unmarked
         for sid in doomed:
-            try:
-                await self._api("system.deleteSystem", sid)
-            except SatelliteFault as exc:
-                if exc.code != FAULT_NO_SUCH_SYSTEM:
-                    raise
+            await self._delete(sid)
             log.info("%s: deleted system %s (%s)", self.name, sid, host.fqdn)
         await self._wait_gone(host.fqdn, doomed)
 
@@ -308,12 +301,9 @@ class SatelliteRegistrar(Registrar):
 
         async def owned(system: dict[str, Any]) -> Registration | None:
             sid = int(system["id"])
-            try:
-                details = await self._api("system.getDetails", sid)
-            except SatelliteFault as exc:
-                if exc.code == FAULT_NO_SUCH_SYSTEM:
-                    return None
-                raise
+            details = await self._details(sid)
+            if details is None:
+                return None
             host_id = marker_of(details.get("description"))
             if host_id is None:
                 return None
@@ -327,34 +317,15 @@ class SatelliteRegistrar(Registrar):
         """Delete the system with this id if its description still names ``entry.host_id``;
         wait until it reads as gone."""
         sid = int(entry.entry_id)
-        try:
-            details = await self._api("system.getDetails", sid)
-        except SatelliteFault as exc:
-            if exc.code == FAULT_NO_SUCH_SYSTEM:
-                return False
-            raise
+        details = await self._details(sid)
+        if details is None:
+            return False
         if marker_of(details.get("description")) != entry.host_id:
             return False
-        try:
-            await self._api("system.deleteSystem", sid)
-        except SatelliteFault as exc:
-            if exc.code != FAULT_NO_SUCH_SYSTEM:
-                raise
+        await self._delete(sid)
         log.info("%s: deleted system %s (%s), orphan of governord host %s", self.name, sid, entry.name, entry.host_id)
-        deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
-        while True:
-            try:
-                await self._api("system.getDetails", sid)
-            except SatelliteFault as exc:
-                if exc.code == FAULT_NO_SUCH_SYSTEM:
-                    return True
-                raise
-            if time.monotonic() >= deadline:
-                raise RetryableError(
-                    f"Satellite system {sid} ({entry.name}) still exists {DELETE_VERIFY_TIMEOUT:.0f}s after deleting it",
-                    source=self.name,
-                )
-            await asyncio.sleep(DELETE_VERIFY_INTERVAL)
+        await self._wait_gone(entry.name, [sid])
+        return True
 
     async def lookup(self, host: HostView) -> dict[str, Any] | None:
         """The host's profile (the one carrying its marker, if several share the name), or None."""
@@ -362,12 +333,9 @@ class SatelliteRegistrar(Registrar):
         chosen: tuple[int, dict[str, Any]] | None = None
         for system in systems:
             sid = int(system["id"])
-            try:
-                details = await self._api("system.getDetails", sid)
-            except SatelliteFault as exc:
-                if exc.code == FAULT_NO_SUCH_SYSTEM:
-                    continue
-                raise
+            details = await self._details(sid)
+            if details is None:
+                continue
             if chosen is None or details.get("description") == marker(host.id):
                 chosen = (sid, details)
         if chosen is None:
@@ -476,12 +444,9 @@ class SatelliteRegistrar(Registrar):
         sid = self._recorded_id(host)
         if sid is None:
             return None
-        try:
-            details = await self._api("system.getDetails", sid)
-        except SatelliteFault as exc:
-            if exc.code == FAULT_NO_SUCH_SYSTEM:
-                return None
-            raise
+        details = await self._details(sid)
+        if details is None:
+            return None
         if marker_owner(details.get("description")) != host.id:
             return None
         if details.get("profile_name") != host.fqdn:
@@ -505,12 +470,9 @@ class SatelliteRegistrar(Registrar):
         unmarked: list[int] = []
         foreign: list[int] = []
         for sid in sorted(ids):
-            try:
-                details = await self._api("system.getDetails", sid)
-            except SatelliteFault as exc:
-                if exc.code == FAULT_NO_SUCH_SYSTEM:
-                    continue
-                raise
+            details = await self._details(sid)
+            if details is None:
+                continue
             owner = marker_owner(details.get("description"))
             (own if owner == host.id else unmarked if owner is None else foreign).append(sid)
         if own:
@@ -596,22 +558,31 @@ class SatelliteRegistrar(Registrar):
                 source=self.name,
             ) from exc
 
+    async def _details(self, sid: int) -> dict[str, Any] | None:
+        """The profile's details, or None if it no longer exists."""
+        try:
+            details: dict[str, Any] = await self._api("system.getDetails", sid)
+        except SatelliteFault as exc:
+            if exc.code == FAULT_NO_SUCH_SYSTEM:
+                return None
+            raise
+        return details
+
+    async def _delete(self, sid: int) -> None:
+        """Delete the profile; one already gone needs nothing more."""
+        try:
+            await self._api("system.deleteSystem", sid)
+        except SatelliteFault as exc:
+            if exc.code != FAULT_NO_SUCH_SYSTEM:
+                raise
+
     async def _wait_gone(self, fqdn: str, sids: list[int]) -> None:
         """Wait until none of ``sids`` exists any more (deleting may be asynchronous); other profiles of
         the name may stay."""
         deadline = time.monotonic() + DELETE_VERIFY_TIMEOUT
         left = list(sids)
         while left:
-            remaining: list[int] = []
-            for sid in left:
-                try:
-                    await self._api("system.getDetails", sid)
-                except SatelliteFault as exc:
-                    if exc.code == FAULT_NO_SUCH_SYSTEM:
-                        continue
-                    raise
-                remaining.append(sid)
-            left = remaining
+            left = [sid for sid in left if await self._details(sid) is not None]
             if not left:
                 return
             if time.monotonic() >= deadline:
